@@ -1,0 +1,54 @@
+"""Command line entry point ``splitxai`` (also ``python -m quantus_adapters``).
+
+Sub-commands
+------------
+benchmark
+    The paper's evaluation (section 5) on a built-in or user model and data set.
+train-dc
+    Train difference-of-monotone / difference-of-convex models (appendix D).
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: splitxai {benchmark,train-dc} [options]
+
+sub-commands:
+  benchmark   evaluate Split methods and baselines with Quantus (splitxai benchmark --help)
+  train-dc    train DM/DIC models on digits or MNIST (splitxai train-dc --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``splitxai`` command line.
+
+    Parameters
+    ----------
+    argv: list of str, optional
+        The arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        The process exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "benchmark":
+        from quantus_adapters.benchmark.cli import main as benchmark_main
+
+        return int(benchmark_main(rest) or 0)
+    if command == "train-dc":
+        from core.dc_train import main as train_main
+
+        return int(train_main(rest) or 0)
+    print(f"splitxai: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
