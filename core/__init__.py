@@ -1,0 +1,14 @@
+"""splitxai core: the exact DC decomposition ``f = g - h`` of piecewise-linear models.
+
+>>> import core
+>>> sm = core.split(model)
+>>> g, h = sm(x)                       # g - h == model(x)
+>>> probes = sm.sensitivities(x, target, layers=["layer3"], alpha=0.4)
+"""
+
+from core.errors import SplitOverflowError, UnsupportedOperation
+from core.pair import Pair
+from core.probes import Probe
+from core.split import SplitModel, split
+
+__all__ = ["Pair", "Probe", "SplitModel", "SplitOverflowError", "UnsupportedOperation", "split"]

@@ -1,0 +1,69 @@
+"""The split pair of one activation in sum/difference form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Pair:
+    """One node's split pair: ``d = a+ - a-`` (the model's activation), ``s = a+ + a-``.
+
+    Parameters
+    ----------
+    d: torch.Tensor
+        The original model's activation at the node.
+    s: torch.Tensor
+        The non-negative mass ``a+ + a-`` of the split pair (shifted by stabilisers).
+    """
+
+    __slots__ = ("d", "s")
+
+    def __init__(self, d: torch.Tensor, s: torch.Tensor) -> None:
+        self.d = d
+        self.s = s
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``a+ = (s + d) / 2``."""
+        return (self.s + self.d) / 2
+
+    @property
+    def neg(self) -> torch.Tensor:
+        """``a- = (s - d) / 2``."""
+        return (self.s - self.d) / 2
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Pair(shape={tuple(self.d.shape)})"
+
+
+def lift(value: Any) -> Pair:
+    """A constant tensor as a split pair with the ReLU input split (``s = |c|``)."""
+    if isinstance(value, Pair):
+        return value
+    if isinstance(value, torch.Tensor):
+        return Pair(value, value.abs())
+    raise TypeError(f"cannot lift {type(value).__name__} to a split pair")
+
+
+def contains_pair(value: Any) -> bool:
+    """Whether a (nested) argument holds a :class:`Pair`."""
+    if isinstance(value, Pair):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(contains_pair(v) for v in value)
+    if isinstance(value, dict):
+        return any(contains_pair(v) for v in value.values())
+    return False
+
+
+def map_pairs(value: Any, fn) -> Any:
+    """Apply ``fn`` to every Pair of a nested structure (lists, tuples, dicts)."""
+    if isinstance(value, Pair):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_pairs(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_pairs(v, fn) for k, v in value.items()}
+    return value

@@ -1,0 +1,657 @@
+"""Forward rules of the split pair in sum/difference form (DESIGN.md section 2).
+
+Every rule maps the split pairs of a node's inputs to the split pair of its output. ``d`` is
+always computed by the model's own (out-of-place) operation, so ``g - h`` reproduces the
+model; ``s`` follows the rule of the operation. A rule has the signature
+``rule(ctx, args, kwargs) -> value``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UnsupportedOperation
+from core.pair import Pair, contains_pair, lift
+
+Rule = Callable[["Ctx", tuple, dict], Any]
+
+
+@dataclass
+class Ctx:
+    """What a rule may need besides its arguments."""
+
+    maxpool: str
+    where: str
+    module: nn.Module | None = None
+    skip_bias: bool = False
+    merged_bias: torch.Tensor | None = None
+    weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
+
+
+def unsupported(ctx: Ctx, what: str, fix: str) -> UnsupportedOperation:
+    """Build the error for an operation without an exact split rule."""
+    return UnsupportedOperation(f"{ctx.where}: {what} has no exact split-pair rule. {fix}")
+
+
+def _static(ctx: Ctx, values: Any, op: str) -> None:
+    if contains_pair(values):
+        raise unsupported(
+            ctx,
+            f"`{op}` of two activations (a product or other non-linear combination)",
+            "Only products with constants are piecewise linear; products of activations "
+            "(gating, attention, squeeze-excitation) cannot be split exactly.",
+        )
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+# --------------------------------------------------------------------------- structure
+def same(fn: Callable[..., Any]) -> Rule:
+    """A positive linear or structural op: the same op on ``d`` and on ``s``."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+        p, rest = args[0], args[1:]
+        _static(ctx, (rest, kwargs), getattr(fn, "__name__", str(fn)))
+        d = fn(p.d, *rest, **kwargs)
+        s = fn(p.s, *rest, **kwargs)
+        if isinstance(d, torch.Tensor):
+            return Pair(d, s)
+        if isinstance(d, (tuple, list)):  # chunk, split, unbind
+            return type(d)(Pair(a, b) for a, b in zip(d, s, strict=True))
+        return d
+
+    return rule
+
+
+def method(name: str) -> Rule:
+    """``same`` for a tensor method; ``*_as`` arguments that are pairs use their ``d``."""
+
+    def call(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return getattr(t, name)(*args, **kwargs)
+
+    call.__name__ = name
+    plain = same(call)
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+        if name.endswith("_as"):
+            args = (args[0],) + tuple(a.d if isinstance(a, Pair) else a for a in args[1:])
+        return plain(ctx, args, kwargs)
+
+    return rule
+
+
+def query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``x.size()``, ``x.dim()``, ``x.shape``...: answered by the activation ``d``."""
+    return args[-1]  # replaced in the interpreter; kept for the rule table
+
+
+def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """Dropout (eval semantics) and ``nn.Identity``."""
+    return args[0]
+
+
+def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """Indexing of a pair (slicing) or of a tuple of pairs."""
+    obj, index = args
+    if isinstance(obj, Pair):
+        _static(ctx, index, "indexing")
+        return Pair(obj.d[index], obj.s[index])
+    return obj[index]
+
+
+def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``getattr(x, "shape")`` and friends; tensor-valued attributes (``x.T``) as ``same``."""
+    obj, name = args[0], args[1]
+    d = getattr(obj.d, name)
+    if isinstance(d, torch.Tensor):
+        return Pair(d, getattr(obj.s, name))
+    return d
+
+
+def concat(fn: Callable[..., torch.Tensor]) -> Rule:
+    """``torch.cat`` / ``torch.stack``: constants join as pairs with ``s = |c|``."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        parts = [lift(p) for p in args[0]]
+        return Pair(
+            fn([p.d for p in parts], *args[1:], **kwargs),
+            fn([p.s for p in parts], *args[1:], **kwargs),
+        )
+
+    return rule
+
+
+# --------------------------------------------------------------------------- arithmetic
+def _is_const(v: Any) -> bool:
+    return not isinstance(v, Pair)
+
+
+def _abs(c: Any) -> Any:
+    return c.abs() if isinstance(c, torch.Tensor) else abs(c)
+
+
+def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``a + alpha * b`` for pairs and constants."""
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", 1)
+    if _is_const(a):  # c + pair
+        a, b, alpha, swap = b, a, 1, alpha
+        return Pair(torch.add(b, a.d, alpha=swap), a.s * abs(swap) + _abs(b))
+    if _is_const(b):
+        return Pair(torch.add(a.d, b, alpha=alpha), a.s + _abs(b) * abs(alpha))
+    return Pair(torch.add(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
+
+
+def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``a - alpha * b`` for pairs and constants."""
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", 1)
+    if _is_const(a):
+        return Pair(torch.sub(a, b.d, alpha=alpha), b.s * abs(alpha) + _abs(a))
+    if _is_const(b):
+        return Pair(torch.sub(a.d, b, alpha=alpha), a.s + _abs(b) * abs(alpha))
+    return Pair(torch.sub(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
+
+
+def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.rsub(a, b) = b - a``."""
+    return sub(ctx, (args[1], args[0]), kwargs)
+
+
+def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """Multiplication by a constant (scalar or tensor)."""
+    a, b = args[0], args[1]
+    if _is_const(a):
+        a, b = b, a
+    _static(ctx, b, "multiplication")
+    return Pair(torch.mul(a.d, b), a.s * _abs(b))
+
+
+def div(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """Division of a pair by a constant."""
+    a, b = args[0], args[1]
+    if _is_const(a):
+        raise unsupported(ctx, "division by an activation", "Only division by constants is linear.")
+    _static(ctx, b, "division")
+    return Pair(torch.div(a.d, b, **kwargs), a.s / _abs(b))
+
+
+def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``-x`` swaps the streams: ``d -> -d``, ``s -> s``."""
+    return Pair(torch.neg(args[0].d), args[0].s)
+
+
+def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """Matrix product of a pair with a constant matrix (either side)."""
+    a, b = args[0], args[1]
+    if isinstance(a, Pair) and isinstance(b, Pair):
+        _static(ctx, b, "matmul")
+    if isinstance(a, Pair):
+        return Pair(torch.matmul(a.d, b), torch.matmul(a.s, ctx.weight_abs(b)))
+    return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
+
+
+# --------------------------------------------------------------------------- affine maps
+def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Linear``: ``d' = W d + b``, ``s' = |W| s + |b|``."""
+    m, p = ctx.module, args[0]
+    w, b = m.weight.detach(), _detach(m.bias)
+    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    return Pair(F.linear(p.d, w, b), F.linear(p.s, ctx.weight_abs(m.weight), bias_abs))
+
+
+def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups)."""
+    m, p = ctx.module, args[0]
+    w, b = m.weight.detach(), _detach(m.bias)
+    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    s = m._conv_forward(p.s, ctx.weight_abs(m.weight), bias_abs)
+    return Pair(m._conv_forward(p.d, w, b), s)
+
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.ConvTranspose1d/2d/3d`` (zero padding mode)."""
+    m, p = ctx.module, args[0]
+    n = len(m.kernel_size)
+    out_pad = m._output_padding(p.d, None, m.stride, m.padding, m.kernel_size, n, m.dilation)
+    fn = _CONV_T[n]
+    w, b = m.weight.detach(), _detach(m.bias)
+    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    opts = dict(stride=m.stride, padding=m.padding, output_padding=out_pad, groups=m.groups,
+                dilation=m.dilation)
+    return Pair(fn(p.d, w, b, **opts), fn(p.s, ctx.weight_abs(m.weight), bias_abs, **opts))
+
+
+def functional_affine(fn: Callable[..., torch.Tensor]) -> Rule:
+    """``F.linear`` / ``F.conv*`` with constant weight and bias."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        p, w = args[0], args[1] if len(args) > 1 else kwargs.pop("weight")
+        rest = list(args[2:])
+        b = rest.pop(0) if rest else kwargs.pop("bias", None)
+        _static(ctx, (w, b, rest, kwargs), getattr(fn, "__name__", "affine"))
+        b_abs = None if (b is None or ctx.skip_bias) else _abs(b)
+        s = fn(p.s, ctx.weight_abs(w), b_abs, *rest, **kwargs)
+        return Pair(fn(p.d, w, b, *rest, **kwargs), s)
+
+    return rule
+
+
+def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
+    if mean is None or var is None:
+        raise unsupported(
+            ctx, "batch normalisation without running statistics",
+            "Batch statistics couple the rows of a batch; use track_running_stats=True.",
+        )
+    mean, var, weight, bias = (_detach(t) for t in (mean, var, weight, bias))
+    d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    if ctx.merged_bias is not None:
+        shift = shift + scale * ctx.merged_bias.detach()
+    shape = (1, -1) + (1,) * (p.d.dim() - 2)
+    return Pair(d, p.s * scale.abs().view(shape) + shift.abs().view(shape))
+
+
+def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.BatchNorm*`` with eval semantics: a per-channel affine map."""
+    m = ctx.module
+    return _bn_affine(ctx, args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+
+
+def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.batch_norm`` with eval semantics."""
+    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps"]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    _static(ctx, [bound.get(k) for k in names[1:5]], "batch_norm")
+    return _bn_affine(ctx, bound["input"], bound["running_mean"], bound["running_var"],
+                      bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5))
+
+
+# --------------------------------------------------------------------------- ReLU type units
+def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> Pair:
+    """``clamp(z, lo, hi)`` split through ``lo + relu(z - lo) - relu(z - hi)``.
+
+    ``d`` is the model's own result; ``s`` is the mass of that ReLU form.
+    """
+    if lo is None and hi is None:
+        return Pair(d, p.s)
+    if hi is None:  # lo + relu(z - lo)
+        if lo == 0:
+            return Pair(d, p.s + F.relu(-p.d))
+        return Pair(d, p.s + 2 * abs(lo) + F.relu(lo - p.d))
+    if lo is None:  # z - relu(z - hi)
+        return Pair(d, 2 * p.s + abs(hi) + F.relu(hi - p.d))
+    return Pair(d, 2 * p.s + (2 * abs(lo) + abs(hi)) + F.relu(lo - p.d) + F.relu(hi - p.d))
+
+
+def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """ReLU: g stream Maxout, h stream identity; ``s' = s + relu(-z)``."""
+    p = args[0]
+    return Pair(F.relu(p.d), p.s + F.relu(-p.d))
+
+
+def _number(ctx: Ctx, v: Any, what: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise unsupported(ctx, f"{what} with a tensor bound", "Use scalar bounds.")
+        v = v.item()
+    return float(v)
+
+
+def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max`` with constant bounds."""
+    names = ["input", "min", "max"]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    _static(ctx, (bound.get("min"), bound.get("max")), "clamp")
+    lo, hi = _number(ctx, bound.get("min"), "clamp"), _number(ctx, bound.get("max"), "clamp")
+    if lo is not None and hi is not None and lo > hi:
+        raise unsupported(ctx, f"clamp with min {lo} > max {hi}", "Use min <= max.")
+    p = bound["input"]
+    return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
+
+
+def clamp_min(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.clamp_min(lo)``."""
+    return clamp(ctx, (args[0], args[1] if len(args) > 1 else kwargs["min"], None), {})
+
+
+def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.clamp_max(hi)``."""
+    return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
+
+
+def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.hardtanh`` / ``F.relu6``: a clamp."""
+    names = ["input", "min_val", "max_val"]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    lo, hi = float(bound.get("min_val", -1.0)), float(bound.get("max_val", 1.0))
+    p = bound["input"]
+    return clamp_pair(p, lo, hi, F.hardtanh(p.d, lo, hi))
+
+
+def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.relu6``: ``relu(z) - relu(z - 6)``."""
+    p = args[0] if args else kwargs["input"]
+    return clamp_pair(p, 0.0, 6.0, F.relu6(p.d))
+
+
+def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Hardtanh`` and ``nn.ReLU6``."""
+    m, p = ctx.module, args[0]
+    return clamp_pair(p, float(m.min_val), float(m.max_val), F.hardtanh(p.d, m.min_val, m.max_val))
+
+
+def _leaky(p: Pair, slope: float) -> Pair:
+    # leaky(z) = (1 - slope) relu(z) + slope z
+    return Pair(F.leaky_relu(p.d, slope), abs(1 - slope) * (p.s + F.relu(-p.d)) + abs(slope) * p.s)
+
+
+def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.leaky_relu``."""
+    names = ["input", "negative_slope"]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
+
+
+def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.LeakyReLU``."""
+    return _leaky(args[0], float(ctx.module.negative_slope))
+
+
+def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.threshold(x, t, t)`` is ``clamp(x, min=t)``; other values are discontinuous."""
+    names = ["input", "threshold", "value"]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    t, v = float(bound["threshold"]), float(bound["value"])
+    if t != v:
+        raise unsupported(ctx, f"threshold({t}, value={v})",
+                          "Only threshold == value is continuous.")
+    p = bound["input"]
+    return clamp_pair(p, t, None, F.threshold(p.d, t, v))
+
+
+# --------------------------------------------------------------------------- pooling
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _tuple(v: Any, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape) -> torch.Tensor:
+    """Windowed sums with zero padding, matching the windows of a max pooling."""
+    kernel, stride = _tuple(kernel, n), _tuple(stride, n)
+    padding, dilation = _tuple(padding, n), _tuple(dilation, n)
+    extra = []
+    for i in range(n):
+        size = x.shape[-n + i]
+        need = (out_shape[-n + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
+        extra.append(max(0, need - (size + 2 * padding[i])))
+    if any(extra):
+        pad: list[int] = []
+        for e in reversed(extra):
+            pad += [0, e]
+        x = F.pad(x, pad)
+    channels = x.shape[-n - 1]
+    weight = torch.ones((channels, 1) + kernel, dtype=x.dtype, device=x.device)
+    flat = x.reshape((-1,) + tuple(x.shape[-n - 1:]))
+    out = _CONV[n](flat, weight, None, stride, padding, dilation, channels)
+    return out.reshape(tuple(x.shape[: -n - 1]) + tuple(out.shape[1:]))
+
+
+def _gather(s: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    lead = s.shape[: -n]
+    return s.reshape(lead + (-1,)).gather(-1, idx.reshape(lead + (-1,))).view(idx.shape)
+
+
+def _with_indices(ctx: Ctx) -> UnsupportedOperation:
+    return unsupported(ctx, "max pooling with return_indices=True", "Return the values only.")
+
+
+def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode) -> Pair:
+    stride = kernel if (stride is None or stride == [] or stride == ()) else stride
+    pool = _MAXPOOL[n]
+    if ctx.maxpool == "wta":
+        d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        return Pair(d, _gather(p.s, idx, n))
+    d = pool(p.d, kernel, stride, padding, dilation, ceil_mode)
+    winner = pool(p.d, kernel, stride, padding, dilation, ceil_mode)  # not d itself
+    rest = sum_pool(p.s - p.d, n, kernel, stride, padding, dilation, d.shape)
+    return Pair(d, winner + rest)
+
+
+def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.MaxPool1d/2d/3d``: convex form (section 3.4) or winner-takes-all."""
+    m = ctx.module
+    if m.return_indices:
+        raise _with_indices(ctx)
+    n = int(type(m).__name__[-2])
+    return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+
+def maxpool_function(n: int) -> Rule:
+    """``F.max_pool{n}d``."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                 "return_indices"]
+        b = dict(zip(names, args, strict=False)) | kwargs
+        if b.get("return_indices"):
+            raise _with_indices(ctx)
+        return _max_pool(ctx, b["input"], n, b["kernel_size"], b.get("stride"), b.get("padding", 0),
+                         b.get("dilation", 1), b.get("ceil_mode", False))
+
+    return rule
+
+
+def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size) -> Pair:
+    sizes = tuple(p.d.shape[-n:])
+    wanted = zip(_tuple(output_size, n), sizes, strict=True)
+    out = tuple(o if o is not None else s for o, s in wanted)
+    if ctx.maxpool == "wta":
+        d, idx = _ADAPTIVE_MAX[n](p.d, out, return_indices=True)
+        return Pair(d, _gather(p.s, idx, n))
+    if any(s % o for s, o in zip(sizes, out, strict=True)):
+        raise unsupported(
+            ctx, f"adaptive max pooling from {sizes} to {out} (uneven windows) in convex mode",
+            "Use maxpool='wta', or an input size divisible by the output size.",
+        )
+    kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
+    return _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
+
+
+def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.AdaptiveMaxPool1d/2d/3d``."""
+    m = ctx.module
+    if m.return_indices:
+        raise _with_indices(ctx)
+    return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size)
+
+
+def adaptive_maxpool_function(n: int) -> Rule:
+    """``F.adaptive_max_pool{n}d``."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        b = dict(zip(["input", "output_size", "return_indices"], args, strict=False)) | kwargs
+        if b.get("return_indices"):
+            raise _with_indices(ctx)
+        return _adaptive_max(ctx, b["input"], n, b["output_size"])
+
+    return rule
+
+
+def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.pad``: constant padding with ``c`` pads ``s`` with ``|c|``; other modes copy."""
+    b = dict(zip(["input", "pad", "mode", "value"], args, strict=False)) | kwargs
+    p, mode = b["input"], b.get("mode", "constant")
+    value = b.get("value") or 0.0
+    if mode == "constant":
+        return Pair(F.pad(p.d, b["pad"], mode, value), F.pad(p.s, b["pad"], mode, abs(value)))
+    return Pair(F.pad(p.d, b["pad"], mode), F.pad(p.s, b["pad"], mode))
+
+
+def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.ZeroPad*`` / ``nn.ConstantPad*``."""
+    m, p = ctx.module, args[0]
+    return Pair(F.pad(p.d, m.padding, "constant", m.value),
+                F.pad(p.s, m.padding, "constant", abs(m.value)))
+
+
+def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """A stateless positive linear module: its forward (no hooks) on ``d`` and on ``s``."""
+    m, p = ctx.module, args[0]
+    return Pair(m.forward(p.d), m.forward(p.s))
+
+
+_POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+
+
+def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.interpolate`` with non-negative interpolation weights."""
+    names = ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+             "antialias"]
+    b = dict(zip(names, args, strict=False)) | kwargs
+    if b.get("mode", "nearest") not in _POSITIVE_INTERPOLATION:
+        raise unsupported(ctx, f"interpolation mode {b.get('mode')!r} (negative weights)",
+                          "Use nearest, (bi/tri)linear or area interpolation.")
+    p = b.pop("input")
+    return Pair(F.interpolate(p.d, **b), F.interpolate(p.s, **b))
+
+
+def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Upsample`` with non-negative interpolation weights."""
+    if ctx.module.mode not in _POSITIVE_INTERPOLATION:
+        raise unsupported(ctx, f"upsampling mode {ctx.module.mode!r} (negative weights)",
+                          "Use nearest, (bi/tri)linear or area interpolation.")
+    return module_forward(ctx, args, kwargs)
+
+
+# --------------------------------------------------------------------------- tables
+ACTIVATIONS: set[Rule] = set()
+
+
+def _activation(rule: Rule) -> Rule:
+    ACTIVATIONS.add(rule)
+    return rule
+
+
+for _r in (relu, clamp, clamp_min, clamp_max, hardtanh, relu6, hardtanh_module, leaky_relu,
+           leaky_relu_module, threshold):
+    _activation(_r)
+
+# nn module types, checked in order with isinstance
+MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
+    (nn.Linear, linear_module),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_module),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose_module),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batchnorm_module),
+    (nn.ReLU, relu),
+    (nn.Hardtanh, hardtanh_module),  # includes nn.ReLU6
+    (nn.LeakyReLU, leaky_relu_module),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), maxpool_module),
+    ((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), adaptive_maxpool_module),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+      nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+      nn.PixelUnshuffle, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+      nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+      nn.CircularPad2d, nn.CircularPad3d), module_forward),
+    ((nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d), constant_pad_module),
+    (nn.Upsample, upsample_module),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+      nn.FeatureAlphaDropout, nn.Identity), identity),
+]
+
+_SAME_FUNCTIONS = [
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
+    torch.t, torch.mean, torch.sum, torch.channel_shuffle, torch.tensor_split,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.pixel_shuffle, F.pixel_unshuffle, torch.swapaxes, torch.swapdims,
+]
+FUNCTION_RULES: dict[Any, Rule] = {fn: same(fn) for fn in _SAME_FUNCTIONS}
+FUNCTION_RULES.update({
+    operator.getitem: getitem, getattr: getattr_rule,
+    operator.add: add, operator.iadd: add, torch.add: add,
+    operator.sub: sub, operator.isub: sub, torch.sub: sub, torch.subtract: sub, torch.rsub: rsub,
+    operator.mul: mul, operator.imul: mul, torch.mul: mul, torch.multiply: mul,
+    operator.truediv: div, operator.itruediv: div, torch.div: div, torch.true_divide: div,
+    operator.neg: neg, torch.neg: neg, torch.negative: neg,
+    operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul,
+    torch.cat: concat(torch.cat), torch.concat: concat(torch.cat),
+    torch.concatenate: concat(torch.cat), torch.stack: concat(torch.stack),
+    F.linear: functional_affine(F.linear), F.conv1d: functional_affine(F.conv1d),
+    F.conv2d: functional_affine(F.conv2d), F.conv3d: functional_affine(F.conv3d),
+    F.batch_norm: batchnorm_function,
+    torch.relu: relu, torch.relu_: relu, F.relu: relu, F.relu_: relu,
+    F.relu6: relu6, F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
+    F.leaky_relu: leaky_relu, F.leaky_relu_: leaky_relu, F.threshold: threshold,
+    torch.clamp: clamp, torch.clip: clamp, torch.clamp_min: clamp_min, torch.clamp_max: clamp_max,
+    F.max_pool1d: maxpool_function(1), F.max_pool2d: maxpool_function(2),
+    F.max_pool3d: maxpool_function(3), torch.max_pool1d: maxpool_function(1),
+    torch.max_pool2d: maxpool_function(2), torch.max_pool3d: maxpool_function(3),
+    F.adaptive_max_pool1d: adaptive_maxpool_function(1),
+    F.adaptive_max_pool2d: adaptive_maxpool_function(2),
+    F.adaptive_max_pool3d: adaptive_maxpool_function(3),
+    F.pad: pad_function, F.interpolate: interpolate, F.upsample: interpolate,
+    F.dropout: identity, F.dropout1d: identity, F.dropout2d: identity, F.dropout3d: identity,
+    F.alpha_dropout: identity, F.feature_alpha_dropout: identity,
+})
+
+_SAME_METHODS = [
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+    "chunk", "split", "unbind", "mean", "sum", "narrow", "flip", "roll", "t", "unflatten",
+    "movedim", "expand", "repeat", "view_as", "reshape_as", "expand_as", "float", "double",
+    "half", "to", "type_as", "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims",
+    "tensor_split",
+]
+METHOD_RULES: dict[str, Rule] = {name: method(name.rstrip("_")) for name in _SAME_METHODS}
+METHOD_RULES.update({
+    "add": add, "add_": add, "__add__": add, "__radd__": add, "__iadd__": add,
+    "sub": sub, "sub_": sub, "__sub__": sub, "__isub__": sub, "__rsub__": rsub,
+    "mul": mul, "mul_": mul, "__mul__": mul, "__rmul__": mul, "__imul__": mul,
+    "div": div, "div_": div, "__truediv__": div, "__itruediv__": div,
+    "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul,
+    "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
+    "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
+    "clamp_max_": clamp_max,
+})
+
+# queries answered by d alone (their results are static values)
+QUERY_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_device",
+                 "is_contiguous", "element_size", "stride"}
+QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def module_rule(module: nn.Module) -> Rule | None:
+    """The rule of a leaf module, or None."""
+    for types, rule in MODULE_RULES:
+        if isinstance(module, types):
+            return rule
+    return None
+
+
+def is_activation(rule: Rule) -> bool:
+    """Whether a rule is a ReLU-type unit (stabiliser and alpha shift apply after it)."""
+    return rule in ACTIVATIONS
