@@ -1,0 +1,303 @@
+"""Mechanics of the SplitLRP composite: registration, attributors, hooks, model left unchanged.
+
+The relevance computation is replaced here by a stand-in (the explicit float64 reference of
+``tests/lrp_reference.py``), so that these tests check the composite alone; the real
+computation of ``core`` is tested in ``test_zennit_lrp.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lrp_reference import reference_split_lrp
+from torch import nn
+from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import COMPOSITES
+from zennit.core import Composite
+
+import zennit_split
+from zennit_split import SplitLRP
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 5),
+    ).eval()
+
+
+class _StandIn:
+    """Records the calls and answers with the explicit reference (float64, cast back)."""
+
+    calls: list = []
+
+    def __init__(self, model, **options):
+        self.model = model
+        self.options = options
+
+    relevance = None  # set below
+
+
+class _Cast:
+    def __init__(self, rel, dtype):
+        self.pos, self.neg = rel.pos.to(dtype), rel.neg.to(dtype)
+        self.comb = self.pos - self.neg
+
+
+def _reference_relevance(self, x, seed, stream="pos", epsilon=1e-6, layers=None):
+    _StandIn.calls.append({"x": x.clone(), "seed": seed.clone(), "layers": layers,
+                           "options": self.options, "epsilon": epsilon})
+    ref = reference_split_lrp(self.model, x, seed, epsilon=epsilon,
+                              maxpool=self.options["maxpool"],
+                              stabilizer=self.options["stabilizer"],
+                              input_split=self.options["input_split"])
+    names = ["input", *(layers or [])]
+    return {name: _Cast(ref[name], x.dtype) for name in names}
+
+
+_StandIn.relevance = _reference_relevance
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    _StandIn.calls = []
+    monkeypatch.setattr(zennit_split.composite.core, "split", _StandIn, raising=False)
+    return _StandIn
+
+
+def _snapshot(model: nn.Module) -> dict:
+    hooks = {}
+    for name, module in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_forward_hooks_with_kwargs"):
+            hooks[(name, attr)] = dict(getattr(module, attr, {}))
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": {k: (v.requires_grad, v.grad) for k, v in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "hooks": hooks,
+        "types": [type(m) for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict, x: torch.Tensor, out: torch.Tensor):
+    after = _snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    assert before["params"] == after["params"]
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+    assert before["types"] == after["types"]
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+
+
+def test_registered_in_zennit_composites():
+    assert COMPOSITES["split_lrp"] is SplitLRP
+    assert issubclass(SplitLRP, Composite)
+    composite = SplitLRP()
+    assert composite.stream == "pos" and composite.epsilon == 1e-6
+    assert composite.maxpool == "wta" and composite.stabilizer == "scale"
+    with_canonizers = SplitLRP(canonizers=[SequentialMergeBatchNorm()])
+    assert len(with_canonizers.canonizers) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"stream": "g"}, "stream='g'"),
+        ({"maxpool": "max"}, "maxpool='max'"),
+        ({"stabilizer": "clip"}, "stabilizer='clip'"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"input_split": "abs"}, "input_split"),
+    ],
+)
+def test_bad_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SplitLRP(**kwargs)
+
+
+def test_unknown_layer_is_named():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="features.26"):
+        with SplitLRP(layer="features.26").context(model):
+            pass
+    assert not model._forward_hooks
+
+
+@pytest.mark.parametrize("stream", ["pos", "neg", "comb"])
+def test_gradient_returns_the_relevance_of_the_stream(stand_in, stream):
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    seed = torch.eye(5)[[1, 3]]
+    with Gradient(model, SplitLRP(stream=stream)) as attributor:
+        out, rel = attributor(x, seed)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+    (call,) = stand_in.calls
+    assert torch.equal(call["seed"], seed)           # the attributor's seed, unchanged
+    assert torch.equal(call["x"], x)
+    assert call["options"]["merge_batchnorm"] is True
+    ref = reference_split_lrp(model, x, seed)["input"]
+    expected = {"pos": ref.pos, "neg": ref.neg, "comb": ref.comb}[stream].float()
+    torch.testing.assert_close(rel, expected)
+    assert rel.abs().sum() > 0
+
+
+def test_options_reach_the_split(stand_in):
+    model = small_cnn()
+    composite = SplitLRP(epsilon=1e-3, maxpool="convex", stabilizer="shift", layer="4",
+                         input_split="half")
+    with Gradient(model, composite) as attributor:
+        attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
+    (call,) = stand_in.calls
+    assert call["options"] == {"maxpool": "convex", "stabilizer": "shift",
+                               "input_split": "half", "merge_batchnorm": True}
+    assert call["epsilon"] == 1e-3 and call["layers"] == ["4"]
+    assert set(composite.relevance) == {"input", "4"}
+    assert composite.relevance["4"].pos.shape == (1, 6, 4, 4)
+
+
+def test_smoothgrad_and_integrated_gradients(stand_in):
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    seed = torch.eye(5)[[0, 2]]
+    torch.manual_seed(1)
+    with SmoothGrad(model, SplitLRP(), noise_level=0.1, n_iter=3) as attributor:
+        _, smooth = attributor(x, seed)
+    noisy = [call["x"] for call in stand_in.calls]
+    assert len(noisy) == 3 and torch.equal(noisy[-1], x)
+    expected = sum(reference_split_lrp(model, xn, seed)["input"].pos for xn in noisy) / 3
+    torch.testing.assert_close(smooth, expected.float())
+
+    stand_in.calls.clear()
+    with IntegratedGradients(model, SplitLRP(), n_iter=4) as attributor:
+        _, integrated = attributor(x, seed)
+    steps = [call["x"] for call in stand_in.calls]
+    assert len(steps) == 4
+    for k, step in enumerate(steps, start=1):
+        torch.testing.assert_close(step, x * k / 4)
+    # zennit's IntegratedGradients: mean over the path of the modified gradient, times x
+    mean = sum(reference_split_lrp(model, s, seed)["input"].pos for s in steps) / 4
+    torch.testing.assert_close(integrated, (mean * x.double()).float())
+
+
+def test_inactive_gives_the_plain_gradient(stand_in):
+    model = small_cnn()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    composite = SplitLRP()
+    with composite.context(model), composite.inactive():
+        (grad,) = torch.autograd.grad(model(x)[0, 2], x)
+    (expected,) = torch.autograd.grad(model(x)[0, 2], x)
+    torch.testing.assert_close(grad, expected)
+    assert not stand_in.calls
+
+
+def test_plain_forward_and_no_grad_are_untouched(stand_in):
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    with SplitLRP().context(model):
+        out = model(x)
+        with torch.no_grad():
+            out_ng = model(x.requires_grad_())
+    assert out.grad_fn is not None and torch.equal(out, out_ng)
+    assert not stand_in.calls
+
+
+def test_model_unchanged_after_use_and_after_an_exception(stand_in, monkeypatch):
+    model = small_cnn()
+    model.register_forward_hook(lambda m, i, o: None)      # a hook of the user's own
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x)
+    before = _snapshot(model)
+    composite = SplitLRP(canonizers=[SequentialMergeBatchNorm()])
+    with Gradient(model, composite) as attributor:
+        attributor(x, torch.eye(5)[[0, 1]])
+    assert_unchanged(model, before, x, out)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Boom("stand-in failure")
+
+    monkeypatch.setattr(stand_in, "relevance", explode)
+    with pytest.raises(Boom):
+        with Gradient(model, SplitLRP(canonizers=[SequentialMergeBatchNorm()])) as attributor:
+            attributor(x, torch.eye(5)[[0, 1]])
+    assert_unchanged(model, before, x, out)
+    with pytest.raises(KeyError):
+        with SplitLRP().context(model):
+            raise KeyError("user code fails inside the context")
+    assert_unchanged(model, before, x, out)
+
+
+def test_canonizers_are_applied_inside_and_reverted(stand_in, monkeypatch):
+    model = small_cnn()
+    weight = model[0].weight.detach().clone()
+    seen = {}
+
+    def record(self, x, seed, **kwargs):
+        seen["weight"] = self.model[0].weight.detach().clone()
+        return _reference_relevance(self, x, seed, **kwargs)
+
+    monkeypatch.setattr(stand_in, "relevance", record)
+    with Gradient(model, SplitLRP(canonizers=[SequentialMergeBatchNorm()])) as attributor:
+        attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
+    assert not torch.equal(seen["weight"], weight)   # BatchNorm merged while registered
+    assert torch.equal(model[0].weight, weight)
+
+
+def test_several_inputs_or_outputs_are_refused(stand_in):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x, y):
+            return self.lin(x + y)
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    x = torch.randn(1, 4, requires_grad=True)
+    with SplitLRP().context(TwoInputs()) as model, pytest.raises(TypeError, match="one input"):
+        model(x, x)
+    with SplitLRP().context(TwoOutputs()) as model, pytest.raises(TypeError, match="tuple"):
+        model(x)
+
+
+def test_nested_forward_does_not_recurse(stand_in, monkeypatch):
+    model = small_cnn()
+
+    def relevance_calling_the_model(self, x, seed, **kwargs):
+        with torch.enable_grad():
+            out = self.model(x.requires_grad_())          # the root hook must stay out
+        assert out.grad_fn is not None
+        assert type(out.grad_fn).__name__ != "_SplitLRPFunctionBackward"
+        return _reference_relevance(self, x.detach(), seed, **kwargs)
+
+    monkeypatch.setattr(stand_in, "relevance", relevance_calling_the_model)
+    with Gradient(model, SplitLRP()) as attributor:
+        _, rel = attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
+    assert torch.isfinite(rel).all()
+
+
+def test_deepcopy_of_composite_model_is_clean():
+    model = small_cnn()
+    with SplitLRP().context(model):
+        pass
+    clone = copy.deepcopy(model)
+    assert not clone._forward_hooks

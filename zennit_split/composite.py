@@ -1,0 +1,276 @@
+"""SplitLRP as a Zennit composite.
+
+:class:`SplitLRP` makes any Zennit attributor (``Gradient``, ``SmoothGrad``,
+``IntegratedGradients``, ...) return SplitLRP relevance at the input: epsilon-LRP on the
+split pair ``f = g - h`` of the model (paper section 4.2), computed by
+:meth:`core.SplitModel.relevance`. The composite hooks only the root module: the root's
+output is replaced by a tensor with the same values whose backward pass, given the
+attributor's output gradient (the seed), returns the SplitLRP relevance of the input.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.core import Composite, RemovableHandle, RemovableHandleList
+
+import core
+
+STREAMS = ("pos", "neg", "comb")
+MAXPOOL_MODES = ("wta", "convex")
+STABILIZERS = ("scale", "shift", "none")
+INPUT_SPLITS = ("relu", "half")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        options = ", ".join(map(repr, choices))
+        raise ValueError(f"SplitLRP: {name}={value!r} is not supported; use one of {options}.")
+
+
+def select_stream(relevance: Any, stream: str) -> torch.Tensor:
+    """Return one stream of a relevance object of :meth:`core.SplitModel.relevance`.
+
+    Parameters
+    ----------
+    relevance: object
+        An object with the tensors ``pos`` (``R(l,+)``), ``neg`` (``R(l,-)``) and ``comb``
+        (``R(l,+) - R(l,-)``).
+    stream: str
+        ``"pos"``, ``"neg"`` or ``"comb"``.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The selected relevance tensor.
+    """
+    _check_choice("stream", stream, STREAMS)
+    return getattr(relevance, stream)
+
+
+class _SplitLRPFunction(torch.autograd.Function):
+    """Identity on the root output in the forward pass; SplitLRP of the root input backwards."""
+
+    @staticmethod
+    def forward(ctx, input, output, hook):  # noqa: A002 - torch's argument name
+        ctx.hook = hook
+        ctx.save_for_backward(input)
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        relevance = ctx.hook.input_relevance(input, grad_output)
+        return relevance, None, None
+
+
+class _RootHook:
+    """Forward hook on the root module that routes the backward pass through SplitLRP.
+
+    It has the ``active`` flag of :py:class:`zennit.core.Hook`, so that
+    :py:meth:`zennit.core.Composite.inactive` switches it off (plain gradients then flow).
+    """
+
+    def __init__(self, composite: SplitLRP, module: nn.Module) -> None:
+        self.active = True
+        self.busy = False
+        self.composite_ref = weakref.ref(composite)
+        self.module_ref = weakref.ref(module)
+
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([
+            RemovableHandle(self),
+            module.register_forward_hook(self.forward_hook, with_kwargs=True),
+        ])
+
+    def remove(self) -> None:
+        self.active = False
+
+    def forward_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> torch.Tensor | None:
+        if not self.active or self.busy or not torch.is_grad_enabled():
+            return None
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
+        if len(args) > 1 or kwargs:
+            raise TypeError(
+                "SplitLRP: the model was called with more than one input; SplitLRP explains "
+                "models called as model(x) with one tensor. Wrap the model so that it takes "
+                "one tensor."
+            )
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"SplitLRP: the model returned {type(output).__name__}, not one tensor of "
+                "logits; wrap the model so that it returns the logits tensor."
+            )
+        return _SplitLRPFunction.apply(args[0], output.detach(), self)
+
+    def input_relevance(self, input: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        composite = self.composite_ref()
+        module = self.module_ref()
+        if composite is None or module is None:  # pragma: no cover - garbage collected
+            raise RuntimeError("SplitLRP: the composite or its model no longer exists.")
+        self.busy = True
+        try:
+            with torch.enable_grad():
+                relevance = composite.compute(module, input.detach(), seed.detach())
+        finally:
+            self.busy = False
+        return select_stream(relevance["input"], composite.stream).to(input.dtype)
+
+
+class SplitLRP(Composite):
+    """SplitLRP: epsilon-LRP on the split pair ``f = g - h`` of a ReLU network.
+
+    A :py:class:`zennit.core.Composite` that makes any Zennit attributor return the SplitLRP
+    relevance of the input instead of the gradient (paper section 4.2). The positive and the
+    negative stream of every layer are treated as two sets of neurons of one model; the
+    relevance starts at the class output of the positive stream ``a(L,+)`` with the
+    attributor's output gradient (a one-hot seed gives total relevance 1 per sample; seeding
+    with ``a(L,+)`` gives the paper's total) and is redistributed with the epsilon rule
+    (gamma 0) down to the input. BatchNorm is merged into the adjacent affine layer,
+    relevance is split evenly across the branches of residual adds, and the forward pass is
+    stabilised as in SplitCAM.
+
+    Parameters
+    ----------
+    stream: str, optional
+        The input relevance returned: ``"pos"`` (``R(0,+)``, default), ``"neg"``
+        (``R(0,-)``) or ``"comb"`` (``R(0,+) - R(0,-)``, eq. 10).
+    epsilon: float, optional
+        Stabiliser of the epsilon rule (eq. 9), added with the sign of the denominator.
+    maxpool: str, optional
+        Max pooling in the split pair: ``"wta"`` (winner takes all, default; relevance goes to
+        the window position where the original activation is largest) or ``"convex"``.
+    stabilizer: str, optional
+        Forward stabilisation of the split activations: ``"scale"`` (default), ``"shift"`` or
+        ``"none"``.
+    layer: str or list[str], optional
+        Name(s) of modules (as in ``model.named_modules()``) at whose output the relevances
+        ``R(l,+)``, ``R(l,-)`` and ``comb`` are also kept, in :py:attr:`relevance` under that
+        name (the paper's "(26, pos)" is ``layer="features.26"``, ``stream="pos"``). The
+        attributor still returns the input relevance; :func:`zennit_split.split_lrp` returns
+        the layer relevances directly.
+    canonizers: list[:py:class:`zennit.canonizers.Canonizer`], optional
+        Canonizers applied to the model while the composite is registered, as in any Zennit
+        composite. BatchNorm is merged by the split itself, so none are needed.
+    input_split: str, optional
+        How the input is split into ``x = a(0,+) - a(0,-)``: ``"relu"`` (default) or
+        ``"half"``.
+
+    Attributes
+    ----------
+    relevance: dict[str, object]
+        Filled by every backward pass: ``"input"`` and, if given, ``layer``, each with the
+        tensors ``pos``, ``neg`` and ``comb``. Attributors that run several backward passes
+        (``SmoothGrad``, ``IntegratedGradients``) leave the last one here.
+
+    Examples
+    --------
+    >>> from zennit.attribution import Gradient
+    >>> with Gradient(model, SplitLRP()) as attributor:
+    ...     output, relevance = attributor(x, torch.eye(10)[target])
+    """
+
+    def __init__(
+        self,
+        stream: str = "pos",
+        epsilon: float = 1e-6,
+        maxpool: str = "wta",
+        stabilizer: str = "scale",
+        layer: str | Sequence[str] | None = None,
+        canonizers: list | None = None,
+        *,
+        input_split: str = "relu",
+    ) -> None:
+        _check_choice("stream", stream, STREAMS)
+        _check_choice("maxpool", maxpool, MAXPOOL_MODES)
+        _check_choice("stabilizer", stabilizer, STABILIZERS)
+        _check_choice("input_split", input_split, INPUT_SPLITS)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
+            raise ValueError(f"SplitLRP: epsilon={epsilon!r} must be a non-negative float.")
+        layers = [layer] if isinstance(layer, str) else list(layer or [])
+        if not all(isinstance(name, str) for name in layers):
+            raise TypeError(
+                f"SplitLRP: layer={layer!r} must be a module name as in model.named_modules() "
+                "(or a list of names)."
+            )
+        super().__init__(module_map=None, canonizers=canonizers)
+        self.stream = stream
+        self.epsilon = float(epsilon)
+        self.maxpool = maxpool
+        self.stabilizer = stabilizer
+        self.layer = layer
+        self.layers = tuple(layers)
+        self.input_split = input_split
+        self.relevance: dict[str, Any] = {}
+
+    def register(self, module: nn.Module) -> None:
+        """Apply the canonizers and hook the root ``module``.
+
+        Parameters
+        ----------
+        module: :py:class:`torch.nn.Module`
+            The model to explain. Only the root gets a forward hook; the canonizers are
+            applied recursively, as in :py:meth:`zennit.core.Composite.register`.
+        """
+        self.remove()
+        self.relevance = {}
+        names = dict(module.named_modules())
+        for name in self.layers:
+            if name not in names and name != "input":
+                raise ValueError(
+                    f"SplitLRP: layer={name!r} is not a module of the model; use a name "
+                    f"from model.named_modules(), e.g. {list(names)[1:6]}."
+                )
+        try:
+            for canonizer in self.canonizers:
+                self.handles += canonizer.apply(module)
+            hook = _RootHook(self, module)
+            self.hook_refs.add(hook)
+            self.handles.append(hook.register(module))
+        except BaseException:
+            self.remove()
+            raise
+
+    def compute(
+        self, module: nn.Module, input: torch.Tensor, seed: torch.Tensor  # noqa: A002
+    ) -> dict[str, Any]:
+        """Compute the SplitLRP relevances of ``module`` for ``input`` and output seed ``seed``.
+
+        Parameters
+        ----------
+        module: :py:class:`torch.nn.Module`
+            The model.
+        input: :py:obj:`torch.Tensor`
+            The model input.
+        seed: :py:obj:`torch.Tensor`
+            Relevance of the positive output stream ``a(L,+)``, shaped like the model output.
+
+        Returns
+        -------
+        dict[str, object]
+            ``"input"`` (and ``layer`` if set) to objects with ``pos``, ``neg`` and ``comb``.
+        """
+        split_model = core.split(
+            module,
+            maxpool=self.maxpool,
+            stabilizer=self.stabilizer,
+            input_split=self.input_split,
+            merge_batchnorm=True,
+        )
+        layers = [name for name in self.layers if name not in ("", "input")]
+        relevance = dict(
+            split_model.relevance(
+                input, seed, stream="pos", epsilon=self.epsilon, layers=layers or None
+            )
+        )
+        if "" in self.layers:
+            relevance[""] = relevance["input"]
+        self.relevance = relevance
+        return relevance

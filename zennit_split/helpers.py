@@ -1,0 +1,223 @@
+"""One-call helpers around the Zennit composites: SplitLRP at any layer, and the LRP baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import LayerMapComposite, layer_map_base
+from zennit.rules import Gamma
+from zennit.types import Convolution, Linear
+
+from .composite import SplitLRP
+
+
+def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
+    """Return a Zennit ``attr_output`` function: the one-hot seed of ``targets``.
+
+    Parameters
+    ----------
+    targets: int or :py:obj:`torch.Tensor`
+        A class index, a 1-D tensor of class indices (one per row), or a float tensor shaped
+        like the model output, used as the seed unchanged.
+    batch_size: int
+        Number of rows of the input.
+
+    Returns
+    -------
+    callable
+        ``(output: torch.Tensor) -> torch.Tensor``.
+    """
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        seed = targets
+
+        def given(output: torch.Tensor) -> torch.Tensor:
+            if seed.shape != output.shape:
+                raise ValueError(
+                    f"the seed has shape {tuple(seed.shape)} but the model output has shape "
+                    f"{tuple(output.shape)}; pass a seed shaped like the output or class indices."
+                )
+            return seed.to(output)
+
+        return given
+    index = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+    if index.numel() == 1:
+        index = index.expand(batch_size)
+    if index.numel() != batch_size:
+        raise ValueError(
+            f"got {index.numel()} targets for a batch of {batch_size} inputs; pass one class "
+            "index per row (or one for all rows)."
+        )
+
+    def one_hot(output: torch.Tensor) -> torch.Tensor:
+        if output.ndim != 2:
+            raise ValueError(
+                f"the model output has shape {tuple(output.shape)}; class targets need "
+                "(batch, classes) logits."
+            )
+        if int(index.min()) < 0 or int(index.max()) >= output.shape[1]:
+            raise ValueError(
+                f"targets {index.tolist()} out of range for {output.shape[1]} model outputs."
+            )
+        return torch.nn.functional.one_hot(index.to(output.device), output.shape[1]).to(output)
+
+    return one_hot
+
+
+def split_lrp(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: int | torch.Tensor,
+    layers: str | Sequence[str] = ("input",),
+    *,
+    epsilon: float = 1e-6,
+    maxpool: str = "wta",
+    stabilizer: str = "scale",
+    input_split: str = "relu",
+) -> dict[str, Any]:
+    """SplitLRP relevances ``R(l,+)``, ``R(l,-)`` and ``comb`` at the outputs of ``layers``.
+
+    Runs Zennit's :py:class:`~zennit.attribution.Gradient` with :class:`SplitLRP`.
+
+    Parameters
+    ----------
+    model: :py:class:`torch.nn.Module`
+        The model; it is not modified.
+    inputs: :py:obj:`torch.Tensor`
+        Input batch.
+    targets: int or :py:obj:`torch.Tensor`
+        Class index or indices (seed: one-hot at ``a(L,+)``), or a float seed shaped like
+        the model output.
+    layers: str or list[str], optional
+        Module names as in ``model.named_modules()``; ``"input"`` is the input (default).
+    epsilon, maxpool, stabilizer, input_split:
+        As in :class:`SplitLRP`.
+
+    Returns
+    -------
+    dict[str, object]
+        Layer name to an object with the tensors ``pos``, ``neg`` and ``comb``.
+    """
+    names = [layers] if isinstance(layers, str) else list(layers)
+    composite = SplitLRP(
+        epsilon=epsilon,
+        maxpool=maxpool,
+        stabilizer=stabilizer,
+        layer=names,
+        input_split=input_split,
+    )
+    with Gradient(model, composite) as attributor:
+        attributor(inputs, output_seed(targets, inputs.shape[0]))
+        relevance = composite.relevance
+    return {name: relevance[name] for name in names}
+
+
+class _OutputGradient(torch.autograd.Function):
+    """Identity that keeps the gradient reaching a module's output (the LRP relevance there)."""
+
+    @staticmethod
+    def forward(ctx, input, store):  # noqa: A002 - torch's argument name
+        ctx.store = store
+        return input.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.store.append(grad_output.detach())
+        return grad_output, None
+
+
+def gamma_composite(gamma: float = 0.25, canonizers: list | None = None) -> LayerMapComposite:
+    """Zennit composite of the LRP baseline: the gamma rule on every convolution and linear layer.
+
+    Activations pass relevance unchanged, sums and average pooling use Zennit's ``Norm``
+    rule (Zennit's defaults); BatchNorm is merged into the preceding layer by
+    :py:class:`~zennit.canonizers.SequentialMergeBatchNorm` unless ``canonizers`` is given.
+
+    Parameters
+    ----------
+    gamma: float, optional
+        Gamma of the rule (0.25, Zennit's default).
+    canonizers: list, optional
+        Canonizers to apply instead of the default one.
+
+    Returns
+    -------
+    :py:class:`zennit.composites.LayerMapComposite`
+    """
+    layer_map = layer_map_base() + [
+        (Convolution, Gamma(gamma=gamma)),
+        (Linear, Gamma(gamma=gamma)),
+    ]
+    if canonizers is None:
+        canonizers = [SequentialMergeBatchNorm()]
+    return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
+
+
+def _default_canonizers(model: nn.Module) -> list:
+    try:
+        from torchvision.models import ResNet
+    except ImportError:  # pragma: no cover - torchvision is optional
+        ResNet = ()  # noqa: N806
+    if isinstance(model, ResNet):
+        from zennit.torchvision import ResNetCanonizer
+
+        return [ResNetCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
+
+def lrp_gamma(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: int | torch.Tensor,
+    *,
+    gamma: float = 0.25,
+    layer: str | None = None,
+) -> torch.Tensor:
+    """LRP with the gamma rule (Zennit), at the input or at the output of ``layer``.
+
+    Parameters
+    ----------
+    model: :py:class:`torch.nn.Module`
+        The model; it is not modified.
+    inputs: :py:obj:`torch.Tensor`
+        Input batch.
+    targets: int or :py:obj:`torch.Tensor`
+        Class index or indices, or a float seed shaped like the output.
+    gamma: float, optional
+        Gamma of the rule (0.25).
+    layer: str, optional
+        Module name as in ``model.named_modules()``; ``None`` or ``"input"``: the input.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The relevance, shaped like the input or like the layer's output.
+    """
+    composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
+    handle = None
+    store: list[torch.Tensor] = []
+    if layer not in (None, "", "input"):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise ValueError(
+                f"LRP: layer={layer!r} is not a module of the model; use a name from "
+                f"model.named_modules(), e.g. {list(modules)[1:6]}."
+            )
+        handle = modules[layer].register_forward_hook(
+            lambda module, args, output: _OutputGradient.apply(output, store)
+        )
+    try:
+        with Gradient(model, composite) as attributor:
+            _, relevance = attributor(inputs, output_seed(targets, inputs.shape[0]))
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None:
+        if not store:
+            raise RuntimeError(f"LRP: no relevance reached layer {layer!r}.")
+        return store[-1]
+    return relevance
