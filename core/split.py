@@ -385,6 +385,29 @@ class SplitModel:
         out = self.forward_pairs(x, *extra_args)
         return out.pos, out.neg
 
+    def streams(self, x_pos: torch.Tensor, x_neg: torch.Tensor,
+                *extra_args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split streams on an explicit input split ``x = x_pos - x_neg`` (Theorem 1).
+
+        Differentiable in both arguments: with ``stabilizer="none"`` and convex max pooling,
+        ``g`` and ``h`` are monotone and convex functions of ``(x_pos, x_neg)``.
+
+        Parameters
+        ----------
+        x_pos, x_neg: torch.Tensor
+            The two input streams (any values; their difference is the model's input).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(g, h)`` at the output.
+        """
+        self._check_input(x_pos - x_neg)
+        d_in = x_pos - x_neg
+        s_in = x_pos + x_neg
+        out, _ = self._run(d_in, s_in, extra_args)
+        return out.pos, out.neg
+
     def pairs(self, x: torch.Tensor, layers: Sequence[str], *extra_args: Any) -> dict[str, Pair]:
         """Split pairs (``.pos``, ``.neg``, ``.d``, ``.s``) at the given layers (no gradient)."""
         x = self._check_input(x)
