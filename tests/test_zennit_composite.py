@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from lrp_reference import reference_split_lrp
 from torch import nn
 from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 from zennit.canonizers import SequentialMergeBatchNorm
@@ -19,6 +18,7 @@ from zennit.composites import COMPOSITES
 from zennit.core import Composite
 
 import zennit_split
+from tests.lrp_reference import reference_split_lrp
 from zennit_split import SplitLRP
 
 

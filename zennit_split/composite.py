@@ -209,6 +209,7 @@ class SplitLRP(Composite):
         self.layers = tuple(layers)
         self.input_split = input_split
         self.relevance: dict[str, Any] = {}
+        self._split_cache: tuple[nn.Module, Any] | None = None
 
     def register(self, module: nn.Module) -> None:
         """Apply the canonizers and hook the root ``module``.
@@ -221,6 +222,7 @@ class SplitLRP(Composite):
         """
         self.remove()
         self.relevance = {}
+        self._split_cache = None
         names = dict(module.named_modules())
         for name in self.layers:
             if name not in names and name != "input":
@@ -237,6 +239,11 @@ class SplitLRP(Composite):
         except BaseException:
             self.remove()
             raise
+
+    def remove(self) -> None:
+        """Remove the hook and revert the canonizers (:py:attr:`relevance` is kept)."""
+        super().remove()
+        self._split_cache = None
 
     def compute(
         self, module: nn.Module, input: torch.Tensor, seed: torch.Tensor  # noqa: A002
@@ -257,13 +264,18 @@ class SplitLRP(Composite):
         dict[str, object]
             ``"input"`` (and ``layer`` if set) to objects with ``pos``, ``neg`` and ``comb``.
         """
-        split_model = core.split(
-            module,
-            maxpool=self.maxpool,
-            stabilizer=self.stabilizer,
-            input_split=self.input_split,
-            merge_batchnorm=True,
-        )
+        cached = self._split_cache
+        if cached is not None and cached[0] is module:
+            split_model = cached[1]
+        else:  # traced once per registration (SmoothGrad runs many backward passes)
+            split_model = core.split(
+                module,
+                maxpool=self.maxpool,
+                stabilizer=self.stabilizer,
+                input_split=self.input_split,
+                merge_batchnorm=True,
+            )
+            self._split_cache = (module, split_model)
         layers = [name for name in self.layers if name not in ("", "input")]
         relevance = dict(
             split_model.relevance(
