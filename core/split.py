@@ -37,6 +37,7 @@ class _Step:
     where: str
     skip_bias: bool = False
     merged_bias: torch.Tensor | None = None
+    merged: bool = False  # a BatchNorm merged into the affine layer before it
     free: tuple[str, ...] = ()
 
 
@@ -191,11 +192,8 @@ class SplitModel:
                 and len(src.users) == 1
             ):
                 prev.skip_bias = True
-                bias = prev.module.bias
-                step.merged_bias = None if bias is None else bias
-                if bias is None:
-                    step.merged_bias = torch.zeros(0)
-                    step.merged_bias = None
+                step.merged = True
+                step.merged_bias = prev.module.bias
 
     # ------------------------------------------------------------------ names
     def layer_names(self) -> list[str]:
@@ -298,6 +296,8 @@ class SplitModel:
                 else:
                     raise TypeError(f"the model's forward needs the argument {node.target!r}; "
                                     "pass it in extra_args")
+                if record_all:
+                    records.setdefault(node, value)
                 env[node.name] = value
                 continue
             if node.op == "output":
@@ -509,6 +509,28 @@ class SplitModel:
                 if n is node:
                     result[layer] = probe
         return result
+
+
+    def relevance(
+        self,
+        x: torch.Tensor,
+        seed: torch.Tensor,
+        layers: Sequence[str] = (),
+        epsilon: float = 1e-6,
+        activation_rule: str = "pass",
+        extra_args: tuple = (),
+    ) -> dict[str, Any]:
+        """SplitLRP relevance (epsilon-LRP on the split pair); see :func:`core.lrp.relevance`.
+
+        Returns
+        -------
+        dict of str to core.lrp.Relevance
+            ``"input"`` and each requested layer, with ``.pos``, ``.neg`` and ``.comb``.
+        """
+        from core.lrp import relevance
+
+        return relevance(self, x, seed, layers=layers, epsilon=epsilon,
+                         activation_rule=activation_rule, extra_args=extra_args)
 
 
 def _or_zero(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""SplitLRP: epsilon-LRP on the split pair (paper section 4.2).
+
+The positive and negative stream neurons are two sets of neurons of one model with
+non-negative weights. Relevance is seeded at the positive stream's output ``a(L,+)`` and
+redistributed layer by layer with the epsilon rule (eq. 9, gamma 0, signed epsilon)::
+
+    R_j = a_j * sum_i w_ij * R_i / (z_i + eps * sign(z_i))
+
+on every operation that mixes neurons (affine layers, BatchNorm -- merged into the preceding
+affine layer when the split was built with ``merge_batchnorm=True`` --, residual adds, which
+so split relevance in proportion to the branches' contributions, average pooling, convex max
+pooling). Structural operations (views, slicing, concatenation, padding, winner-takes-all max
+pooling) move relevance without changing it. ReLU-type units pass it on unchanged (``"pass"``,
+the paper: LRP ignores the activation functions) or, for ReLU, hand the g stream's relevance
+to the winning pre-activation (``"wta"``). The forward stabiliser's shifts pass relevance
+unchanged; the shifted split activations are the ``a_j`` of the rule.
+
+The rule of each node is applied through autograd on the node's own split rule: with the
+output coefficients ``c = R / z`` sent back as gradients of ``(d, s)``, the vector-Jacobian
+product is the rule's ``sum_i w_ij c_i`` in ``(a+, a-)`` coordinates, exact for every
+operation the split supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from core import rules
+from core.pair import Pair
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.split import SplitModel
+
+ACTIVATION_RULES = ("pass", "wta")
+_AVERAGING_FUNCTIONS = {
+    torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+_AVERAGING_MODULES = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Upsample,
+)
+_MAXPOOL_RULES = {
+    rules.maxpool_module, rules.adaptive_maxpool_module,
+    *(r for f, r in rules.FUNCTION_RULES.items() if "max_pool" in getattr(f, "__name__", "")),
+}
+
+
+def _structural_rules() -> set:
+    found = {rules.getitem, rules.getattr_rule, rules.identity, rules.neg, rules.pad_function,
+             rules.constant_pad_module}
+    for fn, rule in rules.FUNCTION_RULES.items():
+        if fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
+            found.add(rule)
+        elif fn in rules._SAME_FUNCTIONS and fn not in _AVERAGING_FUNCTIONS:
+            found.add(rule)
+    for name, rule in rules.METHOD_RULES.items():
+        if name in rules._SAME_METHODS and name.rstrip("_") not in ("mean", "sum"):
+            found.add(rule)
+    return found
+
+
+_STRUCTURAL = _structural_rules()
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Relevance of the two streams at one node.
+
+    Attributes
+    ----------
+    pos: torch.Tensor
+        ``R(l,+)``, the relevance of the positive stream neurons.
+    neg: torch.Tensor
+        ``R(l,-)``, the relevance of the negative stream neurons.
+    """
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    @property
+    def comb(self) -> torch.Tensor:
+        """The combined map ``R(l,+) - R(l,-)`` (eq. 10)."""
+        return self.pos - self.neg
+
+    def stream(self, name: str) -> torch.Tensor:
+        """``"pos"``, ``"neg"`` or ``"comb"``."""
+        if name not in ("pos", "neg", "comb"):
+            raise ValueError(f"stream={name!r} is not one of 'pos', 'neg', 'comb'")
+        return getattr(self, name)
+
+
+def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return z + epsilon * sign
+
+
+def _kind(split: SplitModel, step: Any, activation_rule: str) -> str:
+    rule = step.rule
+    if step.activation:
+        return "relu-wta" if (activation_rule == "wta" and rule is rules.relu) else "pass"
+    if rule in _MAXPOOL_RULES:
+        return "structural" if split.maxpool == "wta" else "epsilon"
+    if rule is rules.module_forward:
+        return "epsilon" if isinstance(step.module, _AVERAGING_MODULES) else "structural"
+    if rule in _STRUCTURAL:
+        return "structural"
+    return "epsilon"
+
+
+def relevance(
+    split: SplitModel,
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    layers: Sequence[str] = (),
+    epsilon: float = 1e-6,
+    activation_rule: str = "pass",
+    extra_args: tuple = (),
+) -> dict[str, Relevance]:
+    """SplitLRP relevance at the input and at the requested layers.
+
+    Parameters
+    ----------
+    split: SplitModel
+        The split pair (its maxpool mode, stabiliser and BatchNorm merging apply).
+    x: torch.Tensor
+        The input batch.
+    seed: torch.Tensor
+        Relevance at the positive stream's output, shaped like the model's output (zennit's
+        convention: the attributor's output gradient, e.g. a one-hot vector; pass
+        ``onehot * g`` for the paper's total ``a(L,+)``).
+    layers: sequence of str
+        Further module names (as for :meth:`SplitModel.sensitivities`) to report.
+    epsilon: float
+        The epsilon of eq. 9 (signed).
+    activation_rule: str
+        ``"pass"`` or ``"wta"`` (see the module docstring).
+
+    Returns
+    -------
+    dict of str to Relevance
+        ``"input"`` and every requested layer.
+    """
+    if activation_rule not in ACTIVATION_RULES:
+        raise ValueError(f"activation_rule={activation_rule!r} is not one of {ACTIVATION_RULES}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon={epsilon} must be >= 0")
+    x = split._check_input(x)
+    wanted = {"input": split._node_of("input")}
+    wanted.update({layer: split._node_of(layer) for layer in layers})
+    with torch.no_grad():
+        out, records = split._run(*split._initial(x), tuple(extra_args), record_all=True)
+    if not isinstance(seed, torch.Tensor) or seed.shape != out.d.shape:
+        got = tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__
+        raise ValueError(f"seed must be a tensor shaped like the output {tuple(out.d.shape)}, "
+                         f"got {got}")
+    seed = seed.to(dtype=out.d.dtype, device=out.d.device)
+    steps = split._steps
+    output_node = next(s.node for s in steps if s.node.op == "output").args[0]
+    if not isinstance(output_node, fx.Node):
+        raise ValueError("the model's output is not a single tensor")
+    rel: dict[fx.Node, Any] = {output_node: (seed, torch.zeros_like(seed))}
+    found: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+    targets = set(wanted.values())
+    by_node = {s.node: s for s in steps}
+    merged_into: dict[fx.Node, fx.Node] = {}  # affine node -> BatchNorm node merged into it
+    for step in steps:
+        if step.merged:
+            merged_into[step.node.args[0]] = step.node
+    for step in reversed(steps):
+        node = step.node
+        if node not in rel or node.op in ("output", "placeholder", "get_attr"):
+            continue
+        r = rel.pop(node)
+        if node in targets:
+            found[node] = r
+        if step.rule is None or not isinstance(records.get(node), (Pair, tuple, list)):
+            continue
+        source = node.args[0] if node.args else None
+        if step.rule is rules.getitem and isinstance(records.get(source), (tuple, list)):
+            parts = rel.setdefault(source, {})  # relevance of one element of a tuple of pairs
+            index = node.args[1]
+            parts[index] = r if index not in parts else (parts[index][0] + r[0],
+                                                         parts[index][1] + r[1])
+            continue
+        if node in merged_into.values():
+            src = by_node[node.args[0]]
+            _propagate(split, [src, step], r, records, rel, epsilon, "epsilon")
+        else:
+            _propagate(split, [step], r, records, rel, epsilon,
+                       _kind(split, step, activation_rule))
+    for node in targets:
+        if node in merged_into and merged_into[node] in found:
+            found[node] = found[merged_into[node]]  # conv + BatchNorm is one layer here
+        elif node not in found and node in rel:
+            found[node] = rel[node]
+    result: dict[str, Relevance] = {}
+    for name, node in wanted.items():
+        if node in found:
+            rp, rn = found[node]
+        else:
+            like = records[node].d
+            rp, rn = torch.zeros_like(like), torch.zeros_like(like)
+        result[name] = Relevance(rp, rn)
+    return result
+
+
+def _args_with(node: fx.Node, records: dict, variables: dict) -> tuple[tuple, dict]:
+    def value(n: fx.Node) -> Any:
+        return variables.get(n, records.get(n))
+
+    return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+
+
+def _run_rule(split: SplitModel, step: Any, args: tuple, kwargs: dict) -> Any:
+    ctx = rules.Ctx(split.maxpool, step.where, step.module, step.skip_bias, step.merged_bias,
+                    split._weight_abs)
+    return step.rule(ctx, args, kwargs)
+
+
+def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
+    """Send the relevance ``r`` of the last step of ``chain`` to the first step's inputs."""
+    first = chain[0]
+    inputs = [n for n in first.node.all_input_nodes if isinstance(records.get(n), Pair)]
+    if kind == "pass" or kind == "relu-wta":
+        src = first.node.args[0]
+        rp, rn = r
+        if kind == "relu-wta":
+            winner = records[src].d >= 0
+            rn = rn + torch.where(winner, 0.0, rp)
+            rp = torch.where(winner, rp, 0.0)
+        _add(rel, src, (rp, rn))
+        return
+    with torch.enable_grad():
+        variables = {n: Pair(records[n].d.detach().requires_grad_(True),
+                             records[n].s.detach().requires_grad_(True)) for n in inputs}
+        args, kwargs = _args_with(first.node, records, variables)
+        out = _run_rule(split, first, args, kwargs)
+        for later in chain[1:]:
+            rest = tuple(later.node.args[1:])
+            out = _run_rule(split, later, (out,) + rest, dict(later.node.kwargs))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        rs = r if isinstance(r, dict) else {0: r}
+        tensors, grads = [], []
+        for i, o in enumerate(outs):
+            if i not in rs:
+                continue
+            rp, rn = rs[i]
+            if kind == "epsilon":
+                cp = rp / _stabilised(o.pos.detach(), epsilon)
+                cn = rn / _stabilised(o.neg.detach(), epsilon)
+            else:
+                cp, cn = rp, rn
+            tensors += [o.d, o.s]
+            grads += [(cp - cn) / 2, (cp + cn) / 2]
+        wrt = [t for n in inputs for t in (variables[n].d, variables[n].s)]
+        got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+    for i, n in enumerate(inputs):
+        gd, gs = got[2 * i], got[2 * i + 1]
+        gd = torch.zeros_like(records[n].d) if gd is None else gd
+        gs = torch.zeros_like(records[n].s) if gs is None else gs
+        jp, jn = gd + gs, gs - gd
+        if kind == "epsilon":
+            jp, jn = records[n].pos * jp, records[n].neg * jn
+        _add(rel, n, (jp, jn))
+
+
+def _add(rel: dict, node: fx.Node, r) -> None:
+    if node in rel:
+        old = rel[node]
+        rel[node] = (old[0] + r[0], old[1] + r[1])
+    else:
+        rel[node] = r

@@ -1,0 +1,72 @@
+"""SplitLRP in the core: conservation, stream bookkeeping, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import core
+
+
+class _Res(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, bias=False))
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.head = nn.Linear(6 * 4 * 4, 4, bias=False)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = F.relu(y + self.body(y))
+        y = torch.cat([y[:, :3], y[:, 3:]], 1)
+        return self.head(self.pool(y).flatten(1))
+
+
+@pytest.mark.parametrize("maxpool", ["wta", "convex"])
+@pytest.mark.parametrize("stabilizer", ["scale", "none"])
+@pytest.mark.parametrize("activation_rule", ["pass", "wta"])
+def test_relevance_is_conserved_at_every_layer(maxpool, stabilizer, activation_rule):
+    torch.manual_seed(0)
+    model = _Res().eval()
+    x = torch.randn(3, 3, 8, 8)
+    seed = F.one_hot(torch.tensor([0, 3, 1]), 4).float() * torch.tensor([[1.0], [2.0], [0.5]])
+    sm = core.split(model, maxpool=maxpool, stabilizer=stabilizer, threshold=1.0)
+    rel = sm.relevance(x, seed, layers=["conv1", "pool", "head"],
+                       activation_rule=activation_rule)
+    for name, r in rel.items():
+        total = (r.pos + r.neg).flatten(1).sum(1)
+        torch.testing.assert_close(total, seed.sum(1), rtol=1e-4, atol=0, msg=name)
+        assert torch.isfinite(r.comb).all()
+    assert torch.equal(rel["head"].pos, seed) and not rel["head"].neg.any()
+
+
+def test_relevance_options_and_bad_input():
+    model = _Res().eval()
+    sm = core.split(model)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="seed must be a tensor shaped like the output"):
+        sm.relevance(x, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="activation_rule"):
+        sm.relevance(x, torch.ones(1, 4), activation_rule="max")
+    r = sm.relevance(x, torch.ones(1, 4))["input"]
+    assert torch.equal(r.stream("comb"), r.pos - r.neg)
+    with pytest.raises(ValueError, match="stream"):
+        r.stream("both")
+
+
+def test_merged_batchnorm_layer_reports_the_merged_output():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 2, bias=False)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    sm = core.split(model, merge_batchnorm=True)
+    x = torch.randn(2, 2, 6, 6)
+    seed = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rel = sm.relevance(x, seed, layers=["0", "1"])
+    torch.testing.assert_close(rel["0"].pos, rel["1"].pos)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=1e-5, atol=1e-5)
