@@ -1,0 +1,229 @@
+"""LayerCAM and Grad-CAM++ as Captum layer attributions (the CAM baselines Captum lacks).
+
+Both follow Captum's :py:class:`captum.attr.LayerGradCam` interface: construct with the model
+and a layer, call ``attribute(inputs, target)`` and get a map of shape ``(B, 1, h, w)`` at the
+layer's resolution (upsample with :py:meth:`captum.attr.LayerAttribution.interpolate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples
+from captum._utils.gradient import compute_layer_gradients_and_eval
+from captum._utils.typing import TargetType
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ._utils import checked_forward, layer_name, module_by_name
+
+__all__ = ["LayerCAM", "GradCAMPlusPlus"]
+
+
+def _resolve_module(forward_func: Callable[..., Any], layer: nn.Module | str, method: str):
+    """Captum wants the layer module; a name is looked up in ``forward_func``'s modules."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if isinstance(layer, str):
+        if not isinstance(forward_func, nn.Module):
+            raise TypeError(
+                f"{method}: a layer given by name needs forward_func to be the nn.Module; pass "
+                "the layer module instead."
+            )
+        return module_by_name(forward_func, layer_name(forward_func, layer, method))
+    raise TypeError(
+        f"{method}: layer must be a torch.nn.Module or a module name; got {type(layer).__name__}."
+    )
+
+
+class _CAMBase(LayerAttribution, GradientAttribution):
+    """Shared constructor and gradient/activation collection of the CAM baselines."""
+
+    _name = "CAM"
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: nn.Module | str,
+        device_ids: list[int] | None = None,
+    ) -> None:
+        module = _resolve_module(forward_func, layer, type(self).__name__)
+        if isinstance(forward_func, nn.Module):
+            layer_name(forward_func, module, type(self).__name__)  # must be a submodule
+        LayerAttribution.__init__(self, forward_func, module, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True: the maps weight the layer activations (the layer's "inputs")."""
+        return True
+
+    def _grads_and_acts(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        inputs = _format_tensor_into_tuples(inputs)
+        additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        grads, acts = compute_layer_gradients_and_eval(
+            checked_forward(self.forward_func, target, type(self).__name__),
+            self.layer,
+            inputs,
+            target,
+            additional_forward_args,
+            device_ids=self.device_ids,
+            attribute_to_layer_input=attribute_to_layer_input,
+        )
+        return tuple(g.detach() for g in grads), tuple(a.detach() for a in acts)
+
+
+class LayerCAM(_CAMBase):
+    r"""LayerCAM (Jiang et al., 2021) for a chosen layer.
+
+    Each activation is weighted by its own positive gradient and the products are summed over
+    channels:
+
+    .. math:: \mathrm{LayerCAM}^{(l)} = \mathrm{ReLU}\Big(\sum_c \mathrm{ReLU}
+              \big(\tfrac{\partial y}{\partial a^{(l)}_c}\big) \odot a^{(l)}_c\Big)
+
+    (the paper's eq. 5 writes the weights without the inner ReLU; Jiang et al.'s original
+    method, implemented here, has it). The outer ReLU is ``relu_attributions`` (default True, as
+    in the original method; it only matters for layers whose activations can be negative).
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model (or any function of the inputs returning ``(B, n_classes)`` scores).
+    layer : :py:class:`torch.nn.Module` or str
+        The layer whose output (or input, see ``attribute``) is explained; a name requires
+        ``forward_func`` to be the ``nn.Module``.
+    device_ids : list of int, optional
+        As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Compute the LayerCAM map.
+
+        Parameters
+        ----------
+        inputs : :py:class:`torch.Tensor` or tuple of tensors
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``.
+        target : int, list, tuple or :py:class:`torch.Tensor`, optional
+            Captum's target: one class for all rows or one per row.
+        additional_forward_args : any, optional
+            Further arguments of ``forward_func`` (not attributed).
+        attribute_to_layer_input : bool
+            Explain the layer's input instead of its output.
+        relu_attributions : bool
+            Apply the outer ReLU (default True, as in Jiang et al.).
+        attr_dim_summation : bool
+            Sum over dimension 1 (channels); False returns the per-channel products.
+
+        Returns
+        -------
+        :py:class:`torch.Tensor` or tuple of tensors
+            ``(B, 1, h, w)`` for a ``(B, C, h, w)`` layer (``(B, 1)`` for a ``(B, C)`` layer);
+            a tuple if ``inputs`` is a tuple or the layer has several output tensors.
+        """
+        grads, acts = self._grads_and_acts(
+            inputs, target, additional_forward_args, attribute_to_layer_input
+        )
+        maps = []
+        for grad, act in zip(grads, acts, strict=True):
+            cam = F.relu(grad) * act
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            maps.append(F.relu(cam) if relu_attributions else cam)
+        return maps[0] if len(maps) == 1 and not isinstance(inputs, tuple) else tuple(maps)
+
+
+class GradCAMPlusPlus(_CAMBase):
+    r"""Grad-CAM++ (Chattopadhay et al., 2018) for a chosen layer.
+
+    Channel weights are positive gradients summed over space with the pixel weights
+
+    .. math:: \alpha^{kc}_{ij} = \frac{(\partial_{ij} y^c_k)^2}{2 (\partial_{ij} y^c_k)^2
+              + \sum_{ab} A^k_{ab} (\partial_{ij} y^c_k)^3}
+
+    (the closed form for an exponential of the class score, which needs only first
+    derivatives; zero where the gradient is zero). The map is
+    :math:`\mathrm{ReLU}(\sum_k w^c_k A^k)`; the ReLU is ``relu_attributions`` (default True).
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model (or any function of the inputs returning ``(B, n_classes)`` scores).
+    layer : :py:class:`torch.nn.Module` or str
+        The layer whose activations are weighted (usually the last convolution).
+    device_ids : list of int, optional
+        As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        attr_dim_summation: bool = True,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Compute the Grad-CAM++ map.
+
+        Parameters
+        ----------
+        inputs : :py:class:`torch.Tensor` or tuple of tensors
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``.
+        target : int, list, tuple or :py:class:`torch.Tensor`, optional
+            Captum's target: one class for all rows or one per row.
+        additional_forward_args : any, optional
+            Further arguments of ``forward_func`` (not attributed).
+        attribute_to_layer_input : bool
+            Explain the layer's input instead of its output.
+        relu_attributions : bool
+            Apply the final ReLU (default True, as in the original method).
+        attr_dim_summation : bool
+            Sum over dimension 1 (channels); False returns the weighted channels.
+
+        Returns
+        -------
+        :py:class:`torch.Tensor` or tuple of tensors
+            ``(B, 1, h, w)`` for a ``(B, C, h, w)`` layer (``(B, 1)`` for a ``(B, C)`` layer);
+            a tuple if ``inputs`` is a tuple or the layer has several output tensors.
+        """
+        grads, acts = self._grads_and_acts(
+            inputs, target, additional_forward_args, attribute_to_layer_input
+        )
+        maps = []
+        for grad, act in zip(grads, acts, strict=True):
+            space = tuple(range(2, grad.dim()))
+            g2 = grad.pow(2)
+            g3 = grad.pow(3)
+            act_sum = act.sum(dim=space, keepdim=True) if space else act
+            denom = 2 * g2 + act_sum * g3
+            denom = torch.where(denom != 0, denom, torch.ones_like(denom))
+            alpha = torch.where(grad != 0, g2 / denom, torch.zeros_like(g2))
+            weights = (alpha * F.relu(grad))
+            if space:
+                weights = weights.sum(dim=space, keepdim=True)
+            cam = weights * act
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            maps.append(F.relu(cam) if relu_attributions else cam)
+        return maps[0] if len(maps) == 1 and not isinstance(inputs, tuple) else tuple(maps)

@@ -1,0 +1,159 @@
+"""splitxai plugin: the Captum-based explainers, found through the ``"splitxai"`` entry points.
+
+Registers ``SplitCAM``, ``SplitGrad``, ``LayerCAM``, ``GradCAM`` (Captum's ``LayerGradCam``) and
+``GradCAMPlusPlus``. Each explainer is called as ``fn(model, inputs, targets, **options)`` with
+``inputs`` a float tensor ``(B, C, H, W)`` and ``targets`` a long tensor ``(B,)`` and returns a
+layer map ``(B, 1, h, w)`` (SplitGrad without a layer: ``(B, 1, H, W)``). ``layer`` is a module
+name as in ``model.named_modules()``; the CAM methods default to the model's last convolution.
+Nothing is cached between calls (each call builds the split view of the model as it is now).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+from torch import Tensor, nn
+
+from ._utils import format_target, last_conv_name, layer_name
+
+hookimpl = pluggy.HookimplMarker("splitxai")
+
+__all__ = ["hookimpl", "splitxai_explainers"]
+
+
+def _cam_layer(model: nn.Module, layer: str | None, method: str) -> str:
+    return last_conv_name(model, method) if layer is None else layer_name(model, layer, method)
+
+
+def split_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    layer: str | None = None,
+    alpha: float | dict[str, float] = 0.4,
+    stream: str = "g",
+    sign: str | None = None,
+    maxpool: str = "convex",
+    stabilizer: str = "scale",
+    input_split: str = "relu",
+    relu_attributions: bool = False,
+) -> Tensor:
+    """SplitCAM (paper eqs. 6-7): split-pair sensitivities times activations, summed over channels.
+
+    Options: ``layer`` (module name; default the last convolution), ``alpha`` (0.4),
+    ``stream`` ("g" | "h"), ``sign`` (None | "+" | "-"), ``maxpool`` ("convex" | "wta"),
+    ``stabilizer`` ("scale" | "shift" | "none"), ``input_split`` ("relu" | "half"),
+    ``relu_attributions`` (False). Returns ``(B, 1, h, w)`` at the layer's resolution.
+    """
+    from .splitcam import SplitCAM
+
+    explainer = SplitCAM(
+        model,
+        _cam_layer(model, layer, "SplitCAM"),
+        alpha=alpha,
+        stream=stream,
+        sign=sign,
+        maxpool=maxpool,
+        stabilizer=stabilizer,
+        input_split=input_split,
+    )
+    return explainer.attribute(inputs, target=targets, relu_attributions=relu_attributions)
+
+
+def split_grad(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    layer: str | None = None,
+    alpha: float | dict[str, float] = 0.4,
+    stream: str = "g",
+    sign: str | None = None,
+    maxpool: str = "convex",
+    stabilizer: str = "scale",
+    input_split: str = "relu",
+) -> Tensor:
+    """SplitGrad (paper section 4.1): channel mean of a shifted split-pair sensitivity.
+
+    Options: ``layer`` (module name; default None, the input), ``alpha`` (0.4), ``stream``,
+    ``sign``, ``maxpool``, ``stabilizer``, ``input_split`` as for SplitCAM. Returns
+    ``(B, 1, h, w)``; at the input the channel mean ``(B, 1, H, W)`` (the paper's map).
+    """
+    from .splitcam import SplitGrad
+
+    explainer = SplitGrad(
+        model,
+        layer,
+        alpha=alpha,
+        stream=stream,
+        sign=sign,
+        maxpool=maxpool,
+        stabilizer=stabilizer,
+        input_split=input_split,
+    )
+    out = explainer.attribute(inputs, target=targets)
+    return out.mean(dim=1, keepdim=True) if explainer.layer_name == "input" else out
+
+
+def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
+    def explain(
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        layer: str | None = None,
+        relu_attributions: bool = True,
+    ) -> Tensor:
+        if cls_name == "LayerGradCam":
+            from captum.attr import LayerGradCam as cls
+        else:
+            from . import cams
+
+            cls = getattr(cams, cls_name)
+        name = _cam_layer(model, layer, cls_name)
+        target = format_target(targets, inputs.shape[0], cls_name)
+        module = dict(model.named_modules())[name]
+        explainer: Any = cls(model, module)
+        return explainer.attribute(inputs, target=target, relu_attributions=relu_attributions)
+
+    return explain
+
+
+layer_cam = _captum_cam("LayerCAM")
+layer_cam.__name__ = layer_cam.__qualname__ = "layer_cam"
+layer_cam.__doc__ = """LayerCAM (Jiang et al. 2021): ReLU(sum_c ReLU(gradient) * activation).
+
+    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    (True, the original method). Returns ``(B, 1, h, w)`` at the layer's resolution.
+    """
+
+grad_cam = _captum_cam("LayerGradCam")
+grad_cam.__name__ = grad_cam.__qualname__ = "grad_cam"
+grad_cam.__doc__ = """Grad-CAM (Selvaraju et al. 2017), Captum's LayerGradCam.
+
+    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    (True, the original method; Captum's own default is False). Returns ``(B, 1, h, w)``.
+    """
+
+grad_cam_pp = _captum_cam("GradCAMPlusPlus")
+grad_cam_pp.__name__ = grad_cam_pp.__qualname__ = "grad_cam_pp"
+grad_cam_pp.__doc__ = """Grad-CAM++ (Chattopadhay et al. 2018): pixel-weighted positive gradients.
+
+    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    (True, the original method). Returns ``(B, 1, h, w)`` at the layer's resolution.
+    """
+
+
+@hookimpl
+def splitxai_explainers() -> dict[str, Callable[..., Tensor]]:
+    """The explainers of the Captum adapter: SplitCAM, SplitGrad and the CAM baselines."""
+    return {
+        "SplitCAM": split_cam,
+        "SplitGrad": split_grad,
+        "LayerCAM": layer_cam,
+        "GradCAM": grad_cam,
+        "GradCAMPlusPlus": grad_cam_pp,
+    }

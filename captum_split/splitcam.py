@@ -1,0 +1,314 @@
+r"""SplitCAM and SplitGrad (paper section 4.1) as Captum attributions.
+
+Both read the shifted local sensitivities of the split pair :math:`f = g - h` at one layer
+(computed by :func:`core.split`) and follow Captum's conventions, so that a Captum user swaps
+``LayerGradCam(model, layer)`` for ``SplitCAM(model, layer)`` and changes nothing else.
+
+Streams and signs (paper eqs. 6 and 7, :math:`l` the layer):
+
+========  =========  ============================================  ==============================
+stream    sign       sensitivity :math:`\delta`                    activation :math:`a`
+========  =========  ============================================  ==============================
+``"g"``   ``"+"``    :math:`\delta^{(l,+g)}` (``probe.pos_g``)     :math:`a^{(l,+)}` (``pos``)
+``"g"``   ``"-"``    :math:`\delta^{(l,-g)}` (``probe.neg_g``)     :math:`a^{(l,-)}` (``neg``)
+``"g"``   ``None``   :math:`\delta^{(l,g)}` (``probe.g``)          :math:`a^{(l)}` (the model's)
+``"h"``   ...        the same with ``pos_h``, ``neg_h``, ``h``     the same
+========  =========  ============================================  ==============================
+
+SplitCAM sums :math:`\delta \odot a` over channels, SplitGrad averages :math:`\delta` over
+channels. Neither applies a ReLU unless asked to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from captum._utils.typing import TargetType
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+import core
+
+from ._utils import (
+    INPUT_SPLITS,
+    MAXPOOL_MODES,
+    SIGNS,
+    STABILIZERS,
+    STREAMS,
+    check_alpha,
+    check_choice,
+    format_additional_args,
+    format_target,
+    layer_name,
+    single_input,
+    unwrap_model,
+)
+
+__all__ = ["SplitCAM", "SplitGrad"]
+
+_SENSITIVITY = {
+    ("g", "+"): "pos_g",
+    ("g", "-"): "neg_g",
+    ("g", None): "g",
+    ("h", "+"): "pos_h",
+    ("h", "-"): "neg_h",
+    ("h", None): "h",
+}
+_ACTIVATION = {"+": "pos", "-": "neg", None: "activation"}
+
+
+class _SplitAttribution(LayerAttribution, GradientAttribution):
+    """Shared constructor and probing of SplitCAM and SplitGrad."""
+
+    _allow_input_layer = False
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor] | nn.Module,
+        layer: nn.Module | str | None,
+        *,
+        alpha: float | dict[str, float] = 0.4,
+        stream: str = "g",
+        sign: str | None = None,
+        maxpool: str = "convex",
+        stabilizer: str = "scale",
+        input_split: str = "relu",
+        device_ids: list[int] | None = None,
+    ) -> None:
+        method = type(self).__name__
+        check_choice("stream", stream, STREAMS)
+        check_choice("sign", sign, SIGNS)
+        check_choice("maxpool", maxpool, MAXPOOL_MODES)
+        check_choice("stabilizer", stabilizer, STABILIZERS)
+        check_choice("input_split", input_split, INPUT_SPLITS)
+        check_alpha(alpha)
+        model = unwrap_model(forward_func, method)
+        self.layer_name = layer_name(model, layer, method, allow_input=self._allow_input_layer)
+        module = None if self.layer_name == "input" else dict(model.named_modules())[
+            self.layer_name
+        ]
+        LayerAttribution.__init__(self, forward_func, module, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self.model = model
+        self.alpha = alpha
+        self.stream = stream
+        self.sign = sign
+        self.maxpool = maxpool
+        self.stabilizer = stabilizer
+        self.input_split = input_split
+        self.split_model = core.split(
+            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split
+        )
+        if self.layer_name != "input" and self.layer_name not in self.split_model.layer_names():
+            raise ValueError(
+                f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
+                "never calls it, so it has no activation to explain; pick a module that runs."
+            )
+        if isinstance(alpha, dict):
+            points = set(self.split_model.shift_points()) | {"default"}
+            unknown = sorted(set(alpha) - points)
+            if unknown:
+                raise ValueError(
+                    f"{method}: alpha names unknown shift points {unknown}; valid are 'input', "
+                    "'output', 'default' and the ReLU-type units of "
+                    "core.split(model).shift_points()."
+                )
+
+    def _probe(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+    ) -> tuple[Tensor, Tensor, bool]:
+        """Sensitivity and activation at the layer for the chosen stream and sign."""
+        method = type(self).__name__
+        x, is_tuple = single_input(inputs, method)
+        t = format_target(target, x.shape[0], method)
+        name = self.layer_name
+        if attribute_to_layer_input:
+            if name == "input":
+                raise ValueError(
+                    f"{method}: attribute_to_layer_input needs a layer; the model input has none."
+                )
+            name = f"{name}:input"
+        extra = format_additional_args(additional_forward_args)
+        with torch.enable_grad():
+            probes = self.split_model.sensitivities(
+                x.detach(), t, layers=[name], alpha=self.alpha, extra_args=extra
+            )
+        probe = probes[name]
+        sens = getattr(probe, _SENSITIVITY[(self.stream, self.sign)]).detach()
+        act = getattr(probe, _ACTIVATION[self.sign]).detach()
+        return sens, act, is_tuple
+
+
+class SplitCAM(_SplitAttribution):
+    r"""SplitCAM: LayerCAM on the split pair, without its ReLU (paper eqs. 6, 7).
+
+    .. math:: \mathrm{SplitCAM}^{(l,+g)} = \sum_c \delta^{(l,+g)}_c \odot a^{(l,+)}_c, \qquad
+              \mathrm{SplitCAM}^{(l,g)} = \sum_c \delta^{(l,g)}_c \odot a^{(l)}_c
+
+    and analogously for sign ``"-"`` and stream ``"h"`` (see the module docstring). At
+    ``alpha=0.5``, ``stream="g"``, ``sign=None`` it equals half of
+    ``LayerGradientXActivation(model, layer).attribute(...).sum(1, keepdim=True)``.
+
+    Parameters
+    ----------
+    forward_func : :py:class:`torch.nn.Module`
+        The model (also accepted: its bound ``forward`` or a ``DataParallel`` wrapper). It must
+        return ``(B, n_classes)`` scores; the split is built from its modules.
+    layer : :py:class:`torch.nn.Module` or str
+        A submodule of the model (found by identity, Captum's convention) or its name as in
+        ``model.named_modules()``.
+    alpha : float or dict of str to float
+        The sensitivity shift in ``[0, 0.5]`` (0: true split-pair gradients, 0.5: half the
+        model's gradient); a dict sets it per shift point (module name).
+    stream : {"g", "h"}
+        Which network of the split pair ``f = g - h`` to read.
+    sign : {None, "+", "-"}
+        ``"+"``/``"-"``: the shifted local sensitivity of the positive/negative split stream
+        times that stream's activation; ``None``: the unified sensitivity times the model's
+        own activation.
+    maxpool : {"convex", "wta"}
+        Max-pooling rule of the split (paper section 3.4).
+    stabilizer : {"scale", "shift", "none"}
+        Forward stabilisation of the split activations (paper section 3.2); changes ``a+``,
+        ``a-`` (signs ``"+"``, ``"-"``), never the sensitivities.
+    input_split : {"relu", "half"}
+        How the input is split into ``x+ - x-``.
+    device_ids : list of int, optional
+        Accepted for Captum compatibility; the split runs on the device of the inputs.
+    """
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True: sensitivities are multiplied by the layer activations (the layer's inputs)."""
+        return True
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        attr_dim_summation: bool = True,
+    ) -> Tensor | tuple[Tensor]:
+        """Compute SplitCAM maps at the layer.
+
+        Parameters
+        ----------
+        inputs : :py:class:`torch.Tensor` or 1-tuple of it
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``. It may or
+            may not require grad; the call also works under :py:func:`torch.no_grad`.
+        target : int, list of int or :py:class:`torch.Tensor`
+            The class explained: one for all rows, or one per row (``(B,)``).
+        additional_forward_args : any, optional
+            Further positional arguments of the model (not attributed), Captum's convention.
+        attribute_to_layer_input : bool
+            Use the layer's input instead of its output.
+        relu_attributions : bool
+            Apply a ReLU to the map (default False, as in the paper).
+        attr_dim_summation : bool
+            Sum over dimension 1 (channels, default); False returns the per-channel products.
+
+        Returns
+        -------
+        :py:class:`torch.Tensor` or 1-tuple of it
+            ``(B, 1, h, w)`` for a ``(B, C, h, w)`` layer, ``(B, 1)`` for a ``(B, C)`` layer
+            (as Captum's ``LayerGradCam``); ``(B, C, ...)`` with ``attr_dim_summation=False``.
+            Dtype and device of the input. A 1-tuple when ``inputs`` is a tuple (Captum's
+            convention for input attributions, which ``captum.metrics.sensitivity_max``
+            relies on; ``LayerGradCam`` returns a tensor there and fails in it).
+        """
+        sens, act, is_tuple = self._probe(
+            inputs, target, additional_forward_args, attribute_to_layer_input
+        )
+        cam = sens * act
+        if attr_dim_summation:
+            cam = cam.sum(dim=1, keepdim=True)
+        if relu_attributions:
+            cam = torch.relu(cam)
+        return (cam,) if is_tuple else cam
+
+
+class SplitGrad(_SplitAttribution):
+    r"""SplitGrad: the channel mean of a shifted split-pair sensitivity (paper section 4.1).
+
+    With a ``layer``, returns :math:`\frac{1}{C}\sum_c \delta^{(l,\cdot)}_c`, shape
+    ``(B, 1, h, w)``. With ``layer=None`` (the default) it is an input attribution shaped like
+    Captum's ``Saliency``: the sensitivity at the input, ``(B, C, H, W)``, channels **not**
+    averaged (take ``.mean(1, keepdim=True)`` for the paper's map). At ``alpha=0.5``,
+    ``stream="g"``, ``sign=None`` it is half the model's gradient (channel-averaged at a layer).
+
+    Parameters
+    ----------
+    forward_func : :py:class:`torch.nn.Module`
+        The model (also accepted: its bound ``forward`` or a ``DataParallel`` wrapper).
+    layer : :py:class:`torch.nn.Module`, str or None
+        A submodule or its name; ``None`` (or ``"input"``) for the model input.
+    alpha, stream, sign, maxpool, stabilizer, input_split, device_ids
+        As in :py:class:`SplitCAM`; ``sign`` picks ``pos_g``/``neg_g``/``g`` (or the ``h``
+        ones), the activations are not used.
+    """
+
+    _allow_input_layer = True
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor] | nn.Module,
+        layer: nn.Module | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(forward_func, layer, **kwargs)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """False: a sensitivity (local, gradient-like) attribution."""
+        return False
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        abs: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Compute SplitGrad maps.
+
+        Parameters
+        ----------
+        inputs : :py:class:`torch.Tensor` or 1-tuple of it
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``.
+        target : int, list of int or :py:class:`torch.Tensor`
+            The class explained: one for all rows, or one per row (``(B,)``).
+        additional_forward_args : any, optional
+            Further positional arguments of the model (not attributed).
+        attribute_to_layer_input : bool
+            Use the layer's input instead of its output (needs a layer).
+        abs : bool
+            Return the absolute value (default False; Saliency's default is True, the paper
+            selects it per layer).
+
+        Returns
+        -------
+        :py:class:`torch.Tensor` or 1-tuple of it
+            With a layer: ``(B, 1, h, w)`` (``(B, 1)`` for a ``(B, C)`` layer). Without:
+            shaped like the input, ``(B, C, H, W)``. A 1-tuple when ``inputs`` is a tuple
+            (as ``Saliency``).
+        """
+        sens, _, is_tuple = self._probe(
+            inputs, target, additional_forward_args, attribute_to_layer_input
+        )
+        if self.layer_name != "input":
+            sens = sens.mean(dim=1, keepdim=True)
+        if abs:
+            sens = sens.abs()
+        return (sens,) if is_tuple else sens

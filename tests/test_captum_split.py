@@ -1,0 +1,371 @@
+"""SplitCAM and SplitGrad as Captum attributions: exact relations, batching, Captum drop-in."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchvision
+from captum.attr import (
+    GradientAttribution,
+    LayerActivation,
+    LayerAttribution,
+    LayerGradCam,
+    LayerGradientXActivation,
+    NoiseTunnel,
+    Saliency,
+)
+from captum.metrics import infidelity, sensitivity_max
+from torch import nn
+
+import core.zoo
+from captum_split import SplitCAM, SplitGrad
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet20():
+    x, y = core.zoo.cifar10_samples()
+    return core.zoo.resnet20(pretrained=True), core.zoo.normalize_cifar(x[:3]), y[:3]
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    return model, torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+
+
+@functools.lru_cache(maxsize=None)
+def _vgg16():
+    torch.manual_seed(1)
+    model = torchvision.models.vgg16(num_classes=10).eval()
+    return model, torch.randn(2, 3, 32, 32), torch.tensor([2, 5])
+
+
+MODELS = {"resnet20": _resnet20, "resnet18": _resnet18, "vgg16": _vgg16}
+# (model, mid layer or last convolution)
+CASES = [
+    ("resnet20", "layer2.1.conv2"),
+    ("resnet20", "layer3.2.conv2"),
+    ("resnet18", "layer2"),
+    ("resnet18", "layer4.1.conv2"),
+    ("vgg16", "features.15"),
+    ("vgg16", "features.28"),
+]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, scale: float = 0.0) -> None:
+    """Equal up to float32 rounding, relative to the largest entry (or ``scale``)."""
+    a, b = a.detach(), b.detach()
+    scale = max(float(b.abs().max()), scale, 1e-12)
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= rtol * scale, float((a - b).abs().max()) / scale
+
+
+class _TinyNet(nn.Module):
+    """A small CNN with a second forward argument (the logit temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.gap(self.relu2(self.conv2(x))).flatten(1)
+        return self.fc(x) / temperature
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(3)
+    return _TinyNet().eval(), torch.randn(3, 3, 8, 8), torch.tensor([0, 4, 2])
+
+
+# ---------------------------------------------------------------- exact relations
+@pytest.mark.parametrize(("name", "layer"), CASES)
+def test_alpha_half_is_half_gradient_times_activation(name, layer):
+    model, x, y = MODELS[name]()
+    module = model.get_submodule(layer)
+    cam = SplitCAM(model, module, alpha=0.5, stream="g", sign=None).attribute(x, target=y)
+    gxa = LayerGradientXActivation(model, module).attribute(x, target=y)
+    assert cam.shape == (x.shape[0], 1, *gxa.shape[2:])
+    _close(cam, 0.5 * gxa.sum(1, keepdim=True))
+    if name == "resnet20":  # the same layer given by name; SplitGrad at the layer
+        grad = LayerGradientXActivation(model, module, multiply_by_inputs=False).attribute(
+            x, target=y
+        )
+        sg = SplitGrad(model, layer, alpha=0.5).attribute(x, target=y)
+        _close(sg, 0.5 * grad.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16"])
+def test_splitgrad_alpha_half_is_half_saliency(name):
+    model, x, y = MODELS[name]()
+    sg = SplitGrad(model, alpha=0.5, stream="g", sign=None).attribute(x, target=y)
+    grad = Saliency(model).attribute(x.clone().requires_grad_(), target=y, abs=False)
+    assert sg.shape == x.shape  # like Saliency: channels are not averaged
+    _close(sg, 0.5 * grad)
+
+
+def test_stream_difference_is_gradient_times_activation_at_any_alpha():
+    model, x, y = _resnet20()
+    kwargs = dict(alpha=0.3, sign=None)
+    g = SplitCAM(model, "layer2", stream="g", **kwargs).attribute(x, target=y)
+    h = SplitCAM(model, "layer2", stream="h", **kwargs).attribute(x, target=y)
+    gxa = LayerGradientXActivation(model, model.layer2).attribute(x, target=y).sum(1, True)
+    assert not torch.allclose(g, 0.5 * gxa, rtol=1e-3)  # alpha < 0.5 really shifts
+    # g - h == grad holds to the rounding of the (larger) g and h maps
+    _close(g - h, gxa, rtol=1e-5, scale=float(g.abs().max()))
+    sg = SplitGrad(model, "layer2", stream="g", **kwargs).attribute(x, target=y)
+    sh = SplitGrad(model, "layer2", stream="h", **kwargs).attribute(x, target=y)
+    grad = LayerGradientXActivation(model, model.layer2, multiply_by_inputs=False)
+    _close(
+        sg - sh, grad.attribute(x, target=y).mean(1, keepdim=True), scale=float(sg.abs().max())
+    )
+
+
+def test_signs_at_alpha_half_add_up_to_unified():
+    # at alpha 0.5, S = 0, so d+g = g-sensitivity = -d-g and the two signed maps add up to eq. 7
+    model, x, y = _resnet20()
+    maps = {
+        s: SplitCAM(model, "layer3.0", alpha=0.5, sign=s).attribute(x, target=y)
+        for s in (None, "+", "-")
+    }
+    _close(maps["+"] + maps["-"], maps[None], rtol=1e-4)
+    assert not torch.allclose(maps["+"], maps[None])
+
+
+def test_alpha_zero_signed_maps_are_nonnegative(tiny):
+    # g and h are monotone: at alpha 0 the sensitivities are their true gradients (>= 0), and
+    # without stabilisation the split streams a+, a- are >= 0
+    model, x, y = tiny
+    for stream in "gh":
+        for sign in "+-":
+            kwargs = dict(alpha=0.0, stream=stream, sign=sign, stabilizer="none")
+            cam = SplitCAM(model, "relu1", **kwargs).attribute(x, target=y)
+            grad = SplitGrad(model, "conv2", **kwargs).attribute(x, target=y)
+            assert cam.min() >= 0 and cam.max() > 0
+            assert grad.min() >= 0 and grad.max() > 0
+
+
+def test_relu_and_channel_summation_flags(tiny):
+    model, x, y = tiny
+    sc = SplitCAM(model, model.conv2, alpha=0.4)
+    plain = sc.attribute(x, target=y)
+    assert plain.min() < 0  # no ReLU by default
+    _close(sc.attribute(x, target=y, relu_attributions=True), plain.clamp(min=0))
+    per_channel = sc.attribute(x, target=y, attr_dim_summation=False)
+    assert per_channel.shape == (3, 8, 4, 4)
+    _close(per_channel.sum(1, keepdim=True), plain)
+    sg = SplitGrad(model, model.conv2)
+    _close(sg.attribute(x, target=y, abs=True), sg.attribute(x, target=y).abs())
+
+
+def test_layer_input_and_two_dimensional_layer(tiny):
+    model, x, y = tiny
+    at_input = SplitCAM(model, "relu2", alpha=0.5).attribute(
+        x, target=y, attribute_to_layer_input=True
+    )
+    _close(at_input, SplitCAM(model, "conv2", alpha=0.5).attribute(x, target=y))
+    # a (B, C) layer: Captum's LayerGradCam gives (B, 1); so does SplitCAM
+    cam = SplitCAM(model, model.fc, alpha=0.5).attribute(x, target=y)
+    ref = LayerGradCam(model, model.fc).attribute(x, target=y)
+    assert cam.shape == ref.shape == (3, 1)
+    _close(cam, 0.5 * ref)
+
+
+# ---------------------------------------------------------------- batching
+def test_batch_equals_row_by_row():
+    model, x, y = _resnet20()
+    # the "scale" stabiliser acts per row: rows stay independent
+    explainer = SplitCAM(model, "layer2.1", alpha=0.4, sign="+", stabilizer="scale")
+    batch = explainer.attribute(x, target=y)
+    rows = torch.cat([explainer.attribute(x[i : i + 1], target=int(y[i])) for i in range(3)])
+    _close(batch, rows, rtol=1e-4)
+    # one int target for all rows == the same target given per row
+    sg = SplitGrad(model, "layer2.1", sign="-")
+    _close(sg.attribute(x, target=3), sg.attribute(x, target=[3, 3, 3]))
+
+
+# ---------------------------------------------------------------- Captum drop-in
+def test_base_classes_and_properties(tiny):
+    model, _, _ = tiny
+    cam, grad = SplitCAM(model, model.conv2), SplitGrad(model)
+    for a in (cam, grad):
+        assert isinstance(a, LayerAttribution) and isinstance(a, GradientAttribution)
+        assert a.has_convergence_delta() is False
+        assert hasattr(type(a).attribute, "__wrapped__")  # captum.log.log_usage
+    assert cam.multiplies_by_inputs is True and grad.multiplies_by_inputs is False
+    assert cam.layer is model.conv2 and cam.layer_name == "conv2"
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_noise_tunnel(tiny, nt_type):
+    model, x, y = tiny
+    sc = SplitCAM(model, model.conv2)
+    torch.manual_seed(0)
+    smooth = NoiseTunnel(sc).attribute(
+        x, nt_type=nt_type, nt_samples=4, stdevs=0.1, target=y
+    )
+    assert smooth.shape == (3, 1, 4, 4) and torch.isfinite(smooth).all()
+    # the same noise by hand
+    torch.manual_seed(0)
+    noisy = x.repeat_interleave(4, 0) + torch.normal(0, torch.full((12, 3, 8, 8), 0.1))
+    per = sc.attribute(noisy, target=y.repeat_interleave(4)).view(3, 4, 1, 4, 4)
+    expected = {
+        "smoothgrad": per.mean(1),
+        "smoothgrad_sq": per.pow(2).mean(1),
+        "vargrad": per.pow(2).mean(1) - per.mean(1).pow(2),
+    }[nt_type]
+    _close(smooth, expected, rtol=1e-4)
+    sg = NoiseTunnel(SplitGrad(model)).attribute(x, nt_type=nt_type, nt_samples=2, target=y)
+    assert sg.shape == x.shape
+
+
+def test_sensitivity_max_and_infidelity(tiny):
+    model, x, y = tiny
+    sens = sensitivity_max(SplitGrad(model).attribute, x, target=y, n_perturb_samples=3)
+    assert sens.shape == (3,) and torch.isfinite(sens).all() and (sens > 0).all()
+    sens_cam = sensitivity_max(
+        SplitCAM(model, "conv2").attribute, x, target=y, n_perturb_samples=3
+    )
+    assert sens_cam.shape == (3,) and (sens_cam >= 0).all()
+
+    def perturb(inputs):
+        noise = 0.05 * torch.randn_like(inputs)
+        return noise, inputs - noise
+
+    layer_map = SplitCAM(model, "conv2", alpha=0.5).attribute(x, target=y)
+    attributions = LayerAttribution.interpolate(layer_map, (8, 8)).repeat(1, 3, 1, 1)
+    infid = infidelity(model, perturb, x, attributions, target=y, n_perturb_samples=4)
+    assert infid.shape == (3,) and torch.isfinite(infid).all()
+
+
+def test_grad_modes_and_input_requires_grad(tiny):
+    model, x, y = tiny
+    sc = SplitCAM(model, "conv2")
+    ref = sc.attribute(x, target=y)
+    with torch.no_grad():
+        _close(sc.attribute(x, target=y), ref)
+        out = sc.attribute((x,), target=y)  # a 1-tuple in, a 1-tuple out
+        assert isinstance(out, tuple) and len(out) == 1
+        _close(out[0], ref)
+    leaf = x.clone().requires_grad_()
+    out = sc.attribute(leaf, target=y)
+    _close(out, ref)
+    assert leaf.grad is None and not out.requires_grad
+    sg = SplitGrad(model).attribute((leaf,), target=y)
+    assert isinstance(sg, tuple) and sg[0].shape == x.shape  # like Saliency
+    assert leaf.grad is None
+
+
+def test_additional_forward_args_pass_through(tiny):
+    model, x, y = tiny
+    sc = SplitCAM(model, "conv2")
+    base = sc.attribute(x, target=y)
+    _close(sc.attribute(x, target=y, additional_forward_args=1.0), base)
+    _close(sc.attribute(x, target=y, additional_forward_args=(4.0,)), base / 4, rtol=1e-4)
+    sg = SplitGrad(model, alpha=0.5)
+    sal = Saliency(model).attribute(
+        x.clone().requires_grad_(), target=y, abs=False, additional_forward_args=(2.0,)
+    )
+    _close(sg.attribute(x, target=y, additional_forward_args=(2.0,)), 0.5 * sal)
+
+
+def test_model_is_left_unchanged(tiny):
+    model, x, y = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    SplitCAM(model, "conv2", sign="+").attribute(x, target=y)
+    with pytest.raises(ValueError):
+        SplitCAM(model, "conv2").attribute(x, target=9)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
+
+
+def test_activations_match_captum(tiny):
+    # sign None multiplies by the model's own activation, as Captum's LayerActivation sees it
+    model, x, y = tiny
+    act = LayerActivation(model, model.conv2).attribute(x)
+    sg = SplitGrad(model, model.conv2, alpha=0.3)
+    sens_only = SplitCAM(model, model.conv2, alpha=0.3).attribute(
+        x, target=y, attr_dim_summation=False
+    )
+    probe = sg.split_model.sensitivities(x, y, layers=["conv2"], alpha=0.3)["conv2"]
+    _close(sens_only, probe.g * act)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_layer_stream_sign(tiny):
+    model, x, y = tiny
+    with pytest.raises(ValueError, match="not a submodule"):
+        SplitCAM(model, nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="conv2"):  # suggests the close name
+        SplitCAM(model, "conv_2")
+    with pytest.raises(ValueError, match="needs a layer"):
+        SplitCAM(model, None)
+    with pytest.raises(ValueError, match="stream"):
+        SplitCAM(model, "conv2", stream="G")
+    with pytest.raises(ValueError, match="sign"):
+        SplitGrad(model, sign="pos")
+    with pytest.raises(ValueError, match="maxpool"):
+        SplitGrad(model, maxpool="max")
+    with pytest.raises(ValueError, match="alpha"):
+        SplitCAM(model, "conv2", alpha=0.7)
+    with pytest.raises(ValueError, match="shift points"):
+        SplitCAM(model, "conv2", alpha={"conv_2": 0.3})
+    with pytest.raises(TypeError, match="nn.Module"):
+        SplitCAM(lambda t: model(t), "conv2")
+    unused = _TinyNet().eval()
+    unused.extra = nn.ReLU()
+    with pytest.raises(ValueError, match="never calls it"):
+        SplitCAM(unused, "extra")
+
+
+class _NoSplit:
+    """Stands in for the split model: any call means work was started."""
+
+    def sensitivities(self, *args, **kwargs):
+        raise AssertionError("the split ran before the arguments were checked")
+
+
+def test_bad_target_fails_before_any_work(tiny, monkeypatch):
+    model, x, y = tiny
+    sc = SplitCAM(model, "conv2")
+    real = sc.split_model
+    monkeypatch.setattr(sc, "split_model", _NoSplit())
+    for bad, err, msg in [
+        (None, ValueError, "needs target"),
+        (-1, ValueError, "negative"),
+        (torch.tensor([0, -2, 1]), ValueError, "negative"),
+        ([1, 2], ValueError, "3 rows"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
+        ((1, 2), ValueError, "tuple"),
+        (True, TypeError, "bool"),
+    ]:
+        with pytest.raises(err, match=msg):
+            sc.attribute(x, target=bad)
+    with pytest.raises(ValueError, match="one input tensor"):
+        sc.attribute((x, x), target=y)
+    with pytest.raises(TypeError, match="floating-point"):
+        sc.attribute(x.to(torch.int64), target=y)
+    with pytest.raises(ValueError, match="attribute_to_layer_input"):
+        SplitGrad(model).attribute(x, target=y, attribute_to_layer_input=True)
+    # a class index past the output: found by core after the forward, before any backward
+    monkeypatch.setattr(sc, "split_model", real)
+    with pytest.raises(ValueError, match="out of range"):
+        sc.attribute(x, target=5)
