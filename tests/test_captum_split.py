@@ -23,20 +23,20 @@ import core.zoo
 from captum_split import SplitCAM, SplitGrad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resnet20():
     x, y = core.zoo.cifar10_samples()
     return core.zoo.resnet20(pretrained=True), core.zoo.normalize_cifar(x[:3]), y[:3]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resnet18():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     return model, torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vgg16():
     torch.manual_seed(1)
     model = torchvision.models.vgg16(num_classes=10).eval()
