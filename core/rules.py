@@ -94,6 +94,17 @@ def query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return args[-1]  # replaced in the interpreter; kept for the rule table
 
 
+def constant_like(fn: Callable[..., Any]) -> Rule:
+    """``torch.zeros_like(x)``, ``x.new_ones(...)``...: a constant that depends on the shape
+    of ``x`` only, computed from ``d``; it is not a pair (no gradient flows through it)."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+        args = tuple(a.d if isinstance(a, Pair) else a for a in args)
+        return fn(*args, **kwargs)
+
+    return rule
+
+
 def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Dropout (eval semantics) and ``nn.Identity``."""
     return args[0]
@@ -618,6 +629,10 @@ FUNCTION_RULES.update({
     F.dropout: identity, F.dropout1d: identity, F.dropout2d: identity, F.dropout3d: identity,
     F.alpha_dropout: identity, F.feature_alpha_dropout: identity,
 })
+FUNCTION_RULES.update({
+    fn: constant_like(fn)
+    for fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
+})
 
 _SAME_METHODS = [
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
@@ -636,6 +651,10 @@ METHOD_RULES.update({
     "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
     "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
     "clamp_max_": clamp_max,
+})
+METHOD_RULES.update({
+    name: constant_like(lambda t, *a, _name=name, **k: getattr(t, _name)(*a, **k))
+    for name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
 })
 
 # queries answered by d alone (their results are static values)
