@@ -1,0 +1,366 @@
+"""Graph conversion and layer rules of the split (issue 2, items 1-3).
+
+Every model here is checked for the forward invariant ``g - h == model(x)`` under every
+stabiliser and for the sensitivity invariants against autograd of a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import core
+from tests.core_checks import (
+    MAXPOOLS,
+    assert_rel_close,
+    check_forward,
+    check_sensitivities,
+    max_abs,
+    randomise_batchnorm,
+)
+
+
+def _check(model: nn.Module, x: torch.Tensor, layers, target=None, maxpools=("convex",),
+           alphas=(0.0, 0.4, 0.5), **options) -> None:
+    model.eval()
+    f = check_forward(model, x, maxpools=maxpools, **options)
+    if target is None:
+        target = torch.arange(x.shape[0]) % f.shape[1]
+    for maxpool in maxpools:
+        check_sensitivities(model, x, target, layers, alphas=alphas, maxpool=maxpool, **options)
+
+
+# --------------------------------------------------------------------------- functional ops
+class FunctionalNet(nn.Module):
+    """Functional ReLUs, clamp, in-place add, sub, constants, dropout and size-based pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.register_buffer("gain", torch.linspace(-1.5, 2.0, 8).view(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv1(x))
+        b = self.conv2(a)
+        b += a  # in-place residual add
+        b = torch.relu(b)
+        c = self.conv3(b).clamp(min=0)
+        c = torch.clamp(c - 0.25 * b, min=0.0)  # sub and a scalar product
+        c = c * self.gain - a / 3 + 0.5  # tensor constant, division, constant offset
+        c = -c
+        c = F.dropout(c, p=0.5, training=self.training)
+        c = F.avg_pool2d(c, c.size()[3])  # x.size()-dependent pooling
+        c = c.view(c.size(0), -1)
+        return self.fc(c)
+
+
+def test_functional_ops_inplace_add_and_size_dependent_pooling():
+    torch.manual_seed(0)
+    _check(FunctionalNet(), torch.randn(2, 3, 8, 8),
+           ["conv1", "conv2", "conv3", "fc", "input", "fc:input"])
+
+
+class ShortcutNet(nn.Module):
+    """ResNet-20's option-A shortcut: slicing and zero channel padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), "constant", 0)
+        out = F.relu(self.bn(self.conv(x)) + short)
+        return self.fc(torch.flatten(out, 1))
+
+
+def test_slicing_and_zero_padding_shortcut():
+    torch.manual_seed(1)
+    _check(randomise_batchnorm(ShortcutNet()), torch.randn(3, 3, 8, 8),
+           ["stem", "bn", "fc:input", "input"])
+
+
+class ShapeNet(nn.Module):
+    """view / flatten / reshape / permute / cat / channel shuffle / mean over dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.c = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 + 8 + 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        y = self.shuffle(F.relu(self.c(y)))
+        y = torch.channel_shuffle(y, 4)
+        m1 = y.mean((2, 3))
+        m2 = torch.mean(y.permute(0, 2, 3, 1), dim=(1, 2)).reshape(n, -1)
+        m3 = y.flatten(2).sum(-1)[:, :6] / (h * w)
+        return self.fc(torch.cat((m1 - m2 * 0.5, m2, m3), 1))
+
+
+def test_view_permute_cat_channel_shuffle_mean():
+    torch.manual_seed(2)
+    _check(ShapeNet(), torch.randn(2, 3, 6, 6), ["a", "c", "shuffle", "fc:input", "input"])
+
+
+class ChunkNet(nn.Module):
+    """Multi-output ops (chunk, split), stack, unsqueeze/squeeze, constant cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = F.relu(self.fc1(x)).chunk(2, dim=1)
+        p, q = torch.split(F.leaky_relu(a - b, 0.2), 2, dim=1)
+        s = torch.stack([p, q], dim=0).sum(0)
+        s = s.unsqueeze(-1).squeeze(-1)
+        t = torch.cat([s, torch.ones_like(s) * -2, a], dim=1)
+        return self.fc2(t)
+
+
+def test_chunk_split_stack_and_constant_cat():
+    torch.manual_seed(3)
+    _check(ChunkNet(), torch.randn(4, 6), ["fc1", "fc2:input", "input"])
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 7)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 7))
+                                    for _ in range(3))
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(7, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = torch.add(x, block(x), alpha=0.5)
+            x = F.relu6(x) - 1.0
+        return self.out(self.drop(x))
+
+
+def test_residual_adds_through_module_list_and_containers():
+    torch.manual_seed(4)
+    _check(ResidualMLP(), torch.randn(3, 5) * 3,
+           ["blocks.0", "blocks.1.1", "blocks.2", "drop", "out:input", "input"])
+
+
+# --------------------------------------------------------------------------- layers
+@pytest.mark.parametrize("dims,opts", [
+    (1, dict(stride=2, padding=1, dilation=1, groups=1, bias=True)),
+    (1, dict(stride=1, padding=3, dilation=2, groups=3, bias=False)),
+    (2, dict(stride=1, padding=1, dilation=1, groups=1, bias=True)),
+    (2, dict(stride=2, padding=2, dilation=2, groups=3, bias=True)),
+    (2, dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2), groups=1, bias=False)),
+    (2, dict(stride=1, padding="same", dilation=1, groups=3, bias=True)),  # depthwise
+    (3, dict(stride=2, padding=1, dilation=1, groups=3, bias=True)),
+])
+def test_conv_layers(dims, opts):
+    torch.manual_seed(5)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
+    model = nn.Sequential(
+        conv(3, 6, 3, **opts), bn(6), nn.ReLU(),
+        conv(6, 6, 3, padding=1, groups=3), nn.ReLU(),
+        pool(1), nn.Flatten(), nn.Linear(6, 4),
+    )
+    x = torch.randn((2, 3) + (7,) * dims)
+    _check(randomise_batchnorm(model), x, ["0", "1", "2", "3", "7", "input"])
+
+
+def test_linear_without_bias_and_batchnorm1d():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(),
+                          nn.Linear(8, 3, bias=False))
+    _check(randomise_batchnorm(model), torch.randn(4, 5), ["1", "2", "4", "6", "input"])
+
+
+@pytest.mark.parametrize("act", [
+    nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.LeakyReLU(-0.5), nn.Hardtanh(-1.0, 2.0),
+])
+def test_relu_type_units(act):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 16), act, nn.Linear(16, 16), copy.deepcopy(act),
+                          nn.Linear(16, 3))
+    x = torch.randn(5, 4) * 4  # reach both kinks of ReLU6 / Hardtanh
+    _check(model, x, ["0", "1", "3", "input"])
+    z = model[0](x)
+    assert (z > 6).any() and (z < 0).any()
+
+
+def test_merge_batchnorm_changes_mass_only():
+    torch.manual_seed(8)
+    model = randomise_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3),
+    ).eval())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.bias.mul_(20)  # the bias of the merged map can cancel: |k b + beta|
+    x = torch.randn(2, 3, 6, 6)
+    _check(model, x, ["1", "4", "8", "input"], merge_batchnorm=True)
+    layers = ["1", "4", "8"]
+    plain = core.split(model, stabilizer="none").pairs(x, layers)
+    merged = core.split(model, stabilizer="none", merge_batchnorm=True).pairs(x, layers)
+    for layer in layers:
+        torch.testing.assert_close(merged[layer].d, plain[layer].d, rtol=0, atol=0)
+        # |k b + beta| <= k |b| + |beta|: merging never adds mass, and removes some here
+        assert (merged[layer].s <= plain[layer].s * (1 + 1e-6) + 1e-6).all(), layer
+        assert (merged[layer].s < plain[layer].s - 1e-3).any(), layer
+    sens = [core.split(model, merge_batchnorm=m).sensitivities(x, 1, ["input", "4"], 0.3)
+            for m in (False, True)]
+    for layer in ("input", "4"):
+        a, b = sens[0][layer], sens[1][layer]
+        assert_rel_close(b.S, a.S, 1e-6, what=f"S at {layer}")
+        assert_rel_close(b.Dg, a.Dg, 1e-6, what=f"Dg at {layer}")
+
+
+# --------------------------------------------------------------------------- pooling
+def _pool_net(pool: nn.Module, channels: int = 4, size: int = 9) -> nn.Sequential:
+    with torch.no_grad():
+        out = pool(torch.zeros(1, channels, size, size))
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(), pool,
+                         nn.Conv2d(channels, 4, 1), nn.Flatten(),
+                         nn.Linear(out[0, :1].numel() * 4, 3))
+
+
+POOLS = [
+    nn.MaxPool2d(3, stride=2, padding=1),  # ResNet's stem: overlapping windows and padding
+    nn.MaxPool2d(2),
+    nn.MaxPool2d(3, stride=2, ceil_mode=True),  # partial windows at the border
+    nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+    nn.MaxPool2d(2, stride=3, padding=1, ceil_mode=True),
+    nn.AvgPool2d(3, stride=2, padding=1),
+    nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False, ceil_mode=True),
+    nn.AdaptiveAvgPool2d((4, 3)),  # uneven windows
+    nn.AdaptiveMaxPool2d(3),
+]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=[repr(p) for p in POOLS])
+def test_pooling(pool):
+    torch.manual_seed(9)
+    model = _pool_net(pool)
+    _check(model, torch.randn(2, 3, 9, 9), ["1", "2", "3", "input"], maxpools=MAXPOOLS)
+
+
+def _explicit_max_pool(pos, neg, pool: nn.MaxPool2d, mode: str):
+    """The pooled pair, float64, from explicit windows (section 3.4 for "convex")."""
+    k, s = pool.kernel_size, pool.stride
+    k, s = (k, k) if isinstance(k, int) else k, (s, s) if isinstance(s, int) else s
+    p, dil = pool.padding, pool.dilation
+    p, dil = (p, p) if isinstance(p, int) else p, (dil, dil) if isinstance(dil, int) else dil
+    d = pos - neg
+    out = F.max_pool2d(d, k, s, p, dil, pool.ceil_mode)
+    oh, ow = out.shape[-2:]
+    g, h = torch.zeros_like(out), torch.zeros_like(out)
+    H, W = d.shape[-2:]
+    for i in range(oh):
+        for j in range(ow):
+            rows = [i * s[0] - p[0] + a * dil[0] for a in range(k[0])]
+            cols = [j * s[1] - p[1] + b * dil[1] for b in range(k[1])]
+            idx = [(r, c) for r in rows for c in cols if 0 <= r < H and 0 <= c < W]
+            dp = torch.stack([pos[..., r, c] for r, c in idx], -1)
+            dn = torch.stack([neg[..., r, c] for r, c in idx], -1)
+            if mode == "convex":  # max_i (p_i - n_i) + sum_j n_j, and sum_j n_j
+                g[..., i, j] = (dp - dn).amax(-1) + dn.sum(-1)
+                h[..., i, j] = dn.sum(-1)
+            else:  # the pair at the first position of the largest activation
+                win = (dp - dn).argmax(-1, keepdim=True)
+                g[..., i, j] = dp.gather(-1, win)[..., 0]
+                h[..., i, j] = dn.gather(-1, win)[..., 0]
+    return g, h
+
+
+@pytest.mark.parametrize("mode", MAXPOOLS)
+@pytest.mark.parametrize("pool", [p for p in POOLS if isinstance(p, nn.MaxPool2d)],
+                         ids=[repr(p) for p in POOLS if isinstance(p, nn.MaxPool2d)])
+def test_max_pooling_pair_matches_explicit_windows(pool, mode):
+    torch.manual_seed(10)
+    model = _pool_net(pool).double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    pairs = core.split(model, maxpool=mode, stabilizer="none").pairs(x, ["2:input", "2"])
+    g, h = _explicit_max_pool(pairs["2:input"].pos, pairs["2:input"].neg, pool, mode)
+    torch.testing.assert_close(pairs["2"].pos, g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pairs["2"].neg, h, rtol=1e-12, atol=1e-12)
+
+
+def test_functional_max_pool_and_1d_3d_pooling():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+            self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+            self.fc = nn.Linear(4 * 17 + 3 * 8, 3)
+
+        def forward(self, x1: torch.Tensor) -> torch.Tensor:
+            x3 = x1.view(x1.shape[0], 2, 4, 4, 4)
+            a = F.max_pool1d(F.relu(self.c1(x1)), 5, 4, 2, ceil_mode=True)
+            b = F.max_pool3d(F.relu(self.c3(x3)), 3, stride=2, padding=1)
+            b = F.adaptive_max_pool3d(b, 2) + F.avg_pool3d(b, 1)
+            return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+    torch.manual_seed(11)
+    _check(Net(), torch.randn(2, 2, 64), ["c1", "c3", "fc:input", "input"], maxpools=MAXPOOLS)
+
+
+def test_stabilizers_bound_the_mass_after_relu_units():
+    torch.manual_seed(12)
+    layers = [nn.Linear(8, 64), nn.ReLU()]
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 3)).eval()
+    x = torch.randn(2, 8) * 5
+    relus = [str(i) for i, m in enumerate(model) if isinstance(m, nn.ReLU)]
+    free = core.split(model, stabilizer="none").pairs(x, relus)
+    assert max_abs(free[relus[-1]].s) > 1e3  # the streams grow without a stabiliser
+    for mode in ("scale", "shift"):
+        pairs = core.split(model, stabilizer=mode).pairs(x, relus)
+        for name in relus:
+            s = pairs[name].s
+            assert float(s.max()) / 2 <= 10.0 + 1e-4, (mode, name, float(s.max()))
+            torch.testing.assert_close(pairs[name].d, free[name].d, rtol=0, atol=0)
+
+
+class LikeNet(nn.Module):
+    """Constants shaped like an activation (``zeros_like``, ``new_full``...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.fc1(x))
+        a = a + torch.full_like(a, -0.5) - x.new_ones(a.shape) + torch.zeros_like(a)
+        return self.fc2(a.clamp(min=0))
+
+
+def test_constant_like_ops_are_constants():
+    # regression: `torch.ones_like(activation)` was rejected as an unsupported operation
+    torch.manual_seed(13)
+    _check(LikeNet(), torch.randn(3, 4), ["fc1", "fc2:input", "input"])
+    p = core.split(LikeNet().eval(), stabilizer="none").pairs(torch.randn(2, 4), ["fc2:input"])
+    assert (p["fc2:input"].neg >= 0).all()
