@@ -277,7 +277,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     if ctx.merged_bias is not None:
         shift = shift + scale * ctx.merged_bias.detach()
     shape = (1, -1) + (1,) * (p.d.dim() - 2)
-    return Pair(d, p.s * scale.abs().view(shape) + shift.abs().view(shape))
+    return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, scale.abs().view(shape)))
 
 
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,23 +36,43 @@ class _ValueOnly(torch.autograd.Function):
         return grad, None
 
 
-def _per_sample_max(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 0:
-        return t.reshape(())
-    return t.reshape(t.shape[0], -1).amax(dim=1).view((-1,) + (1,) * (t.dim() - 1))
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    low, high = torch.aminmax(_rows(t), dim=1)  # one pass instead of abs + amax
+    return torch.maximum(high, -low)
+
+
+def _peak(d: torch.Tensor, s: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per sample ``max |a+-| = max (|s| + |d|) / 2 > threshold``, checked cheaply.
+
+    The bounds ``max(max|s|, max|d|) <= max(|s| + |d|) <= max|s| + max|d|`` decide almost
+    every sample; the exact maximum is computed only for the others.
+    """
+    ms, md = _max_abs(s), _max_abs(d)
+    exceed = torch.maximum(ms, md) / 2 > threshold
+    unsure = ~exceed & ((ms + md) / 2 > threshold)
+    if bool(unsure.any()):
+        exact = (_rows(s).abs() + _rows(d).abs()).amax(dim=1) / 2 > threshold
+        exceed = exceed | (unsure & exact)
+    return exceed, ms
+
+
+def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view((-1,) + (1,) * (like.dim() - 1)) if like.dim() > 0 else v.reshape(())
 
 
 def _scale_factor(d: torch.Tensor, s: torch.Tensor, theta: float,
                   threshold: float) -> torch.Tensor:
     """Per sample ``theta ** k``: ``k = 0`` unless ``max |a+-|`` exceeds the threshold, else
     the least ``k >= 1`` after which the mass ``max |s| / 2`` is at most the threshold."""
-    s_abs = s.abs()
-    peak = _per_sample_max(s_abs + d.abs()) / 2  # max(|a+|, |a-|) = (|s| + |d|) / 2
-    mass = _per_sample_max(s_abs) / 2
-    ratio = (mass / max(threshold, 1e-30)).clamp_min(1.0)
-    k = torch.ceil(torch.log(ratio) / -torch.log(torch.tensor(theta, dtype=ratio.dtype)))
-    k = torch.where(peak > threshold, k.clamp_min(1.0), torch.zeros_like(k))
-    return torch.pow(torch.tensor(theta, dtype=s.dtype, device=s.device), k)
+    exceed, mass = _peak(d, s, threshold)
+    ratio = (mass / 2 / max(threshold, 1e-30)).clamp_min(1.0)
+    k = torch.ceil(torch.log(ratio) / -math.log(theta))
+    k = torch.where(exceed, k.clamp_min(1.0), torch.zeros_like(k))
+    return _column(torch.pow(theta, k).to(s.dtype), s)
 
 
 def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
@@ -78,7 +100,7 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         if mode == "scale":
             new = s * _scale_factor(d, s, theta, threshold)
         else:
-            hit = _per_sample_max(s.abs() + d.abs()) / 2 > threshold
+            hit = _column(_peak(d, s, threshold)[0], s)
             new = torch.where(hit, torch.zeros_like(s), s)
     if s.requires_grad:
         return _ValueOnly.apply(s, new)
