@@ -40,13 +40,20 @@ def build(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` in seconds after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -81,9 +88,20 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_peak(fn) -> float:
-    """Peak resident memory (MiB) during ``fn()`` above the level before it (polled)."""
+def measure_peak(fn, device: str = "cpu") -> float:
+    """Peak memory (MiB) during ``fn()`` above the level before it.
+
+    CPU: resident memory, polled; CUDA: the allocator's peak.
+    """
     import threading
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
 
     base, peak, done = _rss_mib(), [0.0], threading.Event()
 
@@ -108,7 +126,7 @@ def peak_memory(name: str, call: str, batch: int, size: int, device: str, cache:
         f"import sys; sys.path.insert(0, {root!r});"
         "from benchmarks.core_speed import _calls, measure_peak;"
         f"calls = _calls({name!r}, {batch}, {size}, {device!r}, {cache!r});"
-        f"print(measure_peak(calls[{call!r}]))"
+        f"print(measure_peak(calls[{call!r}], {device!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
