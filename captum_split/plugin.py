@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 from torch import Tensor, nn
 
-from ._utils import format_target, last_conv_name, layer_name
+from ._utils import checked_forward, format_target, last_conv_name, layer_name
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
@@ -116,7 +116,9 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
         name = _cam_layer(model, layer, cls_name)
         target = format_target(targets, inputs.shape[0], cls_name)
         module = dict(model.named_modules())[name]
-        explainer: Any = cls(model, module)
+        # Captum's LayerGradCam reports a class index past the output as a gather error
+        forward = checked_forward(model, target, cls_name) if cls_name == "LayerGradCam" else model
+        explainer: Any = cls(forward, module)
         return explainer.attribute(inputs, target=target, relu_attributions=relu_attributions)
 
     return explain
