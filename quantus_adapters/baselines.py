@@ -59,6 +59,13 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _per_eval(inputs: torch.Tensor, requested: int | None) -> int:
+    """Perturbed copies of the batch per model call: the request, or a memory-bound default."""
+    if requested is not None:
+        return int(requested)
+    return max(1, min(256, 2**24 // max(1, inputs.numel())))
+
+
 def _captum() -> Any:
     try:
         import captum.attr
@@ -192,7 +199,7 @@ def occlusion(
     window: int = 4,
     stride: int = 1,
     baselines: float = 0.0,
-    perturbations_per_eval: int = 32,
+    perturbations_per_eval: int | None = None,
 ) -> torch.Tensor:
     """Occlusion: the logit drop when a window x window patch (all channels) is zeroed (Captum).
 
@@ -206,13 +213,15 @@ def occlusion(
     baselines: float, optional
         The value of an occluded pixel (0).
     perturbations_per_eval: int, optional
-        Occluded copies per model call (speed only).
+        Occluded copies per model call (speed and memory only); when None, as many as keep a
+        model call under 2**24 input values, at most 256.
     """
     channels, height, width = inputs.shape[1:]
     window = max(1, min(window, height, width))
     return _captum().Occlusion(model).attribute(
         inputs, sliding_window_shapes=(channels, window, window), strides=(1, stride, stride),
-        target=targets, baselines=baselines, perturbations_per_eval=perturbations_per_eval,
+        target=targets, baselines=baselines,
+        perturbations_per_eval=_per_eval(inputs, perturbations_per_eval),
     )
 
 
@@ -223,7 +232,7 @@ def feature_ablation(
     *,
     feature_mask: torch.Tensor | None = None,
     baselines: float = 0.0,
-    perturbations_per_eval: int = 32,
+    perturbations_per_eval: int | None = None,
 ) -> torch.Tensor:
     """Feature Ablation: the logit drop when each input element is zeroed (Captum defaults).
 
@@ -234,11 +243,12 @@ def feature_ablation(
     baselines: float, optional
         The ablation value (0).
     perturbations_per_eval: int, optional
-        Ablated copies per model call (speed only).
+        Ablated copies per model call (speed and memory only); when None, as many as keep a
+        model call under 2**24 input values, at most 256.
     """
     return _captum().FeatureAblation(model).attribute(
         inputs, target=targets, feature_mask=feature_mask, baselines=baselines,
-        perturbations_per_eval=perturbations_per_eval,
+        perturbations_per_eval=_per_eval(inputs, perturbations_per_eval),
     )
 
 

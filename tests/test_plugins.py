@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import textwrap
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
