@@ -63,8 +63,8 @@ class Options:
     maxpool: str = "wta"
     stabilizer: str = "scale"
     input_split: str = "relu"
-    residual: str = "even"
-    maxout: str = "wta"
+    residual: str = "proportional"
+    maxout: str = "pass"
     theta: float = 0.1
     threshold: float = 10.0
     bias_in_denominator: bool = True
@@ -347,6 +347,7 @@ class _Reference:
         return a, backward
 
 
+@torch.no_grad()
 def reference_forward(model: nn.Module, x: torch.Tensor, **options) -> Streams:
     """The split pair's output streams ``(a(L,+), a(L,-), f(x))`` in float64."""
     streams, _ = _run(model, x, Options(**options))
@@ -366,6 +367,7 @@ def _run(model: nn.Module, x: torch.Tensor, o: Options):
     return (out, backward), ref
 
 
+@torch.no_grad()
 def reference_split_lrp(
     model: nn.Module, x: torch.Tensor, seed: torch.Tensor, **options
 ) -> dict[str, ReferenceRelevance]:

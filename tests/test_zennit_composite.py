@@ -49,14 +49,17 @@ class _Cast:
         self.comb = self.pos - self.neg
 
 
-def _reference_relevance(self, x, seed, stream="pos", epsilon=1e-6, layers=None):
+def _reference_relevance(self, x, seed, layers=(), epsilon=1e-6, activation_rule="pass",
+                         extra_args=()):
     _StandIn.calls.append({"x": x.clone(), "seed": seed.clone(), "layers": layers,
-                           "options": self.options, "epsilon": epsilon})
+                           "options": self.options, "epsilon": epsilon,
+                           "activation_rule": activation_rule})
     ref = reference_split_lrp(self.model, x, seed, epsilon=epsilon,
                               maxpool=self.options["maxpool"],
                               stabilizer=self.options["stabilizer"],
-                              input_split=self.options["input_split"])
-    names = ["input", *(layers or [])]
+                              input_split=self.options["input_split"],
+                              maxout=activation_rule)
+    names = ["input", *layers]
     return {name: _Cast(ref[name], x.dtype) for name in names}
 
 
@@ -116,6 +119,7 @@ def test_registered_in_zennit_composites():
         ({"stabilizer": "clip"}, "stabilizer='clip'"),
         ({"epsilon": -1.0}, "epsilon"),
         ({"input_split": "abs"}, "input_split"),
+        ({"activation_rule": "max"}, "activation_rule"),
     ],
 )
 def test_bad_options_are_named(kwargs, match):
@@ -153,13 +157,14 @@ def test_gradient_returns_the_relevance_of_the_stream(stand_in, stream):
 def test_options_reach_the_split(stand_in):
     model = small_cnn()
     composite = SplitLRP(epsilon=1e-3, maxpool="convex", stabilizer="shift", layer="4",
-                         input_split="half")
+                         input_split="half", activation_rule="wta")
     with Gradient(model, composite) as attributor:
         attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
     (call,) = stand_in.calls
     assert call["options"] == {"maxpool": "convex", "stabilizer": "shift",
                                "input_split": "half", "merge_batchnorm": True}
-    assert call["epsilon"] == 1e-3 and call["layers"] == ["4"]
+    assert call["epsilon"] == 1e-3 and call["layers"][0] == "4"
+    assert call["activation_rule"] == "wta"
     assert set(composite.relevance) == {"input", "4"}
     assert composite.relevance["4"].pos.shape == (1, 6, 4, 4)
 

@@ -11,12 +11,13 @@ from torch import nn
 from zennit.attribution import Gradient
 
 import core
+import core.zoo
 from tests.lrp_reference import Residual, reference_forward, reference_split_lrp
 from zennit_split import SplitLRP, split_lrp
 
 
 def mlp(bias: bool = True) -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(6, 10, bias=bias)]
+    layers: list[nn.Module] = [nn.Linear(16, 10, bias=bias)]
     if bias:
         layers.append(nn.BatchNorm1d(10))
     layers += [nn.ReLU(), nn.Linear(10, 8, bias=bias), nn.ReLU(), nn.Linear(8, 4, bias=bias)]
@@ -26,7 +27,7 @@ def mlp(bias: bool = True) -> nn.Module:
 def cnn(bias: bool = True) -> nn.Module:
     bn = [nn.BatchNorm2d(4)] if bias else []
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=bias), *bn, nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, bias=bias), *bn, nn.ReLU(), nn.MaxPool2d(2),
         Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=bias), nn.ReLU())),
         nn.Conv2d(4, 6, 3, stride=2, bias=bias), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3, bias=bias),
@@ -47,7 +48,7 @@ def prepared(make, bias: bool, seed: int = 0) -> nn.Module:
 
 
 def inputs_for(make, scale: float = 1.0, batch: int = 3) -> torch.Tensor:
-    shape = (batch, 6) if make is mlp else (batch, 2, 8, 8)
+    shape = (batch, 16) if make is mlp else (batch, 3, 10, 10)
     return torch.randn(shape, generator=torch.Generator().manual_seed(1)) * scale
 
 
@@ -58,6 +59,7 @@ def chain_layers(model: nn.Module) -> list[str]:
 
 OPTIONS = [
     {"maxpool": "wta", "stabilizer": "scale"},
+    {"maxpool": "wta", "stabilizer": "scale", "activation_rule": "wta"},
     {"maxpool": "convex", "stabilizer": "scale"},
     {"maxpool": "wta", "stabilizer": "none"},
     {"maxpool": "wta", "stabilizer": "shift"},
@@ -102,8 +104,10 @@ def test_equals_the_explicit_reference(make, options):
     layers = ["input", *chain_layers(model)]
     if make is mlp:
         layers.remove("1")      # the BatchNorm merged into "0": its output is "0"'s
-    ref = reference_split_lrp(model, x, seed, epsilon=1e-6, **options)
-    ap, an, _ = reference_forward(model, x, **options)
+    ref_options = {("maxout" if k == "activation_rule" else k): v for k, v in options.items()}
+    ref = reference_split_lrp(model, x, seed, epsilon=1e-6, **ref_options)
+    split_options = {k: v for k, v in options.items() if k != "activation_rule"}
+    ap, an, _ = reference_forward(model, x, **split_options)
     composite = SplitLRP(stream="comb", layer=layers[1:], **options)
     with Gradient(model, composite) as attributor:
         _, comb = attributor(x, seed)
@@ -116,7 +120,7 @@ def test_equals_the_explicit_reference(make, options):
                 rtol=1e-7, atol=1e-9 * scale, msg=f"{stream} relevance differs at {name!r}",
             )
     torch.testing.assert_close(comb, ref["input"].comb, rtol=1e-7, atol=1e-9 * scale)
-    g, h = core.split(model, merge_batchnorm=True, **options)(x)
+    g, h = core.split(model, merge_batchnorm=True, **split_options)(x)
     torch.testing.assert_close(g, ap, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(h, an, rtol=1e-9, atol=1e-9)
 
@@ -136,7 +140,7 @@ def test_layer_relevance_of_a_named_module():
     model = prepared(cnn, bias=True)
     x = inputs_for(cnn)
     rel = split_lrp(model, x, 2, ["4.body.0", "5", "input"])
-    assert rel["5"].pos.shape == (3, 6, 3, 3)
+    assert rel["5"].pos.shape == (3, 6, 1, 1)
     assert rel["4.body.0"].neg.shape == (3, 4, 4, 4)
     ref = reference_split_lrp(model, x, torch.eye(3)[[2, 2, 2]])
     for name in ("4.body.0", "5", "input"):
@@ -164,12 +168,13 @@ def test_resnet18_small():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.rand(2, 3, 32, 32)
-    for stream in ("pos", "comb"):
-        with Gradient(model, SplitLRP(stream=stream)) as attributor:
-            _, rel = attributor(x, torch.eye(10)[[1, 7]])
-        _finite_nonzero(rel)
-        assert rel.shape == x.shape
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    composite = SplitLRP(stream="comb", layer="layer2.1")
+    with Gradient(model, composite) as attributor:
+        _, rel = attributor(x, torch.eye(10)[[7]])
+    _finite_nonzero(rel)
+    assert rel.shape == x.shape
+    _finite_nonzero(composite.relevance["layer2.1"].neg)
 
 
 def test_resnet20_asset():
@@ -177,8 +182,8 @@ def test_resnet20_asset():
     images, labels = core.zoo.cifar10_samples()
     mean = torch.tensor(core.zoo.CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(core.zoo.CIFAR10_STD).view(1, 3, 1, 1)
-    x = (images[:4] - mean) / std
-    rel = split_lrp(model, x, labels[:4], ["input", "layer3.2"])
+    x = (images[:2] - mean) / std
+    rel = split_lrp(model, x, labels[:2], ["input", "layer3.2"])
     _finite_nonzero(rel["input"].comb)
     _finite_nonzero(rel["layer3.2"].pos)
 
@@ -194,7 +199,7 @@ def test_randomisation_sanity_check_is_computable():
     model = core.zoo.resnet20(pretrained=True)
     before = copy.deepcopy(model.state_dict())
     images, labels = core.zoo.cifar10_samples()
-    x, y = images[:2], labels[:2]
+    x, y = images[2:3], labels[2:3]
     maps = split_lrp(model, x, y)["input"].pos.sum(1)
     randomised = copy.deepcopy(model)
     layers = [m for m in randomised.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-3:]

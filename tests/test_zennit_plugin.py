@@ -26,7 +26,7 @@ def small_cnn(bias: bool = True) -> nn.Module:
 def test_quantus_zennit_path_with_the_registered_name():
     quantus = pytest.importorskip("quantus")
     model = small_cnn()
-    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32) * 2 - 1
     y = np.array([1, 3])
     maps = quantus.explain(model, x, y, xai_lib="zennit", composite="split_lrp")
     with Gradient(model, SplitLRP()) as attributor:

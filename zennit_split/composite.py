@@ -24,6 +24,7 @@ STREAMS = ("pos", "neg", "comb")
 MAXPOOL_MODES = ("wta", "convex")
 STABILIZERS = ("scale", "shift", "none")
 INPUT_SPLITS = ("relu", "half")
+ACTIVATION_RULES = ("pass", "wta")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -134,8 +135,8 @@ class SplitLRP(Composite):
     attributor's output gradient (a one-hot seed gives total relevance 1 per sample; seeding
     with ``a(L,+)`` gives the paper's total) and is redistributed with the epsilon rule
     (gamma 0) down to the input. BatchNorm is merged into the adjacent affine layer,
-    relevance is split evenly across the branches of residual adds, and the forward pass is
-    stabilised as in SplitCAM.
+    residual adds split relevance in proportion to the branches' contributions (the epsilon
+    rule of the add), and the forward pass is stabilised as in SplitCAM.
 
     Parameters
     ----------
@@ -162,6 +163,11 @@ class SplitLRP(Composite):
     input_split: str, optional
         How the input is split into ``x = a(0,+) - a(0,-)``: ``"relu"`` (default) or
         ``"half"``.
+    activation_rule: str, optional
+        How ReLUs pass relevance: ``"pass"`` (default, the paper: LRP ignores the
+        activations, ``R(z,+) = R(a,+)``) or ``"wta"`` (the positive stream's Maxout
+        ``a+ = max(z+, z-)`` hands its relevance to the winning pre-activation, which keeps
+        relevance conserved also where a neuron's ``z+`` is zero).
 
     Attributes
     ----------
@@ -187,11 +193,13 @@ class SplitLRP(Composite):
         canonizers: list | None = None,
         *,
         input_split: str = "relu",
+        activation_rule: str = "pass",
     ) -> None:
         _check_choice("stream", stream, STREAMS)
         _check_choice("maxpool", maxpool, MAXPOOL_MODES)
         _check_choice("stabilizer", stabilizer, STABILIZERS)
         _check_choice("input_split", input_split, INPUT_SPLITS)
+        _check_choice("activation_rule", activation_rule, ACTIVATION_RULES)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
             raise ValueError(f"SplitLRP: epsilon={epsilon!r} must be a non-negative float.")
         layers = [layer] if isinstance(layer, str) else list(layer or [])
@@ -208,6 +216,7 @@ class SplitLRP(Composite):
         self.layer = layer
         self.layers = tuple(layers)
         self.input_split = input_split
+        self.activation_rule = activation_rule
         self.relevance: dict[str, Any] = {}
         self._split_cache: tuple[nn.Module, Any] | None = None
 
@@ -276,12 +285,26 @@ class SplitLRP(Composite):
                 merge_batchnorm=True,
             )
             self._split_cache = (module, split_model)
-        layers = [name for name in self.layers if name not in ("", "input")]
-        relevance = dict(
-            split_model.relevance(
-                input, seed, stream="pos", epsilon=self.epsilon, layers=layers or None
+        layers = tuple(name for name in self.layers if name not in ("", "input"))
+        # core reports a layer merged with the BatchNorm after it only when that BatchNorm
+        # is requested as well: ask for the BatchNorms too, keep what was asked for
+        batchnorms = tuple(
+            name for name, child in module.named_modules()
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and name not in layers
+        ) if layers else ()
+        try:
+            relevance = split_model.relevance(
+                input, seed, layers=layers + batchnorms, epsilon=self.epsilon,
+                activation_rule=self.activation_rule,
             )
-        )
+        except ValueError:  # e.g. a BatchNorm the forward never calls
+            if not batchnorms:
+                raise
+            relevance = split_model.relevance(
+                input, seed, layers=layers, epsilon=self.epsilon,
+                activation_rule=self.activation_rule,
+            )
+        relevance = {name: relevance[name] for name in ("input", *layers)}
         if "" in self.layers:
             relevance[""] = relevance["input"]
         self.relevance = relevance

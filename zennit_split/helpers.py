@@ -78,6 +78,7 @@ def split_lrp(
     maxpool: str = "wta",
     stabilizer: str = "scale",
     input_split: str = "relu",
+    activation_rule: str = "pass",
 ) -> dict[str, Any]:
     """SplitLRP relevances ``R(l,+)``, ``R(l,-)`` and ``comb`` at the outputs of ``layers``.
 
@@ -94,7 +95,7 @@ def split_lrp(
         the model output.
     layers: str or list[str], optional
         Module names as in ``model.named_modules()``; ``"input"`` is the input (default).
-    epsilon, maxpool, stabilizer, input_split:
+    epsilon, maxpool, stabilizer, input_split, activation_rule:
         As in :class:`SplitLRP`.
 
     Returns
@@ -109,6 +110,7 @@ def split_lrp(
         stabilizer=stabilizer,
         layer=names,
         input_split=input_split,
+        activation_rule=activation_rule,
     )
     with Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))

@@ -40,6 +40,7 @@ def split_lrp_explainer(
     maxpool: str = "wta",
     stabilizer: str = "scale",
     input_split: str = "relu",
+    activation_rule: str = "pass",
 ) -> torch.Tensor:
     """SplitLRP: epsilon-LRP on the split pair f = g - h (Zennit composite "split_lrp").
 
@@ -53,7 +54,7 @@ def split_lrp_explainer(
         (B, C, H, W).
     stream: str, optional
         ``"pos"`` (``R(l,+)``), ``"neg"`` (``R(l,-)``) or ``"comb"`` (their difference).
-    epsilon, maxpool, stabilizer, input_split:
+    epsilon, maxpool, stabilizer, input_split, activation_rule:
         As in :class:`zennit_split.SplitLRP`.
     """
     name = "input" if layer in (None, "", "input") else layer
@@ -66,6 +67,7 @@ def split_lrp_explainer(
         maxpool=maxpool,
         stabilizer=stabilizer,
         input_split=input_split,
+        activation_rule=activation_rule,
     )
     result = select_stream(relevance[name], stream)
     if name == "input":
