@@ -180,9 +180,7 @@ def test_resnet18_small():
 def test_resnet20_asset():
     model = core.zoo.resnet20(pretrained=True)
     images, labels = core.zoo.cifar10_samples()
-    mean = torch.tensor(core.zoo.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(core.zoo.CIFAR10_STD).view(1, 3, 1, 1)
-    x = (images[:2] - mean) / std
+    x = core.zoo.normalize_cifar(images[:2])
     rel = split_lrp(model, x, labels[:2], ["input", "layer3.2"])
     _finite_nonzero(rel["input"].comb)
     _finite_nonzero(rel["layer3.2"].pos)
