@@ -222,3 +222,34 @@ def test_unsupported_module_is_named_and_model_left_clean():
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_context_with_plain_autograd():
+    model = prepared(cnn, bias=True)
+    x = inputs_for(cnn).requires_grad_()
+    seed = torch.eye(3)[[2, 0, 1]]
+    with SplitLRP(stream="neg").context(model) as hooked:
+        (rel,) = torch.autograd.grad(hooked(x), x, seed)
+    expected = split_lrp(model, x.detach(), seed, ["input"])["input"].neg
+    torch.testing.assert_close(rel, expected)
+
+
+def test_activation_rules_at_a_neuron_with_zero_positive_preactivation():
+    # x = (1, -1): the first hidden neuron has z+ = 0, z- = 2, so a+ = max(z+, z-) = 2
+    # (float64: in float32 core's (d, s)-form rule loses precision next to such a neuron)
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, 1.0], [1.0, 1.0]]))
+        model[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    totals = {}
+    for rule in ("pass", "wta"):
+        rel = split_lrp(model, x, torch.ones(1, 1, dtype=torch.float64), ["input", "1"],
+                        stabilizer="none", activation_rule=rule)
+        torch.testing.assert_close(rel["1"].pos, torch.tensor([[2 / 3, 1 / 3]]).double(),
+                                   rtol=1e-5, atol=0)
+        totals[rule] = float((rel["input"].pos + rel["input"].neg).sum())
+    # "pass" hands a+'s relevance to z+ = 0, where it is lost; "wta" hands it to z-
+    assert totals["pass"] == pytest.approx(1 / 3, rel=1e-5)
+    assert totals["wta"] == pytest.approx(1.0, rel=1e-5)
