@@ -263,9 +263,19 @@ class SplitGrad(_SplitAttribution):
         self,
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None = None,
-        **kwargs: Any,
+        *,
+        alpha: float | dict[str, float] = 0.4,
+        stream: str = "g",
+        sign: str | None = None,
+        maxpool: str = "convex",
+        stabilizer: str = "scale",
+        input_split: str = "relu",
+        device_ids: list[int] | None = None,
     ) -> None:
-        super().__init__(forward_func, layer, **kwargs)
+        super().__init__(
+            forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
+            stabilizer=stabilizer, input_split=input_split, device_ids=device_ids,
+        )
 
     @property
     def multiplies_by_inputs(self) -> bool:
