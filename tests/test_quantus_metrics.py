@@ -157,3 +157,20 @@ def test_split_cam_localises_better_than_random(task):
             explain_func_kwargs={"method": method, **({"seed": 0} if method == "Random" else {})},
         ))
     assert scores["SplitCAM"] > scores["Random"]
+
+
+def test_example_script_runs():
+    """examples/quantus_example.py on the bundled ResNet-20 (two images, two methods)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quantus_example.py"
+    spec = importlib.util.spec_from_file_location("quantus_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(n_images=2, methods={"SplitCAM": {"layer": "layer2"}, "Random": {}})
+    assert set(results) == {"SplitCAM", "Random"}
+    for scores in results.values():
+        assert set(scores) == {"PixelFlipping AUC", "Selectivity AUC", "MaxSensitivity",
+                               "RandomLogit"}
+        assert all(np.isfinite(v) for v in scores.values())
