@@ -1,8 +1,10 @@
 """Captum attributions on the split pair ``f = g - h``: SplitCAM, SplitGrad, and the CAM
 baselines Captum lacks (LayerCAM, Grad-CAM++).
 
->>> from captum_split import SplitCAM
->>> attr = SplitCAM(model, model.layer3).attribute(x, target=labels)  # (B, 1, h, w)
+A Captum user swaps ``LayerGradCam(model, layer)`` for ``SplitCAM(model, layer)``::
+
+    from captum_split import SplitCAM
+    attr = SplitCAM(model, model.layer3).attribute(x, target=labels)   # (B, 1, h, w)
 """
 
 from .cams import GradCAMPlusPlus, LayerCAM
