@@ -237,10 +237,10 @@ def test_register_at_run_time():
 def test_the_project_plugins_load_through_their_entry_points():
     manager = quantus_adapters.get_plugin_manager()
     errors = quantus_adapters.plugin_errors()
-    for name in ("baselines", "captum", "zennit"):
+    for name in ("baselines", "captum", "zennit", "dc"):
         assert name not in errors, errors[name]
         assert manager.has_plugin(name)
     assert set(available_methods()) >= {
         "SplitCAM", "SplitGrad", "LayerCAM", "GradCAM", "GradCAMPlusPlus", "SplitLRP", "LRP",
-        *BASELINES,
+        "DCGrad", *BASELINES,
     }

@@ -91,6 +91,7 @@ def test_all_issue_methods_are_offered():
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # MPRT, NaN rows
 def test_method_through_quantus(task, method):
     model, x, y, s = task
     n = len(x)
