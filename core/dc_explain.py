@@ -66,6 +66,11 @@ def _check_stream(model: nn.Module, stream: str) -> None:
         )
 
 
+def _on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    parameter = next(model.parameters(), None)
+    return x if parameter is None else x.to(parameter.device)
+
+
 def _stream_logits(model: nn.Module, x: torch.Tensor, stream: str) -> tuple:
     """(logits, leaf) of the chosen stream: the leaf is the input that stream sees."""
     if stream == "h":
@@ -139,10 +144,11 @@ def target_gradients(
     Returns
     -------
     torch.Tensor
-        Same shape as ``x``.
+        Same shape as ``x``, on the model's device.
     """
     _check_stream(model, stream)
-    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
+    x = _on_model_device(model, x)
+    targets = torch.as_tensor(targets, dtype=torch.long).to(x.device).reshape(-1)
     if targets.numel() == 1:
         targets = targets.expand(x.shape[0])
     if targets.shape[0] != x.shape[0]:
@@ -261,7 +267,7 @@ def figure_classes(
     -------
     pathlib.Path
     """
-    x = x.reshape(-1, 1, 28, 28)
+    x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
     red, blue = colour_maps(model, x)
     with eval_mode(model), torch.no_grad():
         predicted = model(x).argmax(1).tolist()
@@ -297,7 +303,7 @@ def figure_samples(
     -------
     pathlib.Path
     """
-    x = x.reshape(-1, 1, 28, 28)
+    x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
     red, blue = colour_maps(model, x)
     figure, axes = _canvas(2, x.shape[0])
     for i in range(x.shape[0]):

@@ -473,17 +473,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None, help="runs per mode (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="mini-batch size (default 128; 32 with --quick)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--positivity", default="relu",
                         choices=sorted(dc_models.POSITIVITY_TRANSFORMS),
                         help="positivity transform p of the constrained parameters")
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="constrained weights start at |N(0, sigma)|; default 0.01 before "
+                        "batch norm, 1/fan_in elsewhere")
     parser.add_argument("--limit", type=int, default=None,
                         help="use only the first N training and N test samples")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: every mode on digits, 1 seed, 2 epochs (a few minutes "
-                        "on 2 CPU cores); --model/--seeds/--epochs/--limit still apply")
+                        help="smoke run: every mode on digits, 1 seed, 3 epochs, batch 32 (about "
+                        "2 minutes on 2 CPU cores with mlp_maxout); explicit options win")
     parser.add_argument("--save", default=None, choices=["none", "first", "all"],
                         help="checkpoints to keep: none, the first seed of each mode, or all "
                         "(default first; none with --quick)")
@@ -524,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_spec = args.data or ("digits" if quick else "mnist")
     architectures = list(ARCHITECTURES) if args.model == "all" else [args.model or "mlp_maxout"]
     seeds = args.seeds if args.seeds is not None else 1
-    epochs = args.epochs if args.epochs is not None else (2 if quick else 10)
+    epochs = args.epochs if args.epochs is not None else (3 if quick else 10)
+    batch_size = args.batch_size or (32 if quick else 128)
     save = args.save or ("none" if quick else "first")
     if seeds < 1:
         parser.error(f"--seeds must be >= 1, got {seeds}")
@@ -544,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = (
         f"Data: {data.name}, {len(data.train_y)} training / {len(data.test_y)} test samples; "
-        f"{epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, weight decay "
+        f"{epochs} epochs, batch {batch_size}, Adam lr {args.lr}, weight decay "
         f"{args.weight_decay}, positivity {args.positivity}, seeds {args.seed}.."
         f"{args.seed + seeds - 1}."
     )
@@ -555,10 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k in range(seeds):
                 seed = args.seed + k
                 torch.manual_seed(seed)
-                model = ARCHITECTURES[arch](mode, positivity=args.positivity).to(device)
+                model = ARCHITECTURES[arch](
+                    mode, positivity=args.positivity, init_std=args.init_std
+                ).to(device)
                 start = time.perf_counter()
                 train_model(
-                    model, data, epochs, seed=seed, batch_size=args.batch_size, lr=args.lr,
+                    model, data, epochs, seed=seed, batch_size=batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, progress=not args.no_progress,
                     desc=f"{arch} {mode} seed {seed}",
                 )
@@ -569,7 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"({seconds:.1f} s)", flush=True)
                 if save == "all" or (save == "first" and k == 0):
                     save_checkpoint(model, out / "checkpoints" / f"{arch}_{mode}_seed{seed}.pt",
-                                    arch, positivity=args.positivity)
+                                    arch, positivity=args.positivity,
+                                    init_std=args.init_std)
                 if args.explain > 0 and k == 0:
                     from core.dc_explain import render_explanations
 

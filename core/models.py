@@ -20,6 +20,7 @@ non-negative scale).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -58,6 +59,9 @@ DIFFERENCE_MODES: dict[str, tuple[str, bool]] = {
 }
 #: all modes, in the column order of the paper's table 12
 MODES = ("IC", "Mon", "None", "DIC", "DM", "DiffNone", "DICIN", "DMIN")
+#: default sigma of constrained layers followed by batch norm (which fixes their scale);
+#: layers without batch norm after them default to 1 / fan_in (keeps the activation scale)
+BN_INIT_STD = 0.01
 
 
 def _softplus_inverse(y: torch.Tensor) -> torch.Tensor:
@@ -123,6 +127,17 @@ class _Positive(nn.Module):
             value = torch.randn_like(raw).mul_(std).abs_().clamp_(min=1e-12)
             raw.copy_(POSITIVITY_TRANSFORMS[self.positivity][1](value))
 
+    def _initialise(self, fan_in: int, std: float) -> None:
+        """Constrained: ``p(raw) = |N(0, std)|``; free: PyTorch's default for Linear/Conv."""
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            for raw, constrained in ((self.weight, self.constrain_weight),
+                                     (self.bias, self.constrain_bias)):
+                if constrained:
+                    self._init_positive(raw, float(std))
+                else:  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / nn.Conv2d, and their bias
+                    raw.uniform_(-bound, bound)
+
     def _init_constant(self, raw: torch.Tensor, value: float) -> None:
         with torch.no_grad():
             raw.copy_(POSITIVITY_TRANSFORMS[self.positivity][1](torch.full_like(raw, value)))
@@ -160,14 +175,9 @@ class ConstrainedLinear(_Positive):
         self.in_features, self.out_features = in_features, out_features
         self.constrain_weight, self.constrain_bias = constrain_weight, constrain_bias
         self.positivity = _check_positivity(positivity)
-        reference = nn.Linear(in_features, out_features)
-        self.weight = nn.Parameter(reference.weight.detach().clone())
-        self.bias = nn.Parameter(reference.bias.detach().clone())
-        std = 1.0 / in_features if init_std is None else float(init_std)
-        if constrain_weight:
-            self._init_positive(self.weight, std)
-        if constrain_bias:
-            self._init_positive(self.bias, std)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self._initialise(in_features, 1.0 / in_features if init_std is None else init_std)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer applies (``p(weight)`` where constrained)."""
@@ -210,15 +220,12 @@ class ConstrainedConv2d(_Positive):
         self.kernel_size, self.padding = kernel_size, padding
         self.constrain_weight, self.constrain_bias = constrain_weight, constrain_bias
         self.positivity = _check_positivity(positivity)
-        reference = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
-        self.weight = nn.Parameter(reference.weight.detach().clone())
-        self.bias = nn.Parameter(reference.bias.detach().clone())
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, kernel_size, kernel_size)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels))
         fan_in = in_channels * kernel_size * kernel_size
-        std = 1.0 / fan_in if init_std is None else float(init_std)
-        if constrain_weight:
-            self._init_positive(self.weight, std)
-        if constrain_bias:
-            self._init_positive(self.bias, std)
+        self._initialise(fan_in, 1.0 / fan_in if init_std is None else init_std)
 
     def effective_weight(self) -> torch.Tensor:
         """The kernel the layer applies (``p(weight)`` where constrained)."""
@@ -357,9 +364,16 @@ class _MaxoutNet(nn.Module):
         self.positivity = _check_positivity(positivity)
         self._init_std = init_std
 
-    def _linear(self, n_in: int, n_out: int, first: bool = False) -> ConstrainedLinear:
+    def _std(self, before_bn: bool) -> float | None:
+        if self._init_std is not None:
+            return self._init_std
+        return BN_INIT_STD if before_bn else None
+
+    def _linear(
+        self, n_in: int, n_out: int, first: bool = False, before_bn: bool = False
+    ) -> ConstrainedLinear:
         cw, cb = _constraints(self.mode, first)
-        return ConstrainedLinear(n_in, n_out, cw, cb, self.positivity, self._init_std)
+        return ConstrainedLinear(n_in, n_out, cw, cb, self.positivity, self._std(before_bn))
 
     def _bn(self, kind: type, n: int) -> nn.Module:
         std = 1e-3 if self._init_std is None else self._init_std
@@ -391,7 +405,7 @@ class MaxoutMLP(_MaxoutNet):
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         n_in = 784
         for i in range(1, 4):
-            modules[f"fc{i}"] = self._linear(n_in, rank * hidden, first=i == 1)
+            modules[f"fc{i}"] = self._linear(n_in, rank * hidden, first=i == 1, before_bn=True)
             modules[f"bn{i}"] = self._bn(ConstrainedBatchNorm1d, rank * hidden)
             modules[f"maxout{i}"] = Maxout(rank)
             n_in = hidden
@@ -421,7 +435,7 @@ class MaxoutCNN(_MaxoutNet):
         for i, width in enumerate((32, 64, 128, 128), start=1):
             cw, cb = _constraints(self.mode, i == 1)
             modules[f"conv{i}"] = ConstrainedConv2d(
-                n_in, rank * width, cw, cb, self.positivity, init_std
+                n_in, rank * width, cw, cb, self.positivity, self._std(before_bn=True)
             )
             modules[f"bn{i}"] = self._bn(ConstrainedBatchNorm2d, rank * width)
             modules[f"maxout{i}"] = Maxout(rank)
@@ -514,8 +528,9 @@ def mlp_maxout(
         The transform p applied to constrained weights, biases and batch-norm scale/shift:
         ``"relu"`` (default, best in the paper), ``"softplus"``, ``"exp"`` or ``"square"``.
     init_std: float, optional
-        Constrained weights start at ``|N(0, init_std)|`` (effective value); ``None`` uses
-        ``1 / fan_in`` per layer.
+        Constrained weights start at ``|N(0, init_std)|`` (effective value). ``None``:
+        ``BN_INIT_STD`` (0.01) for layers followed by batch norm, ``1 / fan_in`` for the
+        others (the fully connected layers without batch norm keep the activation scale).
 
     Returns
     -------
