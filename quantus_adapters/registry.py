@@ -173,14 +173,15 @@ def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[int, str]
                 continue
             first[ep.name] = (ep.value, label)
             try:
-                ep.load()
-            except Exception as exc:  # any import-time failure of a plugin
+                _validate(ep.load())
+            except Exception as exc:  # any import-time or validation failure of a plugin
                 errors[ep.name] = f"{ep.value} ({label}): {type(exc).__name__}: {exc}"
                 manager.set_blocked(ep.name)
     manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name, ep, dist in extra:
         try:
             plugin = ep.load()
+            _validate(plugin)
         except Exception as exc:
             errors[name] = f"{ep.value} ({_dist_label(dist)}): {type(exc).__name__}: {exc}"
             continue
@@ -192,6 +193,14 @@ def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[int, str]
         {id(plugin): _dist_label(dist) for plugin, dist in manager.list_plugin_distinfo()}
     )
     return manager, errors, origins
+
+
+def _validate(plugin: object) -> None:
+    """Register ``plugin`` with a scratch manager: pluggy checks its hook implementations."""
+    scratch = pluggy.PluginManager(PROJECT_NAME)
+    scratch.add_hookspecs(sys.modules[__name__])
+    scratch.register(plugin)
+    scratch.check_pending()  # a hookimpl for a hook that does not exist (a typo)
 
 
 def _dist_label(dist: Any) -> str:
@@ -208,6 +217,10 @@ def _collect(
     table = _Table(manager=manager, errors=dict(errors), load_errors=dict(errors),
                    origins=origins)
     offered: dict[str, list[MethodInfo]] = {}
+    implementers = {impl.plugin_name for impl in manager.hook.splitxai_explainers.get_hookimpls()}
+    for name, plugin in manager.list_name_plugin():
+        if plugin is not None and name not in implementers and name not in table.errors:
+            table.errors[name] = "it implements no splitxai_explainers() hook"
     for impl in manager.hook.splitxai_explainers.get_hookimpls():
         plugin = impl.plugin_name
         dist = origins.get(id(impl.plugin), "registered at run time")

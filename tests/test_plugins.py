@@ -213,6 +213,26 @@ def test_plugin_returning_a_non_dict_is_reported(dists):
     assert "Saliency" in available_methods()
 
 
+@pytest.mark.parametrize("source, reason", [
+    (PLUGIN_SOURCE.replace("def splitxai_explainers():", "def splitxai_explainers(model):"),
+     "PluginValidationError"),
+    (PLUGIN_SOURCE.replace("def splitxai_explainers():", "def splitxai_explainer():"),
+     "splitxai_explainer"),
+])
+def test_plugin_with_a_bad_hook_is_reported_and_others_still_load(dists, source, reason):
+    module = unique("badhook_xai")
+    after = unique("after_xai")  # a good plugin whose name sorts after the bad one
+    dists.add("badhook-xai", {"badhook": module},
+              {module: source.replace("{METHODS}", '{"BadHook": brightness}')})
+    dists.add("zz-after-xai", {"zz_after": after},
+              {after: plugin_source('{"AfterBad": brightness}')})
+    with pytest.warns(PluginLoadWarning, match=f"'badhook'.*{reason}"):
+        refresh()
+    methods = available_methods()
+    assert "BadHook" not in methods
+    assert "AfterBad" in methods and "Saliency" in methods
+
+
 def test_register_at_run_time():
     class Plugin:
         @quantus_adapters.hookimpl
