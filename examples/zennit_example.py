@@ -29,10 +29,10 @@ def save_heatmap(path: Path, heat: torch.Tensor) -> None:
     Image.fromarray((rgb * 255).astype("uint8")).resize((128, 128), Image.NEAREST).save(path)
 
 
-def main(out_dir: str = "splitlrp_maps") -> int:
+def main(out_dir: str = "splitlrp_maps", n_images: int = 4) -> int:
     model = zoo.resnet20(pretrained=True)
     images, labels = zoo.cifar10_samples()
-    x, y = zoo.normalize_cifar(images[:4]), labels[:4]
+    x, y = zoo.normalize_cifar(images[:n_images]), labels[:n_images]
     seed = torch.eye(10)[y]                    # one-hot: total relevance 1 per image
 
     out = Path(out_dir)
