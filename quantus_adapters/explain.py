@@ -62,8 +62,9 @@ def explain(
     Parameters
     ----------
     model: torch.nn.Module
-        The model to explain. It is not moved, copied or modified; the inputs are moved to
-        the device (and floating dtype) of its parameters.
+        The model to explain (or a Quantus ``ModelInterface`` wrapping one). It is not moved,
+        copied or modified; the inputs are moved to the device (and floating dtype) of its
+        parameters.
     inputs: numpy.ndarray or torch.Tensor
         The batch, (B, C, H, W) channel first (or (B, H, W, C) with ``channel_first=False``).
     targets: numpy.ndarray, torch.Tensor or int
@@ -126,6 +127,10 @@ def explain(
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample={upsample!r} is not one of {UPSAMPLE_MODES}")
 
+    if not isinstance(model, nn.Module) and callable(getattr(model, "get_model", None)):
+        model = model.get_model()  # a Quantus ModelInterface wrapper
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     info = method_info(method)
     _check_options(method, info.function, options)
     device, dtype = _model_device_dtype(model, device_hint)

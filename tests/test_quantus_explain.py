@@ -273,3 +273,15 @@ def test_baselines_shape_and_completeness(method):
         # the top-left pixel is covered by exactly one window position; Captum gives the
         # drop to each of the 3 channels, which explain sums
         np.testing.assert_allclose(out[0, 0, 0, 0], 3 * drop.item(), rtol=1e-4, atol=1e-6)
+
+
+def test_quantus_model_wrapper_and_bad_model():
+    import quantus
+
+    model = make_model()
+    wrapped = quantus.helpers.model.pytorch_model.PyTorchModel(model, channel_first=True)
+    x = batch(2, 8)
+    np.testing.assert_array_equal(explain(wrapped, x, [0, 1], method="Saliency"),
+                                  explain(model, x, [0, 1], method="Saliency"))
+    with pytest.raises(TypeError, match="torch.nn.Module, got function"):
+        explain(lambda t: t, x, [0, 1], method="Saliency")
