@@ -196,20 +196,21 @@ def occlusion(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    window: int = 4,
-    stride: int = 1,
+    window: int | tuple[int, int, int] = 4,
+    stride: int | tuple[int, int, int] = 1,
     baselines: float = 0.0,
     perturbations_per_eval: int | None = None,
 ) -> torch.Tensor:
-    """Occlusion: the logit drop when a window x window patch (all channels) is zeroed (Captum).
+    """Occlusion: the logit drop when a 4 x 4 patch (all channels) is zeroed (Captum).
 
     Parameters
     ----------
-    window: int, optional
-        The patch side; the sliding window is ``(C, window, window)`` (Captum has no default;
-        4 as in ``quantus.explain``, but over all channels).
-    stride: int, optional
-        The step of the window (Captum's default, 1).
+    window: int or tuple of int, optional
+        The patch side: the sliding window is ``(C, window, window)``, 4 as in
+        ``quantus.explain`` but over all channels (Captum has no default). A tuple is used as
+        Captum's ``sliding_window_shapes`` as it is (``quantus.explain``'s ``(1, 4, 4)``).
+    stride: int or tuple of int, optional
+        The step of the window (Captum's default, 1); a tuple is Captum's ``strides``.
     baselines: float, optional
         The value of an occluded pixel (0).
     perturbations_per_eval: int, optional
@@ -217,9 +218,13 @@ def occlusion(
         model call under 2**24 input values, at most 256.
     """
     channels, height, width = inputs.shape[1:]
-    window = max(1, min(window, height, width))
+    if isinstance(window, int):
+        side = max(1, min(window, height, width))
+        window = (channels, side, side)
+    if isinstance(stride, int):
+        stride = (1, stride, stride)
     return _captum().Occlusion(model).attribute(
-        inputs, sliding_window_shapes=(channels, window, window), strides=(1, stride, stride),
+        inputs, sliding_window_shapes=tuple(window), strides=tuple(stride),
         target=targets, baselines=baselines,
         perturbations_per_eval=_per_eval(inputs, perturbations_per_eval),
     )

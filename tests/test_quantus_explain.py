@@ -285,3 +285,23 @@ def test_quantus_model_wrapper_and_bad_model():
                                   explain(model, x, [0, 1], method="Saliency"))
     with pytest.raises(TypeError, match="torch.nn.Module, got function"):
         explain(lambda t: t, x, [0, 1], method="Saliency")
+
+
+def test_occlusion_takes_quantus_style_window_tuples():
+    model, x = make_model(), batch(1, 8)
+    per_channel = explain(model, x, [0], method="Occlusion", window=(1, 4, 4),
+                          stride=(1, 2, 2))
+    xt = torch.from_numpy(x).clone()
+    with torch.no_grad():
+        full = model(xt)[0, 0]
+        xt[:, 0, :4, :4] = 0  # channel 0 only
+        drop0 = full - model(xt)[0, 0]
+        xt = torch.from_numpy(x).clone()
+        xt[:, 1, :4, :4] = 0
+        drop1 = full - model(xt)[0, 0]
+        xt = torch.from_numpy(x).clone()
+        xt[:, 2, :4, :4] = 0
+        drop2 = full - model(xt)[0, 0]
+    # pixel (0, 0) lies in one window per channel; explain sums the channels
+    np.testing.assert_allclose(per_channel[0, 0, 0, 0], (drop0 + drop1 + drop2).item(),
+                               rtol=1e-4, atol=1e-6)
