@@ -1,0 +1,264 @@
+"""``splitxai benchmark``: the paper's evaluation on a built-in or user model and data set.
+
+Without arguments it runs offline on the built-in default (cluttered scikit-learn digits and
+a small VGG-style CNN trained on the fly and cached). See ``splitxai benchmark --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_ALPHAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.0)
+BUILTIN_MODELS = ("digits-cnn", "cifar10-resnet20", "vgg16", "resnet18")
+
+
+class UsageError(ValueError):
+    """A command-line error reported without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``splitxai benchmark``."""
+    p = argparse.ArgumentParser(
+        prog="splitxai benchmark",
+        description="Evaluate the Split methods and the baselines with Quantus (paper section "
+                    "5): layer selection on a validation split, comparison on the test split, "
+                    "alpha ablation, randomisation check, timing. Results go to --out as CSV "
+                    "and Markdown tables and PNG figures.")
+    p.add_argument("--model", default=None,
+                   help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
+                        "resnet18 (ImageNet, torchvision IMAGENET1K_V1 weights) or "
+                        "FILE.py:FACTORY (FACTORY() returns an nn.Module taking images in "
+                        "[0, 1], normalisation inside)")
+    p.add_argument("--weights", default=None, help="a state_dict file loaded into the model")
+    p.add_argument("--data", default="digits",
+                   help="digits (default), cifar10-resnet20, folder:PATH "
+                        "(PATH/images/*, PATH/labels.csv 'name,label', optional PATH/masks/*) "
+                        "or imagenet-s:PATH (ImageNet-S-50 layout)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method names (as in quantus_adapters.available_methods()), e.g. "
+                        "SplitCAM LayerCAM Saliency; default: all of table 1")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="candidate layers of layer-wise methods (module names); default: up "
+                        "to --max-layers chosen from the model")
+    p.add_argument("--alphas", nargs="+", type=float, default=None,
+                   help="alpha grid of the ablation (default 0.5 0.45 0.4 0.35 0.3 0; "
+                        "--quick: 0.4)")
+    p.add_argument("--alpha", type=float, default=0.4,
+                   help="alpha of SplitCAM/SplitGrad in the main comparison (default 0.4)")
+    p.add_argument("--out", default="splitxai-benchmark", help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished cells in --out (after an interruption)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, training and metrics")
+    p.add_argument("--n-val", type=int, default=None, help="validation images (at most)")
+    p.add_argument("--n-test", type=int, default=None, help="test images (at most)")
+    p.add_argument("--max-layers", type=int, default=None,
+                   help="candidate layers chosen automatically (default 5; --quick 2)")
+    p.add_argument("--max-sens-samples", type=int, default=None,
+                   help="Max Sensitivity samples per image (default 25; --quick 5)")
+    p.add_argument("--max-sens-images", type=int, default=None,
+                   help="test images for Max Sensitivity (default 20; --quick 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per explain call")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize folder / ImageNet-S images to this side")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _model_skeleton(args) -> tuple[nn.Module, str]:
+    """The model (the built-in digits CNN untrained: it is trained after all checks)."""
+    from quantus_adapters.benchmark.zoo import models
+
+    name = args.model
+    if name is None:
+        name = {"digits": "digits-cnn", "cifar10-resnet20": "cifar10-resnet20"}.get(args.data)
+        if name is None:
+            raise UsageError(f"--data {args.data}: give --model (vgg16, resnet18 or "
+                             "FILE.py:FACTORY)")
+    if name == "digits-cnn":
+        model = models.DigitsVGG()
+        if args.weights:
+            models.load_weights(model, args.weights)
+        return model.eval(), name
+    if name in ("cifar10-resnet20", "resnet20"):
+        model = models.cifar10_resnet20()
+        if args.weights:
+            models.load_weights(model, args.weights)
+        return model, "cifar10-resnet20"
+    if name in ("vgg16", "resnet18"):
+        return models.torchvision_imagenet(name, args.weights), name
+    if ":" in name or name.endswith(".py"):
+        model = models.load_factory(name)
+        if args.weights:
+            models.load_weights(model, args.weights)
+        return model.eval(), name
+    raise UsageError(f"--model {name!r}: use one of {', '.join(BUILTIN_MODELS)} or "
+                     "FILE.py:FACTORY")
+
+
+def _specs(args, available: dict, image_size: int, channels: int, notes: list[str]):
+    from quantus_adapters.benchmark.protocol import default_methods
+
+    specs = default_methods(alpha=args.alpha, quick=args.quick, image_size=image_size,
+                            channels=channels)
+    if args.methods:
+        wanted = [m for item in args.methods for m in item.split(",") if m]
+        unknown = [m for m in wanted if m not in available]
+        if unknown:
+            raise UsageError(f"--methods: {', '.join(unknown)} not available; available: "
+                             f"{', '.join(available)}")
+        from quantus_adapters.benchmark.protocol import MethodSpec
+
+        known = {s.method for s in specs}
+        specs = [s for s in specs if s.method in wanted]
+        # methods of other plugins take part as input-attribution baselines
+        specs += [MethodSpec(m, m) for m in wanted if m not in known]
+    missing = [s.method for s in specs if s.method not in available]
+    if missing:
+        notes.append(f"not installed, skipped: {', '.join(sorted(set(missing)))} (install "
+                     "splitxai[all])")
+    clashes = [s.method for s in specs if str(available.get(s.method, "")).startswith("CLASH")]
+    if clashes:
+        notes.append(f"name clash between plugins, skipped: {', '.join(clashes)}")
+    return [s for s in specs if s.method in available and s.method not in clashes]
+
+
+def _check_labels(model: nn.Module, data, device: str) -> int:
+    with torch.no_grad():
+        try:
+            out = model(data.images[:1].to(device))
+        except Exception as exc:
+            raise UsageError(f"the model cannot process the data ({data.name}, images of shape "
+                             f"{tuple(data.images.shape[1:])}): {type(exc).__name__}: "
+                             f"{exc}") from exc
+    if out.ndim != 2:
+        raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
+                         "returning (batch, classes) logits is needed")
+    n_classes = out.shape[1]
+    bad = (data.labels < 0) | (data.labels >= n_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise UsageError(f"label {int(data.labels[i])} of {data.names[i]!r} is out of the "
+                         f"model's range [0, {n_classes})")
+    return n_classes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``splitxai benchmark``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished cells are in {args.out}/cells.jsonl -- run again with "
+              "--resume to continue", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"splitxai benchmark: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import quantus_adapters
+    from quantus_adapters.benchmark import data as data_mod
+    from quantus_adapters.benchmark import protocol, report
+    from quantus_adapters.benchmark.runner import Benchmark, fingerprint
+    from quantus_adapters.benchmark.store import CellStore
+    from quantus_adapters.benchmark.zoo import models
+
+    start = time.perf_counter()
+    progress = not args.no_progress
+    for name in ("n_val", "n_test", "max_layers", "max_sens_samples", "max_sens_images",
+                 "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.device != "cpu":
+        try:
+            torch.empty(1, device=args.device)
+        except Exception as exc:
+            raise UsageError(f"--device {args.device!r} is not usable: {exc}") from exc
+    torch.manual_seed(args.seed)
+
+    # 1. cheap checks first: model skeleton, data, labels, layers, methods
+    model, model_name = _model_skeleton(args)
+    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size)
+    n_val = args.n_val or (10 if args.quick else None)
+    n_test = args.n_test or (10 if args.quick else (60 if args.data == "digits" else None))
+    data = data.limit(n_val, n_test)
+    if len(data.val_idx) == 0 or len(data.test_idx) == 0:
+        raise UsageError("the data has no validation or no test image")
+    model = model.to(args.device).eval()
+    _check_labels(model, data, args.device)
+    max_layers = args.max_layers or (2 if args.quick else 5)
+    if args.layers:
+        layers = protocol.check_layers(model, args.layers)
+    else:
+        layers = protocol.candidate_layers(model, max_layers)
+    notes: list[str] = []
+    available = quantus_adapters.available_methods()
+    specs = _specs(args, available, int(data.images.shape[-1]), int(data.images.shape[1]),
+                   notes)
+    if not specs:
+        raise UsageError("no method to evaluate (none of the requested methods is installed)")
+    alphas = args.alphas or ([args.alpha] if args.quick else list(DEFAULT_ALPHAS))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 2. heavy work: the built-in model is trained (or read from the cache) now
+    if model_name == "digits-cnn" and not args.weights:
+        trained = models.digits_cnn(cache_dir=args.cache_dir, seed=0, progress=progress)
+        model.load_state_dict(trained.state_dict())
+        model.eval()
+        with torch.no_grad():
+            x, y, _ = data.subset("test")
+            acc = float((model(x.to(args.device)).argmax(1).cpu() == y).float().mean())
+        notes.append(f"digits CNN accuracy on the {len(y)} test canvases: {100 * acc:.1f} %")
+
+    settings = protocol.ProtocolSettings(
+        max_sens_samples=args.max_sens_samples or (5 if args.quick else 25),
+        max_sens_images=args.max_sens_images or (5 if args.quick else 20),
+        device=args.device, seed=args.seed, batch_size=args.batch_size)
+    extra = {"model_name": model_name, "quick": args.quick, "alpha": args.alpha}
+    store = CellStore(out / "cells.jsonl", fingerprint(model, data, settings, extra),
+                      resume=args.resume)
+    if args.resume:
+        if store.mismatch:
+            print("--resume: the stored cells belong to another setup; starting afresh")
+        else:
+            print(f"--resume: reusing {store.reused} finished cells")
+    bench = Benchmark(model, data, specs, layers, store, settings, alphas=alphas,
+                      n_saliency=4, n_sanity=5 if args.quick else 20,
+                      n_timing=4 if args.quick else 8, progress=progress)
+    bench.notes.extend(notes)
+    results = bench.run()
+    results.elapsed = time.perf_counter() - start
+    header = (f"Model `{model_name}`, data `{data.name}` ({len(data.val_idx)} validation, "
+              f"{len(data.test_idx)} test images, {tuple(data.images.shape[1:])}), "
+              f"{'quick run, ' if args.quick else ''}seed {args.seed}, device {args.device}; "
+              f"Max Sensitivity with {settings.max_sens_samples} samples on the first "
+              f"{settings.max_sens_images} test images; Selectivity patches of "
+              f"{protocol.selectivity_patch(tuple(data.images.shape))} px; "
+              f"Pixel Flipping {protocol.features_in_step(tuple(data.images.shape[1:]))} "
+              "features a step (112 pixels at 224x224, scaled), image-mean replacement.")
+    path = report.write_report(results, out, header)
+    (out / "run.json").write_text(json.dumps(
+        {"argv": sys.argv, "model": model_name, "data": data.name, "layers": layers,
+         "methods": [s.label for s in specs], "alphas": alphas,
+         "seconds": round(results.elapsed, 1)}, indent=2))
+    print(report.markdown_table1(results))
+    print(f"\nwrote {path} and the tables/figures next to it "
+          f"({results.elapsed:.0f} s)")
+    return 0

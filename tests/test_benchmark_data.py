@@ -1,0 +1,83 @@
+"""Benchmark data: the built-in cluttered digits and the folder loader (with its errors)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantus_adapters.benchmark.data import DataError, cluttered_digits, load_folder
+
+
+def test_cluttered_digits_are_deterministic_with_masks_on_the_digit():
+    a = cluttered_digits(n_val_per_class=1, n_test_per_class=2, seed=3)
+    b = cluttered_digits(n_val_per_class=1, n_test_per_class=2, seed=3)
+    c = cluttered_digits(n_val_per_class=1, n_test_per_class=2, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (30, 1, 64, 64) and a.masks.shape == (30, 1, 64, 64)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    assert len(a.val_idx) == 10 and len(a.test_idx) == 20
+    assert sorted(a.labels[a.val_idx].tolist()) == list(range(10))
+    # the mask covers the bright target strokes, and there is clutter outside it
+    for img, m in zip(a.images[:, 0], a.masks[:, 0], strict=True):
+        assert 20 < int(m.sum()) < 64 * 64 // 3
+        assert float(img[m].mean()) > 0.4
+        assert float((img[~m] > 0.3).sum()) > 10
+
+
+def _write_folder(root, n=4, size=8, labels=None, masks=True):
+    (root / "images").mkdir(parents=True)
+    if masks:
+        (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["name,label"]
+    for i in range(n):
+        arr = (rng.uniform(0, 1, (size, size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / "images" / f"im{i}.png")
+        if masks:
+            m = np.zeros((size, size), np.uint8)
+            m[2:5, 2:5] = 255
+            Image.fromarray(m).save(root / "masks" / f"im{i}.png")
+        rows.append(f"im{i}.png,{(labels or [i % 3] * n)[i]}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_folder_reads_images_labels_masks(tmp_path):
+    _write_folder(tmp_path, labels=[0, 1, 2, 1])
+    d = load_folder(tmp_path, n_classes=3)
+    assert d.images.shape == (4, 3, 8, 8) and d.images.dtype == torch.float32
+    assert 0 <= float(d.images.min()) and float(d.images.max()) <= 1
+    assert d.labels.tolist() == [0, 1, 2, 1]
+    assert d.masks.shape == (4, 1, 8, 8) and int(d.masks[0].sum()) == 9
+    assert len(d.val_idx) + len(d.test_idx) == 4 and len(d.val_idx) >= 1
+    assert not set(d.val_idx) & set(d.test_idx)
+
+
+def test_folder_without_masks_notes_skipped_metrics(tmp_path):
+    _write_folder(tmp_path, masks=False)
+    d = load_folder(tmp_path)
+    assert d.masks is None and any("skipped" in n for n in d.notes)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "nope")
+    _write_folder(tmp_path / "a", labels=[0, 1, 5, 1])
+    with pytest.raises(DataError, match="out of the model's range"):
+        load_folder(tmp_path / "a", n_classes=3)
+    _write_folder(tmp_path / "b")
+    (tmp_path / "b" / "labels.csv").write_text("name,label\nim0.png,0\nim1.png,1\n")
+    with pytest.raises(DataError, match="have no label"):
+        load_folder(tmp_path / "b")
+    _write_folder(tmp_path / "c")
+    (tmp_path / "c" / "labels.csv").unlink()
+    with pytest.raises(DataError, match="labels.csv"):
+        load_folder(tmp_path / "c")
+    _write_folder(tmp_path / "d")
+    (tmp_path / "d" / "labels.csv").write_text("im0.png,cat\n")
+    with pytest.raises(DataError, match="not an integer"):
+        load_folder(tmp_path / "d")
+    _write_folder(tmp_path / "e")
+    (tmp_path / "e" / "masks" / "im1.png").unlink()
+    with pytest.raises(DataError, match="no mask"):
+        load_folder(tmp_path / "e")
