@@ -11,4 +11,15 @@ from core.pair import Pair
 from core.probes import Probe
 from core.split import SplitModel, split
 
+
+
+def __getattr__(name: str):
+    """``core.zoo``, ``core.models`` and ``core.lrp`` load on first use."""
+    if name in ("zoo", "models", "lrp", "dc_train"):
+        import importlib
+
+        return importlib.import_module(f"core.{name}")
+    raise AttributeError(f"module 'core' has no attribute {name!r}")
+
+
 __all__ = ["Pair", "Probe", "SplitModel", "SplitOverflowError", "UnsupportedOperation", "split"]

@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from core.split import SplitModel
 
 ACTIVATION_RULES = ("pass", "wta")
+RESIDUAL_RULES = ("even", "proportional")
+_SUMS = {rules.add, rules.sub, rules.rsub}
 _AVERAGING_FUNCTIONS = {
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -102,8 +104,13 @@ def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return z + epsilon * sign
 
 
-def _kind(split: SplitModel, step: Any, activation_rule: str) -> str:
+def _kind(split: SplitModel, step: Any, activation_rule: str, residual: str,
+          records: dict) -> str:
     rule = step.rule
+    if rule in _SUMS and residual == "even":
+        pairs = [n for n in step.node.all_input_nodes if isinstance(records.get(n), Pair)]
+        if len(pairs) > 1:
+            return "even"
     if step.activation:
         return "relu-wta" if (activation_rule == "wta" and rule is rules.relu) else "pass"
     if rule in _MAXPOOL_RULES:
@@ -122,6 +129,7 @@ def relevance(
     layers: Sequence[str] = (),
     epsilon: float = 1e-6,
     activation_rule: str = "pass",
+    residual: str = "even",
     extra_args: tuple = (),
 ) -> dict[str, Relevance]:
     """SplitLRP relevance at the input and at the requested layers.
@@ -142,6 +150,10 @@ def relevance(
         The epsilon of eq. 9 (signed).
     activation_rule: str
         ``"pass"`` or ``"wta"`` (see the module docstring).
+    residual: str
+        At a sum of two activations (a residual add): ``"even"`` gives each branch half of
+        the relevance (the paper, section 4.2), ``"proportional"`` shares it by the branches'
+        contributions (the epsilon rule).
 
     Returns
     -------
@@ -150,6 +162,8 @@ def relevance(
     """
     if activation_rule not in ACTIVATION_RULES:
         raise ValueError(f"activation_rule={activation_rule!r} is not one of {ACTIVATION_RULES}")
+    if residual not in RESIDUAL_RULES:
+        raise ValueError(f"residual={residual!r} is not one of {RESIDUAL_RULES}")
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon} must be >= 0")
     x = split._check_input(x)
@@ -168,12 +182,13 @@ def relevance(
         raise ValueError("the model's output is not a single tensor")
     rel: dict[fx.Node, Any] = {output_node: (seed, torch.zeros_like(seed))}
     found: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-    targets = set(wanted.values())
     by_node = {s.node: s for s in steps}
     merged_into: dict[fx.Node, fx.Node] = {}  # affine node -> BatchNorm node merged into it
     for step in steps:
         if step.merged:
             merged_into[step.node.args[0]] = step.node
+    targets = set(wanted.values())
+    targets |= {merged_into[n] for n in targets if n in merged_into}
     for step in reversed(steps):
         node = step.node
         if node not in rel or node.op in ("output", "placeholder", "get_attr"):
@@ -195,7 +210,7 @@ def relevance(
             _propagate(split, [src, step], r, records, rel, epsilon, "epsilon")
         else:
             _propagate(split, [step], r, records, rel, epsilon,
-                       _kind(split, step, activation_rule))
+                       _kind(split, step, activation_rule, residual, records))
     for node in targets:
         if node in merged_into and merged_into[node] in found:
             found[node] = found[merged_into[node]]  # conv + BatchNorm is one layer here
@@ -226,10 +241,15 @@ def _run_rule(split: SplitModel, step: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
-    """Send the relevance ``r`` of the last step of ``chain`` to the first step's inputs."""
+    """Send the relevance ``r`` of the last step of ``chain`` to the first step's inputs.
+
+    The vector-Jacobian products are taken per stream (the coefficients of ``z+`` and of
+    ``z-`` separately), so that a tiny relevance of one stream is not lost to rounding next
+    to a large one of the other.
+    """
     first = chain[0]
     inputs = [n for n in first.node.all_input_nodes if isinstance(records.get(n), Pair)]
-    if kind == "pass" or kind == "relu-wta":
+    if kind in ("pass", "relu-wta"):
         src = first.node.args[0]
         rp, rn = r
         if kind == "relu-wta":
@@ -237,6 +257,9 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
             rn = rn + torch.where(winner, 0.0, rp)
             rp = torch.where(winner, rp, 0.0)
         _add(rel, src, (rp, rn))
+        return
+    if kind == "even":
+        _even(first, r, records, rel)
         return
     with torch.enable_grad():
         variables = {n: Pair(records[n].d.detach().requires_grad_(True),
@@ -248,28 +271,52 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
             out = _run_rule(split, later, (out,) + rest, dict(later.node.kwargs))
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         rs = r if isinstance(r, dict) else {0: r}
-        tensors, grads = [], []
+        tensors, coef_pos, coef_neg = [], [], []
         for i, o in enumerate(outs):
             if i not in rs:
                 continue
-            rp, rn = rs[i]
+            cp, cn = rs[i]
             if kind == "epsilon":
-                cp = rp / _stabilised(o.pos.detach(), epsilon)
-                cn = rn / _stabilised(o.neg.detach(), epsilon)
-            else:
-                cp, cn = rp, rn
+                cp = cp / _stabilised(o.pos.detach(), epsilon)
+                cn = cn / _stabilised(o.neg.detach(), epsilon)
             tensors += [o.d, o.s]
-            grads += [(cp - cn) / 2, (cp + cn) / 2]
+            coef_pos += [cp / 2, cp / 2]  # z+ = (s + d) / 2
+            coef_neg += [-cn / 2, cn / 2]  # z- = (s - d) / 2
         wrt = [t for n in inputs for t in (variables[n].d, variables[n].s)]
-        got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+        from_pos = torch.autograd.grad(tensors, wrt, coef_pos, retain_graph=True,
+                                       allow_unused=True)
+        from_neg = torch.autograd.grad(tensors, wrt, coef_neg, allow_unused=True)
     for i, n in enumerate(inputs):
-        gd, gs = got[2 * i], got[2 * i + 1]
-        gd = torch.zeros_like(records[n].d) if gd is None else gd
-        gs = torch.zeros_like(records[n].s) if gs is None else gs
-        jp, jn = gd + gs, gs - gd
+        jp = jn = None
+        for got in (from_pos, from_neg):
+            gd = _zero_if_none(got[2 * i], records[n].d)
+            gs = _zero_if_none(got[2 * i + 1], records[n].s)
+            # d = a+ - a-, s = a+ + a-: d/da+ = gd + gs, d/da- = gs - gd
+            jp = gd + gs if jp is None else jp + (gd + gs)
+            jn = gs - gd if jn is None else jn + (gs - gd)
         if kind == "epsilon":
             jp, jn = records[n].pos * jp, records[n].neg * jn
         _add(rel, n, (jp, jn))
+
+
+def _zero_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
+def _even(step, r, records, rel) -> None:
+    """A sum of two activations: each branch gets half, with the streams swapped where the
+    branch enters with a negative coefficient (``a - b`` adds ``b-`` to ``a+``)."""
+    node = step.node
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    positive = alpha >= 0
+    signs = {  # is each operand added with a positive coefficient?
+        rules.add: (True, positive),
+        rules.sub: (True, not positive),
+        rules.rsub: (not positive, True),
+    }[step.rule]
+    rp, rn = r
+    for src, plus in zip(node.args[:2], signs, strict=True):
+        _add(rel, src, (rp / 2, rn / 2) if plus else (rn / 2, rp / 2))
 
 
 def _add(rel: dict, node: fx.Node, r) -> None:

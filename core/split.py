@@ -518,6 +518,7 @@ class SplitModel:
         layers: Sequence[str] = (),
         epsilon: float = 1e-6,
         activation_rule: str = "pass",
+        residual: str = "even",
         extra_args: tuple = (),
     ) -> dict[str, Any]:
         """SplitLRP relevance (epsilon-LRP on the split pair); see :func:`core.lrp.relevance`.
@@ -530,7 +531,8 @@ class SplitModel:
         from core.lrp import relevance
 
         return relevance(self, x, seed, layers=layers, epsilon=epsilon,
-                         activation_rule=activation_rule, extra_args=extra_args)
+                         activation_rule=activation_rule, residual=residual,
+                         extra_args=extra_args)
 
 
 def _or_zero(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class Options:
     maxpool: str = "wta"
     stabilizer: str = "scale"
     input_split: str = "relu"
-    residual: str = "proportional"
+    residual: str = "even"
     maxout: str = "pass"
     theta: float = 0.1
     threshold: float = 10.0

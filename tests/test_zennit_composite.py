@@ -50,15 +50,15 @@ class _Cast:
 
 
 def _reference_relevance(self, x, seed, layers=(), epsilon=1e-6, activation_rule="pass",
-                         extra_args=()):
+                         residual="even", extra_args=()):
     _StandIn.calls.append({"x": x.clone(), "seed": seed.clone(), "layers": layers,
                            "options": self.options, "epsilon": epsilon,
-                           "activation_rule": activation_rule})
+                           "activation_rule": activation_rule, "residual": residual})
     ref = reference_split_lrp(self.model, x, seed, epsilon=epsilon,
                               maxpool=self.options["maxpool"],
                               stabilizer=self.options["stabilizer"],
                               input_split=self.options["input_split"],
-                              maxout=activation_rule)
+                              maxout=activation_rule, residual=residual)
     names = ["input", *layers]
     return {name: _Cast(ref[name], x.dtype) for name in names}
 

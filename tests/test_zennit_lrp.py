@@ -64,6 +64,7 @@ OPTIONS = [
     {"maxpool": "wta", "stabilizer": "none"},
     {"maxpool": "wta", "stabilizer": "shift"},
     {"maxpool": "wta", "stabilizer": "scale", "input_split": "half"},
+    {"maxpool": "wta", "stabilizer": "scale", "residual": "proportional"},
 ]
 
 
@@ -105,8 +106,10 @@ def test_equals_the_explicit_reference(make, options):
     if make is mlp:
         layers.remove("1")      # the BatchNorm merged into "0": its output is "0"'s
     ref_options = {("maxout" if k == "activation_rule" else k): v for k, v in options.items()}
+    ref_options.setdefault("residual", "even")
     ref = reference_split_lrp(model, x, seed, epsilon=1e-6, **ref_options)
-    split_options = {k: v for k, v in options.items() if k != "activation_rule"}
+    split_options = {k: v for k, v in options.items()
+                     if k not in ("activation_rule", "residual")}
     ap, an, _ = reference_forward(model, x, **split_options)
     composite = SplitLRP(stream="comb", layer=layers[1:], **options)
     with Gradient(model, composite) as attributor:

@@ -135,8 +135,9 @@ class SplitLRP(Composite):
     attributor's output gradient (a one-hot seed gives total relevance 1 per sample; seeding
     with ``a(L,+)`` gives the paper's total) and is redistributed with the epsilon rule
     (gamma 0) down to the input. BatchNorm is merged into the adjacent affine layer,
-    residual adds split relevance in proportion to the branches' contributions (the epsilon
-    rule of the add), and the forward pass is stabilised as in SplitCAM.
+    residual adds split relevance evenly across their branches (the paper; ``residual=
+    "proportional"`` uses the epsilon rule of the add instead), and the forward pass is
+    stabilised as in SplitCAM.
 
     Parameters
     ----------
@@ -168,6 +169,10 @@ class SplitLRP(Composite):
         activations, ``R(z,+) = R(a,+)``) or ``"wta"`` (the positive stream's Maxout
         ``a+ = max(z+, z-)`` hands its relevance to the winning pre-activation, which keeps
         relevance conserved also where a neuron's ``z+`` is zero).
+    residual: str, optional
+        How a sum of two activations (a residual add) shares relevance: ``"even"`` (default,
+        the paper: half to each branch) or ``"proportional"`` (by the branches'
+        contributions).
 
     Attributes
     ----------
@@ -194,8 +199,10 @@ class SplitLRP(Composite):
         *,
         input_split: str = "relu",
         activation_rule: str = "pass",
+        residual: str = "even",
     ) -> None:
         _check_choice("stream", stream, STREAMS)
+        _check_choice("residual", residual, ("even", "proportional"))
         _check_choice("maxpool", maxpool, MAXPOOL_MODES)
         _check_choice("stabilizer", stabilizer, STABILIZERS)
         _check_choice("input_split", input_split, INPUT_SPLITS)
@@ -217,6 +224,7 @@ class SplitLRP(Composite):
         self.layers = tuple(layers)
         self.input_split = input_split
         self.activation_rule = activation_rule
+        self.residual = residual
         self.relevance: dict[str, Any] = {}
         self._split_cache: tuple[nn.Module, Any] | None = None
 
@@ -286,24 +294,10 @@ class SplitLRP(Composite):
             )
             self._split_cache = (module, split_model)
         layers = tuple(name for name in self.layers if name not in ("", "input"))
-        # core reports a layer merged with the BatchNorm after it only when that BatchNorm
-        # is requested as well: ask for the BatchNorms too, keep what was asked for
-        batchnorms = tuple(
-            name for name, child in module.named_modules()
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and name not in layers
-        ) if layers else ()
-        try:
-            relevance = split_model.relevance(
-                input, seed, layers=layers + batchnorms, epsilon=self.epsilon,
-                activation_rule=self.activation_rule,
-            )
-        except ValueError:  # e.g. a BatchNorm the forward never calls
-            if not batchnorms:
-                raise
-            relevance = split_model.relevance(
-                input, seed, layers=layers, epsilon=self.epsilon,
-                activation_rule=self.activation_rule,
-            )
+        relevance = split_model.relevance(
+            input, seed, layers=layers, epsilon=self.epsilon,
+            activation_rule=self.activation_rule, residual=self.residual,
+        )
         relevance = {name: relevance[name] for name in ("input", *layers)}
         if "" in self.layers:
             relevance[""] = relevance["input"]

@@ -79,6 +79,7 @@ def split_lrp(
     stabilizer: str = "scale",
     input_split: str = "relu",
     activation_rule: str = "pass",
+    residual: str = "even",
 ) -> dict[str, Any]:
     """SplitLRP relevances ``R(l,+)``, ``R(l,-)`` and ``comb`` at the outputs of ``layers``.
 
@@ -95,7 +96,7 @@ def split_lrp(
         the model output.
     layers: str or list[str], optional
         Module names as in ``model.named_modules()``; ``"input"`` is the input (default).
-    epsilon, maxpool, stabilizer, input_split, activation_rule:
+    epsilon, maxpool, stabilizer, input_split, activation_rule, residual:
         As in :class:`SplitLRP`.
 
     Returns
@@ -111,6 +112,7 @@ def split_lrp(
         layer=names,
         input_split=input_split,
         activation_rule=activation_rule,
+        residual=residual,
     )
     with Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))
