@@ -12,7 +12,6 @@ from core.probes import Probe
 from core.split import SplitModel, split
 
 
-
 def __getattr__(name: str):
     """``core.zoo``, ``core.models`` and ``core.lrp`` load on first use."""
     if name in ("zoo", "models", "lrp", "dc_train"):
