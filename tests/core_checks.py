@@ -61,6 +61,20 @@ def check_forward(model: nn.Module, x: torch.Tensor, rel: float = 1e-5,
     return f
 
 
+def check_nonnegative_streams(model: nn.Module, x: torch.Tensor, **options) -> None:
+    """Without a stabiliser and with the ReLU input split, every split activation of every
+    node is non-negative (the streams are sums of non-negative terms)."""
+    sm = core.split(model, stabilizer="none", input_split="relu", **options)
+    names = sm.layer_names()
+    pairs = sm.pairs(x, names)
+    for name in names:
+        p = pairs[name]
+        mass = max_abs(p.s)
+        for stream, t in (("pos", p.pos), ("neg", p.neg)):
+            low = float(t.min())
+            assert low >= -1e-6 * mass, f"{name}.{stream} < 0 ({low:.3e}, mass {mass:.3e})"
+
+
 def reference(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor,
               layers: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Activation and gradient of the target logit at each layer, by autograd on a copy.
@@ -131,6 +145,10 @@ def check_probe(p: core.Probe, act: torch.Tensor, grad: torch.Tensor, alpha: flo
     assert_rel_close((p.pos_h - p.neg_h) / 2, p.h, rel, scale=sens, what=f"{what} h formula")
     # the sum of the shifted local sensitivities is a product of |W| and (1 - 2 alpha) >= 0
     assert float(p.S.min()) >= -rel * max_abs(p.S) - _tiny(p.S), f"{what}: S < 0"
+    if alpha == 0.0:  # g and h are monotone in the split activations of every layer
+        for name in ("pos_g", "neg_g", "pos_h", "neg_h"):
+            low = float(getattr(p, name).min())
+            assert low >= -rel * max_abs(p.S) - _tiny(p.S), f"{what}: {name} < 0 ({low:.3e})"
     if alpha == 0.5:
         assert_rel_close(p.g, grad / 2, grad_rel, what=f"{what} g at alpha 0.5")
         assert_rel_close(p.h, -grad / 2, grad_rel, what=f"{what} h at alpha 0.5")
@@ -164,8 +182,8 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 n = m.num_features
                 if m.running_mean is not None:
                     m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                    m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.running_var.copy_(torch.rand(n, generator=gen) + 1.0)
                 if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
                     m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model
