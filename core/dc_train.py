@@ -481,8 +481,8 @@ def _parser() -> argparse.ArgumentParser:
                         choices=sorted(dc_models.POSITIVITY_TRANSFORMS),
                         help="positivity transform p of the constrained parameters")
     parser.add_argument("--init-std", type=float, default=None,
-                        help="constrained weights start at |N(0, sigma)|; default 0.01 before "
-                        "batch norm, 1/fan_in elsewhere")
+                        help="constrained weights start at |N(0, sigma)|; default 0.01 (1/fan_in "
+                        "in cnn_maxout's hidden fully connected layers)")
     parser.add_argument("--limit", type=int, default=None,
                         help="use only the first N training and N test samples")
     parser.add_argument("--quick", action="store_true",
