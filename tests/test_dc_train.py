@@ -177,6 +177,15 @@ def test_training_learns_and_keeps_guarantees_and_checkpoint_round_trips(tmp_pat
     x = digits.test_x[:4]
     for stream in (model.g, model.h):
         assert class_gradients(stream, x).min() >= 0
+    assert torch.equal(model(x), model.g(x) - model.h(1 - x))
+    # an IC stream after training: midpoint convexity on random pairs (float64)
+    ic = dc.mlp_maxout("IC")
+    dc_train.train_model(ic, digits.limit(96), epochs=1, batch_size=32, progress=False)
+    ic = ic.double()
+    a, b = torch.rand(2, 8, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        gap = ic((a + b) / 2) - (ic(a) + ic(b)) / 2
+    assert gap.max() <= 1e-10 * ic(a).abs().max() and gap.min() < 0
     path = dc_train.save_checkpoint(model, tmp_path / "m.pt", "mlp_maxout", positivity="relu")
     restored = dc_train.load_checkpoint(path)
     assert restored.mode == "DMIN" and restored.inverted
