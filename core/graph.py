@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -34,6 +36,82 @@ class _SplitTracer(fx.Tracer):
         if isinstance(result, fx.Proxy):
             self.outputs[name] = result.node
         return result
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# ops whose result shares memory with their first argument: an in-place op on the result
+# also changes the source, which a graph without aliasing cannot express
+_VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "narrow", "transpose", "permute",
+                 "squeeze", "unsqueeze", "expand", "expand_as", "chunk", "split", "unbind", "t",
+                 "unflatten", "movedim", "swapaxes", "swapdims", "select", "as_strided"}
+
+
+def _mutates(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``,
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_module":
+        return getattr(model.get_submodule(node.target), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and (
+        node.target is operator.getitem or getattr(node.target, "__name__", "") in _VIEW_METHODS
+    )
+
+
+def _resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
+    """Give in-place ops their eager semantics in the graph.
+
+    torch.fx records ``x.add_(y)`` as a node, but later uses of ``x`` still refer to the node
+    that produced ``x`` before the write. Those uses are redirected to the in-place node,
+    whose value is the updated tensor. A write into a view of another activation (which
+    would change that activation too) is rejected.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not _mutates(node, model):
+            continue
+        target = node.args[0]
+        later = [u for u in target.users if order[u] > order[node]]
+        source = target
+        while _is_view(source) and isinstance(source.args[0], fx.Node):
+            source = source.args[0]
+            if any(order[u] > order[node] for u in source.users):
+                raise UnsupportedOperation(
+                    f"graph node {node.name!r} ({node.target}) writes in place into a view of "
+                    f"the activation {source.name!r}, which is used again later; the split "
+                    "cannot follow the aliasing. Use the out-of-place operation."
+                )
+        views = [u for u in target.users if order[u] < order[node] and _is_view(u)]
+        while views:
+            view = views.pop()
+            if any(order[u] > order[node] for u in view.users if not _is_view(u)):
+                raise UnsupportedOperation(
+                    f"graph node {node.name!r} ({node.target}) writes in place into "
+                    f"{target.name!r}, whose view {view.name!r} is used again later; the split "
+                    "cannot follow the aliasing. Use the out-of-place operation."
+                )
+            views += [u for u in view.users if _is_view(u)]
+        if later:
+            target.replace_all_uses_with(node, delete_user_cb=lambda u, later=later: u in later)
 
 
 @dataclass
@@ -75,6 +153,7 @@ def trace(model: nn.Module) -> TracedModel:
             "not supported. Move such logic out of the forward or make the branch a "
             "constructor argument."
         ) from err
+    _resolve_inplace(graph, model)
     nodes = list(graph.nodes)
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node] = {}
