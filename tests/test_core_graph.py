@@ -364,3 +364,46 @@ def test_constant_like_ops_are_constants():
     _check(LikeNet(), torch.randn(3, 4), ["fc1", "fc2:input", "input"])
     p = core.split(LikeNet().eval(), stabilizer="none").pairs(torch.randn(2, 4), ["fc2:input"])
     assert (p["fc2:input"].neg >= 0).all()
+
+
+class InPlaceAliases(nn.Module):
+    """In-place ops whose effect is seen through another name (eager aliasing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.mid = nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        keep = out
+        out.add_(self.b(x))  # result not assigned: `keep` sees the sum
+        keep.mul_(-2.0)  # and `out` sees the product
+        F.relu(out, inplace=True)  # `keep` is rectified too
+        h = self.act(self.mid(keep))
+        return self.out(keep + h)
+
+
+def test_in_place_ops_follow_eager_aliasing():
+    # regression: later uses of `out` after `out.add_(...)` saw the value before the write
+    torch.manual_seed(14)
+    _check(InPlaceAliases(), torch.randn(4, 4) * 2, ["a", "mid", "act", "out:input", "input"])
+
+
+def test_in_place_write_into_a_view_is_rejected():
+    class ViewWrite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.a(x)
+            flat = out.view(-1)
+            out.relu_()
+            return flat.view(2, -1) + out[:, :2].relu_().sum()
+
+    with pytest.raises(core.UnsupportedOperation, match="in place.*aliasing"):
+        core.split(ViewWrite().eval())
