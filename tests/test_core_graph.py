@@ -172,6 +172,9 @@ def test_residual_adds_through_module_list_and_containers():
     (2, dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2), groups=1, bias=False)),
     (2, dict(stride=1, padding="same", dilation=1, groups=3, bias=True)),  # depthwise
     (3, dict(stride=2, padding=1, dilation=1, groups=3, bias=True)),
+    (2, dict(stride=1, padding=1, dilation=1, groups=1, bias=True, padding_mode="reflect")),
+    (1, dict(stride=2, padding=2, dilation=1, groups=3, bias=True, padding_mode="circular")),
+    (3, dict(stride=1, padding=1, dilation=1, groups=1, bias=False, padding_mode="replicate")),
 ])
 def test_conv_layers(dims, opts):
     torch.manual_seed(5)

@@ -203,6 +203,24 @@ def test_split_is_a_view_without_weight_copies():
     assert own < 0.01 * param_bytes, f"the split holds {own} bytes of tensors"
 
 
+def test_input_is_not_modified_and_gets_no_gradient():
+    model = _net(1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    before = x.detach().clone()
+    sm = core.split(model)
+    g, h = sm(x)
+    probes = sm.sensitivities(x, 0, LAYERS, alpha=0.3)
+    assert torch.equal(x.detach(), before) and x.grad is None and x._version == 0
+    assert not g.requires_grad and not probes["input"].S.requires_grad
+
+
+@pytest.mark.xfail(strict=True, reason="core/split.py: _check_input does not reject an empty "
+                   "batch; the scale stabiliser fails with an obscure reshape error")
+def test_empty_batch_is_rejected_clearly():
+    with pytest.raises(ValueError, match="empty|batch"):
+        core.split(_net())(torch.randn(0, 3, 8, 8))
+
+
 # --------------------------------------------------------------------------- targets and batches
 def test_int_target_equals_per_row_tensor_target():
     model, x = _net(1), torch.randn(3, 3, 8, 8)
@@ -254,6 +272,26 @@ def test_dtype_follows_the_input():
         assert_rel_close(float32[layer].grad.double(), probes[layer].grad, 1e-4, what=layer)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_follows_the_input(device):
+    model = _net(3)
+    x = torch.randn(2, 3, 8, 8)
+    on_cpu = core.split(model).sensitivities(x, 1, LAYERS, alpha=0.4)
+    moved = _net(3).to(device)
+    g, h = core.split(moved)(x.to(device))
+    assert g.device.type == device and h.device.type == device
+    probes = core.split(moved).sensitivities(x.to(device), torch.tensor([1, 1]), LAYERS, 0.4)
+    for layer in LAYERS:
+        for field in ("activation", "mass", "S", "Dg", "grad"):
+            got = getattr(probes[layer], field)
+            assert got.device.type == device, (layer, field)
+            assert_rel_close(got.cpu(), getattr(on_cpu[layer], field), 1e-4,
+                             what=f"{device} {layer}.{field}")
+
+
 def test_training_mode_model_warns_and_uses_eval_semantics():
     model = _net(4)
     x = torch.randn(2, 3, 8, 8)
@@ -301,13 +339,16 @@ class Gated(nn.Module):
 @pytest.mark.parametrize("module,name", [(nn.SiLU(), "SiLU"), (nn.GELU(), "GELU"),
                                          (nn.Hardswish(), "Hardswish"),
                                          (nn.Sigmoid(), "Sigmoid"), (nn.Softmax(1), "Softmax"),
-                                         (nn.Tanh(), "Tanh")])
+                                         (nn.Tanh(), "Tanh"), (nn.PReLU(), "PReLU"),
+                                         (nn.ELU(), "ELU"), (nn.LayerNorm(16), "LayerNorm"),
+                                         (nn.BatchNorm1d(16, track_running_stats=False),
+                                          "without running statistics")])
 def test_unsupported_modules_are_named(module, name):
     model = _net()
     model.head[3] = module
     with pytest.raises(core.UnsupportedOperation, match=rf"'head\.3'.*{name}") as err:
-        core.split(model)
-    assert "Replace" in str(err.value)  # a fix is suggested
+        core.split(model)(torch.randn(2, 3, 8, 8))
+    assert "Replace" in str(err.value) or "use " in str(err.value)  # a fix is suggested
 
 
 @pytest.mark.parametrize("kind,pattern", [
