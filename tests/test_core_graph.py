@@ -410,3 +410,35 @@ def test_in_place_write_into_a_view_is_rejected():
 
     with pytest.raises(core.UnsupportedOperation, match="in place.*aliasing"):
         core.split(ViewWrite().eval())
+
+
+class DecoderNet(nn.Module):
+    """Transposed convolutions, upsampling, pixel shuffle and unflatten (decoder-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up1 = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+        self.up2 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.shuffle = nn.PixelShuffle(2)
+        self.unflat = nn.Unflatten(1, (4, 6))
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = F.relu(self.enc(x))
+        u = F.relu(self.up1(e))
+        u = self.up2(u) + F.interpolate(u, scale_factor=2, mode="nearest")
+        u = self.shuffle(F.adaptive_avg_pool2d(u, (2, 3)))
+        v = self.unflat(u.flatten(1)[:, :24])
+        return self.fc(v.flatten(1))
+
+
+def test_transposed_conv_upsampling_pixel_shuffle():
+    torch.manual_seed(15)
+    _check(DecoderNet(), torch.randn(2, 3, 8, 8), ["enc", "up1", "up2", "shuffle", "input"])
+
+
+def test_negative_interpolation_weights_are_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2, mode="bicubic"))
+    with pytest.raises(core.UnsupportedOperation, match="bicubic"):
+        core.split(model.eval())(torch.randn(1, 3, 4, 4))
