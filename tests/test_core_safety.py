@@ -221,6 +221,20 @@ def test_empty_batch_is_rejected_clearly():
         core.split(_net())(torch.randn(0, 3, 8, 8))
 
 
+def test_only_the_opt_in_cache_keeps_absolute_weights():
+    model = _net()
+    x = torch.randn(2, 3, 8, 8)
+    weights = sum(m.weight.numel() * 4 for m in model.modules()
+                  if isinstance(m, nn.Conv2d | nn.Linear))
+    ptrs = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    for cache, low, high in ((False, 0, 0), (True, weights, weights)):
+        sm = core.split(model, cache_abs_weights=cache)
+        sm(x)
+        own = sum(t.numel() * t.element_size() for t in _tensors(sm, set())
+                  if t.data_ptr() not in ptrs)
+        assert low <= own <= high, (cache, own, weights)
+
+
 # --------------------------------------------------------------------------- targets and batches
 def test_int_target_equals_per_row_tensor_target():
     model, x = _net(1), torch.randn(3, 3, 8, 8)
