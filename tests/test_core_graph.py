@@ -442,3 +442,26 @@ def test_negative_interpolation_weights_are_rejected():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2, mode="bicubic"))
     with pytest.raises(core.UnsupportedOperation, match="bicubic"):
         core.split(model.eval())(torch.randn(1, 3, 4, 4))
+
+
+def test_uneven_adaptive_max_pooling_needs_wta():
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d((3, 2)),
+                          nn.Flatten(), nn.Linear(24, 3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.raises(core.UnsupportedOperation, match=r"uneven windows.*maxpool='wta'"):
+        core.split(model)(x)
+    _check(model, x, ["2", "input"], maxpools=("wta",))
+
+
+def test_one_split_serves_several_input_sizes():
+    # the traced graph keeps x.size()-dependent arguments dynamic
+    torch.manual_seed(17)
+    model = FunctionalNet().eval()
+    sm = core.split(model)
+    for side in (6, 8, 13):
+        x = torch.randn(2, 3, side, side)
+        g, h = sm(x)
+        with torch.no_grad():
+            f = model(x)
+        assert_rel_close(g - h, f, 1e-5, scale=max_abs(g), what=f"side {side}")
