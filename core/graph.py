@@ -10,6 +10,28 @@ import torch.fx as fx
 from torch import nn
 
 from core.errors import UnsupportedOperation
+from core.rules import QUERY_ATTRIBUTES, QUERY_METHODS
+
+
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records augmented assignments (``x += y``) as the in-place operators.
+
+    ``fx.Proxy`` has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
+    loses that the tensor which ``x`` named was written to (another name for it still sees
+    the write in eager mode). :func:`_resolve_inplace` restores that aliasing.
+    """
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
 class _SplitTracer(fx.Tracer):
@@ -24,6 +46,9 @@ class _SplitTracer(fx.Tracer):
         super().__init__()
         self.outputs: dict[str, fx.Node] = {}
         self.inputs: dict[str, fx.Node] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
+        return _InPlaceProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 - fx's signature
         name = self.path_of_module(m)
@@ -77,6 +102,22 @@ def _is_view(node: fx.Node) -> bool:
     )
 
 
+def _scalar_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value is a Python number or shape: queries (``x.size()``, ``x.shape``)
+    and arithmetic on them only."""
+    scalars: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if (node.op == "call_method" and node.target in QUERY_METHODS) or (
+            node.op == "call_function" and node.target is getattr
+            and node.args[1] in QUERY_ATTRIBUTES
+        ):
+            scalars.add(node)
+        elif node.op == "call_function" and inputs and all(i in scalars for i in inputs):
+            scalars.add(node)
+    return scalars
+
+
 def _resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
     """Give in-place ops their eager semantics in the graph.
 
@@ -86,9 +127,10 @@ def _resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
     would change that activation too) is rejected.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
+    scalars = _scalar_nodes(graph)
     for node in list(graph.nodes):
-        if not _mutates(node, model):
-            continue
+        if not _mutates(node, model) or node.args[0] in scalars:
+            continue  # `n += 1` on a size rebinds a Python number: no aliasing
         target = node.args[0]
         later = [u for u in target.users if order[u] > order[node]]
         source = target
