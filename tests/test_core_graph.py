@@ -465,3 +465,29 @@ def test_one_split_serves_several_input_sizes():
         with torch.no_grad():
             f = model(x)
         assert_rel_close(g - h, f, 1e-5, scale=max_abs(g), what=f"side {side}")
+
+
+class AugmentedAssignment(nn.Module):
+    """``x += y`` writes into the tensor that another name still refers to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        skip = out
+        out += self.b(F.relu(out))  # `skip` sees the sum in eager mode
+        out *= 0.5
+        n = x.size(1)
+        m = n
+        n += 1  # a Python number: rebinding, no aliasing
+        return self.out(F.relu(skip) + out[:, :m].sum(1, keepdim=True) / n)
+
+
+def test_augmented_assignment_follows_eager_aliasing():
+    # regression: fx traced `out += y` as `out = out + y`, so `skip` kept the old value
+    torch.manual_seed(18)
+    _check(AugmentedAssignment(), torch.randn(3, 3), ["a", "b", "out:input", "input"])
