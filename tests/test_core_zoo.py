@@ -133,3 +133,19 @@ def test_resnet20_block_outputs_and_inputs_are_consistent(resnet20):
     assert pooled.activation.shape == (2, 64)
     assert_rel_close(pooled.grad, model.linear.weight[y[:2]].detach(), 1e-6,
                      what="gradient at the last layer's input")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "vgg11_bn"])
+def test_merged_batchnorm_on_torchvision_models(name):
+    model = _build(name)
+    x = torch.randn(2, 3, 32, 32)
+    check_forward(model, x, stabilizers=("scale",), merge_batchnorm=True)
+    merged = core.split(model, merge_batchnorm=True)
+    plain = core.split(model)
+    layers = ["input", TORCHVISION[[t[0] for t in TORCHVISION].index(name)][2]]
+    a = plain.sensitivities(x, 3, layers, alpha=0.4)
+    b = merged.sensitivities(x, 3, layers, alpha=0.4)
+    for layer in layers:
+        for field in ("S", "Dg", "grad"):
+            assert_rel_close(getattr(b[layer], field), getattr(a[layer], field), 1e-5,
+                             what=f"{layer}.{field}")
