@@ -105,5 +105,6 @@ def test_selectivity_matches_quantus():
     theirs = np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a, device="cpu"))
     assert ours.shape == theirs.shape == (2, 16)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    assert protocol.selectivity_patch((1, 64, 64)) == 4
-    assert protocol.selectivity_patch((3, 224, 224)) == 14
+    assert protocol.selectivity_patch((1, 64, 64)) == 8
+    assert protocol.selectivity_patch((3, 224, 224)) == 28
+    assert protocol.selectivity_patch((3, 30, 30)) == 3

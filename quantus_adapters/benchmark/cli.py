@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sens-samples", type=int, default=None,
                    help="Max Sensitivity samples per image (default 25; --quick 5)")
     p.add_argument("--max-sens-images", type=int, default=None,
-                   help="test images for Max Sensitivity (default 20; --quick 5)")
+                   help="test images for Max Sensitivity (default 10; --quick 5)")
+    p.add_argument("--selectivity-patch", type=int, default=None,
+                   help="Selectivity patch side in pixels (default: side / 8)")
     p.add_argument("--batch-size", type=int, default=64, help="images per explain call")
     p.add_argument("--image-size", type=int, default=None,
                    help="resize folder / ImageNet-S images to this side")
@@ -181,7 +183,7 @@ def _run(args) -> int:
     start = time.perf_counter()
     progress = not args.no_progress
     for name in ("n_val", "n_test", "max_layers", "max_sens_samples", "max_sens_images",
-                 "batch_size"):
+                 "batch_size", "selectivity_patch"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -195,8 +197,8 @@ def _run(args) -> int:
     # 1. cheap checks first: model skeleton, data, labels, layers, methods
     model, model_name = _model_skeleton(args)
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size)
-    n_val = args.n_val or (10 if args.quick else None)
-    n_test = args.n_test or (10 if args.quick else (60 if args.data == "digits" else None))
+    n_val = args.n_val or (5 if args.quick else None)
+    n_test = args.n_test or (5 if args.quick else (40 if args.data == "digits" else None))
     data = data.limit(n_val, n_test)
     if len(data.val_idx) == 0 or len(data.test_idx) == 0:
         raise UsageError("the data has no validation or no test image")
@@ -229,7 +231,8 @@ def _run(args) -> int:
 
     settings = protocol.ProtocolSettings(
         max_sens_samples=args.max_sens_samples or (5 if args.quick else 25),
-        max_sens_images=args.max_sens_images or (5 if args.quick else 20),
+        max_sens_images=args.max_sens_images or (5 if args.quick else 10),
+        selectivity_patch=args.selectivity_patch,
         device=args.device, seed=args.seed, batch_size=args.batch_size)
     extra = {"model_name": model_name, "quick": args.quick, "alpha": args.alpha}
     store = CellStore(out / "cells.jsonl", fingerprint(model, data, settings, extra),
@@ -250,7 +253,8 @@ def _run(args) -> int:
               f"{'quick run, ' if args.quick else ''}seed {args.seed}, device {args.device}; "
               f"Max Sensitivity with {settings.max_sens_samples} samples on the first "
               f"{settings.max_sens_images} test images; Selectivity patches of "
-              f"{protocol.selectivity_patch(tuple(data.images.shape))} px; "
+              f"{settings.selectivity_patch or protocol.selectivity_patch(data.images.shape)}"
+              " px; "
               f"Pixel Flipping {protocol.features_in_step(tuple(data.images.shape[1:]))} "
               "features a step (112 pixels at 224x224, scaled), image-mean replacement.")
     path = report.write_report(results, out, header)

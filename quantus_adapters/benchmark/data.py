@@ -17,7 +17,8 @@ Sources
     ``PATH/labels.csv`` with the columns ``name,label``.
 ``imagenet-s:PATH``
     the ImageNet-S-50 layout: ``PATH/validation/<wnid>/*.JPEG`` (or ``PATH/images/...``)
-    and the segmentation PNGs ``PATH/validation-segmentation/<wnid>/*.png``; one image per
+    and the segmentation PNGs ``PATH/validation-segmentation/<wnid>/*.png`` (class id
+    ``R + 256 G``; 0 background, 1000 ignored); one image per
     class goes to validation, as in the paper.
 """
 
@@ -212,8 +213,8 @@ def digits_training_set(copies: int = 4, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.from_numpy(x), torch.from_numpy(labels[src])
 
 
-def cluttered_digits(n_val_per_class: int = 2, n_test_per_class: int = 10, seed: int = 0,
-                     n_accuracy: int | None = None) -> BenchmarkData:
+def cluttered_digits(n_val_per_class: int = 1, n_test_per_class: int = 10,
+                     seed: int = 0) -> BenchmarkData:
     """The built-in benchmark data: held-out digits on cluttered 64x64 canvases.
 
     Parameters
@@ -222,8 +223,6 @@ def cluttered_digits(n_val_per_class: int = 2, n_test_per_class: int = 10, seed:
         Validation and test images per class (drawn from digits the model never saw).
     seed: int
         Seed of the selection and canvas layout.
-    n_accuracy: int, optional
-        Unused; kept for symmetry with the other loaders.
 
     Returns
     -------
@@ -436,10 +435,10 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
     """Read the ImageNet-S-50 validation layout.
 
     Images ``PATH/validation/<wnid>/<name>.JPEG`` (also accepted: ``PATH/images/``,
-    ``PATH/val/``), segmentations ``PATH/validation-segmentation/<wnid>/<name>.png`` (any
-    non-zero value = object), the class index from torchvision's ImageNet order of the wnid
-    (``PATH/LOC_synset_mapping.txt``, ImageNet's 1000 'wnid name' lines). One image per class goes
-    to validation, the rest to test, as in the paper. Images are resized to ``size``
+    ``PATH/val/``), segmentations ``PATH/validation-segmentation/<wnid>/<name>.png`` (class
+    id ``R + 256 G``; every id but 0 and 1000 = object), the class index from ImageNet's
+    order of the wnids (``PATH/LOC_synset_mapping.txt``, 1000 lines 'wnid name'). One image
+    per class goes to validation, the rest to test, as in the paper. Images are resized to ``size``
     (direct resize, no crop) and left in [0, 1]; the model wraps the ImageNet
     normalisation.
     """
@@ -473,8 +472,10 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
         pick = int(rng.integers(len(pairs)))
         for j, (p, s) in enumerate(pairs):
             xs.append(_read_image(p, size))
-            seg = _read_image(s, None, mode="RGB") * 255.0
-            ms.append(_resize_mask(seg.sum(-1), size, size) > 0)
+            rgb = np.rint(_read_image(s, None, mode="RGB") * 255.0)
+            ids = rgb[..., 0] + 256.0 * rgb[..., 1]  # ImageNet-S: class id = R + 256 G
+            obj = ((ids != 0) & (ids != 1000)).astype(np.float32)  # 0 background, 1000 other
+            ms.append(_resize_mask(obj, size, size) > 0)
             ys.append(wnid_index[c])
             names.append(f"{c}/{p.name}")
             val.append(j == pick)

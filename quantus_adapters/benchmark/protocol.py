@@ -74,7 +74,7 @@ class ProtocolSettings:
 
     max_sens_samples: int = 25
     max_sens_images: int | None = None
-    selectivity_patch: int | None = None  # None: max(2, H // 16)
+    selectivity_patch: int | None = None  # None: a divisor of the side near side / 8
     pf_fractions: tuple[float, float] = (0.05, 0.20)
     batch_size: int = 64
     device: str = "cpu"
@@ -341,14 +341,15 @@ def pixel_flipping_auc(curves: np.ndarray, fraction: float, total: int, step: in
 
 
 def selectivity_patch(shape: Sequence[int]) -> int:
-    """Selectivity's patch side: a divisor of the image side near ``side / 16``.
+    """Selectivity's patch side: a divisor of the image side near ``side / 8``.
 
-    Quantus's default is 8 pixels at 224x224 (784 patches, one model call each); 16x16
-    patches keep the curve's shape at a fraction of the cost on CPU.
+    Quantus's default is 8 pixels at 224x224 (784 patches, one model call each); an 8x8
+    grid of patches keeps the benchmark affordable on CPU (``--selectivity-patch`` sets
+    another size).
     """
     h, w = int(shape[-2]), int(shape[-1])
     g = math.gcd(h, w)
-    target = max(1.0, min(h, w) / 16)
+    target = max(1.0, min(h, w) / 8)
     divisors = [d for d in range(1, g + 1) if g % d == 0]
     return int(min(divisors, key=lambda d: (abs(d - target), d)))
 
@@ -461,6 +462,8 @@ def evaluate_metric(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, a
         metric = quantus.PointingGame(abs=False, normalise=True, **common)
         return _quantus_scores(metric, model, x, y, a, s, device, settings.batch_size)
     if name == "MaxSens":
+        if (explain_kwargs or {}).get("method") == "Random":  # not defined for random maps
+            return np.full(len(y), np.nan)
         if explain_func is None:
             explain_func = quantus_adapters.explain
         n = min(settings.max_sens_images or len(y), len(y))

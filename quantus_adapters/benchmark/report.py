@@ -35,7 +35,8 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def _best(rows, metric: str) -> float | None:
-    vals = [r.scores.get(metric, np.nan) for r in rows]
+    """The best value of ``metric`` over the rows (the random baseline takes no part)."""
+    vals = [r.scores.get(metric, np.nan) for r in rows if r.config.spec.method != "Random"]
     vals = [v for v in vals if np.isfinite(v)]
     if not vals:
         return None

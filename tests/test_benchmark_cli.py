@@ -1,0 +1,127 @@
+"""``splitxai benchmark`` command line: bad input fails early and clearly; --resume."""
+
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from quantus_adapters.benchmark import cli, runner
+from quantus_adapters.benchmark.zoo import models
+
+MODEL_PY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(6, 3)).eval()
+
+    def not_a_model():
+        return 42
+""")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(MODEL_PY)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["name,label"]
+    for i in range(6):
+        Image.fromarray((rng.uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)).save(
+            root / "images" / f"im{i}.png")
+        m = np.zeros((16, 16), np.uint8)
+        m[4:10, 3:9] = 255
+        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
+        lines.append(f"im{i}.png,{i % 3}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path, f"{model_file}:build", root
+
+
+def _fail(argv, capsys, match):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert match in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_input_is_reported_before_any_work(setup, capsys, monkeypatch):
+    tmp, factory, root = setup
+
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("heavy work started")
+
+    monkeypatch.setattr(models, "digits_cnn", no_heavy_work)
+    monkeypatch.setattr(runner.Benchmark, "run", no_heavy_work)
+    out = ["--out", str(tmp / "out"), "--no-progress"]
+    _fail(["--data", f"folder:{tmp / 'missing'}", "--model", factory] + out, capsys,
+          "does not exist")
+    _fail(["--data", f"folder:{root}", "--model", f"{tmp / 'tiny.py'}:not_a_model"] + out,
+          capsys, "returned int, not a torch.nn.Module")
+    _fail(["--data", f"folder:{root}", "--model", f"{tmp / 'nofile.py'}:build"] + out,
+          capsys, "does not exist")
+    _fail(["--data", f"folder:{root}", "--model", factory, "--layers", "99"] + out, capsys,
+          "'99' is not a module of the model")
+    _fail(["--layers", "features.99"] + out + ["--cache-dir", str(tmp / "cache")], capsys,
+          "'features.99' is not a module")
+    _fail(["--data", f"folder:{root}", "--model", factory, "--methods", "NoSuchMethod"] + out,
+          capsys, "NoSuchMethod not available")
+    (root / "labels.csv").write_text("name,label\n" + "\n".join(
+        f"im{i}.png,{5 if i == 2 else 0}" for i in range(6)))
+    _fail(["--data", f"folder:{root}", "--model", factory] + out, capsys,
+          "label 5 of 'im2.png' is out of the model's range [0, 3)")
+    (root / "labels.csv").write_text("name,label\nim0.png,0\n")
+    _fail(["--data", f"folder:{root}", "--model", factory] + out, capsys, "have no label")
+    assert not (tmp / "cache").exists()
+
+
+def test_resume_reuses_every_finished_cell(setup, capsys, monkeypatch):
+    tmp, factory, root = setup
+    out = tmp / "out"
+    argv = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency",
+            "SplitGrad", "Random", "--max-layers", "1", "--alphas", "0.4", "0.5",
+            "--max-sens-samples", "2", "--out", str(out), "--no-progress"]
+    calls = []
+    real = runner.evaluate_metric
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_metric", interrupted)
+    assert cli.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+    done = len(calls) - 1
+
+    calls.clear()
+    monkeypatch.setattr(runner, "evaluate_metric", lambda *a, **k: (calls.append(a[0]),
+                                                                    real(*a, **k))[1])
+    assert cli.main(argv + ["--resume"]) == 0
+    assert f"reusing {done} finished cells" in capsys.readouterr().out
+    resumed = len(calls)
+    first = (out / "table1_comparison.csv").read_text()
+    for name in ("table3_alpha.md", "table6_randomisation.md", "table7_timing.md",
+                 "figure4_saliency.png", "figure7_layers.png", "report.md", "validation.csv"):
+        assert (out / name).is_file(), name
+
+    calls.clear()
+    assert cli.main(argv + ["--resume"]) == 0
+    assert calls == []  # everything reused
+    assert (out / "table1_comparison.csv").read_text() == first
+    assert resumed > 0
+
+    calls.clear()
+    assert cli.main(argv) == 0  # without --resume everything is recomputed
+    assert len(calls) == done + resumed
+    table = (out / "table1_comparison.md").read_text()
+    assert "SplitGrad" in table and "Saliency" in table and "**" in table
