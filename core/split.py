@@ -107,6 +107,7 @@ class SplitModel:
         self._abs_cache: dict[int, tuple[int, int, torch.Tensor]] | None = (
             {} if cache_abs_weights else None
         )
+        self._warned_hooks = False
         self._traced = trace(model)
         self._steps = self._plan()
 
@@ -158,6 +159,12 @@ class SplitModel:
                         f"sigmoid, softmax, normalisations by activation statistics and "
                         f"products of activations cannot be split). {fix}"
                     )
+            if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
+                raise UnsupportedOperation(
+                    f"{self._where(node)}: batch normalisation without running statistics "
+                    "uses batch statistics, which couple the rows of a batch and are not "
+                    "piecewise linear; use track_running_stats=True (a trained model)."
+                )
             if carry:
                 carries.add(node)
             activation = rule is not None and rules.is_activation(rule)
@@ -252,8 +259,21 @@ class SplitModel:
             raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
         if x.dim() == 0:
             raise ValueError("input must have a batch dimension, got a scalar")
+        if x.shape[0] == 0:
+            raise ValueError(f"input has an empty batch (shape {tuple(x.shape)}); pass at "
+                             "least one sample")
         if not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values; clean or clip it first")
+        hooked = [name for name, m in self.model.named_modules()
+                  if name and (m._forward_hooks or m._forward_pre_hooks)]
+        if hooked and not self._warned_hooks:
+            self._warned_hooks = True
+            warnings.warn(
+                f"modules {hooked[:5]} of {type(self.model).__name__} have forward hooks; the "
+                "split evaluates the traced graph and does not run module hooks, so a hook "
+                "that changes outputs is not reflected in g - h.",
+                stacklevel=3,
+            )
         if self.model.training:
             warnings.warn(
                 f"{type(self.model).__name__} is in training mode: the split uses eval "
@@ -349,6 +369,26 @@ class SplitModel:
             if isinstance(pair, Pair) and not torch.isfinite(pair.s).all():
                 return self._describe(node)
         return "the output"
+
+    def _first_backward_overflow(self, x: torch.Tensor, index: torch.Tensor,
+                                 factors: Mapping[str, float], extra_args: tuple) -> str:
+        """Rerun the backward and name the node nearest the output where S is not finite."""
+        first: list[fx.Node] = []
+        with torch.enable_grad():
+            d_in, s_in = self._initial(x)
+            d_in = d_in.requires_grad_(True)
+            s_in = s_in.clone().requires_grad_(True)
+            out, records = self._run(d_in, s_in, extra_args, factors=factors, record_all=True)
+            for node, pair in records.items():
+                if isinstance(pair, Pair) and pair.s.requires_grad:
+                    def hook(grad: torch.Tensor, node: fx.Node = node) -> None:
+                        if not first and not torch.isfinite(grad).all():
+                            first.append(node)
+                    pair.s.register_hook(hook)
+            seed = out.s.gather(1, index).sum() * 0.5 * factors["output"]
+            torch.autograd.grad(seed + 0.5 * out.d.gather(1, index).sum(), [d_in, s_in],
+                                allow_unused=True)
+        return self._describe(first[0]) if first else "the output"
 
     def _describe(self, node: fx.Node) -> str:
         names = [k for k, v in self._traced.module_outputs.items() if v is node and k]
@@ -477,6 +517,12 @@ class SplitModel:
             s_in = s_in.clone().requires_grad_(True)
             out, records = self._run(d_in, s_in, tuple(extra_args), factors=factors,
                                      record=nodes.values())
+            if not torch.isfinite(out.s).all():
+                raise SplitOverflowError(
+                    f"the split stream mass overflowed {x.dtype} at "
+                    f"{self._first_overflow(x, tuple(extra_args))} "
+                    f"(stabilizer={self.stabilizer!r}); use stabilizer='scale' or float64 inputs"
+                )
             index = _targets(target, out.d)
             sel_d = out.d.gather(1, index).sum()
             sel_s = out.s.gather(1, index).sum()
@@ -499,11 +545,12 @@ class SplitModel:
                 grad=_or_zero(grads[i], d),
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
+                where = self._first_backward_overflow(x, index, factors, tuple(extra_args))
                 raise SplitOverflowError(
                     f"the sensitivities at {self._describe(node)} overflowed {x.dtype} at "
-                    f"alpha={alpha}: the S stream grows like the product of |W| over the "
-                    "layers above. Use a larger alpha (closer to 0.5) or float64 "
-                    "(model.double() on a copy and x.double())."
+                    f"alpha={alpha} (first at {where}, counting from the output): the S stream "
+                    "grows like the product of |W| over the layers above. Use a larger alpha "
+                    "(closer to 0.5) or float64 (model.double() on a copy and x.double())."
                 )
             for layer, n in nodes.items():
                 if n is node:

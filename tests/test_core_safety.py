@@ -214,8 +214,6 @@ def test_input_is_not_modified_and_gets_no_gradient():
     assert not g.requires_grad and not probes["input"].S.requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason="core/split.py: _check_input does not reject an empty "
-                   "batch; the scale stabiliser fails with an obscure reshape error")
 def test_empty_batch_is_rejected_clearly():
     with pytest.raises(ValueError, match="empty|batch"):
         core.split(_net())(torch.randn(0, 3, 8, 8))
@@ -500,8 +498,6 @@ def test_overflow_of_the_forward_streams_is_reported():
         core.split(model, stabilizer="none")(x)
 
 
-@pytest.mark.xfail(strict=True, reason="core/split.py: sensitivities() checks S and Dg but not "
-                   "the forward mass; with stabilizer='none' it returns inf split activations")
 def test_sensitivities_report_overflow_of_the_forward_streams():
     model = _deep_mlp()
     with pytest.raises(core.SplitOverflowError, match="overflowed"):
