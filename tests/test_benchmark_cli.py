@@ -88,7 +88,7 @@ def test_resume_reuses_every_finished_cell(setup, capsys, monkeypatch):
     out = tmp / "out"
     argv = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency",
             "SplitGrad", "Random", "--max-layers", "1", "--alphas", "0.4", "0.5",
-            "--max-sens-samples", "2", "--out", str(out), "--no-progress"]
+            "--max-sens-samples", "2", "--out", str(out), "--no-progress", "--threads", "1"]
     calls = []
     real = runner.evaluate_metric
 

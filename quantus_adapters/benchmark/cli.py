@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize folder / ImageNet-S images to this side")
     p.add_argument("--cache-dir", default=None,
                    help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
+                        "machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -161,7 +164,12 @@ def _check_labels(model: nn.Module, data, device: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``splitxai benchmark``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         return _run(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished cells are in {args.out}/cells.jsonl -- run again with "
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"splitxai benchmark: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:

@@ -27,6 +27,8 @@ __all__ = [
     "Normalised",
     "DigitsVGG",
     "digits_cnn",
+    "digits_cache_path",
+    "save_digits_cnn",
     "train_digits_cnn",
     "cifar10_resnet20",
     "torchvision_imagenet",
@@ -158,6 +160,22 @@ def train_digits_cnn(seed: int = 0, epochs: int = 10, batch_size: int = 32,
     return model, acc
 
 
+def digits_cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Where :func:`digits_cnn` caches the trained model (keyed by model version and seed)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha1(f"{DIGITS_MODEL_VERSION}-{seed}".encode()).hexdigest()[:10]
+    return cache / f"digits_vgg_{key}.pt"
+
+
+def save_digits_cnn(model: nn.Module, accuracy: float, path: str | os.PathLike) -> None:
+    """Write a trained digits CNN to the cache file ``path`` (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "accuracy": accuracy}, tmp)
+    os.replace(tmp, path)
+
+
 def digits_cnn(cache_dir: str | os.PathLike | None = None, seed: int = 0,
                log: Callable[[str], None] | None = print, progress: bool = True) -> nn.Module:
     """The built-in digits CNN: loaded from the cache, or trained and cached.
@@ -165,9 +183,7 @@ def digits_cnn(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     The cache file is keyed by the model version and seed
     (``<cache_dir>/digits_vgg_<key>.pt``, with its held-out accuracy).
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha1(f"{DIGITS_MODEL_VERSION}-{seed}".encode()).hexdigest()[:10]
-    path = cache / f"digits_vgg_{key}.pt"
+    path = digits_cache_path(cache_dir, seed)
     model = DigitsVGG()
     if path.is_file():
         try:
@@ -182,13 +198,10 @@ def digits_cnn(cache_dir: str | os.PathLike | None = None, seed: int = 0,
                 log(f"ignoring unreadable cache {path}: {exc}")
     model, acc = train_digits_cnn(seed=seed, log=log, progress=progress)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "accuracy": acc}, tmp)
-        os.replace(tmp, path)
+        save_digits_cnn(model, acc, path)
     except OSError as exc:
         if log is not None:
-            log(f"could not cache the digits CNN in {cache}: {exc}")
+            log(f"could not cache the digits CNN in {path.parent}: {exc}")
     return model
 
 
