@@ -81,3 +81,50 @@ def test_folder_errors(tmp_path):
     (tmp_path / "e" / "masks" / "im1.png").unlink()
     with pytest.raises(DataError, match="no mask"):
         load_folder(tmp_path / "e")
+
+
+def test_imagenet_s_layout_one_validation_image_per_class(tmp_path):
+    from quantus_adapters.benchmark.data import load_imagenet_s
+
+    wnids = ["n01443537", "n01491361"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "n00000001 a\nn01443537 goldfish\nn00000002 b\nn01491361 shark\n")
+    for w in wnids:
+        (tmp_path / "validation" / w).mkdir(parents=True)
+        (tmp_path / "validation-segmentation" / w).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(
+                tmp_path / "validation" / w / f"x{i}.JPEG")
+            seg = np.zeros((20, 30, 3), np.uint8)
+            seg[5:10, 5:15, 0] = 2           # class id 2 = object
+            seg[0:2, 0:2, 0] = 232           # id 1000 = 232 + 3 * 256: ignored
+            seg[0:2, 0:2, 1] = 3
+            Image.fromarray(seg).save(tmp_path / "validation-segmentation" / w / f"x{i}.png")
+    d = load_imagenet_s(tmp_path, size=16)
+    assert d.images.shape == (6, 3, 16, 16)
+    assert sorted(set(d.labels.tolist())) == [1, 3]
+    assert len(d.val_idx) == 2 and sorted(d.labels[d.val_idx].tolist()) == [1, 3]
+    assert len(d.test_idx) == 4
+    m = d.masks[0, 0]
+    assert 0 < int(m.sum()) < 16 * 16 // 2 and not bool(m[0, 0])
+    with pytest.raises(DataError, match="LOC_synset_mapping"):
+        (tmp_path / "LOC_synset_mapping.txt").unlink()
+        load_imagenet_s(tmp_path, size=16)
+    with pytest.raises(DataError, match="not an ImageNet-S-50 folder"):
+        load_imagenet_s(tmp_path / "validation", size=16)
+
+
+def test_imagenet_model_offline_gives_a_clear_error(monkeypatch):
+    import torch.hub
+
+    from quantus_adapters.benchmark.zoo import models
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-splitxai-test")
+    with pytest.raises(models.ModelError, match="could not download .*--weights"):
+        models.torchvision_imagenet("resnet18")
+    with pytest.raises(models.ModelError, match="unknown ImageNet model"):
+        models.torchvision_imagenet("alexnet")

@@ -36,7 +36,10 @@ from quantus_adapters.benchmark.protocol import (
 )
 from quantus_adapters.benchmark.store import CellStore
 
-__all__ = ["Benchmark", "Results", "Row"]
+__all__ = ["Benchmark", "Results", "Row", "FIGURE_BASELINES"]
+
+# input-attribution baselines shown in the saliency figure (all Split and layer methods are)
+FIGURE_BASELINES = ("Saliency", "IntegratedGradients", "GuidedBackprop", "Occlusion")
 
 
 @dataclass
@@ -398,9 +401,14 @@ class Benchmark:
             cls = names[p] if names and p < len(names) else str(p)
             titles.append(f"{cls} ({100 * float(probs[i, p]):.0f} %)")
         saliency: dict[str, np.ndarray] = {}
+        shown = set()
         for row in rows:
             k = f"{row.config.key()}|{int(row.use_abs)}"
-            if row.config.spec.label not in saliency and k in kept:
+            spec = row.config.spec
+            if spec.group == "baseline" and spec.method not in FIGURE_BASELINES:
+                continue
+            if spec.label not in shown and k in kept:
+                shown.add(spec.label)
                 maps = kept[k][:n]
                 saliency[f"{row.config.spec.label}\n{row.config.layer_label}"] = (
                     np.abs(maps) if row.use_abs else maps)
