@@ -236,7 +236,7 @@ def _args_with(node: fx.Node, records: dict, variables: dict) -> tuple[tuple, di
 
 def _run_rule(split: SplitModel, step: Any, args: tuple, kwargs: dict) -> Any:
     ctx = rules.Ctx(split.maxpool, step.where, step.module, step.skip_bias, step.merged_bias,
-                    split._weight_abs)
+                    split._weight_abs, split._abs_cache is not None)
     return step.rule(ctx, args, kwargs)
 
 

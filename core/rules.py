@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.absops import abs_conv, abs_linear
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 
@@ -33,6 +34,7 @@ class Ctx:
     skip_bias: bool = False
     merged_bias: torch.Tensor | None = None
     weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
+    cached_abs: bool = False  # weight_abs returns a kept |W|: use it directly
 
 
 def unsupported(ctx: Ctx, what: str, fix: str) -> UnsupportedOperation:
@@ -217,7 +219,11 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     m, p = ctx.module, args[0]
     w, b = m.weight.detach(), _detach(m.bias)
     bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
-    return Pair(F.linear(p.d, w, b), F.linear(p.s, ctx.weight_abs(m.weight), bias_abs))
+    if ctx.cached_abs:
+        s = F.linear(p.s, ctx.weight_abs(m.weight), bias_abs)
+    else:
+        s = abs_linear(p.s, w, bias_abs)
+    return Pair(F.linear(p.d, w, b), s)
 
 
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -225,7 +231,15 @@ def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     m, p = ctx.module, args[0]
     w, b = m.weight.detach(), _detach(m.bias)
     bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
-    s = m._conv_forward(p.s, ctx.weight_abs(m.weight), bias_abs)
+    if ctx.cached_abs:
+        s = m._conv_forward(p.s, ctx.weight_abs(m.weight), bias_abs)
+    else:
+        source, padding = p.s, m.padding
+        if m.padding_mode != "zeros":
+            source = F.pad(source, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            padding = 0
+        s = abs_conv(source, w, bias_abs, len(m.kernel_size), m.stride, padding, m.dilation,
+                     m.groups)
     return Pair(m._conv_forward(p.d, w, b), s)
 
 
@@ -306,7 +320,7 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
         return Pair(d, p.s)
     if hi is None:  # lo + relu(z - lo)
         if lo == 0:
-            return Pair(d, p.s + F.relu(-p.d))
+            return Pair(d, p.s - p.d.clamp_max(0))
         return Pair(d, p.s + 2 * abs(lo) + F.relu(lo - p.d))
     if lo is None:  # z - relu(z - hi)
         return Pair(d, 2 * p.s + abs(hi) + F.relu(hi - p.d))
@@ -316,7 +330,7 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """ReLU: g stream Maxout, h stream identity; ``s' = s + relu(-z)``."""
     p = args[0]
-    return Pair(F.relu(p.d), p.s + F.relu(-p.d))
+    return Pair(F.relu(p.d), p.s - p.d.clamp_max(0))
 
 
 def _number(ctx: Ctx, v: Any, what: str) -> float | None:
@@ -411,10 +425,19 @@ def _tuple(v: Any, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape) -> torch.Tensor:
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape,
+             ceil_mode: bool = False) -> torch.Tensor:
     """Windowed sums with zero padding, matching the windows of a max pooling."""
     kernel, stride = _tuple(kernel, n), _tuple(stride, n)
     padding, dilation = _tuple(padding, n), _tuple(dilation, n)
+    if n in _AVG_POOL and all(v == 1 for v in dilation):
+        out = _AVG_POOL[n](x, kernel, stride, padding, ceil_mode, count_include_pad=True,
+                           divisor_override=1)
+        if tuple(out.shape) == tuple(out_shape):
+            return out
     extra = []
     for i in range(n):
         size = x.shape[-n + i]
@@ -447,9 +470,9 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
     if ctx.maxpool == "wta":
         d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         return Pair(d, _gather(p.s, idx, n))
-    d = pool(p.d, kernel, stride, padding, dilation, ceil_mode)
-    winner = pool(p.d, kernel, stride, padding, dilation, ceil_mode)  # not d itself
-    rest = sum_pool(p.s - p.d, n, kernel, stride, padding, dilation, d.shape)
+    d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    winner = _gather(p.d, idx, n)  # the same values, but not d itself (see DESIGN.md)
+    rest = sum_pool(p.s - p.d, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
     return Pair(d, winner + rest)
 
 

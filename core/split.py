@@ -331,7 +331,8 @@ class SplitModel:
                 value = _static_eval(self.model, node, step, args, kwargs)
             else:
                 ctx = rules.Ctx(self.maxpool, step.where, step.module, step.skip_bias,
-                                step.merged_bias, self._weight_abs)
+                                step.merged_bias, self._weight_abs,
+                                self._abs_cache is not None)
                 try:
                     value = step.rule(ctx, args, kwargs)
                 except (UnsupportedOperation, SplitOverflowError):

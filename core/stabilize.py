@@ -40,9 +40,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
 
 
-def _max_abs(t: torch.Tensor) -> torch.Tensor:
+def _max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = torch.aminmax(_rows(t), dim=1)  # one pass instead of abs + amax
-    return torch.maximum(high, -low)
+    return torch.maximum(high, -low), low
 
 
 def _peak(d: torch.Tensor, s: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -51,11 +51,15 @@ def _peak(d: torch.Tensor, s: torch.Tensor, threshold: float) -> torch.Tensor:
     The bounds ``max(max|s|, max|d|) <= max(|s| + |d|) <= max|s| + max|d|`` decide almost
     every sample; the exact maximum is computed only for the others.
     """
-    ms, md = _max_abs(s), _max_abs(d)
+    (ms, low_s), (md, low_d) = _max_abs(s), _max_abs(d)
     exceed = torch.maximum(ms, md) / 2 > threshold
     unsure = ~exceed & ((ms + md) / 2 > threshold)
     if bool(unsure.any()):
-        exact = (_rows(s).abs() + _rows(d).abs()).amax(dim=1) / 2 > threshold
+        if bool((low_s >= 0).all() and (low_d >= 0).all()):  # ReLU outputs: no abs needed
+            both = _rows(s) + _rows(d)
+        else:
+            both = _rows(s).abs() + _rows(d).abs()
+        exact = both.amax(dim=1) / 2 > threshold
         exceed = exceed | (unsure & exact)
     return exceed, ms
 
@@ -98,10 +102,15 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         return s
     with torch.no_grad():
         if mode == "scale":
-            new = s * _scale_factor(d, s, theta, threshold)
+            factor = _scale_factor(d, s, theta, threshold)
+            if not bool((factor != 1).any()):
+                return s
+            new = s * factor
         else:
-            hit = _column(_peak(d, s, threshold)[0], s)
-            new = torch.where(hit, torch.zeros_like(s), s)
+            exceed = _peak(d, s, threshold)[0]
+            if not bool(exceed.any()):
+                return s
+            new = torch.where(_column(exceed, s), torch.zeros_like(s), s)
     if s.requires_grad:
         return _ValueOnly.apply(s, new)
     return new

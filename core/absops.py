@@ -1,0 +1,63 @@
+"""Affine maps with ``|W|`` that do not keep ``|W|`` alive for the backward pass.
+
+The ``s`` stream goes through ``|W| s + |b|``. Autograd would save the temporary ``|W|`` of
+every layer until the backward pass (for VGG16 that is another copy of its 528 MiB of
+weights); these functions save the model's own weight instead and take its absolute value
+again in the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn import grad as nn_grad
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+
+
+class _AbsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, weight, bias_abs):  # noqa: D102
+        ctx.save_for_backward(weight)
+        return F.linear(s, weight.abs(), bias_abs)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.abs(), None, None
+
+
+class _AbsConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, weight, bias_abs, n, stride, padding, dilation, groups):  # noqa: D102
+        ctx.save_for_backward(weight)
+        ctx.meta = (n, s.shape, stride, padding, dilation, groups)
+        return _CONV[n](s, weight.abs(), bias_abs, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (weight,) = ctx.saved_tensors
+        n, shape, stride, padding, dilation, groups = ctx.meta
+        grad_in = _CONV_INPUT[n](shape, weight.abs(), grad, stride, padding, dilation, groups)
+        return grad_in, None, None, None, None, None, None, None
+
+
+def _needs_graph(s: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and s.requires_grad
+
+
+def abs_linear(s: torch.Tensor, weight: torch.Tensor,
+               bias_abs: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(s, |W|, |b|)``; ``weight`` is the signed weight (detached)."""
+    if _needs_graph(s):
+        return _AbsLinear.apply(s, weight, bias_abs)
+    return F.linear(s, weight.abs(), bias_abs)
+
+
+def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | None, n: int,
+             stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``F.conv{n}d(s, |W|, |b|, ...)`` with numeric (zero) padding."""
+    if _needs_graph(s) and not isinstance(padding, str):
+        return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups)
+    return _CONV[n](s, weight.abs(), bias_abs, stride, padding, dilation, groups)
