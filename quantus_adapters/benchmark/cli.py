@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
-                        "machine)")
+                   help="torch CPU threads (default: 1 for the built-in digits, whose small "
+                        "convolutions run fastest on one thread; torch's choice otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -166,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        n_threads = args.threads
+        if n_threads is None and args.data == "digits" and args.model in (None, "digits-cnn"):
+            n_threads = 1
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
         return _run(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished cells are in {args.out}/cells.jsonl -- run again with "
@@ -260,7 +263,8 @@ def _run(args) -> int:
     results.elapsed = time.perf_counter() - start
     header = (f"Model `{model_name}`, data `{data.name}` ({len(data.val_idx)} validation, "
               f"{len(data.test_idx)} test images, {tuple(data.images.shape[1:])}), "
-              f"{'quick run, ' if args.quick else ''}seed {args.seed}, device {args.device}; "
+              f"{'quick run, ' if args.quick else ''}seed {args.seed}, device {args.device} "
+              f"({torch.get_num_threads()} CPU threads); "
               f"Max Sensitivity with {settings.max_sens_samples} samples on the first "
               f"{settings.max_sens_images} test images; Selectivity patches of "
               f"{settings.selectivity_patch or protocol.selectivity_patch(data.images.shape)}"
