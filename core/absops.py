@@ -16,16 +16,43 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 
 
+# |W| of a large linear layer is taken in blocks of rows of at most this many entries, so
+# that no full-size temporary copy of the weight exists (VGG16's first classifier layer
+# would need 392 MiB).
+BLOCK = 1 << 22
+
+
+def _row_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    rows = weight.shape[0]
+    step = max(1, BLOCK // max(1, weight[0].numel()))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _linear_abs(s: torch.Tensor, weight: torch.Tensor,
+                bias_abs: torch.Tensor | None) -> torch.Tensor:
+    if weight.numel() <= BLOCK:
+        return F.linear(s, weight.abs(), bias_abs)
+    parts = [F.linear(s, weight[a:b].abs(), None if bias_abs is None else bias_abs[a:b])
+             for a, b in _row_blocks(weight)]
+    return torch.cat(parts, dim=-1)
+
+
 class _AbsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, weight, bias_abs):  # noqa: D102
         ctx.save_for_backward(weight)
-        return F.linear(s, weight.abs(), bias_abs)
+        return _linear_abs(s, weight, bias_abs)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
-        return grad @ weight.abs(), None, None
+        if weight.numel() <= BLOCK:
+            return grad @ weight.abs(), None, None
+        out = None
+        for a, b in _row_blocks(weight):
+            part = grad[..., a:b] @ weight[a:b].abs()
+            out = part if out is None else out.add_(part)
+        return out, None, None
 
 
 class _AbsConv(torch.autograd.Function):
@@ -52,7 +79,7 @@ def abs_linear(s: torch.Tensor, weight: torch.Tensor,
     """``F.linear(s, |W|, |b|)``; ``weight`` is the signed weight (detached)."""
     if _needs_graph(s):
         return _AbsLinear.apply(s, weight, bias_abs)
-    return F.linear(s, weight.abs(), bias_abs)
+    return _linear_abs(s, weight, bias_abs)
 
 
 def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | None, n: int,
