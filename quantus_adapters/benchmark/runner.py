@@ -302,8 +302,9 @@ class Benchmark:
             res, _ = self._evaluate("test", "test", cfg, (row.use_abs,), metrics)
             results[(id(row), alpha)] = res
         for row in first_rows.values():
-            label = f"{row.config.spec.method} {row.config.layer_label}" + (
-                ", abs" if row.use_abs else "")
+            pool = row.config.options.get("maxpool")
+            label = (f"{row.config.spec.method}{f' ({pool})' if pool else ''} "
+                     f"{row.config.layer_label}" + (", abs" if row.use_abs else ""))
             for m in metrics:
                 table.append((label, m, {a: results[(id(row), a)][(row.use_abs, m)]
                                          for a in self.alphas}))
