@@ -88,3 +88,29 @@ def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | Non
     if _needs_graph(s) and not isinstance(padding, str):
         return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups)
     return _CONV[n](s, weight.abs(), bias_abs, stride, padding, dilation, groups)
+
+
+class _NegativePart(torch.autograd.Function):
+    """``relu(-z)`` whose backward reads the mask off the ReLU's own output ``relu(z)``.
+
+    Autograd would keep the pre-activation ``z`` alive for the mask; the ReLU's output is
+    kept anyway (by the ReLU itself and the next layer), so saving it costs nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, z, relu_out):  # noqa: D102
+        ctx.save_for_backward(relu_out)
+        return (-z).clamp_min_(0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (relu_out,) = ctx.saved_tensors
+        return torch.where(relu_out == 0, -grad, 0.0), None
+
+
+def add_negative_part(s: torch.Tensor, z: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
+    """``s + relu(-z)`` given ``relu_out = relu(z)``; the derivative in ``z`` is
+    ``-1{z <= 0}`` (so that it and the ReLU's ``1{z > 0}`` add up to one)."""
+    if torch.is_grad_enabled() and (z.requires_grad or s.requires_grad):
+        return s + _NegativePart.apply(z, relu_out)
+    return torch.sub(s, z.clamp_max(0))

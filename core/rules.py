@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.absops import abs_conv, abs_linear
+from core.absops import abs_conv, abs_linear, add_negative_part
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 
@@ -330,7 +330,8 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """ReLU: g stream Maxout, h stream identity; ``s' = s + relu(-z)``."""
     p = args[0]
-    return Pair(F.relu(p.d), p.s - p.d.clamp_max(0))
+    d = F.relu(p.d)
+    return Pair(d, add_negative_part(p.s, p.d, d))
 
 
 def _number(ctx: Ctx, v: Any, what: str) -> float | None:
