@@ -14,11 +14,8 @@ def cache(tmp_path_factory):
     """A cache holding the built-in CNN trained briefly (the full training takes a minute)."""
     path = tmp_path_factory.mktemp("cache")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, acc = models.train_digits_cnn(epochs=2, progress=False, log=None)
-    finally:
-        torch.set_num_threads(threads)
+    model, acc = models.train_digits_cnn(epochs=2, progress=False, log=None)
+    assert torch.get_num_threads() == threads  # training's single thread is restored
     assert acc > 0.2  # two short epochs already learn something (chance: 0.1)
     models.save_digits_cnn(model, acc, models.digits_cache_path(path))
     return path
@@ -38,9 +35,9 @@ def test_cached_model_is_loaded_without_training(cache, monkeypatch):
 
 def test_quick_runs_end_to_end(cache, tmp_path, capsys):
     out = tmp_path / "out"
-    # one torch thread: the test suite runs two workers on two cores
-    rc = cli.main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
-                   "--threads", "1"])
+    threads = torch.get_num_threads()
+    rc = cli.main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
+    assert torch.get_num_threads() == threads  # the digits' single thread is restored
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     rows = list(csv.DictReader(open(out / "table1_comparison.csv")))
