@@ -1,0 +1,25 @@
+"""``splitxai benchmark``: the paper's evaluation (section 5) on any model and data.
+
+Modules
+-------
+cli
+    The command line (``main(argv) -> int``).
+data
+    The built-in cluttered digits, the bundled CIFAR-10 samples, ``folder:PATH`` and
+    ``imagenet-s:PATH``.
+zoo.models
+    The built-in digits CNN (trained on the fly, cached), the bundled ResNet-20, torchvision's
+    ImageNet models and ``FILE.py:FACTORY``.
+protocol
+    Methods as registry names plus options, layers, the Quantus metrics, layer selection.
+runner
+    Validation, selection, test, alpha ablation, randomisation check, timing.
+store
+    Finished result cells on disk (``--resume``).
+report, sanity, timing
+    Tables and figures, the randomisation check, computation times.
+"""
+
+from quantus_adapters.benchmark.cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Models of ``splitxai benchmark`` (see :mod:`quantus_adapters.benchmark.zoo.models`)."""
