@@ -125,3 +125,17 @@ def test_resume_reuses_every_finished_cell(setup, capsys, monkeypatch):
     assert len(calls) == done + resumed
     table = (out / "table1_comparison.md").read_text()
     assert "SplitGrad" in table and "Saliency" in table and "**" in table
+
+
+def test_spatially_constant_maps_are_reported_not_ranked(setup, capsys):
+    tmp, factory, root = setup
+    out = tmp / "const"
+    # SplitGrad at the last ReLU before global average pooling: a constant map per image
+    rc = cli.main(["--data", f"folder:{root}", "--model", factory, "--methods", "SplitGrad",
+                   "LayerCAM", "--layers", "4", "--alphas", "0.4", "--max-sens-samples", "2",
+                   "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "spatially constant" in report
+    table = (out / "table1_comparison.md").read_text()
+    assert "(4, g)" not in table and "LayerCAM" in table

@@ -190,6 +190,13 @@ class Benchmark:
         x, y, x_np, y_np, s_np = self._arrays(split)
         try:
             a = self.maps(config, x, y)
+            flat = a.reshape(len(a), -1)
+            spread = flat.max(1) - flat.min(1)
+            if not np.isfinite(a).all():
+                raise FloatingPointError("the maps are not finite")
+            if (spread <= 1e-7 * np.maximum(np.abs(flat).max(1), 1e-30)).all():
+                raise ValueError("every map is spatially constant (e.g. the gradient after "
+                                 "global average pooling); no pixel ranking to evaluate")
         except Exception as exc:  # one failing method must not stop the benchmark
             msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             self.errors[f"{config.spec.label} {config.layer_label}"] = msg
