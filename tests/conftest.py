@@ -1,10 +1,8 @@
 """Test configuration shared by every test module."""
 
-import os
-
 import torch
 
-# Under `pytest -n 2` on a 2-core machine each worker must stay on one thread: two torch
-# threads per worker oversubscribe the cores and make convolutions many times slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# The tests use small tensors: one intra-op thread per process avoids the thread contention
+# that makes them many times slower under `pytest -n 2` on a 2-core machine (and costs
+# little in a single process).
+torch.set_num_threads(1)

@@ -18,15 +18,6 @@ from torch import nn
 from captum_split import GradCAMPlusPlus, LayerCAM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors only lose time to thread contention under xdist."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def resnet18():
     torch.manual_seed(0)

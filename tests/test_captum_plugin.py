@@ -15,16 +15,6 @@ import core.zoo
 from captum_split import GradCAMPlusPlus, LayerCAM, SplitCAM, SplitGrad
 from captum_split import plugin as captum_plugin
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors only lose time to thread contention under xdist."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NAMES = {"SplitCAM", "SplitGrad", "LayerCAM", "GradCAM", "GradCAMPlusPlus"}
 
 

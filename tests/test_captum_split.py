@@ -23,15 +23,6 @@ import core.zoo
 from captum_split import SplitCAM, SplitGrad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors only lose time to thread contention under xdist."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.cache
 def _resnet20():
     x, y = core.zoo.cifar10_samples()

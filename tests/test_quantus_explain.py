@@ -14,15 +14,6 @@ import quantus_adapters
 from quantus_adapters import ConstantExplanationError, explain, refresh
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny tensors here only lose time to thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Counting(nn.Module):
     """A tiny CNN that records the batch size of every forward call."""
 
