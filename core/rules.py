@@ -91,11 +91,6 @@ def method(name: str) -> Rule:
     return rule
 
 
-def query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """``x.size()``, ``x.dim()``, ``x.shape``...: answered by the activation ``d``."""
-    return args[-1]  # replaced in the interpreter; kept for the rule table
-
-
 def constant_like(fn: Callable[..., Any]) -> Rule:
     """``torch.zeros_like(x)``, ``x.new_ones(...)``...: a constant that depends on the shape
     of ``x`` only, computed from ``d``; it is not a pair (no gradient flows through it)."""
@@ -214,11 +209,17 @@ def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 # --------------------------------------------------------------------------- affine maps
+def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                     torch.Tensor | None]:
+    """Detached ``W``, ``b`` and the ``|b|`` of the ``s`` stream (none when merged away)."""
+    w, b = m.weight.detach(), _detach(m.bias)
+    return w, b, None if (b is None or ctx.skip_bias) else b.abs()
+
+
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear``: ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
-    w, b = m.weight.detach(), _detach(m.bias)
-    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
         s = F.linear(p.s, ctx.weight_abs(m.weight), bias_abs)
     else:
@@ -229,8 +230,7 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups)."""
     m, p = ctx.module, args[0]
-    w, b = m.weight.detach(), _detach(m.bias)
-    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
         s = m._conv_forward(p.s, ctx.weight_abs(m.weight), bias_abs)
     else:
@@ -252,8 +252,7 @@ def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     n = len(m.kernel_size)
     out_pad = m._output_padding(p.d, None, m.stride, m.padding, m.kernel_size, n, m.dilation)
     fn = _CONV_T[n]
-    w, b = m.weight.detach(), _detach(m.bias)
-    bias_abs = None if (b is None or ctx.skip_bias) else b.abs()
+    w, b, bias_abs = _module_params(ctx, m)
     opts = dict(stride=m.stride, padding=m.padding, output_padding=out_pad, groups=m.groups,
                 dilation=m.dilation)
     return Pair(fn(p.d, w, b, **opts), fn(p.s, ctx.weight_abs(m.weight), bias_abs, **opts))

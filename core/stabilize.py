@@ -45,11 +45,13 @@ def _max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.maximum(high, -low), low
 
 
-def _peak(d: torch.Tensor, s: torch.Tensor, threshold: float) -> torch.Tensor:
+def _peak(d: torch.Tensor, s: torch.Tensor,
+          threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample ``max |a+-| = max (|s| + |d|) / 2 > threshold``, checked cheaply.
 
     The bounds ``max(max|s|, max|d|) <= max(|s| + |d|) <= max|s| + max|d|`` decide almost
-    every sample; the exact maximum is computed only for the others.
+    every sample; the exact maximum is computed only for the others. Returns the per-sample
+    decision and ``max|s|``.
     """
     (ms, low_s), (md, low_d) = _max_abs(s), _max_abs(d)
     exceed = torch.maximum(ms, md) / 2 > threshold
