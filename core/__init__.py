@@ -13,8 +13,8 @@ from core.split import SplitModel, split
 
 
 def __getattr__(name: str):
-    """``core.zoo``, ``core.models`` and ``core.lrp`` load on first use."""
-    if name in ("zoo", "models", "lrp", "dc_train"):
+    """``core.zoo``, ``core.dc`` and ``core.lrp`` load on first use."""
+    if name in ("zoo", "dc", "lrp"):
         import importlib
 
         return importlib.import_module(f"core.{name}")

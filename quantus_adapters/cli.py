@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(benchmark_main(rest) or 0)
     if command == "train-dc":
-        from core.dc_train import main as train_main
+        from core.dc.train import main as train_main
 
         return int(train_main(rest) or 0)
     print(f"splitxai: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Plugin registering ``DCGrad``: stream gradients of trained difference models (appendix D).
 
 Registered through the ``splitxai`` entry point ``dc = "quantus_adapters.dc_plugin"`` so
-that the difference models of ``core.models`` (DIC, DM, DiffNone, DICIN, DMIN) can be
+that the difference models of ``core.dc.models`` (DIC, DM, DiffNone, DICIN, DMIN) can be
 benchmarked like any other explanation method.
 """
 
@@ -14,8 +14,8 @@ import pluggy
 import torch
 from torch import nn
 
-from core.dc_explain import STREAMS, target_gradients
-from core.models import is_difference_model
+from core.dc.explain import STREAMS, target_gradients
+from core.dc.models import is_difference_model
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
@@ -35,7 +35,7 @@ def dc_grad(
     ----------
     model: torch.nn.Module
         A difference model with streams ``.g``, ``.h`` and the flag ``.inverted``, as built
-        by ``core.models.mlp_maxout`` / ``cnn_maxout`` in modes DIC, DM, DiffNone, DICIN,
+        by ``core.dc.models.mlp_maxout`` / ``cnn_maxout`` in modes DIC, DM, DiffNone, DICIN,
         DMIN. It is used in evaluation mode; its training flags are restored.
     inputs: torch.Tensor
         ``(B, C, H, W)`` input batch (``(B, 1, 28, 28)`` for the appendix-D models).
@@ -60,7 +60,7 @@ def dc_grad(
         raise ValueError(f"DCGrad: stream must be one of {STREAMS}, got {stream!r}")
     if not is_difference_model(model):
         raise TypeError(
-            f"DCGrad explains difference models with streams .g and .h (core.models modes "
+            f"DCGrad explains difference models with streams .g and .h (core.dc.models modes "
             f"DIC, DM, DiffNone, DICIN, DMIN); {type(model).__name__} has no .g/.h streams. "
             "Train one with `splitxai train-dc` or use a gradient method such as Saliency."
         )

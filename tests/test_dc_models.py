@@ -8,8 +8,8 @@ import pluggy
 import pytest
 import torch
 
-import core.models as dc
-from core.dc_explain import input_gradients, target_gradients
+import core.dc.models as dc
+from core.dc.explain import input_gradients, target_gradients
 from quantus_adapters.dc_plugin import dc_grad
 
 GEN_SEED = 1234
@@ -223,10 +223,11 @@ def test_eval_mode_rows_are_independent_but_train_mode_is_not():
     model = dc.mlp_maxout("DIC")
     x = torch.rand(8, 784)
     model.eval()
-    torch.testing.assert_close(model(x)[:2], model(x[:2]))
+    # float32 batched and single-row kernels differ in rounding only (~1e-5 on logits ~1)
+    torch.testing.assert_close(model(x)[:2], model(x[:2]), rtol=1e-4, atol=1e-4)
     model.train()
     with torch.no_grad():
-        assert not torch.allclose(model(x)[:2], model(x[:2]))
+        assert not torch.allclose(model(x)[:2], model(x[:2]), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------- DCGrad plugin

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import core.models as dc
-from core import dc_train
-from core.dc_explain import figure_classes, render_explanations, split_colour_map
+import core.dc.models as dc
+from core.dc import train as dc_train
+from core.dc.explain import figure_classes, render_explanations, split_colour_map
 from quantus_adapters.cli import main as cli_main
 
 

@@ -1,13 +1,13 @@
 """``splitxai train-dc``: train the appendix-D difference models and tabulate their accuracy.
 
-Trains ``mlp_maxout`` / ``cnn_maxout`` in the restriction modes of ``core.models`` on MNIST
+Trains ``mlp_maxout`` / ``cnn_maxout`` in the restriction modes of ``core.dc.models`` on MNIST
 (torchvision or a local IDX folder) or on scikit-learn's digits (offline, upsampled to
 28x28), over several seeds, and writes a table-12 style accuracy table (median [min, max]
 over the seeds) as Markdown and CSV.
 
 Example
 -------
->>> from core.dc_train import main
+>>> from core.dc.train import main
 >>> main(["--quick", "--out", "runs/quick"])  # doctest: +SKIP
 """
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import models as dc_models
+from core.dc import models as dc_models
 
 __all__ = [
     "Dataset",
@@ -362,7 +362,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, architecture: str, **con
     Parameters
     ----------
     model: torch.nn.Module
-        A model built by ``core.models.mlp_maxout`` or ``cnn_maxout``.
+        A model built by ``core.dc.models.mlp_maxout`` or ``cnn_maxout``.
     path: str or pathlib.Path
         The file to write.
     architecture: str
@@ -579,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     arch, positivity=args.positivity,
                                     init_std=args.init_std)
                 if args.explain > 0 and k == 0:
-                    from core.dc_explain import render_explanations
+                    from core.dc.explain import render_explanations
 
                     render_explanations(
                         model, data.test_x[: args.explain], data.test_y[: args.explain],

@@ -1,6 +1,6 @@
 """Input gradients of the g and h streams of difference models, rendered as in figures 3 and 8.
 
-For a difference model ``f = g - h`` (``core.models`` modes DIC, DM, DiffNone, DICIN,
+For a difference model ``f = g - h`` (``core.dc.models`` modes DIC, DM, DiffNone, DICIN,
 DMIN) the gradient of a class logit of ``g`` (with respect to ``g``'s input ``x``) marks
 present evidence, the gradient of ``h`` (with respect to ``h``'s own input, ``1 - x`` in
 the inverted variants) marks missing evidence: a bright blue pixel of a DICIN model means
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.models import is_difference_model
+from core.dc.models import is_difference_model
 
 __all__ = [
     "STREAMS",
@@ -61,7 +61,7 @@ def _check_stream(model: nn.Module, stream: str) -> None:
     if stream != "diff" and not is_difference_model(model):
         raise TypeError(
             f"stream {stream!r} needs a difference model with streams .g and .h and a flag "
-            f".inverted (core.models modes DIC, DM, DiffNone, DICIN, DMIN); "
+            f".inverted (core.dc.models modes DIC, DM, DiffNone, DICIN, DMIN); "
             f"{type(model).__name__} has none. Use stream='diff' for the model's own gradient."
         )
 
