@@ -40,6 +40,7 @@ from ._utils import (
     STREAMS,
     check_alpha,
     check_choice,
+    check_grad_kwargs,
     format_additional_args,
     format_target,
     layer_name,
@@ -69,6 +70,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self,
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None,
+        device_ids: list[int] | None = None,
         *,
         alpha: float | dict[str, float] = 0.4,
         stream: str = "g",
@@ -76,7 +78,6 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
-        device_ids: list[int] | None = None,
     ) -> None:
         method = type(self).__name__
         check_choice("stream", stream, STREAMS)
@@ -123,10 +124,12 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
     ) -> tuple[Tensor, Tensor, bool]:
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
-        x, is_tuple = single_input(inputs, method)
+        check_grad_kwargs(grad_kwargs, method)
+        x, is_tuple = single_input(inputs, method, self.model)
         t = format_target(target, x.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
@@ -181,12 +184,19 @@ class SplitCAM(_SplitAttribution):
     input_split : {"relu", "half"}
         How the input is split into ``x+ - x-``.
     device_ids : list of int, optional
-        Accepted for Captum compatibility; the split runs on the device of the inputs.
+        The third positional parameter, as in ``LayerGradCam(forward_func, layer,
+        device_ids)``; accepted for Captum compatibility, the split runs on the device of the
+        inputs. The SplitCAM options above are keyword-only.
     """
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """True: sensitivities are multiplied by the layer activations (the layer's inputs)."""
+        """True: sensitivities are multiplied by the layer activations (a global attribution).
+
+        The same meaning as Captum's ``LayerGradientXActivation(multiply_by_inputs=True)``
+        (SplitCAM at ``alpha=0.5`` is half of it). Captum's ``LayerGradCam`` reports False
+        although it also weights activations, because it does not override the base property.
+        """
         return True
 
     @log_usage()
@@ -198,14 +208,19 @@ class SplitCAM(_SplitAttribution):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor]:
         """Compute SplitCAM maps at the layer.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
-            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``. It may or
-            may not require grad; the call also works under :py:func:`torch.no_grad`.
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
+            model's dtype (a float64 input on a float32 model is refused, naming both). It may
+            or may not require grad; the call also works under :py:func:`torch.no_grad`. A
+            NumPy array is refused: pass a :py:class:`torch.Tensor`. A tuple of several
+            tensors is refused (the split engine has one attributed input; pass further model
+            inputs through ``additional_forward_args``).
         target : int, list of int or :py:class:`torch.Tensor`
             The class explained: one for all rows, or one per row (``(B,)``).
         additional_forward_args : any, optional
@@ -216,6 +231,9 @@ class SplitCAM(_SplitAttribution):
             Apply a ReLU to the map (default False, as in the paper).
         attr_dim_summation : bool
             Sum over dimension 1 (channels, default); False returns the per-channel products.
+        grad_kwargs : dict, optional
+            Captum's keyword (forwarded to :py:func:`torch.autograd.grad` there); only None or
+            ``{}``: the split engine's backward passes are fixed, a non-empty dict is refused.
 
         Returns
         -------
@@ -224,10 +242,13 @@ class SplitCAM(_SplitAttribution):
             (as Captum's ``LayerGradCam``); ``(B, C, ...)`` with ``attr_dim_summation=False``.
             Dtype and device of the input. A 1-tuple when ``inputs`` is a tuple (Captum's
             convention for input attributions, which ``captum.metrics.sensitivity_max``
-            relies on; ``LayerGradCam`` returns a tensor there and fails in it).
+            relies on; ``LayerGradCam`` returns a tensor there and fails in it). Without
+            autograd history
+            (``requires_grad`` False), unlike ``LayerGradCam``, whose maps stay attached to the
+            graph through the activations.
         """
         sens, act, is_tuple = self._probe(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
         cam = sens * act
         if attr_dim_summation:
@@ -263,6 +284,7 @@ class SplitGrad(_SplitAttribution):
         self,
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None = None,
+        device_ids: list[int] | None = None,
         *,
         alpha: float | dict[str, float] = 0.4,
         stream: str = "g",
@@ -270,7 +292,6 @@ class SplitGrad(_SplitAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
-        device_ids: list[int] | None = None,
     ) -> None:
         super().__init__(
             forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
@@ -279,7 +300,7 @@ class SplitGrad(_SplitAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """False: a sensitivity (local, gradient-like) attribution."""
+        """False: a sensitivity (local, gradient-like) attribution, as Captum's ``Saliency``."""
         return False
 
     @log_usage()
@@ -290,13 +311,15 @@ class SplitGrad(_SplitAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         abs: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Compute SplitGrad maps.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
-            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``.
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
+            model's dtype (as for :py:meth:`SplitCAM.attribute`).
         target : int, list of int or :py:class:`torch.Tensor`
             The class explained: one for all rows, or one per row (``(B,)``).
         additional_forward_args : any, optional
@@ -305,17 +328,20 @@ class SplitGrad(_SplitAttribution):
             Use the layer's input instead of its output (needs a layer).
         abs : bool
             Return the absolute value (default False; Saliency's default is True, the paper
-            selects it per layer).
+            selects it per layer). Note the position: after ``attribute_to_layer_input``,
+            not third as in ``Saliency.attribute``; pass it by keyword.
+        grad_kwargs : dict, optional
+            Only None or ``{}`` (see :py:meth:`SplitCAM.attribute`).
 
         Returns
         -------
         :py:class:`torch.Tensor` or 1-tuple of it
             With a layer: ``(B, 1, h, w)`` (``(B, 1)`` for a ``(B, C)`` layer). Without:
             shaped like the input, ``(B, C, H, W)``. A 1-tuple when ``inputs`` is a tuple
-            (as ``Saliency``).
+            (as ``Saliency``; see :py:meth:`SplitCAM.attribute`). Without autograd history.
         """
         sens, _, is_tuple = self._probe(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
         if self.layer_name != "input":
             sens = sens.mean(dim=1, keepdim=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -274,7 +275,8 @@ class SplitModel:
                 "that changes outputs is not reflected in g - h.",
                 stacklevel=3,
             )
-        if self.model.training:
+        if self.model.training and self.model not in _WARNED_TRAINING:
+            _WARNED_TRAINING.add(self.model)  # once per model, not on every call
             warnings.warn(
                 f"{type(self.model).__name__} is in training mode: the split uses eval "
                 "semantics (BatchNorm running statistics, dropout off) and does not change the "
@@ -581,6 +583,10 @@ class SplitModel:
         return relevance(self, x, seed, layers=layers, epsilon=epsilon,
                          activation_rule=activation_rule, residual=residual,
                          extra_args=extra_args)
+
+
+#: models already warned about training mode (weak: a model's entry goes with the model)
+_WARNED_TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _or_zero(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
