@@ -181,6 +181,9 @@ class GradCAMPlusPlus(_CAMBase):
     (the closed form for an exponential of the class score, which needs only first
     derivatives; zero where the gradient is zero). The map is
     :math:`\mathrm{ReLU}(\sum_k w^c_k A^k)`; the ReLU is ``relu_attributions`` (default True).
+    ``eps`` is added to the denominator; pytorch-grad-cam uses ``eps=1e-6``, which changes
+    the weights where gradients are small (``2 g^2`` comparable to ``eps``); the default 0
+    is the formula as published.
 
     Parameters
     ----------
@@ -190,7 +193,23 @@ class GradCAMPlusPlus(_CAMBase):
         The layer whose activations are weighted (usually the last convolution).
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
+    eps : float, optional
+        Keyword-only: added to the denominator of the pixel weights (default 0.0;
+        ``1e-6`` reproduces pytorch-grad-cam's ``GradCAMPlusPlus``).
     """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: nn.Module | str,
+        device_ids: list[int] | None = None,
+        *,
+        eps: float = 0.0,
+    ) -> None:
+        if not eps >= 0.0:
+            raise ValueError(f"GradCAMPlusPlus: eps={eps!r} must be a number >= 0.")
+        super().__init__(forward_func, layer, device_ids)
+        self.eps = float(eps)
 
     @log_usage()
     def attribute(
@@ -240,7 +259,7 @@ class GradCAMPlusPlus(_CAMBase):
             g2 = grad.pow(2)
             g3 = grad.pow(3)
             act_sum = act.sum(dim=space, keepdim=True) if space else act
-            denom = 2 * g2 + act_sum * g3
+            denom = 2 * g2 + act_sum * g3 + self.eps
             denom = torch.where(denom != 0, denom, torch.ones_like(denom))
             alpha = torch.where(grad != 0, g2 / denom, torch.zeros_like(g2))
             weights = (alpha * F.relu(grad))
