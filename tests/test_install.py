@@ -168,3 +168,13 @@ def test_pip_resolves_each_extra(extras: str):
     name = extras.strip("[]")
     if name:
         assert any(f'extra == "{name}"' in r for r in requires), requires
+
+
+def test_train_dc_out_has_a_default_like_benchmark(capsys):
+    from quantus_adapters.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train-dc", "--help"])
+    assert done.value.code == 0
+    assert "--out OUT output folder (default ./splitxai-train-dc)" in " ".join(
+        capsys.readouterr().out.split())
