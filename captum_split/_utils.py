@@ -213,21 +213,12 @@ def check_dtype(items: tuple[Tensor, ...], model: nn.Module | None, method: str)
 
 def single_input(
     inputs: Tensor | tuple[Tensor, ...], method: str, model: nn.Module | None = None
-) -> tuple[Tensor, bool]:
-    """Return the one input tensor and whether it was given as a tuple.
-
-    The split engine explains models with one attributed input tensor; further model
-    arguments go through ``additional_forward_args``.
-    """
+) -> tuple[Tensor | tuple[Tensor, ...], bool]:
+    """Return the input tensor (a tuple of them for several inputs, each split) and whether
+    it was given as a tuple, after :func:`input_tensors` and :func:`check_dtype`."""
     items = input_tensors(inputs, method)
-    if len(items) != 1:
-        raise ValueError(
-            f"{method} explains models with one input tensor; got a tuple of {len(items)} "
-            "tensors. Pass the model's further inputs through additional_forward_args (they "
-            "are not attributed)."
-        )
     check_dtype(items, model, method)
-    return items[0], isinstance(inputs, tuple)
+    return (items[0] if len(items) == 1 else tuple(items)), isinstance(inputs, tuple)
 
 
 def check_grad_kwargs(grad_kwargs: dict[str, Any] | None, method: str) -> None:

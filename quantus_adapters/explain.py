@@ -18,6 +18,8 @@ the map, and Quantus's method names (``"Gradient"``, ``"GradCam"``, ...) are acc
 a plugin method means the same. Apart from the device and the eval mode (Quantus's own
 changes), the model is left as it was: ``requires_grad`` flags, ``.grad`` and hooks are
 restored after the call, also when the method raises.
+Work runs with eval semantics: a model's buffers are left bit for bit as they were
+(:func:`core.eval_semantics`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.explaining import eval_semantics
 from quantus_adapters.registry import available_methods, method_info
 
 __all__ = [
@@ -172,7 +175,7 @@ def explain(
     y = _as_targets(targets, x.shape[0], model_device)
 
     try:
-        with _model_left_unchanged(model, method):
+        with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
             result = info.function(model, x, y, **options)
     finally:
         model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it

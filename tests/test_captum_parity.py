@@ -114,12 +114,23 @@ def test_tuple_inputs(net):
         ref = cls(model, model.conv2).attribute(x + offset, target=y)
         assert isinstance(out, tuple) and len(out) == 1
         torch.testing.assert_close(out[0], ref.detach())
-    # the split methods: one attributed tensor (a 1-tuple in, a 1-tuple out) ...
+    # the split methods: a 1-tuple in, a 1-tuple out ...
     out = SplitCAM(model, model.conv2).attribute((x,), target=y)
     assert isinstance(out, tuple) and len(out) == 1
-    # ... and a clear refusal of several tensors, naming the way out
-    with pytest.raises(ValueError, match="additional_forward_args"):
-        SplitCAM(two, two.net.conv2).attribute((x, offset), target=y)
+    # ... and several input tensors, each split: a layer map, or one input map per tensor
+    cam = SplitCAM(two, two.net.conv2, alpha=0.5).attribute((x, offset), target=y)
+    assert isinstance(cam, tuple) and len(cam) == 1
+    torch.testing.assert_close(
+        cam[0], SplitCAM(model, model.conv2, alpha=0.5).attribute(x + offset, target=y))
+    grads = SplitGrad(two, alpha=0.5).attribute((x, offset), target=y)
+    leaves = (x.clone().requires_grad_(), offset.clone().requires_grad_())
+    score = two(*leaves).gather(1, y[:, None]).sum()
+    expected = torch.autograd.grad(score, leaves)
+    assert isinstance(grads, tuple) and len(grads) == 2
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, 0.5 * want)
+    with pytest.raises(TypeError, match=r"inputs\[1\] is torch\.float64"):
+        SplitCAM(two, two.net.conv2).attribute((x, offset.double()), target=y)
 
 
 def test_multiplies_by_inputs_means_what_it_means_in_captum(net):
