@@ -7,7 +7,12 @@ A Captum user swaps ``LayerGradCam(model, layer)`` for ``SplitCAM(model, layer)`
     attr = SplitCAM(model, model.layer3).attribute(x, target=labels)   # (B, 1, h, w)
 """
 
-from .cams import GradCAMPlusPlus, LayerCAM
-from .splitcam import SplitCAM, SplitGrad
+from splitxai.install import require_extra, require_own_core
+
+require_own_core()
+require_extra(("captum",), "captum", "captum_split")
+
+from .cams import GradCAMPlusPlus, LayerCAM  # noqa: E402
+from .splitcam import SplitCAM, SplitGrad  # noqa: E402
 
 __all__ = ["SplitCAM", "SplitGrad", "LayerCAM", "GradCAMPlusPlus"]

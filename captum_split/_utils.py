@@ -152,25 +152,90 @@ def last_conv_name(model: nn.Module, method: str) -> str:
     return convs[-1]
 
 
-def single_input(inputs: Tensor | tuple[Tensor, ...], method: str) -> tuple[Tensor, bool]:
-    """Return the one input tensor and whether it was given as a tuple."""
-    is_tuple = isinstance(inputs, tuple)
-    items = inputs if is_tuple else (inputs,)
-    if len(items) != 1 or not isinstance(items[0], Tensor):
+def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
+    """Captum's inputs (a tensor or a tuple of tensors) as a tuple, refusing anything else.
+
+    Raises
+    ------
+    TypeError
+        For a NumPy array or any other non-tensor (with the conversion to use), and for
+        non-floating tensors.
+    ValueError
+        For an empty tuple or a tensor without a batch dimension.
+    """
+    items = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not items:
+        raise ValueError(f"{method}: inputs is an empty tuple; pass the model input tensor.")
+    for item in items:
+        if not isinstance(item, Tensor):
+            hint = " (torch.from_numpy(x), or torch.as_tensor(x))" if type(item).__module__ \
+                == "numpy" else ""
+            raise TypeError(
+                f"{method}: inputs must be a torch.Tensor or a tuple of them, as in Captum; got "
+                f"{type(item).__module__}.{type(item).__name__}. Pass a torch.Tensor{hint}."
+            )
+        if not item.is_floating_point():
+            raise TypeError(f"{method}: inputs must be floating-point tensors; got {item.dtype}.")
+        if item.dim() < 2:
+            raise ValueError(
+                f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got "
+                f"shape {tuple(item.shape)}."
+            )
+    return items
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter or buffer (None if it has none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def check_dtype(items: tuple[Tensor, ...], model: nn.Module | None, method: str) -> None:
+    """Raise ``TypeError`` naming both dtypes if an input's dtype is not the model's.
+
+    PyTorch would fail later with "expected scalar type Double but found Float" deep in the
+    first layer; this says which tensor to convert.
+    """
+    dtype = None if model is None else model_dtype(model)
+    if dtype is None:
+        return
+    for i, x in enumerate(items):
+        if x.dtype != dtype:
+            which = "inputs" if len(items) == 1 else f"inputs[{i}]"
+            raise TypeError(
+                f"{method}: {which} is {x.dtype} but the model's parameters are {dtype}; pass "
+                f"x.to({dtype}) or explain a copy of the model in {x.dtype} "
+                f"(copy.deepcopy(model).to({x.dtype}))."
+            )
+
+
+def single_input(
+    inputs: Tensor | tuple[Tensor, ...], method: str, model: nn.Module | None = None
+) -> tuple[Tensor | tuple[Tensor, ...], bool]:
+    """Return the input tensor (a tuple of them for several inputs, each split) and whether
+    it was given as a tuple, after :func:`input_tensors` and :func:`check_dtype`."""
+    items = input_tensors(inputs, method)
+    check_dtype(items, model, method)
+    return (items[0] if len(items) == 1 else tuple(items)), isinstance(inputs, tuple)
+
+
+def check_grad_kwargs(grad_kwargs: dict[str, Any] | None, method: str) -> None:
+    """Accept Captum's ``grad_kwargs`` only when empty: the split's backward passes are fixed.
+
+    Captum forwards ``grad_kwargs`` to :py:func:`torch.autograd.grad`; the split pair's
+    sensitivities come from several backward passes of :func:`core.split` whose options are
+    not the user's to change, so a non-empty dict is refused rather than ignored.
+    """
+    if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
+        raise TypeError(f"{method}: grad_kwargs must be a dict or None; got {grad_kwargs!r}.")
+    if grad_kwargs:
         raise ValueError(
-            f"{method} explains models with one input tensor; got "
-            f"{len(items) if is_tuple else type(inputs).__name__} inputs. Pass further model "
-            "arguments through additional_forward_args."
+            f"{method}: grad_kwargs={grad_kwargs!r} is not supported: the split-pair "
+            "sensitivities come from the split engine's own backward passes (their maps carry "
+            "no autograd history). Pass grad_kwargs=None."
         )
-    x = items[0]
-    if not x.is_floating_point():
-        raise TypeError(f"{method}: inputs must be a floating-point tensor; got {x.dtype}.")
-    if x.dim() < 2:
-        raise ValueError(
-            f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got shape "
-            f"{tuple(x.shape)}."
-        )
-    return x, is_tuple
 
 
 def format_additional_args(additional_forward_args: Any) -> tuple[Any, ...]:

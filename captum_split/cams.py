@@ -19,7 +19,7 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ._utils import checked_forward, layer_name, module_by_name
+from ._utils import check_dtype, checked_forward, input_tensors, layer_name, module_by_name
 
 __all__ = ["LayerCAM", "GradCAMPlusPlus"]
 
@@ -59,7 +59,11 @@ class _CAMBase(LayerAttribution, GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """True: the maps weight the layer activations (the layer's "inputs")."""
+        """True: the maps weight the layer activations (a global attribution).
+
+        As ``LayerGradientXActivation``'s; Captum's ``LayerGradCam`` reports False although it
+        also weights activations, because it does not override the base property.
+        """
         return True
 
     def _grads_and_acts(
@@ -68,8 +72,13 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        inputs = _format_tensor_into_tuples(inputs)
+        method = type(self).__name__
+        items = input_tensors(inputs, method)
+        owner = getattr(self.forward_func, "__self__", self.forward_func)
+        check_dtype(items, owner if isinstance(owner, nn.Module) else None, method)
+        inputs = _format_tensor_into_tuples(items)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
         grads, acts = compute_layer_gradients_and_eval(
             checked_forward(self.forward_func, target, type(self).__name__),
@@ -79,8 +88,10 @@ class _CAMBase(LayerAttribution, GradientAttribution):
             additional_forward_args,
             device_ids=self.device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
+            grad_kwargs=grad_kwargs,
         )
-        return tuple(g.detach() for g in grads), tuple(a.detach() for a in acts)
+        # as in LayerGradCam: gradients detached, activations keep their autograd history
+        return tuple(g.detach() for g in grads), tuple(acts)
 
 
 class LayerCAM(_CAMBase):
@@ -116,13 +127,15 @@ class LayerCAM(_CAMBase):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = True,
         attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Compute the LayerCAM map.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or tuple of tensors
-            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``.
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``, in the
+            model's dtype; several tensors for a model with several inputs.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
             Captum's target: one class for all rows or one per row.
         additional_forward_args : any, optional
@@ -133,15 +146,20 @@ class LayerCAM(_CAMBase):
             Apply the outer ReLU (default True, as in Jiang et al.).
         attr_dim_summation : bool
             Sum over dimension 1 (channels); False returns the per-channel products.
+        grad_kwargs : dict, optional
+            Passed to :py:func:`torch.autograd.grad`, as in Captum.
 
         Returns
         -------
         :py:class:`torch.Tensor` or tuple of tensors
             ``(B, 1, h, w)`` for a ``(B, C, h, w)`` layer (``(B, 1)`` for a ``(B, C)`` layer);
-            a tuple if ``inputs`` is a tuple or the layer has several output tensors.
+            a tuple if ``inputs`` is a tuple (so that ``captum.metrics.sensitivity_max`` works,
+            where ``LayerGradCam``'s tensor fails) or the layer has several output tensors.
+            Attached to the autograd graph through
+            the activations, as ``LayerGradCam``'s maps.
         """
         grads, acts = self._grads_and_acts(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
         maps = []
         for grad, act in zip(grads, acts, strict=True):
@@ -163,6 +181,9 @@ class GradCAMPlusPlus(_CAMBase):
     (the closed form for an exponential of the class score, which needs only first
     derivatives; zero where the gradient is zero). The map is
     :math:`\mathrm{ReLU}(\sum_k w^c_k A^k)`; the ReLU is ``relu_attributions`` (default True).
+    ``eps`` is added to the denominator; pytorch-grad-cam uses ``eps=1e-6``, which changes
+    the weights where gradients are small (``2 g^2`` comparable to ``eps``); the default 0
+    is the formula as published.
 
     Parameters
     ----------
@@ -172,7 +193,23 @@ class GradCAMPlusPlus(_CAMBase):
         The layer whose activations are weighted (usually the last convolution).
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
+    eps : float, optional
+        Keyword-only: added to the denominator of the pixel weights (default 0.0;
+        ``1e-6`` reproduces pytorch-grad-cam's ``GradCAMPlusPlus``).
     """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: nn.Module | str,
+        device_ids: list[int] | None = None,
+        *,
+        eps: float = 0.0,
+    ) -> None:
+        if not eps >= 0.0:
+            raise ValueError(f"GradCAMPlusPlus: eps={eps!r} must be a number >= 0.")
+        super().__init__(forward_func, layer, device_ids)
+        self.eps = float(eps)
 
     @log_usage()
     def attribute(
@@ -183,13 +220,15 @@ class GradCAMPlusPlus(_CAMBase):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = True,
         attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Compute the Grad-CAM++ map.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or tuple of tensors
-            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``.
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``, in the
+            model's dtype; several tensors for a model with several inputs.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
             Captum's target: one class for all rows or one per row.
         additional_forward_args : any, optional
@@ -200,15 +239,19 @@ class GradCAMPlusPlus(_CAMBase):
             Apply the final ReLU (default True, as in the original method).
         attr_dim_summation : bool
             Sum over dimension 1 (channels); False returns the weighted channels.
+        grad_kwargs : dict, optional
+            Passed to :py:func:`torch.autograd.grad`, as in Captum.
 
         Returns
         -------
         :py:class:`torch.Tensor` or tuple of tensors
             ``(B, 1, h, w)`` for a ``(B, C, h, w)`` layer (``(B, 1)`` for a ``(B, C)`` layer);
-            a tuple if ``inputs`` is a tuple or the layer has several output tensors.
+            a tuple if ``inputs`` is a tuple or the layer has several output tensors (see
+            :py:meth:`LayerCAM.attribute`). Attached to the autograd graph through the
+            activations, as ``LayerGradCam``'s.
         """
         grads, acts = self._grads_and_acts(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
         maps = []
         for grad, act in zip(grads, acts, strict=True):
@@ -216,7 +259,7 @@ class GradCAMPlusPlus(_CAMBase):
             g2 = grad.pow(2)
             g3 = grad.pow(3)
             act_sum = act.sum(dim=space, keepdim=True) if space else act
-            denom = 2 * g2 + act_sum * g3
+            denom = 2 * g2 + act_sum * g3 + self.eps
             denom = torch.where(denom != 0, denom, torch.ones_like(denom))
             alpha = torch.where(grad != 0, g2 / denom, torch.zeros_like(g2))
             weights = (alpha * F.relu(grad))

@@ -40,6 +40,7 @@ from ._utils import (
     STREAMS,
     check_alpha,
     check_choice,
+    check_grad_kwargs,
     format_additional_args,
     format_target,
     layer_name,
@@ -69,6 +70,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self,
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None,
+        device_ids: list[int] | None = None,
         *,
         alpha: float | dict[str, float] = 0.4,
         stream: str = "g",
@@ -76,7 +78,6 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
-        device_ids: list[int] | None = None,
     ) -> None:
         method = type(self).__name__
         check_choice("stream", stream, STREAMS)
@@ -102,12 +103,14 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.split_model = core.split(
             model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split
         )
-        if self.layer_name != "input" and self.layer_name not in self.split_model.layer_names():
+        static = self.split_model.capture.symbolic is not None  # else names need an input
+        if (static and self.layer_name != "input"
+                and self.layer_name not in self.split_model.layer_names()):
             raise ValueError(
                 f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
-        if isinstance(alpha, dict):
+        if isinstance(alpha, dict) and static:
             points = set(self.split_model.shift_points()) | {"default"}
             unknown = sorted(set(alpha) - points)
             if unknown:
@@ -123,11 +126,14 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
     ) -> tuple[Tensor, Tensor, bool]:
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
-        x, is_tuple = single_input(inputs, method)
-        t = format_target(target, x.shape[0], method)
+        check_grad_kwargs(grad_kwargs, method)
+        x, is_tuple = single_input(inputs, method, self.model)
+        first = x[0] if isinstance(x, tuple) else x
+        t = format_target(target, first.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":
@@ -138,9 +144,15 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         extra = format_additional_args(additional_forward_args)
         with torch.enable_grad():
             probes = self.split_model.sensitivities(
-                x.detach(), t, layers=[name], alpha=self.alpha, extra_args=extra
+                tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
+                layers=[name], alpha=self.alpha, extra_args=extra
             )
         probe = probes[name]
+        if isinstance(probe, tuple):  # several inputs, or a layer with a tuple output
+            sens = tuple(getattr(p, _SENSITIVITY[(self.stream, self.sign)]).detach()
+                         for p in probe)
+            act = tuple(getattr(p, _ACTIVATION[self.sign]).detach() for p in probe)
+            return sens, act, True
         sens = getattr(probe, _SENSITIVITY[(self.stream, self.sign)]).detach()
         act = getattr(probe, _ACTIVATION[self.sign]).detach()
         return sens, act, is_tuple
@@ -181,12 +193,19 @@ class SplitCAM(_SplitAttribution):
     input_split : {"relu", "half"}
         How the input is split into ``x+ - x-``.
     device_ids : list of int, optional
-        Accepted for Captum compatibility; the split runs on the device of the inputs.
+        The third positional parameter, as in ``LayerGradCam(forward_func, layer,
+        device_ids)``; accepted for Captum compatibility, the split runs on the device of the
+        inputs. The SplitCAM options above are keyword-only.
     """
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """True: sensitivities are multiplied by the layer activations (the layer's inputs)."""
+        """True: sensitivities are multiplied by the layer activations (a global attribution).
+
+        The same meaning as Captum's ``LayerGradientXActivation(multiply_by_inputs=True)``
+        (SplitCAM at ``alpha=0.5`` is half of it). Captum's ``LayerGradCam`` reports False
+        although it also weights activations, because it does not override the base property.
+        """
         return True
 
     @log_usage()
@@ -198,14 +217,19 @@ class SplitCAM(_SplitAttribution):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor]:
         """Compute SplitCAM maps at the layer.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
-            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``. It may or
-            may not require grad; the call also works under :py:func:`torch.no_grad`.
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
+            model's dtype (a float64 input on a float32 model is refused, naming both). It may
+            or may not require grad; the call also works under :py:func:`torch.no_grad`. A
+            NumPy array is refused: pass a :py:class:`torch.Tensor`. A tuple of several
+            tensors is refused (the split engine has one attributed input; pass further model
+            inputs through ``additional_forward_args``).
         target : int, list of int or :py:class:`torch.Tensor`
             The class explained: one for all rows, or one per row (``(B,)``).
         additional_forward_args : any, optional
@@ -216,6 +240,9 @@ class SplitCAM(_SplitAttribution):
             Apply a ReLU to the map (default False, as in the paper).
         attr_dim_summation : bool
             Sum over dimension 1 (channels, default); False returns the per-channel products.
+        grad_kwargs : dict, optional
+            Captum's keyword (forwarded to :py:func:`torch.autograd.grad` there); only None or
+            ``{}``: the split engine's backward passes are fixed, a non-empty dict is refused.
 
         Returns
         -------
@@ -224,17 +251,25 @@ class SplitCAM(_SplitAttribution):
             (as Captum's ``LayerGradCam``); ``(B, C, ...)`` with ``attr_dim_summation=False``.
             Dtype and device of the input. A 1-tuple when ``inputs`` is a tuple (Captum's
             convention for input attributions, which ``captum.metrics.sensitivity_max``
-            relies on; ``LayerGradCam`` returns a tensor there and fails in it).
+            relies on; ``LayerGradCam`` returns a tensor there and fails in it). Without
+            autograd history
+            (``requires_grad`` False), unlike ``LayerGradCam``, whose maps stay attached to the
+            graph through the activations.
         """
         sens, act, is_tuple = self._probe(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
-        cam = sens * act
-        if attr_dim_summation:
-            cam = cam.sum(dim=1, keepdim=True)
-        if relu_attributions:
-            cam = torch.relu(cam)
-        return (cam,) if is_tuple else cam
+        sens_t = sens if isinstance(sens, tuple) else (sens,)
+        act_t = act if isinstance(act, tuple) else (act,)
+        cams = []
+        for s, a in zip(sens_t, act_t, strict=True):
+            cam = s * a
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            if relu_attributions:
+                cam = torch.relu(cam)
+            cams.append(cam)
+        return tuple(cams) if is_tuple else cams[0]
 
 
 class SplitGrad(_SplitAttribution):
@@ -263,6 +298,7 @@ class SplitGrad(_SplitAttribution):
         self,
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None = None,
+        device_ids: list[int] | None = None,
         *,
         alpha: float | dict[str, float] = 0.4,
         stream: str = "g",
@@ -270,7 +306,6 @@ class SplitGrad(_SplitAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
-        device_ids: list[int] | None = None,
     ) -> None:
         super().__init__(
             forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
@@ -279,7 +314,7 @@ class SplitGrad(_SplitAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """False: a sensitivity (local, gradient-like) attribution."""
+        """False: a sensitivity (local, gradient-like) attribution, as Captum's ``Saliency``."""
         return False
 
     @log_usage()
@@ -290,13 +325,15 @@ class SplitGrad(_SplitAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         abs: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Compute SplitGrad maps.
 
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
-            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``.
+            Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
+            model's dtype (as for :py:meth:`SplitCAM.attribute`).
         target : int, list of int or :py:class:`torch.Tensor`
             The class explained: one for all rows, or one per row (``(B,)``).
         additional_forward_args : any, optional
@@ -305,20 +342,24 @@ class SplitGrad(_SplitAttribution):
             Use the layer's input instead of its output (needs a layer).
         abs : bool
             Return the absolute value (default False; Saliency's default is True, the paper
-            selects it per layer).
+            selects it per layer). Note the position: after ``attribute_to_layer_input``,
+            not third as in ``Saliency.attribute``; pass it by keyword.
+        grad_kwargs : dict, optional
+            Only None or ``{}`` (see :py:meth:`SplitCAM.attribute`).
 
         Returns
         -------
         :py:class:`torch.Tensor` or 1-tuple of it
             With a layer: ``(B, 1, h, w)`` (``(B, 1)`` for a ``(B, C)`` layer). Without:
             shaped like the input, ``(B, C, H, W)``. A 1-tuple when ``inputs`` is a tuple
-            (as ``Saliency``).
+            (as ``Saliency``; see :py:meth:`SplitCAM.attribute`). Without autograd history.
         """
         sens, _, is_tuple = self._probe(
-            inputs, target, additional_forward_args, attribute_to_layer_input
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
-        if self.layer_name != "input":
-            sens = sens.mean(dim=1, keepdim=True)
-        if abs:
-            sens = sens.abs()
-        return (sens,) if is_tuple else sens
+        out = []
+        for s in sens if isinstance(sens, tuple) else (sens,):
+            if self.layer_name != "input":
+                s = s.mean(dim=1, keepdim=True)
+            out.append(s.abs() if abs else s)
+        return tuple(out) if is_tuple else out[0]

@@ -7,7 +7,11 @@ small NumPy 2 shim that Quantus 0.6 needs (see :mod:`quantus_adapters.compat`); 
 import Quantus.
 """
 
-from quantus_adapters import compat as _compat
+from splitxai.install import require_own_core as _require_own_core
+
+_require_own_core()
+
+from quantus_adapters import compat as _compat  # noqa: E402
 
 _compat.apply()
 

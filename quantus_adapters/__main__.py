@@ -1,7 +1,7 @@
-"""``python -m quantus_adapters``: the ``splitxai`` command line."""
+"""``python -m quantus_adapters``: the ``splitxai`` command line (see :mod:`splitxai.cli`)."""
 
 import sys
 
-from quantus_adapters.cli import main
+from splitxai.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command line entry point ``splitxai`` (also ``python -m quantus_adapters``).
+"""The sub-commands of the ``splitxai`` command line (the script itself is :mod:`splitxai.cli`).
 
 Sub-commands
 ------------
@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import sys
 
+from splitxai.install import MissingExtraError, require_extra
+
+#: the modules ``splitxai benchmark`` imports (Quantus metrics, baselines, data, figures)
+BENCHMARK_MODULES = ("quantus", "captum", "zennit", "torchvision", "sklearn", "matplotlib",
+                     "skimage", "scipy")
+
 USAGE = """usage: splitxai {benchmark,train-dc} [options]
+       splitxai --version
 
 sub-commands:
   benchmark   evaluate Split methods and baselines with Quantus (splitxai benchmark --help)
@@ -39,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "benchmark":
+        try:
+            require_extra(BENCHMARK_MODULES, "benchmark", "splitxai benchmark")
+        except MissingExtraError as exc:
+            print(f"splitxai: error: {exc}", file=sys.stderr)
+            return 2
         from quantus_adapters.benchmark.cli import main as benchmark_main
 
         return int(benchmark_main(rest) or 0)

@@ -10,10 +10,16 @@ Usage with Quantus::
                     explain_func=quantus_adapters.explain,
                     explain_func_kwargs={"method": "SplitCAM", "layer": "layer3.2.conv2"})
 
-The method runs once per batch (one batched call, no loop over rows), on the device of the
-model, without caching anything between calls (Quantus's randomisation metrics pass mutated
-copies of the model). The model is left as it was: training flags, ``requires_grad`` flags,
-``.grad`` and hooks are restored after the call, also when the method raises.
+The method runs once per batch (one batched call, no loop over rows), without caching
+anything between calls (Quantus's randomisation metrics pass mutated copies of the model).
+Quantus 0.6's own ``quantus.explain`` is the model for the conventions: ``device=`` moves the
+model and the inputs there, the model ends in eval mode, ``reduce_axes``/``keepdims`` reduce
+the map, and Quantus's method names (``"Gradient"``, ``"GradCam"``, ...) are accepted where
+a plugin method means the same. Apart from the device and the eval mode (Quantus's own
+changes), the model is left as it was: ``requires_grad`` flags, ``.grad`` and hooks are
+restored after the call, also when the method raises.
+Work runs with eval semantics: a model's buffers are left bit for bit as they were
+(:func:`core.eval_semantics`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantus_adapters.registry import method_info
+from core.explaining import eval_semantics
+from quantus_adapters.registry import available_methods, method_info
 
-__all__ = ["QUANTUS_KEYWORDS", "UPSAMPLE_MODES", "ConstantExplanationError", "explain"]
+__all__ = [
+    "QUANTUS_ALIASES", "QUANTUS_KEYWORDS", "UPSAMPLE_MODES", "ConstantExplanationError",
+    "explain",
+]
 
 #: keywords that Quantus (or a Quantus ``explain_func_kwargs`` written for
 #: ``quantus.explain``) passes and that are not method options; see :func:`explain`.
@@ -39,6 +49,15 @@ QUANTUS_KEYWORDS = frozenset(
     {"device", "softmax", "channel_first", "xai_lib", "xai_lib_kwargs", "reduce_axes",
      "keepdims"}
 )
+
+#: Quantus 0.6 method names (``quantus.explain``) -> (plugin method, options) of the same
+#: meaning; used only when no plugin offers the Quantus name itself. Quantus's "Gradient" is
+#: Captum's Saliency with ``abs=False``; "GradCam"/"LayerGradCam" are Captum's LayerGradCam.
+QUANTUS_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "Gradient": ("Saliency", {"abs": False}),
+    "GradCam": ("GradCAM", {}),
+    "LayerGradCam": ("GradCAM", {}),
+}
 
 #: the modes of ``torch.nn.functional.interpolate`` accepted for ``upsample``
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
@@ -62,16 +81,17 @@ def explain(
     Parameters
     ----------
     model: torch.nn.Module
-        The model to explain (or a Quantus ``ModelInterface`` wrapping one). It is not moved,
-        copied or modified; the inputs are moved to the device (and floating dtype) of its
-        parameters.
+        The model to explain (or a Quantus ``ModelInterface`` wrapping one). As in
+        ``quantus.explain``: moved to ``device`` when one is given, and in eval mode when the
+        call returns. The inputs go to the model's device and floating dtype.
     inputs: numpy.ndarray or torch.Tensor
         The batch, (B, C, H, W) channel first (or (B, H, W, C) with ``channel_first=False``).
     targets: numpy.ndarray, torch.Tensor or int
         The class explained for each row, shape (B,) (an int is used for every row).
     method: str, optional
         The method name, one of :func:`quantus_adapters.available_methods` (default
-        ``"SplitCAM"``). Quantus's ``evaluate`` passes it as a keyword.
+        ``"SplitCAM"``), or a Quantus name of :data:`QUANTUS_ALIASES`. Quantus's
+        ``evaluate`` passes it as a keyword.
     upsample: str, optional
         How a map at another resolution (a layer map) is resized to the input's: a mode of
         ``torch.nn.functional.interpolate`` out of :data:`UPSAMPLE_MODES`. Default
@@ -81,20 +101,27 @@ def explain(
         docstring), plus the keywords Quantus injects or a Quantus ``explain_func_kwargs``
         may contain, which are not method options:
 
-        - ``device``: accepted; the model's own device is used, as the model is not moved
-          (``device`` is used only for a model without parameters or buffers);
+        - ``device``: as ``quantus.explain``, ``model.to(device)`` and the inputs on that
+          device; None keeps the model where it is;
         - ``channel_first``: ``False`` means (B, H, W, C) inputs, the result is then
-          (B, H, W, 1); ``None`` or ``True`` mean channel first;
+          channel-last too; ``None`` or ``True`` mean channel first;
         - ``softmax``: only ``False`` (or ``None``); the methods explain the model's output
           (the logits);
+        - ``reduce_axes`` (default: the channels) and ``keepdims`` (default True): the axes
+          summed, as in ``quantus.explain``, counted in the inputs' layout (channel-last with
+          ``channel_first=False``); ``()`` keeps every channel the method returns; axis 0
+          (the batch) is refused;
+        - ``gc_layer``: Quantus's layer keyword (``"model.layer3"`` or ``"layer3"``), taken as
+          ``layer``;
         - ``xai_lib_kwargs``: a dict merged into the method options;
-        - ``xai_lib``, ``reduce_axes``, ``keepdims``: ignored (the result always has one
-          channel, which Quantus expands as needed).
+        - ``xai_lib``: ignored.
 
     Returns
     -------
     numpy.ndarray
-        float32 (B, 1, H, W): the map summed over channels and resized to the input.
+        The map resized to the input and reduced over ``reduce_axes``: (B, 1, H, W) by
+        default. float32, or float64 for a float64 model (resizing and reducing run in the
+        model's dtype, then the result is cast).
 
     Raises
     ------
@@ -107,12 +134,19 @@ def explain(
     ConstantExplanationError
         The batch's maps are constant (which Quantus rejects) or not finite.
     """
-    device_hint = kwargs.pop("device", None)
+    device = kwargs.pop("device", None)
     channel_first = kwargs.pop("channel_first", None)
     softmax = kwargs.pop("softmax", None)
     lib_kwargs = kwargs.pop("xai_lib_kwargs", None) or {}
-    for name in ("xai_lib", "reduce_axes", "keepdims"):
-        kwargs.pop(name, None)
+    given_axes = kwargs.pop("reduce_axes", None)
+    reduce_axes = (1,) if given_axes is None else _check_reduce_axes(given_axes)
+    keepdims = bool(kwargs.pop("keepdims", True))
+    kwargs.pop("xai_lib", None)
+    if "gc_layer" in kwargs:
+        if "layer" in kwargs:
+            raise TypeError("give the layer once: 'layer' or Quantus's 'gc_layer', not both")
+        layer = kwargs.pop("gc_layer")
+        kwargs["layer"] = layer.removeprefix("model.") if isinstance(layer, str) else layer
     if softmax:
         raise ValueError(
             "softmax=True is not supported: splitxai methods explain the model's output "
@@ -131,20 +165,62 @@ def explain(
         model = model.get_model()  # a Quantus ModelInterface wrapper
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    method, options = _resolve_alias(method, options)
     info = method_info(method)
     _check_options(method, info.function, options)
-    device, dtype = _model_device_dtype(model, device_hint)
-    x = _as_input_tensor(inputs, channel_first, device, dtype)
-    y = _as_targets(targets, x.shape[0], device)
+    if device is not None:
+        model.to(device)  # as quantus.explain does
+    model_device, dtype = _model_device_dtype(model, device)
+    x = _as_input_tensor(inputs, channel_first, model_device, dtype)
+    y = _as_targets(targets, x.shape[0], model_device)
 
-    with _model_left_unchanged(model, method):
-        result = info.function(model, x, y, **options)
+    try:
+        with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
+            result = info.function(model, x, y, **options)
+    finally:
+        model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it
     maps = _to_maps(result, method, x.shape, upsample)
+    if reduce_axes:
+        if channel_first is False and given_axes is not None:  # axes of (B, H, W, C)
+            reduce_axes = tuple(_CHANNEL_LAST_AXES[a % 4] for a in reduce_axes)
+        maps = maps.sum(dim=reduce_axes, keepdim=keepdims)
     _check_not_constant(maps, method, info.function, options)
-    out = maps.detach().to("cpu", torch.float32).numpy()
-    if channel_first is False:
+    out_dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    out = maps.detach().to("cpu", out_dtype).numpy()
+    if channel_first is False and maps.ndim == 4:
         out = np.moveaxis(out, 1, -1)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out)
+
+
+#: axis of a channel-last (B, H, W, C) map -> the same axis of the channel-first map
+_CHANNEL_LAST_AXES = {1: 2, 2: 3, 3: 1}
+
+
+def _resolve_alias(method: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Map a Quantus method name to the plugin method of the same meaning (if no plugin has it)."""
+    if method not in QUANTUS_ALIASES or method in available_methods():
+        return method, options
+    target, fixed = QUANTUS_ALIASES[method]
+    clash = sorted(k for k in fixed if k in options and options[k] != fixed[k])
+    if clash:
+        raise TypeError(
+            f"method {method!r} is Quantus's name for {target!r} with {fixed}; the option(s) "
+            f"{clash} contradict it (use method={target!r} to choose them)"
+        )
+    return target, {**options, **fixed}
+
+
+def _check_reduce_axes(reduce_axes: Any) -> tuple[int, ...]:
+    """Quantus's ``reduce_axes``: a tuple of axes of the (B, C, H, W) map, never the batch."""
+    axes = tuple(int(a) for a in (reduce_axes or ()))
+    if any(a % 4 == 0 for a in axes):
+        raise ValueError(
+            f"reduce_axes={reduce_axes!r} includes axis 0, the batch; Quantus forbids reducing "
+            "over the batch (use (1,) for the channels, the default)"
+        )
+    if any(not -4 <= a <= 3 for a in axes):
+        raise ValueError(f"reduce_axes={reduce_axes!r}: the map (B, C, H, W) has axes 1..3")
+    return axes
 
 
 def _check_options(method: str, fn: Any, options: dict[str, Any]) -> None:
@@ -221,15 +297,21 @@ def _as_targets(targets: Any, batch: int, device: torch.device) -> torch.Tensor:
 def _to_maps(
     result: Any, method: str, input_shape: torch.Size, upsample: str
 ) -> torch.Tensor:
-    """Sum over channels and resize a method's output to (B, 1, H, W)."""
+    """A method's output as (B, C, H, W) at the input's resolution, in its own dtype.
+
+    A NumPy array is accepted as a tensor; a (B, h, w) map gets a channel axis; a channel-last
+    (B, H, W, C) return is refused (summing it over axis 1 would mix rows of pixels).
+    """
     if isinstance(result, tuple) and len(result) == 1:  # Captum's one-input convention
         result = result[0]
+    if isinstance(result, np.ndarray):
+        result = torch.from_numpy(np.ascontiguousarray(result))
     if not isinstance(result, torch.Tensor):
         raise TypeError(
-            f"method {method!r} returned {type(result).__name__}, expected a torch.Tensor "
-            "(B, 1, h, w) or (B, C, H, W)"
+            f"method {method!r} returned {type(result).__name__}, expected a torch.Tensor or "
+            "a numpy.ndarray (B, 1, h, w) or (B, C, H, W)"
         )
-    batch, _, height, width = input_shape
+    batch, channels, height, width = input_shape
     maps = result.detach()
     if maps.ndim == 3:
         maps = maps.unsqueeze(1)
@@ -238,7 +320,15 @@ def _to_maps(
             f"method {method!r} returned shape {tuple(result.shape)}, expected (B, 1, h, w) "
             f"or (B, C, H, W) with B = {batch}"
         )
-    maps = maps.to(torch.float32).sum(dim=1, keepdim=True)
+    if maps.shape[1:3] == (height, width) and maps.shape[-2:] != (height, width) \
+            and maps.shape[3] in (1, channels):
+        raise ValueError(
+            f"method {method!r} returned shape {tuple(result.shape)}, which is channel-last "
+            f"(B, H, W, C) for inputs {tuple(input_shape)}; a method must return channel "
+            "first, (B, C, H, W) or (B, 1, h, w)"
+        )
+    if not maps.is_floating_point():
+        maps = maps.to(torch.get_default_dtype())
     if maps.shape[-2:] != (height, width):
         kwargs = {"align_corners": False} if upsample in ("bilinear", "bicubic") else {}
         maps = F.interpolate(maps, size=(height, width), mode=upsample, **kwargs)

@@ -162,6 +162,7 @@ def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[int, str]
     first: dict[str, tuple[str, str]] = {}  # entry-point name -> (value, dist label)
     extra: list[tuple[str, importlib.metadata.EntryPoint, importlib.metadata.Distribution]] = []
     origins: dict[int, str] = {}
+    seen: set[int] = set()  # ids of the plugin objects loaded so far
     for dist in list(importlib.metadata.distributions()):
         for ep in dist.entry_points:
             if ep.group != ENTRY_POINT_GROUP:
@@ -173,7 +174,12 @@ def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[int, str]
                 continue
             first[ep.name] = (ep.value, label)
             try:
-                _validate(ep.load())
+                plugin = ep.load()
+                if id(plugin) in seen:  # the same module under a second name: an alias
+                    manager.set_blocked(ep.name)
+                    continue
+                _validate(plugin)
+                seen.add(id(plugin))
             except Exception as exc:  # any import-time or validation failure of a plugin
                 errors[ep.name] = f"{ep.value} ({label}): {type(exc).__name__}: {exc}"
                 manager.set_blocked(ep.name)

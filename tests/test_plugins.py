@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,16 @@ def test_the_project_plugins_load_through_their_entry_points():
         "SplitCAM", "SplitGrad", "LayerCAM", "GradCAM", "GradCAMPlusPlus", "SplitLRP", "LRP",
         "DCGrad", *BASELINES,
     }
+
+
+def test_one_module_under_two_entry_point_names_is_registered_once(dists):
+    module = unique("twice")
+    dists.add("twice-xai", {"one": module, "two": module},
+              {module: plugin_source('{"TwiceMethod": brightness}')})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginLoadWarning)
+        refresh()
+    methods = quantus_adapters.available_methods()
+    assert "TwiceMethod" in methods and "SplitCAM" in methods
+    assert quantus_adapters.method_info("TwiceMethod").plugin == "one"
+    assert not {"one", "two"} & set(quantus_adapters.plugin_errors())

@@ -13,10 +13,15 @@ name find it::
 
 from __future__ import annotations
 
-from zennit.composites import register_composite
+from splitxai.install import require_extra, require_own_core
 
-from .composite import SplitLRP, select_stream
-from .helpers import gamma_composite, lrp_gamma, output_seed, split_lrp
+require_own_core()
+require_extra(("zennit",), "zennit", "zennit_split")
+
+from zennit.composites import register_composite  # noqa: E402
+
+from .composite import SplitLRP, select_stream  # noqa: E402
+from .helpers import gamma_composite, lrp_gamma, output_seed, split_lrp  # noqa: E402
 
 register_composite("split_lrp")(SplitLRP)
 

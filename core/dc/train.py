@@ -524,7 +524,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if "
                         "available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", default="splitxai-train-dc",
+                        help="output folder (default ./splitxai-train-dc)")
     return parser
 
 

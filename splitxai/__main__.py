@@ -1,0 +1,7 @@
+"""``python -m splitxai``: the ``splitxai`` command line."""
+
+import sys
+
+from splitxai.cli import main
+
+sys.exit(main())
