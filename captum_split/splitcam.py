@@ -31,18 +31,14 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 import core
+from core import checks
+from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 from ._utils import (
-    INPUT_SPLITS,
-    MAXPOOL_MODES,
     SIGNS,
-    STABILIZERS,
     STREAMS,
     check_alpha,
-    check_choice,
     format_additional_args,
-    format_target,
-    layer_name,
     single_input,
     unwrap_model,
 )
@@ -79,14 +75,16 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         device_ids: list[int] | None = None,
     ) -> None:
         method = type(self).__name__
-        check_choice("stream", stream, STREAMS)
-        check_choice("sign", sign, SIGNS)
-        check_choice("maxpool", maxpool, MAXPOOL_MODES)
-        check_choice("stabilizer", stabilizer, STABILIZERS)
-        check_choice("input_split", input_split, INPUT_SPLITS)
+        checks.option("stream", stream, who=method, allowed=STREAMS)
+        checks.option("sign", sign, who=method, allowed=SIGNS)
+        checks.option("maxpool", maxpool, who=method, allowed=MAXPOOL_MODES)
+        checks.option("stabilizer", stabilizer, who=method, allowed=STABILIZERS)
+        checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
         check_alpha(alpha)
         model = unwrap_model(forward_func, method)
-        self.layer_name = layer_name(model, layer, method, allow_input=self._allow_input_layer)
+        self.layer_name = checks.layer_name(
+            model, layer, method, allow_input=self._allow_input_layer
+        )
         module = None if self.layer_name == "input" else dict(model.named_modules())[
             self.layer_name
         ]
@@ -127,7 +125,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
         x, is_tuple = single_input(inputs, method)
-        t = format_target(target, x.shape[0], method)
+        t = checks.targets(target, x.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core import rules
+from core import checks, rules
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.graph import trace
 from core.pair import Pair, contains_pair
@@ -39,12 +39,6 @@ class _Step:
     merged_bias: torch.Tensor | None = None
     merged: bool = False  # a BatchNorm merged into the affine layer before it
     free: tuple[str, ...] = ()
-
-
-def _option(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-    return value
 
 
 class SplitModel:
@@ -95,9 +89,9 @@ class SplitModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.maxpool = _option("maxpool", maxpool, MAXPOOL_MODES)
-        self.stabilizer = _option("stabilizer", stabilizer, STABILIZERS)
-        self.input_split = _option("input_split", input_split, INPUT_SPLITS)
+        self.maxpool = checks.option("maxpool", maxpool, MAXPOOL_MODES)
+        self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
+        self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta} must be in (0, 1]")
         if threshold < 0:
@@ -229,14 +223,7 @@ class SplitModel:
             raise ValueError(
                 f"layer {layer!r} is a module of the model but is never called in its forward"
             )
-        import difflib
-
-        close = difflib.get_close_matches(layer.removesuffix(":input"), known, n=5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"layer {layer!r} is not a module of {type(self.model).__name__}; use a name from "
-            f"model.named_modules() or 'input' (optionally with ':input').{hint}"
-        )
+        raise checks.unknown_layer(self.model, layer.removesuffix(":input"), allow_input=True)
 
     # ------------------------------------------------------------------ execution
     def _weight_abs(self, w: torch.Tensor) -> torch.Tensor:
@@ -512,6 +499,7 @@ class SplitModel:
             layers = [layers]
         nodes = {layer: self._node_of(layer) for layer in layers}
         factors = self._factors(alpha)
+        index = checks.targets(target, x.shape[0]).to(x.device)
         with torch.enable_grad():
             d_in, s_in = self._initial(x)
             d_in = d_in.requires_grad_(True)
@@ -524,7 +512,9 @@ class SplitModel:
                     f"{self._first_overflow(x, tuple(extra_args))} "
                     f"(stabilizer={self.stabilizer!r}); use stabilizer='scale' or float64 inputs"
                 )
-            index = _targets(target, out.d)
+            checks.logits(out.d)
+            checks.target_range(index, out.d.shape[1])
+            index = index.view(-1, 1)
             sel_d = out.d.gather(1, index).sum()
             sel_s = out.s.gather(1, index).sum()
             unique = list(dict.fromkeys(nodes.values()))
@@ -585,27 +575,6 @@ class SplitModel:
 
 def _or_zero(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t.detach()
-
-
-def _targets(target: int | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if out.dim() != 2:
-        raise ValueError(
-            f"the model output has shape {tuple(out.shape)}; sensitivities need (batch, classes)"
-        )
-    n, k = out.shape
-    if isinstance(target, (int,)) and not isinstance(target, bool):
-        index = torch.full((n,), int(target), dtype=torch.long, device=out.device)
-    elif isinstance(target, torch.Tensor) and not target.is_floating_point():
-        index = target.to(device=out.device, dtype=torch.long).reshape(-1)
-        if index.numel() == 1:
-            index = index.expand(n)
-        if index.numel() != n:
-            raise ValueError(f"target has {index.numel()} entries for a batch of {n}")
-    else:
-        raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
-    if (index < 0).any() or (index >= k).any():
-        raise ValueError(f"target {index.tolist()} out of range for {k} outputs")
-    return index.view(n, 1)
 
 
 def _fetch_attr(model: nn.Module, target: str) -> Any:

@@ -1,4 +1,4 @@
-"""The evaluation protocol of the paper (section 5.2; DESIGN.md section 4).
+"""The evaluation protocol of the paper (section 5.2, tables 1-3, 6, 7).
 
 - the methods: each a :class:`MethodSpec` -- a registry name plus options, so that any
   method of any installed plugin can take part;
@@ -312,7 +312,6 @@ def pixel_flipping_curves(model: nn.Module, x: np.ndarray, y: np.ndarray, a: np.
     a_full = np.broadcast_to(a, x.shape).reshape(b, -1)
     order = np.argsort(-a_full, axis=1, kind="stable")
     n_steps = math.ceil(fraction * a_full.shape[1] / step)
-    np.arange(b)
     xs = [x.copy()]
     x_pert = x.copy()
     for k in range(n_steps):

@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -448,11 +447,4 @@ def fingerprint(model: nn.Module, data: BenchmarkData, settings: ProtocolSetting
         "settings": {k: v for k, v in vars(settings).items() if k != "batch_size"},
         **extra,
     }
-
-
-def out_path(out: str | Path, name: str) -> Path:
-    """``out / name`` with the folder created."""
-    p = Path(out)
-    p.mkdir(parents=True, exist_ok=True)
-    return p / name
 
