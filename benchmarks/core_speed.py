@@ -62,7 +62,8 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        print(f"round {round_ + 1} of {repeats}", file=sys.stderr, flush=True)
         for key, fn in calls.items():
             _sync()
             start = time.perf_counter()
