@@ -65,8 +65,8 @@ def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
     names = [n for n, _ in model.named_modules() if n]
     also = " or 'input'" if allow_input else ""
     return ValueError(
-        f"{_prefix(who)}layer {layer!r} is not a module of {type(model).__name__}; use a name "
-        f"from model.named_modules(){also}.{close_names(layer, names)}"
+        f"{_prefix(who)}layer {layer!r} is not a module of the model ({type(model).__name__}); "
+        f"use a name from model.named_modules(){also}.{close_names(layer, names)}"
     )
 
 
