@@ -45,7 +45,8 @@ def option(name: str, value: T, allowed: Sequence[Any], who: str | None = None) 
     object
         ``value`` unchanged.
     """
-    if any(value is c or (c is not None and type(value) is type(c) and value == c)
+    if any(value is c or (c is not None and isinstance(value, type(c))
+                          and isinstance(value, bool) == isinstance(c, bool) and value == c)
            for c in allowed):
         return value
     raise ValueError(
