@@ -1,32 +1,43 @@
-"""Speed and memory of the split against the model and Captum's LayerGradCam.
+"""Speed and memory of the split against the model and its Captum baselines.
 
-Ratios are measured in one run on the same machine (issue 2's performance targets), as the
-best of ``--repeats`` rounds in which the calls take turns:
+Every number is a ratio against a baseline measured in the same run on the same machine, as
+the best of ``--repeats`` rounds in which all calls of all cells take turns (so that a load
+on a shared machine hits the baseline and the split alike). A cell is one model at one
+batch size; per cell:
 
-- split time: ``core.split(model)`` (tracing and planning);
+- split: ``core.split(model)`` (capture and planning), in ms;
 - forward: one forward of the split pair vs the model's forward (no gradient);
-- sensitivities: ``sensitivities`` at one mid layer vs ``LayerGradCam`` at that layer;
-- peak memory: the resident-memory peak of each of those two calls, each in a fresh process.
+- sensitivities: ``sensitivities`` at a middle layer vs Captum's ``LayerGradCam`` there;
+- SplitGrad: ``captum_split.SplitGrad`` at the input vs Captum's ``Saliency``;
+- peak memory (``--memory``): the peak of one sensitivities / LayerGradCam call above the
+  state before it, each in a fresh process (CPU: resident memory; CUDA: the allocator).
+
+Targets (issue 11): split <= 10 ms, sensitivities <= 2.4x LayerGradCam, forward <= 2.4x the
+model's, SplitGrad <= 2.7x Saliency, in every cell.
 
 Usage::
 
-    python benchmarks/core_speed.py [--models vgg16 resnet18] [--batch 4] [--size 224]
+    python benchmarks/core_speed.py --threads 2 [--models vgg16 resnet18 resnet50]
+        [--batches 1 8] [--size 224] [--repeats 3] [--memory] [--out table.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-MID_LAYERS = {"vgg16": "features.14", "resnet18": "layer2", "resnet20": "layer2"}
+MID_LAYERS = {"vgg16": "features.14", "resnet18": "layer2", "resnet50": "layer2",
+              "resnet20": "layer2"}
+TARGETS = {"split_ms": 10.0, "forward_ratio": 2.4, "sens_ratio": 2.4, "grad_ratio": 2.7}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -46,26 +57,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(calls: dict, repeats: int) -> dict[str, float]:
-    """Best wall time of each call, the calls taking turns (so that a load on the machine
-    hits the baseline and the split alike), after one warm-up round."""
+    """Best wall time of each call, the calls taking turns, after one warm-up round."""
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        print(f"round {round_ + 1} of {repeats}", file=sys.stderr, flush=True)
         for key, fn in calls.items():
             _sync()
             start = time.perf_counter()
@@ -75,10 +73,11 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
     return best
 
 
-def _calls(name: str, batch: int, size: int, device: str, cache: bool):
+def _calls(name: str, batch: int, size: int, device: str, cache: bool) -> dict:
     import captum.attr
 
     import core
+    from captum_split import SplitGrad
 
     model = build(name).to(device)
     x = torch.rand(batch, 3, size, size, device=device)
@@ -86,12 +85,17 @@ def _calls(name: str, batch: int, size: int, device: str, cache: bool):
     layer = MID_LAYERS[name]
     sm = core.split(model, cache_abs_weights=cache)
     gradcam = captum.attr.LayerGradCam(model, model.get_submodule(layer))
+    saliency = captum.attr.Saliency(model)
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
+    split_grad = SplitGrad(model)
     return {
         "model_forward": lambda: _no_grad(model, x),
         "split_forward": lambda: _no_grad(sm.forward_pairs, x),
         "layer_gradcam": lambda: gradcam.attribute(x, target),
         "sensitivities": lambda: sm.sensitivities(x, target, [layer], alpha=0.4),
-        "split": lambda: core.split(model),
+        "saliency": lambda: saliency.attribute(x, target, abs=False),
+        "split_grad": lambda: split_grad.attribute(x, target),
+        "split": lambda: core.split(model, cache_abs_weights=cache),
     }
 
 
@@ -136,11 +140,13 @@ def measure_peak(fn, device: str = "cpu") -> float:
     return peak[0] - base
 
 
-def peak_memory(name: str, call: str, batch: int, size: int, device: str, cache: bool) -> float:
-    """Resident-memory peak (MiB) of one call above the state before it, in a new process."""
+def peak_memory(name: str, call: str, batch: int, size: int, device: str, cache: bool,
+                threads: int) -> float:
+    """Peak memory (MiB) of one call above the state before it, in a new process."""
     root = str(Path(__file__).resolve().parents[1])
     code = (
-        f"import sys; sys.path.insert(0, {root!r});"
+        f"import sys; sys.path.insert(0, {root!r}); import torch;"
+        f"torch.set_num_threads({threads});"
         "from benchmarks.core_speed import _calls, measure_peak;"
         f"calls = _calls({name!r}, {batch}, {size}, {device!r}, {cache!r});"
         f"print(measure_peak(calls[{call!r}], {device!r}))"
@@ -149,59 +155,93 @@ def peak_memory(name: str, call: str, batch: int, size: int, device: str, cache:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run(models: list[str], batch: int, size: int, repeats: int, device: str,
-        cache: bool) -> list[dict]:
-    """Measure every model; returns one row of numbers per model."""
+def run(models: list[str], batches: list[int], size: int, repeats: int, device: str,
+        cache: bool, memory: bool, threads: int) -> list[dict]:
+    """Measure every (model, batch) cell in one interleaved run; one row per cell."""
+    cells = [(name, batch) for name in models for batch in batches]
+    calls = {}
+    for name, batch in cells:
+        for key, fn in _calls(name, batch, size, device, cache).items():
+            calls[(name, batch, key)] = fn
+    best = interleaved(calls, repeats)
     rows = []
-    for name in models:
-        calls = _calls(name, batch, size, device, cache)
-        t = interleaved(calls, repeats)
-        mem_cam = peak_memory(name, "layer_gradcam", batch, size, device, cache)
-        mem_sens = peak_memory(name, "sensitivities", batch, size, device, cache)
-        rows.append({
-            "model": name, "layer": MID_LAYERS[name],
+    for name, batch in cells:
+        t = {key: best[(name, batch, key)] for key in
+             ("model_forward", "split_forward", "layer_gradcam", "sensitivities", "saliency",
+              "split_grad", "split")}
+        row = {
+            "model": name, "batch": batch, "layer": MID_LAYERS[name],
             "split_ms": 1000 * t["split"],
+            "model_forward_s": t["model_forward"], "split_forward_s": t["split_forward"],
             "forward_ratio": t["split_forward"] / t["model_forward"],
             "sens_s": t["sensitivities"], "gradcam_s": t["layer_gradcam"],
             "sens_ratio": t["sensitivities"] / t["layer_gradcam"],
-            "mem_sens_mib": mem_sens, "mem_gradcam_mib": mem_cam,
-            "mem_ratio": mem_sens / max(mem_cam, 1e-9),
-        })
+            "split_grad_s": t["split_grad"], "saliency_s": t["saliency"],
+            "grad_ratio": t["split_grad"] / t["saliency"],
+        }
+        if memory:
+            mem_cam = peak_memory(name, "layer_gradcam", batch, size, device, cache, threads)
+            mem_sens = peak_memory(name, "sensitivities", batch, size, device, cache, threads)
+            row.update(mem_sens_mib=mem_sens, mem_gradcam_mib=mem_cam,
+                       mem_ratio=mem_sens / max(mem_cam, 1e-9))
+        rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], batch: int, size: int, device: str, threads: int) -> str:
-    """The results as a Markdown table."""
-    head = (f"CPU threads: {threads}, device: {device}, batch {batch}, {size}x{size}, float32\n\n"
-            "| model | layer | split (ms) | split fwd / model fwd | sensitivities (s) | "
-            "LayerGradCam (s) | ratio | peak mem sens. (MiB) | peak mem LayerGradCam (MiB) | "
-            "ratio |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [
-        f"| {r['model']} | {r['layer']} | {r['split_ms']:.1f} | {r['forward_ratio']:.2f}x | "
-        f"{r['sens_s']:.3f} | {r['gradcam_s']:.3f} | {r['sens_ratio']:.2f}x | "
-        f"{r['mem_sens_mib']:.0f} | {r['mem_gradcam_mib']:.0f} | {r['mem_ratio']:.2f}x |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
+def _mark(value: float, key: str) -> str:
+    return "" if value <= TARGETS[key] else " (!)"
+
+
+def markdown(rows: list[dict], size: int, device: str, threads: int,
+             load: tuple[float, float]) -> str:
+    """The results as a Markdown table; ``(!)`` marks a cell over its target."""
+    memory = "mem_ratio" in rows[0]
+    head = (f"{device}, {threads} threads, {size}x{size}, float32; load average "
+            f"{load[0]:.1f} before, {load[1]:.1f} after the run "
+            f"({os.cpu_count()} cores)\n\n"
+            "| model | batch | layer | split (ms) | forward (s) | split fwd / model fwd | "
+            "sensitivities (s) | / LayerGradCam | SplitGrad (s) | / Saliency |")
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
+    if memory:
+        head += " peak mem sens. (MiB) | / LayerGradCam |"
+        rule += "---|---|"
+    lines = []
+    for r in rows:
+        line = (
+            f"| {r['model']} | {r['batch']} | {r['layer']} | "
+            f"{r['split_ms']:.1f}{_mark(r['split_ms'], 'split_ms')} | "
+            f"{r['model_forward_s']:.3f} | "
+            f"{r['forward_ratio']:.2f}x{_mark(r['forward_ratio'], 'forward_ratio')} | "
+            f"{r['sens_s']:.3f} | {r['sens_ratio']:.2f}x{_mark(r['sens_ratio'], 'sens_ratio')} | "
+            f"{r['split_grad_s']:.3f} | "
+            f"{r['grad_ratio']:.2f}x{_mark(r['grad_ratio'], 'grad_ratio')} |"
+        )
+        if memory:
+            line += f" {r['mem_sens_mib']:.0f} | {r['mem_ratio']:.2f}x |"
+        lines.append(line)
+    return head + "\n" + rule + "\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"],
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18", "resnet50"],
                         choices=sorted(MID_LAYERS))
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-abs-weights", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory (one fresh process per call)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = run(args.models, args.batch, args.size, args.repeats, args.device,
-               args.cache_abs_weights)
-    table = markdown(rows, args.batch, args.size, args.device, args.threads)
+    before = os.getloadavg()[0]
+    rows = run(args.models, args.batches, args.size, args.repeats, args.device,
+               args.cache_abs_weights, args.memory, args.threads)
+    table = markdown(rows, args.size, args.device, args.threads, (before, os.getloadavg()[0]))
     print(table)
     print(json.dumps(rows, indent=1))
     if args.out is not None:

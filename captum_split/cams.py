@@ -19,7 +19,9 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ._utils import check_dtype, checked_forward, input_tensors, layer_name, module_by_name
+from core import checks
+
+from ._utils import check_dtype, checked_forward, input_tensors
 
 __all__ = ["LayerCAM", "GradCAMPlusPlus"]
 
@@ -34,7 +36,7 @@ def _resolve_module(forward_func: Callable[..., Any], layer: nn.Module | str, me
                 f"{method}: a layer given by name needs forward_func to be the nn.Module; pass "
                 "the layer module instead."
             )
-        return module_by_name(forward_func, layer_name(forward_func, layer, method))
+        return forward_func.get_submodule(checks.layer_name(forward_func, layer, method))
     raise TypeError(
         f"{method}: layer must be a torch.nn.Module or a module name; got {type(layer).__name__}."
     )
@@ -53,7 +55,7 @@ class _CAMBase(LayerAttribution, GradientAttribution):
     ) -> None:
         module = _resolve_module(forward_func, layer, type(self).__name__)
         if isinstance(forward_func, nn.Module):
-            layer_name(forward_func, module, type(self).__name__)  # must be a submodule
+            checks.layer_name(forward_func, module, type(self).__name__)  # must be a submodule
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
 

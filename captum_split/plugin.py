@@ -16,7 +16,9 @@ from typing import Any
 import pluggy
 from torch import Tensor, nn
 
-from ._utils import checked_forward, format_target, last_conv_name, layer_name
+from core import checks
+
+from ._utils import checked_forward, last_conv_name
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
@@ -24,7 +26,9 @@ __all__ = ["hookimpl", "splitxai_explainers"]
 
 
 def _cam_layer(model: nn.Module, layer: str | None, method: str) -> str:
-    return last_conv_name(model, method) if layer is None else layer_name(model, layer, method)
+    if layer is None:
+        return last_conv_name(model, method)
+    return checks.layer_name(model, layer, method)
 
 
 def split_cam(
@@ -114,8 +118,8 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
 
             cls = getattr(cams, cls_name)
         name = _cam_layer(model, layer, cls_name)
-        target = format_target(targets, inputs.shape[0], cls_name)
-        module = dict(model.named_modules())[name]
+        target = checks.targets(targets, inputs.shape[0], cls_name)
+        module = model.get_submodule(name)
         # Captum's LayerGradCam reports a class index past the output as a gather error
         forward = checked_forward(model, target, cls_name) if cls_name == "LayerGradCam" else model
         explainer: Any = cls(forward, module)

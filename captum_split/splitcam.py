@@ -31,19 +31,15 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 import core
+from core import checks
+from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 from ._utils import (
-    INPUT_SPLITS,
-    MAXPOOL_MODES,
     SIGNS,
-    STABILIZERS,
     STREAMS,
     check_alpha,
-    check_choice,
     check_grad_kwargs,
     format_additional_args,
-    format_target,
-    layer_name,
     single_input,
     unwrap_model,
 )
@@ -80,14 +76,16 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         input_split: str = "relu",
     ) -> None:
         method = type(self).__name__
-        check_choice("stream", stream, STREAMS)
-        check_choice("sign", sign, SIGNS)
-        check_choice("maxpool", maxpool, MAXPOOL_MODES)
-        check_choice("stabilizer", stabilizer, STABILIZERS)
-        check_choice("input_split", input_split, INPUT_SPLITS)
+        checks.option("stream", stream, who=method, allowed=STREAMS)
+        checks.option("sign", sign, who=method, allowed=SIGNS)
+        checks.option("maxpool", maxpool, who=method, allowed=MAXPOOL_MODES)
+        checks.option("stabilizer", stabilizer, who=method, allowed=STABILIZERS)
+        checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
         check_alpha(alpha)
         model = unwrap_model(forward_func, method)
-        self.layer_name = layer_name(model, layer, method, allow_input=self._allow_input_layer)
+        self.layer_name = checks.layer_name(
+            model, layer, method, allow_input=self._allow_input_layer
+        )
         module = None if self.layer_name == "input" else dict(model.named_modules())[
             self.layer_name
         ]
@@ -133,7 +131,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         check_grad_kwargs(grad_kwargs, method)
         x, is_tuple = single_input(inputs, method, self.model)
         first = x[0] if isinstance(x, tuple) else x
-        t = format_target(target, first.shape[0], method)
+        t = checks.targets(target, first.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":

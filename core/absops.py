@@ -100,7 +100,7 @@ class _NegativePart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, relu_out):  # noqa: D102
         ctx.save_for_backward(relu_out)
-        return (-z).clamp_min_(0)
+        return torch.sub(relu_out, z)  # relu(z) - z == relu(-z) exactly, in one pass
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102

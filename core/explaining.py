@@ -19,7 +19,8 @@ _WARNED_TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @contextmanager
-def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> Iterator[nn.Module]:
+def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
+                   buffers: bool = True) -> Iterator[nn.Module]:
     """Run the body with every module of ``model`` in eval mode, then restore the model.
 
     The training flags are set back module by module, and a buffer that the body changed (a
@@ -34,6 +35,9 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> 
     warn: bool
         Warn when the model is in training mode: once per model (not on every call; a
         Quantus loop builds a new explainer per batch).
+    buffers: bool
+        Guard the buffers (False where the body cannot write them: the split's interpreter
+        reads buffers as copies wherever the forward writes into them).
 
     Yields
     ------
@@ -49,7 +53,7 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> 
             "buffers unchanged; call model.eval() to compare with model(x).",
             stacklevel=stacklevel,
         )
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
     try:
         for m, _ in modes:
             m.training = False

@@ -7,13 +7,16 @@ redistributed layer by layer with the epsilon rule (eq. 9, gamma 0, signed epsil
     R_j = a_j * sum_i w_ij * R_i / (z_i + eps * sign(z_i))
 
 on every operation that mixes neurons (affine layers, BatchNorm -- merged into the preceding
-affine layer when the split was built with ``merge_batchnorm=True`` --, residual adds, which
-so split relevance in proportion to the branches' contributions, average pooling, convex max
-pooling). Structural operations (views, slicing, concatenation, padding, winner-takes-all max
-pooling) move relevance without changing it. ReLU-type units pass it on unchanged (``"pass"``,
-the paper: LRP ignores the activation functions) or, for ReLU, hand the g stream's relevance
-to the winning pre-activation (``"wta"``). The forward stabiliser's shifts pass relevance
-unchanged; the shifted split activations are the ``a_j`` of the rule.
+affine layer when the split was built with ``merge_batchnorm=True`` --, average pooling,
+convex max pooling). A sum of two activations (a residual add) gives each branch half of the
+relevance (``residual="even"``, the default and the paper's choice) or applies the epsilon
+rule to the sum, sharing relevance in proportion to the branches' contributions
+(``residual="proportional"``). Structural operations (views, slicing, concatenation, padding,
+winner-takes-all max pooling) move relevance without changing it. ReLU-type units pass it on
+unchanged (``"pass"``, the paper: LRP ignores the activation functions) or, for ReLU, hand the
+g stream's relevance to the winning pre-activation (``"wta"``). The forward stabiliser's
+shifts pass relevance unchanged; the shifted split activations are the ``a_j`` of the rule.
+docs/math.md section 5 states the rules.
 
 The rule of each node is applied through autograd on the node's own split rule: with the
 output coefficients ``c = R / z`` sent back as gradients of ``(d, s)``, the vector-Jacobian
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from core import checks
 from core.errors import SplitOverflowError
 from core.interpreter import SplitInterpreter, Step
 from core.pair import Pair
@@ -39,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ACTIVATION_RULES = ("pass", "wta")
 RESIDUAL_RULES = ("even", "proportional")
+STREAMS = ("pos", "neg", "comb")
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,7 @@ class Relevance:
 
     def stream(self, name: str) -> torch.Tensor:
         """``"pos"``, ``"neg"`` or ``"comb"``."""
-        if name not in ("pos", "neg", "comb"):
-            raise ValueError(f"stream={name!r} is not one of 'pos', 'neg', 'comb'")
-        return getattr(self, name)
+        return getattr(self, checks.option("stream", name, STREAMS))
 
 
 def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -129,10 +132,8 @@ def relevance(
     dict of str to Relevance
         ``"input"`` and every requested layer.
     """
-    if activation_rule not in ACTIVATION_RULES:
-        raise ValueError(f"activation_rule={activation_rule!r} is not one of {ACTIVATION_RULES}")
-    if residual not in RESIDUAL_RULES:
-        raise ValueError(f"residual={residual!r} is not one of {RESIDUAL_RULES}")
+    checks.option("activation_rule", activation_rule, ACTIVATION_RULES)
+    checks.option("residual", residual, RESIDUAL_RULES)
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon} must be >= 0")
     call = split.prepare(x, extra_args, kwargs)

@@ -56,14 +56,3 @@ def contains_pair(value: Any) -> bool:
     if isinstance(value, dict):
         return any(contains_pair(v) for v in value.values())
     return False
-
-
-def map_pairs(value: Any, fn) -> Any:
-    """Apply ``fn`` to every Pair of a nested structure (lists, tuples, dicts)."""
-    if isinstance(value, Pair):
-        return fn(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_pairs(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: map_pairs(v, fn) for k, v in value.items()}
-    return value

@@ -12,16 +12,16 @@ class Probe:
     """Split activations and local sensitivities at one node of the model.
 
     All tensors have the shape of the node's activation. They are derived from the sum /
-    difference form of DESIGN.md section 2: ``activation = a+ - a-``, ``mass = a+ + a-``,
-    ``S = d+ + d-`` (the same for g and h) and ``Dg = d+g - d-g``; ``grad`` is the original
-    model's gradient of the target logit.
+    difference form (docs/math.md sections 1 and 4): ``activation = a+ - a-``,
+    ``mass = a+ + a-``, ``S = d+ + d-`` (the same for g and h, Theorem 7) and
+    ``Dg = d+g - d-g``; ``grad`` is the original model's gradient of the target logit.
 
     Attributes
     ----------
     activation: torch.Tensor
-        The original model's activation ``a`` (``d`` in DESIGN.md).
+        The original model's activation ``a`` (the pair's ``d``).
     mass: torch.Tensor
-        ``a+ + a-`` (``s`` in DESIGN.md), after forward stabilisation.
+        ``a+ + a-`` (the pair's ``s``), after forward stabilisation.
     S: torch.Tensor
         Sum of the two shifted local sensitivities, ``d+g + d-g == d+h + d-h``.
     Dg: torch.Tensor
@@ -47,8 +47,8 @@ class Probe:
         return (self.mass - self.activation) / 2
 
     @property
-    def Dh(self) -> torch.Tensor:  # noqa: N802 - the name of DESIGN.md
-        """Difference of the h stream's sensitivities, ``Dh = Dg - 2 grad`` (exact)."""
+    def Dh(self) -> torch.Tensor:  # noqa: N802 - the name of docs/math.md
+        """Difference of the h stream's sensitivities, ``Dh = Dg - 2 grad`` (exact, eq. 4)."""
         return self.Dg - 2 * self.grad
 
     @property

@@ -1,4 +1,7 @@
-"""Forward rules of the split pair in sum/difference form (the paper's section 3, eqs. 14-20).
+"""Forward rules of the split pair in sum/difference form (docs/math.md section 2).
+
+Every rule states its formula for ``d`` and ``s`` (the paper's eqs. 2-3 for affine maps and ReLU,
+eq. 17 for max pooling).
 
 Every rule maps the split pairs of a node's inputs to the split pair of its output. ``d`` is
 always computed by the model's own (out-of-place) operation, so ``g - h`` reproduces the
@@ -10,6 +13,7 @@ does with it, whether it is a ReLU-type unit and shift point), in the rule table
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +48,8 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # --------------------------------------------------------------------------- structure
 def same(fn: Callable[..., Any]) -> RuleFn:
-    """A positive linear or structural op: the same op on ``d`` and on ``s``."""
+    """A positive linear or structural op ``P`` (views, slicing, average pooling, sums):
+    ``d' = P d``, ``s' = P s``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         p, rest = args[0], args[1:]
@@ -92,13 +97,13 @@ def constant_like(fn: Callable[..., Any]) -> RuleFn:
           nn.FeatureAlphaDropout, nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
           F.alpha_dropout, F.feature_alpha_dropout, lrp="structural")
 def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """Dropout (eval semantics) and ``nn.Identity``."""
+    """Dropout (eval semantics) and ``nn.Identity``: ``(d', s') = (d, s)``."""
     return args[0]
 
 
 @register(operator.getitem, lrp="index")
 def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """Indexing of a pair (slicing) or of a tuple of pairs."""
+    """Indexing: ``d' = d[i]``, ``s' = s[i]`` for a pair; the element for a tuple of pairs."""
     obj, index = args
     if isinstance(obj, Pair):
         _static(ctx, index, "indexing")
@@ -117,7 +122,8 @@ def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
 
 
 def concat(fn: Callable[..., torch.Tensor]) -> RuleFn:
-    """``torch.cat`` / ``torch.stack``: constants join as pairs with ``s = |c|``."""
+    """``torch.cat`` / ``torch.stack``: ``d' = cat(d_k)``, ``s' = cat(s_k)``; a constant ``c``
+    joins as the pair ``(c, |c|)``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         parts = [lift(p) for p in args[0]]
@@ -141,7 +147,8 @@ def _abs(c: Any) -> Any:
 @register(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__",
           "__iadd__", lrp="sum", signs=(1, 1))
 def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``a + alpha * b`` for pairs and constants."""
+    """``a + alpha b``: ``d' = d_a + alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
+    adds ``c`` to ``d`` and ``|c|`` to ``s``."""
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", 1)
     if _is_const(a):  # c + pair
@@ -155,7 +162,8 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "__sub__",
           "__isub__", lrp="sum", signs=(1, -1))
 def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``a - alpha * b`` for pairs and constants."""
+    """``a - alpha b``: ``d' = d_a - alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
+    adds ``-c`` to ``d`` and ``|c|`` to ``s``."""
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", 1)
     if _is_const(a):
@@ -167,14 +175,14 @@ def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(torch.rsub, "__rsub__", lrp="sum", signs=(-1, 1))
 def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``torch.rsub(a, b) = b - a``."""
+    """``torch.rsub(a, b) = b - a`` (see :func:`sub`)."""
     return sub(ctx, (args[1], args[0]), kwargs)
 
 
 @register(operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__",
           "__rmul__", "__imul__")
 def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Multiplication by a constant (scalar or tensor)."""
+    """Multiplication by a constant ``c`` (scalar or tensor): ``d' = c d``, ``s' = |c| s``."""
     a, b = args[0], args[1]
     if _is_const(a):
         a, b = b, a
@@ -185,7 +193,7 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
           "__truediv__", "__itruediv__")
 def div(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Division of a pair by a constant."""
+    """Division by a constant ``c``: ``d' = d / c``, ``s' = s / |c|``."""
     a, b = args[0], args[1]
     if _is_const(a):
         raise unsupported(ctx, "division by an activation", "Only division by constants is linear.")
@@ -201,7 +209,8 @@ def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__")
 def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Matrix product of a pair with a constant matrix (either side)."""
+    """Matrix product with a constant ``M`` (either side): ``d' = d M``, ``s' = s |M|``
+    (``M d``, ``|M| s``)."""
     a, b = args[0], args[1]
     if isinstance(a, Pair) and isinstance(b, Pair):
         _static(ctx, b, "matmul")
@@ -220,7 +229,7 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
 
 @register(nn.Linear)
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Linear``: ``d' = W d + b``, ``s' = |W| s + |b|``."""
+    """``nn.Linear`` (eqs. 2-3): ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
     w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
@@ -232,7 +241,8 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups)."""
+    """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups):
+    ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|``."""
     m, p = ctx.module, args[0]
     w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
@@ -252,7 +262,8 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.ConvTranspose1d/2d/3d`` (zero padding mode)."""
+    """``nn.ConvTranspose1d/2d/3d`` (zero padding mode): ``d' = convT(d, W) + b``,
+    ``s' = convT(s, |W|) + |b|``."""
     m, p = ctx.module, args[0]
     n = len(m.kernel_size)
     out_pad = m._output_padding(p.d, None, m.stride, m.padding, m.kernel_size, n, m.dilation)
@@ -264,7 +275,8 @@ def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
-    """``F.linear`` / ``F.conv*`` with constant weight and bias."""
+    """``F.linear`` / ``F.conv*`` with constant ``W`` and ``b``: ``d' = W d + b``,
+    ``s' = |W| s + |b|``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         p, w = args[0], args[1] if len(args) > 1 else kwargs.pop("weight")
@@ -300,14 +312,17 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.BatchNorm*`` with eval semantics: a per-channel affine map."""
+    """``nn.BatchNorm*`` with eval semantics, a per-channel affine map: with
+    ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``, ``s' = |k| s + |t|``
+    (merged into the affine map before it: ``t`` also holds ``k b``, whose ``|b|`` that map
+    then leaves out)."""
     m = ctx.module
     return _bn_affine(ctx, args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
 
 
 @register(F.batch_norm)
 def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.batch_norm`` with eval semantics."""
+    """``F.batch_norm`` with eval semantics (see :func:`batchnorm_module`)."""
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
              "eps"]
     bound = dict(zip(names, args, strict=False)) | kwargs
@@ -336,7 +351,8 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
 @register(nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_",
           lrp="activation", activation=True, relu=True)
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """ReLU: g stream Maxout, h stream identity; ``s' = s + relu(-z)``."""
+    """ReLU: g stream Maxout ``a+ = max(z+, z-)``, h stream identity ``a- = z-``:
+    ``d' = relu(z)``, ``s' = s + relu(-z)``."""
     p = args[0]
     d = F.relu(p.d)
     return Pair(d, add_negative_part(p.s, p.d, d))
@@ -355,7 +371,8 @@ def _number(ctx: Ctx, v: Any, what: str) -> float | None:
 @register(torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", lrp="activation",
           activation=True)
 def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max`` with constant bounds."""
+    """``clamp(z, lo, hi) = lo + relu(z - lo) - relu(z - hi)`` with constant bounds (``clip``,
+    ``clamp_min``, ``clamp_max``); ``s'`` as in :func:`clamp_pair`."""
     names = ["input", "min", "max"]
     bound = dict(zip(names, args, strict=False)) | kwargs
     _static(ctx, (bound.get("min"), bound.get("max")), "clamp")
@@ -368,19 +385,20 @@ def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True)
 def clamp_min(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.clamp_min(lo)``."""
+    """``x.clamp_min(lo) = lo + relu(z - lo)``: ``s' = s + 2|lo| + relu(lo - z)``."""
     return clamp(ctx, (args[0], args[1] if len(args) > 1 else kwargs["min"], None), {})
 
 
 @register(torch.clamp_max, "clamp_max", "clamp_max_", lrp="activation", activation=True)
 def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.clamp_max(hi)``."""
+    """``x.clamp_max(hi) = z - relu(z - hi)``: ``s' = 2 s + |hi| + relu(hi - z)``."""
     return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
 
 
 @register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True)
 def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.hardtanh`` / ``F.relu6``: a clamp."""
+    """``F.hardtanh(z, lo, hi) = clamp(z, lo, hi)``:
+    ``s' = 2 s + 2|lo| + |hi| + relu(lo - z) + relu(hi - z)``."""
     names = ["input", "min_val", "max_val"]
     bound = dict(zip(names, args, strict=False)) | kwargs
     lo, hi = float(bound.get("min_val", -1.0)), float(bound.get("max_val", 1.0))
@@ -390,14 +408,14 @@ def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(F.relu6, lrp="activation", activation=True)
 def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.relu6``: ``relu(z) - relu(z - 6)``."""
+    """``F.relu6(z) = relu(z) - relu(z - 6)``: ``s' = 2 s + 6 + relu(-z) + relu(6 - z)``."""
     p = args[0] if args else kwargs["input"]
     return clamp_pair(p, 0.0, 6.0, F.relu6(p.d))
 
 
 @register(nn.Hardtanh, lrp="activation", activation=True)  # includes nn.ReLU6
 def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Hardtanh`` and ``nn.ReLU6``."""
+    """``nn.Hardtanh`` and ``nn.ReLU6``: a clamp (see :func:`hardtanh`)."""
     m, p = ctx.module, args[0]
     return clamp_pair(p, float(m.min_val), float(m.max_val), F.hardtanh(p.d, m.min_val, m.max_val))
 
@@ -409,7 +427,8 @@ def _leaky(p: Pair, slope: float) -> Pair:
 
 @register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True)
 def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.leaky_relu``."""
+    """``F.leaky_relu(z, m) = (1 - m) relu(z) + m z``:
+    ``s' = |1 - m| (s + relu(-z)) + |m| s``."""
     names = ["input", "negative_slope"]
     bound = dict(zip(names, args, strict=False)) | kwargs
     return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
@@ -417,13 +436,14 @@ def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(nn.LeakyReLU, lrp="activation", activation=True)
 def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.LeakyReLU``."""
+    """``nn.LeakyReLU`` (see :func:`leaky_relu`)."""
     return _leaky(args[0], float(ctx.module.negative_slope))
 
 
 @register(F.threshold, lrp="activation", activation=True)
 def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.threshold(x, t, t)`` is ``clamp(x, min=t)``; other values are discontinuous."""
+    """``F.threshold(z, t, t) = clamp(z, min=t)``: ``s' = s + 2|t| + relu(t - z)``; other
+    values are discontinuous."""
     names = ["input", "threshold", "value"]
     bound = dict(zip(names, args, strict=False)) | kwargs
     t, v = float(bound["threshold"]), float(bound["value"])
@@ -490,14 +510,21 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
         d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         return Pair(d, _gather(p.s, idx, n))
     d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-    winner = _gather(p.d, idx, n)  # the same values, but not d itself (see DESIGN.md)
-    rest = sum_pool(p.s - p.d, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
+    # the same values as d, but a new tensor: built from d itself, s would let a probe of d
+    # through autograd pick up the s path
+    winner = _gather(p.d, idx, n)
+    diff = p.s - p.d
+    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
+        diff = torch.where(torch.isneginf(p.d), 0.0, diff)
+    rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
     return Pair(d, winner + rest)
 
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool")
 def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.MaxPool1d/2d/3d``: convex form (section 3.4) or winner-takes-all."""
+    """``nn.MaxPool1d/2d/3d``. Convex (section 3.4, eq. 17): ``d' = maxpool(d)``,
+    ``s' = maxpool(d) + sumpool(s - d)``; winner-takes-all: ``s'`` is ``s`` at the window's
+    arg-max of ``d``."""
     m = ctx.module
     if m.return_indices:
         raise _with_indices(ctx)
@@ -564,6 +591,10 @@ def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     b = dict(zip(["input", "pad", "mode", "value"], args, strict=False)) | kwargs
     p, mode = b["input"], b.get("mode", "constant")
     value = b.get("value") or 0.0
+    if mode == "constant" and value == -math.inf:
+        # padding for a max pooling (timm's "same" pools): the pads never win, and the
+        # convex max-pooling rule gives them no mass (s - d is taken as 0 there)
+        return Pair(F.pad(p.d, b["pad"], mode, value), F.pad(p.s, b["pad"], mode, value))
     if mode == "constant":
         return Pair(F.pad(p.d, b["pad"], mode, value), F.pad(p.s, b["pad"], mode, abs(value)))
     return Pair(F.pad(p.d, b["pad"], mode), F.pad(p.s, b["pad"], mode))
@@ -571,7 +602,8 @@ def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, lrp="structural")
 def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.ZeroPad*`` / ``nn.ConstantPad*``."""
+    """``nn.ZeroPad*`` / ``nn.ConstantPad*`` with value ``c``: ``d`` padded with ``c``,
+    ``s`` with ``|c|``."""
     m, p = ctx.module, args[0]
     return Pair(F.pad(p.d, m.padding, "constant", m.value),
                 F.pad(p.s, m.padding, "constant", abs(m.value)))
@@ -582,7 +614,8 @@ def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
           nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
           nn.CircularPad3d, lrp="structural")
 def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """A stateless positive linear module: its forward (no hooks) on ``d`` and on ``s``."""
+    """A stateless positive linear module ``P`` (average pooling, flatten, shuffles,
+    reflection/replication padding): its forward (no hooks), ``d' = P d``, ``s' = P s``."""
     m, p = ctx.module, args[0]
     return Pair(m.forward(p.d), m.forward(p.s))
 
@@ -595,7 +628,8 @@ _POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "tr
 
 @register(F.interpolate, F.upsample)
 def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.interpolate`` with non-negative interpolation weights."""
+    """``F.interpolate`` with non-negative interpolation weights ``P``: ``d' = P d``,
+    ``s' = P s``."""
     names = ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
              "antialias"]
     b = dict(zip(names, args, strict=False)) | kwargs
@@ -608,7 +642,8 @@ def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(nn.Upsample)
 def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Upsample`` with non-negative interpolation weights."""
+    """``nn.Upsample`` with non-negative interpolation weights ``P``: ``d' = P d``,
+    ``s' = P s``."""
     if ctx.module.mode not in _POSITIVE_INTERPOLATION:
         raise unsupported(ctx, f"upsampling mode {ctx.module.mode!r} (negative weights)",
                           "Use nearest, (bi/tri)linear or area interpolation.")

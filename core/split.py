@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from core import checks
 from core.capture import Capture, Captured, unwrap
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.explaining import eval_semantics
@@ -23,12 +23,6 @@ STABILIZERS = ("scale", "shift", "none")
 INPUT_SPLITS = ("relu", "half")
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-def _option(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-    return value
 
 
 @dataclass
@@ -79,12 +73,7 @@ class SplitCall:
                 f"layer {layer!r} is a module of the model, but its forward never calls it "
                 "with a tensor that depends on the input"
             )
-        close = difflib.get_close_matches(name, known, n=5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"layer {layer!r} is not a module of {type(self.model).__name__}; use a name from "
-            f"model.named_modules() or 'input' (optionally with ':input').{hint}"
-        )
+        raise checks.unknown_layer(self.model, name, allow_input=True)
 
     def describe(self, node: fx.Node) -> str:
         """The module name of a node, or the graph node."""
@@ -146,9 +135,9 @@ class SplitModel:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.maxpool = _option("maxpool", maxpool, MAXPOOL_MODES)
-        self.stabilizer = _option("stabilizer", stabilizer, STABILIZERS)
-        self.input_split = _option("input_split", input_split, INPUT_SPLITS)
+        self.maxpool = checks.option("maxpool", maxpool, MAXPOOL_MODES)
+        self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
+        self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta} must be in (0, 1]")
         if threshold < 0:
@@ -174,7 +163,7 @@ class SplitModel:
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
-            cached_abs=self._abs_cache is not None,
+            cached_abs=self._abs_cache is not None, constants=captured.constants,
         )
         if captured.reusable:
             self._interpreters[id(captured)] = (captured, interp)
@@ -197,7 +186,7 @@ class SplitModel:
         """
         inputs = self.check_input(x)
         extra, kwargs = tuple(extra_args), dict(kwargs or {})
-        with eval_semantics(self.model, warn=False):
+        with eval_semantics(self.model, warn=False, buffers=False):
             captured = self.capture.get(inputs, extra, kwargs)
         interp = self._interpreter(captured)
         if captured.mechanism == "symbolic":
@@ -294,7 +283,7 @@ class SplitModel:
         ValueError
             When the model's own output is not finite.
         """
-        with eval_semantics(self.model, stacklevel=5):
+        with eval_semantics(self.model, stacklevel=5, buffers=False):
             out, records = call.interpreter.run_pairs(pairs, call.extra, **options)
         if not isinstance(out, Pair):
             raise UnsupportedOperation(
@@ -319,7 +308,7 @@ class SplitModel:
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
-        with torch.no_grad(), eval_semantics(self.model, warn=False):
+        with torch.no_grad(), eval_semantics(self.model, warn=False, buffers=False):
             _, records = call.interpreter.run_pairs(self.input_pairs(call.inputs), call.extra,
                                                     record_all=True)
         for node, pair in records.items():
@@ -331,7 +320,7 @@ class SplitModel:
                                  factors: Mapping[str, float]) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
-        with torch.enable_grad(), eval_semantics(self.model, warn=False):
+        with torch.enable_grad(), eval_semantics(self.model, warn=False, buffers=False):
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
                      for p in self.input_pairs(call.inputs)]
             out, records = call.interpreter.run_pairs(pairs, call.extra, factors=factors,
@@ -469,13 +458,17 @@ class SplitModel:
             layers = [layers]
         nodes = {layer: call.node_of(layer) for layer in layers}
         factors = self._factors(alpha, call.interpreter.shift_points())
+        first = call.inputs[0]
+        index = checks.targets(target, first.shape[0]).to(first.device)
         unique = list(dict.fromkeys(_flat(nodes.values())))
         with torch.enable_grad():
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
                      for p in self.input_pairs(call.inputs)]
             out, records = self.run(call, pairs, factors=factors, record=unique)
             self._check_streams(call, out, out.d.dtype)
-            index = _targets(target, out.d)
+            checks.logits(out.d)
+            checks.target_range(index, out.d.shape[1])
+            index = index.view(-1, 1)
             sel_d = out.d.gather(1, index).sum()
             sel_s = out.s.gather(1, index).sum()
             ds = [records[n].d for n in unique]
@@ -546,27 +539,6 @@ def _pick(node: Any, values: Mapping[fx.Node, Any]) -> Any:
 
 def _or_zero(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t.detach()
-
-
-def _targets(target: int | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if out.dim() != 2:
-        raise ValueError(
-            f"the model output has shape {tuple(out.shape)}; sensitivities need (batch, classes)"
-        )
-    n, k = out.shape
-    if isinstance(target, (int,)) and not isinstance(target, bool):
-        index = torch.full((n,), int(target), dtype=torch.long, device=out.device)
-    elif isinstance(target, torch.Tensor) and not target.is_floating_point():
-        index = target.to(device=out.device, dtype=torch.long).reshape(-1)
-        if index.numel() == 1:
-            index = index.expand(n)
-        if index.numel() != n:
-            raise ValueError(f"target has {index.numel()} entries for a batch of {n}")
-    else:
-        raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
-    if (index < 0).any() or (index >= k).any():
-        raise ValueError(f"target {index.tolist()} out of range for {k} outputs")
-    return index.view(n, 1)
 
 
 def split(

@@ -14,6 +14,7 @@ import pluggy
 import torch
 from torch import nn
 
+from core import checks
 from core.dc.explain import STREAMS, target_gradients
 from core.dc.models import is_difference_model
 
@@ -56,8 +57,7 @@ def dc_grad(
             f"DCGrad got unknown option(s) {sorted(options)}; it accepts only stream "
             f"(one of {STREAMS})"
         )
-    if stream not in STREAMS:
-        raise ValueError(f"DCGrad: stream must be one of {STREAMS}, got {stream!r}")
+    checks.option("stream", stream, STREAMS, "DCGrad")
     if not is_difference_model(model):
         raise TypeError(
             f"DCGrad explains difference models with streams .g and .h (core.dc.models modes "

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import checks
 from core.explaining import eval_semantics
 from quantus_adapters.registry import available_methods, method_info
 
@@ -158,8 +159,7 @@ def explain(
     if both:
         raise TypeError(f"option(s) {both} given both directly and in xai_lib_kwargs")
     options = {**lib_kwargs, **kwargs}
-    if upsample not in UPSAMPLE_MODES:
-        raise ValueError(f"upsample={upsample!r} is not one of {UPSAMPLE_MODES}")
+    checks.option("upsample", upsample, UPSAMPLE_MODES)
 
     if not isinstance(model, nn.Module) and callable(getattr(model, "get_model", None)):
         model = model.get_model()  # a Quantus ModelInterface wrapper
@@ -278,20 +278,9 @@ def _as_input_tensor(
 
 
 def _as_targets(targets: Any, batch: int, device: torch.device) -> torch.Tensor:
-    if isinstance(targets, torch.Tensor):
-        y = targets.detach().reshape(-1)
-    else:
-        y = torch.as_tensor(np.asarray(targets)).reshape(-1)
-    if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise ValueError("targets must be class indices (integers), got fractional values")
-    elif y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"targets must be class indices (integers), got dtype {y.dtype}")
-    if y.numel() == 1 and batch != 1:
-        y = y.expand(batch)
-    if y.numel() != batch:
-        raise ValueError(f"got {y.numel()} targets for a batch of {batch} inputs")
-    return y.to(device=device, dtype=torch.long).contiguous()
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(np.ascontiguousarray(targets))
+    return checks.targets(targets, batch, whole_floats=True).to(device).contiguous()
 
 
 def _to_maps(

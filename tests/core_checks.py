@@ -1,4 +1,4 @@
-"""Shared invariant checks for the core tests (DESIGN.md sections 2-3).
+"""Shared invariant checks for the core tests (docs/math.md sections 2-4).
 
 The reference for activations and gradients is plain torch autograd on a deep COPY of the
 model, with forward hooks on the copy only; the user's model never carries a hook.

@@ -352,7 +352,7 @@ def test_bad_target_fails_before_any_work(tiny, monkeypatch):
         (None, ValueError, "needs target"),
         (-1, ValueError, "negative"),
         (torch.tensor([0, -2, 1]), ValueError, "negative"),
-        ([1, 2], ValueError, "3 rows"),
+        ([1, 2], ValueError, "2 targets for a batch of 3"),
         (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
         ((1, 2), ValueError, "tuple"),
         (True, TypeError, "bool"),

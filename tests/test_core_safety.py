@@ -411,9 +411,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="torch.Tensor"):
         sm(x.numpy())
     for target, error, pattern in [
-        (5, ValueError, "out of range"), (-1, ValueError, "out of range"),
+        (5, ValueError, "out of range"), (-1, ValueError, "negative"),
         (torch.tensor([0, 9]), ValueError, "out of range"),
-        (torch.tensor([0, 1, 2]), ValueError, "3 entries for a batch of 2"),
+        (torch.tensor([0, 1, 2]), ValueError, "3 targets for a batch of 2"),
         (torch.tensor([0.0, 1.0]), TypeError, "integer"), (1.5, TypeError, "integer"),
     ]:
         with pytest.raises(error, match=pattern):

@@ -19,19 +19,10 @@ from torch import nn
 from zennit.core import Composite, RemovableHandle, RemovableHandleList
 
 import core
+from core import checks
 from core.explaining import eval_semantics
-
-STREAMS = ("pos", "neg", "comb")
-MAXPOOL_MODES = ("wta", "convex")
-STABILIZERS = ("scale", "shift", "none")
-INPUT_SPLITS = ("relu", "half")
-ACTIVATION_RULES = ("pass", "wta")
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        options = ", ".join(map(repr, choices))
-        raise ValueError(f"SplitLRP: {name}={value!r} is not supported; use one of {options}.")
+from core.lrp import ACTIVATION_RULES, RESIDUAL_RULES, STREAMS
+from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 
 def select_stream(relevance: Any, stream: str) -> torch.Tensor:
@@ -50,7 +41,7 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     :py:obj:`torch.Tensor`
         The selected relevance tensor.
     """
-    _check_choice("stream", stream, STREAMS)
+    checks.option("stream", stream, STREAMS, "SplitLRP")
     return getattr(relevance, stream)
 
 
@@ -202,12 +193,12 @@ class SplitLRP(Composite):
         activation_rule: str = "pass",
         residual: str = "even",
     ) -> None:
-        _check_choice("stream", stream, STREAMS)
-        _check_choice("residual", residual, ("even", "proportional"))
-        _check_choice("maxpool", maxpool, MAXPOOL_MODES)
-        _check_choice("stabilizer", stabilizer, STABILIZERS)
-        _check_choice("input_split", input_split, INPUT_SPLITS)
-        _check_choice("activation_rule", activation_rule, ACTIVATION_RULES)
+        checks.option("stream", stream, STREAMS, "SplitLRP")
+        checks.option("residual", residual, RESIDUAL_RULES, "SplitLRP")
+        checks.option("maxpool", maxpool, MAXPOOL_MODES, "SplitLRP")
+        checks.option("stabilizer", stabilizer, STABILIZERS, "SplitLRP")
+        checks.option("input_split", input_split, INPUT_SPLITS, "SplitLRP")
+        checks.option("activation_rule", activation_rule, ACTIVATION_RULES, "SplitLRP")
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
             raise ValueError(f"SplitLRP: epsilon={epsilon!r} must be a non-negative float.")
         layers = [layer] if isinstance(layer, str) else list(layer or [])
@@ -242,13 +233,8 @@ class SplitLRP(Composite):
         self.remove()
         self.relevance = {}
         self._split_cache = None
-        names = dict(module.named_modules())
         for name in self.layers:
-            if name not in names and name != "input":
-                raise ValueError(
-                    f"SplitLRP: layer={name!r} is not a module of the model; use a name "
-                    f"from model.named_modules(), e.g. {list(names)[1:6]}."
-                )
+            checks.layer_name(module, name, "SplitLRP", allow_input=True)
         try:
             # the attributor's own forward runs with eval semantics; remove() restores the
             # training flags and any buffer the forward changed

@@ -13,6 +13,8 @@ from zennit.composites import LayerMapComposite, layer_map_base
 from zennit.rules import Gamma
 from zennit.types import Convolution, Linear
 
+from core import checks
+
 from .composite import SplitLRP
 
 
@@ -44,25 +46,11 @@ def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
             return seed.to(output)
 
         return given
-    index = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
-    if index.numel() == 1:
-        index = index.expand(batch_size)
-    if index.numel() != batch_size:
-        raise ValueError(
-            f"got {index.numel()} targets for a batch of {batch_size} inputs; pass one class "
-            "index per row (or one for all rows)."
-        )
+    index = checks.targets(targets, batch_size)
 
     def one_hot(output: torch.Tensor) -> torch.Tensor:
-        if output.ndim != 2:
-            raise ValueError(
-                f"the model output has shape {tuple(output.shape)}; class targets need "
-                "(batch, classes) logits."
-            )
-        if int(index.min()) < 0 or int(index.max()) >= output.shape[1]:
-            raise ValueError(
-                f"targets {index.tolist()} out of range for {output.shape[1]} model outputs."
-            )
+        checks.logits(output)
+        checks.target_range(index, output.shape[1])
         return torch.nn.functional.one_hot(index.to(output.device), output.shape[1]).to(output)
 
     return one_hot
@@ -204,14 +192,8 @@ def lrp_gamma(
     composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
     handle = None
     store: list[torch.Tensor] = []
-    if layer not in (None, "", "input"):
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            raise ValueError(
-                f"LRP: layer={layer!r} is not a module of the model; use a name from "
-                f"model.named_modules(), e.g. {list(modules)[1:6]}."
-            )
-        handle = modules[layer].register_forward_hook(
+    if checks.layer_name(model, layer, "LRP", allow_input=True) != "input":
+        handle = model.get_submodule(layer).register_forward_hook(
             lambda module, args, output: _OutputGradient.apply(output, store)
         )
     try:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import checks
 from core.dc.models import is_difference_model
 
 __all__ = [
@@ -56,8 +57,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _check_stream(model: nn.Module, stream: str) -> None:
-    if stream not in STREAMS:
-        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+    checks.option("stream", stream, STREAMS)
     if stream != "diff" and not is_difference_model(model):
         raise TypeError(
             f"stream {stream!r} needs a difference model with streams .g and .h and a flag "

@@ -45,7 +45,6 @@ __all__ = [
     "cnn_maxout",
     "is_difference_model",
     "normalize_mode",
-    "count_parameters",
 ]
 
 SINGLE_MODES = ("IC", "Mon", "None")
@@ -565,9 +564,4 @@ def cnn_maxout(
     return _build(
         MaxoutCNN, mode, num_classes=num_classes, positivity=positivity, init_std=init_std
     )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars (the Maxout expansion included)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

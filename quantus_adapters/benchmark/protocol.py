@@ -1,4 +1,4 @@
-"""The evaluation protocol of the paper (section 5.2; DESIGN.md section 4).
+"""The evaluation protocol of the paper (section 5.2, tables 1-3, 6, 7).
 
 - the methods: each a :class:`MethodSpec` -- a registry name plus options, so that any
   method of any installed plugin can take part;
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import quantus_adapters  # noqa: F401  (applies the NumPy 2 shim before Quantus is imported)
+from core import checks
 
 __all__ = [
     "METRICS",
@@ -297,14 +298,10 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
     Raises
     ------
     ValueError
-        A name that is not a module of the model (the message lists some that are).
+        A name that is not a module of the model (the message lists close names).
     """
-    names = dict(model.named_modules())
-    bad = [n for n in layers if n not in names and n != "input"]
-    if bad:
-        hint = ", ".join(candidate_layers(model, None)[:12]) or ", ".join(list(names)[1:13])
-        raise ValueError(f"--layers: {', '.join(map(repr, bad))} is not a module of the model; "
-                         f"use names from model.named_modules(), e.g. {hint} (or 'input')")
+    for name in layers:
+        checks.layer_name(model, name, "--layers", allow_input=True)
     return list(layers)
 
 

@@ -1,0 +1,220 @@
+"""Argument checks shared by :mod:`core` and every adapter (Captum, Zennit, Quantus).
+
+One place for each check, so that a wrong option, target or layer name gets the same one-line
+message (naming what was wrong and what to pass instead) wherever it is given, before any
+forward or backward pass. ``who`` names the caller (e.g. ``"SplitCAM"``) and prefixes the
+message; ``None`` gives no prefix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+#: names that mean the model's input where a layer is asked for
+INPUT_NAMES = ("input", "")
+
+T = TypeVar("T")
+
+
+def _prefix(who: str | None) -> str:
+    return f"{who}: " if who else ""
+
+
+def option(name: str, value: T, allowed: Sequence[Any], who: str | None = None) -> T:
+    """Return ``value`` if it is one of ``allowed``, else raise ``ValueError``.
+
+    Parameters
+    ----------
+    name: str
+        The option's name, as the user wrote it (``"maxpool"``).
+    value: object
+        The value given.
+    allowed: sequence
+        The admissible values (``None`` among them is matched by identity).
+    who: str, optional
+        The caller, prefixed to the message.
+
+    Returns
+    -------
+    object
+        ``value`` unchanged.
+    """
+    if any(value is c or (c is not None and isinstance(value, type(c))
+                          and isinstance(value, bool) == isinstance(c, bool) and value == c)
+           for c in allowed):
+        return value
+    raise ValueError(
+        f"{_prefix(who)}{name}={value!r} is not one of {', '.join(map(repr, allowed))}"
+    )
+
+
+def close_names(name: str, names: Sequence[str], n: int = 3) -> str:
+    """``" Did you mean 'a', 'b'?"`` for the entries of ``names`` close to ``name`` (or "")."""
+    close = difflib.get_close_matches(name, [m for m in names if m], n=n)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
+                  allow_input: bool = False) -> ValueError:
+    """The error for a layer name that is not a module of ``model``, with close names."""
+    names = [n for n, _ in model.named_modules() if n]
+    also = " or 'input'" if allow_input else ""
+    return ValueError(
+        f"{_prefix(who)}layer {layer!r} is not a module of the model ({type(model).__name__}); "
+        f"use a name from model.named_modules(){also}.{close_names(layer, names)}"
+    )
+
+
+def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None = None,
+               allow_input: bool = False) -> str:
+    """The name (as in ``model.named_modules()``) of ``layer``, given as a module or a name.
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model that must contain ``layer``.
+    layer: torch.nn.Module, str or None
+        A submodule of ``model`` (found by identity, Captum's convention) or its name.
+        ``None``, ``"input"`` and ``""`` mean the model's input, admissible only with
+        ``allow_input``.
+    who: str, optional
+        The caller, prefixed to messages.
+    allow_input: bool
+        Whether the model's input is an admissible layer.
+
+    Returns
+    -------
+    str
+        The module name, or ``"input"``.
+
+    Raises
+    ------
+    ValueError
+        For a module that is not part of ``model``, the model itself, an unknown name (the
+        message lists close names) or the input where it is not admissible.
+    TypeError
+        For anything else than a module, a string or None.
+    """
+    if layer is None or (isinstance(layer, str) and layer in INPUT_NAMES):
+        if allow_input:
+            return "input"
+        raise ValueError(
+            f"{_prefix(who)}needs a layer: pass a submodule of the model (e.g. model.layer3) "
+            "or its name as listed by model.named_modules()."
+        )
+    if isinstance(layer, nn.Module):
+        if layer is model:
+            raise ValueError(
+                f"{_prefix(who)}layer is the model itself; pass one of its submodules (e.g. the "
+                "last convolution) instead."
+            )
+        for name, module in model.named_modules():
+            if module is layer and name:
+                return name
+        raise ValueError(
+            f"{_prefix(who)}the layer {type(layer).__name__} is not a submodule of the given "
+            f"{type(model).__name__} (it is not found in model.named_modules()). Pass a module "
+            "of this very model object, or its name."
+        )
+    if isinstance(layer, str):
+        if layer in dict(model.named_modules()):
+            return layer
+        raise unknown_layer(model, layer, who, allow_input)
+    raise TypeError(
+        f"{_prefix(who)}layer must be a torch.nn.Module or a module name (str); got "
+        f"{type(layer).__name__}."
+    )
+
+
+def targets(target: Any, batch: int, who: str | None = None,
+            whole_floats: bool = False) -> torch.Tensor:
+    """Class indices as a ``LongTensor`` of shape ``(batch,)``.
+
+    Accepted: an int (one class for all rows), a list of ints, an integer tensor or array
+    with one entry (for all rows) or one per row; with ``whole_floats``, also floats with
+    whole values (labels stored as floats, as Quantus may pass them).
+
+    Raises
+    ------
+    ValueError
+        For ``None``, tuples (Captum's index into outputs with more dimensions), fractional
+        or negative values, or a count that is neither 1 nor ``batch``.
+    TypeError
+        For bools, floats (unless ``whole_floats``) and anything that is not a number, a
+        list or a tensor / array of numbers.
+    """
+    p = _prefix(who)
+    if target is None:
+        raise ValueError(
+            f"{p}needs target= (the class index whose score is explained): an int, or a list / "
+            "1-D tensor with one index per input row."
+        )
+    if isinstance(target, tuple) or (
+        isinstance(target, list) and any(isinstance(t, tuple) for t in target)
+    ):
+        raise ValueError(
+            f"{p}explains one score per row of a (B, n_classes) output; tuple targets (for "
+            "outputs with more dimensions) are not supported."
+        )
+    if isinstance(target, bool) or (
+        isinstance(target, list) and any(isinstance(t, bool) for t in target)
+    ):
+        raise TypeError(f"{p}target must be an int class index, not a bool.")
+    if isinstance(target, numbers.Integral):
+        index = torch.tensor([int(target)], dtype=torch.long)
+    elif isinstance(target, torch.Tensor):
+        index = target.detach().reshape(-1)
+    else:
+        try:
+            index = torch.as_tensor(target).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{p}target must be an int, a list of ints or an integer tensor; got "
+                f"{type(target).__name__}."
+            ) from None
+    if index.dtype == torch.bool or index.is_complex():
+        raise TypeError(f"{p}targets must be class indices (integers), got dtype {index.dtype}.")
+    if index.is_floating_point() and not whole_floats:
+        raise TypeError(f"{p}target must hold integer class indices; got {index.dtype} (cast "
+                        "the labels with .long() or .astype(int)).")
+    if index.is_floating_point():
+        if not bool(torch.equal(index, index.round())):
+            raise ValueError(f"{p}targets must be class indices (integers), got fractional "
+                             f"values {index.tolist()[:8]}.")
+    index = index.to(torch.long)
+    if index.numel() == 1:
+        index = index.expand(batch)
+    if index.numel() != batch:
+        raise ValueError(
+            f"{p}got {index.numel()} targets for a batch of {batch} inputs; pass one int for "
+            "all rows or one index per row."
+        )
+    if bool((index < 0).any()):
+        raise ValueError(f"{p}target has negative entries {index.tolist()[:8]}; use class "
+                         "indices >= 0.")
+    return index
+
+
+def target_range(index: torch.Tensor | int, n_outputs: int, who: str | None = None) -> None:
+    """Raise ``ValueError`` if a class index is ``>= n_outputs``."""
+    top = int(index) if isinstance(index, numbers.Integral) else int(index.max())
+    if top >= n_outputs:
+        raise ValueError(
+            f"{_prefix(who)}target {top} is out of range for a model with {n_outputs} outputs "
+            f"(valid: 0..{n_outputs - 1})."
+        )
+
+
+def logits(out: torch.Tensor, who: str | None = None) -> None:
+    """Raise ``ValueError`` unless the model output is ``(batch, classes)``."""
+    if out.dim() != 2:
+        raise ValueError(
+            f"{_prefix(who)}the model output has shape {tuple(out.shape)}; class targets need "
+            "(batch, classes) logits."
+        )

@@ -1,0 +1,149 @@
+"""The shared argument checks of core.checks, and that core and the adapters use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import core
+from core import checks
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return _Net().eval()
+
+
+# --------------------------------------------------------------------------- options
+def test_option_accepts_and_returns_the_value() -> None:
+    assert checks.option("maxpool", "wta", ("convex", "wta")) == "wta"
+    assert checks.option("sign", None, (None, "+", "-")) is None
+
+
+@pytest.mark.parametrize("value", ["WTA", "", None, 1, ["wta"], torch.tensor(1.0)])
+def test_option_refuses_with_the_name_and_the_choices(value) -> None:
+    with pytest.raises(ValueError, match=r"SplitLRP: maxpool=.* is not one of 'convex', 'wta'"):
+        checks.option("maxpool", value, ("convex", "wta"), "SplitLRP")
+
+
+def test_option_no_coercion_between_types() -> None:
+    with pytest.raises(ValueError):
+        checks.option("k", True, (1, 2))
+    with pytest.raises(ValueError):
+        checks.option("sign", "None", (None, "+"))
+
+
+# --------------------------------------------------------------------------- layers
+def test_layer_name_by_module_and_by_name(net) -> None:
+    assert checks.layer_name(net, net.head) == "head"
+    assert checks.layer_name(net, "features.0") == "features.0"
+    assert checks.layer_name(net, None, allow_input=True) == "input"
+    assert checks.layer_name(net, "", allow_input=True) == "input"
+
+
+def test_layer_name_suggests_close_names(net) -> None:
+    with pytest.raises(ValueError, match=r"LRP: layer 'feature.0' .* Did you mean 'features.0'"):
+        checks.layer_name(net, "feature.0", "LRP")
+    with pytest.raises(ValueError) as err:
+        checks.layer_name(net, "zzzzzz")
+    assert "Did you mean" not in str(err.value)
+
+
+def test_layer_name_refusals(net) -> None:
+    with pytest.raises(ValueError, match="needs a layer"):
+        checks.layer_name(net, None, "SplitCAM")
+    with pytest.raises(ValueError, match="the model itself"):
+        checks.layer_name(net, net)
+    with pytest.raises(ValueError, match="not a submodule"):
+        checks.layer_name(net, nn.ReLU())
+    with pytest.raises(TypeError, match="module name"):
+        checks.layer_name(net, 3)
+
+
+def test_close_names() -> None:
+    assert checks.close_names("layer3.1.conv", ["layer3.1.conv1", "fc", ""]) == (
+        " Did you mean 'layer3.1.conv1'?"
+    )
+    assert checks.close_names("x", []) == ""
+
+
+# --------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("target", [2, np.int64(2), [2, 2, 2], torch.tensor(2),
+                                    torch.tensor([2, 2, 2]), np.array([2, 2, 2])])
+def test_targets_accepted_forms(target) -> None:
+    index = checks.targets(target, 3)
+    assert index.dtype == torch.long and index.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize(("target", "error", "pattern"), [
+    (None, ValueError, "needs target="),
+    ((1, 2), ValueError, "tuple targets"),
+    (True, TypeError, "not a bool"),
+    ([1, True, 0], TypeError, "not a bool"),
+    ("cat", TypeError, "got str"),
+    (torch.tensor([True, False, True]), TypeError, "class indices"),
+    (torch.tensor([1.0, 1.0, 2.0]), TypeError, "integer class indices"),
+    (1.0, TypeError, "integer class indices"),
+    ([0, 1], ValueError, "got 2 targets for a batch of 3"),
+    (-1, ValueError, "negative"),
+])
+def test_targets_refused(target, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        checks.targets(target, 3, "SplitCAM")
+
+
+def test_targets_whole_floats_only_where_asked() -> None:
+    assert checks.targets(np.array([1.0, 2.0]), 2, whole_floats=True).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="fractional"):
+        checks.targets([0.5, 1.0], 2, whole_floats=True)
+
+
+def test_target_range_and_logits() -> None:
+    checks.target_range(torch.tensor([0, 4]), 5)
+    with pytest.raises(ValueError, match="target 5 is out of range for a model with 5 outputs"):
+        checks.target_range(torch.tensor([0, 5]), 5)
+    with pytest.raises(ValueError, match=r"\(batch, classes\)"):
+        checks.logits(torch.zeros(2, 3, 4))
+
+
+# --------------------------------------------------------------------------- users
+def test_core_and_adapters_give_the_same_messages(net) -> None:
+    """The split, Captum's SplitCAM, Zennit's SplitLRP and Quantus's explain share the checks."""
+    from captum_split import SplitCAM
+    from quantus_adapters.explain import explain
+    from zennit_split import SplitLRP, split_lrp
+
+    x = torch.rand(2, 3, 8, 8)
+    sm = core.split(net)
+    with pytest.raises(ValueError, match=r"Did you mean .*'features\.0'"):
+        sm.sensitivities(x, 0, layers=["features.O"])
+    with pytest.raises(ValueError, match="SplitCAM: layer 'features.O'.*'features.0'"):
+        SplitCAM(net, "features.O")
+    with pytest.raises(ValueError, match="SplitLRP: layer 'features.O'.*'features.0'"):
+        split_lrp(net, x, 0, ["features.O"])
+    with pytest.raises(ValueError, match="SplitLRP: maxpool='max' is not one of"):
+        SplitLRP(maxpool="max")
+    with pytest.raises(ValueError, match="maxpool='max' is not one of"):
+        core.split(net, maxpool="max")
+    with pytest.raises(ValueError, match="target 7 is out of range for a model with 5"):
+        sm.sensitivities(x, 7)
+    with pytest.raises(ValueError, match="target 7 is out of range for a model with 5"):
+        SplitCAM(net, "features.1").attribute(x, target=7)
+    with pytest.raises(ValueError, match="got 3 targets for a batch of 2"):
+        explain(net, x, np.array([0, 1, 2]), method="SplitCAM", layer="features.1")
+    with pytest.raises(ValueError, match="upsample='cubic' is not one of"):
+        explain(net, x, np.array([0, 1]), method="SplitCAM", upsample="cubic")
