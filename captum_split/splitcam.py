@@ -31,6 +31,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 import core
+from core.shift import AlphaType, Shift
 
 from ._utils import (
     INPUT_SPLITS,
@@ -38,7 +39,6 @@ from ._utils import (
     SIGNS,
     STABILIZERS,
     STREAMS,
-    check_alpha,
     check_choice,
     format_additional_args,
     format_target,
@@ -70,7 +70,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None,
         *,
-        alpha: float | dict[str, float] = 0.4,
+        alpha: AlphaType = 0.4,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",
@@ -84,7 +84,6 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         check_choice("maxpool", maxpool, MAXPOOL_MODES)
         check_choice("stabilizer", stabilizer, STABILIZERS)
         check_choice("input_split", input_split, INPUT_SPLITS)
-        check_alpha(alpha)
         model = unwrap_model(forward_func, method)
         self.layer_name = layer_name(model, layer, method, allow_input=self._allow_input_layer)
         module = None if self.layer_name == "input" else dict(model.named_modules())[
@@ -107,15 +106,11 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
-        if isinstance(alpha, dict):
-            points = set(self.split_model.shift_points()) | {"default"}
-            unknown = sorted(set(alpha) - points)
-            if unknown:
-                raise ValueError(
-                    f"{method}: alpha names unknown shift points {unknown}; valid are 'input', "
-                    "'output', 'default' and the ReLU-type units of "
-                    "core.split(model).shift_points()."
-                )
+        try:  # the one check of alpha (floats in [0, 0.5], "auto", shift-point names)
+            Shift(self.split_model.shift_points(), alpha)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{method}: {err}") from None
+        self.last_alphas: dict[str, Any] = {}
 
     def _probe(
         self,
@@ -141,6 +136,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 x.detach(), t, layers=[name], alpha=self.alpha, extra_args=extra
             )
         probe = probes[name]
+        self.last_alphas = dict(probe.alphas)
         sens = getattr(probe, _SENSITIVITY[(self.stream, self.sign)]).detach()
         act = getattr(probe, _ACTIVATION[self.sign]).detach()
         return sens, act, is_tuple
@@ -164,9 +160,12 @@ class SplitCAM(_SplitAttribution):
     layer : :py:class:`torch.nn.Module` or str
         A submodule of the model (found by identity, Captum's convention) or its name as in
         ``model.named_modules()``.
-    alpha : float or dict of str to float
+    alpha : float, "auto" or dict of str to float
         The sensitivity shift in ``[0, 0.5]`` (0: true split-pair gradients, 0.5: half the
-        model's gradient); a dict sets it per shift point (module name).
+        model's gradient); a dict sets it per shift point (module name); ``"auto"`` chooses
+        it per shift point and row so that the shift part stays near the gradient part's size
+        (docs/alpha.md). After :meth:`attribute`, ``last_alphas`` holds the alphas used (with
+        ``"auto"``: one value per row for each shift point the backward passed).
     stream : {"g", "h"}
         Which network of the split pair ``f = g - h`` to read.
     sign : {None, "+", "-"}
@@ -264,7 +263,7 @@ class SplitGrad(_SplitAttribution):
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None = None,
         *,
-        alpha: float | dict[str, float] = 0.4,
+        alpha: AlphaType = 0.4,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",

@@ -9,6 +9,7 @@
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.pair import Pair
 from core.probes import Probe
+from core.shift import ShiftReport, SplitClassBlindWarning, shift_diagnostics
 from core.split import SplitModel, split
 
 
@@ -21,4 +22,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'core' has no attribute {name!r}")
 
 
-__all__ = ["Pair", "Probe", "SplitModel", "SplitOverflowError", "UnsupportedOperation", "split"]
+__all__ = [
+    "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel", "SplitOverflowError",
+    "UnsupportedOperation", "shift_diagnostics", "split",
+]

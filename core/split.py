@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,8 @@ from core.errors import SplitOverflowError, UnsupportedOperation
 from core.graph import trace
 from core.pair import Pair, contains_pair
 from core.probes import Probe
-from core.stabilize import ScaleGrad, stabilise
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_class_blind
+from core.stabilize import stabilise
 
 MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
@@ -289,7 +290,7 @@ class SplitModel:
         s_in: torch.Tensor,
         extra_args: tuple,
         *,
-        factors: Mapping[str, float] | None = None,
+        factors: Shift | None = None,
         record: Iterable[fx.Node] = (),
         record_all: bool = False,
     ) -> tuple[Pair, dict[fx.Node, Pair]]:
@@ -306,9 +307,8 @@ class SplitModel:
                     value = Pair(d_in, s_in)
                     if node in record or record_all:
                         records[node] = value
-                    f = 1.0 if factors is None else factors.get("input", 1.0)
-                    if factors is not None and f != 1.0:
-                        value = Pair(d_in, ScaleGrad.apply(s_in, f))
+                    if factors is not None:
+                        value = factors.apply("input", value)
                 elif extra:
                     value = extra.pop(0)
                 elif node.args:
@@ -345,9 +345,7 @@ class SplitModel:
             if node in record or record_all:
                 records[node] = value
             if step.activation and factors is not None:
-                f = factors.get(step.shift_name, 1.0)
-                if f != 1.0:
-                    value = Pair(value.d, ScaleGrad.apply(value.s, f))
+                value = factors.apply(step.shift_name, value)
             env[node.name] = value
             for name in step.free:
                 env.pop(name, None)
@@ -372,7 +370,7 @@ class SplitModel:
         return "the output"
 
     def _first_backward_overflow(self, x: torch.Tensor, index: torch.Tensor,
-                                 factors: Mapping[str, float], extra_args: tuple) -> str:
+                                 factors: Shift, extra_args: tuple) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
         with torch.enable_grad():
@@ -386,7 +384,7 @@ class SplitModel:
                         if not first and not torch.isfinite(grad).all():
                             first.append(node)
                     pair.s.register_hook(hook)
-            seed = out.s.gather(1, index).sum() * 0.5 * factors["output"]
+            seed = out.s.gather(1, index).sum() * 0.5 * factors.factor("output")
             torch.autograd.grad(seed + 0.5 * out.d.gather(1, index).sum(), [d_in, s_in],
                                 allow_unused=True)
         return self._describe(first[0]) if first else "the output"
@@ -458,30 +456,12 @@ class SplitModel:
         return {layer: records[node] for layer, node in nodes.items()}
 
     # ------------------------------------------------------------------ sensitivities
-    def _factors(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
-        points = self.shift_points()
-        if isinstance(alpha, Mapping):
-            unknown = sorted(set(alpha) - set(points) - {"default"})
-            if unknown:
-                raise ValueError(
-                    f"alpha names unknown shift points {unknown}; shift points are 'input', "
-                    f"'output', 'default' and the ReLU-type units {points[1:-1][:8]}..."
-                )
-            default = float(alpha.get("default", 0.4))
-            values = {p: float(alpha.get(p, default)) for p in points}
-        else:
-            values = dict.fromkeys(points, float(alpha))
-        for point, a in values.items():
-            if not 0.0 <= a <= 0.5:
-                raise ValueError(f"alpha={a} at {point!r} must be in [0, 0.5]")
-        return {p: 1.0 - 2.0 * a for p, a in values.items()}
-
     def sensitivities(
         self,
         x: torch.Tensor,
         target: int | torch.Tensor,
         layers: Sequence[str] = ("input",),
-        alpha: float | Mapping[str, float] = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         extra_args: tuple = (),
     ) -> dict[str, Probe]:
         """Split activations and shifted local sensitivities at the given layers.
@@ -495,10 +475,13 @@ class SplitModel:
         layers: sequence of str
             Names from ``model.named_modules()`` (the module's output; containers allowed),
             ``"input"`` (or ``""``), or ``"NAME:input"`` for a module's input.
-        alpha: float or mapping
+        alpha: float, "auto" or mapping
             The backward shift ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type
             unit and at the output; a mapping from shift-point names (see
-            :meth:`shift_points`, plus ``"default"``) overrides it per point.
+            :meth:`shift_points`, plus ``"default"``) overrides it per point; ``"auto"``
+            chooses it per point and row (:mod:`core.shift`; the chosen alphas are in each
+            probe's ``alphas``). A fixed alpha whose map is dominated by the shift part warns
+            once per layer (:class:`core.SplitClassBlindWarning`).
         extra_args: tuple
             Further positional arguments of the model's forward.
 
@@ -511,7 +494,7 @@ class SplitModel:
         if isinstance(layers, str):
             layers = [layers]
         nodes = {layer: self._node_of(layer) for layer in layers}
-        factors = self._factors(alpha)
+        factors = Shift(self.shift_points(), alpha)
         with torch.enable_grad():
             d_in, s_in = self._initial(x)
             d_in = d_in.requires_grad_(True)
@@ -533,7 +516,7 @@ class SplitModel:
             grads = torch.autograd.grad(sel_d, ds, retain_graph=True, allow_unused=True)
             half = torch.tensor(0.5, dtype=out.d.dtype, device=out.d.device)
             both = torch.autograd.grad(
-                [sel_d, sel_s], ds + ss, grad_outputs=[half, half * factors["output"]],
+                [sel_d, sel_s], ds + ss, grad_outputs=[half, half * factors.factor("output")],
                 allow_unused=True,
             )
         result: dict[str, Probe] = {}
@@ -543,19 +526,21 @@ class SplitModel:
                 activation=d, mass=s,
                 S=_or_zero(both[len(unique) + i], s) * 2,
                 Dg=_or_zero(both[i], d) * 2,
-                grad=_or_zero(grads[i], d),
+                grad=_or_zero(grads[i], d), alphas=factors.alphas,
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
                 where = self._first_backward_overflow(x, index, factors, tuple(extra_args))
                 raise SplitOverflowError(
                     f"the sensitivities at {self._describe(node)} overflowed {x.dtype} at "
-                    f"alpha={alpha} (first at {where}, counting from the output): the S stream "
-                    "grows like the product of |W| over the layers above. Use a larger alpha "
-                    "(closer to 0.5) or float64 (model.double() on a copy and x.double())."
+                    f"alpha={alpha_label(alpha)} (first at {where}, counting from the output): "
+                    "the S stream grows like the product of |W| over the layers above. Use a "
+                    "larger alpha (closer to 0.5), alpha='auto' or float64 (model.double() on a "
+                    "copy and x.double())."
                 )
             for layer, n in nodes.items():
                 if n is node:
                     result[layer] = probe
+                    warn_if_class_blind(self, layer, probe, factors)
         return result
 
 
