@@ -83,50 +83,6 @@ def test_bad_input_is_reported_before_any_work(setup, capsys, monkeypatch):
     assert not (tmp / "cache").exists()
 
 
-def test_resume_reuses_every_finished_cell(setup, capsys, monkeypatch):
-    tmp, factory, root = setup
-    out = tmp / "out"
-    argv = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency",
-            "SplitGrad", "Random", "--max-layers", "1", "--alphas", "0.4", "0.5",
-            "--max-sens-samples", "2", "--out", str(out), "--no-progress", "--threads", "1"]
-    calls = []
-    real = runner.evaluate_metric
-
-    def interrupted(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "evaluate_metric", interrupted)
-    assert cli.main(argv) == 130
-    assert "--resume" in capsys.readouterr().err
-    done = len(calls) - 1
-
-    calls.clear()
-    monkeypatch.setattr(runner, "evaluate_metric", lambda *a, **k: (calls.append(a[0]),
-                                                                    real(*a, **k))[1])
-    assert cli.main(argv + ["--resume"]) == 0
-    assert f"reusing {done} finished cells" in capsys.readouterr().out
-    resumed = len(calls)
-    first = (out / "table1_comparison.csv").read_text()
-    for name in ("table3_alpha.md", "table6_randomisation.md", "table7_timing.md",
-                 "figure4_saliency.png", "figure7_layers.png", "report.md", "validation.csv"):
-        assert (out / name).is_file(), name
-
-    calls.clear()
-    assert cli.main(argv + ["--resume"]) == 0
-    assert calls == []  # everything reused
-    assert (out / "table1_comparison.csv").read_text() == first
-    assert resumed > 0
-
-    calls.clear()
-    assert cli.main(argv) == 0  # without --resume everything is recomputed
-    assert len(calls) == done + resumed
-    table = (out / "table1_comparison.md").read_text()
-    assert "SplitGrad" in table and "Saliency" in table and "**" in table
-
-
 def test_spatially_constant_maps_are_reported_not_ranked(setup, capsys):
     tmp, factory, root = setup
     out = tmp / "const"
@@ -139,3 +95,50 @@ def test_spatially_constant_maps_are_reported_not_ranked(setup, capsys):
     assert "spatially constant" in report
     table = (out / "table1_comparison.md").read_text()
     assert "(4, g)" not in table and "LayerCAM" in table
+
+
+def test_more_bad_input_is_one_line_before_any_work(setup, capsys, monkeypatch):
+    tmp, factory, root = setup
+
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("heavy work started")
+
+    monkeypatch.setattr(runner.Benchmark, "run", no_heavy_work)
+    base = ["--data", f"folder:{root}", "--model", factory, "--no-progress"]
+    out = ["--out", str(tmp / "out")]
+    _fail(base + out + ["--alpha", "0.7"], capsys, "--alpha 0.7: alpha must lie in [0, 0.5]")
+    _fail(base + out + ["--alphas", "0.4", "-0.1"], capsys,
+          "--alphas -0.1: alpha must lie in [0, 0.5]")
+    _fail(base + out + ["--alphas", "x"], capsys, "--alphas 'x' is not a number")
+    _fail(base + out + ["--metrics", "PF@20", "Faithfulness"], capsys,
+          "--metrics: unknown 'Faithfulness'")
+    (tmp / "afile").write_text("x")
+    _fail(base + ["--out", str(tmp / "afile")], capsys, "is a file, not a folder")
+    _fail(base + ["--out", str(tmp / "afile" / "sub")], capsys, "cannot be written")
+    (tmp / "two.py").write_text(MODEL_PY.replace("nn.Conv2d(3, 4", "nn.Conv2d(2, 4"))
+    _fail(["--data", f"folder:{root}", "--model", f"{tmp / 'two.py'}:build"] + out, capsys,
+          "first layer takes 2 channels")
+    _fail(["--model", factory, "--cache-dir", str(tmp / "cache")] + out, capsys,
+          "first layer takes 3 channel(s) but --data digits has 1")
+    (root / "images" / "im5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rc = cli.main(base + out)
+    err = capsys.readouterr().err
+    assert rc == 2 and "im5.png' as an image" in err and err.count("\n") == 1
+    with pytest.raises(Exception, match="im5.png"):  # --debug: the exception itself
+        cli.main(base + out + ["--debug"])
+
+
+def test_grayscale_folder_runs_with_a_one_channel_model(tmp_path, capsys):
+    (tmp_path / "lenet.py").write_text(MODEL_PY.replace("nn.Conv2d(3, 4", "nn.Conv2d(1, 4"))
+    root = tmp_path / "gray"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 65535, (12, 12)).astype(np.uint16)).save(
+            root / "images" / f"g{i}.png")
+    (root / "labels.csv").write_text("".join(f"g{i}.png,{i % 3}\n" for i in range(4)))
+    rc = cli.main(["--data", f"folder:{root}", "--model", f"{tmp_path / 'lenet.py'}:build",
+                   "--methods", "Saliency", "--metrics", "PF@5", "PF@20", "--out",
+                   str(tmp_path / "out"), "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert "Saliency" in (tmp_path / "out" / "table1_comparison.md").read_text()
