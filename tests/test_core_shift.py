@@ -144,3 +144,34 @@ def test_auto_through_captum_and_quantus(resnet):
     maps = quantus_adapters.explain(model, x.numpy(), y.numpy(), method="SplitCAM",
                                     layer="layer2.1", alpha="auto")
     assert maps.shape == (4, 1, 32, 32)
+
+
+def test_benchmark_alpha_auto_and_class_specificity(resnet):
+    pytest.importorskip("quantus")
+    import quantus_adapters
+    from quantus_adapters.benchmark import cli, protocol
+
+    assert protocol.check_alpha("auto", "--alphas") == "auto"
+    assert protocol.check_alpha("0.45") == 0.45
+    with pytest.raises(ValueError, match="--alphas 'autox'"):
+        protocol.check_alpha("autox", "--alphas")
+    assert "auto" in cli.DEFAULT_ALPHAS
+    specs = [s for s in protocol.default_methods(alpha="auto", quick=True)
+             if s.method in ("SplitCAM", "SplitGrad")]
+    assert specs and all("α=auto" in s.label and s.options["alpha"] == "auto" for s in specs)
+    # Table 1's class specificity (Quantus RandomLogit, SSIM): the class-blind alpha 0.4 at
+    # layer1.1 gives (nearly) the same map for another class, "auto" does not
+    model, x, y = resnet
+    xs, ys = x.numpy(), y.numpy()
+    scores = {}
+    for alpha in (0.4, "auto"):
+        kwargs = {"method": "SplitCAM", "layer": "layer1.1", "alpha": alpha}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", core.SplitClassBlindWarning)
+            a = quantus_adapters.explain(model, xs, ys, **kwargs)
+            scores[alpha] = protocol.evaluate_metric(
+                "RandLogit", model, xs, ys, a, None, False, protocol.ProtocolSettings(),
+                explain_kwargs=kwargs)
+    assert scores[0.4].shape == (4,)
+    assert scores[0.4].mean() > 0.95
+    assert scores["auto"].mean() < scores[0.4].mean() - 0.2
