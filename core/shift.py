@@ -387,11 +387,13 @@ _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) -> None:
     """Warn once per model and layer when a fixed alpha leaves the map class-blind.
 
-    The check: :func:`shift_ratio` of the probe above :data:`CLASS_BLIND_RATIO`.
+    The check: :func:`shift_ratio` of the probe above :data:`CLASS_BLIND_RATIO`. "Once" is
+    per ``torch.nn.Module`` (``sm.model``), also across split models and SplitCAM objects
+    built on it.
     """
     if shift.auto:
         return
-    done = _WARNED.setdefault(sm, set())
+    done = _WARNED.setdefault(sm.model, set())
     if layer in done:
         return
     ratio = shift_ratio(probe)

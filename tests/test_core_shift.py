@@ -96,6 +96,7 @@ def resnet():
 
 def test_class_blind_warning_once_per_layer(resnet):
     model, x, y = resnet
+    model = core.zoo.resnet20().eval()  # a model no other test has warned about
     sm = core.split(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -104,6 +105,7 @@ def test_class_blind_warning_once_per_layer(resnet):
         sm.sensitivities(x, y, layers=["layer1.1", "layer2.1"], alpha=0.3)
         sm.sensitivities(x, y, layers=["layer1.1", "layer2.1"], alpha=0.5)
         sm.sensitivities(x, y, layers=["layer1.1", "layer2.1"], alpha="auto")
+        core.split(model).sensitivities(x, y, layers=["layer1.1"], alpha=0.4)  # same model
     blind = [w for w in caught if issubclass(w.category, core.SplitClassBlindWarning)]
     assert len(blind) == 2
     assert "'layer1.1'" in str(blind[0].message) and "'layer2.1'" in str(blind[1].message)
