@@ -31,7 +31,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 import core
-from core.shift import AlphaType, Shift
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift
 
 from ._utils import (
     INPUT_SPLITS,
@@ -70,7 +70,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None,
         *,
-        alpha: AlphaType = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",
@@ -161,11 +161,12 @@ class SplitCAM(_SplitAttribution):
         A submodule of the model (found by identity, Captum's convention) or its name as in
         ``model.named_modules()``.
     alpha : float, "auto" or dict of str to float
-        The sensitivity shift in ``[0, 0.5]`` (0: true split-pair gradients, 0.5: half the
-        model's gradient); a dict sets it per shift point (module name); ``"auto"`` chooses
-        it per shift point and row so that the shift part stays near the gradient part's size
-        (docs/alpha.md). After :meth:`attribute`, ``last_alphas`` holds the alphas used (with
-        ``"auto"``: one value per row for each shift point the backward passed).
+        Default ``"auto"``. The sensitivity shift in ``[0, 0.5]`` (0: true split-pair
+        gradients, 0.5: half the model's gradient); a dict sets it per shift point (module
+        name); ``"auto"`` chooses it per shift point and row so that the shift part stays
+        near the gradient part's size (docs/alpha.md). After :meth:`attribute`,
+        ``last_alphas`` holds the alphas used (with ``"auto"``: one value per row for each
+        shift point the backward passed).
     stream : {"g", "h"}
         Which network of the split pair ``f = g - h`` to read.
     sign : {None, "+", "-"}
@@ -263,7 +264,7 @@ class SplitGrad(_SplitAttribution):
         forward_func: Callable[..., Tensor] | nn.Module,
         layer: nn.Module | str | None = None,
         *,
-        alpha: AlphaType = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",

@@ -50,7 +50,7 @@ AUTO = "auto"
 #: The paper's alpha; also the value of shift points a mapping leaves out (without "default").
 PAPER_ALPHA = 0.4
 #: The default alpha of every Split method (a float in ``[0, 0.5]`` or ``"auto"``).
-DEFAULT_ALPHA: float | str = 0.4
+DEFAULT_ALPHA: float | str = AUTO
 #: Default target ``r`` of ``alpha="auto"``: S at most ``r`` times the gradient's size.
 AUTO_RATIO = 0.1
 #: A map whose shift part is more than this many times its gradient part (median over the
@@ -119,7 +119,7 @@ class _Capture(torch.autograd.Function):
     """Identity; the first backward through it records the gradient's per-row size."""
 
     @staticmethod
-    def forward(ctx, d: torch.Tensor, shift: Shift, key: str) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, d: torch.Tensor, shift: Shift, key: tuple) -> torch.Tensor:  # noqa: D102
         ctx.shift, ctx.key = shift, key
         return d.view_as(d)
 
@@ -133,7 +133,7 @@ class _AutoScale(torch.autograd.Function):
     """Identity; multiplies the incoming S stream by the auto factor ``f_p`` (one per row)."""
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, shift: Shift, key: str) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, s: torch.Tensor, shift: Shift, key: tuple) -> torch.Tensor:  # noqa: D102
         ctx.shift, ctx.key = shift, key
         return s.view_as(s)
 
@@ -171,7 +171,8 @@ class Shift:
             raise ValueError(f"auto ratio={ratio!r} must be a positive finite number")
         self.auto = alpha == AUTO
         self.ratio = float(ratio)
-        self.gradient_size: dict[str, torch.Tensor] = {}
+        self.gradient_size: dict[tuple[str, str], torch.Tensor] = {}
+        self._names: dict[tuple[str, str], str] = {}
         self.alphas: dict[str, float | torch.Tensor] = {}
         if self.auto:
             # at the output both the gradient and S are the one-hot seed: f = min(1, r)
@@ -196,41 +197,49 @@ class Shift:
         """The fixed factor ``1 - 2 alpha`` of a point (the output's also under ``"auto"``)."""
         return self._factors.get(point, 1.0)
 
-    def apply(self, point: str, pair: Pair) -> Pair:
-        """The pair after shift point ``point``: its S gradient is scaled in the backward."""
+    def apply(self, point: str, pair: Pair, node: str | None = None) -> Pair:
+        """The pair after shift point ``point``: its S gradient is scaled in the backward.
+
+        ``node`` names the graph node (default: ``point``); under ``"auto"`` a point whose
+        name several nodes share (a ReLU module called twice, several inputs) gets one factor
+        per node, recorded as ``point``, ``point#2``, ...
+        """
         if self.auto and point != "output":
-            d = _Capture.apply(pair.d, self, point) if pair.d.requires_grad else pair.d
-            s = _AutoScale.apply(pair.s, self, point) if pair.s.requires_grad else pair.s
+            key = (point, node or point)
+            d = _Capture.apply(pair.d, self, key) if pair.d.requires_grad else pair.d
+            s = _AutoScale.apply(pair.s, self, key) if pair.s.requires_grad else pair.s
             return Pair(d, s)
         f = self.factor(point)
         if f == 1.0:
             return pair
         return Pair(pair.d, ScaleGrad.apply(pair.s, f))
 
-    def auto_factor(self, point: str, s_grad: torch.Tensor) -> torch.Tensor:
+    def auto_factor(self, key: tuple[str, str], s_grad: torch.Tensor) -> torch.Tensor:
         """``f_p = min(1, r nu(delta_p) / nu(S_in))`` per row; records ``alpha_p``.
 
-        ``s_grad`` is the gradient arriving at the point's S stream (``S_in / 2``).
+        ``key`` is ``(point, node)``; ``s_grad`` is the gradient arriving at the point's S
+        stream (``S_in / 2``).
         """
-        size = self.gradient_size.get(point)
+        size = self.gradient_size.get(key)
         if size is None:
             raise RuntimeError(
-                f"alpha='auto': the model's gradient at shift point {point!r} was not recorded; "
-                "the gradient pass must run before the S pass"
+                f"alpha='auto': the model's gradient at shift point {key[0]!r} was not "
+                "recorded; the gradient pass must run before the S pass"
             )
         s_size = 2 * _nu(s_grad)
         ratio = self.ratio * size.to(s_size.dtype) / s_size
         factor = torch.where(s_size > 0, ratio.clamp(max=1.0), torch.ones_like(s_size))
         factor = torch.nan_to_num(factor, nan=1.0)
-        alpha = (1.0 - factor) / 2
-        key, k = point, 2
-        while key in self.alphas and self._seen(key):
-            key, k = f"{point}#{k}", k + 1
-        self.alphas[key] = alpha
+        name = self._names.setdefault(key, self._free_name(key[0]))
+        self.alphas[name] = (1.0 - factor) / 2
         return factor
 
-    def _seen(self, key: str) -> bool:
-        return isinstance(self.alphas.get(key), torch.Tensor)
+    def _free_name(self, point: str) -> str:
+        taken = set(self._names.values())
+        name, k = point, 2
+        while name in taken:
+            name, k = f"{point}#{k}", k + 1
+        return name
 
     def describe(self) -> str:
         """``"auto"`` or the alpha as given (for messages)."""

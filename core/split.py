@@ -308,7 +308,7 @@ class SplitModel:
                     if node in record or record_all:
                         records[node] = value
                     if factors is not None:
-                        value = factors.apply("input", value)
+                        value = factors.apply("input", value, node.name)
                 elif extra:
                     value = extra.pop(0)
                 elif node.args:
@@ -345,7 +345,7 @@ class SplitModel:
             if node in record or record_all:
                 records[node] = value
             if step.activation and factors is not None:
-                value = factors.apply(step.shift_name, value)
+                value = factors.apply(step.shift_name, value, node.name)
             env[node.name] = value
             for name in step.free:
                 env.pop(name, None)
@@ -476,8 +476,9 @@ class SplitModel:
             Names from ``model.named_modules()`` (the module's output; containers allowed),
             ``"input"`` (or ``""``), or ``"NAME:input"`` for a module's input.
         alpha: float, "auto" or mapping
-            The backward shift ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type
-            unit and at the output; a mapping from shift-point names (see
+            Default ``"auto"`` (:data:`core.shift.DEFAULT_ALPHA`). The backward shift
+            ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type unit and at the
+            output; a mapping from shift-point names (see
             :meth:`shift_points`, plus ``"default"``) overrides it per point; ``"auto"``
             chooses it per point and row (:mod:`core.shift`; the chosen alphas are in each
             probe's ``alphas``). A fixed alpha whose map is dominated by the shift part warns
