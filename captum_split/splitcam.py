@@ -31,7 +31,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 import core
-from core.shift import DEFAULT_ALPHA, AlphaType, Shift
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
 
 from ._utils import (
     INPUT_SPLITS,
@@ -101,13 +101,17 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.split_model = core.split(
             model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split
         )
-        if self.layer_name != "input" and self.layer_name not in self.split_model.layer_names():
+        static = self.split_model.capture.symbolic is not None  # else names need an input
+        if (static and self.layer_name != "input"
+                and self.layer_name not in self.split_model.layer_names()):
             raise ValueError(
                 f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
         try:  # the one check of alpha (floats in [0, 0.5], "auto", shift-point names)
-            Shift(self.split_model.shift_points(), alpha)
+            check_alpha(alpha)
+            if static:  # else the shift points are known once an input was seen
+                Shift(self.split_model.shift_points(), alpha)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{method}: {err}") from None
         self.last_alphas: dict[str, Any] = {}
@@ -122,7 +126,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
         x, is_tuple = single_input(inputs, method)
-        t = format_target(target, x.shape[0], method)
+        first = x[0] if isinstance(x, tuple) else x
+        t = format_target(target, first.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":
@@ -133,10 +138,17 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         extra = format_additional_args(additional_forward_args)
         with torch.enable_grad():
             probes = self.split_model.sensitivities(
-                x.detach(), t, layers=[name], alpha=self.alpha, extra_args=extra
+                tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
+                layers=[name], alpha=self.alpha, extra_args=extra
             )
         probe = probes[name]
-        self.last_alphas = dict(probe.alphas)
+        first = probe[0] if isinstance(probe, tuple) else probe
+        self.last_alphas = dict(first.alphas)
+        if isinstance(probe, tuple):  # several inputs, or a layer with a tuple output
+            sens = tuple(getattr(p, _SENSITIVITY[(self.stream, self.sign)]).detach()
+                         for p in probe)
+            act = tuple(getattr(p, _ACTIVATION[self.sign]).detach() for p in probe)
+            return sens, act, True
         sens = getattr(probe, _SENSITIVITY[(self.stream, self.sign)]).detach()
         act = getattr(probe, _ACTIVATION[self.sign]).detach()
         return sens, act, is_tuple
@@ -229,12 +241,17 @@ class SplitCAM(_SplitAttribution):
         sens, act, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input
         )
-        cam = sens * act
-        if attr_dim_summation:
-            cam = cam.sum(dim=1, keepdim=True)
-        if relu_attributions:
-            cam = torch.relu(cam)
-        return (cam,) if is_tuple else cam
+        sens_t = sens if isinstance(sens, tuple) else (sens,)
+        act_t = act if isinstance(act, tuple) else (act,)
+        cams = []
+        for s, a in zip(sens_t, act_t, strict=True):
+            cam = s * a
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            if relu_attributions:
+                cam = torch.relu(cam)
+            cams.append(cam)
+        return tuple(cams) if is_tuple else cams[0]
 
 
 class SplitGrad(_SplitAttribution):
@@ -317,8 +334,9 @@ class SplitGrad(_SplitAttribution):
         sens, _, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input
         )
-        if self.layer_name != "input":
-            sens = sens.mean(dim=1, keepdim=True)
-        if abs:
-            sens = sens.abs()
-        return (sens,) if is_tuple else sens
+        out = []
+        for s in sens if isinstance(sens, tuple) else (sens,):
+            if self.layer_name != "input":
+                s = s.mean(dim=1, keepdim=True)
+            out.append(s.abs() if abs else s)
+        return tuple(out) if is_tuple else out[0]

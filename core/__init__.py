@@ -7,6 +7,7 @@
 """
 
 from core.errors import SplitOverflowError, UnsupportedOperation
+from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
 from core.shift import ShiftReport, SplitClassBlindWarning, shift_diagnostics
@@ -24,5 +25,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel", "SplitOverflowError",
-    "UnsupportedOperation", "shift_diagnostics", "split",
+    "UnsupportedOperation", "eval_semantics", "shift_diagnostics", "split",
 ]
