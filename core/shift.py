@@ -413,5 +413,5 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "
             f"{CLASS_BLIND_RATIO:g}) at this alpha. Use alpha='auto' or an alpha closer to 0.5 "
             "(see core.shift_diagnostics).",
-            SplitClassBlindWarning, stacklevel=4,
+            SplitClassBlindWarning, stacklevel=3,
         )
