@@ -36,17 +36,19 @@ from quantus_adapters.explain import ConstantExplanationError
 ALPHAS: tuple = (0.5, 0.45, 0.4, 0.3, "auto")
 
 
-def _models(quick: bool):
+def _models(quick: bool, which: tuple[str, ...] = ("resnet20", "digits")):
     from quantus_adapters.benchmark.data import cluttered_digits, load_cifar10_samples
     from quantus_adapters.benchmark.zoo.models import cifar10_resnet20, digits_cnn
 
-    cifar = load_cifar10_samples(n_val=0)
-    yield ("ResNet-20 (CIFAR-10, 20 images)", cifar10_resnet20(), cifar.images, cifar.labels,
-           ["model.layer1.2", "model.layer2.1"])
-    digits = cluttered_digits(n_val_per_class=0, n_test_per_class=2 if quick else 3)
-    x, y, _ = digits.subset("test")
-    yield (f"digits CNN (64x64, {len(y)} images)", digits_cnn(), x, y,
-           ["features.6", "features.10"])
+    if "resnet20" in which:
+        cifar = load_cifar10_samples(n_val=0)
+        yield ("ResNet-20 (CIFAR-10, 20 images)", cifar10_resnet20(), cifar.images, cifar.labels,
+               ["model.layer1.2", "model.layer2.1"])
+    if "digits" in which:
+        digits = cluttered_digits(n_val_per_class=0, n_test_per_class=2 if quick else 3)
+        x, y, _ = digits.subset("test")
+        yield (f"digits CNN (64x64, {len(y)} images)", digits_cnn(), x, y,
+               ["features.6", "features.10"])
 
 
 def _pf(model, x, y, maps, steps: int = 64) -> np.ndarray:
@@ -76,10 +78,10 @@ def _rl(model, x, y, method, kwargs) -> np.ndarray:
                              explain_func_kwargs={"method": method, **kwargs}))
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, which: tuple[str, ...] = ("resnet20", "digits")) -> str:
     lines = ["| model | layer | method | alpha | ratio | corr | RL (SSIM) | PF |",
              "|---|---|---|---|---|---|---|---|"]
-    for title, model, xt, yt, layers in _models(quick):
+    for title, model, xt, yt, layers in _models(quick, which):
         model.eval()
         x, y = xt.float().numpy(), yt.long().numpy()
         sm = core.split(model)
@@ -118,6 +120,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write the Markdown table here")
     p.add_argument("--quick", action="store_true", help="fewer digits images")
+    p.add_argument("--models", nargs="+", default=["resnet20", "digits"],
+                   choices=["resnet20", "digits"], help="models to study (default both)")
     p.add_argument("--ratio", type=float, default=None,
                    help="target r of alpha='auto' (default core.shift.AUTO_RATIO)")
     args = p.parse_args()
@@ -125,7 +129,7 @@ def main() -> None:
     if args.ratio is not None:
         core.shift.AUTO_RATIO = args.ratio
     t = time.perf_counter()
-    table = run(args.quick)
+    table = run(args.quick, tuple(args.models))
     footer = (f"\nauto target r = {core.shift.AUTO_RATIO:g}; "
               f"{time.perf_counter() - t:.0f} s on one CPU thread.")
     print(footer)
