@@ -60,6 +60,7 @@ class Captured:
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     reusable: bool = True
     value_dependent: list[str] = field(default_factory=list)
+    constants: dict[str, Any] = field(default_factory=dict)
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders of the split inputs."""
@@ -184,7 +185,13 @@ class Capture:
                 out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
                 if isinstance(out, fx.Node) and not isinstance(out.target, type):
                     self.symbolic = Captured(traced.graph, 1, "symbolic",
-                                             traced.module_outputs, traced.module_inputs)
+                                             traced.module_outputs, traced.module_inputs,
+                                             constants=traced.constants)
+
+    @property
+    def cached(self) -> int:
+        """How many eager graphs are cached (one per input signature)."""
+        return len(self._cache)
 
     def usable_symbolic(self, inputs: int, extra: tuple, kwargs: dict) -> bool:
         """Whether the symbolic graph serves this call."""

@@ -15,7 +15,8 @@ from torch import nn
 
 
 @contextmanager
-def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> Iterator[nn.Module]:
+def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
+                   buffers: bool = True) -> Iterator[nn.Module]:
     """Run the body with every module of ``model`` in eval mode, then restore the model.
 
     The training flags are set back module by module, and a buffer that the body changed (a
@@ -28,7 +29,10 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> 
     model: torch.nn.Module
         The user's model.
     warn: bool
-        Warn once when the model is in training mode.
+        Warn when the model is in training mode.
+    buffers: bool
+        Guard the buffers (False where the body cannot write them: the split's interpreter
+        reads buffers as copies wherever the forward writes into them).
 
     Yields
     ------
@@ -43,7 +47,7 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> 
             "buffers unchanged; call model.eval() to compare with model(x).",
             stacklevel=stacklevel,
         )
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
     try:
         for m, _ in modes:
             m.training = False

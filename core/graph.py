@@ -170,6 +170,7 @@ class TracedModel:
     nodes: list[fx.Node]
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> TracedModel:
@@ -204,6 +205,10 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         ) from err
     resolve_inplace(graph, model)
     nodes = list(graph.nodes)
+    constants = {}  # tensors that torch.fx stored on the traced copy (``_tensor_constant0``)
+    for node in nodes:
+        if node.op == "get_attr" and not _has_attr(model, node.target):
+            constants[node.target] = _attr(twin, node.target)
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node] = {}
     for node in nodes:
@@ -218,4 +223,18 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         inputs.setdefault(name, node)
     if not any(n.op == "placeholder" for n in nodes):
         raise UnsupportedOperation(f"{type(model).__name__}.forward takes no tensor input")
-    return TracedModel(graph, nodes, outputs, inputs)
+    return TracedModel(graph, nodes, outputs, inputs, constants)
+
+
+def _attr(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(obj: Any, target: str) -> bool:
+    try:
+        _attr(obj, target)
+    except AttributeError:
+        return False
+    return True

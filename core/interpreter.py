@@ -195,18 +195,21 @@ class SplitInterpreter(fx.Interpreter):
         The options of :class:`core.SplitModel`.
     weight_abs: callable
         ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
+    constants: mapping, optional
+        Values of ``get_attr`` targets that are not attributes of the model.
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
-                 cached_abs: bool = False) -> None:
+                 cached_abs: bool = False, constants: Mapping[str, Any] | None = None) -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
         self.inputs = inputs
         self.maxpool, self.stabilizer = maxpool, stabilizer
         self.theta, self.threshold = theta, threshold
         self.weight_abs, self.cached_abs = weight_abs, cached_abs
+        self.constants = dict(constants or {})
         self.steps = plan(model, graph, inputs, merge_batchnorm)
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
@@ -272,8 +275,8 @@ class SplitInterpreter(fx.Interpreter):
 
     def run_rule(self, step: Step, args: tuple, kwargs: dict) -> Any:
         """Apply a step's rule; an error from it gets a note naming the step."""
-        try:
-            return step.rule(self._ctx[step.node], args, kwargs)
+        try:  # fx hands immutable containers; rules get plain ones
+            return step.rule(self._ctx[step.node], tuple(args), dict(kwargs))
         except (UnsupportedOperation, SplitOverflowError):
             raise
         except Exception as err:
@@ -300,7 +303,8 @@ class SplitInterpreter(fx.Interpreter):
         if n.op == "output":
             return args[0]
         if n.op == "get_attr":
-            value = _fetch_attr(self.module, n.target)
+            value = (self.constants[n.target] if n.target in self.constants
+                     else _fetch_attr(self.module, n.target))
             if isinstance(value, torch.Tensor):
                 value = value.detach().clone() if step.copy else value.detach()
         elif step.rule is None or not contains_pair((args, kwargs)):

@@ -10,6 +10,7 @@ does with it, whether it is a ReLU-type unit and shift point), in the rule table
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -491,7 +492,10 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
         return Pair(d, _gather(p.s, idx, n))
     d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
     winner = _gather(p.d, idx, n)  # the same values, but not d itself (see DESIGN.md)
-    rest = sum_pool(p.s - p.d, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
+    diff = p.s - p.d
+    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
+        diff = torch.where(torch.isneginf(p.d), 0.0, diff)
+    rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
     return Pair(d, winner + rest)
 
 
@@ -564,6 +568,10 @@ def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     b = dict(zip(["input", "pad", "mode", "value"], args, strict=False)) | kwargs
     p, mode = b["input"], b.get("mode", "constant")
     value = b.get("value") or 0.0
+    if mode == "constant" and value == -math.inf:
+        # padding for a max pooling (timm's "same" pools): the pads never win, and the
+        # convex max-pooling rule gives them no mass (s - d is taken as 0 there)
+        return Pair(F.pad(p.d, b["pad"], mode, value), F.pad(p.s, b["pad"], mode, value))
     if mode == "constant":
         return Pair(F.pad(p.d, b["pad"], mode, value), F.pad(p.s, b["pad"], mode, abs(value)))
     return Pair(F.pad(p.d, b["pad"], mode), F.pad(p.s, b["pad"], mode))

@@ -175,7 +175,7 @@ class SplitModel:
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
-            cached_abs=self._abs_cache is not None,
+            cached_abs=self._abs_cache is not None, constants=captured.constants,
         )
         if captured.reusable:
             self._interpreters[id(captured)] = (captured, interp)
@@ -198,7 +198,7 @@ class SplitModel:
         """
         inputs = self.check_input(x)
         extra, kwargs = tuple(extra_args), dict(kwargs or {})
-        with eval_semantics(self.model, warn=False):
+        with eval_semantics(self.model, warn=False, buffers=False):
             captured = self.capture.get(inputs, extra, kwargs)
         interp = self._interpreter(captured)
         if captured.mechanism == "symbolic":
@@ -295,7 +295,7 @@ class SplitModel:
         ValueError
             When the model's own output is not finite.
         """
-        with eval_semantics(self.model, stacklevel=5):
+        with eval_semantics(self.model, stacklevel=5, buffers=False):
             out, records = call.interpreter.run_pairs(pairs, call.extra, **options)
         if not isinstance(out, Pair):
             raise UnsupportedOperation(
@@ -320,7 +320,7 @@ class SplitModel:
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
-        with torch.no_grad(), eval_semantics(self.model, warn=False):
+        with torch.no_grad(), eval_semantics(self.model, warn=False, buffers=False):
             _, records = call.interpreter.run_pairs(self.input_pairs(call.inputs), call.extra,
                                                     record_all=True)
         for node, pair in records.items():
@@ -332,7 +332,7 @@ class SplitModel:
                                  factors: Shift) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
-        with torch.enable_grad(), eval_semantics(self.model, warn=False):
+        with torch.enable_grad(), eval_semantics(self.model, warn=False, buffers=False):
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
                      for p in self.input_pairs(call.inputs)]
             out, records = call.interpreter.run_pairs(pairs, call.extra, factors=factors,

@@ -62,7 +62,7 @@ def test_control_flow_on_values_and_shapes_splits_exactly():
         assert_rel_close(probes["input"].grad, grad, 1e-5)
         assert_rel_close(probes["input"].g, grad / 2, 1e-5)
     # the value-dependent graph is recorded again for every call, never cached
-    assert not sm.capture._cache
+    assert sm.capture.cached == 0
 
 
 # --------------------------------------------------------------------------- arguments
@@ -102,9 +102,9 @@ def test_optional_and_keyword_arguments_and_several_inputs():
     assert torch.equal(pairs[1].d, x2)
     # model(x) uses the symbolic graph; the other calls one recording per signature
     assert sm.prepare(x).captured.mechanism == "symbolic"
-    assert len(sm.capture._cache) == 3
+    assert sm.capture.cached == 3
     sm((x * 2, x2))
-    assert len(sm.capture._cache) == 3
+    assert sm.capture.cached == 3
 
 
 # --------------------------------------------------------------------------- outputs
@@ -331,3 +331,21 @@ def test_training_mode_is_explained_with_eval_semantics_in_eager_capture():
     assert all(m.training for m in model.modules())
     for name, b in model.named_buffers():
         assert torch.equal(b, buffers[name][0]) and b._version == buffers[name][1], name
+
+
+def test_huge_inputs_raise_instead_of_returning_non_finite_streams():
+    model = _small()
+    sm = core.split(model)
+    with pytest.raises((ValueError, core.SplitOverflowError), match="not finite|overflowed"):
+        sm(torch.full((2, 4), 3e38))
+
+
+@pytest.mark.slow
+def test_splitlrp_overflow_names_the_layer_instead_of_returning_nan():
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    model = tvm.resnet152(weights=None).eval()
+    sm = core.split(model, merge_batchnorm=True)
+    with pytest.raises(core.SplitOverflowError, match=r"SplitLRP relevance overflowed.*'layer"):
+        sm.relevance(torch.randn(1, 3, 64, 64), torch.eye(1000)[[3]])

@@ -10,8 +10,10 @@ ReLU-family model among the module's eight shortest model names, random weights;
 models that failed before the eager capture (``vgg11``, ``nasnetalarge``, ``pnasnet5large``,
 ``resnetblur18``, ``densenetblur121d``). Scanning every one of timm's ~1300 models is too slow
 for the test suite (a meta-device instantiation takes 0.05-5 s); an architecture module
-without a ReLU-family model among its candidates is skipped with that reason. Inputs are
-64x64 (or the model's minimum).
+without a ReLU-family model among its candidates is skipped with that reason, and so is a
+model the filter passes but whose forward calls a smooth function (``F.softmax`` in an
+attention block): the split refuses it with ``UnsupportedOperation`` naming the function. Inputs are
+64x64, or the smallest of 96, 160, 224 that the model accepts.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ timm = pytest.importorskip("timm")
 ALLOWED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SMOOTH_NAMES = ("gelu", "silu", "swish", "sigmoid", "mish", "tanh", "softmax", "elu",
-                 "softplus", "hardswish", "hardsigmoid", "gate", "glu", "prelu", "star")
+                 "softplus", "hardswish", "hardsigmoid", "gate", "glu", "prelu", "starrelu",
+                 "layernorm", "groupnorm", "rmsnorm", "evonorm", "instancenorm", "attention")
 KNOWN = ["vgg11", "nasnetalarge", "pnasnet5large", "resnetblur18", "densenetblur121d"]
 SLOW = {"nasnetalarge", "pnasnet5large", "densenetblur121d"}
 CANDIDATES = 8
@@ -48,9 +51,7 @@ def relu_family(model: nn.Module) -> bool:
             return False  # InstanceNorm
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)):
             return False
-        name = cls.__name__.lower()
-        if any(s in name for s in _SMOOTH_NAMES) or ("norm" in name
-                                                      and not isinstance(m, BATCHNORMS)):
+        if any(s in cls.__name__.lower() for s in _SMOOTH_NAMES):
             return False
     return True
 
@@ -73,27 +74,38 @@ def _first_relu_model(family: str) -> tuple[str | None, int]:
     return None, len(names)
 
 
-def _check(name: str) -> None:
+_FUNCTIONAL_SMOOTH = ("softmax", "sigmoid", "gelu", "silu", "tanh", "exp", "sqrt", "rsqrt",
+                      "layer_norm", "group_norm", "product", "division", "pow")
+
+
+def _check(name: str, family: bool = False) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False, num_classes=10)
     assert relu_family(model), f"{name} is not ReLU-family"
     model = randomise_batchnorm(model.eval(), 0)
-    size = 64
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    minimum = cfg.get("min_input_size")
-    if minimum:
-        size = max(size, minimum[-1])
-    if name in ("nasnetalarge", "pnasnet5large"):
-        size = max(size, 96)
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        f = model(x)
-    g, h = core.split(model)(x)
+    f = None
+    for size in (64, 96, 160, 224):  # the smallest input the model itself accepts
+        x = torch.randn(1, 3, size, size)
+        try:
+            with torch.no_grad():
+                f = model(x)
+            break
+        except RuntimeError:
+            continue
+    assert f is not None, f"{name} runs on none of the input sizes"
+    try:
+        g, h = core.split(model)(x)
+    except core.UnsupportedOperation as err:
+        # a smooth operation called as a function (F.softmax in an attention block) is
+        # invisible to the module-type filter; the split names it, as it should
+        if family and any(op in str(err) for op in _FUNCTIONAL_SMOOTH):
+            pytest.skip(f"{name} calls a smooth function: {str(err)[:160]}")
+        raise
     err = max_abs(g - h - f)
-    assert err <= 1e-5 * max_abs(g), (
-        f"{name}: max |g - h - f| = {err:.3e}, max|g| = {max_abs(g):.3e}")
+    assert err <= 1e-5 * max_abs(g), f"{name}: max |g - h - f| = {err:.3e}, max |g| = " \
+        f"{max_abs(g):.3e}"
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
@@ -108,4 +120,4 @@ def test_one_relu_family_model_per_timm_architecture_splits_exactly(family):
     name, tried = _first_relu_model(family)
     if name is None:
         pytest.skip(f"no ReLU-family model among the {tried} shortest names of {family}")
-    _check(name)
+    _check(name, family=True)
