@@ -14,7 +14,7 @@ Public interface, used by :class:`core.SplitModel` and :mod:`core.lrp`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
