@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse the finished cells in --out (after an interruption)")
+                   help="reuse the cells in --out/cells.jsonl whose fingerprint (model, data, "
+                        "method and metric options, seed, versions) matches; compute the rest")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and metrics")
     p.add_argument("--n-val", type=int, default=None, help="validation images (at most)")
