@@ -52,19 +52,6 @@ def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
     return model
 
 
-def check_alpha(alpha: Any) -> None:
-    """Check that the shift ``alpha`` is a real number or a dict of real numbers."""
-    values = alpha.values() if isinstance(alpha, dict) else [alpha]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(
-                f"alpha must be a float or a dict {{layer name: float}}; got {alpha!r}."
-            )
-        if not 0.0 <= float(v) <= 0.5:
-            raise ValueError(
-                f"alpha={v!r} is outside [0, 0.5]: the shift interpolates between the split-pair "
-                "gradients (alpha=0) and half the model's gradient (alpha=0.5)."
-            )
 
 
 def last_conv_name(model: nn.Module, method: str) -> str:

@@ -37,7 +37,7 @@ def split_cam(
     targets: Tensor,
     *,
     layer: str | None = None,
-    alpha: float | dict[str, float] = 0.4,
+    alpha: float | str | dict[str, float] = "auto",
     stream: str = "g",
     sign: str | None = None,
     maxpool: str = "convex",
@@ -47,7 +47,7 @@ def split_cam(
 ) -> Tensor:
     """SplitCAM (paper eqs. 6-7): split-pair sensitivities times activations, summed over channels.
 
-    Options: ``layer`` (module name; default the last convolution), ``alpha`` (0.4),
+    Options: ``layer`` (module name; default the last convolution), ``alpha`` ("auto", or a float),
     ``stream`` ("g" | "h"), ``sign`` (None | "+" | "-"), ``maxpool`` ("convex" | "wta"),
     ``stabilizer`` ("scale" | "shift" | "none"), ``input_split`` ("relu" | "half"),
     ``relu_attributions`` (False). Returns ``(B, 1, h, w)`` at the layer's resolution.
@@ -73,7 +73,7 @@ def split_grad(
     targets: Tensor,
     *,
     layer: str | None = None,
-    alpha: float | dict[str, float] = 0.4,
+    alpha: float | str | dict[str, float] = "auto",
     stream: str = "g",
     sign: str | None = None,
     maxpool: str = "convex",
@@ -82,8 +82,8 @@ def split_grad(
 ) -> Tensor:
     """SplitGrad (paper section 4.1): channel mean of a shifted split-pair sensitivity.
 
-    Options: ``layer`` (module name; default None, the input), ``alpha`` (0.4), ``stream``,
-    ``sign``, ``maxpool``, ``stabilizer``, ``input_split`` as for SplitCAM. Returns
+    Options: ``layer`` (module name; default None, the input), ``alpha`` ("auto", or a float),
+    ``stream``, ``sign``, ``maxpool``, ``stabilizer``, ``input_split`` as for SplitCAM. Returns
     ``(B, 1, h, w)``; at the input the channel mean ``(B, 1, H, W)`` (the paper's map).
     """
     from .splitcam import SplitGrad

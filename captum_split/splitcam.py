@@ -32,12 +32,12 @@ from torch import Tensor, nn
 
 import core
 from core import checks
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 from ._utils import (
     SIGNS,
     STREAMS,
-    check_alpha,
     check_grad_kwargs,
     format_additional_args,
     single_input,
@@ -68,7 +68,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         layer: nn.Module | str | None,
         device_ids: list[int] | None = None,
         *,
-        alpha: float | dict[str, float] = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",
@@ -108,15 +108,13 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
-        if isinstance(alpha, dict) and static:
-            points = set(self.split_model.shift_points()) | {"default"}
-            unknown = sorted(set(alpha) - points)
-            if unknown:
-                raise ValueError(
-                    f"{method}: alpha names unknown shift points {unknown}; valid are 'input', "
-                    "'output', 'default' and the ReLU-type units of "
-                    "core.split(model).shift_points()."
-                )
+        try:  # the one check of alpha (floats in [0, 0.5], "auto", shift-point names)
+            check_alpha(alpha)
+            if static:  # else the shift points are known once an input was seen
+                Shift(self.split_model.shift_points(), alpha)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{method}: {err}") from None
+        self.last_alphas: dict[str, Any] = {}
 
     def _probe(
         self,
@@ -146,6 +144,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 layers=[name], alpha=self.alpha, extra_args=extra
             )
         probe = probes[name]
+        first = probe[0] if isinstance(probe, tuple) else probe
+        self.last_alphas = dict(first.alphas)
         if isinstance(probe, tuple):  # several inputs, or a layer with a tuple output
             sens = tuple(getattr(p, _SENSITIVITY[(self.stream, self.sign)]).detach()
                          for p in probe)
@@ -174,9 +174,13 @@ class SplitCAM(_SplitAttribution):
     layer : :py:class:`torch.nn.Module` or str
         A submodule of the model (found by identity, Captum's convention) or its name as in
         ``model.named_modules()``.
-    alpha : float or dict of str to float
-        The sensitivity shift in ``[0, 0.5]`` (0: true split-pair gradients, 0.5: half the
-        model's gradient); a dict sets it per shift point (module name).
+    alpha : float, "auto" or dict of str to float
+        Default ``"auto"``. The sensitivity shift in ``[0, 0.5]`` (0: true split-pair
+        gradients, 0.5: half the model's gradient); a dict sets it per shift point (module
+        name); ``"auto"`` chooses it per shift point and row so that the shift part stays
+        near the gradient part's size (docs/alpha.md). After :meth:`attribute`,
+        ``last_alphas`` holds the alphas used (with ``"auto"``: one value per row for each
+        shift point the backward passed).
     stream : {"g", "h"}
         Which network of the split pair ``f = g - h`` to read.
     sign : {None, "+", "-"}
@@ -298,7 +302,7 @@ class SplitGrad(_SplitAttribution):
         layer: nn.Module | str | None = None,
         device_ids: list[int] | None = None,
         *,
-        alpha: float | dict[str, float] = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         stream: str = "g",
         sign: str | None = None,
         maxpool: str = "convex",

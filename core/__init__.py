@@ -10,6 +10,7 @@ from core.errors import SplitOverflowError, UnsupportedOperation
 from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
+from core.shift import ShiftReport, SplitClassBlindWarning, shift_diagnostics
 from core.split import SplitModel, split
 
 
@@ -23,6 +24,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Pair", "Probe", "SplitModel", "SplitOverflowError", "UnsupportedOperation", "eval_semantics",
-    "split",
+    "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel", "SplitOverflowError",
+    "UnsupportedOperation", "eval_semantics", "shift_diagnostics", "split",
 ]

@@ -25,7 +25,8 @@ from torch import nn
 from core import rules
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.pair import Pair, contains_pair
-from core.stabilize import ScaleGrad, stabilise
+from core.shift import Shift
+from core.stabilize import stabilise
 
 _AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -213,7 +214,7 @@ class SplitInterpreter(fx.Interpreter):
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
-        self._factors: Mapping[str, float] | None = None
+        self._factors: Shift | None = None
         self._record: set[fx.Node] = set()
         self._record_all = False
         self._records: dict[fx.Node, Any] = {}
@@ -234,7 +235,7 @@ class SplitInterpreter(fx.Interpreter):
         return names + ["output"]
 
     def run_pairs(self, inputs: Sequence[Pair], extra: Sequence[Any] = (), *,
-                  factors: Mapping[str, float] | None = None, record: Iterable[fx.Node] = (),
+                  factors: Shift | None = None, record: Iterable[fx.Node] = (),
                   record_all: bool = False) -> tuple[Any, dict[fx.Node, Any]]:
         """One forward pass on split pairs.
 
@@ -244,8 +245,9 @@ class SplitInterpreter(fx.Interpreter):
             The split inputs, one per split placeholder.
         extra: sequence
             Values of the further placeholders (not split).
-        factors: mapping, optional
-            Backward shift factors ``1 - 2 alpha`` per shift point (see :meth:`shift_points`).
+        factors: core.shift.Shift, optional
+            The backward alpha shift (its ``apply`` at every shift point, see
+            :meth:`shift_points`).
         record: iterable of fx.Node
             Nodes whose values to return (``record_all``: every node).
 
@@ -293,9 +295,8 @@ class SplitInterpreter(fx.Interpreter):
                 if not isinstance(value, Pair):
                     raise TypeError(f"split input {n.target!r} must be a Pair")
                 self._keep(n, value)
-                f = 1.0 if self._factors is None else self._factors.get("input", 1.0)
-                if f != 1.0:
-                    value = Pair(value.d, ScaleGrad.apply(value.s, f))
+                if self._factors is not None:
+                    value = self._factors.apply("input", value, n.name)
                 return value
             self._keep(n, value)
             return value
@@ -315,9 +316,7 @@ class SplitInterpreter(fx.Interpreter):
                                                 self.threshold))
         self._keep(n, value)
         if step.activation and self._factors is not None:
-            f = self._factors.get(step.shift_name, 1.0)
-            if f != 1.0:
-                value = Pair(value.d, ScaleGrad.apply(value.s, f))
+            value = self._factors.apply(step.shift_name, value, n.name)
         return value
 
     def _keep(self, node: fx.Node, value: Any) -> None:

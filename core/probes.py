@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +29,9 @@ class Probe:
         Difference of the shifted local sensitivities of the g stream, ``d+g - d-g``.
     grad: torch.Tensor
         Gradient of the original model's target logit with respect to the activation.
+    alphas: dict of str to float or torch.Tensor
+        The alpha of every shift point in this call (with ``alpha="auto"``: one value per row
+        for the points the backward passed; see :mod:`core.shift`).
     """
 
     activation: torch.Tensor
@@ -35,6 +39,7 @@ class Probe:
     S: torch.Tensor
     Dg: torch.Tensor
     grad: torch.Tensor
+    alphas: Mapping[str, float | torch.Tensor] = field(default_factory=dict)
 
     @property
     def pos(self) -> torch.Tensor:
@@ -80,3 +85,41 @@ class Probe:
     def h(self) -> torch.Tensor:
         """Unified sensitivity of h (eq. 47), ``(pos_h - neg_h) / 2``; ``g - h == grad``."""
         return self.Dh / 2
+
+    @property
+    def grad_part(self) -> torch.Tensor:
+        """Gradient part of ``g`` (Theorem 9): ``grad / 2``."""
+        return self.grad / 2
+
+    @property
+    def shift_part(self) -> torch.Tensor:
+        """Shift part of ``g`` (Theorem 9): ``g - grad / 2``, fed by the S stream only."""
+        return self.g - self.grad / 2
+
+    def parts(self, stream: str = "g", sign: str | None = None) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+        """Gradient part and shift part of one shifted sensitivity (they add up to it).
+
+        ``g = grad/2 + shift``, ``h = -grad/2 + shift``, ``pos_g = grad/2 + (S/2 + shift)``,
+        ``neg_g = -grad/2 + (S/2 - shift)``, ``pos_h = -grad/2 + (S/2 + shift)``,
+        ``neg_h = grad/2 + (S/2 - shift)``. Multiply both by the activation a SplitCAM uses
+        for the parts of its products.
+
+        Parameters
+        ----------
+        stream: {"g", "h"}
+        sign: {None, "+", "-"}
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(gradient part, shift part)``.
+        """
+        half, shift = self.grad_part, self.shift_part
+        sign_of_grad = {("g", None): 1, ("h", None): -1, ("g", "+"): 1, ("g", "-"): -1,
+                        ("h", "+"): -1, ("h", "-"): 1}
+        if (stream, sign) not in sign_of_grad:
+            raise ValueError(f"stream={stream!r}, sign={sign!r}: use stream 'g'/'h' and sign "
+                             "None, '+' or '-'")
+        rest = {None: shift, "+": self.S / 2 + shift, "-": self.S / 2 - shift}[sign]
+        return sign_of_grad[(stream, sign)] * half, rest

@@ -17,6 +17,7 @@ from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_class_blind
 
 MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
@@ -317,7 +318,7 @@ class SplitModel:
         return "the output"
 
     def _first_backward_overflow(self, call: SplitCall, index: torch.Tensor,
-                                 factors: Mapping[str, float]) -> str:
+                                 factors: Shift) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
         with torch.enable_grad(), eval_semantics(self.model, warn=False, buffers=False):
@@ -331,7 +332,7 @@ class SplitModel:
                         if not first and not torch.isfinite(grad).all():
                             first.append(node)
                     pair.s.register_hook(hook)
-            seed = out.s.gather(1, index).sum() * 0.5 * factors["output"]
+            seed = out.s.gather(1, index).sum() * 0.5 * factors.factor("output")
             wrt = [t for p in pairs for t in (p.d, p.s)]
             torch.autograd.grad(seed + 0.5 * out.d.gather(1, index).sum(), wrt,
                                 allow_unused=True)
@@ -400,31 +401,12 @@ class SplitModel:
         return {layer: _pick(node, records) for layer, node in nodes.items()}
 
     # ------------------------------------------------------------------ sensitivities
-    def _factors(self, alpha: float | Mapping[str, float],
-                 points: Sequence[str] | None = None) -> dict[str, float]:
-        points = self.shift_points() if points is None else list(points)
-        if isinstance(alpha, Mapping):
-            unknown = sorted(set(alpha) - set(points) - {"default"})
-            if unknown:
-                raise ValueError(
-                    f"alpha names unknown shift points {unknown}; shift points are 'input', "
-                    f"'output', 'default' and the ReLU-type units {points[1:-1][:8]}..."
-                )
-            default = float(alpha.get("default", 0.4))
-            values = {p: float(alpha.get(p, default)) for p in points}
-        else:
-            values = dict.fromkeys(points, float(alpha))
-        for point, a in values.items():
-            if not 0.0 <= a <= 0.5:
-                raise ValueError(f"alpha={a} at {point!r} must be in [0, 0.5]")
-        return {p: 1.0 - 2.0 * a for p, a in values.items()}
-
     def sensitivities(
         self,
         x: torch.Tensor,
         target: int | torch.Tensor,
         layers: Sequence[str] = ("input",),
-        alpha: float | Mapping[str, float] = 0.4,
+        alpha: AlphaType = DEFAULT_ALPHA,
         extra_args: tuple = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
@@ -440,10 +422,14 @@ class SplitModel:
             Names from ``model.named_modules()`` (the module's output; containers allowed),
             ``"input"`` (or ``""``; ``"input:1"``... for further inputs), ``"NAME:input"`` for
             a module's input, ``"NAME:0"``... for the elements of a tuple output.
-        alpha: float or mapping
-            The backward shift ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type
-            unit and at the output; a mapping from shift-point names (see
-            :meth:`shift_points`, plus ``"default"``) overrides it per point.
+        alpha: float, "auto" or mapping
+            Default ``"auto"`` (:data:`core.shift.DEFAULT_ALPHA`). The backward shift
+            ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type unit and at the
+            output; a mapping from shift-point names (see :meth:`shift_points`, plus
+            ``"default"``) overrides it per point; ``"auto"`` chooses it per point and row
+            (:mod:`core.shift`; the chosen alphas are in each probe's ``alphas``). A fixed
+            alpha whose map is dominated by the shift part warns once per model and layer
+            (:class:`core.SplitClassBlindWarning`).
         extra_args, kwargs:
             Further positional and keyword arguments of the model's forward.
 
@@ -457,7 +443,7 @@ class SplitModel:
         if isinstance(layers, str):
             layers = [layers]
         nodes = {layer: call.node_of(layer) for layer in layers}
-        factors = self._factors(alpha, call.interpreter.shift_points())
+        factors = Shift(call.interpreter.shift_points(), alpha)
         first = call.inputs[0]
         index = checks.targets(target, first.shape[0]).to(first.device)
         unique = list(dict.fromkeys(_flat(nodes.values())))
@@ -476,7 +462,7 @@ class SplitModel:
             grads = torch.autograd.grad(sel_d, ds, retain_graph=True, allow_unused=True)
             half = torch.tensor(0.5, dtype=out.d.dtype, device=out.d.device)
             both = torch.autograd.grad(
-                [sel_d, sel_s], ds + ss, grad_outputs=[half, half * factors["output"]],
+                [sel_d, sel_s], ds + ss, grad_outputs=[half, half * factors.factor("output")],
                 allow_unused=True,
             )
         probes: dict[fx.Node, Probe] = {}
@@ -486,18 +472,23 @@ class SplitModel:
                 activation=d, mass=s,
                 S=_or_zero(both[len(unique) + i], s) * 2,
                 Dg=_or_zero(both[i], d) * 2,
-                grad=_or_zero(grads[i], d),
+                grad=_or_zero(grads[i], d), alphas=factors.alphas,
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
                 where = self._first_backward_overflow(call, index, factors)
                 raise SplitOverflowError(
                     f"the sensitivities at {call.describe(node)} overflowed {d.dtype} at "
-                    f"alpha={alpha} (first at {where}, counting from the output): the S stream "
-                    "grows like the product of |W| over the layers above. Use a larger alpha "
-                    "(closer to 0.5) or float64 (model.double() on a copy and x.double())."
+                    f"alpha={alpha_label(alpha)} (first at {where}, counting from the output): "
+                    "the S stream grows like the product of |W| over the layers above. Use a "
+                    "larger alpha (closer to 0.5), alpha='auto' or float64 (model.double() on a "
+                    "copy and x.double())."
                 )
             probes[node] = probe
-        return {layer: _pick(node, probes) for layer, node in nodes.items()}
+        result = {layer: _pick(node, probes) for layer, node in nodes.items()}
+        for layer, picked in result.items():
+            for probe in picked if isinstance(picked, tuple) else (picked,):
+                warn_if_class_blind(self, layer, probe, factors)
+        return result
 
     def relevance(
         self,

@@ -45,13 +45,14 @@ def test_quick_runs_end_to_end(cache, tmp_path, capsys):
     assert {"SplitCAM", "SplitGrad", "SplitLRP", "LayerCAM", "Saliency", "Random"} <= methods
     assert {r["group"] for r in rows} == {"split", "layer", "baseline"}
     # every metric of the protocol has a value for the Split methods, one best mark each
-    for metric in ("Selectivity", "AttrLoc", "Pointing", "PF@5", "PF@20", "MaxSens"):
+    for metric in ("Selectivity", "AttrLoc", "Pointing", "PF@5", "PF@20", "MaxSens", "RandLogit"):
         split_vals = [float(r[metric]) for r in rows if r["group"] == "split"]
         assert any(v == v for v in split_vals), metric
         assert sum(int(r[f"best_{metric}"]) for r in rows) <= 1, metric
         assert all(int(r[f"{metric}_n"]) <= 5 for r in rows)
-    for r in rows:  # localisation scores are ratios / hit rates
+    for r in rows:  # localisation scores are ratios / hit rates; RandomLogit is an SSIM
         assert 0.0 <= float(r["Pointing"]) <= 1.0
+        assert float(r["RandLogit"]) != float(r["RandLogit"]) or -1 <= float(r["RandLogit"]) <= 1
     alpha = list(csv.DictReader(open(out / "table3_alpha.csv")))
     assert alpha and set(alpha[0]) == {"method", "metric", "alpha=0.4"}
     sanity = list(csv.DictReader(open(out / "table6_randomisation.csv")))

@@ -421,7 +421,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Did you mean 'block.conv'"):
         sm.sensitivities(x, 0, ["block.cnv"])
     for alpha in (-0.1, 0.6, {"stem.2": 1.0}):
-        with pytest.raises(ValueError, match="must be in"):
+        with pytest.raises(ValueError, match=r"outside \[0, 0.5\]"):
             sm.sensitivities(x, 0, alpha=alpha)
     for option in (dict(maxpool="avg"), dict(stabilizer="clip"), dict(input_split="abs")):
         with pytest.raises(ValueError, match="is not one of"):

@@ -120,6 +120,8 @@ def metric_options(metric: str, settings: ProtocolSettings, shape: Sequence[int]
     if metric == "MaxSens":
         return {"samples": settings.max_sens_samples, "images": settings.max_sens_images,
                 "batch_size": settings.batch_size}
+    if metric == "RandLogit":
+        return {"similarity": "ssim", "normalise": True, "batch_size": settings.batch_size}
     return {}
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = ["main", "build_parser"]
 
-DEFAULT_ALPHAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.0)
+DEFAULT_ALPHAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.0, "auto")
 BUILTIN_MODELS = ("digits-cnn", "cifar10-resnet20", "vgg16", "resnet18")
 
 
@@ -52,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate layers of layer-wise methods (module names); default: up "
                         "to --max-layers chosen from the model")
     p.add_argument("--alphas", nargs="+", default=None,
-                   help="alpha grid of the ablation, each in [0, 0.5] (default 0.5 0.45 0.4 "
-                        "0.35 0.3 0; --quick: 0.4)")
+                   help="alpha grid of the ablation, each in [0, 0.5] or 'auto' (default 0.5 "
+                        "0.45 0.4 0.35 0.3 0 auto; --quick: --alpha)")
     p.add_argument("--alpha", default="0.4",
-                   help="alpha of SplitCAM/SplitGrad in the main comparison, in [0, 0.5] "
-                        "(default 0.4)")
+                   help="alpha of SplitCAM/SplitGrad in the main comparison, in [0, 0.5] or "
+                        "'auto' (default 0.4)")
     p.add_argument("--metrics", nargs="+", default=None,
                    help="metrics to compute (default all): Selectivity AttrLoc Pointing "
-                        "PF@5 PF@20 MaxSens")
+                        "PF@5 PF@20 MaxSens RandLogit")
     p.add_argument("--out", default="splitxai-benchmark", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")

@@ -68,6 +68,7 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("PF@5", "Pixel Fl. (AUC@5)", True),
         MetricInfo("PF@20", "Pixel Fl. (AUC@20)", True),
         MetricInfo("MaxSens", "Max Sens.", False),
+        MetricInfo("RandLogit", "Rand. Logit", False),
     )
 }
 LOCALISATION = ("AttrLoc", "Pointing")
@@ -156,24 +157,31 @@ class Config:
         return Config(self.spec, self.layer, self.variant, {**self.options, **changes})
 
 
-def check_alpha(value: Any, option: str = "--alpha") -> float:
-    """One alpha of SplitCAM / SplitGrad from the command line: a number in [0, 0.5].
+def check_alpha(value: Any, option: str = "--alpha") -> float | str:
+    """One alpha of SplitCAM / SplitGrad from the command line: ``auto`` or a number in
+    [0, 0.5].
 
-    alpha is the backward shift of the split pair's two streams (0: no shift, 0.5: the
-    midpoint); values outside [0, 0.5] are not defined.
+    alpha is the backward shift of the split pair's two streams (0: no shift, 0.5: half the
+    model's gradient); ``auto`` chooses it per shift point (docs/alpha.md); other values are
+    not defined.
 
     Raises
     ------
     ValueError
-        ``value`` is not a number or lies outside [0, 0.5] (the message names ``option``).
+        ``value`` is not ``auto``, not a number or lies outside [0, 0.5] (the message names
+        ``option``).
     """
+    from core.shift import AUTO
+
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     try:
         alpha = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{option} {value!r} is not a number; alpha is a number in "
-                         "[0, 0.5]") from None
+                         "[0, 0.5] or 'auto'") from None
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 0.5):
-        raise ValueError(f"{option} {value}: alpha must lie in [0, 0.5]")
+        raise ValueError(f"{option} {value}: alpha must lie in [0, 0.5] (or be 'auto')")
     return alpha
 
 
@@ -192,13 +200,13 @@ def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
-def default_methods(alpha: float = 0.4, quick: bool = False, image_size: int = 64,
+def default_methods(alpha: float | str = 0.4, quick: bool = False, image_size: int = 64,
                     channels: int = 1) -> list[MethodSpec]:
     """The methods of table 1: the Split methods and every baseline.
 
     Parameters
     ----------
-    alpha: float
+    alpha: float or "auto"
         The backward shift of SplitCAM and SplitGrad in the main comparison.
     quick: bool
         One variant per Split method (for ``--quick``).
@@ -207,7 +215,9 @@ def default_methods(alpha: float = 0.4, quick: bool = False, image_size: int = 6
     channels: int
         Channels of the images.
     """
-    a = f"{alpha:g}"
+    from core.shift import alpha_label
+
+    a = alpha_label(alpha)
     cam_variants = (("g", {"sign": None}),) if quick else (("g", {"sign": None}),
                                                            ("+, g", {"sign": "+"}))
     lrp_variants = (("pos", {"stream": "pos"}),) if quick else (("pos", {"stream": "pos"}),
@@ -526,6 +536,20 @@ def evaluate_metric(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, a
             out[ok] = _quantus_scores(metric, model, x[ok], y[ok], a[ok], s[ok], device,
                                       settings.batch_size)
         return out
+    if name == "RandLogit":
+        # class specificity: similarity (SSIM) of the maps of the target and of a random
+        # other class; Quantus seeds its draw of the other class with ``seed``
+        if explain_func is None:
+            explain_func = quantus_adapters.explain
+        with torch.no_grad():
+            n_classes = int(model(torch.as_tensor(x[:1]).to(device)).shape[1])
+        metric = quantus.RandomLogit(num_classes=n_classes, seed=settings.seed, abs=use_abs,
+                                     normalise=True, **common)
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a, device=device,
+                        explain_func=explain_func,
+                        explain_func_kwargs=dict(explain_kwargs or {}),
+                        batch_size=settings.batch_size)
+        return np.asarray(scores, dtype=np.float64)
     if name == "MaxSens":
         if (explain_kwargs or {}).get("method") == "Random":  # not defined for random maps
             return np.full(len(y), np.nan)

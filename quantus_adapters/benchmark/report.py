@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.shift import alpha_label
 from quantus_adapters.benchmark import stats
 from quantus_adapters.benchmark.protocol import METRICS
 from quantus_adapters.benchmark.runner import Results
@@ -148,7 +149,7 @@ def _table1_csv(results: Results, path: Path) -> None:
 def _alpha_md(results: Results) -> str:
     if not results.alpha_table:
         return "(no SplitCAM / SplitGrad configuration was evaluated)"
-    head = ["Method", "Metric"] + [f"α={a:g}" for a in results.alphas]
+    head = ["Method", "Metric"] + [f"α={alpha_label(a)}" for a in results.alphas]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     last = None
     for label, metric, vals in results.alpha_table:
@@ -290,7 +291,7 @@ def write_report(results: Results, out: str | Path, header: str = "",
     _table1_csv(results, out / "table1_comparison.csv")
     t1 = markdown_table1(results)
     (out / "table1_comparison.md").write_text(t1 + "\n")
-    _write_csv(out / "table3_alpha.csv", ["method", "metric"] + [f"alpha={a:g}"
+    _write_csv(out / "table3_alpha.csv", ["method", "metric"] + [f"alpha={alpha_label(a)}"
                                                                  for a in results.alphas],
                [[label, m] + [f"{vals[a]:.6g}" for a in results.alphas]
                 for label, m, vals in results.alpha_table])

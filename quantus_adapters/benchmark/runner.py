@@ -60,8 +60,8 @@ class Results:
     rows: list[Row]
     validation: dict[tuple[str, bool], dict[str, float]]
     configs: dict[str, Config]
-    alpha_table: list[tuple[str, str, dict[float, float]]]
-    alphas: list[float]
+    alpha_table: list[tuple[str, str, dict[float | str, float]]]
+    alphas: list[float | str]
     sanity_rows: list[tuple[str, dict[str, float]]]
     randomised_layers: list[str]
     timings: list[tuple[str, float]]
@@ -106,7 +106,7 @@ class Benchmark:
         Where finished cells go (and, with ``reuse``, come from).
     settings: ProtocolSettings
         Metric parameters and the seed.
-    alphas: list of float
+    alphas: list of float or "auto"
         The alpha grid of the ablation (table 3).
     explain: callable, optional
         The explain function; ``quantus_adapters.explain`` by default.
@@ -127,7 +127,7 @@ class Benchmark:
 
     def __init__(self, model: nn.Module, data: BenchmarkData, specs: Sequence[MethodSpec],
                  layers: Sequence[str], store: ResultStore, settings: ProtocolSettings,
-                 alphas: Sequence[float] = (0.4,), explain: Callable | None = None,
+                 alphas: Sequence[float | str] = (0.4,), explain: Callable | None = None,
                  n_saliency: int = 4, n_sanity: int = 20, n_timing: int = 8,
                  progress: bool = True, log: Callable[[str], None] = print,
                  reuse: bool = False, map_jobs: Callable | None = None):
@@ -302,7 +302,7 @@ class Benchmark:
                 kept[f"{row.config.key()}|{int(row.use_abs)}"] = maps
         return kept
 
-    def alpha_ablation(self, rows: list[Row]) -> list[tuple[str, str, dict[float, float]]]:
+    def alpha_ablation(self, rows: list[Row]) -> list[tuple[str, str, dict[float | str, float]]]:
         """Table 3: the selected SplitCAM / SplitGrad configurations over the alpha grid."""
         metrics = [m for m in ("Pointing", "AttrLoc", "MaxSens", "PF@20")
                    if m in self.metric_names]
