@@ -81,7 +81,6 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         checks.option("maxpool", maxpool, who=method, allowed=MAXPOOL_MODES)
         checks.option("stabilizer", stabilizer, who=method, allowed=STABILIZERS)
         checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
-        check_alpha(alpha)
         model = unwrap_model(forward_func, method)
         self.layer_name = checks.layer_name(
             model, layer, method, allow_input=self._allow_input_layer
