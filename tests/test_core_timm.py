@@ -6,7 +6,7 @@ GroupNorm, ...). The filter instantiates models on the meta device (no memory, n
 initialisation) and inspects their module types.
 
 Coverage: one model per timm architecture module (``timm.list_modules()``): the first
-ReLU-family model among the module's eight shortest model names, random weights; plus the
+ReLU-family model among the module's four shortest model names, random weights; plus the
 models that failed before the eager capture (``vgg11``, ``nasnetalarge``, ``pnasnet5large``,
 ``resnetblur18``, ``densenetblur121d``). Scanning every one of timm's ~1300 models is too slow
 for the test suite (a meta-device instantiation takes 0.05-5 s); an architecture module
@@ -36,7 +36,7 @@ _SMOOTH_NAMES = ("gelu", "silu", "swish", "sigmoid", "mish", "tanh", "softmax", 
                  "layernorm", "groupnorm", "rmsnorm", "evonorm", "instancenorm", "attention")
 KNOWN = ["vgg11", "nasnetalarge", "pnasnet5large", "resnetblur18", "densenetblur121d"]
 SLOW = {"nasnetalarge", "pnasnet5large", "densenetblur121d"}
-CANDIDATES = 8
+CANDIDATES = 4
 
 
 def relu_family(model: nn.Module) -> bool:
@@ -92,7 +92,7 @@ def _check(name: str, family: bool = False) -> None:
             with torch.no_grad():
                 f = model(x)
             break
-        except RuntimeError:
+        except (RuntimeError, AssertionError):  # too small for the model's own checks
             continue
     assert f is not None, f"{name} runs on none of the input sizes"
     try:
