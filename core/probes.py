@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +27,13 @@ class Probe:
     Dg: torch.Tensor
         Difference of the shifted local sensitivities of the g stream, ``d+g - d-g``.
     grad: torch.Tensor
-        Gradient of the original model's target logit with respect to the activation.
+        Gradient of the target logit with respect to the activation: of the original model
+        when :attr:`frozen` is empty, else of the frozen model (the model with those
+        operations' factors held at their values at this input; ``core.frozen``).
+    frozen: tuple of str
+        The frozen operations (``nonlinear="freeze"``) on a path from this node to the
+        output. Empty: the path is exact and ``S``, ``Dg``, ``grad`` are those of the model's
+        own split pair.
     """
 
     activation: torch.Tensor
@@ -35,6 +41,12 @@ class Probe:
     S: torch.Tensor
     Dg: torch.Tensor
     grad: torch.Tensor
+    frozen: tuple[str, ...] = field(default=())
+
+    @property
+    def exact(self) -> bool:
+        """Whether the path from this node to the output is exact (nothing frozen on it)."""
+        return not self.frozen
 
     @property
     def pos(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import frozen, frozen_rules, products
 from core.absops import abs_conv, abs_linear, add_negative_part
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
@@ -176,17 +177,27 @@ def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Multiplication by a constant (scalar or tensor)."""
+    """Multiplication by a constant (``d' = c d``, ``s' = |c| s``) or of two activations
+    (the product rule of :mod:`core.products`: ``d' = d_a d_b``, ``s' = s_a s_b``)."""
     a, b = args[0], args[1]
+    if isinstance(a, Pair) and isinstance(b, Pair):
+        return products.product(a, b, torch.mul)
     if _is_const(a):
         a, b = b, a
     _static(ctx, b, "multiplication")
     return Pair(torch.mul(a.d, b), a.s * _abs(b))
 
 
-def div(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Division of a pair by a constant."""
+def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """Division by a constant; by an activation only with ``nonlinear="freeze"``: the divisor
+    is frozen, ``a / b = a * (1 / b)`` with ``1 / b`` a constant."""
     a, b = args[0], args[1]
+    if isinstance(b, Pair):
+        value = torch.div(a.d if isinstance(a, Pair) else a, b.d, **kwargs)
+        if not isinstance(a, Pair):
+            return value.detach()
+        inverse = 1 / b.d.detach()
+        return Pair(frozen.frozen_value(value, a.d, lambda t: t * inverse), a.s * inverse.abs())
     if _is_const(a):
         raise unsupported(ctx, "division by an activation", "Only division by constants is linear.")
     _static(ctx, b, "division")
@@ -199,13 +210,47 @@ def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Matrix product of a pair with a constant matrix (either side)."""
+    """Matrix product with a constant matrix (either side: ``|W|`` for ``s``) or of two
+    activations (the product rule: ``d' = d_a @ d_b``, ``s' = s_a @ s_b``)."""
     a, b = args[0], args[1]
     if isinstance(a, Pair) and isinstance(b, Pair):
-        _static(ctx, b, "matmul")
+        return products.product(a, b, torch.matmul)
     if isinstance(a, Pair):
         return Pair(torch.matmul(a.d, b), torch.matmul(a.s, ctx.weight_abs(b)))
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
+
+
+def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.einsum`` of two operands (a pair and a constant, or two pairs)."""
+    equation, operands = args[0], args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2:
+        raise unsupported(ctx, f"einsum of {len(operands)} operands", "Use two operands.")
+    a, b = (v if isinstance(v, Pair) else Pair(v, v.abs()) for v in operands)
+    return products.product(a, b, products.einsum_op(equation))
+
+
+def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``a ** n``: an integer ``n >= 1`` is a repeated product (``d' = d ** n``,
+    ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the result is a
+    constant)."""
+    b = dict(zip(["input", "exponent"], args, strict=False)) | kwargs
+    p, n = b["input"], b["exponent"]
+    _static(ctx, n, "power")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        return products.power(p, n)
+    return torch.pow(p.d, n).detach()
+
+
+def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.square()``: the product of a pair with itself."""
+    return products.power(args[0], 2)
+
+
+def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.bmm``: batched ``matmul``."""
+    return matmul(ctx, args, kwargs)
 
 
 # --------------------------------------------------------------------------- affine maps
@@ -378,6 +423,27 @@ def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.relu6``: ``relu(z) - relu(z - 6)``."""
     p = args[0] if args else kwargs["input"]
     return clamp_pair(p, 0.0, 6.0, F.relu6(p.d))
+
+
+def _hardsigmoid_pair(p: Pair) -> Pair:
+    # hardsigmoid(z) = clamp(u, 0, 1) with u = z / 6 + 1/2: d_u = d / 6 + 1/2, s_u = s / 6 + 1/2
+    u = Pair(p.d / 6 + 0.5, p.s / 6 + 0.5)
+    return clamp_pair(u, 0.0, 1.0, F.hardsigmoid(p.d))
+
+
+def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
+    p = args[0] if args else kwargs["input"]
+    return _hardsigmoid_pair(p)
+
+
+def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.hardswish`` / ``nn.Hardswish``: the product ``z * hardsigmoid(z)`` (exact,
+    :mod:`core.products`): ``d' = hardswish(d)``, ``s' = s * s_hardsigmoid``."""
+    p = args[0] if args else kwargs["input"]
+    gate = _hardsigmoid_pair(p)
+    value = frozen.frozen_value(F.hardswish(p.d), p.d, lambda t: t * F.hardsigmoid(t))
+    return Pair(value, p.s * gate.s)
 
 
 def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -604,6 +670,8 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     (nn.ReLU, relu),
     (nn.Hardtanh, hardtanh_module),  # includes nn.ReLU6
     (nn.LeakyReLU, leaky_relu_module),
+    (nn.Hardsigmoid, hardsigmoid),
+    (nn.Hardswish, hardswish),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), maxpool_module),
     ((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), adaptive_maxpool_module),
     ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -632,7 +700,9 @@ FUNCTION_RULES.update({
     operator.mul: mul, operator.imul: mul, torch.mul: mul, torch.multiply: mul,
     operator.truediv: div, operator.itruediv: div, torch.div: div, torch.true_divide: div,
     operator.neg: neg, torch.neg: neg, torch.negative: neg,
-    operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul,
+    operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul, torch.bmm: bmm,
+    torch.einsum: einsum, operator.pow: power, torch.pow: power, torch.square: square,
+    F.hardsigmoid: hardsigmoid, F.hardswish: hardswish,
     torch.cat: concat(torch.cat), torch.concat: concat(torch.cat),
     torch.concatenate: concat(torch.cat), torch.stack: concat(torch.stack),
     F.linear: functional_affine(F.linear), F.conv1d: functional_affine(F.conv1d),
@@ -670,7 +740,8 @@ METHOD_RULES.update({
     "sub": sub, "sub_": sub, "__sub__": sub, "__isub__": sub, "__rsub__": rsub,
     "mul": mul, "mul_": mul, "__mul__": mul, "__rmul__": mul, "__imul__": mul,
     "div": div, "div_": div, "__truediv__": div, "__itruediv__": div,
-    "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul,
+    "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul, "bmm": bmm,
+    "pow": power, "__pow__": power, "square": square,
     "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
     "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
     "clamp_max_": clamp_max,
@@ -686,6 +757,30 @@ QUERY_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_
 QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 
 
+# --------------------------------------------------------------------------- frozen rules
+# rule -> freeze check (see core.frozen_rules): the description of what the node freezes,
+# or None; such nodes need nonlinear="freeze"
+FREEZES: dict[Rule, Callable[[Any, set], str | None]] = {
+    div: frozen_rules.division_check, power: frozen_rules.power_check,
+}
+CONSTANT_RESULTS: set[Rule] = set()  # rules whose result is a constant (a frozen gate)
+
+
+def _frozen(entry: tuple) -> Rule:
+    rule, check, activation, constant = entry
+    FREEZES[rule] = check
+    if activation:
+        _activation(rule)
+    if constant:
+        CONSTANT_RESULTS.add(rule)
+    return rule
+
+
+MODULE_RULES += [(types, _frozen(entry)) for types, entry in frozen_rules.MODULE_RULES]
+FUNCTION_RULES.update({fn: _frozen(e) for fn, e in frozen_rules.FUNCTION_RULES.items()})
+METHOD_RULES.update({n: _frozen(e) for n, e in frozen_rules.METHOD_RULES.items()})
+
+
 def module_rule(module: nn.Module) -> Rule | None:
     """The rule of a leaf module, or None."""
     for types, rule in MODULE_RULES:
@@ -695,5 +790,17 @@ def module_rule(module: nn.Module) -> Rule | None:
 
 
 def is_activation(rule: Rule) -> bool:
-    """Whether a rule is a ReLU-type unit (stabiliser and alpha shift apply after it)."""
+    """Whether a rule is a ReLU-type or frozen secant unit (stabiliser and alpha shift apply
+    after it)."""
     return rule in ACTIVATIONS
+
+
+def freezes(rule: Rule, node: Any, carried: set) -> str | None:
+    """What the rule freezes at ``node`` (None: exact there)."""
+    check = FREEZES.get(rule)
+    return None if check is None else check(node, carried)
+
+
+def constant_result(rule: Rule) -> bool:
+    """Whether the rule's result is a constant (a frozen gate), not a split pair."""
+    return rule in CONSTANT_RESULTS

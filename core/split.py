@@ -22,6 +22,7 @@ from core.stabilize import ScaleGrad, stabilise
 MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
 INPUT_SPLITS = ("relu", "half")
+NONLINEAR_MODES = ("error", "freeze")
 _AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -39,6 +40,7 @@ class _Step:
     merged_bias: torch.Tensor | None = None
     merged: bool = False  # a BatchNorm merged into the affine layer before it
     free: tuple[str, ...] = ()
+    frozen: str | None = None  # what nonlinear="freeze" freezes here
 
 
 def _option(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -79,6 +81,14 @@ class SplitModel:
     cache_abs_weights: bool
         Keep ``|W|`` of every affine layer between calls (more memory, less time); the cache
         is refreshed when a parameter changes.
+    nonlinear: str
+        What to do with operations that are not piecewise linear (SiLU, GELU, sigmoid and
+        softmax gates, attention, LayerNorm/GroupNorm/RMSNorm, division by an activation):
+        ``"error"`` (default) raises :class:`core.UnsupportedOperation`; ``"freeze"`` splits
+        them with their data-dependent factor frozen at the model's activation (see
+        :mod:`core.frozen`), warns and lists them in :meth:`frozen_operations`. ``g - h``
+        stays exact; the sensitivities are those of the frozen model. Products of
+        activations are split exactly in both modes (:mod:`core.products`).
     """
 
     def __init__(
@@ -91,6 +101,7 @@ class SplitModel:
         theta: float = 0.1,
         threshold: float = 10.0,
         cache_abs_weights: bool = False,
+        nonlinear: str = "error",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -98,6 +109,7 @@ class SplitModel:
         self.maxpool = _option("maxpool", maxpool, MAXPOOL_MODES)
         self.stabilizer = _option("stabilizer", stabilizer, STABILIZERS)
         self.input_split = _option("input_split", input_split, INPUT_SPLITS)
+        self.nonlinear = _option("nonlinear", nonlinear, NONLINEAR_MODES)
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta} must be in (0, 1]")
         if threshold < 0:
@@ -110,6 +122,18 @@ class SplitModel:
         self._warned_hooks = False
         self._traced = trace(model)
         self._steps = self._plan()
+        self._step_of = {s.node: s for s in self._steps}
+        self._frozen_after = self._frozen_downstream()
+        if self.frozen_operations():
+            listed = self.frozen_operations()
+            more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
+            warnings.warn(
+                f"core.split froze {len(listed)} non-piecewise-linear operation(s) of "
+                f"{type(model).__name__} at the model's activations (nonlinear='freeze'): "
+                f"{'; '.join(listed[:5])}{more}. g - h equals the model's output exactly; the "
+                "sensitivities are those of the frozen model (see sm.frozen_operations()).",
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ planning
     def _where(self, node: fx.Node) -> str:
@@ -154,10 +178,19 @@ class SplitModel:
                         else getattr(node.target, "__name__", str(node.target))
                     )
                     raise UnsupportedOperation(
-                        f"{self._where(node)}: {what} is not piecewise linear or has no exact "
-                        f"split-pair rule (smooth activations such as SiLU, GELU, Hardswish, "
-                        f"sigmoid, softmax, normalisations by activation statistics and "
-                        f"products of activations cannot be split). {fix}"
+                        f"{self._where(node)}: {what} is not piecewise linear or has no "
+                        f"split-pair rule. {fix}"
+                    )
+            frozen = None
+            if carry and rule is not None:
+                frozen = rules.freezes(rule, node, carries)
+                if frozen is not None and self.nonlinear == "error":
+                    raise UnsupportedOperation(
+                        f"{self._where(node)} is not piecewise linear: it has no exact "
+                        f"split-pair rule. core.split(model, nonlinear='freeze') splits it "
+                        f"with its data-dependent factor frozen at the model's activation "
+                        f"({frozen}); g - h stays exact, the sensitivities are those of the "
+                        "frozen model."
                     )
             if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
                 raise UnsupportedOperation(
@@ -165,14 +198,15 @@ class SplitModel:
                     "uses batch statistics, which couple the rows of a batch and are not "
                     "piecewise linear; use track_running_stats=True (a trained model)."
                 )
-            if carry:
+            if carry and not (rule is not None and rules.constant_result(rule)):
                 carries.add(node)
             activation = rule is not None and rules.is_activation(rule)
             shift_name = None
             if activation:
                 shift_name = node.target if node.op == "call_module" else node.name
             steps.append(_Step(node, rule, carry, activation, shift_name, module,
-                               self._where(node) if node.op != "output" else "output"))
+                               self._where(node) if node.op != "output" else "output",
+                               frozen=frozen))
         if self.merge_batchnorm:
             self._plan_merges(steps)
         # free environment entries after their last use
@@ -201,6 +235,29 @@ class SplitModel:
                 prev.skip_bias = True
                 step.merged = True
                 step.merged_bias = prev.module.bias
+
+    def _frozen_downstream(self) -> dict[fx.Node, tuple[str, ...]]:
+        """For every node, the frozen operations on a path from it to the output."""
+        found: dict[fx.Node, set[str]] = {}
+        for step in reversed(self._steps):
+            here: set[str] = set()
+            for user in step.node.users:
+                here |= found.get(user, set())
+                user_step = self._step_of.get(user)
+                if user_step is not None and user_step.frozen is not None:
+                    here.add(self._frozen_name(user_step))
+            found[step.node] = here
+        order = {self._frozen_name(s): i for i, s in enumerate(self._steps) if s.frozen}
+        return {n: tuple(sorted(v, key=order.get)) for n, v in found.items()}
+
+    @staticmethod
+    def _frozen_name(step: _Step) -> str:
+        return f"{step.where}: {step.frozen}"
+
+    def frozen_operations(self) -> list[str]:
+        """The operations that ``nonlinear="freeze"`` froze, in graph order, each with what
+        is frozen (empty: the split is exact everywhere)."""
+        return [self._frozen_name(s) for s in self._steps if s.frozen is not None]
 
     # ------------------------------------------------------------------ names
     def layer_names(self) -> list[str]:
@@ -351,6 +408,13 @@ class SplitModel:
             env[node.name] = value
             for name in step.free:
                 env.pop(name, None)
+        if isinstance(out, torch.Tensor):
+            raise UnsupportedOperation(
+                f"the output of {type(self.model).__name__} does not depend on its input "
+                "through the split: every path to it passes an operation frozen to a constant "
+                f"({'; '.join(self.frozen_operations()[-3:])}). Split the model without its "
+                "final gate (e.g. the logits before a softmax)."
+            )
         if not isinstance(out, Pair):
             raise UnsupportedOperation(
                 f"{type(self.model).__name__} returns {type(out).__name__}; the split needs a "
@@ -544,6 +608,7 @@ class SplitModel:
                 S=_or_zero(both[len(unique) + i], s) * 2,
                 Dg=_or_zero(both[i], d) * 2,
                 grad=_or_zero(grads[i], d),
+                frozen=self._frozen_after.get(node, ()),
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
                 where = self._first_backward_overflow(x, index, factors, tuple(extra_args))
@@ -637,6 +702,7 @@ def split(
     theta: float = 0.1,
     threshold: float = 10.0,
     cache_abs_weights: bool = False,
+    nonlinear: str = "error",
 ) -> SplitModel:
     """Split a trained piecewise-linear model into its split pair ``(g, h)``.
 
@@ -650,8 +716,9 @@ def split(
     Raises
     ------
     UnsupportedOperation
-        When the model contains an operation without an exact split rule.
+        When the model contains an operation without an exact split rule (with
+        ``nonlinear="error"``) or without any rule.
     """
     return SplitModel(model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
                       merge_batchnorm=merge_batchnorm, theta=theta, threshold=threshold,
-                      cache_abs_weights=cache_abs_weights)
+                      cache_abs_weights=cache_abs_weights, nonlinear=nonlinear)
