@@ -138,8 +138,9 @@ def always(what: str) -> Check:
 def division_check(node: fx.Node, carried: set) -> str | None:
     """A division freezes when its divisor is an activation."""
     divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    return "division by an activation: 1 / b frozen" if isinstance(divisor, fx.Node) and divisor in carried \
-        else None
+    if isinstance(divisor, fx.Node) and divisor in carried:
+        return "division by an activation: 1 / b frozen"
+    return None
 
 
 def power_check(node: fx.Node, carried: set) -> str | None:
@@ -174,18 +175,19 @@ _GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "log_softmax", "rsqrt", "rsqr
                  "sqrt_", "reciprocal", "reciprocal_", "exp", "exp_", "var", "std", "norm",
                  "erf"]
 
-# (rule, freeze check, activation: stabiliser and alpha shift after it, constant result)
+# (rule, freeze check, shift point: stabiliser and alpha shift after it, constant result);
+# every frozen operation whose result is a split pair is a shift point
 FUNCTION_RULES: dict[Any, tuple[Rule, Check, bool, bool]] = {
     fn: (secant_function(name, impl, names), SECANT, True, False)
     for fn, (name, impl, names) in _SECANT_FUNCTIONS.items()
 }
 FUNCTION_RULES.update({fn: (gate(fn), GATE, False, True) for fn in _GATE_FUNCTIONS})
 FUNCTION_RULES.update({
-    F.layer_norm: (layer_norm, NORM, False, False),
-    F.group_norm: (group_norm, NORM, False, False),
-    F.rms_norm: (rms_norm, always("1 / rms frozen"), False, False),
-    F.normalize: (normalize, always("1 / norm frozen"), False, False),
-    F.scaled_dot_product_attention: (attention, always("attention weights frozen"), False,
+    F.layer_norm: (layer_norm, NORM, True, False),
+    F.group_norm: (group_norm, NORM, True, False),
+    F.rms_norm: (rms_norm, always("1 / rms frozen"), True, False),
+    F.normalize: (normalize, always("1 / norm frozen"), True, False),
+    F.scaled_dot_product_attention: (attention, always("attention weights frozen"), True,
                                      False),
 })
 METHOD_RULES: dict[str, tuple[Rule, Check, bool, bool]] = {
@@ -197,5 +199,5 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, bool, bool]]] = [
     ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
       nn.LogSigmoid), (secant_module, SECANT, True, False)),
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, False, True)),
-    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, False, False)),
+    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, True, False)),
 ]

@@ -307,6 +307,7 @@ def functional_affine(fn: Callable[..., torch.Tensor]) -> Rule:
     """``F.linear`` / ``F.conv*`` with constant weight and bias."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        kwargs = dict(kwargs)
         p, w = args[0], args[1] if len(args) > 1 else kwargs.pop("weight")
         rest = list(args[2:])
         b = rest.pop(0) if rest else kwargs.pop("bias", None)
@@ -658,7 +659,7 @@ def _activation(rule: Rule) -> Rule:
 
 
 for _r in (relu, clamp, clamp_min, clamp_max, hardtanh, relu6, hardtanh_module, leaky_relu,
-           leaky_relu_module, threshold):
+           leaky_relu_module, threshold, hardsigmoid, hardswish):
     _activation(_r)
 
 # nn module types, checked in order with isinstance
@@ -763,6 +764,7 @@ QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_gra
 FREEZES: dict[Rule, Callable[[Any, set], str | None]] = {
     div: frozen_rules.division_check, power: frozen_rules.power_check,
 }
+
 CONSTANT_RESULTS: set[Rule] = set()  # rules whose result is a constant (a frozen gate)
 
 
