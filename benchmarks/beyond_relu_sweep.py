@@ -19,6 +19,7 @@ subprocess, so that a crash costs that family only)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import signal
@@ -29,6 +30,7 @@ import warnings
 from pathlib import Path
 
 TOLERANCE = 1e-5
+MAX_PARAMETERS = 100_000_000  # families whose smallest model is larger are not built
 _SMALL = ("test", "atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "mini", "lite",
           "s", "b0", "18", "050", "100", "light", "mobile")
 
@@ -58,8 +60,8 @@ def _candidates(names: list[str], k: int = 6) -> list[str]:
     return sorted(names, key=rank)[:k]
 
 
-def smallest(names: list[str]) -> str:
-    """The candidate with the fewest parameters (built on the meta device)."""
+def smallest(names: list[str]) -> tuple[str, int | None]:
+    """The candidate with the fewest parameters (built on the meta device) and its count."""
     import timm
     import torch
 
@@ -74,7 +76,7 @@ def smallest(names: list[str]) -> str:
             continue
         if best_count is None or count < best_count:
             best, best_count = name, count
-    return best or _candidates(names)[0]
+    return (best, best_count) if best else (_candidates(names)[0], None)
 
 
 def build(name: str, size: int = 64):
@@ -227,11 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     for family in wanted:
         if family in done:
             continue
-        name = smallest(table[family])
-        if args.isolate:
+        name, count = smallest(table[family])
+        if count is not None and count > MAX_PARAMETERS:
+            row = {"family": family, "model": name, "runs": False, "ok": False,
+                   "error": f"smallest model has {count / 1e6:.0f} M parameters (more than "
+                            f"{MAX_PARAMETERS / 1e6:.0f} M: not built on CPU)"}
+        elif args.isolate:
             row = _in_subprocess(family, name, args.timeout)
         else:
             row = _with_alarm(family, name, args.timeout)
+        gc.collect()
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{family:18s} {name:40s} ok={row.get('ok')} {row.get('error', '')[:120]}",

@@ -91,7 +91,7 @@ def _at_zero(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     with torch.enable_grad():
         y = fn(z)
         (dy,) = torch.autograd.grad(y, z)
-    return float(y), float(dy)
+    return float(y.detach()), float(dy)
 
 
 _CLOSED_SLOPES: dict[str, Callable[..., torch.Tensor]] = {

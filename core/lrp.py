@@ -70,6 +70,9 @@ def _structural_rules() -> set:
 
 
 _STRUCTURAL = _structural_rules()
+# products of two activations: the epsilon rule hands each factor the product's full
+# relevance, so it is shared evenly (1/2 per factor, 1/n per factor of a ** n)
+_PRODUCTS = {rules.mul, rules.matmul, rules.bmm, rules.einsum, rules.power, rules.square}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,14 @@ def _kind(split: SplitModel, step: Any, activation_rule: str, residual: str,
         return "epsilon" if isinstance(step.module, _AVERAGING_MODULES) else "structural"
     if rule in _STRUCTURAL:
         return "structural"
+    if rule in _PRODUCTS:
+        factors = [a for a in step.node.args if isinstance(records.get(a), Pair)]
+        if rule is rules.square:
+            return "product"
+        if rule is rules.power:
+            return "product" if isinstance(step.node.args[1], int) else "epsilon"
+        if len(factors) > 1:
+            return "product"
     return "epsilon"
 
 
@@ -276,7 +287,7 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
             if i not in rs:
                 continue
             cp, cn = rs[i]
-            if kind == "epsilon":
+            if kind in ("epsilon", "product"):
                 cp = cp / _stabilised(o.pos.detach(), epsilon)
                 cn = cn / _stabilised(o.neg.detach(), epsilon)
             tensors += [o.d, o.s]
@@ -294,9 +305,21 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
             # d = a+ - a-, s = a+ + a-: d/da+ = gd + gs, d/da- = gs - gd
             jp = gd + gs if jp is None else jp + (gd + gs)
             jn = gs - gd if jn is None else jn + (gs - gd)
-        if kind == "epsilon":
+        if kind in ("epsilon", "product"):
             jp, jn = records[n].pos * jp, records[n].neg * jn
+        if kind == "product":
+            share = 1 / _factor_count(first)
+            jp, jn = jp * share, jn * share
         _add(rel, n, (jp, jn))
+
+
+def _factor_count(step) -> int:
+    """How many factors a product step has (the exponent of ``a ** n``)."""
+    if step.rule is rules.square:
+        return 2
+    if step.rule is rules.power:
+        return int(step.node.args[1])
+    return 2
 
 
 def _zero_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

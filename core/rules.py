@@ -379,6 +379,14 @@ def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(d, add_negative_part(p.s, p.d, d))
 
 
+def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
+    = 2 s + |d|``."""
+    p = args[0] if args else kwargs["input"]
+    d = torch.abs(p.d)
+    return Pair(d, 2 * p.s + torch.abs(p.d))
+
+
 def _number(ctx: Ctx, v: Any, what: str) -> float | None:
     if v is None:
         return None
@@ -659,7 +667,7 @@ def _activation(rule: Rule) -> Rule:
 
 
 for _r in (relu, clamp, clamp_min, clamp_max, hardtanh, relu6, hardtanh_module, leaky_relu,
-           leaky_relu_module, threshold, hardsigmoid, hardswish):
+           leaky_relu_module, threshold, hardsigmoid, hardswish, absolute):
     _activation(_r)
 
 # nn module types, checked in order with isinstance
@@ -703,7 +711,8 @@ FUNCTION_RULES.update({
     operator.neg: neg, torch.neg: neg, torch.negative: neg,
     operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul, torch.bmm: bmm,
     torch.einsum: einsum, operator.pow: power, torch.pow: power, torch.square: square,
-    F.hardsigmoid: hardsigmoid, F.hardswish: hardswish,
+    F.hardsigmoid: hardsigmoid, F.hardswish: hardswish, torch.abs: absolute,
+    torch.absolute: absolute, operator.abs: absolute,
     torch.cat: concat(torch.cat), torch.concat: concat(torch.cat),
     torch.concatenate: concat(torch.cat), torch.stack: concat(torch.stack),
     F.linear: functional_affine(F.linear), F.conv1d: functional_affine(F.conv1d),
@@ -742,7 +751,7 @@ METHOD_RULES.update({
     "mul": mul, "mul_": mul, "__mul__": mul, "__rmul__": mul, "__imul__": mul,
     "div": div, "div_": div, "__truediv__": div, "__itruediv__": div,
     "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul, "bmm": bmm,
-    "pow": power, "__pow__": power, "square": square,
+    "pow": power, "__pow__": power, "square": square, "abs": absolute, "__abs__": absolute,
     "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
     "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
     "clamp_max_": clamp_max,
