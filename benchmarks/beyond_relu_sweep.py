@@ -160,8 +160,9 @@ def summary(rows: list[dict]) -> str:
     unknown = [r for r in rows if r.get("runs") is None]
     lines = [f"{len(ok)} of {len(ran)} timm families that run on CPU at a small input split "
              f"with nonlinear='freeze' within {TOLERANCE:g} "
-             f"({100 * len(ok) / max(1, len(ran)):.1f} %); {len(rows) - len(ran) - len(unknown)} of {len(rows)} families do not run there, "
-             f"{len(unknown)} timed out or crashed"]
+             f"({100 * len(ok) / max(1, len(ran)):.1f} %); "
+             f"{len(rows) - len(ran) - len(unknown)} of {len(rows)} families do not run "
+             f"there, {len(unknown)} timed out or crashed"]
     for r in ran:
         if not r.get("ok"):
             lines.append(f"  {r['family']:18s} {r['model']:40s} "
