@@ -77,6 +77,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         stabilizer: str = "scale",
         input_split: str = "relu",
         device_ids: list[int] | None = None,
+        nonlinear: str = "error",
     ) -> None:
         method = type(self).__name__
         check_choice("stream", stream, STREAMS)
@@ -84,6 +85,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         check_choice("maxpool", maxpool, MAXPOOL_MODES)
         check_choice("stabilizer", stabilizer, STABILIZERS)
         check_choice("input_split", input_split, INPUT_SPLITS)
+        check_choice("nonlinear", nonlinear, core.NONLINEAR_MODES)
         check_alpha(alpha)
         model = unwrap_model(forward_func, method)
         self.layer_name = layer_name(model, layer, method, allow_input=self._allow_input_layer)
@@ -99,8 +101,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.maxpool = maxpool
         self.stabilizer = stabilizer
         self.input_split = input_split
+        self.nonlinear = nonlinear
         self.split_model = core.split(
-            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split
+            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
+            nonlinear=nonlinear,
         )
         if self.layer_name != "input" and self.layer_name not in self.split_model.layer_names():
             raise ValueError(
@@ -182,6 +186,10 @@ class SplitCAM(_SplitAttribution):
         How the input is split into ``x+ - x-``.
     device_ids : list of int, optional
         Accepted for Captum compatibility; the split runs on the device of the inputs.
+    nonlinear : {"error", "freeze"}
+        ``"freeze"`` explains models with smooth units, gates, attention and normalisations
+        (:func:`core.split`); the frozen operations are listed by
+        ``self.split_model.frozen_operations()``.
     """
 
     @property
@@ -252,7 +260,7 @@ class SplitGrad(_SplitAttribution):
         The model (also accepted: its bound ``forward`` or a ``DataParallel`` wrapper).
     layer : :py:class:`torch.nn.Module`, str or None
         A submodule or its name; ``None`` (or ``"input"``) for the model input.
-    alpha, stream, sign, maxpool, stabilizer, input_split, device_ids
+    alpha, stream, sign, maxpool, stabilizer, input_split, device_ids, nonlinear
         As in :py:class:`SplitCAM`; ``sign`` picks ``pos_g``/``neg_g``/``g`` (or the ``h``
         ones), the activations are not used.
     """
@@ -271,10 +279,12 @@ class SplitGrad(_SplitAttribution):
         stabilizer: str = "scale",
         input_split: str = "relu",
         device_ids: list[int] | None = None,
+        nonlinear: str = "error",
     ) -> None:
         super().__init__(
             forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
             stabilizer=stabilizer, input_split=input_split, device_ids=device_ids,
+            nonlinear=nonlinear,
         )
 
     @property

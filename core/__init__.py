@@ -1,4 +1,5 @@
-"""splitxai core: the exact DC decomposition ``f = g - h`` of piecewise-linear models.
+"""splitxai core: the exact DC decomposition ``f = g - h`` of piecewise-linear models
+(products of activations included; smooth operations frozen with ``nonlinear="freeze"``).
 
 >>> import core
 >>> sm = core.split(model)
@@ -9,7 +10,7 @@
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.pair import Pair
 from core.probes import Probe
-from core.split import SplitModel, split
+from core.split import NONLINEAR_MODES, SplitModel, split
 
 
 def __getattr__(name: str):
@@ -21,4 +22,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'core' has no attribute {name!r}")
 
 
-__all__ = ["Pair", "Probe", "SplitModel", "SplitOverflowError", "UnsupportedOperation", "split"]
+__all__ = ["NONLINEAR_MODES", "Pair", "Probe", "SplitModel", "SplitOverflowError",
+           "UnsupportedOperation", "split"]

@@ -173,6 +173,11 @@ class SplitLRP(Composite):
         How a sum of two activations (a residual add) shares relevance: ``"even"`` (default,
         the paper: half to each branch) or ``"proportional"`` (by the branches'
         contributions).
+    nonlinear: str, optional
+        ``"error"`` (default) or ``"freeze"``: split smooth units, gates, attention and
+        normalisations with their factors frozen (:func:`core.split`); kept as
+        :py:attr:`nonlinear`. A product of two activations shares its relevance evenly
+        between the factors.
 
     Attributes
     ----------
@@ -200,8 +205,10 @@ class SplitLRP(Composite):
         input_split: str = "relu",
         activation_rule: str = "pass",
         residual: str = "even",
+        nonlinear: str = "error",
     ) -> None:
         _check_choice("stream", stream, STREAMS)
+        _check_choice("nonlinear", nonlinear, core.NONLINEAR_MODES)
         _check_choice("residual", residual, ("even", "proportional"))
         _check_choice("maxpool", maxpool, MAXPOOL_MODES)
         _check_choice("stabilizer", stabilizer, STABILIZERS)
@@ -225,6 +232,7 @@ class SplitLRP(Composite):
         self.input_split = input_split
         self.activation_rule = activation_rule
         self.residual = residual
+        self.nonlinear = nonlinear
         self.relevance: dict[str, Any] = {}
         self._split_cache: tuple[nn.Module, Any] | None = None
 
@@ -291,6 +299,7 @@ class SplitLRP(Composite):
                 stabilizer=self.stabilizer,
                 input_split=self.input_split,
                 merge_batchnorm=True,
+                nonlinear=self.nonlinear,
             )
             self._split_cache = (module, split_model)
         layers = tuple(name for name in self.layers if name not in ("", "input"))

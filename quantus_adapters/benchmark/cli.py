@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--quick: 0.4)")
     p.add_argument("--alpha", type=float, default=0.4,
                    help="alpha of SplitCAM/SplitGrad in the main comparison (default 0.4)")
+    p.add_argument("--nonlinear", choices=("error", "freeze"), default="error",
+                   help="'freeze': the Split methods split smooth units, gates, attention and "
+                        "normalisations with their factors frozen (core.split's option; "
+                        "recorded in the report); default 'error'")
     p.add_argument("--out", default="splitxai-benchmark", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
@@ -119,6 +123,12 @@ def _specs(args, available: dict, image_size: int, channels: int, notes: list[st
 
     specs = default_methods(alpha=args.alpha, quick=args.quick, image_size=image_size,
                             channels=channels)
+    if args.nonlinear != "error":  # the Split methods split smooth operations frozen
+        for spec in specs:
+            if spec.group == "split":
+                spec.options["nonlinear"] = args.nonlinear
+        notes.append(f"Split methods with nonlinear={args.nonlinear!r} (smooth operations "
+                     "frozen at the model's activations)")
     if args.methods:
         wanted = [m for item in args.methods for m in item.split(",") if m]
         unknown = [m for m in wanted if m not in available]
@@ -247,7 +257,8 @@ def _run(args) -> int:
         max_sens_images=args.max_sens_images or (5 if args.quick else 10),
         selectivity_patch=args.selectivity_patch,
         device=args.device, seed=args.seed, batch_size=args.batch_size)
-    extra = {"model_name": model_name, "quick": args.quick, "alpha": args.alpha}
+    extra = {"model_name": model_name, "quick": args.quick, "alpha": args.alpha,
+             "nonlinear": args.nonlinear}
     store = CellStore(out / "cells.jsonl", fingerprint(model, data, settings, extra),
                       resume=args.resume)
     if args.resume:
