@@ -175,29 +175,31 @@ _GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "log_softmax", "rsqrt", "rsqr
                  "sqrt_", "reciprocal", "reciprocal_", "exp", "exp_", "var", "std", "norm",
                  "erf"]
 
-# (rule, freeze check, shift point: stabiliser and alpha shift after it, constant result);
-# every frozen operation whose result is a split pair is a shift point
-FUNCTION_RULES: dict[Any, tuple[Rule, Check, bool, bool]] = {
-    fn: (secant_function(name, impl, names), SECANT, True, False)
+# (rule, freeze check, shift point, constant result). Shift point (stabiliser and alpha shift
+# after it): "unit" for elementwise units (SplitLRP passes relevance through them, as through
+# ReLU), "mixing" for normalisations and attention (SplitLRP's epsilon rule), "" for none.
+# Every frozen operation whose result is a split pair is a shift point.
+FUNCTION_RULES: dict[Any, tuple[Rule, Check, str, bool]] = {
+    fn: (secant_function(name, impl, names), SECANT, "unit", False)
     for fn, (name, impl, names) in _SECANT_FUNCTIONS.items()
 }
-FUNCTION_RULES.update({fn: (gate(fn), GATE, False, True) for fn in _GATE_FUNCTIONS})
+FUNCTION_RULES.update({fn: (gate(fn), GATE, "", True) for fn in _GATE_FUNCTIONS})
 FUNCTION_RULES.update({
-    F.layer_norm: (layer_norm, NORM, True, False),
-    F.group_norm: (group_norm, NORM, True, False),
-    F.rms_norm: (rms_norm, always("1 / rms frozen"), True, False),
-    F.normalize: (normalize, always("1 / norm frozen"), True, False),
-    F.scaled_dot_product_attention: (attention, always("attention weights frozen"), True,
-                                     False),
+    F.layer_norm: (layer_norm, NORM, "mixing", False),
+    F.group_norm: (group_norm, NORM, "mixing", False),
+    F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
+    F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
+    F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
+                                     "mixing", False),
 })
-METHOD_RULES: dict[str, tuple[Rule, Check, bool, bool]] = {
-    "tanh": (secant_function("tanh", torch.tanh, []), SECANT, True, False),
+METHOD_RULES: dict[str, tuple[Rule, Check, str, bool]] = {
+    "tanh": (secant_function("tanh", torch.tanh, []), SECANT, "unit", False),
 }
-METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, False, True)
+METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, "", True)
                      for n in _GATE_METHODS})
-MODULE_RULES: list[tuple[Any, tuple[Rule, Check, bool, bool]]] = [
+MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
-      nn.LogSigmoid), (secant_module, SECANT, True, False)),
-    ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, False, True)),
-    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, True, False)),
+      nn.LogSigmoid), (secant_module, SECANT, "unit", False)),
+    ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
+    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
 ]

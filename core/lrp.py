@@ -114,7 +114,7 @@ def _kind(split: SplitModel, step: Any, activation_rule: str, residual: str,
         pairs = [n for n in step.node.all_input_nodes if isinstance(records.get(n), Pair)]
         if len(pairs) > 1:
             return "even"
-    if step.activation:
+    if step.activation and not rules.mixes(rule):
         return "relu-wta" if (activation_rule == "wta" and rule is rules.relu) else "pass"
     if rule in _MAXPOOL_RULES:
         return "structural" if split.maxpool == "wta" else "epsilon"

@@ -775,13 +775,16 @@ FREEZES: dict[Rule, Callable[[Any, set], str | None]] = {
 }
 
 CONSTANT_RESULTS: set[Rule] = set()  # rules whose result is a constant (a frozen gate)
+MIXING_SHIFT_POINTS: set[Rule] = set()  # shift points that mix neurons (norms, attention)
 
 
 def _frozen(entry: tuple) -> Rule:
-    rule, check, activation, constant = entry
+    rule, check, shift, constant = entry
     FREEZES[rule] = check
-    if activation:
+    if shift:
         _activation(rule)
+    if shift == "mixing":
+        MIXING_SHIFT_POINTS.add(rule)
     if constant:
         CONSTANT_RESULTS.add(rule)
     return rule
@@ -804,6 +807,12 @@ def is_activation(rule: Rule) -> bool:
     """Whether a rule is a ReLU-type or frozen secant unit (stabiliser and alpha shift apply
     after it)."""
     return rule in ACTIVATIONS
+
+
+def mixes(rule: Rule) -> bool:
+    """Whether a shift point mixes neurons (a frozen normalisation or attention), so that
+    SplitLRP applies its epsilon rule there instead of passing relevance through."""
+    return rule in MIXING_SHIFT_POINTS
 
 
 def freezes(rule: Rule, node: Any, carried: set) -> str | None:
