@@ -243,6 +243,18 @@ def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return torch.pow(p.d, n).detach()
 
 
+def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.addcmul(x, a, b, value=v) = x + v * a * b``: a sum with the product rule,
+    ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``)."""
+    b = dict(zip(["input", "tensor1", "tensor2"], args, strict=False)) | kwargs
+    value = b.get("value", 1)
+    _static(ctx, value, "addcmul")
+    x, a, c = (v if isinstance(v, Pair) else lift(v) for v in
+               (b["input"], b["tensor1"], b["tensor2"]))
+    return Pair(torch.addcmul(x.d, a.d, c.d, value=value),
+                torch.addcmul(x.s, a.s, c.s, value=abs(value)))
+
+
 def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.square()``: the product of a pair with itself."""
     return products.power(args[0], 2)
@@ -710,7 +722,8 @@ FUNCTION_RULES.update({
     operator.truediv: div, operator.itruediv: div, torch.div: div, torch.true_divide: div,
     operator.neg: neg, torch.neg: neg, torch.negative: neg,
     operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul, torch.bmm: bmm,
-    torch.einsum: einsum, operator.pow: power, torch.pow: power, torch.square: square,
+    torch.einsum: einsum, torch.addcmul: addcmul, operator.pow: power, torch.pow: power,
+    torch.square: square,
     F.hardsigmoid: hardsigmoid, F.hardswish: hardswish, torch.abs: absolute,
     torch.absolute: absolute, operator.abs: absolute,
     torch.cat: concat(torch.cat), torch.concat: concat(torch.cat),
@@ -751,7 +764,8 @@ METHOD_RULES.update({
     "mul": mul, "mul_": mul, "__mul__": mul, "__rmul__": mul, "__imul__": mul,
     "div": div, "div_": div, "__truediv__": div, "__itruediv__": div,
     "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul, "bmm": bmm,
-    "pow": power, "__pow__": power, "square": square, "abs": absolute, "__abs__": absolute,
+    "pow": power, "__pow__": power, "square": square, "addcmul": addcmul, "abs": absolute,
+    "__abs__": absolute,
     "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
     "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
     "clamp_max_": clamp_max,

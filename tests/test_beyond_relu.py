@@ -337,3 +337,25 @@ def test_hardswish_and_hardsigmoid_are_exact_without_freeze():
     (grad,) = torch.autograd.grad(model(xt)[:, 1].sum(), xt)
     torch.testing.assert_close(p.grad, grad)  # exact: the true gradient
     assert (p.pos_g >= -1e-12).all() and (p.neg_g >= -1e-12).all()
+
+
+def test_addcmul_and_abs_are_exact():
+    torch.manual_seed(7)
+
+    class Grn(nn.Module):  # ConvNeXt-V2's global response normalisation, by hand
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.gamma = nn.Parameter(torch.randn(6))
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return self.out(torch.addcmul(z, self.gamma, z * F.relu(z), value=-0.5) + z.abs())
+
+    model = Grn().double().eval()
+    sm = core.split(model, stabilizer="none")
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.testing.assert_close(sm(x)[0] - sm(x)[1], model(x), rtol=0, atol=1e-12)
+    p = sm.sensitivities(x, 0, ["input"], alpha=0.0)["input"]
+    assert p.exact and (p.pos_g >= -1e-12).all() and (p.neg_g >= -1e-12).all()
