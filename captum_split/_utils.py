@@ -152,25 +152,27 @@ def last_conv_name(model: nn.Module, method: str) -> str:
     return convs[-1]
 
 
-def single_input(inputs: Tensor | tuple[Tensor, ...], method: str) -> tuple[Tensor, bool]:
-    """Return the one input tensor and whether it was given as a tuple."""
+def single_input(inputs: Tensor | tuple[Tensor, ...],
+                 method: str) -> tuple[Tensor | tuple[Tensor, ...], bool]:
+    """Return the input tensor (a tuple of them for several inputs, each split) and whether
+    it was given as a tuple."""
     is_tuple = isinstance(inputs, tuple)
     items = inputs if is_tuple else (inputs,)
-    if len(items) != 1 or not isinstance(items[0], Tensor):
+    if not items or not all(isinstance(t, Tensor) for t in items):
         raise ValueError(
-            f"{method} explains models with one input tensor; got "
-            f"{len(items) if is_tuple else type(inputs).__name__} inputs. Pass further model "
-            "arguments through additional_forward_args."
+            f"{method} explains tensor inputs; got "
+            f"{[type(t).__name__ for t in items] if is_tuple else type(inputs).__name__}. Pass "
+            "further (non-tensor) model arguments through additional_forward_args."
         )
-    x = items[0]
-    if not x.is_floating_point():
-        raise TypeError(f"{method}: inputs must be a floating-point tensor; got {x.dtype}.")
-    if x.dim() < 2:
-        raise ValueError(
-            f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got shape "
-            f"{tuple(x.shape)}."
-        )
-    return x, is_tuple
+    for x in items:
+        if not x.is_floating_point():
+            raise TypeError(f"{method}: inputs must be floating-point tensors; got {x.dtype}.")
+        if x.dim() < 2:
+            raise ValueError(
+                f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got "
+                f"shape {tuple(x.shape)}."
+            )
+    return (items[0] if len(items) == 1 else tuple(items)), is_tuple
 
 
 def format_additional_args(additional_forward_args: Any) -> tuple[Any, ...]:

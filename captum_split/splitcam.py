@@ -106,12 +106,14 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
             model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
             nonlinear=nonlinear,
         )
-        if self.layer_name != "input" and self.layer_name not in self.split_model.layer_names():
+        static = self.split_model.capture.symbolic is not None  # else names need an input
+        if (static and self.layer_name != "input"
+                and self.layer_name not in self.split_model.layer_names()):
             raise ValueError(
                 f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
-        if isinstance(alpha, dict):
+        if isinstance(alpha, dict) and static:
             points = set(self.split_model.shift_points()) | {"default"}
             unknown = sorted(set(alpha) - points)
             if unknown:
@@ -131,7 +133,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
         x, is_tuple = single_input(inputs, method)
-        t = format_target(target, x.shape[0], method)
+        first = x[0] if isinstance(x, tuple) else x
+        t = format_target(target, first.shape[0], method)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":
@@ -142,9 +145,15 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         extra = format_additional_args(additional_forward_args)
         with torch.enable_grad():
             probes = self.split_model.sensitivities(
-                x.detach(), t, layers=[name], alpha=self.alpha, extra_args=extra
+                tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
+                layers=[name], alpha=self.alpha, extra_args=extra
             )
         probe = probes[name]
+        if isinstance(probe, tuple):  # several inputs, or a layer with a tuple output
+            sens = tuple(getattr(p, _SENSITIVITY[(self.stream, self.sign)]).detach()
+                         for p in probe)
+            act = tuple(getattr(p, _ACTIVATION[self.sign]).detach() for p in probe)
+            return sens, act, True
         sens = getattr(probe, _SENSITIVITY[(self.stream, self.sign)]).detach()
         act = getattr(probe, _ACTIVATION[self.sign]).detach()
         return sens, act, is_tuple
@@ -237,12 +246,17 @@ class SplitCAM(_SplitAttribution):
         sens, act, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input
         )
-        cam = sens * act
-        if attr_dim_summation:
-            cam = cam.sum(dim=1, keepdim=True)
-        if relu_attributions:
-            cam = torch.relu(cam)
-        return (cam,) if is_tuple else cam
+        sens_t = sens if isinstance(sens, tuple) else (sens,)
+        act_t = act if isinstance(act, tuple) else (act,)
+        cams = []
+        for s, a in zip(sens_t, act_t, strict=True):
+            cam = s * a
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            if relu_attributions:
+                cam = torch.relu(cam)
+            cams.append(cam)
+        return tuple(cams) if is_tuple else cams[0]
 
 
 class SplitGrad(_SplitAttribution):
@@ -327,8 +341,9 @@ class SplitGrad(_SplitAttribution):
         sens, _, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input
         )
-        if self.layer_name != "input":
-            sens = sens.mean(dim=1, keepdim=True)
-        if abs:
-            sens = sens.abs()
-        return (sens,) if is_tuple else sens
+        out = []
+        for s in sens if isinstance(sens, tuple) else (sens,):
+            if self.layer_name != "input":
+                s = s.mean(dim=1, keepdim=True)
+            out.append(s.abs() if abs else s)
+        return tuple(out) if is_tuple else out[0]

@@ -8,6 +8,7 @@
 """
 
 from core.errors import SplitOverflowError, UnsupportedOperation
+from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
 from core.split import NONLINEAR_MODES, SplitModel, split
@@ -22,5 +23,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'core' has no attribute {name!r}")
 
 
-__all__ = ["NONLINEAR_MODES", "Pair", "Probe", "SplitModel", "SplitOverflowError",
-           "UnsupportedOperation", "split"]
+__all__ = [
+    "NONLINEAR_MODES", "Pair", "Probe", "SplitModel", "SplitOverflowError",
+    "UnsupportedOperation", "eval_semantics", "split",
+]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from core import rules
 from core.errors import UnsupportedOperation
-from core.rules import QUERY_ATTRIBUTES, QUERY_METHODS
 
 
 class _InPlaceProxy(fx.Proxy):
@@ -18,7 +20,7 @@ class _InPlaceProxy(fx.Proxy):
 
     ``fx.Proxy`` has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
     loses that the tensor which ``x`` named was written to (another name for it still sees
-    the write in eager mode). :func:`_resolve_inplace` restores that aliasing.
+    the write in eager mode). :func:`resolve_inplace` restores that aliasing.
     """
 
     def __iadd__(self, other):
@@ -44,7 +46,7 @@ class _SplitTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.outputs: dict[str, fx.Node] = {}
+        self.outputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
         self.inputs: dict[str, fx.Node] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
@@ -60,6 +62,9 @@ class _SplitTracer(fx.Tracer):
         result = m.forward(*args, **kwargs)  # no user hooks while tracing
         if isinstance(result, fx.Proxy):
             self.outputs[name] = result.node
+        elif isinstance(result, tuple) and result and all(isinstance(r, fx.Proxy)
+                                                          for r in result):
+            self.outputs[name] = tuple(r.node for r in result)
         return result
 
 
@@ -108,17 +113,14 @@ def _scalar_nodes(graph: fx.Graph) -> set[fx.Node]:
     scalars: set[fx.Node] = set()
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        if (node.op == "call_method" and node.target in QUERY_METHODS) or (
-            node.op == "call_function" and node.target is getattr
-            and node.args[1] in QUERY_ATTRIBUTES
-        ):
+        if rules.is_query(node.op, node.target, node.args):
             scalars.add(node)
         elif node.op == "call_function" and inputs and all(i in scalars for i in inputs):
             scalars.add(node)
     return scalars
 
 
-def _resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
+def resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
     """Give in-place ops their eager semantics in the graph.
 
     torch.fx records ``x.add_(y)`` as a node, but later uses of ``x`` still refer to the node
@@ -156,6 +158,10 @@ def _resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
             target.replace_all_uses_with(node, delete_user_cb=lambda u, later=later: u in later)
 
 
+class TraceFailure(UnsupportedOperation):
+    """torch.fx could not trace the forward symbolically (the split then records it)."""
+
+
 @dataclass
 class TracedModel:
     """The traced graph of a model and the map from module names to graph nodes."""
@@ -166,13 +172,15 @@ class TracedModel:
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
 
 
-def trace(model: nn.Module) -> TracedModel:
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> TracedModel:
     """Trace ``model`` symbolically.
 
     Parameters
     ----------
     model: torch.nn.Module
         The model; it is not modified.
+    concrete_args: dict, optional
+        Forward arguments fixed to these values (torch.fx's ``concrete_args``).
 
     Returns
     -------
@@ -186,16 +194,15 @@ def trace(model: nn.Module) -> TracedModel:
     """
     tracer = _SplitTracer()
     try:
-        graph = tracer.trace(model)
+        # torch.fx runs Python code on real buffers (``self.calls += 1``): trace a copy of the
+        # module tree that shares the parameters and owns copies of the buffers
+        twin = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+        graph = tracer.trace(twin, concrete_args=concrete_args or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ...
-        raise UnsupportedOperation(
-            f"could not trace {type(model).__name__} with torch.fx: {err}. The split needs a "
-            "static graph: data-dependent control flow (an `if`/loop on tensor values), "
-            "tensor-valued indexing by other activations and non-torch code on activations are "
-            "not supported. Move such logic out of the forward or make the branch a "
-            "constructor argument."
+        raise TraceFailure(
+            f"could not trace {type(model).__name__} with torch.fx: {type(err).__name__}: {err}"
         ) from err
-    _resolve_inplace(graph, model)
+    resolve_inplace(graph, model)
     nodes = list(graph.nodes)
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node] = {}
@@ -209,8 +216,6 @@ def trace(model: nn.Module) -> TracedModel:
         outputs.setdefault(name, node)
     for name, node in tracer.inputs.items():
         inputs.setdefault(name, node)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if not placeholders:
+    if not any(n.op == "placeholder" for n in nodes):
         raise UnsupportedOperation(f"{type(model).__name__}.forward takes no tensor input")
-    outputs[""] = outputs["input"] = placeholders[0]
     return TracedModel(graph, nodes, outputs, inputs)

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from core import rules
+from core.errors import SplitOverflowError
+from core.interpreter import SplitInterpreter, Step
 from core.pair import Pair
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,39 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ACTIVATION_RULES = ("pass", "wta")
 RESIDUAL_RULES = ("even", "proportional")
-_SUMS = {rules.add, rules.sub, rules.rsub}
-_AVERAGING_FUNCTIONS = {
-    torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-}
-_AVERAGING_MODULES = (
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.Upsample,
-)
-_MAXPOOL_RULES = {
-    rules.maxpool_module, rules.adaptive_maxpool_module,
-    *(r for f, r in rules.FUNCTION_RULES.items() if "max_pool" in getattr(f, "__name__", "")),
-}
-
-
-def _structural_rules() -> set:
-    found = {rules.getitem, rules.getattr_rule, rules.identity, rules.neg, rules.pad_function,
-             rules.constant_pad_module}
-    for fn, rule in rules.FUNCTION_RULES.items():
-        if fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
-            found.add(rule)
-        elif fn in rules._SAME_FUNCTIONS and fn not in _AVERAGING_FUNCTIONS:
-            found.add(rule)
-    for name, rule in rules.METHOD_RULES.items():
-        if name in rules._SAME_METHODS and name.rstrip("_") not in ("mean", "sum"):
-            found.add(rule)
-    return found
-
-
-_STRUCTURAL = _structural_rules()
-# products of two activations: the epsilon rule hands each factor the product's full
-# relevance, so it is shared evenly (1/2 per factor, 1/n per factor of a ** n)
-_PRODUCTS = {rules.mul, rules.matmul, rules.bmm, rules.einsum, rules.power, rules.square}
 
 
 @dataclass(frozen=True)
@@ -107,30 +73,39 @@ def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return z + epsilon * sign
 
 
-def _kind(split: SplitModel, step: Any, activation_rule: str, residual: str,
+def _kind(split: SplitModel, step: Step, activation_rule: str, residual: str,
           records: dict) -> str:
+    """How relevance passes through a step, read off its rule's metadata."""
     rule = step.rule
-    if rule in _SUMS and residual == "even":
+    if rule.lrp == "sum" and residual == "even":
         pairs = [n for n in step.node.all_input_nodes if isinstance(records.get(n), Pair)]
         if len(pairs) > 1:
             return "even"
-    if step.activation and not rules.mixes(rule):
-        return "relu-wta" if (activation_rule == "wta" and rule is rules.relu) else "pass"
-    if rule in _MAXPOOL_RULES:
+    if rule.lrp == "activation":
+        return "relu-wta" if (activation_rule == "wta" and rule.relu) else "pass"
+    if rule.lrp == "maxpool":
         return "structural" if split.maxpool == "wta" else "epsilon"
-    if rule is rules.module_forward:
-        return "epsilon" if isinstance(step.module, _AVERAGING_MODULES) else "structural"
-    if rule in _STRUCTURAL:
+    if rule.structural:
         return "structural"
-    if rule in _PRODUCTS:
-        factors = [a for a in step.node.args if isinstance(records.get(a), Pair)]
-        if rule is rules.square:
-            return "product"
-        if rule is rules.power:
-            return "product" if isinstance(step.node.args[1], int) else "epsilon"
-        if len(factors) > 1:
-            return "product"
+    if rule.lrp == "product":
+        # a product of two activations: the epsilon rule through the four products hands
+        # each factor the full relevance, so it is shared evenly (1/n for a ** n)
+        operands = [v for a in step.node.args
+                    for v in (a if isinstance(a, (list, tuple)) else [a])]
+        pairs = sum(isinstance(records.get(v), Pair) for v in operands
+                    if isinstance(v, fx.Node))
+        return "product" if _exponent(step) is not None or pairs > 1 else "epsilon"
     return "epsilon"
+
+
+def _exponent(step: Step) -> int | None:
+    """The exponent of an ``a ** n`` / ``a.square()`` step (None for other products)."""
+    if step.rule.name == "square":
+        return 2
+    if step.rule.name == "power" and len(step.node.args) > 1:
+        n = step.node.args[1]
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+    return None
 
 
 def relevance(
@@ -142,6 +117,7 @@ def relevance(
     activation_rule: str = "pass",
     residual: str = "even",
     extra_args: tuple = (),
+    kwargs: dict | None = None,
 ) -> dict[str, Relevance]:
     """SplitLRP relevance at the input and at the requested layers.
 
@@ -177,23 +153,25 @@ def relevance(
         raise ValueError(f"residual={residual!r} is not one of {RESIDUAL_RULES}")
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon} must be >= 0")
-    x = split._check_input(x)
-    wanted = {"input": split._node_of("input")}
-    wanted.update({layer: split._node_of(layer) for layer in layers})
+    call = split.prepare(x, extra_args, kwargs)
+    interp = call.interpreter
+    wanted = {"input": call.node_of("input")}
+    wanted.update({layer: call.node_of(layer) for layer in layers})
+    if any(isinstance(n, tuple) for n in wanted.values()):
+        raise ValueError("SplitLRP reports one node per name: name the elements of a tuple "
+                         "('input:1', 'NAME:0') instead")
     with torch.no_grad():
-        out, records = split._run(*split._initial(x), tuple(extra_args), record_all=True)
+        out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
     if not isinstance(seed, torch.Tensor) or seed.shape != out.d.shape:
         got = tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__
         raise ValueError(f"seed must be a tensor shaped like the output {tuple(out.d.shape)}, "
                          f"got {got}")
     seed = seed.to(dtype=out.d.dtype, device=out.d.device)
-    steps = split._steps
-    output_node = next(s.node for s in steps if s.node.op == "output").args[0]
-    if not isinstance(output_node, fx.Node):
-        raise ValueError("the model's output is not a single tensor")
+    steps = list(interp.steps.values())
+    output_node = interp.output_node.args[0]
     rel: dict[fx.Node, Any] = {output_node: (seed, torch.zeros_like(seed))}
     found: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-    by_node = {s.node: s for s in steps}
+    by_node = interp.steps
     merged_into: dict[fx.Node, fx.Node] = {}  # affine node -> BatchNorm node merged into it
     for step in steps:
         if step.merged:
@@ -205,12 +183,19 @@ def relevance(
         if node not in rel or node.op in ("output", "placeholder", "get_attr"):
             continue
         r = rel.pop(node)
+        if not isinstance(r, dict) and not (torch.isfinite(r[0]).all()
+                                            and torch.isfinite(r[1]).all()):
+            raise SplitOverflowError(
+                f"SplitLRP relevance overflowed {seed.dtype} at {call.describe(node)} (counting "
+                "from the output): the relevance ratios of eq. 9 grow past the float range. "
+                "Use float64 (model.double() on a copy and x.double()) or a larger epsilon."
+            )
         if node in targets:
             found[node] = r
         if step.rule is None or not isinstance(records.get(node), (Pair, tuple, list)):
             continue
         source = node.args[0] if node.args else None
-        if step.rule is rules.getitem and isinstance(records.get(source), (tuple, list)):
+        if step.rule.lrp == "index" and isinstance(records.get(source), (tuple, list)):
             parts = rel.setdefault(source, {})  # relevance of one element of a tuple of pairs
             index = node.args[1]
             parts[index] = r if index not in parts else (parts[index][0] + r[0],
@@ -218,9 +203,9 @@ def relevance(
             continue
         if node in merged_into.values():
             src = by_node[node.args[0]]
-            _propagate(split, [src, step], r, records, rel, epsilon, "epsilon")
+            _propagate(interp, [src, step], r, records, rel, epsilon, "epsilon")
         else:
-            _propagate(split, [step], r, records, rel, epsilon,
+            _propagate(interp, [step], r, records, rel, epsilon,
                        _kind(split, step, activation_rule, residual, records))
     for node in targets:
         if node in merged_into and merged_into[node] in found:
@@ -245,13 +230,8 @@ def _args_with(node: fx.Node, records: dict, variables: dict) -> tuple[tuple, di
     return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
 
 
-def _run_rule(split: SplitModel, step: Any, args: tuple, kwargs: dict) -> Any:
-    ctx = rules.Ctx(split.maxpool, step.where, step.module, step.skip_bias, step.merged_bias,
-                    split._weight_abs, split._abs_cache is not None)
-    return step.rule(ctx, args, kwargs)
-
-
-def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
+def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, epsilon,
+               kind) -> None:
     """Send the relevance ``r`` of the last step of ``chain`` to the first step's inputs.
 
     The vector-Jacobian products are taken per stream (the coefficients of ``z+`` and of
@@ -276,10 +256,10 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
         variables = {n: Pair(records[n].d.detach().requires_grad_(True),
                              records[n].s.detach().requires_grad_(True)) for n in inputs}
         args, kwargs = _args_with(first.node, records, variables)
-        out = _run_rule(split, first, args, kwargs)
+        out = interp.run_rule(first, args, kwargs)
         for later in chain[1:]:
             rest = tuple(later.node.args[1:])
-            out = _run_rule(split, later, (out,) + rest, dict(later.node.kwargs))
+            out = interp.run_rule(later, (out,) + rest, dict(later.node.kwargs))
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         rs = r if isinstance(r, dict) else {0: r}
         tensors, coef_pos, coef_neg = [], [], []
@@ -308,18 +288,9 @@ def _propagate(split, chain, r, records, rel, epsilon, kind) -> None:
         if kind in ("epsilon", "product"):
             jp, jn = records[n].pos * jp, records[n].neg * jn
         if kind == "product":
-            share = 1 / _factor_count(first)
+            share = 1 / (_exponent(first) or 2)
             jp, jn = jp * share, jn * share
         _add(rel, n, (jp, jn))
-
-
-def _factor_count(step) -> int:
-    """How many factors a product step has (the exponent of ``a ** n``)."""
-    if step.rule is rules.square:
-        return 2
-    if step.rule is rules.power:
-        return int(step.node.args[1])
-    return 2
 
 
 def _zero_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -332,11 +303,11 @@ def _even(step, r, records, rel) -> None:
     node = step.node
     alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
     positive = alpha >= 0
-    signs = {  # is each operand added with a positive coefficient?
-        rules.add: (True, positive),
-        rules.sub: (True, not positive),
-        rules.rsub: (not positive, True),
-    }[step.rule]
+    # alpha multiplies the subtracted operand of a - b and b - a, the second one of a + b
+    signs = list(step.rule.signs)
+    scaled = signs.index(-1) if -1 in signs else 1
+    signs[scaled] *= 1 if positive else -1
+    signs = [sign > 0 for sign in signs]  # is each operand added with a positive coefficient?
     rp, rn = r
     for src, plus in zip(node.args[:2], signs, strict=True):
         _add(rel, src, (rp / 2, rn / 2) if plus else (rn / 2, rp / 2))

@@ -1,16 +1,17 @@
-"""Forward rules of the split pair in sum/difference form (DESIGN.md section 2).
+"""Forward rules of the split pair in sum/difference form (the paper's section 3, eqs. 14-20).
 
 Every rule maps the split pairs of a node's inputs to the split pair of its output. ``d`` is
 always computed by the model's own (out-of-place) operation, so ``g - h`` reproduces the
 model; ``s`` follows the rule of the operation. A rule has the signature
-``rule(ctx, args, kwargs) -> value``.
+``rule(ctx, args, kwargs) -> value`` and is registered, with its metadata (what SplitLRP
+does with it, whether it is a ReLU-type unit and shift point), in the rule table of
+:mod:`core.registry` -- see there for how to add an operation: one decorated function here.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,26 +22,11 @@ from core import frozen, frozen_rules, products
 from core.absops import abs_conv, abs_linear, add_negative_part
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
+from core.registry import TABLE, Ctx, Rule, register, unsupported
 
-Rule = Callable[["Ctx", tuple, dict], Any]
+__all__ = ["TABLE", "Ctx", "Rule", "register", "unsupported", "lookup", "is_query"]
 
-
-@dataclass
-class Ctx:
-    """What a rule may need besides its arguments."""
-
-    maxpool: str
-    where: str
-    module: nn.Module | None = None
-    skip_bias: bool = False
-    merged_bias: torch.Tensor | None = None
-    weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
-    cached_abs: bool = False  # weight_abs returns a kept |W|: use it directly
-
-
-def unsupported(ctx: Ctx, what: str, fix: str) -> UnsupportedOperation:
-    """Build the error for an operation without an exact split rule."""
-    return UnsupportedOperation(f"{ctx.where}: {what} has no exact split-pair rule. {fix}")
+RuleFn = Callable[[Ctx, tuple, dict], Any]
 
 
 def _static(ctx: Ctx, values: Any, op: str) -> None:
@@ -58,7 +44,7 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- structure
-def same(fn: Callable[..., Any]) -> Rule:
+def same(fn: Callable[..., Any]) -> RuleFn:
     """A positive linear or structural op: the same op on ``d`` and on ``s``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
@@ -75,7 +61,7 @@ def same(fn: Callable[..., Any]) -> Rule:
     return rule
 
 
-def method(name: str) -> Rule:
+def method(name: str) -> RuleFn:
     """``same`` for a tensor method; ``*_as`` arguments that are pairs use their ``d``."""
 
     def call(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -92,7 +78,7 @@ def method(name: str) -> Rule:
     return rule
 
 
-def constant_like(fn: Callable[..., Any]) -> Rule:
+def constant_like(fn: Callable[..., Any]) -> RuleFn:
     """``torch.zeros_like(x)``, ``x.new_ones(...)``...: a constant that depends on the shape
     of ``x`` only, computed from ``d``; it is not a pair (no gradient flows through it)."""
 
@@ -103,11 +89,15 @@ def constant_like(fn: Callable[..., Any]) -> Rule:
     return rule
 
 
+@register(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+          nn.FeatureAlphaDropout, nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+          F.alpha_dropout, F.feature_alpha_dropout, lrp="structural")
 def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Dropout (eval semantics) and ``nn.Identity``."""
     return args[0]
 
 
+@register(operator.getitem, lrp="index")
 def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Indexing of a pair (slicing) or of a tuple of pairs."""
     obj, index = args
@@ -117,6 +107,7 @@ def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return obj[index]
 
 
+@register(getattr, lrp="structural")
 def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``getattr(x, "shape")`` and friends; tensor-valued attributes (``x.T``) as ``same``."""
     obj, name = args[0], args[1]
@@ -126,7 +117,7 @@ def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return d
 
 
-def concat(fn: Callable[..., torch.Tensor]) -> Rule:
+def concat(fn: Callable[..., torch.Tensor]) -> RuleFn:
     """``torch.cat`` / ``torch.stack``: constants join as pairs with ``s = |c|``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -148,6 +139,8 @@ def _abs(c: Any) -> Any:
     return c.abs() if isinstance(c, torch.Tensor) else abs(c)
 
 
+@register(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__",
+          "__iadd__", lrp="sum", signs=(1, 1))
 def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a + alpha * b`` for pairs and constants."""
     a, b = args[0], args[1]
@@ -160,6 +153,8 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.add(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
 
 
+@register(operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "__sub__",
+          "__isub__", lrp="sum", signs=(1, -1))
 def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a - alpha * b`` for pairs and constants."""
     a, b = args[0], args[1]
@@ -171,11 +166,14 @@ def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.sub(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
 
 
+@register(torch.rsub, "__rsub__", lrp="sum", signs=(-1, 1))
 def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.rsub(a, b) = b - a``."""
     return sub(ctx, (args[1], args[0]), kwargs)
 
 
+@register(operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__",
+          "__rmul__", "__imul__", lrp="product")
 def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Multiplication by a constant (``d' = c d``, ``s' = |c| s``) or of two activations
     (the product rule of :mod:`core.products`: ``d' = d_a d_b``, ``s' = s_a s_b``)."""
@@ -188,6 +186,8 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.mul(a.d, b), a.s * _abs(b))
 
 
+@register(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
+          "__truediv__", "__itruediv__", freezes=frozen_rules.division_check)
 def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Division by a constant; by an activation only with ``nonlinear="freeze"``: the divisor
     is frozen, ``a / b = a * (1 / b)`` with ``1 / b`` a constant."""
@@ -204,11 +204,13 @@ def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return Pair(torch.div(a.d, b, **kwargs), a.s / _abs(b))
 
 
+@register(operator.neg, torch.neg, torch.negative, "neg", "__neg__", lrp="structural")
 def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``-x`` swaps the streams: ``d -> -d``, ``s -> s``."""
     return Pair(torch.neg(args[0].d), args[0].s)
 
 
+@register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__", lrp="product")
 def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Matrix product with a constant matrix (either side: ``|W|`` for ``s``) or of two
     activations (the product rule: ``d' = d_a @ d_b``, ``s' = s_a @ s_b``)."""
@@ -220,6 +222,13 @@ def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
 
 
+@register(torch.bmm, "bmm", lrp="product")
+def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.bmm``: batched ``matmul``."""
+    return matmul(ctx, args, kwargs)
+
+
+@register(torch.einsum, lrp="product")
 def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.einsum`` of two operands (a pair and a constant, or two pairs)."""
     equation, operands = args[0], args[1:]
@@ -231,6 +240,8 @@ def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return products.product(a, b, products.einsum_op(equation))
 
 
+@register(operator.pow, torch.pow, "pow", "__pow__", lrp="product",
+          freezes=frozen_rules.power_check)
 def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``a ** n``: an integer ``n >= 1`` is a repeated product (``d' = d ** n``,
     ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the result is a
@@ -243,6 +254,13 @@ def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return torch.pow(p.d, n).detach()
 
 
+@register(torch.square, "square", lrp="product")
+def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.square()``: the product of a pair with itself."""
+    return products.power(args[0], 2)
+
+
+@register(torch.addcmul, "addcmul")
 def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.addcmul(x, a, b, value=v) = x + v * a * b``: a sum with the product rule,
     ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``)."""
@@ -255,16 +273,6 @@ def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
                 torch.addcmul(x.s, a.s, c.s, value=abs(value)))
 
 
-def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.square()``: the product of a pair with itself."""
-    return products.power(args[0], 2)
-
-
-def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``torch.bmm``: batched ``matmul``."""
-    return matmul(ctx, args, kwargs)
-
-
 # --------------------------------------------------------------------------- affine maps
 def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
                                                      torch.Tensor | None]:
@@ -273,6 +281,7 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
+@register(nn.Linear)
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear``: ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
@@ -284,6 +293,7 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.linear(p.d, w, b), s)
 
 
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups)."""
     m, p = ctx.module, args[0]
@@ -303,6 +313,7 @@ def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ConvTranspose1d/2d/3d`` (zero padding mode)."""
     m, p = ctx.module, args[0]
@@ -315,7 +326,7 @@ def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(fn(p.d, w, b, **opts), fn(p.s, ctx.weight_abs(m.weight), bias_abs, **opts))
 
 
-def functional_affine(fn: Callable[..., torch.Tensor]) -> Rule:
+def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
     """``F.linear`` / ``F.conv*`` with constant weight and bias."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -351,12 +362,14 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, scale.abs().view(shape)))
 
 
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.BatchNorm*`` with eval semantics: a per-channel affine map."""
     m = ctx.module
     return _bn_affine(ctx, args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
 
 
+@register(F.batch_norm)
 def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.batch_norm`` with eval semantics."""
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
@@ -384,19 +397,13 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
     return Pair(d, 2 * p.s + (2 * abs(lo) + abs(hi)) + F.relu(lo - p.d) + F.relu(hi - p.d))
 
 
+@register(nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_",
+          lrp="activation", activation=True, relu=True)
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """ReLU: g stream Maxout, h stream identity; ``s' = s + relu(-z)``."""
     p = args[0]
     d = F.relu(p.d)
     return Pair(d, add_negative_part(p.s, p.d, d))
-
-
-def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
-    = 2 s + |d|``."""
-    p = args[0] if args else kwargs["input"]
-    d = torch.abs(p.d)
-    return Pair(d, 2 * p.s + torch.abs(p.d))
 
 
 def _number(ctx: Ctx, v: Any, what: str) -> float | None:
@@ -409,6 +416,8 @@ def _number(ctx: Ctx, v: Any, what: str) -> float | None:
     return float(v)
 
 
+@register(torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", lrp="activation",
+          activation=True)
 def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max`` with constant bounds."""
     names = ["input", "min", "max"]
@@ -421,16 +430,19 @@ def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
 
 
+@register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True)
 def clamp_min(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.clamp_min(lo)``."""
     return clamp(ctx, (args[0], args[1] if len(args) > 1 else kwargs["min"], None), {})
 
 
+@register(torch.clamp_max, "clamp_max", "clamp_max_", lrp="activation", activation=True)
 def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.clamp_max(hi)``."""
     return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
 
 
+@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True)
 def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardtanh`` / ``F.relu6``: a clamp."""
     names = ["input", "min_val", "max_val"]
@@ -440,6 +452,7 @@ def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp_pair(p, lo, hi, F.hardtanh(p.d, lo, hi))
 
 
+@register(F.relu6, lrp="activation", activation=True)
 def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.relu6``: ``relu(z) - relu(z - 6)``."""
     p = args[0] if args else kwargs["input"]
@@ -452,12 +465,14 @@ def _hardsigmoid_pair(p: Pair) -> Pair:
     return clamp_pair(u, 0.0, 1.0, F.hardsigmoid(p.d))
 
 
+@register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True)
 def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
     p = args[0] if args else kwargs["input"]
     return _hardsigmoid_pair(p)
 
 
+@register(nn.Hardswish, F.hardswish, lrp="activation", activation=True)
 def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardswish`` / ``nn.Hardswish``: the product ``z * hardsigmoid(z)`` (exact,
     :mod:`core.products`): ``d' = hardswish(d)``, ``s' = s * s_hardsigmoid``."""
@@ -467,6 +482,16 @@ def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(value, p.s * gate.s)
 
 
+@register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
+          activation=True)
+def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
+    = 2 s + |d|``."""
+    p = args[0] if args else kwargs["input"]
+    return Pair(torch.abs(p.d), 2 * p.s + torch.abs(p.d))
+
+
+@register(nn.Hardtanh, lrp="activation", activation=True)  # includes nn.ReLU6
 def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Hardtanh`` and ``nn.ReLU6``."""
     m, p = ctx.module, args[0]
@@ -478,6 +503,7 @@ def _leaky(p: Pair, slope: float) -> Pair:
     return Pair(F.leaky_relu(p.d, slope), abs(1 - slope) * (p.s + F.relu(-p.d)) + abs(slope) * p.s)
 
 
+@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True)
 def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.leaky_relu``."""
     names = ["input", "negative_slope"]
@@ -485,11 +511,13 @@ def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
 
 
+@register(nn.LeakyReLU, lrp="activation", activation=True)
 def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.LeakyReLU``."""
     return _leaky(args[0], float(ctx.module.negative_slope))
 
 
+@register(F.threshold, lrp="activation", activation=True)
 def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.threshold(x, t, t)`` is ``clamp(x, min=t)``; other values are discontinuous."""
     names = ["input", "threshold", "value"]
@@ -563,6 +591,7 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
     return Pair(d, winner + rest)
 
 
+@register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool")
 def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.MaxPool1d/2d/3d``: convex form (section 3.4) or winner-takes-all."""
     m = ctx.module
@@ -572,7 +601,7 @@ def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
-def maxpool_function(n: int) -> Rule:
+def maxpool_function(n: int) -> RuleFn:
     """``F.max_pool{n}d``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -603,6 +632,8 @@ def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size) -> Pair:
     return _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
 
 
+@register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+          lrp="maxpool")
 def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.AdaptiveMaxPool1d/2d/3d``."""
     m = ctx.module
@@ -611,7 +642,7 @@ def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size)
 
 
-def adaptive_maxpool_function(n: int) -> Rule:
+def adaptive_maxpool_function(n: int) -> RuleFn:
     """``F.adaptive_max_pool{n}d``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
@@ -623,6 +654,7 @@ def adaptive_maxpool_function(n: int) -> Rule:
     return rule
 
 
+@register(F.pad, lrp="structural")
 def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.pad``: constant padding with ``c`` pads ``s`` with ``|c|``; other modes copy."""
     b = dict(zip(["input", "pad", "mode", "value"], args, strict=False)) | kwargs
@@ -633,6 +665,7 @@ def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.pad(p.d, b["pad"], mode), F.pad(p.s, b["pad"], mode))
 
 
+@register(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, lrp="structural")
 def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ZeroPad*`` / ``nn.ConstantPad*``."""
     m, p = ctx.module, args[0]
@@ -640,15 +673,23 @@ def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
                 F.pad(p.s, m.padding, "constant", abs(m.value)))
 
 
+@register(nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
+          nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+          nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
+          nn.CircularPad3d, lrp="structural")
 def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """A stateless positive linear module: its forward (no hooks) on ``d`` and on ``s``."""
     m, p = ctx.module, args[0]
     return Pair(m.forward(p.d), m.forward(p.s))
 
 
+register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+         nn.AdaptiveAvgPool3d)(Rule(module_forward.fn, lrp="epsilon"))
+
 _POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 
 
+@register(F.interpolate, F.upsample)
 def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.interpolate`` with non-negative interpolation weights."""
     names = ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
@@ -661,6 +702,7 @@ def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.interpolate(p.d, **b), F.interpolate(p.s, **b))
 
 
+@register(nn.Upsample)
 def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Upsample`` with non-negative interpolation weights."""
     if ctx.module.mode not in _POSITIVE_INTERPOLATION:
@@ -669,172 +711,88 @@ def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return module_forward(ctx, args, kwargs)
 
 
-# --------------------------------------------------------------------------- tables
-ACTIVATIONS: set[Rule] = set()
-
-
-def _activation(rule: Rule) -> Rule:
-    ACTIVATIONS.add(rule)
-    return rule
-
-
-for _r in (relu, clamp, clamp_min, clamp_max, hardtanh, relu6, hardtanh_module, leaky_relu,
-           leaky_relu_module, threshold, hardsigmoid, hardswish, absolute):
-    _activation(_r)
-
-# nn module types, checked in order with isinstance
-MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
-    (nn.Linear, linear_module),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_module),
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose_module),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batchnorm_module),
-    (nn.ReLU, relu),
-    (nn.Hardtanh, hardtanh_module),  # includes nn.ReLU6
-    (nn.LeakyReLU, leaky_relu_module),
-    (nn.Hardsigmoid, hardsigmoid),
-    (nn.Hardswish, hardswish),
-    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), maxpool_module),
-    ((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), adaptive_maxpool_module),
-    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-      nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
-      nn.PixelUnshuffle, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-      nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
-      nn.CircularPad2d, nn.CircularPad3d), module_forward),
-    ((nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d), constant_pad_module),
-    (nn.Upsample, upsample_module),
-    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-      nn.FeatureAlphaDropout, nn.Identity), identity),
-]
-
-_SAME_FUNCTIONS = [
+# --------------------------------------------------------------------------- the table
+# Decorated functions above register themselves; the factories' rules are registered here.
+_STRUCTURAL_FUNCTIONS = [
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
-    torch.t, torch.mean, torch.sum, torch.channel_shuffle, torch.tensor_split,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.pixel_shuffle, F.pixel_unshuffle, torch.swapaxes, torch.swapdims,
+    torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
+    torch.swapaxes, torch.swapdims,
 ]
-FUNCTION_RULES: dict[Any, Rule] = {fn: same(fn) for fn in _SAME_FUNCTIONS}
-FUNCTION_RULES.update({
-    operator.getitem: getitem, getattr: getattr_rule,
-    operator.add: add, operator.iadd: add, torch.add: add,
-    operator.sub: sub, operator.isub: sub, torch.sub: sub, torch.subtract: sub, torch.rsub: rsub,
-    operator.mul: mul, operator.imul: mul, torch.mul: mul, torch.multiply: mul,
-    operator.truediv: div, operator.itruediv: div, torch.div: div, torch.true_divide: div,
-    operator.neg: neg, torch.neg: neg, torch.negative: neg,
-    operator.matmul: matmul, torch.matmul: matmul, torch.mm: matmul, torch.bmm: bmm,
-    torch.einsum: einsum, torch.addcmul: addcmul, operator.pow: power, torch.pow: power,
-    torch.square: square,
-    F.hardsigmoid: hardsigmoid, F.hardswish: hardswish, torch.abs: absolute,
-    torch.absolute: absolute, operator.abs: absolute,
-    torch.cat: concat(torch.cat), torch.concat: concat(torch.cat),
-    torch.concatenate: concat(torch.cat), torch.stack: concat(torch.stack),
-    F.linear: functional_affine(F.linear), F.conv1d: functional_affine(F.conv1d),
-    F.conv2d: functional_affine(F.conv2d), F.conv3d: functional_affine(F.conv3d),
-    F.batch_norm: batchnorm_function,
-    torch.relu: relu, torch.relu_: relu, F.relu: relu, F.relu_: relu,
-    F.relu6: relu6, F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
-    F.leaky_relu: leaky_relu, F.leaky_relu_: leaky_relu, F.threshold: threshold,
-    torch.clamp: clamp, torch.clip: clamp, torch.clamp_min: clamp_min, torch.clamp_max: clamp_max,
-    F.max_pool1d: maxpool_function(1), F.max_pool2d: maxpool_function(2),
-    F.max_pool3d: maxpool_function(3), torch.max_pool1d: maxpool_function(1),
-    torch.max_pool2d: maxpool_function(2), torch.max_pool3d: maxpool_function(3),
-    F.adaptive_max_pool1d: adaptive_maxpool_function(1),
-    F.adaptive_max_pool2d: adaptive_maxpool_function(2),
-    F.adaptive_max_pool3d: adaptive_maxpool_function(3),
-    F.pad: pad_function, F.interpolate: interpolate, F.upsample: interpolate,
-    F.dropout: identity, F.dropout1d: identity, F.dropout2d: identity, F.dropout3d: identity,
-    F.alpha_dropout: identity, F.feature_alpha_dropout: identity,
-})
-FUNCTION_RULES.update({
-    fn: constant_like(fn)
-    for fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
-})
+_AVERAGING_FUNCTIONS = [
+    torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+]
+for _fn in _STRUCTURAL_FUNCTIONS:
+    register(_fn)(Rule(same(_fn), lrp="structural"))
+for _fn in _AVERAGING_FUNCTIONS:
+    register(_fn)(Rule(same(_fn), lrp="epsilon"))
+for _fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
+    register(_fn)(Rule(concat(torch.stack if _fn is torch.stack else torch.cat),
+                       lrp="structural"))
+for _fn in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+    register(_fn)(Rule(functional_affine(_fn)))
+for _n in (1, 2, 3):
+    register(getattr(F, f"max_pool{_n}d"), getattr(torch, f"max_pool{_n}d"))(
+        Rule(maxpool_function(_n), lrp="maxpool"))
+    register(getattr(F, f"adaptive_max_pool{_n}d"))(
+        Rule(adaptive_maxpool_function(_n), lrp="maxpool"))
+for _fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like):
+    register(_fn)(Rule(constant_like(_fn), lrp="none"))
 
-_SAME_METHODS = [
+_STRUCTURAL_METHODS = [
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "chunk", "split", "unbind", "mean", "sum", "narrow", "flip", "roll", "t", "unflatten",
-    "movedim", "expand", "repeat", "view_as", "reshape_as", "expand_as", "float", "double",
-    "half", "to", "type_as", "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims",
-    "tensor_split",
+    "chunk", "split", "unbind", "narrow", "flip", "roll", "t", "unflatten", "movedim", "expand",
+    "repeat", "view_as", "reshape_as", "expand_as", "float", "double", "half", "to", "type_as",
+    "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split",
 ]
-METHOD_RULES: dict[str, Rule] = {name: method(name.rstrip("_")) for name in _SAME_METHODS}
-METHOD_RULES.update({
-    "add": add, "add_": add, "__add__": add, "__radd__": add, "__iadd__": add,
-    "sub": sub, "sub_": sub, "__sub__": sub, "__isub__": sub, "__rsub__": rsub,
-    "mul": mul, "mul_": mul, "__mul__": mul, "__rmul__": mul, "__imul__": mul,
-    "div": div, "div_": div, "__truediv__": div, "__itruediv__": div,
-    "neg": neg, "__neg__": neg, "matmul": matmul, "__matmul__": matmul, "bmm": bmm,
-    "pow": power, "__pow__": power, "square": square, "addcmul": addcmul, "abs": absolute,
-    "__abs__": absolute,
-    "relu": relu, "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp, "clip_": clamp,
-    "clamp_min": clamp_min, "clamp_min_": clamp_min, "clamp_max": clamp_max,
-    "clamp_max_": clamp_max,
-})
-METHOD_RULES.update({
-    name: constant_like(lambda t, *a, _name=name, **k: getattr(t, _name)(*a, **k))
-    for name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
-})
-
-# queries answered by d alone (their results are static values)
-QUERY_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_device",
-                 "is_contiguous", "element_size", "stride"}
-QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+for _name in _STRUCTURAL_METHODS:
+    register(_name)(Rule(method(_name.rstrip("_")), lrp="structural"))
+for _name in ("mean", "sum"):
+    register(_name)(Rule(method(_name), lrp="epsilon"))
+for _name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
+    register(_name)(Rule(constant_like(
+        lambda t, *a, _name=_name, **k: getattr(t, _name)(*a, **k)), lrp="none"))
 
 
-# --------------------------------------------------------------------------- frozen rules
-# rule -> freeze check (see core.frozen_rules): the description of what the node freezes,
-# or None; such nodes need nonlinear="freeze"
-FREEZES: dict[Rule, Callable[[Any, set], str | None]] = {
-    div: frozen_rules.division_check, power: frozen_rules.power_check,
-}
-
-CONSTANT_RESULTS: set[Rule] = set()  # rules whose result is a constant (a frozen gate)
-MIXING_SHIFT_POINTS: set[Rule] = set()  # shift points that mix neurons (norms, attention)
+def _query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """A query answered by ``d`` alone (``x.size()``, ``x.dim()``): a static value."""
+    raise AssertionError("queries are evaluated on d by the interpreter")  # pragma: no cover
 
 
-def _frozen(entry: tuple) -> Rule:
-    rule, check, shift, constant = entry
-    FREEZES[rule] = check
-    if shift:
-        _activation(rule)
-    if shift == "mixing":
-        MIXING_SHIFT_POINTS.add(rule)
-    if constant:
-        CONSTANT_RESULTS.add(rule)
-    return rule
+_QUERY = Rule(_query, lrp="none", query=True)
+for _name in ("size", "dim", "numel", "nelement", "ndimension", "type", "get_device",
+              "is_contiguous", "element_size", "stride"):
+    register(_name)(_QUERY)
+# tensor attributes read with getattr(x, name) that are static values
+QUERY_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad",
+                              "layout"})
 
 
-MODULE_RULES += [(types, _frozen(entry)) for types, entry in frozen_rules.MODULE_RULES]
-FUNCTION_RULES.update({fn: _frozen(e) for fn, e in frozen_rules.FUNCTION_RULES.items()})
-METHOD_RULES.update({n: _frozen(e) for n, e in frozen_rules.METHOD_RULES.items()})
+# frozen operations (core.frozen_rules): shift points "unit" (elementwise: SplitLRP passes
+# relevance), "mixing" (norms, attention: SplitLRP's epsilon rule); gates are constants
+def _register_frozen(targets: tuple, entry: tuple) -> None:
+    fn, check, shift, constant = entry
+    lrp = "none" if constant else ("activation" if shift == "unit" else "epsilon")
+    register(*targets, lrp=lrp, activation=bool(shift), freezes=check, constant=constant)(fn)
 
 
-def module_rule(module: nn.Module) -> Rule | None:
-    """The rule of a leaf module, or None."""
-    for types, rule in MODULE_RULES:
-        if isinstance(module, types):
-            return rule
-    return None
+for _types, _entry in frozen_rules.MODULE_RULES:
+    _register_frozen(_types, _entry)
+for _fn, _entry in frozen_rules.FUNCTION_RULES.items():
+    _register_frozen((_fn,), _entry)
+for _name, _entry in frozen_rules.METHOD_RULES.items():
+    _register_frozen((_name,), _entry)
 
 
-def is_activation(rule: Rule) -> bool:
-    """Whether a rule is a ReLU-type or frozen secant unit (stabiliser and alpha shift apply
-    after it)."""
-    return rule in ACTIVATIONS
+def lookup(op: str, target: Any, module: nn.Module | None = None) -> Rule | None:
+    """The rule of an fx node (``op``, ``target``; the leaf ``module`` of ``call_module``)."""
+    return TABLE.lookup(op, target, module)
 
 
-def mixes(rule: Rule) -> bool:
-    """Whether a shift point mixes neurons (a frozen normalisation or attention), so that
-    SplitLRP applies its epsilon rule there instead of passing relevance through."""
-    return rule in MIXING_SHIFT_POINTS
-
-
-def freezes(rule: Rule, node: Any, carried: set) -> str | None:
-    """What the rule freezes at ``node`` (None: exact there)."""
-    check = FREEZES.get(rule)
-    return None if check is None else check(node, carried)
-
-
-def constant_result(rule: Rule) -> bool:
-    """Whether the rule's result is a constant (a frozen gate), not a split pair."""
-    return rule in CONSTANT_RESULTS
+def is_query(op: str, target: Any, args: tuple) -> bool:
+    """Whether an fx node computes a static value from an activation's metadata."""
+    if op == "call_function" and target is getattr:
+        return len(args) > 1 and args[1] in QUERY_ATTRIBUTES
+    rule = TABLE.lookup(op, target) if op != "call_module" else None
+    return rule is not None and rule.query

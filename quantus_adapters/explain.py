@@ -13,7 +13,9 @@ Usage with Quantus::
 The method runs once per batch (one batched call, no loop over rows), on the device of the
 model, without caching anything between calls (Quantus's randomisation metrics pass mutated
 copies of the model). The model is left as it was: training flags, ``requires_grad`` flags,
-``.grad`` and hooks are restored after the call, also when the method raises.
+``.grad`` and hooks are restored after the call, also when the method raises; a model in
+training mode is explained with eval semantics and its buffers are left bit for bit as they
+were (:func:`core.eval_semantics`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.explaining import eval_semantics
 from quantus_adapters.registry import method_info
 
 __all__ = ["QUANTUS_KEYWORDS", "UPSAMPLE_MODES", "ConstantExplanationError", "explain"]
@@ -137,7 +140,7 @@ def explain(
     x = _as_input_tensor(inputs, channel_first, device, dtype)
     y = _as_targets(targets, x.shape[0], device)
 
-    with _model_left_unchanged(model, method):
+    with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
         result = info.function(model, x, y, **options)
     maps = _to_maps(result, method, x.shape, upsample)
     _check_not_constant(maps, method, info.function, options)

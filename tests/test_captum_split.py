@@ -359,8 +359,8 @@ def test_bad_target_fails_before_any_work(tiny, monkeypatch):
     ]:
         with pytest.raises(err, match=msg):
             sc.attribute(x, target=bad)
-    with pytest.raises(ValueError, match="one input tensor"):
-        sc.attribute((x, x), target=y)
+    with pytest.raises(ValueError, match="tensor inputs"):
+        sc.attribute((x, "x"), target=y)
     with pytest.raises(TypeError, match="floating-point"):
         sc.attribute(x.to(torch.int64), target=y)
     with pytest.raises(ValueError, match="attribute_to_layer_input"):

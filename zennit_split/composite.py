@@ -19,6 +19,7 @@ from torch import nn
 from zennit.core import Composite, RemovableHandle, RemovableHandleList
 
 import core
+from core.explaining import eval_semantics
 
 STREAMS = ("pos", "neg", "comb")
 MAXPOOL_MODES = ("wta", "convex")
@@ -235,6 +236,7 @@ class SplitLRP(Composite):
         self.nonlinear = nonlinear
         self.relevance: dict[str, Any] = {}
         self._split_cache: tuple[nn.Module, Any] | None = None
+        self._eval: Any = None
 
     def register(self, module: nn.Module) -> None:
         """Apply the canonizers and hook the root ``module``.
@@ -256,6 +258,10 @@ class SplitLRP(Composite):
                     f"from model.named_modules(), e.g. {list(names)[1:6]}."
                 )
         try:
+            # the attributor's own forward runs with eval semantics; remove() restores the
+            # training flags and any buffer the forward changed
+            self._eval = eval_semantics(module, stacklevel=4)
+            self._eval.__enter__()
             for canonizer in self.canonizers:
                 self.handles += canonizer.apply(module)
             hook = _RootHook(self, module)
@@ -266,9 +272,13 @@ class SplitLRP(Composite):
             raise
 
     def remove(self) -> None:
-        """Remove the hook and revert the canonizers (:py:attr:`relevance` is kept)."""
+        """Remove the hook, revert the canonizers and restore the model's training flags and
+        buffers (:py:attr:`relevance` is kept)."""
         super().remove()
         self._split_cache = None
+        restore, self._eval = getattr(self, "_eval", None), None
+        if restore is not None:
+            restore.__exit__(None, None, None)
 
     def compute(
         self, module: nn.Module, input: torch.Tensor, seed: torch.Tensor  # noqa: A002

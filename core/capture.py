@@ -1,0 +1,234 @@
+"""Capture: from a user's model and call to the graph that the split evaluates.
+
+Two mechanisms produce the same kind of ``torch.fx`` graph (``call_module`` for ``torch.nn``
+leaf modules, ``call_function``, ``call_method``, ``get_attr``):
+
+* **symbolic** (:func:`core.graph.trace`): ``torch.fx`` tracing, once per model, with the
+  forward's optional arguments fixed to their defaults. Used for a call with one tensor
+  input and nothing else (the common ``model(x)``) when no module has forward hooks and no
+  ``output=`` selector is given.
+* **eager** (:func:`core.record.record`): the model runs once on the real input and every
+  operation is recorded; the graph is specialised on the input's signature (shapes, dtypes,
+  device, non-tensor arguments) and cached per signature. Everything else uses it, and so
+  does every model that symbolic tracing cannot follow. A forward whose control flow reads
+  tensor values is recorded again at every call.
+
+Wrapped models (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
+``DistributedDataParallel``) are split through the module they wrap, with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from core.errors import UnsupportedOperation
+from core.graph import TraceFailure, resolve_inplace, trace
+from core.record import record
+
+
+@dataclass
+class Captured:
+    """One captured graph of the model.
+
+    Attributes
+    ----------
+    graph: torch.fx.Graph
+    inputs: int
+        The number of split inputs (the graph's first placeholders).
+    mechanism: str
+        ``"symbolic"`` or ``"eager"``.
+    module_outputs, module_inputs: dict
+        The node (or tuple of nodes) of each module's output and the node of its first
+        input, by module name.
+    reusable: bool
+        False when the forward's control flow read tensor values (valid for one call).
+    """
+
+    graph: fx.Graph
+    inputs: int
+    mechanism: str
+    module_outputs: dict[str, Any] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    reusable: bool = True
+    value_dependent: list[str] = field(default_factory=list)
+
+    def input_nodes(self) -> list[fx.Node]:
+        """The placeholders of the split inputs."""
+        return [n for n in self.graph.nodes if n.op == "placeholder"][: self.inputs]
+
+    def layer_names(self) -> list[str]:
+        """Names that the split's probes accept."""
+        names = ["input"] + [f"input:{i}" for i in range(1, self.inputs)]
+        names += [n for n in self.module_outputs if n]
+        return names + [f"{n}:input" for n in self.module_inputs if n]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` / ``DataParallel`` / DDP wrapper holds (with a warning);
+    a clear error for TorchScript and meta-device models."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedOperation(
+            f"{type(model).__name__} is a TorchScript module: its forward is compiled "
+            "TorchScript, not Python operations that the split can capture. Split the "
+            "original nn.Module (before torch.jit.script / torch.jit.trace)."
+        )
+    while True:
+        inner = None
+        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            inner, how = model._orig_mod, "torch.compile's OptimizedModule: its _orig_mod"
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner, how = model.module, f"{type(model).__name__}: its .module"
+        if inner is None:
+            break
+        warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
+                      stacklevel=4)
+        model = inner
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"the model's tensors {meta[:3]} are on the meta device (shapes without values); "
+            "materialise the model first (model.to_empty(device=...) and load its weights)"
+        )
+    return model
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _signature(model: nn.Module) -> tuple[int, dict[str, Any]] | None:
+    """The number of required positional parameters of the forward and the defaults of the
+    others (None for ``*args``/``**kwargs`` or keyword-only parameters without defaults)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    required, defaults = 0, {}
+    for p in params:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            return None
+        if p.default is inspect.Parameter.empty:
+            if defaults or p.kind == inspect.Parameter.KEYWORD_ONLY:
+                return None
+            required += 1
+        else:
+            defaults[p.name] = p.default
+    return required, defaults
+
+
+def selector(output: Any) -> Callable[[Any], Any] | None:
+    """``output=`` as a function of the model's output: an index, a key or a callable."""
+    if output is None or callable(output):
+        return output
+    if isinstance(output, (int, str)):
+        def pick(value: Any) -> Any:
+            if isinstance(value, (tuple, list)) or (isinstance(output, str)
+                                                    and isinstance(value, dict)):
+                return value[output]
+            if isinstance(output, str) and hasattr(value, output):
+                return getattr(value, output)
+            raise TypeError(f"output={output!r} cannot select from {type(value).__name__}")
+
+        return pick
+    raise TypeError(f"output must be an int index, a str key/attribute or a callable, got "
+                    f"{type(output).__name__}")
+
+
+def _key(value: Any) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.device.index)
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return (type(value), value)
+
+
+class Capture:
+    """The captured graphs of one model (see the module docstring).
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model (already unwrapped).
+    output: int, str or callable, optional
+        Selects the tensor to split from a structured output.
+    """
+
+    def __init__(self, model: nn.Module, output: Any = None) -> None:
+        self.model = model
+        self.output = selector(output)
+        self.symbolic: Captured | None = None
+        self.symbolic_error: Exception | None = None
+        signature = _signature(model)
+        self.positional = signature[0] if signature else 0
+        self._cache: dict[Hashable, Captured] = {}
+        if signature and signature[0] and all(
+            v is None or isinstance(v, (bool, int, float, str)) for v in signature[1].values()
+        ):
+            try:
+                traced = trace(model, concrete_args=signature[1])
+            except TraceFailure as err:
+                self.symbolic_error = err
+            else:
+                out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
+                if isinstance(out, fx.Node) and not isinstance(out.target, type):
+                    self.symbolic = Captured(traced.graph, 1, "symbolic",
+                                             traced.module_outputs, traced.module_inputs)
+
+    def usable_symbolic(self, inputs: int, extra: tuple, kwargs: dict) -> bool:
+        """Whether the symbolic graph serves this call."""
+        return (self.symbolic is not None and self.output is None and not kwargs
+                and inputs == 1 and not extra and self.positional == 1
+                and not _has_hooks(self.model))
+
+    def get(self, inputs: tuple[torch.Tensor, ...], extra: tuple = (),
+            kwargs: dict | None = None) -> Captured:
+        """The graph for a call (symbolic, cached eager or freshly recorded)."""
+        kwargs = kwargs or {}
+        if self.usable_symbolic(len(inputs), extra, kwargs):
+            return self.symbolic
+        leaves, spec = pytree.tree_flatten((extra, kwargs))
+        key = (len(inputs), tuple(_key(t) for t in inputs), tuple(_key(v) for v in leaves),
+               str(spec))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        rec = record(self.model, inputs, extra, kwargs, self.output)
+        if not isinstance(rec.output, fx.Node):
+            raise UnsupportedOperation(
+                f"{type(self.model).__name__} returns {type(rec.output).__name__}; the split "
+                "needs a single output tensor that depends on the input. Pass output= (an "
+                "index, a key or a callable that picks the logits), e.g. "
+                "core.split(model, output=0)."
+            )
+        _eliminate_dead_code(rec.graph)
+        resolve_inplace(rec.graph, self.model)
+        captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
+                            rec.module_inputs, not rec.value_dependent, rec.value_dependent)
+        if captured.reusable:
+            self._cache[key] = captured
+        return captured
+
+
+def _eliminate_dead_code(graph: fx.Graph) -> None:
+    """Drop nodes whose values are never used (e.g. comparisons read by Python control flow
+    only); in-place writes are kept."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
+                                                                          "")
+        if node.op != "get_attr" and name.endswith("_") and not name.endswith("__"):
+            continue
+        graph.erase_node(node)

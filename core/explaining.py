@@ -1,0 +1,59 @@
+"""Explaining never changes the model: eval semantics and restored buffers.
+
+:func:`eval_semantics` is the one context manager that core and every adapter (Captum,
+Zennit, Quantus) run their work in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3) -> Iterator[nn.Module]:
+    """Run the body with every module of ``model`` in eval mode, then restore the model.
+
+    The training flags are set back module by module, and a buffer that the body changed (a
+    BatchNorm's running statistics in training mode, a call counter or an EMA updated by the
+    forward) is copied back bit for bit; an unchanged buffer is not touched (its version
+    counter stays). This holds when the body raises, too.
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The user's model.
+    warn: bool
+        Warn once when the model is in training mode.
+
+    Yields
+    ------
+    torch.nn.Module
+        The model, in eval mode.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    if warn and any(t for _, t in modes):
+        warnings.warn(
+            f"{type(model).__name__} is in training mode: it is explained with eval semantics "
+            "(BatchNorm running statistics, dropout off) and left in training mode with its "
+            "buffers unchanged; call model.eval() to compare with model(x).",
+            stacklevel=stacklevel,
+        )
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for b, value in saved:
+                if b.shape != value.shape or not torch.equal(b, value):
+                    if b.shape != value.shape:
+                        b.resize_(value.shape)
+                    b.copy_(value)

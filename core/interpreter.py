@@ -1,0 +1,368 @@
+"""Running a captured graph on split pairs: :class:`SplitInterpreter` (a ``torch.fx.Interpreter``).
+
+The planner (:func:`plan`) looks up each node's rule in the rule table and decides which nodes
+carry split pairs (those that depend on a split input); the interpreter evaluates carried
+nodes with their rule and every other node as the model's own operation. After a ReLU-type
+unit (``rule.activation``) it applies the forward stabiliser and, when asked, the backward
+alpha shift ``S <- factor * S`` (a gradient-only scaling, eqs. 36-41).
+
+Public interface, used by :class:`core.SplitModel` and :mod:`core.lrp`:
+``SplitInterpreter.run_pairs`` (a forward pass returning the output and recorded pairs),
+``SplitInterpreter.run_rule`` (one node's rule on given arguments), ``SplitInterpreter.steps``
+(the plan, one :class:`Step` per node) and ``SplitInterpreter.shift_points``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from core import rules
+from core.errors import SplitOverflowError, UnsupportedOperation
+from core.pair import Pair, contains_pair
+from core.stabilize import ScaleGrad, stabilise
+
+_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class Step:
+    """The plan of one graph node.
+
+    Attributes
+    ----------
+    node: torch.fx.Node
+        The node.
+    rule: core.registry.Rule or None
+        Its split-pair rule; None for nodes evaluated as the model's own operation.
+    carries: bool
+        Whether the node's value is a split pair (or holds pairs).
+    module: torch.nn.Module or None
+        The leaf module of a ``call_module`` node.
+    where: str
+        The module path or graph node, for messages.
+    shift_name: str or None
+        The shift-point name of a ReLU-type unit (module path or node name).
+    skip_bias, merged_bias, merged:
+        BatchNorm merging (``merge_batchnorm=True``): the affine layer's ``|b|`` is skipped,
+        the BatchNorm after it adds ``scale * b`` before taking ``|.|``.
+    copy: bool
+        A ``get_attr`` whose value the forward writes into: it is fetched as a copy, so that
+        running the graph never changes the model's buffers.
+    """
+
+    node: fx.Node
+    rule: Any
+    carries: bool
+    module: nn.Module | None
+    where: str
+    shift_name: str | None = None
+    skip_bias: bool = False
+    merged_bias: torch.Tensor | None = None
+    merged: bool = False
+    copy: bool = False
+    frozen: str | None = None  # what nonlinear="freeze" freezes at this node
+
+    @property
+    def activation(self) -> bool:
+        """A ReLU-type unit (stabiliser and alpha shift apply after it)."""
+        return self.rule is not None and self.rule.activation
+
+
+def where(model: nn.Module, node: fx.Node) -> str:
+    """A node described for messages: the module path or the graph node and its target."""
+    if node.op == "call_module":
+        mod = model.get_submodule(node.target)
+        return f"module {node.target!r} ({type(mod).__name__})"
+    if node.op == "output":
+        return "output"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"graph node {node.name!r} ({node.op} {target})"
+
+
+def _unsupported(model: nn.Module, node: fx.Node, module: nn.Module | None) -> Exception:
+    if node.op == "call_module":
+        fix = ("Replace it by a supported piecewise-linear module (ReLU, ReLU6, LeakyReLU, "
+               "Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...)")
+        what = type(module).__name__
+    else:
+        fix = "Express it with supported tensor operations."
+        what = getattr(node.target, "__name__", str(node.target))
+    return UnsupportedOperation(
+        f"{where(model, node)}: {what} is not piecewise linear or has no split-pair rule. {fix}"
+    )
+
+
+def _writes_into(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (
+        (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+        or node.kwargs.get("inplace") is True
+    )
+
+
+def plan(model: nn.Module, graph: fx.Graph, inputs: int,
+         merge_batchnorm: bool = False, nonlinear: str = "error") -> dict[fx.Node, Step]:
+    """Plan the evaluation of ``graph`` with its first ``inputs`` placeholders split.
+
+    Raises
+    ------
+    UnsupportedOperation
+        For a node that depends on a split input and has no rule, or (``nonlinear="error"``)
+        whose rule would freeze a factor (:mod:`core.frozen`).
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    carried: set[fx.Node] = set(placeholders[:inputs])
+    steps: dict[fx.Node, Step] = {}
+    for node in graph.nodes:
+        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        rule = None
+        carry = node in carried
+        if node.op in ("call_module", "call_method", "call_function"):
+            carry = any(i in carried for i in node.all_input_nodes)
+            if carry:
+                if rules.is_query(node.op, node.target, node.args):
+                    carry = False
+                else:
+                    rule = rules.lookup(node.op, node.target, module)
+                    if rule is None:
+                        raise _unsupported(model, node, module)
+                    carry = rule.lrp != "none"  # constant_like, gates: evaluated, not a pair
+        elif node.op == "output":
+            carry = any(i in carried for i in node.all_input_nodes)
+        if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
+            raise UnsupportedOperation(
+                f"{where(model, node)}: batch normalisation without running statistics "
+                "uses batch statistics, which couple the rows of a batch and are not "
+                "piecewise linear; use track_running_stats=True (a trained model)."
+            )
+        frozen = None
+        if rule is not None and rule.freezes is not None:
+            frozen = rule.freezes(node, carried)
+            if frozen is not None and nonlinear != "freeze":
+                raise UnsupportedOperation(
+                    f"{where(model, node)} is not piecewise linear: it has no exact "
+                    f"split-pair rule. core.split(model, nonlinear='freeze') splits it with "
+                    f"its data-dependent factor frozen at the model's activation ({frozen}); "
+                    "g - h stays exact, the sensitivities are those of the frozen model."
+                )
+        if carry:
+            carried.add(node)
+        step = Step(node, rule, carry, module, where(model, node), frozen=frozen)
+        if step.activation:
+            step.shift_name = node.target if node.op == "call_module" else node.name
+        steps[node] = step
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        steps[node].copy = any(_writes_into(u) and u.args and u.args[0] is node
+                               for u in node.users)
+    if merge_batchnorm:
+        _plan_merges(steps)
+    return steps
+
+
+def _plan_merges(steps: dict[fx.Node, Step]) -> None:
+    for step in steps.values():
+        if not isinstance(step.module, _BN_TYPES) or not step.carries:
+            continue
+        src = step.node.args[0]
+        prev = steps.get(src) if isinstance(src, fx.Node) else None
+        if prev is not None and isinstance(prev.module, _AFFINE_TYPES) and len(src.users) == 1:
+            prev.skip_bias = True
+            step.merged = True
+            step.merged_bias = prev.module.bias
+
+
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class SplitInterpreter(fx.Interpreter):
+    """Evaluates a captured graph on split pairs (sum/difference form, :class:`core.Pair`).
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model whose graph this is (modules and attributes are read from it).
+    graph: torch.fx.Graph
+        The captured graph.
+    inputs: int
+        How many leading placeholders are split inputs.
+    maxpool, stabilizer, theta, threshold, merge_batchnorm:
+        The options of :class:`core.SplitModel`.
+    weight_abs: callable
+        ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
+                 stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
+                 weight_abs: Callable[[torch.Tensor], torch.Tensor],
+                 cached_abs: bool = False, nonlinear: str = "error") -> None:
+        super().__init__(model, garbage_collect_values=True, graph=graph)
+        self.extra_traceback = False  # keep the exceptions' arguments as they are
+        self.inputs = inputs
+        self.maxpool, self.stabilizer = maxpool, stabilizer
+        self.theta, self.threshold = theta, threshold
+        self.weight_abs, self.cached_abs = weight_abs, cached_abs
+        self.steps = plan(model, graph, inputs, merge_batchnorm, nonlinear)
+        self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
+                                     weight_abs, cached_abs)
+                     for node, s in self.steps.items() if s.rule is not None}
+        self._factors: Mapping[str, float] | None = None
+        self._record: set[fx.Node] = set()
+        self._record_all = False
+        self._records: dict[fx.Node, Any] = {}
+        self._placeholder_index = 0
+
+    # ------------------------------------------------------------------ public interface
+    @property
+    def output_node(self) -> fx.Node:
+        """The graph's output node."""
+        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    def frozen_operations(self) -> list[str]:
+        """The frozen operations in graph order, each with what is frozen."""
+        return [f"{s.where}: {s.frozen}" for s in self.steps.values() if s.frozen is not None]
+
+    def frozen_after(self) -> dict[fx.Node, tuple[str, ...]]:
+        """For every node, the frozen operations on a path from it to the output."""
+        found: dict[fx.Node, set[str]] = {}
+        names = {n: f"{s.where}: {s.frozen}" for n, s in self.steps.items()
+                 if s.frozen is not None}
+        for node in reversed(list(self.steps)):
+            here: set[str] = set()
+            for user in node.users:
+                here |= found.get(user, set())
+                if user in names:
+                    here.add(names[user])
+            found[node] = here
+        order = {name: i for i, name in enumerate(names.values())}
+        return {n: tuple(sorted(v, key=order.get)) for n, v in found.items()}
+
+    def shift_points(self) -> list[str]:
+        """``"input"``, the ReLU-type units in graph order and ``"output"``."""
+        names = ["input"]
+        for step in self.steps.values():
+            if step.activation and step.shift_name not in names:
+                names.append(step.shift_name)
+        return names + ["output"]
+
+    def run_pairs(self, inputs: Sequence[Pair], extra: Sequence[Any] = (), *,
+                  factors: Mapping[str, float] | None = None, record: Iterable[fx.Node] = (),
+                  record_all: bool = False) -> tuple[Any, dict[fx.Node, Any]]:
+        """One forward pass on split pairs.
+
+        Parameters
+        ----------
+        inputs: sequence of Pair
+            The split inputs, one per split placeholder.
+        extra: sequence
+            Values of the further placeholders (not split).
+        factors: mapping, optional
+            Backward shift factors ``1 - 2 alpha`` per shift point (see :meth:`shift_points`).
+        record: iterable of fx.Node
+            Nodes whose values to return (``record_all``: every node).
+
+        Returns
+        -------
+        tuple
+            The output value and the recorded values by node (before the alpha shift).
+        """
+        self._factors = factors
+        self._record = set(record)
+        self._record_all = record_all
+        self._records = {}
+        self._placeholder_index = 0
+        try:
+            out = self.run(*inputs, *extra, enable_io_processing=False)
+            return out, self._records
+        finally:
+            self.env = {}
+            self._records = {}
+            self._factors = None
+
+    def ctx(self, step: Step) -> rules.Ctx:
+        """The context a step's rule is called with."""
+        return self._ctx[step.node]
+
+    def run_rule(self, step: Step, args: tuple, kwargs: dict) -> Any:
+        """Apply a step's rule; an error from it gets a note naming the step."""
+        try:
+            return step.rule(self._ctx[step.node], args, kwargs)
+        except (UnsupportedOperation, SplitOverflowError):
+            raise
+        except Exception as err:
+            err.add_note(f"while splitting {step.where}")
+            raise
+
+    # ------------------------------------------------------------------ fx.Interpreter
+    def run_node(self, n: fx.Node) -> Any:  # noqa: D102 - fx's signature
+        step = self.steps[n]
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.op == "placeholder":
+            value = self.placeholder(n.target, args, kwargs)
+            index = self._placeholder_index
+            self._placeholder_index += 1
+            if index < self.inputs:
+                if not isinstance(value, Pair):
+                    raise TypeError(f"split input {n.target!r} must be a Pair")
+                self._keep(n, value)
+                f = 1.0 if self._factors is None else self._factors.get("input", 1.0)
+                if f != 1.0:
+                    value = Pair(value.d, ScaleGrad.apply(value.s, f))
+                return value
+            self._keep(n, value)
+            return value
+        if n.op == "output":
+            return args[0]
+        if n.op == "get_attr":
+            value = _fetch_attr(self.module, n.target)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().clone() if step.copy else value.detach()
+        elif step.rule is None or not contains_pair((args, kwargs)):
+            value = self._static(n, step, args, kwargs)
+        else:
+            value = self.run_rule(step, args, kwargs)
+            if step.activation:
+                value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
+                                                self.threshold))
+        self._keep(n, value)
+        if step.activation and self._factors is not None:
+            f = self._factors.get(step.shift_name, 1.0)
+            if f != 1.0:
+                value = Pair(value.d, ScaleGrad.apply(value.s, f))
+        return value
+
+    def _keep(self, node: fx.Node, value: Any) -> None:
+        if self._record_all or node in self._record:
+            self._records[node] = value
+
+    def _static(self, n: fx.Node, step: Step, args: tuple, kwargs: dict) -> Any:
+        """The model's own operation on plain values (``d`` of pairs)."""
+
+        def plain(v: Any) -> Any:
+            return v.d if isinstance(v, Pair) else v
+
+        args = fx.node.map_aggregate(args, plain)
+        kwargs = fx.node.map_aggregate(kwargs, plain)
+        try:
+            if n.op == "call_module":
+                return step.module.forward(*args, **kwargs)
+            if n.op == "call_method":
+                return getattr(args[0], n.target)(*args[1:], **kwargs)
+            return n.target(*args, **kwargs)
+        except Exception as err:
+            err.add_note(f"while evaluating {step.where}")
+            raise

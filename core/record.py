@@ -1,0 +1,292 @@
+"""Eager capture: record a model's forward on a real input as a torch.fx graph.
+
+Used where symbolic tracing (:func:`core.graph.trace`) cannot follow the forward: Python
+control flow on shapes or values, optional arguments, keyword arguments, several tensor
+inputs, structured outputs, module hooks. The model runs once, eagerly, under a
+``torch.overrides.TorchFunctionMode`` (every torch function and tensor method on a tensor
+that depends on an input or on the model's parameters and buffers becomes a ``call_function``
+or ``call_method`` node) while ``nn.Module.__call__`` is intercepted (a leaf module --
+``torch.nn``'s own, as in torch.fx -- becomes one ``call_module`` node; nothing inside it is
+recorded; its own forward hooks run and are recorded). Parameters and buffers become
+``get_attr`` nodes (read live at every run); every other value -- shapes, Python numbers,
+tensors created from constants -- is specialised into the graph. The graph is therefore
+valid for inputs with the same signature (shapes, dtypes, device, non-tensor arguments);
+:class:`core.capture.Capture` caches it per signature.
+
+Value-dependent control flow (``bool``, ``item``, ``tolist`` ... on a tensor that depends on
+the input) is detected: such a graph is valid for the recorded input only and is recorded
+again for every call.
+
+The recording never changes the model: it runs in eval mode with the buffers replaced by
+copies (``torch.func.functional_call``), so a forward that updates a buffer (a call counter,
+an EMA) updates the copy.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from core.errors import UnsupportedOperation
+
+_DUNDERS = {
+    "__getitem__": operator.getitem, "__neg__": operator.neg, "__iadd__": operator.iadd,
+    "__isub__": operator.isub, "__imul__": operator.imul, "__itruediv__": operator.itruediv,
+    "__matmul__": operator.matmul,
+}
+# non-tensor results that depend on shapes/metadata only (specialised by the signature)
+_QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_device",
+            "is_contiguous", "element_size", "stride", "shape", "dtype", "device", "ndim",
+            "is_cuda", "requires_grad", "layout", "__len__", "is_floating_point",
+            "is_complex", "data_ptr", "storage_offset", "is_leaf", "grad_fn", "names",
+            "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order"}
+_STATE = threading.local()
+
+
+def is_leaf_module(module: nn.Module) -> bool:
+    """torch.fx's default: ``torch.nn``'s own modules except containers."""
+    name = type(module).__module__
+    return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
+        module, nn.Sequential | nn.ModuleList | nn.ModuleDict)
+
+
+@dataclass
+class Recording:
+    """A recorded graph and what the recording found out."""
+
+    graph: fx.Graph
+    output: Any
+    module_outputs: dict[str, Any] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    value_dependent: list[str] = field(default_factory=list)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module, state: dict[int, str]) -> None:
+        super().__init__()
+        self.model = model
+        self.graph = fx.Graph()
+        self.nodes: dict[int, fx.Node] = {}
+        self.alive: list[torch.Tensor] = []  # keeps ids unique while recording
+        self.dependent: set[int] = set()  # ids of tensors that depend on an input
+        self.state = state  # id(parameter or buffer) -> qualified name
+        self.attrs: dict[str, fx.Node] = {}
+        self.depth = 0
+        self.value_dependent: list[str] = []
+        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.module_outputs: dict[str, Any] = {}
+        self.module_inputs: dict[str, fx.Node] = {}
+
+    # ------------------------------------------------------------------ values and nodes
+    def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
+        self.nodes[id(t)] = node
+        self.alive.append(t)
+        if dependent:
+            self.dependent.add(id(t))
+        else:
+            self.dependent.discard(id(t))
+
+    def placeholder(self, name: str, t: torch.Tensor) -> None:
+        self.bind(t, self.graph.placeholder(name), True)
+
+    def node_of(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            node = self.nodes.get(id(v))
+            if node is not None:
+                return node
+            name = self.state.get(id(v))
+            if name is not None:
+                if name not in self.attrs:
+                    self.attrs[name] = self.graph.get_attr(name)
+                return self.attrs[name]
+            return v  # a constant, specialised into the graph
+        if isinstance(v, (tuple, list)):
+            return type(v)(self.node_of(x) for x in v) if type(v) in (tuple, list) else v
+        if isinstance(v, dict):
+            return {k: self.node_of(x) for k, x in v.items()}
+        return v
+
+    def tracked(self, v: Any) -> tuple[bool, bool]:
+        """(any recorded or state tensor, any input-dependent tensor) among the leaves."""
+        found = dependent = False
+        stack = [v]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, torch.Tensor):
+                if id(x) in self.nodes or id(x) in self.state:
+                    found = True
+                    dependent = dependent or id(x) in self.dependent
+            elif isinstance(x, (tuple, list)):
+                stack.extend(x)
+            elif isinstance(x, dict):
+                stack.extend(x.values())
+        return found, dependent
+
+    def bind_result(self, out: Any, node: fx.Node, dependent: bool) -> None:
+        if isinstance(out, torch.Tensor):
+            self.bind(out, node, dependent)
+        elif isinstance(out, (tuple, list)):
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    self.bind(t, self.graph.call_function(operator.getitem, (node, i)),
+                              dependent)
+
+    # ------------------------------------------------------------------ torch functions
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth:
+            return out
+        found, dependent = self.tracked((args, kwargs))
+        if not found:
+            return out
+        name = getattr(func, "__name__", "")
+        getter = name == "__get__" and hasattr(func, "__self__")
+        if getter:
+            name = getattr(func.__self__, "__name__", name)
+        if not isinstance(out, torch.Tensor) and not (
+            isinstance(out, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in out)
+        ):
+            if dependent and name not in _QUERIES:
+                self.value_dependent.append(name)
+            return out
+        if getter:
+            op, target, fargs = "call_function", getattr, (args[0], name)
+        elif (getattr(torch.Tensor, name, None) is func
+              or getattr(torch._C.TensorBase, name, None) is func):
+            if name in _DUNDERS:
+                op, target, fargs = "call_function", _DUNDERS[name], args
+            else:
+                op, target, fargs = "call_method", name, args
+        else:
+            op, target, fargs = "call_function", func, args
+        node = self.graph.create_node(op, target, self.node_of(tuple(fargs)),
+                                      self.node_of(kwargs))
+        self.bind_result(out, node, dependent)
+        return out
+
+    # ------------------------------------------------------------------ modules
+    def call_module(self, call: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        name = self.module_names.get(id(module))
+        if self.depth or name is None:
+            return call(module, *args, **kwargs)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and (id(first) in self.nodes or id(first) in self.state):
+            self.module_inputs[name] = self.node_of(first)
+        if not is_leaf_module(module):
+            out = call(module, *args, **kwargs)
+        else:
+            out = self._leaf(module, name, args, kwargs)
+        value = self.node_of(out)
+        if isinstance(value, fx.Node) or (
+            isinstance(value, tuple) and any(isinstance(v, fx.Node) for v in value)
+        ):
+            self.module_outputs[name] = value
+        return out
+
+    def _leaf(self, module: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+        """A leaf module: its pre-hooks, one ``call_module`` node, its forward hooks."""
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if key in module._forward_pre_hooks_with_kwargs:
+                result = hook(module, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(module, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        found, dependent = self.tracked((args, kwargs))
+        self.depth += 1
+        try:
+            out = module.forward(*args, **kwargs)
+        finally:
+            self.depth -= 1
+        if found:
+            node = self.graph.call_module(name, self.node_of(tuple(args)), self.node_of(kwargs))
+            self.bind_result(out, node, dependent)
+        for key, hook in list(module._forward_hooks.items()):
+            if key in module._forward_hooks_with_kwargs:
+                result = hook(module, args, kwargs, out)
+            else:
+                result = hook(module, args, out)
+            if result is not None:
+                out = result
+        return out
+
+
+def _module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    recorder = getattr(_STATE, "recorder", None)
+    if recorder is None:
+        return _ORIGINAL_CALL(module, *args, **kwargs)
+    return recorder.call_module(_ORIGINAL_CALL, module, args, kwargs)
+
+
+_ORIGINAL_CALL = nn.Module.__call__
+
+
+def _global_hooks() -> list[str]:
+    mod = nn.modules.module
+    names = ["_global_forward_hooks", "_global_forward_pre_hooks"]
+    return [n for n in names if getattr(mod, n, None)]
+
+
+def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = (),
+           kwargs: dict | None = None,
+           output: Callable[[Any], Any] | None = None) -> Recording:
+    """Run ``model(*inputs, *extra, **kwargs)`` once and record it as a graph.
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model (run in eval mode on copies of its buffers; not changed).
+    inputs: tuple of torch.Tensor
+        The split inputs (placeholders of the graph, in this order).
+    extra, kwargs:
+        Further positional and keyword arguments (tensors among them are constants of the
+        recording).
+    output: callable, optional
+        Picks the tensor to split from the model's output (applied while recording).
+
+    Returns
+    -------
+    Recording
+    """
+    if _global_hooks():
+        raise UnsupportedOperation(
+            "global module hooks (torch.nn.modules.module.register_module_forward_hook / "
+            "_pre_hook) are registered; the split cannot tell their effect on each module. "
+            "Remove them while splitting."
+        )
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    params = dict(model.named_parameters())
+    state = {id(t): name for name, t in buffers.items()}
+    state.update({id(p): name for name, p in params.items()})
+    recorder = _Recorder(model, state)
+    for i, t in enumerate(inputs):
+        recorder.placeholder(f"input_{i}", t)
+    if getattr(_STATE, "recorder", None) is not None:
+        raise RuntimeError("a recording is already running in this thread")
+    _STATE.recorder = recorder
+    previous = nn.Module.__call__
+    nn.Module.__call__ = _module_call
+    try:
+        with torch.no_grad(), recorder:
+            out = torch.func.functional_call(model, buffers, tuple(inputs) + tuple(extra),
+                                             kwargs or {}, strict=False, tie_weights=True)
+            if output is not None:
+                out = output(out)
+    finally:
+        nn.Module.__call__ = previous
+        _STATE.recorder = None
+    value = recorder.node_of(out)
+    recorder.graph.output(value)
+    return Recording(recorder.graph, value, recorder.module_outputs, recorder.module_inputs,
+                     list(dict.fromkeys(recorder.value_dependent)))

@@ -1,0 +1,208 @@
+"""The rule table: each operation's split-pair rule and what the engine needs to know about it.
+
+A :class:`Rule` is one small unit: a function ``fn(ctx, args, kwargs) -> value`` that maps the
+split pairs of a node's inputs to the split pair of its output (its docstring states the
+formula), plus the metadata that the rest of the engine reads from it -- nothing else in the
+engine matches operations by identity or by name:
+
+``lrp``
+    How SplitLRP (:mod:`core.lrp`) sends relevance back through the operation:
+    ``"epsilon"`` (it mixes neurons: affine maps, BatchNorm, averaging, convex max pooling
+    outside ``maxpool="wta"``), ``"structural"`` (it moves values without mixing them: views,
+    slicing, concatenation, padding), ``"activation"`` (a ReLU-type unit: relevance passes),
+    ``"sum"`` (a sum of two activations, a residual add: see ``signs``), ``"maxpool"``
+    (``"epsilon"`` in convex mode, ``"structural"`` in winner-takes-all mode), ``"index"``
+    (an element of a tuple of pairs) or ``"none"`` (the result is not a pair).
+``activation``
+    A ReLU-type unit: the forward stabiliser and the backward alpha shift apply after it
+    (a shift point, eqs. 36-41).
+``relu``
+    Exactly ``relu(z)``: SplitLRP's ``activation_rule="wta"`` hands the g stream's relevance
+    to the winning pre-activation.
+``signs``
+    For ``lrp == "sum"``: the sign with which each of the two operands enters the sum
+    (``a - b`` is ``(1, -1)``).
+``query``
+    The result is a Python value computed from the activation's metadata (``x.size()``,
+    ``x.shape``): it is never a pair.
+``freezes``
+    For an operation that is not piecewise linear (:mod:`core.frozen`): a check
+    ``freezes(node, carried) -> str | None`` that describes what is frozen at that graph node
+    (None: split exactly there). Such nodes need ``core.split(model, nonlinear="freeze")``.
+``constant``
+    The result is a constant (a frozen gate such as ``sigmoid``), never a pair.
+
+How to add an operation
+-----------------------
+Write its rule function in :mod:`core.rules` (or a module imported by it) and decorate it
+with :func:`register`, naming what it handles -- ``torch.nn.Module`` subclasses (leaf modules,
+matched with ``isinstance`` in registration order), functions (``call_function`` nodes, such
+as ``torch.relu`` or ``operator.add``) or method names (``call_method`` nodes, ``"relu"``) --
+and its metadata::
+
+    @register(nn.ReLU, torch.relu, F.relu, "relu", lrp="activation", activation=True)
+    def relu(ctx, args, kwargs):
+        '''ReLU: ``d' = relu(d)``, ``s' = s + relu(-d)``.'''
+        ...
+
+That is the only place to touch: the planner (:mod:`core.split`), SplitLRP and the shift
+points read the metadata from the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UnsupportedOperation
+
+LRP_KINDS = ("epsilon", "structural", "activation", "sum", "maxpool", "index", "none",
+             "product")
+
+
+@dataclass
+class Ctx:
+    """What a rule may need besides its arguments.
+
+    Attributes
+    ----------
+    maxpool: str
+        ``"convex"`` or ``"wta"``.
+    where: str
+        The module path or graph node, for error messages.
+    module: torch.nn.Module or None
+        The leaf module of a ``call_module`` node.
+    skip_bias: bool
+        The ``|b|`` of this affine layer is merged into the BatchNorm after it.
+    merged_bias: torch.Tensor or None
+        For a BatchNorm merged into the affine layer before it: that layer's bias.
+    weight_abs: callable
+        ``|W|`` of a weight (possibly kept between calls).
+    cached_abs: bool
+        ``weight_abs`` returns a kept ``|W|``: use it directly.
+    """
+
+    maxpool: str
+    where: str
+    module: nn.Module | None = None
+    skip_bias: bool = False
+    merged_bias: torch.Tensor | None = None
+    weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
+    cached_abs: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """An operation's split-pair rule with its metadata (see the module docstring).
+
+    Calling the rule calls ``fn(ctx, args, kwargs)``.
+    """
+
+    fn: Callable[[Ctx, tuple, dict], Any]
+    lrp: str = "epsilon"
+    activation: bool = False
+    relu: bool = False
+    signs: tuple[int, int] | None = None
+    query: bool = False
+    freezes: Callable[[Any, set], str | None] | None = None
+    constant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lrp not in LRP_KINDS:
+            raise ValueError(f"lrp={self.lrp!r} is not one of {LRP_KINDS}")
+        if (self.lrp == "sum") != (self.signs is not None):
+            raise ValueError("a rule with lrp='sum' needs signs, and only such a rule")
+
+    def __call__(self, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+        return self.fn(ctx, args, kwargs)
+
+    @property
+    def name(self) -> str:
+        """The rule function's name."""
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+    @property
+    def structural(self) -> bool:
+        """Whether the operation moves values without mixing neurons (for any maxpool mode,
+        ``"maxpool"`` rules excepted)."""
+        return self.lrp in ("structural", "index")
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name}, lrp={self.lrp!r}, activation={self.activation})"
+
+
+class RuleTable:
+    """The rules of leaf modules (by type), functions (by identity) and tensor methods (by
+    name)."""
+
+    def __init__(self) -> None:
+        self.modules: list[tuple[type, Rule]] = []
+        self.functions: dict[Any, Rule] = {}
+        self.methods: dict[str, Rule] = {}
+
+    def add(self, target: Any, rule: Rule) -> None:
+        """Register ``rule`` for a module type, a function or a method name."""
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            self.modules.append((target, rule))
+        elif isinstance(target, str):
+            self.methods[target] = rule
+        elif callable(target):
+            self.functions[target] = rule
+        else:
+            raise TypeError(f"cannot register a rule for {target!r}")
+
+    def module(self, module: nn.Module) -> Rule | None:
+        """The rule of a leaf module (the first registered type it is an instance of)."""
+        for kind, rule in self.modules:
+            if isinstance(module, kind):
+                return rule
+        return None
+
+    def function(self, fn: Any) -> Rule | None:
+        """The rule of a ``call_function`` target."""
+        try:
+            return self.functions.get(fn)
+        except TypeError:  # unhashable target
+            return None
+
+    def method(self, name: str) -> Rule | None:
+        """The rule of a ``call_method`` target."""
+        return self.methods.get(name)
+
+    def lookup(self, op: str, target: Any, module: nn.Module | None = None) -> Rule | None:
+        """The rule of an fx node (``op``, ``target``), ``module`` for ``call_module``."""
+        if op == "call_module":
+            return self.module(module)
+        if op == "call_method":
+            return self.method(target)
+        if op == "call_function":
+            return self.function(target)
+        return None
+
+
+TABLE = RuleTable()
+
+
+def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu: bool = False,
+             signs: tuple[int, int] | None = None, query: bool = False,
+             freezes: Callable[[Any, set], str | None] | None = None,
+             constant: bool = False) -> Callable[[Callable], Rule]:
+    """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
+
+    def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
+        rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
+                                                   freezes, constant)
+        for target in targets:
+            TABLE.add(target, rule)
+        return rule
+
+    return wrap
+
+
+def unsupported(ctx: Ctx, what: str, fix: str) -> UnsupportedOperation:
+    """Build the error for an operation without an exact split rule."""
+    return UnsupportedOperation(f"{ctx.where}: {what} has no exact split-pair rule. {fix}")

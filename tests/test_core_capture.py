@@ -1,0 +1,333 @@
+"""Capture (issue 11, point 1): models that symbolic tracing cannot follow split exactly --
+control flow on shapes and values, optional and keyword arguments, several inputs, structured
+outputs, module hooks, wrapped models -- and capture never changes the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import core
+from tests.core_checks import assert_rel_close, max_abs
+
+
+def _grads(model: nn.Module, inputs: tuple, target: int, **kwargs) -> tuple:
+    xs = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
+    out = model(*xs, **kwargs)
+    return torch.autograd.grad(out[:, target].sum(), xs)
+
+
+def _check_exact(sm: core.SplitModel, model: nn.Module, x, *extra, rel: float = 1e-5,
+                 **kwargs) -> None:
+    with torch.no_grad():
+        f = model(*(x if isinstance(x, tuple) else (x,)), *extra, **kwargs)
+    g, h = sm(x, *extra, **kwargs)
+    assert_rel_close(g - h, f, rel, scale=max_abs(g))
+
+
+# --------------------------------------------------------------------------- control flow
+class ValueBranch(nn.Module):
+    """Python control flow on tensor values and on shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.a(x))
+        if z.sum() > 3:  # value dependent
+            z = -z
+        if x.shape[0] > 2:  # shape dependent
+            z = z * 2
+        for _ in range(int(x.shape[1] // 2)):
+            z = z + 0.5
+        return self.b(z)
+
+
+def test_control_flow_on_values_and_shapes_splits_exactly():
+    torch.manual_seed(0)
+    model = ValueBranch().eval()
+    sm = core.split(model)
+    for scale, batch in ((0.01, 2), (10.0, 2), (10.0, 4)):  # both branches, both shapes
+        x = torch.randn(batch, 4) * scale
+        _check_exact(sm, model, x)
+        probes = sm.sensitivities(x, 1, ["input", "a"], alpha=0.5)
+        (grad,) = _grads(model, (x,), 1)
+        assert_rel_close(probes["input"].grad, grad, 1e-5)
+        assert_rel_close(probes["input"].g, grad / 2, 1e-5)
+    # the value-dependent graph is recorded again for every call, never cached
+    assert not sm.capture._cache
+
+
+# --------------------------------------------------------------------------- arguments
+class Optional(nn.Module):
+    """Optional tensor input, a keyword flag and a scale with defaults."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, x2=None, *, scale: float = 1.0, pool: bool = True):
+        if x2 is not None:
+            x = x + x2
+        z = F.relu(self.conv(x)) * scale
+        z = z.mean((2, 3)) if pool else z[:, :, 0, 0]
+        return self.fc(z)
+
+
+def test_optional_and_keyword_arguments_and_several_inputs():
+    torch.manual_seed(1)
+    model = Optional().eval()
+    sm = core.split(model)
+    x, x2 = torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5)
+    _check_exact(sm, model, x)
+    _check_exact(sm, model, x, scale=3.0, pool=False)
+    _check_exact(sm, model, x, x2)  # x2 as a constant argument
+    _check_exact(sm, model, (x, x2))  # both inputs split
+    probes = sm.sensitivities((x, x2), 2, ["input", "input:1", "conv"], alpha=0.5)
+    grads = _grads(model, (x, x2), 2)
+    assert isinstance(probes["input"], tuple) and len(probes["input"]) == 2
+    for probe, grad in zip(probes["input"], grads, strict=True):
+        assert_rel_close(probe.grad, grad, 1e-5)
+        assert_rel_close(probe.g - probe.h, grad, 1e-5)
+    assert torch.equal(probes["input:1"].grad, probes["input"][1].grad)
+    pairs = sm.pairs((x, x2), ["input"])["input"]
+    assert torch.equal(pairs[1].d, x2)
+    # model(x) uses the symbolic graph; the other calls one recording per signature
+    assert sm.prepare(x).captured.mechanism == "symbolic"
+    assert len(sm.capture._cache) == 3
+    sm((x * 2, x2))
+    assert len(sm.capture._cache) == 3
+
+
+# --------------------------------------------------------------------------- outputs
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Structured(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        z = self.body(x)
+        y = self.head(z)
+        if self.kind == "tuple":
+            return y, z
+        if self.kind == "dict":
+            return {"logits": y, "features": z}
+        return Output(y, z)
+
+
+@pytest.mark.parametrize("kind,output", [("tuple", 0), ("dict", "logits"),
+                                         ("dataclass", "logits"),
+                                         ("dataclass", lambda o: o.logits * 2)])
+def test_structured_outputs_need_and_take_a_selector(kind, output):
+    torch.manual_seed(2)
+    model = Structured(kind).eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(core.UnsupportedOperation, match="output="):
+        core.split(model)(x)
+    sm = core.split(model, output=output)
+    g, h = sm(x)
+    with torch.no_grad():
+        out = model(x)
+    want = {"tuple": lambda: out[0], "dict": lambda: out["logits"],
+            "dataclass": lambda: out.logits}[kind]()
+    if callable(output):
+        want = want * 2
+    assert_rel_close(g - h, want, 1e-5, scale=max_abs(g))
+    probe = sm.sensitivities(x, 0, ["body"], alpha=0.5)["body"]
+    assert probe.activation.shape == (3, 8)
+
+
+class TupleLayer(nn.Module):
+    def forward(self, a, b):
+        return F.relu(a), F.relu(b)
+
+
+class UsesTupleLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.pair = TupleLayer()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = self.lin(x)
+        a, b = self.pair(z, z - 1)
+        return self.out(a + b)
+
+
+def test_a_module_with_a_tuple_output_is_probed_per_element():
+    torch.manual_seed(3)
+    model = UsesTupleLayer().eval()
+    x = torch.randn(2, 3)
+    sm = core.split(model)
+    probes = sm.sensitivities(x, 1, ["pair", "pair:1"], alpha=0.5)
+    assert isinstance(probes["pair"], tuple) and len(probes["pair"]) == 2
+    z = model.lin(x).detach().requires_grad_(True)
+    a, b = F.relu(z), F.relu(z - 1)
+    a.retain_grad(), b.retain_grad()
+    model.out(a + b)[:, 1].sum().backward()
+    assert_rel_close(probes["pair"][0].grad, a.grad, 1e-6)
+    assert_rel_close(probes["pair:1"].grad, b.grad, 1e-6)
+
+
+# --------------------------------------------------------------------------- hooks
+def _small() -> nn.Sequential:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+@pytest.mark.parametrize("where", ["root", "leaf", "pre"])
+def test_module_hooks_run_in_the_split(where):
+    model = _small()
+    if where == "root":
+        model.register_forward_hook(lambda m, args, out: out * 2 + 1)
+    elif where == "leaf":
+        model[1].register_forward_hook(lambda m, args, out: out - 0.5)
+    else:
+        model[2].register_forward_pre_hook(lambda m, args: (args[0] * 3,))
+    x = torch.randn(5, 4)
+    sm = core.split(model)
+    _check_exact(sm, model, x)
+    probe = sm.sensitivities(x, 0, ["input"], alpha=0.5)["input"]
+    (grad,) = _grads(model, (x,), 0)
+    assert_rel_close(probe.grad, grad, 1e-5)
+
+
+# --------------------------------------------------------------------------- model unchanged
+class Counter(nn.Module):
+    """A forward that updates buffers: a call counter and an EMA of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x, flag: bool = False):
+        self.calls += 1
+        self.ema.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return self.fc(F.relu(x))
+
+
+@pytest.mark.parametrize("flag", [False, True])  # symbolic, eager capture
+def test_a_forward_that_updates_buffers_does_so_on_a_copy(flag):
+    torch.manual_seed(5)
+    model = Counter().eval()
+    before = {n: (b.clone(), b._version, b.data_ptr()) for n, b in model.named_buffers()}
+    x = torch.randn(2, 4)
+    sm = core.split(model)
+    args = (flag,) if flag else ()
+    sm(x, *args)
+    sm.sensitivities(x, 1, ["fc", "input"], extra_args=args)
+    sm.relevance(x, torch.eye(3)[[1, 1]], extra_args=args)
+    for name, b in model.named_buffers():
+        value, version, ptr = before[name]
+        assert torch.equal(b, value) and b._version == version and b.data_ptr() == ptr, name
+
+
+# --------------------------------------------------------------------------- wrappers, errors
+def test_wrapped_models_are_split_through_the_module_they_wrap():
+    model = _small()
+    x = torch.randn(2, 4)
+    for wrapper in (nn.DataParallel(model), torch.compile(model)):
+        with pytest.warns(UserWarning, match="wrapped"):
+            sm = core.split(wrapper)
+        assert sm.model is model
+        _check_exact(sm, model, x)
+
+
+def test_unsupported_kinds_of_models_and_inputs_name_the_cause():
+    model = _small()
+    x = torch.randn(2, 4)
+    with pytest.raises(core.UnsupportedOperation, match="TorchScript"):
+        core.split(torch.jit.script(model))
+    with pytest.raises(ValueError, match="meta"):
+        core.split(nn.Linear(4, 3, device="meta"))
+    sm = core.split(model)
+    with pytest.raises(ValueError, match="meta"):
+        sm(torch.empty(2, 4, device="meta"))
+    with torch.inference_mode():
+        frozen = torch.randn(2, 4)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            sm(x)
+    with pytest.raises(RuntimeError, match="inference"):
+        sm(frozen)
+
+
+def test_non_finite_model_output_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[2].weight.fill_(3e38)
+    x = torch.full((2, 4), 10.0)
+    with pytest.raises(ValueError, match="output is not finite"):
+        core.split(model)(x)
+
+
+class MultiArgError(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code, self.detail = code, detail
+
+
+def test_errors_keep_their_type_and_arguments():
+    from core.interpreter import SplitInterpreter
+    from core.registry import Rule
+
+    model = _small()
+    sm = core.split(model)
+    call = sm.prepare(torch.randn(2, 4))
+    interp: SplitInterpreter = call.interpreter
+    step = next(s for s in interp.steps.values() if s.rule is not None)
+
+    def boom(ctx, args, kwargs):
+        raise MultiArgError(7, "detail")
+
+    broken = dataclasses.replace(step, rule=Rule(boom))
+    with pytest.raises(MultiArgError) as err:
+        interp.run_rule(broken, (), {})
+    assert err.value.args == (7, "detail") and err.value.code == 7
+    assert any(step.where in note for note in err.value.__notes__)
+    with pytest.raises(RuntimeError) as err:  # a wrong input size: the layer is named
+        sm(torch.randn(2, 5))
+    assert "'0'" in " ".join(getattr(err.value, "__notes__", []))
+    assert "while" not in str(err.value.args[0])
+
+
+def test_training_mode_is_explained_with_eval_semantics_in_eager_capture():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Flatten(), nn.Linear(27, 2))
+    model[1].running_mean.normal_()
+    model.eval()
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+    model.train()
+    model.register_forward_hook(lambda m, a, out: out)  # forces the eager capture
+    buffers = {n: (b.clone(), b._version) for n, b in model.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = core.split(model)
+        g, h = sm(x)
+        sm.sensitivities(x, 1, ["1"])
+        sm.relevance(x, torch.eye(2)[[0, 1]])
+    assert_rel_close(g - h, want, 1e-5, scale=max_abs(g))
+    assert all(m.training for m in model.modules())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name][0]) and b._version == buffers[name][1], name
