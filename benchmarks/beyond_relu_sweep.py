@@ -127,7 +127,7 @@ def check(model, x, nonlinear: str = "freeze") -> dict:
     g, h = sm(x)
     scale = max(g.abs().max().item(), h.abs().max().item(), f.abs().max().item(), 1e-30)
     error = (g - h - f).abs().max().item() / scale
-    row = {"relative_error": error, "frozen": len(sm.frozen_operations()),
+    row = {"relative_error": error, "frozen": len(sm.frozen_operations(x)),
            "ok": error <= TOLERANCE}
     try:
         probe = sm.sensitivities(x, 0, ["input"], alpha=0.4)["input"]
