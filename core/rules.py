@@ -73,6 +73,8 @@ def method(name: str) -> RuleFn:
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         if name.endswith("_as"):
             args = (args[0],) + tuple(a.d if isinstance(a, Pair) else a for a in args[1:])
+            if not isinstance(args[0], Pair):  # a constant (a frozen gate) shaped like a pair
+                return call(*args, **kwargs)
         return plain(ctx, args, kwargs)
 
     return rule

@@ -359,3 +359,28 @@ def test_addcmul_and_abs_are_exact():
     torch.testing.assert_close(sm(x)[0] - sm(x)[1], model(x), rtol=0, atol=1e-12)
     p = sm.sensitivities(x, 0, ["input"], alpha=0.0)["input"]
     assert p.exact and (p.pos_g >= -1e-12).all() and (p.neg_g >= -1e-12).all()
+
+
+def test_gate_expanded_like_a_pair():
+    # efficient channel attention: the sigmoid gate (a constant) is expanded like the pair
+    torch.manual_seed(8)
+
+    class Eca(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gate = nn.Conv1d(1, 1, 3, padding=1)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = F.relu(self.conv(x))
+            y = self.gate(z.mean((2, 3)).view(z.shape[0], 1, -1)).view(z.shape[0], -1, 1, 1)
+            z = z * y.sigmoid().expand_as(z)
+            return self.out(z.mean((2, 3)))
+
+    model = Eca().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze")
+    assert torch.equal(sm.forward_pairs(x).d, model(x))
+    assert any("sigmoid" in op for op in sm.frozen_operations())
