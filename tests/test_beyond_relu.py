@@ -384,3 +384,23 @@ def test_gate_expanded_like_a_pair():
         sm = core.split(model, nonlinear="freeze")
     assert torch.equal(sm.forward_pairs(x).d, model(x))
     assert any("sigmoid" in op for op in sm.frozen_operations())
+
+
+def test_adapters_accept_and_record_the_option():
+    import quantus_adapters
+    from captum_split import SplitGrad
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explainer = SplitGrad(model, alpha=0.5, nonlinear="freeze")
+        assert explainer.nonlinear == "freeze"
+        with pytest.raises(core.UnsupportedOperation, match="nonlinear='freeze'"):
+            SplitGrad(model)
+        for method in ("SplitCAM", "SplitGrad", "SplitLRP"):
+            maps = quantus_adapters.explain(model, x.numpy(), [0, 1], method=method,
+                                            nonlinear="freeze")
+            assert maps.shape == (2, 1, 8, 8)
