@@ -44,13 +44,15 @@ def split_cam(
     stabilizer: str = "scale",
     input_split: str = "relu",
     relu_attributions: bool = False,
+    nonlinear: str = "error",
 ) -> Tensor:
     """SplitCAM (paper eqs. 6-7): split-pair sensitivities times activations, summed over channels.
 
     Options: ``layer`` (module name; default the last convolution), ``alpha`` ("auto", or a float),
     ``stream`` ("g" | "h"), ``sign`` (None | "+" | "-"), ``maxpool`` ("convex" | "wta"),
     ``stabilizer`` ("scale" | "shift" | "none"), ``input_split`` ("relu" | "half"),
-    ``relu_attributions`` (False). Returns ``(B, 1, h, w)`` at the layer's resolution.
+    ``relu_attributions`` (False), ``nonlinear`` ("error" | "freeze"). Returns
+    ``(B, 1, h, w)`` at the layer's resolution.
     """
     from .splitcam import SplitCAM
 
@@ -63,6 +65,7 @@ def split_cam(
         maxpool=maxpool,
         stabilizer=stabilizer,
         input_split=input_split,
+        nonlinear=nonlinear,
     )
     return explainer.attribute(inputs, target=targets, relu_attributions=relu_attributions)
 
@@ -79,11 +82,13 @@ def split_grad(
     maxpool: str = "convex",
     stabilizer: str = "scale",
     input_split: str = "relu",
+    nonlinear: str = "error",
 ) -> Tensor:
     """SplitGrad (paper section 4.1): channel mean of a shifted split-pair sensitivity.
 
     Options: ``layer`` (module name; default None, the input), ``alpha`` ("auto", or a float),
-    ``stream``, ``sign``, ``maxpool``, ``stabilizer``, ``input_split`` as for SplitCAM. Returns
+    ``stream``, ``sign``, ``maxpool``, ``stabilizer``, ``input_split``, ``nonlinear`` as for
+    SplitCAM. Returns
     ``(B, 1, h, w)``; at the input the channel mean ``(B, 1, H, W)`` (the paper's map).
     """
     from .splitcam import SplitGrad
@@ -97,6 +102,7 @@ def split_grad(
         maxpool=maxpool,
         stabilizer=stabilizer,
         input_split=input_split,
+        nonlinear=nonlinear,
     )
     out = explainer.attribute(inputs, target=targets)
     return out.mean(dim=1, keepdim=True) if explainer.layer_name == "input" else out

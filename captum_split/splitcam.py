@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import core
 from core import checks
 from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
-from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
+from core.split import INPUT_SPLITS, MAXPOOL_MODES, NONLINEAR_MODES, STABILIZERS
 
 from ._utils import (
     SIGNS,
@@ -74,6 +74,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
+        nonlinear: str = "error",
     ) -> None:
         method = type(self).__name__
         checks.option("stream", stream, who=method, allowed=STREAMS)
@@ -81,6 +82,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         checks.option("maxpool", maxpool, who=method, allowed=MAXPOOL_MODES)
         checks.option("stabilizer", stabilizer, who=method, allowed=STABILIZERS)
         checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
+        checks.option("nonlinear", nonlinear, who=method, allowed=NONLINEAR_MODES)
         model = unwrap_model(forward_func, method)
         self.layer_name = checks.layer_name(
             model, layer, method, allow_input=self._allow_input_layer
@@ -97,8 +99,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.maxpool = maxpool
         self.stabilizer = stabilizer
         self.input_split = input_split
+        self.nonlinear = nonlinear
         self.split_model = core.split(
-            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split
+            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
+            nonlinear=nonlinear,
         )
         static = self.split_model.capture.symbolic is not None  # else names need an input
         if (static and self.layer_name != "input"
@@ -197,6 +201,10 @@ class SplitCAM(_SplitAttribution):
         The third positional parameter, as in ``LayerGradCam(forward_func, layer,
         device_ids)``; accepted for Captum compatibility, the split runs on the device of the
         inputs. The SplitCAM options above are keyword-only.
+    nonlinear : {"error", "freeze"}
+        ``"freeze"`` explains models with smooth units, gates, attention and normalisations
+        (:func:`core.split`); the frozen operations are listed by
+        ``self.split_model.frozen_operations()``.
     """
 
     @property
@@ -288,7 +296,7 @@ class SplitGrad(_SplitAttribution):
         The model (also accepted: its bound ``forward`` or a ``DataParallel`` wrapper).
     layer : :py:class:`torch.nn.Module`, str or None
         A submodule or its name; ``None`` (or ``"input"``) for the model input.
-    alpha, stream, sign, maxpool, stabilizer, input_split, device_ids
+    alpha, stream, sign, maxpool, stabilizer, input_split, device_ids, nonlinear
         As in :py:class:`SplitCAM`; ``sign`` picks ``pos_g``/``neg_g``/``g`` (or the ``h``
         ones), the activations are not used.
     """
@@ -307,10 +315,12 @@ class SplitGrad(_SplitAttribution):
         maxpool: str = "convex",
         stabilizer: str = "scale",
         input_split: str = "relu",
+        nonlinear: str = "error",
     ) -> None:
         super().__init__(
             forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
             stabilizer=stabilizer, input_split=input_split, device_ids=device_ids,
+            nonlinear=nonlinear,
         )
 
     @property

@@ -1,4 +1,5 @@
-"""splitxai core: the exact DC decomposition ``f = g - h`` of piecewise-linear models.
+"""splitxai core: the exact DC decomposition ``f = g - h`` of piecewise-linear models
+(products of activations included; smooth operations frozen with ``nonlinear="freeze"``).
 
 >>> import core
 >>> sm = core.split(model)
@@ -11,7 +12,7 @@ from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
 from core.shift import ShiftReport, SplitClassBlindWarning, shift_diagnostics
-from core.split import SplitModel, split
+from core.split import NONLINEAR_MODES, SplitModel, split
 
 
 def __getattr__(name: str):
@@ -24,6 +25,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel", "SplitOverflowError",
-    "UnsupportedOperation", "eval_semantics", "shift_diagnostics", "split",
+    "NONLINEAR_MODES", "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel",
+    "SplitOverflowError", "UnsupportedOperation", "eval_semantics", "shift_diagnostics", "split",
 ]

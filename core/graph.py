@@ -173,6 +173,32 @@ class TracedModel:
     constants: dict[str, Any] = field(default_factory=dict)
 
 
+def constant(value: Any) -> Any:
+    """A tensor constant that torch.fx stored on the traced copy (``_tensor_constant0``)."""
+    return value
+
+
+def _attribute(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _keep_constants(graph: fx.Graph, model: nn.Module, twin: nn.Module) -> None:
+    """``get_attr`` nodes of tensor constants that fx created on the traced copy (not on the
+    model) become calls returning the constant."""
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        try:
+            _attribute(model, node.target)
+        except AttributeError:
+            with graph.inserting_before(node):
+                kept = graph.call_function(constant, (_attribute(twin, node.target),))
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+
+
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> TracedModel:
     """Trace ``model`` symbolically.
 
@@ -203,6 +229,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         raise TraceFailure(
             f"could not trace {type(model).__name__} with torch.fx: {type(err).__name__}: {err}"
         ) from err
+    _keep_constants(graph, model, twin)
     resolve_inplace(graph, model)
     nodes = list(graph.nodes)
     constants = {}  # tensors that torch.fx stored on the traced copy (``_tensor_constant0``)

@@ -68,6 +68,7 @@ class Step:
     merged_bias: torch.Tensor | None = None
     merged: bool = False
     copy: bool = False
+    frozen: str | None = None  # what nonlinear="freeze" freezes at this node
 
     @property
     def activation(self) -> bool:
@@ -95,9 +96,7 @@ def _unsupported(model: nn.Module, node: fx.Node, module: nn.Module | None) -> E
         fix = "Express it with supported tensor operations."
         what = getattr(node.target, "__name__", str(node.target))
     return UnsupportedOperation(
-        f"{where(model, node)}: {what} is not piecewise linear or has no exact split-pair rule "
-        "(smooth activations such as SiLU, GELU, Hardswish, sigmoid, softmax, normalisations "
-        f"by activation statistics and products of activations cannot be split). {fix}"
+        f"{where(model, node)}: {what} is not piecewise linear or has no split-pair rule. {fix}"
     )
 
 
@@ -112,13 +111,14 @@ def _writes_into(node: fx.Node) -> bool:
 
 
 def plan(model: nn.Module, graph: fx.Graph, inputs: int,
-         merge_batchnorm: bool = False) -> dict[fx.Node, Step]:
+         merge_batchnorm: bool = False, nonlinear: str = "error") -> dict[fx.Node, Step]:
     """Plan the evaluation of ``graph`` with its first ``inputs`` placeholders split.
 
     Raises
     ------
     UnsupportedOperation
-        For a node that depends on a split input and has no rule.
+        For a node that depends on a split input and has no rule, or (``nonlinear="error"``)
+        whose rule would freeze a factor (:mod:`core.frozen`).
     """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     carried: set[fx.Node] = set(placeholders[:inputs])
@@ -136,7 +136,7 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
                     rule = rules.lookup(node.op, node.target, module)
                     if rule is None:
                         raise _unsupported(model, node, module)
-                    carry = rule.lrp != "none"  # constant_like: evaluated, not a pair
+                    carry = rule.lrp != "none"  # constant_like, gates: evaluated, not a pair
         elif node.op == "output":
             carry = any(i in carried for i in node.all_input_nodes)
         if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
@@ -145,9 +145,19 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
                 "uses batch statistics, which couple the rows of a batch and are not "
                 "piecewise linear; use track_running_stats=True (a trained model)."
             )
+        frozen = None
+        if rule is not None and rule.freezes is not None:
+            frozen = rule.freezes(node, carried)
+            if frozen is not None and nonlinear != "freeze":
+                raise UnsupportedOperation(
+                    f"{where(model, node)} is not piecewise linear: it has no exact "
+                    f"split-pair rule. core.split(model, nonlinear='freeze') splits it with "
+                    f"its data-dependent factor frozen at the model's activation ({frozen}); "
+                    "g - h stays exact, the sensitivities are those of the frozen model."
+                )
         if carry:
             carried.add(node)
-        step = Step(node, rule, carry, module, where(model, node))
+        step = Step(node, rule, carry, module, where(model, node), frozen=frozen)
         if step.activation:
             step.shift_name = node.target if node.op == "call_module" else node.name
         steps[node] = step
@@ -202,7 +212,8 @@ class SplitInterpreter(fx.Interpreter):
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
-                 cached_abs: bool = False, constants: Mapping[str, Any] | None = None) -> None:
+                 cached_abs: bool = False, constants: Mapping[str, Any] | None = None,
+                 nonlinear: str = "error") -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
         self.inputs = inputs
@@ -210,7 +221,7 @@ class SplitInterpreter(fx.Interpreter):
         self.theta, self.threshold = theta, threshold
         self.weight_abs, self.cached_abs = weight_abs, cached_abs
         self.constants = dict(constants or {})
-        self.steps = plan(model, graph, inputs, merge_batchnorm)
+        self.steps = plan(model, graph, inputs, merge_batchnorm, nonlinear)
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
@@ -225,6 +236,25 @@ class SplitInterpreter(fx.Interpreter):
     def output_node(self) -> fx.Node:
         """The graph's output node."""
         return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    def frozen_operations(self) -> list[str]:
+        """The frozen operations in graph order, each with what is frozen."""
+        return [f"{s.where}: {s.frozen}" for s in self.steps.values() if s.frozen is not None]
+
+    def frozen_after(self) -> dict[fx.Node, tuple[str, ...]]:
+        """For every node, the frozen operations on a path from it to the output."""
+        found: dict[fx.Node, set[str]] = {}
+        names = {n: f"{s.where}: {s.frozen}" for n, s in self.steps.items()
+                 if s.frozen is not None}
+        for node in reversed(list(self.steps)):
+            here: set[str] = set()
+            for user in node.users:
+                here |= found.get(user, set())
+                if user in names:
+                    here.add(names[user])
+            found[node] = here
+        order = {name: i for i, name in enumerate(names.values())}
+        return {n: tuple(sorted(v, key=order.get)) for n, v in found.items()}
 
     def shift_points(self) -> list[str]:
         """``"input"``, the ReLU-type units in graph order and ``"output"``."""

@@ -90,7 +90,25 @@ def _kind(split: SplitModel, step: Step, activation_rule: str, residual: str,
         return "structural" if split.maxpool == "wta" else "epsilon"
     if rule.structural:
         return "structural"
+    if rule.lrp == "product":
+        # a product of two activations: the epsilon rule through the four products hands
+        # each factor the full relevance, so it is shared evenly (1/n for a ** n)
+        operands = [v for a in step.node.args
+                    for v in (a if isinstance(a, (list, tuple)) else [a])]
+        pairs = sum(isinstance(records.get(v), Pair) for v in operands
+                    if isinstance(v, fx.Node))
+        return "product" if _exponent(step) is not None or pairs > 1 else "epsilon"
     return "epsilon"
+
+
+def _exponent(step: Step) -> int | None:
+    """The exponent of an ``a ** n`` / ``a.square()`` step (None for other products)."""
+    if step.rule.name == "square":
+        return 2
+    if step.rule.name == "power" and len(step.node.args) > 1:
+        n = step.node.args[1]
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+    return None
 
 
 def relevance(
@@ -250,7 +268,7 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
             if i not in rs:
                 continue
             cp, cn = rs[i]
-            if kind == "epsilon":
+            if kind in ("epsilon", "product"):
                 cp = cp / _stabilised(o.pos.detach(), epsilon)
                 cn = cn / _stabilised(o.neg.detach(), epsilon)
             tensors += [o.d, o.s]
@@ -268,8 +286,11 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
             # d = a+ - a-, s = a+ + a-: d/da+ = gd + gs, d/da- = gs - gd
             jp = gd + gs if jp is None else jp + (gd + gs)
             jn = gs - gd if jn is None else jn + (gs - gd)
-        if kind == "epsilon":
+        if kind in ("epsilon", "product"):
             jp, jn = records[n].pos * jp, records[n].neg * jn
+        if kind == "product":
+            share = 1 / (_exponent(first) or 2)
+            jp, jn = jp * share, jn * share
         _add(rel, n, (jp, jn))
 
 

@@ -32,6 +32,13 @@ class Probe:
     alphas: dict of str to float or torch.Tensor
         The alpha of every shift point in this call (with ``alpha="auto"``: one value per row
         for the points the backward passed; see :mod:`core.shift`).
+        Gradient of the target logit with respect to the activation: of the original model
+        when :attr:`frozen` is empty, else of the frozen model (the model with those
+        operations' factors held at their values at this input; ``core.frozen``).
+    frozen: tuple of str
+        The frozen operations (``nonlinear="freeze"``) on a path from this node to the
+        output. Empty: the path is exact and ``S``, ``Dg``, ``grad`` are those of the model's
+        own split pair.
     """
 
     activation: torch.Tensor
@@ -40,6 +47,12 @@ class Probe:
     Dg: torch.Tensor
     grad: torch.Tensor
     alphas: Mapping[str, float | torch.Tensor] = field(default_factory=dict)
+    frozen: tuple[str, ...] = field(default=())
+
+    @property
+    def exact(self) -> bool:
+        """Whether the path from this node to the output is exact (nothing frozen on it)."""
+        return not self.frozen
 
     @property
     def pos(self) -> torch.Tensor:

@@ -25,6 +25,12 @@ engine matches operations by identity or by name:
 ``query``
     The result is a Python value computed from the activation's metadata (``x.size()``,
     ``x.shape``): it is never a pair.
+``freezes``
+    For an operation that is not piecewise linear (:mod:`core.frozen`): a check
+    ``freezes(node, carried) -> str | None`` that describes what is frozen at that graph node
+    (None: split exactly there). Such nodes need ``core.split(model, nonlinear="freeze")``.
+``constant``
+    The result is a constant (a frozen gate such as ``sigmoid``), never a pair.
 
 How to add an operation
 -----------------------
@@ -54,7 +60,8 @@ from torch import nn
 
 from core.errors import UnsupportedOperation
 
-LRP_KINDS = ("epsilon", "structural", "activation", "sum", "maxpool", "index", "none")
+LRP_KINDS = ("epsilon", "structural", "activation", "sum", "maxpool", "index", "none",
+             "product")
 
 
 @dataclass
@@ -101,6 +108,8 @@ class Rule:
     relu: bool = False
     signs: tuple[int, int] | None = None
     query: bool = False
+    freezes: Callable[[Any, set], str | None] | None = None
+    constant: bool = False
 
     def __post_init__(self) -> None:
         if self.lrp not in LRP_KINDS:
@@ -179,12 +188,14 @@ TABLE = RuleTable()
 
 
 def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu: bool = False,
-             signs: tuple[int, int] | None = None,
-             query: bool = False) -> Callable[[Callable], Rule]:
+             signs: tuple[int, int] | None = None, query: bool = False,
+             freezes: Callable[[Any, set], str | None] | None = None,
+             constant: bool = False) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 
     def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
-        rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query)
+        rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
+                                                   freezes, constant)
         for target in targets:
             TABLE.add(target, rule)
         return rule

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import frozen, frozen_rules, products
 from core.absops import abs_conv, abs_linear, add_negative_part
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
@@ -77,6 +78,8 @@ def method(name: str) -> RuleFn:
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         if name.endswith("_as"):
             args = (args[0],) + tuple(a.d if isinstance(a, Pair) else a for a in args[1:])
+            if not isinstance(args[0], Pair):  # a constant (a frozen gate) shaped like a pair
+                return call(*args, **kwargs)
         return plain(ctx, args, kwargs)
 
     return rule
@@ -180,10 +183,13 @@ def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__",
-          "__rmul__", "__imul__")
+          "__rmul__", "__imul__", lrp="product")
 def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Multiplication by a constant ``c`` (scalar or tensor): ``d' = c d``, ``s' = |c| s``."""
+    """Multiplication by a constant (``d' = c d``, ``s' = |c| s``) or of two activations
+    (the product rule of :mod:`core.products`: ``d' = d_a d_b``, ``s' = s_a s_b``)."""
     a, b = args[0], args[1]
+    if isinstance(a, Pair) and isinstance(b, Pair):
+        return products.product(a, b, torch.mul)
     if _is_const(a):
         a, b = b, a
     _static(ctx, b, "multiplication")
@@ -191,10 +197,17 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
-          "__truediv__", "__itruediv__")
-def div(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Division by a constant ``c``: ``d' = d / c``, ``s' = s / |c|``."""
+          "__truediv__", "__itruediv__", freezes=frozen_rules.division_check)
+def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """Division by a constant; by an activation only with ``nonlinear="freeze"``: the divisor
+    is frozen, ``a / b = a * (1 / b)`` with ``1 / b`` a constant."""
     a, b = args[0], args[1]
+    if isinstance(b, Pair):
+        value = torch.div(a.d if isinstance(a, Pair) else a, b.d, **kwargs)
+        if not isinstance(a, Pair):
+            return value.detach()
+        inverse = 1 / b.d.detach()
+        return Pair(frozen.frozen_value(value, a.d, lambda t: t * inverse), a.s * inverse.abs())
     if _is_const(a):
         raise unsupported(ctx, "division by an activation", "Only division by constants is linear.")
     _static(ctx, b, "division")
@@ -207,16 +220,67 @@ def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.neg(args[0].d), args[0].s)
 
 
-@register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__")
+@register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__", lrp="product")
 def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """Matrix product with a constant ``M`` (either side): ``d' = d M``, ``s' = s |M|``
-    (``M d``, ``|M| s``)."""
+    """Matrix product with a constant matrix (either side: ``|W|`` for ``s``) or of two
+    activations (the product rule: ``d' = d_a @ d_b``, ``s' = s_a @ s_b``)."""
     a, b = args[0], args[1]
     if isinstance(a, Pair) and isinstance(b, Pair):
-        _static(ctx, b, "matmul")
+        return products.product(a, b, torch.matmul)
     if isinstance(a, Pair):
         return Pair(torch.matmul(a.d, b), torch.matmul(a.s, ctx.weight_abs(b)))
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
+
+
+@register(torch.bmm, "bmm", lrp="product")
+def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.bmm``: batched ``matmul``."""
+    return matmul(ctx, args, kwargs)
+
+
+@register(torch.einsum, lrp="product")
+def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.einsum`` of two operands (a pair and a constant, or two pairs)."""
+    equation, operands = args[0], args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2:
+        raise unsupported(ctx, f"einsum of {len(operands)} operands", "Use two operands.")
+    a, b = (v if isinstance(v, Pair) else Pair(v, v.abs()) for v in operands)
+    return products.product(a, b, products.einsum_op(equation))
+
+
+@register(operator.pow, torch.pow, "pow", "__pow__", lrp="product",
+          freezes=frozen_rules.power_check)
+def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``a ** n``: an integer ``n >= 1`` is a repeated product (``d' = d ** n``,
+    ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the result is a
+    constant)."""
+    b = dict(zip(["input", "exponent"], args, strict=False)) | kwargs
+    p, n = b["input"], b["exponent"]
+    _static(ctx, n, "power")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        return products.power(p, n)
+    return torch.pow(p.d, n).detach()
+
+
+@register(torch.square, "square", lrp="product")
+def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.square()``: the product of a pair with itself."""
+    return products.power(args[0], 2)
+
+
+@register(torch.addcmul, "addcmul")
+def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.addcmul(x, a, b, value=v) = x + v * a * b``: a sum with the product rule,
+    ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``)."""
+    b = dict(zip(["input", "tensor1", "tensor2"], args, strict=False)) | kwargs
+    value = b.get("value", 1)
+    _static(ctx, value, "addcmul")
+    x, a, c = (v if isinstance(v, Pair) else lift(v) for v in
+               (b["input"], b["tensor1"], b["tensor2"]))
+    return Pair(torch.addcmul(x.d, a.d, c.d, value=value),
+                torch.addcmul(x.s, a.s, c.s, value=abs(value)))
 
 
 # --------------------------------------------------------------------------- affine maps
@@ -279,6 +343,7 @@ def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
     ``s' = |W| s + |b|``."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        kwargs = dict(kwargs)
         p, w = args[0], args[1] if len(args) > 1 else kwargs.pop("weight")
         rest = list(args[2:])
         b = rest.pop(0) if rest else kwargs.pop("bias", None)
@@ -411,6 +476,38 @@ def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.relu6(z) = relu(z) - relu(z - 6)``: ``s' = 2 s + 6 + relu(-z) + relu(6 - z)``."""
     p = args[0] if args else kwargs["input"]
     return clamp_pair(p, 0.0, 6.0, F.relu6(p.d))
+
+
+def _hardsigmoid_pair(p: Pair) -> Pair:
+    # hardsigmoid(z) = clamp(u, 0, 1) with u = z / 6 + 1/2: d_u = d / 6 + 1/2, s_u = s / 6 + 1/2
+    u = Pair(p.d / 6 + 0.5, p.s / 6 + 0.5)
+    return clamp_pair(u, 0.0, 1.0, F.hardsigmoid(p.d))
+
+
+@register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True)
+def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
+    p = args[0] if args else kwargs["input"]
+    return _hardsigmoid_pair(p)
+
+
+@register(nn.Hardswish, F.hardswish, lrp="activation", activation=True)
+def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.hardswish`` / ``nn.Hardswish``: the product ``z * hardsigmoid(z)`` (exact,
+    :mod:`core.products`): ``d' = hardswish(d)``, ``s' = s * s_hardsigmoid``."""
+    p = args[0] if args else kwargs["input"]
+    gate = _hardsigmoid_pair(p)
+    value = frozen.frozen_value(F.hardswish(p.d), p.d, lambda t: t * F.hardsigmoid(t))
+    return Pair(value, p.s * gate.s)
+
+
+@register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
+          activation=True)
+def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
+    = 2 s + |d|``."""
+    p = args[0] if args else kwargs["input"]
+    return Pair(torch.abs(p.d), 2 * p.s + torch.abs(p.d))
 
 
 @register(nn.Hardtanh, lrp="activation", activation=True)  # includes nn.ReLU6
@@ -706,6 +803,22 @@ for _name in ("size", "dim", "numel", "nelement", "ndimension", "type", "get_dev
 # tensor attributes read with getattr(x, name) that are static values
 QUERY_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad",
                               "layout"})
+
+
+# frozen operations (core.frozen_rules): shift points "unit" (elementwise: SplitLRP passes
+# relevance), "mixing" (norms, attention: SplitLRP's epsilon rule); gates are constants
+def _register_frozen(targets: tuple, entry: tuple) -> None:
+    fn, check, shift, constant = entry
+    lrp = "none" if constant else ("activation" if shift == "unit" else "epsilon")
+    register(*targets, lrp=lrp, activation=bool(shift), freezes=check, constant=constant)(fn)
+
+
+for _types, _entry in frozen_rules.MODULE_RULES:
+    _register_frozen(_types, _entry)
+for _fn, _entry in frozen_rules.FUNCTION_RULES.items():
+    _register_frozen((_fn,), _entry)
+for _name, _entry in frozen_rules.METHOD_RULES.items():
+    _register_frozen((_name,), _entry)
 
 
 def lookup(op: str, target: Any, module: nn.Module | None = None) -> Rule | None:

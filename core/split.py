@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_cla
 MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
 INPUT_SPLITS = ("relu", "half")
+NONLINEAR_MODES = ("error", "freeze")
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -120,6 +122,14 @@ class SplitModel:
     output: int, str or callable, optional
         For a model whose output is a tuple, dict or dataclass: the index, key/attribute or
         function that picks the tensor to split (the logits).
+    nonlinear: str
+        What to do with operations that are not piecewise linear (SiLU, GELU, sigmoid and
+        softmax gates, attention, LayerNorm/GroupNorm/RMSNorm, division by an activation):
+        ``"error"`` (default) raises :class:`core.UnsupportedOperation`; ``"freeze"`` splits
+        them with their data-dependent factor frozen at the model's activation (see
+        :mod:`core.frozen`), warns and lists them in :meth:`frozen_operations`. ``g - h``
+        stays exact; the sensitivities are those of the frozen model. Products of
+        activations are split exactly in both modes (:mod:`core.products`).
     """
 
     def __init__(
@@ -133,12 +143,15 @@ class SplitModel:
         threshold: float = 10.0,
         cache_abs_weights: bool = False,
         output: Any = None,
+        nonlinear: str = "error",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.maxpool = checks.option("maxpool", maxpool, MAXPOOL_MODES)
         self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
         self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)
+        self.nonlinear = checks.option("nonlinear", nonlinear, NONLINEAR_MODES)
+        self._warned_frozen = False
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta} must be in (0, 1]")
         if threshold < 0:
@@ -165,7 +178,19 @@ class SplitModel:
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
             cached_abs=self._abs_cache is not None, constants=captured.constants,
+            nonlinear=self.nonlinear,
         )
+        listed = interp.frozen_operations()
+        if listed and not self._warned_frozen:
+            self._warned_frozen = True
+            more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
+            warnings.warn(
+                f"core.split froze {len(listed)} non-piecewise-linear operation(s) of "
+                f"{type(self.model).__name__} at the model's activations (nonlinear='freeze'): "
+                f"{'; '.join(listed[:5])}{more}. g - h equals the model's output exactly; the "
+                "sensitivities are those of the frozen model (see sm.frozen_operations()).",
+                stacklevel=4,
+            )
         if captured.reusable:
             self._interpreters[id(captured)] = (captured, interp)
         return interp
@@ -202,6 +227,12 @@ class SplitModel:
         """Names that :meth:`sensitivities` accepts (module names, ``"input"``); a model
         that is captured eagerly needs an input ``x``."""
         return self._call_for_names(x, extra_args).captured.layer_names()
+
+    def frozen_operations(self, x: Inputs | None = None, *extra_args: Any) -> list[str]:
+        """The operations that ``nonlinear="freeze"`` froze, in graph order, each with what
+        is frozen (empty: the split is exact everywhere); a model that is captured eagerly
+        needs an input ``x``."""
+        return self._call_for_names(x, extra_args).interpreter.frozen_operations()
 
     def shift_points(self, x: Inputs | None = None, *extra_args: Any) -> list[str]:
         """Names of the alpha-shift points: ``"input"``, ReLU-type units, ``"output"``."""
@@ -286,6 +317,13 @@ class SplitModel:
         """
         with eval_semantics(self.model, stacklevel=5, buffers=False):
             out, records = call.interpreter.run_pairs(pairs, call.extra, **options)
+        if isinstance(out, torch.Tensor) and call.interpreter.frozen_operations():
+            raise UnsupportedOperation(
+                f"the output of {type(self.model).__name__} does not depend on its input "
+                "through the split: every path to it passes an operation frozen to a constant "
+                f"({'; '.join(call.interpreter.frozen_operations()[-3:])}). Split the model "
+                "without its final gate (e.g. the logits before a softmax)."
+            )
         if not isinstance(out, Pair):
             raise UnsupportedOperation(
                 f"{type(self.model).__name__} returns {type(out).__name__}; the split needs a "
@@ -466,6 +504,7 @@ class SplitModel:
                 allow_unused=True,
             )
         probes: dict[fx.Node, Probe] = {}
+        after = call.interpreter.frozen_after()
         for i, node in enumerate(unique):
             d, s = records[node].d.detach(), records[node].s.detach()
             probe = Probe(
@@ -473,6 +512,7 @@ class SplitModel:
                 S=_or_zero(both[len(unique) + i], s) * 2,
                 Dg=_or_zero(both[i], d) * 2,
                 grad=_or_zero(grads[i], d), alphas=factors.alphas,
+                frozen=after.get(node, ()),
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
                 where = self._first_backward_overflow(call, index, factors)
@@ -542,6 +582,7 @@ def split(
     threshold: float = 10.0,
     cache_abs_weights: bool = False,
     output: Any = None,
+    nonlinear: str = "error",
 ) -> SplitModel:
     """Split a trained piecewise-linear model into its split pair ``(g, h)``.
 
@@ -555,8 +596,10 @@ def split(
     Raises
     ------
     UnsupportedOperation
-        When the model contains an operation without an exact split rule.
+        When the model contains an operation without any split rule, or one that is not
+        piecewise linear with ``nonlinear="error"`` (the message names the option).
     """
     return SplitModel(model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
                       merge_batchnorm=merge_batchnorm, theta=theta, threshold=threshold,
-                      cache_abs_weights=cache_abs_weights, output=output)
+                      cache_abs_weights=cache_abs_weights, output=output,
+                      nonlinear=nonlinear)

@@ -157,12 +157,14 @@ def test_gradient_returns_the_relevance_of_the_stream(stand_in, stream):
 def test_options_reach_the_split(stand_in):
     model = small_cnn()
     composite = SplitLRP(epsilon=1e-3, maxpool="convex", stabilizer="shift", layer="4",
-                         input_split="half", activation_rule="wta")
+                         input_split="half", activation_rule="wta", nonlinear="freeze")
     with Gradient(model, composite) as attributor:
         attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
     (call,) = stand_in.calls
     assert call["options"] == {"maxpool": "convex", "stabilizer": "shift",
-                               "input_split": "half", "merge_batchnorm": True}
+                               "input_split": "half", "merge_batchnorm": True,
+                               "nonlinear": "freeze"}
+    assert composite.nonlinear == "freeze"
     assert call["epsilon"] == 1e-3 and call["layers"][0] == "4"
     assert call["activation_rule"] == "wta"
     assert set(composite.relevance) == {"input", "4"}

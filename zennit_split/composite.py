@@ -165,6 +165,11 @@ class SplitLRP(Composite):
         How a sum of two activations (a residual add) shares relevance: ``"even"`` (default,
         the paper: half to each branch) or ``"proportional"`` (by the branches'
         contributions).
+    nonlinear: str, optional
+        ``"error"`` (default) or ``"freeze"``: split smooth units, gates, attention and
+        normalisations with their factors frozen (:func:`core.split`); kept as
+        :py:attr:`nonlinear`. A product of two activations shares its relevance evenly
+        between the factors.
 
     Attributes
     ----------
@@ -192,6 +197,7 @@ class SplitLRP(Composite):
         input_split: str = "relu",
         activation_rule: str = "pass",
         residual: str = "even",
+        nonlinear: str = "error",
     ) -> None:
         checks.option("stream", stream, STREAMS, "SplitLRP")
         checks.option("residual", residual, RESIDUAL_RULES, "SplitLRP")
@@ -199,6 +205,7 @@ class SplitLRP(Composite):
         checks.option("stabilizer", stabilizer, STABILIZERS, "SplitLRP")
         checks.option("input_split", input_split, INPUT_SPLITS, "SplitLRP")
         checks.option("activation_rule", activation_rule, ACTIVATION_RULES, "SplitLRP")
+        checks.option("nonlinear", nonlinear, core.NONLINEAR_MODES, "SplitLRP")
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
             raise ValueError(f"SplitLRP: epsilon={epsilon!r} must be a non-negative float.")
         layers = [layer] if isinstance(layer, str) else list(layer or [])
@@ -217,6 +224,7 @@ class SplitLRP(Composite):
         self.input_split = input_split
         self.activation_rule = activation_rule
         self.residual = residual
+        self.nonlinear = nonlinear
         self.relevance: dict[str, Any] = {}
         self._split_cache: tuple[nn.Module, Any] | None = None
         self._eval: Any = None
@@ -287,6 +295,7 @@ class SplitLRP(Composite):
                 stabilizer=self.stabilizer,
                 input_split=self.input_split,
                 merge_batchnorm=True,
+                nonlinear=self.nonlinear,
             )
             self._split_cache = (module, split_model)
         layers = tuple(name for name in self.layers if name not in ("", "input"))

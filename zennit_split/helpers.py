@@ -68,6 +68,7 @@ def split_lrp(
     input_split: str = "relu",
     activation_rule: str = "pass",
     residual: str = "even",
+    nonlinear: str = "error",
 ) -> dict[str, Any]:
     """SplitLRP relevances ``R(l,+)``, ``R(l,-)`` and ``comb`` at the outputs of ``layers``.
 
@@ -84,7 +85,7 @@ def split_lrp(
         the model output.
     layers: str or list[str], optional
         Module names as in ``model.named_modules()``; ``"input"`` is the input (default).
-    epsilon, maxpool, stabilizer, input_split, activation_rule, residual:
+    epsilon, maxpool, stabilizer, input_split, activation_rule, residual, nonlinear:
         As in :class:`SplitLRP`.
 
     Returns
@@ -101,6 +102,7 @@ def split_lrp(
         input_split=input_split,
         activation_rule=activation_rule,
         residual=residual,
+        nonlinear=nonlinear,
     )
     with Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))

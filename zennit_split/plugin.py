@@ -41,6 +41,7 @@ def split_lrp_explainer(
     stabilizer: str = "scale",
     input_split: str = "relu",
     activation_rule: str = "pass",
+    nonlinear: str = "error",
 ) -> torch.Tensor:
     """SplitLRP: epsilon-LRP on the split pair f = g - h (Zennit composite "split_lrp").
 
@@ -54,7 +55,7 @@ def split_lrp_explainer(
         (B, C, H, W).
     stream: str, optional
         ``"pos"`` (``R(l,+)``), ``"neg"`` (``R(l,-)``) or ``"comb"`` (their difference).
-    epsilon, maxpool, stabilizer, input_split, activation_rule:
+    epsilon, maxpool, stabilizer, input_split, activation_rule, nonlinear:
         As in :class:`zennit_split.SplitLRP`.
     """
     name = "input" if layer in (None, "", "input") else layer
@@ -68,6 +69,7 @@ def split_lrp_explainer(
         stabilizer=stabilizer,
         input_split=input_split,
         activation_rule=activation_rule,
+        nonlinear=nonlinear,
     )
     result = select_stream(relevance[name], stream)
     if name == "input":

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", default=None,
                    help="metrics to compute (default all): Selectivity AttrLoc Pointing "
                         "PF@5 PF@20 MaxSens RandLogit")
+    p.add_argument("--nonlinear", choices=("error", "freeze"), default="error",
+                   help="'freeze': the Split methods split smooth units, gates, attention and "
+                        "normalisations with their factors frozen (core.split's option; "
+                        "recorded in the report); default 'error'")
     p.add_argument("--out", default="splitxai-benchmark", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
@@ -130,6 +134,12 @@ def _specs(args, available: dict, image_size: int, channels: int, notes: list[st
 
     specs = default_methods(alpha=args.alpha, quick=args.quick, image_size=image_size,
                             channels=channels)
+    if args.nonlinear != "error":  # the Split methods split smooth operations frozen
+        for spec in specs:
+            if spec.group == "split":
+                spec.options["nonlinear"] = args.nonlinear
+        notes.append(f"Split methods with nonlinear={args.nonlinear!r} (smooth operations "
+                     "frozen at the model's activations)")
     if args.methods:
         wanted = [m for item in args.methods for m in item.split(",") if m]
         unknown = [m for m in wanted if m not in available]

@@ -1,0 +1,267 @@
+"""Non-piecewise-linear operations, frozen at the model's activation (``nonlinear="freeze"``).
+
+An operation that is its input times a data-dependent factor is split with that factor taken
+as a constant, evaluated on the model's own activation ``z`` (the ``d`` of the input pair).
+Three forms cover the smooth units of modern vision models:
+
+secant units (SiLU, GELU, Mish, ELU, SELU, CELU, Softplus, Tanh, LogSigmoid)
+    ``phi(z) = phi(0) + c * z`` with the secant slope ``c = (phi(z) - phi(0)) / z``
+    (``c = phi'(0)`` at ``z = 0``): ``sigmoid(z)`` for SiLU, ``Phi(z)`` for GELU,
+    ``tanh(softplus(z))`` for Mish. ``c >= 0`` for all of these. The pair::
+
+        d' = phi(d)  (the model's own result)      s' = |c| s + |phi(0)|
+
+    They are activations: the stabiliser and the alpha shift apply after them.
+gates (sigmoid, softmax, attention weights, statistics such as ``var``, ``rsqrt``)
+    the result is a constant (no pair): a gate ``x * sigmoid(y)`` then multiplies the pair
+    of ``x`` by the non-negative constant, ``d' = d * c``, ``s' = s * c``; attention
+    ``softmax(q k^T) v`` is the positive linear map ``A`` of ``v``'s pair.
+normalisations (LayerNorm, GroupNorm, RMSNorm, ``F.normalize``)
+    ``y = (z - mean z) * r * w + b`` with ``r = 1 / sqrt(var z + eps)`` a positive constant
+    per normalised group. Mean subtraction is the linear map ``M = I - 1/n``, whose absolute
+    matrix gives ``|M| s = (1 - 2/n) s + mean(s)``; the affine weight ``w`` may be negative::
+
+        d' = the model's own normalisation      s' = |w| r ((1 - 2/n) s + mean s) + |b|
+
+    (RMSNorm and ``F.normalize`` have no mean subtraction: ``s' = |w| r s``.)
+
+Division by an activation freezes the divisor: ``a / b = a * (1 / b)`` with ``1 / b`` a
+constant.
+
+Backward. With the factors held constant, the split is the exact split pair of the *frozen
+model* ``f~``: the model in which every frozen factor is replaced by its value at the
+explained input. ``f~(x) = f(x)`` at that input, and the ``d`` stream's backward multiplies
+by the frozen factors (:func:`frozen_value`), so ``grad`` (and ``g - h = Dg/2 - Dh/2``) is
+the gradient of ``f~``. It differs from the model's true gradient by the derivative of the
+factors: ``z c'(z)`` for a secant unit (SiLU: ``silu'(z) = sigmoid(z) + z sigmoid'(z)``),
+the derivative of ``r`` for a normalisation (the component along the normalised output),
+and everything that flows through a gate's input (the sigmoid branch of a
+squeeze-excitation, the queries and keys of attention), which gets no gradient at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.pair import Pair
+
+NONLINEAR_MODES = ("error", "freeze")
+
+
+def frozen_value(value: torch.Tensor, d: torch.Tensor,
+                 linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``value`` (the model's own result) with the backward of the frozen linear map
+    ``linear`` at ``d``.
+
+    The forward value is exactly ``value`` (``linear(d) - linear(d)`` is zero); the
+    gradient reaching ``d`` is the vector-Jacobian product of ``linear``.
+    """
+    if not (torch.is_grad_enabled() and d.requires_grad):
+        return value.detach()
+    lin = linear(d)
+    return value.detach() + (lin - lin.detach())
+
+
+# --------------------------------------------------------------------------- secant units
+def secant_slope(z: torch.Tensor, value: torch.Tensor, phi0: float,
+                 slope0: float) -> torch.Tensor:
+    """``c = (phi(z) - phi(0)) / z``, ``phi'(0)`` where ``z == 0`` (no gradient)."""
+    z, value = z.detach(), value.detach()
+    safe = torch.where(z == 0, torch.ones_like(z), z)
+    return torch.where(z == 0, torch.full_like(z, slope0), (value - phi0) / safe)
+
+
+def secant_pair(p: Pair, value: torch.Tensor, c: torch.Tensor, phi0: float) -> Pair:
+    """``phi(z) = phi(0) + c z`` with ``c`` frozen: ``d' = value``, ``s' = |c| s + |phi(0)|``."""
+    s = p.s * c.abs()
+    if phi0 != 0:
+        s = s + abs(phi0)
+    return Pair(frozen_value(value, p.d, lambda t: t * c), s)
+
+
+def _at_zero(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """``phi(0)`` and ``phi'(0)`` of an elementwise function, in float64."""
+    z = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        y = fn(z)
+        (dy,) = torch.autograd.grad(y, z)
+    return float(y.detach()), float(dy)
+
+
+_CLOSED_SLOPES: dict[str, Callable[..., torch.Tensor]] = {
+    "silu": lambda z, **k: torch.sigmoid(z),
+    "mish": lambda z, **k: torch.tanh(F.softplus(z)),
+    "gelu": lambda z, approximate="none", **k: (
+        0.5 * (1 + torch.erf(z / math.sqrt(2))) if approximate == "none"
+        else 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    ),
+}
+
+
+def secant_unit(name: str, fn: Callable[..., torch.Tensor], p: Pair,
+                **options: Any) -> Pair:
+    """Split ``fn(z, **options)`` (an elementwise unit named ``name``) as a secant unit."""
+    value = fn(p.d, **options)
+    if name in _CLOSED_SLOPES:
+        c = _CLOSED_SLOPES[name](p.d.detach(), **options)
+        return secant_pair(p, value, c, 0.0)
+    phi0, slope0 = _at_zero(lambda z: fn(z, **options))
+    return secant_pair(p, value, secant_slope(p.d, value, phi0, slope0), phi0)
+
+
+# --------------------------------------------------------------------------- normalisations
+def _dims(ndim: int, count: int) -> tuple[int, ...]:
+    return tuple(range(ndim - count, ndim))
+
+
+def _centred_mass(s: torch.Tensor, dims: tuple[int, ...], n: int) -> torch.Tensor:
+    """``|I - 1/n| s = (1 - 2/n) s + mean(s)`` over ``dims`` (zero for ``n == 1``)."""
+    if n == 1:
+        return torch.zeros_like(s)
+    return s * (1 - 2 / n) + s.mean(dim=dims, keepdim=True)
+
+
+def _affine_mass(s: torch.Tensor, weight, bias, shape) -> torch.Tensor:
+    if weight is not None:
+        s = s * weight.detach().abs().reshape(shape)
+    if bias is not None:
+        s = s + bias.detach().abs().reshape(shape)
+    return s
+
+
+def layer_norm(p: Pair, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Pair:
+    """``F.layer_norm`` with ``1 / std`` frozen."""
+    d = p.d
+    dims = _dims(d.dim(), len(tuple(normalized_shape)))
+    value = F.layer_norm(d, normalized_shape, weight, bias, eps)
+    n = math.prod(d.shape[i] for i in dims)
+    with torch.no_grad():
+        r = torch.rsqrt(d.var(dim=dims, unbiased=False, keepdim=True) + eps)
+    w = None if weight is None else weight.detach()
+
+    def linear(t: torch.Tensor) -> torch.Tensor:
+        out = (t - t.mean(dim=dims, keepdim=True)) * r
+        return out if w is None else out * w
+
+    s = _affine_mass(_centred_mass(p.s, dims, n) * r, weight, bias, tuple(normalized_shape))
+    return Pair(frozen_value(value, d, linear), s)
+
+
+def group_norm(p: Pair, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Pair:
+    """``F.group_norm`` with ``1 / std`` of every group frozen."""
+    d = p.d
+    b, c = d.shape[0], d.shape[1]
+    grouped = (b, num_groups, -1)
+    value = F.group_norm(d, num_groups, weight, bias, eps)
+    n = d[0].numel() // num_groups
+    with torch.no_grad():
+        r = torch.rsqrt(d.reshape(grouped).var(dim=2, unbiased=False, keepdim=True) + eps)
+    shape = (1, c) + (1,) * (d.dim() - 2)
+    w = None if weight is None else weight.detach().reshape(shape)
+
+    def linear(t: torch.Tensor) -> torch.Tensor:
+        g = t.reshape(grouped)
+        out = ((g - g.mean(dim=2, keepdim=True)) * r).reshape(t.shape)
+        return out if w is None else out * w
+
+    s = (_centred_mass(p.s.reshape(grouped), (2,), n) * r).reshape(d.shape)
+    return Pair(frozen_value(value, d, linear), _affine_mass(s, weight, bias, shape))
+
+
+def rms_norm(p: Pair, normalized_shape, weight=None, eps: float | None = None) -> Pair:
+    """``F.rms_norm`` with ``1 / rms`` frozen."""
+    d = p.d
+    dims = _dims(d.dim(), len(tuple(normalized_shape)))
+    value = F.rms_norm(d, normalized_shape, weight, eps)
+    e = torch.finfo(d.dtype).eps if eps is None else eps
+    with torch.no_grad():
+        r = torch.rsqrt(d.pow(2).mean(dim=dims, keepdim=True) + e)
+    w = None if weight is None else weight.detach()
+
+    def linear(t: torch.Tensor) -> torch.Tensor:
+        return t * r if w is None else t * r * w
+
+    s = _affine_mass(p.s * r, weight, None, tuple(normalized_shape))
+    return Pair(frozen_value(value, d, linear), s)
+
+
+def normalize(p: Pair, p_norm: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Pair:
+    """``F.normalize``: ``z / max(||z||, eps)`` with the norm frozen."""
+    d = p.d
+    value = F.normalize(d, p_norm, dim, eps)
+    with torch.no_grad():
+        r = 1 / torch.linalg.vector_norm(d, p_norm, dim, keepdim=True).clamp_min(eps)
+    return Pair(frozen_value(value, d, lambda t: t * r), p.s * r)
+
+
+# --------------------------------------------------------------------------- gates
+def attention(q: Any, k: Any, v: Any, attn_mask=None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False) -> Any:
+    """``F.scaled_dot_product_attention`` with the attention weights ``A`` frozen.
+
+    ``A = softmax(q k^T * scale + mask)`` (non-negative) is a constant: the result is the
+    positive linear map ``A v`` of ``v``'s pair (a constant when ``v`` is one).
+    """
+    qd, kd = (t.d if isinstance(t, Pair) else t for t in (q, k))
+    vd = v.d if isinstance(v, Pair) else v
+    opts = dict(attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
+    if enable_gqa:
+        opts["enable_gqa"] = True
+    value = F.scaled_dot_product_attention(qd, kd, vd, **opts)
+    if not isinstance(v, Pair):
+        return value.detach()
+    with torch.no_grad():
+        weights = _attention_weights(qd, kd, attn_mask, is_causal, scale, enable_gqa, vd)
+    return Pair(frozen_value(value, v.d, lambda t: _apply(weights, t, enable_gqa)),
+                _apply(weights, v.s, enable_gqa))
+
+
+def _apply(weights: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    if gqa and weights.shape[-3] != v.shape[-3]:
+        v = v.repeat_interleave(weights.shape[-3] // v.shape[-3], dim=-3)
+    return weights @ v
+
+
+def _attention_weights(q, k, mask, causal, scale, gqa, v) -> torch.Tensor:
+    if gqa and q.shape[-3] != k.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else logits + mask
+    return torch.softmax(logits, dim=-1)
+
+
+# modules whose forward is one of the secant units above: (type, name, function, options)
+def module_unit(m: nn.Module) -> tuple[str, Callable[..., torch.Tensor], dict] | None:
+    """The secant unit a leaf module computes, or None."""
+    if isinstance(m, nn.SiLU):
+        return "silu", F.silu, {}
+    if isinstance(m, nn.GELU):
+        return "gelu", F.gelu, {"approximate": m.approximate}
+    if isinstance(m, nn.Mish):
+        return "mish", F.mish, {}
+    if isinstance(m, nn.ELU):
+        return "elu", F.elu, {"alpha": m.alpha}
+    if isinstance(m, nn.CELU):
+        return "celu", F.celu, {"alpha": m.alpha}
+    if isinstance(m, nn.SELU):
+        return "selu", F.selu, {}
+    if isinstance(m, nn.Softplus):
+        return "softplus", F.softplus, {"beta": m.beta, "threshold": m.threshold}
+    if isinstance(m, nn.Tanh):
+        return "tanh", torch.tanh, {}
+    if isinstance(m, nn.LogSigmoid):
+        return "logsigmoid", F.logsigmoid, {}
+    return None

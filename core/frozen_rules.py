@@ -1,0 +1,205 @@
+"""Rules of the operations that ``nonlinear="freeze"`` splits (formulas in :mod:`core.frozen`).
+
+Each rule here is registered in the tables of :mod:`core.rules` together with a *freeze
+check*: ``check(node, carried)`` returns a short description of what is frozen at that graph
+node (``carried`` is the set of nodes that carry split pairs), or None when the node is
+split exactly there (``x ** 2``, a division by a constant). The planner refuses frozen nodes
+with ``nonlinear="error"`` and lists them with ``nonlinear="freeze"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from core import frozen
+from core.pair import Pair
+
+Rule = Callable[[Any, tuple, dict], Any]
+Check = Callable[[fx.Node, set], "str | None"]
+
+
+def _bind(names: list[str], args: tuple, kwargs: dict) -> dict:
+    return dict(zip(names, args, strict=False)) | kwargs
+
+
+def _plain(v: Any) -> Any:
+    return v.d if isinstance(v, Pair) else v
+
+
+# --------------------------------------------------------------------------- secant units
+def secant_function(name: str, fn: Callable[..., torch.Tensor], names: list[str]) -> Rule:
+    """A functional secant unit (``F.silu``, ``F.gelu``...): ``d' = phi(d)``,
+    ``s' = |c| s + |phi(0)|`` with the frozen secant slope ``c``."""
+
+    def rule(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+        b = _bind(["input"] + names, args, kwargs)
+        p = b.pop("input")
+        b.pop("inplace", None)
+        return frozen.secant_unit(name, fn, p, **b)
+
+    rule.__name__ = f"frozen_{name}"
+    return rule
+
+
+def secant_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """A secant unit module (``nn.SiLU``, ``nn.GELU``, ``nn.Mish``, ``nn.Tanh``...)."""
+    name, fn, options = frozen.module_unit(ctx.module)
+    return frozen.secant_unit(name, fn, args[0], **options)
+
+
+# --------------------------------------------------------------------------- gates
+def gate(fn: Callable[..., Any]) -> Rule:
+    """An operation whose result is frozen to a constant (``sigmoid``, ``softmax``, ``var``,
+    ``rsqrt``...): evaluated on the activations ``d``, detached (no pair, no gradient)."""
+
+    def rule(ctx: Any, args: tuple, kwargs: dict) -> Any:
+        args = fx.node.map_aggregate(args, _plain)
+        kwargs = fx.node.map_aggregate(kwargs, _plain)
+        out = fn(*args, **kwargs)
+        return fx.node.map_aggregate(out, lambda t: t.detach() if isinstance(t, torch.Tensor)
+                                     else t)
+
+    rule.__name__ = f"gate_{getattr(fn, '__name__', 'op')}"
+    return rule
+
+
+def gate_module(ctx: Any, args: tuple, kwargs: dict) -> Any:
+    """``nn.Sigmoid`` / ``nn.Softmax`` / ``nn.Softmin``: a constant."""
+    return ctx.module.forward(*(_plain(a) for a in args)).detach()
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def call(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return getattr(t, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+# --------------------------------------------------------------------------- normalisations
+def layer_norm(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.layer_norm`` (``1 / std`` frozen)."""
+    b = _bind(["input", "normalized_shape", "weight", "bias", "eps"], args, kwargs)
+    return frozen.layer_norm(b["input"], b["normalized_shape"], b.get("weight"), b.get("bias"),
+                             b.get("eps", 1e-5))
+
+
+def group_norm(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.group_norm`` (``1 / std`` of each group frozen)."""
+    b = _bind(["input", "num_groups", "weight", "bias", "eps"], args, kwargs)
+    return frozen.group_norm(b["input"], b["num_groups"], b.get("weight"), b.get("bias"),
+                             b.get("eps", 1e-5))
+
+
+def rms_norm(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.rms_norm`` (``1 / rms`` frozen)."""
+    b = _bind(["input", "normalized_shape", "weight", "eps"], args, kwargs)
+    return frozen.rms_norm(b["input"], b["normalized_shape"], b.get("weight"), b.get("eps"))
+
+
+def normalize(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.normalize`` (the norm frozen)."""
+    b = _bind(["input", "p", "dim", "eps"], args, kwargs)
+    return frozen.normalize(b["input"], b.get("p", 2.0), b.get("dim", 1), b.get("eps", 1e-12))
+
+
+def norm_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``."""
+    m, p = ctx.module, args[0]
+    if isinstance(m, nn.LayerNorm):
+        return frozen.layer_norm(p, m.normalized_shape, m.weight, m.bias, m.eps)
+    if isinstance(m, nn.GroupNorm):
+        return frozen.group_norm(p, m.num_groups, m.weight, m.bias, m.eps)
+    return frozen.rms_norm(p, m.normalized_shape, m.weight, m.eps)
+
+
+def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.scaled_dot_product_attention`` with the attention weights frozen."""
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+             "enable_gqa"]
+    b = _bind(names, args, kwargs)
+    return frozen.attention(b["query"], b["key"], b["value"], _plain(b.get("attn_mask")),
+                            0.0, b.get("is_causal", False), b.get("scale"),
+                            b.get("enable_gqa", False))
+
+
+# --------------------------------------------------------------------------- freeze checks
+def always(what: str) -> Check:
+    """A check that freezes unconditionally, described as ``what``."""
+    return lambda node, carried: what
+
+
+def division_check(node: fx.Node, carried: set) -> str | None:
+    """A division freezes when its divisor is an activation."""
+    divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if isinstance(divisor, fx.Node) and divisor in carried:
+        return "division by an activation: 1 / b frozen"
+    return None
+
+
+def power_check(node: fx.Node, carried: set) -> str | None:
+    """A power freezes unless its exponent is an integer >= 1."""
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        return None
+    return f"x ** {n} frozen to a constant"
+
+
+SECANT = always("secant slope c of phi(z) = phi(0) + c z frozen")
+NORM = always("1 / std frozen")
+GATE = always("result frozen to a constant")
+
+_SECANT_FUNCTIONS = {
+    F.silu: ("silu", F.silu, ["inplace"]),
+    F.gelu: ("gelu", F.gelu, ["approximate"]),
+    F.mish: ("mish", F.mish, ["inplace"]),
+    F.elu: ("elu", F.elu, ["alpha", "inplace"]),
+    F.celu: ("celu", F.celu, ["alpha", "inplace"]),
+    F.selu: ("selu", F.selu, ["inplace"]),
+    F.softplus: ("softplus", F.softplus, ["beta", "threshold"]),
+    F.logsigmoid: ("logsigmoid", F.logsigmoid, []),
+    torch.tanh: ("tanh", torch.tanh, []),
+    F.tanh: ("tanh", torch.tanh, []),
+}
+_GATE_FUNCTIONS = [torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.softmin,
+                   torch.log_softmax, F.log_softmax, torch.rsqrt, torch.sqrt, torch.reciprocal,
+                   torch.exp, torch.var, torch.std, torch.var_mean, torch.std_mean,
+                   torch.linalg.vector_norm, torch.norm, torch.erf]
+_GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "log_softmax", "rsqrt", "rsqrt_", "sqrt",
+                 "sqrt_", "reciprocal", "reciprocal_", "exp", "exp_", "var", "std", "norm",
+                 "erf"]
+
+# (rule, freeze check, shift point, constant result). Shift point (stabiliser and alpha shift
+# after it): "unit" for elementwise units (SplitLRP passes relevance through them, as through
+# ReLU), "mixing" for normalisations and attention (SplitLRP's epsilon rule), "" for none.
+# Every frozen operation whose result is a split pair is a shift point.
+FUNCTION_RULES: dict[Any, tuple[Rule, Check, str, bool]] = {
+    fn: (secant_function(name, impl, names), SECANT, "unit", False)
+    for fn, (name, impl, names) in _SECANT_FUNCTIONS.items()
+}
+FUNCTION_RULES.update({fn: (gate(fn), GATE, "", True) for fn in _GATE_FUNCTIONS})
+FUNCTION_RULES.update({
+    F.layer_norm: (layer_norm, NORM, "mixing", False),
+    F.group_norm: (group_norm, NORM, "mixing", False),
+    F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
+    F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
+    F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
+                                     "mixing", False),
+})
+METHOD_RULES: dict[str, tuple[Rule, Check, str, bool]] = {
+    "tanh": (secant_function("tanh", torch.tanh, []), SECANT, "unit", False),
+}
+METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, "", True)
+                     for n in _GATE_METHODS})
+MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
+    ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
+      nn.LogSigmoid), (secant_module, SECANT, "unit", False)),
+    ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
+    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
+]
