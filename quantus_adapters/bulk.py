@@ -17,7 +17,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "explain_locally",
-           "explain_on_ray", "plan_configs"]
+           "explain_on_ray", "make_batches", "model_digest", "plan_configs", "todo_pairs"]
 
 INDEX_COLUMNS = ("image", "label", "method", "layer", "options", "dtype", "file")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -138,12 +138,16 @@ class MapWorker:
         Torch device of the model.
     threads: int, optional
         Torch CPU threads of this worker.
+    batches: sequence of dict, optional
+        Batches addressed by index: a call with ``{"batch": [i]}`` explains ``batches[i]``
+        (so that Ray workers explain exactly the batches of a local run).
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module],
                  images: np.ndarray | Callable[[], np.ndarray],
                  labels: np.ndarray | Callable[[], np.ndarray], configs: Sequence[MapConfig],
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None,
+                 batches: Sequence[dict] | Callable[[], Sequence[dict]] | None = None):
         if threads is not None:
             torch.set_num_threads(threads)
         if not isinstance(model, nn.Module):
@@ -152,6 +156,9 @@ class MapWorker:
             images = images()
         if callable(labels):
             labels = labels()
+        if callable(batches):
+            batches = batches()
+        self.batches = batches
         self.model = model.to(device).eval()
         self.images = images
         self.labels = labels
@@ -169,6 +176,10 @@ class MapWorker:
         """
         import quantus_adapters
 
+        if "batch" in batch:
+            if self.batches is None:
+                raise ValueError("batch indices need the worker's batches")
+            batch = self.batches[int(np.asarray(batch["batch"]).reshape(-1)[0])]
         rows = np.asarray(batch["row"], dtype=np.int64)
         cfgs = np.asarray(batch["config"], dtype=np.int64)
         h, w = self.images.shape[-2:]
@@ -316,28 +327,32 @@ def todo_pairs(store: MapStore, configs: Sequence[MapConfig],
             if not store.has(config, name)]
 
 
-def _batches(pairs: Sequence[tuple[int, int]], size: int) -> Iterator[dict[str, np.ndarray]]:
+def make_batches(pairs: Sequence[tuple[int, int]], size: int) -> list[dict[str, np.ndarray]]:
+    """``pairs`` cut into batches of ``size`` (the same batches in every kind of run)."""
+    out = []
     for i in range(0, len(pairs), size):
         chunk = np.asarray(pairs[i:i + size], dtype=np.int64).reshape(-1, 2)
-        yield {"row": chunk[:, 0], "config": chunk[:, 1]}
+        out.append({"row": chunk[:, 0], "config": chunk[:, 1]})
+    return out
 
 
-def explain_locally(worker: MapWorker, pairs: Sequence[tuple[int, int]],
-                    batch_size: int) -> Iterable[dict[str, np.ndarray]]:
-    """Results of :class:`MapWorker` on ``pairs`` in this process, a batch at a time."""
-    for batch in _batches(pairs, batch_size):
+def explain_locally(worker: MapWorker, batches: Sequence[dict[str, np.ndarray]]
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Results of :class:`MapWorker` on ``batches`` in this process, one at a time."""
+    for batch in batches:
         yield worker(batch)
 
 
 def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
                    labels: np.ndarray, configs: Sequence[MapConfig],
-                   pairs: Sequence[tuple[int, int]], batch_size: int, device: str,
-                   workers: int, gpus_per_worker: float) -> Iterable[dict[str, np.ndarray]]:
+                   batches: Sequence[dict[str, np.ndarray]], device: str, workers: int,
+                   gpus_per_worker: float) -> Iterator[dict[str, np.ndarray]]:
     """Results of :class:`MapWorker` actors on a Ray cluster (Ray Data ``map_batches``).
 
-    The images go to the object store once; each actor builds the model once with
-    ``make_model`` (picklable) and explains the batches of (row, config) pairs it is given;
-    results stream back to the caller as they finish.
+    Images, labels and batches go to the object store once; each actor builds the model
+    once with ``make_model`` (picklable) and explains the batches whose indices it is given
+    -- the batches of a local run, so the maps are the same; results stream back to the
+    caller as they finish.
     """
     import ray.data
 
@@ -346,13 +361,14 @@ def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    items = [{"row": int(r), "config": int(c)} for r, c in pairs]
-    blocks = max(1, (len(items) + batch_size - 1) // batch_size)
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    # items in memory: no read tasks competing with the actors for the CPUs
+    ds = ray.data.from_items([{"batch": i} for i in range(len(batches))],
+                             override_num_blocks=len(batches))
     out = ds.map_batches(
-        MapWorker, batch_size=batch_size, batch_format="numpy",
+        MapWorker, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_args=(make_model, ObjectStoreValue(ray.put(images)),
                              ObjectStoreValue(ray.put(labels)), list(configs), device, 1),
+        fn_constructor_kwargs={"batches": ObjectStoreValue(ray.put(list(batches)))},
         num_cpus=1, num_gpus=gpus_per_worker or None)
     yield from out.iter_batches(batch_size=None, batch_format="numpy")

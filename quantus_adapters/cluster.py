@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,8 +23,9 @@ from torch import nn
 
 from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
-__all__ = ["INSTALL_HINT", "ObjectStoreValue", "RayOptions", "RayUnavailableError",
-           "RemoteModel", "add_ray_arguments", "require_ray"]
+__all__ = ["INSTALL_HINT", "LocalPool", "ObjectStoreValue", "RayOptions", "RayPool",
+           "RayUnavailableError", "RemoteModel", "TaskFailed", "add_ray_arguments",
+           "require_ray"]
 
 INSTALL_HINT = 'pip install "splitxai[ray]"'
 LOCAL = "local"
@@ -127,7 +128,6 @@ class RayOptions:
         # Ray's own notes (Ray Data's progress and executor lines) would break the one
         # progress bar of the command; errors still surface as exceptions
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         started = False
         if not ray.is_initialized():
             kwargs: dict = {"include_dashboard": False, "log_to_driver": False,
@@ -217,3 +217,102 @@ class RemoteModel:
         model = self.spec.architecture()
         model.load_state_dict(self.state())
         return model.eval()
+
+
+class TaskFailed(RuntimeError):
+    """A task raised in its worker (or its worker was lost for good)."""
+
+
+def _run_task(state: Any, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
+    """``(True, fn(state, task))``, or ``(False, "Type: message")`` when it raises."""
+    try:
+        return True, fn(state, task)
+    except Exception as exc:  # the caller names the task; other tasks go on
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+class LocalPool:
+    """Runs ``fn(state, task)`` in this process (the reference for :class:`RayPool`)."""
+
+    def __init__(self, setup: Callable[[], Any]):
+        self.state = setup()
+
+    def imap_unordered(self, fn: Callable[[Any, Any], Any],
+                       tasks: Sequence[Any]) -> Iterator[tuple[Any, bool, Any]]:
+        """``(task, ok, result or error message)`` for each task, as they finish."""
+        for task in tasks:
+            yield (task, *_run_task(self.state, fn, task))
+
+
+class _Worker:
+    """A Ray actor: builds the state (model, data) once, then runs tasks on it."""
+
+    def __init__(self, setup: Callable[[], Any], threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.state = setup()
+
+    def run(self, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
+        return _run_task(self.state, fn, task)
+
+
+class RayPool:
+    """Runs ``fn(state, task)`` on Ray actors that each build the state once.
+
+    Parameters
+    ----------
+    ray: module
+        The connected ``ray`` module.
+    setup: callable
+        Picklable; called once in each worker (e.g. builds the model from the object store).
+    workers: int
+        Number of actors.
+    gpus_per_worker: float
+        GPUs reserved by each actor.
+    retries: int
+        How often Ray restarts a lost worker and re-runs its task (a task that raises is not
+        retried: it would raise again).
+    """
+
+    def __init__(self, ray: ModuleType, setup: Callable[[], Any], workers: int,
+                 gpus_per_worker: float = 0.0, retries: int = 2):
+        self.ray = ray
+        cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=retries,
+                         max_task_retries=retries)(_Worker)
+        self.actors = [cls.remote(setup, 1) for _ in range(workers)]
+
+    def imap_unordered(self, fn: Callable[[Any, Any], Any],
+                       tasks: Sequence[Any]) -> Iterator[tuple[Any, bool, Any]]:
+        """``(task, ok, result or error message)`` for each task, as they finish.
+
+        Each actor has at most two tasks in flight (one running, one queued).
+        """
+        ray = self.ray
+        pending = list(tasks)[::-1]
+        running: dict[Any, tuple[Any, Any]] = {}
+
+        def submit(actor) -> None:
+            if pending:
+                task = pending.pop()
+                running[actor.run.remote(fn, task)] = (actor, task)
+
+        for actor in self.actors:
+            submit(actor)
+            submit(actor)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, task = running.pop(done[0])
+            try:
+                ok, value = ray.get(done[0])
+                submit(actor)
+            except Exception as exc:  # the worker died and Ray's restarts did not help
+                ok, value = False, f"worker lost: {type(exc).__name__}: {exc}".splitlines()[0]
+            yield task, ok, value
+        while pending:  # every worker is lost
+            yield pending.pop(), False, "no Ray worker left (all were lost)"
+
+    def close(self) -> None:
+        """End the actors."""
+        for actor in self.actors:
+            self.ray.kill(actor)

@@ -176,10 +176,11 @@ def _run(args) -> int:
         print(f"--resume: {total - len(pairs)} of {total} maps already in {args.out}")
     failures: dict[tuple[str, str], list[str]] = defaultdict(list)
     written = 0
+    batches = bulk.make_batches(pairs, args.batch_size)
     if pairs:
         if ray_options is None:
             worker = bulk.MapWorker(model, images, labels, configs, local_device)
-            results = bulk.explain_locally(worker, pairs, args.batch_size)
+            results = bulk.explain_locally(worker, batches)
             written = _write(results, store, configs, names, labels, failures, len(pairs),
                              progress)
         else:
@@ -188,8 +189,8 @@ def _run(args) -> int:
                 make_model = cluster.RemoteModel.put(ray, spec, model)
                 print(f"Ray: {n_workers} worker(s), {ray.cluster_resources().get('CPU', 0):g} "
                       f"CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs in the cluster")
-                results = bulk.explain_on_ray(ray, make_model, images, labels, configs, pairs,
-                                              args.batch_size, args.device, n_workers,
+                results = bulk.explain_on_ray(ray, make_model, images, labels, configs,
+                                              batches, args.device, n_workers,
                                               ray_options.gpus_per_worker)
                 written = _write(results, store, configs, names, labels, failures, len(pairs),
                                  progress)
