@@ -83,50 +83,6 @@ def test_bad_input_is_reported_before_any_work(setup, capsys, monkeypatch):
     assert not (tmp / "cache").exists()
 
 
-def test_resume_reuses_every_finished_cell(setup, capsys, monkeypatch):
-    tmp, factory, root = setup
-    out = tmp / "out"
-    argv = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency",
-            "SplitGrad", "Random", "--max-layers", "1", "--alphas", "0.4", "0.5",
-            "--max-sens-samples", "2", "--out", str(out), "--no-progress", "--threads", "1"]
-    calls = []
-    real = runner.evaluate_metric
-
-    def interrupted(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "evaluate_metric", interrupted)
-    assert cli.main(argv) == 130
-    assert "--resume" in capsys.readouterr().err
-    done = len(calls) - 1
-
-    calls.clear()
-    monkeypatch.setattr(runner, "evaluate_metric", lambda *a, **k: (calls.append(a[0]),
-                                                                    real(*a, **k))[1])
-    assert cli.main(argv + ["--resume"]) == 0
-    assert f"reusing {done} finished cells" in capsys.readouterr().out
-    resumed = len(calls)
-    first = (out / "table1_comparison.csv").read_text()
-    for name in ("table3_alpha.md", "table6_randomisation.md", "table7_timing.md",
-                 "figure4_saliency.png", "figure7_layers.png", "report.md", "validation.csv"):
-        assert (out / name).is_file(), name
-
-    calls.clear()
-    assert cli.main(argv + ["--resume"]) == 0
-    assert calls == []  # everything reused
-    assert (out / "table1_comparison.csv").read_text() == first
-    assert resumed > 0
-
-    calls.clear()
-    assert cli.main(argv) == 0  # without --resume everything is recomputed
-    assert len(calls) == done + resumed
-    table = (out / "table1_comparison.md").read_text()
-    assert "SplitGrad" in table and "Saliency" in table and "**" in table
-
-
 def test_spatially_constant_maps_are_reported_not_ranked(setup, capsys):
     tmp, factory, root = setup
     out = tmp / "const"

@@ -12,10 +12,14 @@ zoo.models
     ImageNet models and ``FILE.py:FACTORY``.
 protocol
     Methods as registry names plus options, layers, the Quantus metrics, layer selection.
+cells
+    The unit of work: one method configuration on one set of images (picklable job in,
+    records out) and the fingerprints that key its cells.
 runner
     Validation, selection, test, alpha ablation, randomisation check, timing.
 store
-    Finished result cells on disk (``--resume``).
+    Finished result cells on disk, keyed by fingerprint, safe across processes
+    (``--resume``).
 report, sanity, timing
     Tables and figures, the randomisation check, computation times.
 """

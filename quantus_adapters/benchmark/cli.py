@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", default=None,
                    help="candidate layers of layer-wise methods (module names); default: up "
                         "to --max-layers chosen from the model")
-    p.add_argument("--alphas", nargs="+", type=float, default=None,
-                   help="alpha grid of the ablation (default 0.5 0.45 0.4 0.35 0.3 0; "
-                        "--quick: 0.4)")
-    p.add_argument("--alpha", type=float, default=0.4,
-                   help="alpha of SplitCAM/SplitGrad in the main comparison (default 0.4)")
+    p.add_argument("--alphas", nargs="+", default=None,
+                   help="alpha grid of the ablation, each in [0, 0.5] (default 0.5 0.45 0.4 "
+                        "0.35 0.3 0; --quick: 0.4)")
+    p.add_argument("--alpha", default="0.4",
+                   help="alpha of SplitCAM/SplitGrad in the main comparison, in [0, 0.5] "
+                        "(default 0.4)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="metrics to compute (default all): Selectivity AttrLoc Pointing "
+                        "PF@5 PF@20 MaxSens")
     p.add_argument("--out", default="splitxai-benchmark", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
@@ -80,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: 1 for the built-in digits, whose small "
                         "convolutions run fastest on one thread; torch's choice otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (errors are one line otherwise)")
     return p
 
 
@@ -161,10 +169,29 @@ def _check_labels(model: nn.Module, data, device: str) -> int:
     return n_classes
 
 
+USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``splitxai benchmark``; returns the exit status."""
+    """Run ``splitxai benchmark``; returns the exit status.
+
+    0: done; 2: bad input (one line on stderr); 130: interrupted (SIGINT or SIGTERM; the
+    finished cells are stored, ``--resume`` continues); 1: an unexpected error (one line;
+    ``--debug`` shows the traceback of any error).
+    """
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -178,10 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; finished cells are in {args.out}/cells.jsonl -- run again with "
               "--resume to continue", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"splitxai benchmark: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"splitxai benchmark: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"splitxai benchmark: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         torch.set_num_threads(threads)
 
 
@@ -189,12 +226,18 @@ def _run(args) -> int:
     import quantus_adapters
     from quantus_adapters.benchmark import data as data_mod
     from quantus_adapters.benchmark import protocol, report
-    from quantus_adapters.benchmark.runner import Benchmark, fingerprint
-    from quantus_adapters.benchmark.store import CellStore
+    from quantus_adapters.benchmark.runner import Benchmark
+    from quantus_adapters.benchmark.store import ResultStore
     from quantus_adapters.benchmark.zoo import models
 
     start = time.perf_counter()
     progress = not args.no_progress
+    args.alpha = protocol.check_alpha(args.alpha, "--alpha")
+    if args.alphas is not None:
+        args.alphas = [protocol.check_alpha(a, "--alphas") for a in args.alphas]
+    metrics = protocol.check_metrics(
+        [m for item in args.metrics for m in item.split(",") if m] if args.metrics
+        else list(protocol.METRICS))
     for name in ("n_val", "n_test", "max_layers", "max_sens_samples", "max_sens_images",
                  "batch_size", "selectivity_patch"):
         v = getattr(args, name)
@@ -222,7 +265,7 @@ def _run(args) -> int:
         layers = protocol.check_layers(model, args.layers)
     else:
         layers = protocol.candidate_layers(model, max_layers)
-    notes: list[str] = []
+    notes: list[str] = data.mask_notes()
     available = quantus_adapters.available_methods()
     specs = _specs(args, available, int(data.images.shape[-1]), int(data.images.shape[1]),
                    notes)
@@ -230,7 +273,7 @@ def _run(args) -> int:
         raise UsageError("no method to evaluate (none of the requested methods is installed)")
     alphas = args.alphas or ([args.alpha] if args.quick else list(DEFAULT_ALPHAS))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out)  # checks that --out is a writable folder
 
     # 2. heavy work: the built-in model is trained (or read from the cache) now
     if model_name == "digits-cnn" and not args.weights:
@@ -246,21 +289,17 @@ def _run(args) -> int:
         max_sens_samples=args.max_sens_samples or (5 if args.quick else 25),
         max_sens_images=args.max_sens_images or (5 if args.quick else 10),
         selectivity_patch=args.selectivity_patch,
-        device=args.device, seed=args.seed, batch_size=args.batch_size)
-    extra = {"model_name": model_name, "quick": args.quick, "alpha": args.alpha}
-    store = CellStore(out / "cells.jsonl", fingerprint(model, data, settings, extra),
-                      resume=args.resume)
-    if args.resume:
-        if store.mismatch:
-            print("--resume: the stored cells belong to another setup; starting afresh")
-        else:
-            print(f"--resume: reusing {store.reused} finished cells")
+        device=args.device, seed=args.seed, batch_size=args.batch_size, metrics=metrics)
     bench = Benchmark(model, data, specs, layers, store, settings, alphas=alphas,
                       n_saliency=4, n_sanity=5 if args.quick else 20,
-                      n_timing=4 if args.quick else 8, progress=progress)
+                      n_timing=4 if args.quick else 8, progress=progress,
+                      reuse=args.resume)
     bench.notes.extend(notes)
     results = bench.run()
     results.elapsed = time.perf_counter() - start
+    if args.resume:
+        print(f"--resume: reused {results.reused} stored cells whose fingerprint matches, "
+              f"computed {results.computed}")
     header = (f"Model `{model_name}`, data `{data.name}` ({len(data.val_idx)} validation, "
               f"{len(data.test_idx)} test images, {tuple(data.images.shape[1:])}), "
               f"{'quick run, ' if args.quick else ''}seed {args.seed}, device {args.device} "
@@ -271,11 +310,12 @@ def _run(args) -> int:
               " px; "
               f"Pixel Flipping {protocol.features_in_step(tuple(data.images.shape[1:]))} "
               "features a step (112 pixels at 224x224, scaled), image-mean replacement.")
-    path = report.write_report(results, out, header)
-    (out / "run.json").write_text(json.dumps(
-        {"argv": sys.argv, "model": model_name, "data": data.name, "layers": layers,
-         "methods": [s.label for s in specs], "alphas": alphas,
-         "seconds": round(results.elapsed, 1)}, indent=2))
+    with store.lock():  # the files of one run together, even with another run on --out
+        path = report.write_report(results, out, header)
+        (out / "run.json").write_text(json.dumps(
+            {"argv": sys.argv, "model": model_name, "data": data.name, "layers": layers,
+             "methods": [s.label for s in specs], "alphas": alphas,
+             "seconds": round(results.elapsed, 1)}, indent=2))
     print(report.markdown_table1(results))
     print(f"\nwrote {path} and the tables/figures next to it "
           f"({results.elapsed:.0f} s)")

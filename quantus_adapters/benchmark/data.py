@@ -91,6 +91,42 @@ class BenchmarkData:
         """Whether ground-truth object masks exist (localisation metrics need them)."""
         return self.masks is not None
 
+    def usable_masks(self, split: str) -> np.ndarray:
+        """Per image of ``split``: whether its mask has object and background pixels."""
+        from quantus_adapters.benchmark.protocol import localisation_mask
+
+        idx = self.val_idx if split == "val" else self.test_idx
+        if self.masks is None:
+            return np.zeros(len(idx), dtype=bool)
+        return localisation_mask(self.masks[torch.as_tensor(idx, dtype=torch.long)].numpy())
+
+    @property
+    def has_usable_masks(self) -> bool:
+        """Whether some test image has a usable mask (else localisation is skipped)."""
+        return bool(self.usable_masks("test").any())
+
+    def mask_notes(self) -> list[str]:
+        """Report lines: images excluded from localisation, or localisation skipped."""
+        if self.masks is None:
+            return []
+        notes = []
+        for split, title in (("val", "validation"), ("test", "test")):
+            ok = self.usable_masks(split)
+            if (~ok).any():
+                idx = self.val_idx if split == "val" else self.test_idx
+                bad = [self.names[int(i)] for i in np.asarray(idx)[~ok]]
+                shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+                notes.append(f"{len(bad)} {title} image(s) without object pixels or without "
+                             f"background pixels in their mask excluded from the localisation "
+                             f"metrics: {shown}")
+        if not self.has_usable_masks:
+            notes.append("no test image has a usable mask: Attribution Localisation and "
+                         "Pointing Game are skipped.")
+        elif not self.usable_masks("val").any():
+            notes.append("no validation image has a usable mask: layers are selected on Pixel "
+                         "Flipping only.")
+        return notes
+
     def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images, labels and masks of ``split`` ("val" or "test")."""
         idx = torch.as_tensor(self.val_idx if split == "val" else self.test_idx, dtype=torch.long)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,10 @@ __all__ = [
     "pixel_flipping_auc",
     "features_in_step",
     "select_configs",
+    "seed_everything",
+    "localisation_mask",
+    "check_alpha",
+    "check_metrics",
 ]
 
 
@@ -79,6 +84,7 @@ class ProtocolSettings:
     batch_size: int = 64
     device: str = "cpu"
     seed: int = 0
+    metrics: tuple[str, ...] = tuple(METRICS)
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,42 @@ class Config:
     def with_options(self, **changes: Any) -> Config:
         """A copy with some options replaced (e.g. another alpha)."""
         return Config(self.spec, self.layer, self.variant, {**self.options, **changes})
+
+
+def check_alpha(value: Any, option: str = "--alpha") -> float:
+    """One alpha of SplitCAM / SplitGrad from the command line: a number in [0, 0.5].
+
+    alpha is the backward shift of the split pair's two streams (0: no shift, 0.5: the
+    midpoint); values outside [0, 0.5] are not defined.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is not a number or lies outside [0, 0.5] (the message names ``option``).
+    """
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} {value!r} is not a number; alpha is a number in "
+                         "[0, 0.5]") from None
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 0.5):
+        raise ValueError(f"{option} {value}: alpha must lie in [0, 0.5]")
+    return alpha
+
+
+def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """``--metrics`` names (keys of :data:`METRICS`), in the protocol's order.
+
+    Raises
+    ------
+    ValueError
+        An unknown name (the message lists the known ones).
+    """
+    bad = [n for n in names if n not in METRICS]
+    if bad:
+        raise ValueError(f"--metrics: unknown {', '.join(map(repr, bad))}; use "
+                         f"{', '.join(METRICS)}")
+    return tuple(m for m in METRICS if m in names)
 
 
 def default_methods(alpha: float = 0.4, quick: bool = False, image_size: int = 64,
@@ -397,6 +439,23 @@ def selectivity_curves(model: nn.Module, x: np.ndarray, y: np.ndarray, a: np.nda
     return out.numpy()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's global and torch's generators (Captum and Quantus use them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (Captum's Gradient SHAP draws from it)
+    torch.manual_seed(seed)
+
+
+def localisation_mask(s: np.ndarray) -> np.ndarray:
+    """Which images have a usable object mask: some object and some background pixels.
+
+    An empty mask (no object pixel) or an all-object mask makes the localisation metrics
+    meaningless (Pointing Game scores such an image as a hit); those images are excluded.
+    """
+    flat = np.asarray(s).reshape(len(s), -1) > 0
+    return flat.any(1) & ~flat.all(1)
+
+
 def _quantus_scores(metric, model, x, y, a, s, device, batch_size, **call) -> np.ndarray:
     scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a, s_batch=s, device=device,
                     batch_size=batch_size, **call)
@@ -418,6 +477,8 @@ def evaluate_metric(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, a
         The model (eval mode).
     x, y, a, s: numpy.ndarray
         Images (B, C, H, W), labels (B,), maps (B, 1, H, W), masks (B, 1, H, W) or None.
+        Images whose mask is empty or all object get NaN localisation scores
+        (:func:`localisation_mask`).
     use_abs: bool
         Take the absolute value of the maps first (Max Sensitivity always does).
     settings: ProtocolSettings
@@ -455,12 +516,17 @@ def evaluate_metric(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, a
         patch = settings.selectivity_patch or selectivity_patch(x.shape)
         curves = selectivity_curves(model, x, y, a, patch, device)
         return np.trapezoid(curves, axis=1)
-    if name == "AttrLoc":
-        metric = quantus.AttributionLocalisation(abs=False, normalise=True, **common)
-        return _quantus_scores(metric, model, x, y, a, s, device, settings.batch_size)
-    if name == "Pointing":
-        metric = quantus.PointingGame(abs=False, normalise=True, **common)
-        return _quantus_scores(metric, model, x, y, a, s, device, settings.batch_size)
+    if name in LOCALISATION:
+        if s is None:
+            raise ValueError(f"{name} needs object masks")
+        cls = quantus.AttributionLocalisation if name == "AttrLoc" else quantus.PointingGame
+        metric = cls(abs=False, normalise=True, **common)
+        ok = localisation_mask(s)
+        out = np.full(len(y), np.nan)
+        if ok.any():
+            out[ok] = _quantus_scores(metric, model, x[ok], y[ok], a[ok], s[ok], device,
+                                      settings.batch_size)
+        return out
     if name == "MaxSens":
         if (explain_kwargs or {}).get("method") == "Random":  # not defined for random maps
             return np.full(len(y), np.nan)
@@ -469,8 +535,9 @@ def evaluate_metric(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, a
         n = min(settings.max_sens_images or len(y), len(y))
         metric = quantus.MaxSensitivity(nr_samples=settings.max_sens_samples, abs=True,
                                         normalise=False, **common)
-        # Quantus draws its perturbations from NumPy's global generator
-        np.random.seed(settings.seed)  # noqa: NPY002
+        # Quantus draws its perturbations from NumPy's global generator, the re-explained
+        # methods (Gradient SHAP) from NumPy's and torch's
+        seed_everything(settings.seed)
         scores = metric(model=model, x_batch=x[:n], y_batch=y[:n], a_batch=np.abs(a[:n]),
                         device=device, explain_func=explain_func,
                         explain_func_kwargs=dict(explain_kwargs or {}),

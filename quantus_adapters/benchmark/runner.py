@@ -1,26 +1,23 @@
 """The benchmark run: validation (layer selection), test, alpha ablation, sanity, timing.
 
 :class:`Benchmark` holds the model, the data and the methods; :meth:`Benchmark.run`
-computes every result cell (reusing stored ones with ``resume``) and returns
+computes every result cell through :func:`~quantus_adapters.benchmark.cells.run_cells`
+(reusing stored ones whose fingerprint matches, with ``reuse``) and returns
 :class:`Results`, which :mod:`quantus_adapters.benchmark.report` turns into tables and
 figures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from quantus_adapters.benchmark import sanity, timing
+from quantus_adapters.benchmark import cells, sanity, timing
 from quantus_adapters.benchmark.data import BenchmarkData
 from quantus_adapters.benchmark.protocol import (
     LOCALISATION,
@@ -30,13 +27,12 @@ from quantus_adapters.benchmark.protocol import (
     MethodSpec,
     ProtocolSettings,
     configs_for,
-    evaluate_metric,
     resolve_options,
     select_configs,
 )
-from quantus_adapters.benchmark.store import CellStore
+from quantus_adapters.benchmark.store import ResultStore
 
-__all__ = ["Benchmark", "Results", "Row", "FIGURE_BASELINES"]
+__all__ = ["Benchmark", "Results", "Row", "FIGURE_BASELINES", "map_in_order"]
 
 # input-attribution baselines shown in the saliency figure (all Split and layer methods are)
 FIGURE_BASELINES = ("Saliency", "IntegratedGradients", "GuidedBackprop", "Occlusion")
@@ -44,12 +40,17 @@ FIGURE_BASELINES = ("Saliency", "IntegratedGradients", "GuidedBackprop", "Occlus
 
 @dataclass
 class Row:
-    """One row of the comparison: a selected configuration and its test scores."""
+    """One row of the comparison: a selected configuration and its test cells.
+
+    ``scores`` holds the mean of each metric, ``records`` the stored cells (per-image
+    scores in ``records[metric]["scores"]``, used by the significance test).
+    """
 
     config: Config
     use_abs: bool
     selected_by: str
     scores: dict[str, float] = field(default_factory=dict)
+    records: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,14 +73,8 @@ class Results:
     metrics: list[str]
     layers: list[str]
     elapsed: float = 0.0
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence Quantus's warnings and the notes it prints (they would break progress bars)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    reused: int = 0
+    computed: int = 0
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
@@ -87,6 +82,11 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False,
                 dynamic_ncols=True)
+
+
+def map_in_order(fn: Callable, jobs: Sequence) -> Iterable:
+    """The default job mapper: ``fn`` over ``jobs`` in this process, lazily, in order."""
+    return map(fn, jobs)
 
 
 class Benchmark:
@@ -102,10 +102,10 @@ class Benchmark:
         The methods (unavailable ones are dropped with a note by the caller).
     layers: list of str
         Candidate layers of layer-wise methods.
-    store: CellStore
-        Where finished cells go (and come from, with resume).
+    store: ResultStore
+        Where finished cells go (and, with ``reuse``, come from).
     settings: ProtocolSettings
-        Metric parameters.
+        Metric parameters and the seed.
     alphas: list of float
         The alpha grid of the ablation (table 3).
     explain: callable, optional
@@ -116,13 +116,21 @@ class Benchmark:
         Show progress bars.
     log: callable
         Receives progress lines.
+    reuse: bool
+        Reuse stored cells whose fingerprint matches (``--resume``); otherwise every cell
+        is computed (and appended to the store).
+    map_jobs: callable, optional
+        ``map_jobs(run_cells, jobs)`` returns the :class:`CellResult` of each
+        :class:`CellJob` in order (lazily or not); :func:`map_in_order` by default. A
+        distributed runner passes its own.
     """
 
     def __init__(self, model: nn.Module, data: BenchmarkData, specs: Sequence[MethodSpec],
-                 layers: Sequence[str], store: CellStore, settings: ProtocolSettings,
+                 layers: Sequence[str], store: ResultStore, settings: ProtocolSettings,
                  alphas: Sequence[float] = (0.4,), explain: Callable | None = None,
                  n_saliency: int = 4, n_sanity: int = 20, n_timing: int = 8,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 reuse: bool = False, map_jobs: Callable | None = None):
         import quantus_adapters
 
         self.model = model
@@ -132,145 +140,140 @@ class Benchmark:
         self.store = store
         self.settings = settings
         self.alphas = list(alphas)
-        self.explain = explain or quantus_adapters.explain
+        self.explain = explain
+        self._explain_fn = explain or quantus_adapters.explain
         self.n_saliency = n_saliency
         self.n_sanity = n_sanity
         self.n_timing = n_timing
         self.progress = progress
         self.log = log
+        self.reuse = reuse
+        self.map_jobs = map_jobs or map_in_order
         self.notes: list[str] = list(data.notes)
         self.errors: dict[str, str] = {}
+        self.reused = 0
+        self.computed = 0
+        self._fresh: set[str] = set()
+        self._ctx = cells.context(model, settings)
+        self._arrays_cache: dict[str, tuple] = {}
+        self._digests = {split: cells.data_digest(*self._arrays(split)[2:],
+                                                  names=self._names(split))
+                         for split in ("val", "test")}
 
     # ------------------------------------------------------------------ helpers
     @property
     def metric_names(self) -> list[str]:
-        """Metrics that apply to this data (localisation needs masks)."""
-        return [m for m in METRICS if self.data.has_masks or not METRICS[m].needs_masks]
+        """Metrics that apply to this data (localisation needs usable masks)."""
+        return [m for m in self.settings.metrics
+                if not METRICS[m].needs_masks or self.data.has_usable_masks]
+
+    def _names(self, split: str) -> list[str]:
+        idx = self.data.val_idx if split == "val" else self.data.test_idx
+        return [self.data.names[int(i)] for i in idx]
 
     def _arrays(self, split: str):
-        x, y, s = self.data.subset(split)
-        s_np = None if s is None else s.numpy().astype(np.float32)
-        return x, y, x.numpy().astype(np.float32), y.numpy(), s_np
+        if split not in self._arrays_cache:
+            x, y, s = self.data.subset(split)
+            s_np = None if s is None else s.numpy().astype(np.float32)
+            self._arrays_cache[split] = (x, y, x.numpy().astype(np.float32), y.numpy(), s_np)
+        return self._arrays_cache[split]
+
+    def _lookup(self, key: str) -> dict | None:
+        """A stored cell, when this run may use it (``reuse``, or computed in this run)."""
+        if not self.reuse and key not in self._fresh:
+            return None
+        return self.store.get(key)
 
     def maps(self, config: Config, x: torch.Tensor, y: torch.Tensor,
              model: nn.Module | None = None) -> np.ndarray:
-        """Explanations (B, 1, H, W) of ``config`` for a batch, computed in chunks."""
-        model = self.model if model is None else model
-        dev = self.settings.device
-        chunk = self.settings.batch_size
-        if x.shape[-1] >= 128:  # large images: smaller chunks
-            chunk = max(1, chunk // 8)
+        """Explanations (B, 1, H, W) of ``config`` for a batch (seeded, in chunks)."""
+        return cells.explain_maps(self.model if model is None else model, x, y,
+                                  config.explain_kwargs, self._explain_fn,
+                                  self.settings.batch_size, self.settings.device,
+                                  self.settings.seed)
+
+    def cell_key(self, split: str, config: Config, use_abs: bool, metric: str) -> str:
+        """The fingerprint of one cell (Max Sensitivity always takes abs)."""
+        shape = tuple(self.data.images.shape[1:])
+        return cells.cell_key(self._ctx, self._digests[split], config.explain_kwargs,
+                              True if metric == "MaxSens" else use_abs, metric,
+                              cells.metric_options(metric, self.settings, shape),
+                              self.settings.batch_size)
+
+    def _evaluate_many(self, split: str, requests: Sequence[tuple], desc: str,
+                       keep: int = 0) -> list[tuple[dict, np.ndarray | None]]:
+        """Cells of many configurations: ``requests`` are (config, abs choices, metrics).
+
+        Returns, per request, ``{(abs, metric): record or None}`` and the kept maps. The
+        missing cells are computed by :func:`cells.run_cells` through ``map_jobs`` and
+        stored as each job finishes.
+        """
+        x, y, x_np, y_np, s_np = self._arrays(split)
+        jobs, plans = [], []
+        for config, abs_choices, metrics in requests:
+            keys = {(ua, m): self.cell_key(split, config, ua, m)
+                    for ua in abs_choices for m in metrics}
+            todo = []
+            for (ua, m), k in keys.items():
+                if k in [t[0] for t in todo] or k in self._fresh:
+                    continue
+                if self._lookup(k) is None:
+                    todo.append((k, True if m == "MaxSens" else ua, m))
+                else:
+                    self.reused += 1
+            plans.append(keys)
+            jobs.append(cells.CellJob(self.model, x_np, y_np, s_np, config.explain_kwargs,
+                                      tuple(todo), self.settings, keep=keep,
+                                      explain=self.explain))
         out = []
-        for i in range(0, len(y), chunk):
-            xb, yb = x[i:i + chunk].to(dev), y[i:i + chunk].to(dev)
-            opts = resolve_options(config.explain_kwargs, xb)
-            out.append(np.asarray(self.explain(model, xb, yb, **opts), dtype=np.float32))
-        return np.concatenate(out)
+        results = self.map_jobs(cells.run_cells, jobs)
+        for (config, _, _), keys, res in _progress(
+                zip(requests, plans, results, strict=True), desc, self.progress,
+                total=len(jobs)):
+            for k, record in res.records.items():
+                self.store.put(k, record)
+                self._fresh.add(k)
+            self.computed += len(res.records)
+            for where, msg in res.errors.items():
+                self.errors[" ".join(p for p in (config.spec.label, config.layer_label, where)
+                                     if p)] = msg
+            out.append(({c: self._lookup(k) for c, k in keys.items()}, res.maps))
+        return out
 
     @staticmethod
-    def cell_key(stage: str, config: Config, use_abs: bool, metric: str) -> str:
-        return f"{stage}|{config.key()}|abs={int(use_abs)}|{metric}"
-
-    def _evaluate(self, stage: str, split: str, config: Config, abs_choices: Sequence[bool],
-                  metrics: Sequence[str], keep: int = 0) -> tuple[dict, np.ndarray | None]:
-        """Scores of ``config`` for each abs choice and metric; stored cells are reused."""
-        results: dict[tuple[bool, str], float] = {}
-        todo = []
-        for use_abs in abs_choices:
-            for m in metrics:
-                key = self.cell_key(stage, config, use_abs if m != "MaxSens" else True, m)
-                cell = self.store.get(key)
-                if cell is not None:
-                    results[(use_abs, m)] = cell["mean"]
-                else:
-                    todo.append((use_abs, m, key))
-        kept = None
-        if not todo and not keep:
-            return results, kept
-        x, y, x_np, y_np, s_np = self._arrays(split)
-        try:
-            a = self.maps(config, x, y)
-            flat = a.reshape(len(a), -1)
-            spread = flat.max(1) - flat.min(1)
-            if not np.isfinite(a).all():
-                raise FloatingPointError("the maps are not finite")
-            if (spread <= 1e-7 * np.maximum(np.abs(flat).max(1), 1e-30)).all():
-                raise ValueError("every map is spatially constant (e.g. the gradient after "
-                                 "global average pooling); no pixel ranking to evaluate")
-        except Exception as exc:  # one failing method must not stop the benchmark
-            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            self.errors[f"{config.spec.label} {config.layer_label}"] = msg
-            for use_abs, m, _ in todo:
-                results[(use_abs, m)] = float("nan")
-            return results, None
-        if keep:
-            kept = a[:keep]
-        cache: dict = {}
-        nonnegative = bool((a >= 0).all())
-        for use_abs, m, key in sorted(todo, key=lambda t: t[0]):
-            if key in self.store:  # MaxSens shared by both abs choices
-                results[(use_abs, m)] = self.store.get(key)["mean"]
-                continue
-            twin = self.cell_key(stage, config, False, m)
-            if use_abs and nonnegative and twin in self.store:  # |a| == a: same scores
-                self.store.put(key, self.store.get(twin))
-                results[(use_abs, m)] = self.store.get(key)["mean"]
-                continue
-            t0 = time.perf_counter()
-            try:
-                with _quiet():
-                    scores = evaluate_metric(m, self.model, x_np, y_np, a, s_np, use_abs,
-                                             self.settings,
-                                             explain_kwargs=config.explain_kwargs,
-                                             explain_func=self._resolved_explain(config),
-                                             cache=cache)
-                finite = scores[np.isfinite(scores)]
-                mean = float(finite.mean()) if len(finite) else float("nan")
-                self.store.put(key, {"mean": mean, "scores": [float(v) for v in scores],
-                                     "seconds": round(time.perf_counter() - t0, 3)})
-            except Exception as exc:
-                msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                self.errors[f"{config.spec.label} {config.layer_label} {m}"] = msg
-                mean = float("nan")
-            results[(use_abs, m)] = mean
-        return results, kept
-
-    def _resolved_explain(self, config: Config) -> Callable:
-        """An explain function that resolves symbolic options per batch (Max Sensitivity)."""
-        explain = self.explain
-
-        def fn(model, inputs, targets, **kwargs):
-            t = torch.as_tensor(np.asarray(inputs))
-            return explain(model, inputs, targets, **resolve_options(kwargs, t))
-
-        return fn
+    def _mean(record: dict | None) -> float:
+        return float("nan") if record is None else float(record["mean"])
 
     # ------------------------------------------------------------------ stages
     def validate(self) -> tuple[dict, dict[str, Config]]:
         """Metrics of every configuration on validation (localisation and Pixel Flipping)."""
         metrics = [m for m in (*LOCALISATION, *PIXEL_FLIPPING) if m in self.metric_names]
         configs = [c for spec in self.specs for c in configs_for(spec, self.layers)]
-        values: dict[tuple[str, bool], dict[str, float]] = {}
         by_key = {c.key(): c for c in configs}
-        for config in _progress(configs, "validation: configurations", self.progress):
-            res, _ = self._evaluate("val", "val", config, (False, True), metrics)
+        values: dict[tuple[str, bool], dict[str, float]] = {}
+        found = self._evaluate_many("val", [(c, (False, True), metrics) for c in configs],
+                                    "validation: configurations")
+        for config, (res, _) in zip(configs, found, strict=True):
             for use_abs in (False, True):
-                values[(config.key(), use_abs)] = {m: res[(use_abs, m)] for m in metrics}
+                values[(config.key(), use_abs)] = {m: self._mean(res[(use_abs, m)])
+                                                   for m in metrics}
         return values, by_key
 
     def select(self, values: dict, configs: dict[str, Config]) -> list[Row]:
         """Per method: the best configuration for localisation and for Pixel Flipping."""
         rows: list[Row] = []
         criteria = []
-        if self.data.has_masks:
+        if any(m in self.metric_names for m in LOCALISATION):
             criteria.append(("localisation", LOCALISATION))
-        criteria.append(("pixel flipping", PIXEL_FLIPPING))
+        if any(m in self.metric_names for m in PIXEL_FLIPPING):
+            criteria.append(("pixel flipping", PIXEL_FLIPPING))
         for spec in self.specs:
             cands = {k: v for k, v in values.items() if configs[k[0]].spec is spec}
             if not cands:
                 continue
             chosen: list[tuple] = []
             for name, metrics in criteria:
+                metrics = [m for m in metrics if m in self.metric_names]
                 if all(not np.isfinite(v[m]) for v in cands.values() for m in metrics):
                     continue
                 best = select_configs(cands, metrics)
@@ -280,15 +283,21 @@ class Benchmark:
                     continue
                 chosen.append(best)
                 rows.append(Row(configs[best[0]], best[1], name))
+            if not criteria:  # no selection metric: the first configuration
+                first = next(iter(cands))
+                rows.append(Row(configs[first[0]], first[1], "first layer"))
         return rows
 
     def test(self, rows: list[Row]) -> dict[str, np.ndarray]:
         """All metrics of the selected configurations on the test split."""
         kept: dict[str, np.ndarray] = {}
-        for row in _progress(rows, "test: selected configurations", self.progress):
-            res, maps = self._evaluate("test", "test", row.config, (row.use_abs,),
-                                       self.metric_names, keep=self.n_saliency)
-            row.scores = {m: res[(row.use_abs, m)] for m in self.metric_names}
+        found = self._evaluate_many(
+            "test", [(r.config, (r.use_abs,), self.metric_names) for r in rows],
+            "test: selected configurations", keep=self.n_saliency)
+        for row, (res, maps) in zip(rows, found, strict=True):
+            row.records = {m: res[(row.use_abs, m)] for m in self.metric_names
+                           if res[(row.use_abs, m)] is not None}
+            row.scores = {m: self._mean(res[(row.use_abs, m)]) for m in self.metric_names}
             if maps is not None:
                 kept[f"{row.config.key()}|{int(row.use_abs)}"] = maps
         return kept
@@ -303,17 +312,17 @@ class Benchmark:
             if row.config.spec.alpha_ablation and id(row.config.spec) not in first_rows:
                 first_rows[id(row.config.spec)] = row
         jobs = [(row, alpha) for row in first_rows.values() for alpha in self.alphas]
-        results: dict[tuple[int, float], dict] = {}
-        for row, alpha in _progress(jobs, "alpha ablation", self.progress):
-            cfg = row.config.with_options(alpha=alpha)
-            res, _ = self._evaluate("test", "test", cfg, (row.use_abs,), metrics)
-            results[(id(row), alpha)] = res
+        found = self._evaluate_many(
+            "test", [(row.config.with_options(alpha=alpha), (row.use_abs,), metrics)
+                     for row, alpha in jobs], "alpha ablation")
+        results = {(id(row), alpha): res for (row, alpha), (res, _) in zip(jobs, found,
+                                                                            strict=True)}
         for row in first_rows.values():
             pool = row.config.options.get("maxpool")
             label = (f"{row.config.spec.method}{f' ({pool})' if pool else ''} "
                      f"{row.config.layer_label}" + (", abs" if row.use_abs else ""))
             for m in metrics:
-                table.append((label, m, {a: results[(id(row), a)][(row.use_abs, m)]
+                table.append((label, m, {a: self._mean(results[(id(row), a)][(row.use_abs, m)])
                                          for a in self.alphas}))
         return table
 
@@ -329,17 +338,21 @@ class Benchmark:
             if row.config.spec.method == "Random" or row.config.key() in seen:
                 continue
             seen.add(row.config.key())
-            key = f"sanity|{row.config.key()}|n={len(y)}"
-            cell = self.store.get(key)
+            key = self.store.fingerprint({
+                "context": self._ctx, "data": self._digests["test"], "images": len(y),
+                "method": row.config.explain_kwargs, "batch_size": self.settings.batch_size,
+                "sanity": {"layers": names, "similarities": sanity.SIMILARITIES}})
+            cell = self._lookup(key)
             if cell is None:
                 try:
                     a = self.maps(row.config, x, y)
                     b = self.maps(row.config, x, y, model=randomised)
-                    with _quiet():
+                    with cells.quiet():
                         sims = sanity.similarities(a, b)
                     cell = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
                             for k, v in sims.items()}
                     self.store.put(key, cell)
+                    self._fresh.add(key)
                 except Exception as exc:
                     self.errors[f"sanity {row.config.spec.label}"] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -352,12 +365,15 @@ class Benchmark:
         dev = self.settings.device
         x, y = x[:self.n_timing].to(dev), y[:self.n_timing].to(dev)
         out = []
-        key = "timing|split"
-        cell = self.store.get(key)
+        base = {"context": self._ctx, "images": len(y), "shape": list(x.shape[1:]),
+                "threads": torch.get_num_threads()}
+        key = self.store.fingerprint({**base, "timing": "split"})
+        cell = self._lookup(key)
         if cell is None:
             try:
                 cell = {"seconds": timing.split_time(self.model)}
                 self.store.put(key, cell)
+                self._fresh.add(key)
             except Exception as exc:
                 self.errors["timing split"] = f"{type(exc).__name__}: {exc}"
         if cell is not None:
@@ -371,13 +387,15 @@ class Benchmark:
             config = configs_for(spec, [first] if first else [])
             config = [c for c in config if c.layer != "input"] or config
             cfg = config[0]
-            key = f"timing|{cfg.key()}|n={len(y)}"
-            cell = self.store.get(key)
+            key = self.store.fingerprint({**base, "timing": cfg.explain_kwargs})
+            cell = self._lookup(key)
             if cell is None:
                 try:
                     opts = resolve_options(cfg.explain_kwargs, x)
-                    cell = {"seconds": timing.explain_time(self.explain, self.model, x, y, opts)}
+                    cell = {"seconds": timing.explain_time(self._explain_fn, self.model, x, y,
+                                                           opts)}
                     self.store.put(key, cell)
+                    self._fresh.add(key)
                 except Exception as exc:
                     self.errors[f"timing {spec.label}"] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -430,29 +448,7 @@ class Benchmark:
             timings=timings, saliency=saliency, saliency_images=x[:n].numpy(),
             saliency_masks=None if s is None else s[:n].numpy(), saliency_titles=titles,
             notes=notes, metrics=self.metric_names, layers=self.layers,
-            elapsed=time.perf_counter() - start)
+            elapsed=time.perf_counter() - start, reused=self.reused, computed=self.computed)
 
 
-def fingerprint(model: nn.Module, data: BenchmarkData, settings: ProtocolSettings,
-                extra: dict) -> dict:
-    """What must match for ``--resume`` to reuse stored cells."""
-    with torch.no_grad():
-        params = sum(float(p.double().abs().sum()) for p in model.parameters())
-    return {
-        "model": type(model).__name__,
-        "param_abs_sum": f"{params:.6e}",
-        "data": data.name,
-        "val": [int(i) for i in data.val_idx],
-        "test": [int(i) for i in data.test_idx],
-        "images_sum": f"{float(data.images.double().sum()):.6e}",
-        "settings": {k: v for k, v in vars(settings).items() if k != "batch_size"},
-        **extra,
-    }
-
-
-def out_path(out: str | Path, name: str) -> Path:
-    """``out / name`` with the folder created."""
-    p = Path(out)
-    p.mkdir(parents=True, exist_ok=True)
-    return p / name
 
