@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from quantus_adapters.benchmark.zoo.spec import ModelSpec
+if TYPE_CHECKING:  # the benchmark package imports this module
+    from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
 __all__ = ["INSTALL_HINT", "LocalPool", "ObjectStoreValue", "RayOptions", "RayPool",
            "RayUnavailableError", "RemoteModel", "TaskFailed", "add_ray_arguments",
@@ -124,7 +125,7 @@ class RayOptions:
         (whose nodes have splitxai installed) and disconnects at the end. A connection the
         calling process already holds is used and left open.
         """
-        ray = require_ray(data=True)
+        ray = require_ray()
         # Ray's own notes (Ray Data's progress and executor lines) would break the one
         # progress bar of the command; errors still surface as exceptions
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -231,6 +232,14 @@ def _run_task(state: Any, fn: Callable[[Any, Any], Any], task: Any) -> tuple[boo
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def _cause(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (its innermost error line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] and
+              not line.startswith(("File ", "Traceback"))]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:300]
+
+
 class LocalPool:
     """Runs ``fn(state, task)`` in this process (the reference for :class:`RayPool`)."""
 
@@ -307,7 +316,7 @@ class RayPool:
                 ok, value = ray.get(done[0])
                 submit(actor)
             except Exception as exc:  # the worker died and Ray's restarts did not help
-                ok, value = False, f"worker lost: {type(exc).__name__}: {exc}".splitlines()[0]
+                ok, value = False, f"worker lost ({type(exc).__name__}): {_cause(exc)}"
             yield task, ok, value
         while pending:  # every worker is lost
             yield pending.pop(), False, "no Ray worker left (all were lost)"

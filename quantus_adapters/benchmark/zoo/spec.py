@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -61,6 +62,12 @@ class ModelSpec:
         if name not in BUILTIN_MODELS and not (":" in name or name.endswith(".py")):
             raise models.ModelError(f"--model {name!r}: use one of "
                                     f"{', '.join(BUILTIN_MODELS)} or FILE.py:FACTORY")
+        if name not in BUILTIN_MODELS and ":" in name:
+            # absolute paths: other processes (Ray workers) may start in another folder
+            file, factory = name.rsplit(":", 1)
+            name = f"{Path(file).expanduser().absolute()}:{factory}"
+        if weights is not None:
+            weights = str(Path(weights).expanduser().absolute())
         return cls(name, weights, cache_dir)
 
     def architecture(self) -> nn.Module:
