@@ -33,7 +33,8 @@ def _index(out):
         return list(csv.DictReader(fh))
 
 
-def test_maps_index_and_float16(weights, tmp_path, capsys):
+def test_maps_index_and_float16(weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # without --ray, Ray is never imported
     out = tmp_path / "maps"
     rc, printed = _run(["--weights", weights, "--methods", "SplitCAM", "Saliency", "--layers",
                         "features.6", "features.10", "--alpha", "0.3", "--max-images", "5",
@@ -121,11 +122,17 @@ def test_bad_input_is_one_line_before_work(weights, tmp_path, capsys, args, mess
     assert not out.exists()
 
 
-def test_ray_missing_gives_the_install_line(weights, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["explain", "benchmark"])
+def test_ray_missing_gives_the_install_line(weights, tmp_path, capsys, monkeypatch, command):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    rc, printed = _run(["--weights", weights, "--methods", "SplitCAM", "--out", tmp_path / "o",
-                        "--ray"], capsys)
+    args = ["--weights", weights, "--out", tmp_path / "o", "--no-progress"]
+    args += ["--methods", "SplitCAM"] if command == "explain" else ["--quick"]
+    rc = cli.main([command, *map(str, args), "--ray"])
+    printed = capsys.readouterr()
     assert rc == 2 and 'pip install "splitxai[ray]"' in printed.err
+    assert len(printed.err.strip().splitlines()) == 1
+    rc = cli.main([command, *map(str, args), "--workers", "2"])
+    assert rc == 2 and "--workers and --gpus-per-worker need --ray" in capsys.readouterr().err
 
 
 def test_failing_maps_are_named_others_kept_exit_1(weights, tmp_path, capsys):
