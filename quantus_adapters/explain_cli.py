@@ -124,6 +124,7 @@ def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.nda
 def _run(args) -> int:
     from quantus_adapters import bulk, cluster
     from quantus_adapters.benchmark import data as data_mod
+    from quantus_adapters.benchmark.images import model_channels
     from quantus_adapters.benchmark.protocol import check_layers
     from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
@@ -146,7 +147,10 @@ def _run(args) -> int:
         options["alpha"] = args.alpha
     configs = bulk.plan_configs([m for item in args.methods for m in item.split(",") if m],
                                 args.layers, options)
-    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size)
+    # the data in the model's channels (1: grayscale, else RGB; a mismatch fails below)
+    channels = model_channels(spec.architecture())
+    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
+                              channels=channels if channels in (1, 3) else 3)
     n = len(data.names) if args.max_images is None else min(args.max_images, len(data.names))
     names = list(data.names[:n])
     dupes = sorted({x for x in names if names.count(x) > 1})

@@ -95,3 +95,50 @@ def test_spatially_constant_maps_are_reported_not_ranked(setup, capsys):
     assert "spatially constant" in report
     table = (out / "table1_comparison.md").read_text()
     assert "(4, g)" not in table and "LayerCAM" in table
+
+
+def test_more_bad_input_is_one_line_before_any_work(setup, capsys, monkeypatch):
+    tmp, factory, root = setup
+
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("heavy work started")
+
+    monkeypatch.setattr(runner.Benchmark, "run", no_heavy_work)
+    base = ["--data", f"folder:{root}", "--model", factory, "--no-progress"]
+    out = ["--out", str(tmp / "out")]
+    _fail(base + out + ["--alpha", "0.7"], capsys, "--alpha 0.7: alpha must lie in [0, 0.5]")
+    _fail(base + out + ["--alphas", "0.4", "-0.1"], capsys,
+          "--alphas -0.1: alpha must lie in [0, 0.5]")
+    _fail(base + out + ["--alphas", "x"], capsys, "--alphas 'x' is not a number")
+    _fail(base + out + ["--metrics", "PF@20", "Faithfulness"], capsys,
+          "--metrics: unknown 'Faithfulness'")
+    (tmp / "afile").write_text("x")
+    _fail(base + ["--out", str(tmp / "afile")], capsys, "is a file, not a folder")
+    _fail(base + ["--out", str(tmp / "afile" / "sub")], capsys, "cannot be written")
+    (tmp / "two.py").write_text(MODEL_PY.replace("nn.Conv2d(3, 4", "nn.Conv2d(2, 4"))
+    _fail(["--data", f"folder:{root}", "--model", f"{tmp / 'two.py'}:build"] + out, capsys,
+          "first layer takes 2 channels")
+    _fail(["--model", factory, "--cache-dir", str(tmp / "cache")] + out, capsys,
+          "first layer takes 3 channel(s) but --data digits has 1")
+    (root / "images" / "im5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rc = cli.main(base + out)
+    err = capsys.readouterr().err
+    assert rc == 2 and "im5.png' as an image" in err and err.count("\n") == 1
+    with pytest.raises(Exception, match="im5.png"):  # --debug: the exception itself
+        cli.main(base + out + ["--debug"])
+
+
+def test_grayscale_folder_runs_with_a_one_channel_model(tmp_path, capsys):
+    (tmp_path / "lenet.py").write_text(MODEL_PY.replace("nn.Conv2d(3, 4", "nn.Conv2d(1, 4"))
+    root = tmp_path / "gray"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 65535, (12, 12)).astype(np.uint16)).save(
+            root / "images" / f"g{i}.png")
+    (root / "labels.csv").write_text("".join(f"g{i}.png,{i % 3}\n" for i in range(4)))
+    rc = cli.main(["--data", f"folder:{root}", "--model", f"{tmp_path / 'lenet.py'}:build",
+                   "--methods", "Saliency", "--metrics", "PF@5", "PF@20", "--out",
+                   str(tmp_path / "out"), "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert "Saliency" in (tmp_path / "out" / "table1_comparison.md").read_text()

@@ -24,24 +24,76 @@ def test_features_in_step_scales_112_pixels_at_224():
     assert 3072 % protocol.features_in_step((3, 32, 32)) == 0
 
 
-def test_pixel_flipping_matches_quantus_prefix():
+def _tied_maps(rng, n, side=64, block=4):
+    """Maps like upsampled CAMs after a ReLU: many exactly tied values (zeros, blocks)."""
+    a = np.maximum(rng.normal(size=(n, 1, side // block, side // block)), 0)
+    return np.repeat(np.repeat(a, block, 2), block, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def digits_case():
+    torch.manual_seed(0)
+    model = DigitsVGG().eval()
+    with torch.no_grad():  # trained-like logit scale (tens), where ordering errors show
+        model.classifier[-1].weight.mul_(400.0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (6, 1, 64, 64)).astype(np.float32)
+    return model, x, np.arange(6) % 10, _tied_maps(rng, 6)
+
+
+def test_pixel_flipping_equals_quantus_on_tied_maps(digits_case):
+    """The curve equals ``quantus.PixelFlipping`` step by step (ties ordered alike)."""
     import quantus
 
-    model = _tiny_model()
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (3, 1, 8, 8)).astype(np.float32)
-    y = np.array([0, 1, 2])
-    a = rng.normal(size=(3, 1, 8, 8)).astype(np.float32)
-    ours = protocol.pixel_flipping_curves(model, x, y, a, fraction=0.25, step=4)
-    metric = quantus.PixelFlipping(features_in_step=4, perturb_baseline="mean", normalise=False,
-                                   disable_warnings=True)
+    model, x, y, a = digits_case
+    step = protocol.features_in_step(x.shape[1:])
+    ours = protocol.pixel_flipping_curves(model, x, y, a, fraction=0.2, step=step)
+    metric = quantus.PixelFlipping(features_in_step=step, perturb_baseline="mean",
+                                   normalise=False, abs=False, disable_warnings=True)
     theirs = np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a, softmax=False,
                                device="cpu"))
-    assert ours.shape == (3, 1 + 4)
+    k = ours.shape[1] - 1
+    assert k == int(np.ceil(0.2 * 64 * 64 / step))
     with torch.no_grad():
-        clean = model(torch.from_numpy(x))[np.arange(3), y].numpy()
-    np.testing.assert_allclose(ours[:, 0], clean, rtol=1e-5)
-    np.testing.assert_allclose(ours[:, 1:], theirs[:, :4], rtol=1e-4, atol=1e-5)
+        clean = model(torch.from_numpy(x))[np.arange(6), y].numpy()
+    assert np.abs(clean).max() > 5
+    np.testing.assert_allclose(ours[:, 0], clean, rtol=1e-6)
+    np.testing.assert_allclose(ours[:, 1:], theirs[:, :k], rtol=0, atol=1e-5)
+
+
+def test_selectivity_equals_quantus_on_tied_maps(digits_case):
+    import quantus
+
+    model, x, y, a = digits_case
+    ours = protocol.selectivity_curves(model, x, y, a, patch=8)
+    metric = quantus.Selectivity(patch_size=8, normalise=False, abs=False,
+                                 disable_warnings=True)
+    theirs = np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a, device="cpu"))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    s = protocol.evaluate_metric("Selectivity", model, x, y, a, None, False,
+                                 protocol.ProtocolSettings(selectivity_patch=8))
+    auc = [quantus.helpers.utils.calculate_auc(np.asarray(c)) for c in theirs]
+    np.testing.assert_allclose(s, auc, rtol=1e-6)
+
+
+def test_localisation_is_quantus_on_usable_masks_and_nan_on_the_rest(digits_case):
+    import quantus
+
+    model, x, y, a = digits_case
+    s = np.zeros((6, 1, 64, 64), np.float32)
+    s[:, :, 10:30, 20:40] = 1
+    s[1] = 0  # empty mask
+    s[4] = 1  # all object
+    settings = protocol.ProtocolSettings()
+    ok = np.array([True, False, True, True, False, True])
+    for name, cls in (("AttrLoc", quantus.AttributionLocalisation),
+                      ("Pointing", quantus.PointingGame)):
+        ours = protocol.evaluate_metric(name, model, x, y, a, s, False, settings)
+        theirs = cls(abs=False, normalise=True, disable_warnings=True)(
+            model=model, x_batch=x[ok], y_batch=y[ok], a_batch=a[ok], s_batch=s[ok],
+            device="cpu")
+        assert np.isnan(ours[~ok]).all()
+        np.testing.assert_allclose(ours[ok], np.asarray(theirs, np.float64))
 
 
 def test_pixel_flipping_auc_is_area_of_the_drop():

@@ -67,6 +67,56 @@ def test_read_idx_rejects_bad_files(tmp_path):
         dc_train.read_idx(tmp_path / "short")
 
 
+def _write_pair(folder, images, labels, compress=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "t10k-images-idx3-ubyte", images, compress)
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels, compress)
+
+
+@pytest.mark.parametrize("case", ["wrong magic", "no dimensions", "cut header", "cut data",
+                                  "extra bytes", "cut gzip", "labels out of 0-9", "empty set",
+                                  "one sample"])
+def test_train_dc_refuses_bad_idx_data_with_one_line(tmp_path, capsys, case):
+    images, labels = fake_mnist(np.random.default_rng(3), 6)
+    folder = tmp_path / "idx"
+    _write_pair(folder, images, labels)
+    img_file = folder / "t10k-images-idx3-ubyte"
+    raw = img_file.read_bytes()
+    expected = {"wrong magic": "not an IDX file", "no dimensions": "not an IDX file",
+                "cut header": "truncated", "cut data": "truncated",
+                "extra bytes": "bytes more than its header", "cut gzip": "damaged or truncated",
+                "labels out of 0-9": "label(s) outside 0-9 (e.g. 12 at index 2)",
+                "empty set": "the set is empty", "one sample": "holds 1 sample"}[case]
+    if case == "wrong magic":
+        img_file.write_bytes(b"\x00\x01" + raw[2:])
+    elif case == "no dimensions":
+        img_file.write_bytes(raw[:3] + b"\x00")
+    elif case == "cut header":
+        img_file.write_bytes(raw[:10])
+    elif case == "cut data":
+        img_file.write_bytes(raw[:-100])
+    elif case == "extra bytes":
+        img_file.write_bytes(raw + b"\x00" * 7)
+    elif case == "cut gzip":
+        img_file.unlink()
+        gz = folder / "t10k-images-idx3-ubyte.gz"
+        write_idx(gz, images, compress=True)
+        gz.write_bytes(gz.read_bytes()[:-20])
+    elif case == "labels out of 0-9":
+        labels = labels.copy()
+        labels[2] = 12
+        _write_pair(folder, images, labels)
+    elif case == "empty set":
+        _write_pair(folder, images[:0], labels[:0])
+    else:
+        _write_pair(folder, images[:1], labels[:1])
+    rc = dc_train.main(["--data", f"idx:{folder}", "--out", str(tmp_path / "out"),
+                        "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_idx_folder_train_and_test(tmp_path):
     rng = np.random.default_rng(1)
     train, test = fake_mnist(rng, 30), fake_mnist(rng, 12)

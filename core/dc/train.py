@@ -19,6 +19,7 @@ import gzip
 import statistics
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,16 +106,28 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path} is a damaged or truncated gzip file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] < 1:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}; expected "
+                         "0x00 0x00, a type code and the number of dimensions)")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise ValueError(f"{path} is truncated: its header promises {ndim} dimensions but the "
+                         f"file has {len(raw)} bytes")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    count = int(np.prod(dims)) if dims else 1
-    if len(raw) < offset + count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: header says shape {dims}, data is shorter")
+    count = int(np.prod(dims))
+    expected = offset + count * dtype.itemsize
+    if len(raw) < expected:
+        raise ValueError(f"{path} is truncated: header says shape {dims} ({expected} bytes), "
+                         f"the file has {len(raw)}")
+    if len(raw) > expected:
+        raise ValueError(f"{path} has {len(raw) - expected} bytes more than its header's shape "
+                         f"{dims} needs; it is damaged or not an IDX file")
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
     return data.reshape(dims).astype(dtype.newbyteorder("="), copy=True)
 
@@ -130,12 +143,23 @@ def _find_idx(folder: Path, prefix: str, kind: str) -> Path | None:
 
 
 def _images_labels(images: np.ndarray, labels: np.ndarray, source: str) -> tuple:
+    """Check one IDX pair: uint8 28x28 images, as many integer labels in 0-9, not empty."""
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"{source}: expected 28x28 images, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{source}: expected unsigned-byte images (0-255), got {images.dtype}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"{source}: {images.shape[0]} images but labels of shape {labels.shape}"
         )
+    if images.shape[0] == 0:
+        raise ValueError(f"{source}: the set is empty (0 images)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integers, got {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if len(bad):
+        raise ValueError(f"{source}: {len(bad)} label(s) outside 0-9 (e.g. {int(labels[bad[0]])} "
+                         f"at index {int(bad[0])}); the models have 10 classes")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -182,6 +206,9 @@ def load_idx_folder(folder: str | Path) -> Dataset:
     if len(pairs) == 2:
         return Dataset(*pairs["train"], *pairs["t10k"], name=f"idx:{folder}")
     (prefix, (x, y)), = pairs.items()
+    if len(y) < 2:
+        raise ValueError(f"{folder}: the {prefix} pair holds {len(y)} sample; an 80/20 split "
+                         "needs at least two (or give both the train and the t10k pair)")
     return Dataset(*_split(x, y), name=f"idx:{folder} ({prefix}, 80/20 split)")
 
 

@@ -130,6 +130,20 @@ def _specs(args, available: dict, image_size: int, channels: int, notes: list[st
     return [s for s in specs if s.method in available and s.method not in clashes]
 
 
+def _input_channels(model: nn.Module, data: str) -> int:
+    """1 or 3: the channels of the model's first convolution (3 without a convolution)."""
+    from quantus_adapters.benchmark.images import model_channels
+
+    channels = model_channels(model)
+    if channels is None:
+        return 3
+    if channels not in (1, 3):
+        raise UsageError(f"the model's first layer takes {channels} channels; the benchmark "
+                         f"reads --data {data} as 1 (grayscale) or 3 (RGB) channels -- give a "
+                         "model that takes 1 or 3")
+    return channels
+
+
 def _check_labels(model: nn.Module, data, device: str) -> int:
     with torch.no_grad():
         try:
@@ -237,7 +251,12 @@ def _run(args) -> int:
     # 1. cheap checks first: model skeleton, data, labels, layers, methods
     model, spec = _model_skeleton(args)
     model_name = spec.name if spec.name in BUILTIN_MODELS else args.model
-    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size)
+    channels = _input_channels(model, args.data)
+    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
+                              channels=channels)
+    if data.images.shape[1] != channels:
+        raise UsageError(f"the model's first layer takes {channels} channel(s) but --data "
+                         f"{args.data} has {data.images.shape[1]}; use a matching model")
     n_val = args.n_val or (5 if args.quick else None)
     n_test = args.n_test or (5 if args.quick else (40 if args.data == "digits" else None))
     data = data.limit(n_val, n_test)

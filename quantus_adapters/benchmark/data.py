@@ -334,23 +334,16 @@ def load_cifar10_samples(n_val: int = 5) -> BenchmarkData:
 
 
 # ----------------------------------------------------------------------------- folders
-def _read_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert(mode)
-        if size is not None:
-            img = img.resize((size, size), Image.BILINEAR if mode != "L" else Image.NEAREST)
-        arr = np.asarray(img, dtype=np.float32)
-    return arr / 255.0 if mode != "L" else arr
-
-
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _shown(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
 def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int | None = None,
-                n_val: int | None = None, seed: int = 0) -> BenchmarkData:
+                n_val: int | None = None, seed: int = 0, channels: int = 3) -> BenchmarkData:
     """Read ``PATH/images/*``, optional ``PATH/masks/*`` and ``PATH/labels.csv``.
 
     Parameters
@@ -360,12 +353,15 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     n_classes: int, optional
         Number of model outputs; labels outside ``[0, n_classes)`` are an error.
     size: int, optional
-        Resize every image (and mask) to ``size`` x ``size``; images must share one size
-        otherwise.
+        Resize every image (bilinear, antialiased) and mask (nearest) to ``size`` x
+        ``size``; without it the images must share one size.
     n_val: int, optional
         Number of validation images (default: a fifth, at least one).
     seed: int
         Seed of the validation / test split.
+    channels: int
+        1 (grayscale) or 3 (RGB): the model's input channels
+        (:mod:`quantus_adapters.benchmark.images` reads every PIL mode).
 
     Returns
     -------
@@ -374,9 +370,12 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     Raises
     ------
     DataError
-        A missing folder or labels file, an image without a label, a label that is not an
-        integer or out of range, images of different sizes, a mask without its image.
+        A missing folder or labels file; an image without a label or a label without an
+        image; a name listed twice; a label that is not an integer or out of range; an
+        unreadable image; images of different sizes (without ``size``); a missing mask.
     """
+    from quantus_adapters.benchmark import images as imio
+
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist; --data folder:PATH needs "
@@ -393,35 +392,57 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     labels = _read_labels(label_file, n_classes)
     missing = [p.name for p in files if p.name not in labels and p.stem not in labels]
     if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(f"{len(missing)} image(s) in {str(img_dir)!r} have no label in "
-                        f"{str(label_file)!r}: {shown}")
-    arrays = [_read_image(p, size) for p in files]
-    shapes = {a.shape for a in arrays}
+                        f"{str(label_file)!r}: {_shown(missing)}")
+    used = {p.name if p.name in labels else p.stem for p in files}
+    orphans = [name for name in labels if name not in used]
+    if orphans:
+        raise DataError(f"{len(orphans)} name(s) in {str(label_file)!r} match no image in "
+                        f"{str(img_dir)!r}: {_shown(orphans)}; fix the names or remove the "
+                        "lines")
+    notes_set: set[str] = set()
+    try:
+        arrays = [imio.read_image(p, channels, size, notes_set) for p in files]
+    except imio.ImageError as exc:
+        raise DataError(str(exc)) from None
+    shapes = sorted({a.shape[1:] for a in arrays})
     if len(shapes) > 1:
-        raise DataError(f"images in {str(img_dir)!r} have different sizes {sorted(shapes)}; "
-                        "resize them or pass --image-size N")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        raise DataError(f"images in {str(img_dir)!r} have different sizes "
+                        f"{', '.join(f'{h}x{w}' for h, w in shapes)}; pass --image-size N to "
+                        "resize them all to N x N, or resize them yourself")
+    x = torch.from_numpy(np.stack(arrays))
     y = torch.tensor([labels.get(p.name, labels.get(p.stem)) for p in files], dtype=torch.long)
     masks = None
-    notes: list[str] = []
     if mask_dir.is_dir():
-        mask_files = {p.stem: p for p in _images_in(mask_dir)}
+        mask_files: dict[str, Path] = {}
+        for p in _images_in(mask_dir):
+            mask_files.setdefault(p.stem, p)
         lacking = [p.name for p in files if p.stem not in mask_files]
         if lacking:
-            raise DataError(f"{len(lacking)} image(s) have no mask in {str(mask_dir)!r} "
-                            f"(e.g. {lacking[0]}); give every image a mask or remove masks/")
+            raise DataError(f"{len(lacking)} image(s) have no mask in {str(mask_dir)!r}: "
+                            f"{_shown(lacking)}; give every image a mask (same file name) or "
+                            "remove masks/")
         h, w = x.shape[-2:]
-        ms = []
+        ms, resized = [], []
         for p in files:
-            m = _read_image(mask_files[p.stem], None, mode="L")
+            try:
+                m = imio.read_mask(mask_files[p.stem], notes_set)
+            except imio.ImageError as exc:
+                raise DataError(str(exc)) from None
             if m.shape != (h, w):
-                m = _resize_mask(m, h, w)
-            ms.append(m > 0)
+                resized.append(p.name)
+                m = _resize_mask(m.astype(np.float32), h, w) > 0.5
+            ms.append(m)
         masks = torch.from_numpy(np.stack(ms))[:, None]
+        if resized:
+            notes_set.add(f"{len(resized)} mask(s) of another size than their image were "
+                          f"resized to it (nearest neighbour): {_shown(resized)}")
     else:
-        notes.append(f"no masks/ in {str(root)!r}: Attribution Localisation and Pointing Game "
-                     "are skipped; layers are selected on Pixel Flipping only.")
+        notes_set.add(f"no masks/ in {str(root)!r}: Attribution Localisation and Pointing "
+                      "Game are skipped; layers are selected on Pixel Flipping only.")
+    if size is not None:
+        notes_set.add(f"images resized to {size}x{size} (bilinear, antialiased) by "
+                      "--image-size")
     n = len(files)
     if n < 2:
         raise DataError(f"{str(img_dir)!r} holds one image; the benchmark needs at least two "
@@ -431,7 +452,7 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     return BenchmarkData(
         name=f"folder:{root.name}", images=x, labels=y, masks=masks,
         val_idx=np.sort(order[:k]), test_idx=np.sort(order[k:]),
-        names=[p.name for p in files], notes=notes)
+        names=[p.name for p in files], notes=sorted(notes_set))
 
 
 def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -440,34 +461,50 @@ def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
+    """``name,label`` lines (a header line, a UTF-8 BOM and CRLF line ends are accepted)."""
     labels: dict[str, int] = {}
-    with open(label_file, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DataError(f"{label_file}:{lineno}: expected 'name,label', got {row!r}")
-            name, value = row[0].strip(), row[1].strip()
-            if lineno == 1 and name.lower() == "name" and value.lower() == "label":
-                continue
-            try:
-                label = int(value)
-            except ValueError:
-                raise DataError(f"{label_file}:{lineno}: label {value!r} of {name!r} is not an "
-                                "integer class index") from None
-            if label < 0 or (n_classes is not None and label >= n_classes):
-                raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is out of "
-                                f"the model's range [0, {n_classes}); labels are class "
-                                "indices of the model's output")
-            labels[name] = label
+    lines: dict[str, list[int]] = {}
+    try:
+        fh = open(label_file, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"cannot read {str(label_file)!r}: {exc.strerror}") from None
+    with fh:
+        try:
+            rows = list(csv.reader(fh))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{label_file} is not a UTF-8 CSV file ({exc}); save it as CSV "
+                            "UTF-8") from None
+    for lineno, row in enumerate(rows, start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DataError(f"{label_file}:{lineno}: expected 'name,label', got {row!r}")
+        name, value = row[0].strip(), row[1].strip()
+        if lineno == 1 and name.lower() == "name" and value.lower() == "label":
+            continue
+        try:
+            label = int(value)
+        except ValueError:
+            raise DataError(f"{label_file}:{lineno}: label {value!r} of {name!r} is not an "
+                            "integer class index") from None
+        if label < 0 or (n_classes is not None and label >= n_classes):
+            raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is out of "
+                            f"the model's range [0, {n_classes}); labels are class "
+                            "indices of the model's output")
+        labels[name] = label
+        lines.setdefault(name, []).append(lineno)
     if not labels:
         raise DataError(f"{label_file} holds no labels; write one line 'name,label' per image")
+    twice = [f"{n} (lines {', '.join(map(str, ls))})" for n, ls in lines.items() if len(ls) > 1]
+    if twice:
+        raise DataError(f"{label_file}: {len(twice)} name(s) listed more than once: "
+                        f"{_shown(twice, 3)}; keep one line per image")
     return labels
 
 
 # ----------------------------------------------------------------------------- ImageNet-S
 def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | None = None,
-                    seed: int = 0) -> BenchmarkData:
+                    seed: int = 0, channels: int = 3) -> BenchmarkData:
     """Read the ImageNet-S-50 validation layout.
 
     Images ``PATH/validation/<wnid>/<name>.JPEG`` (also accepted: ``PATH/images/``,
@@ -497,6 +534,10 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
         raise DataError(f"class folders {unknown[:3]} are not ImageNet wnids; put "
                         "LOC_synset_mapping.txt (wnid per line in ImageNet order) in "
                         f"{str(root)!r}")
+    from PIL import Image
+
+    from quantus_adapters.benchmark import images as imio
+
     rng = np.random.default_rng(seed)
     xs, ms, ys, names, val = [], [], [], [], []
     for c in classes:
@@ -507,8 +548,15 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
             continue
         pick = int(rng.integers(len(pairs)))
         for j, (p, s) in enumerate(pairs):
-            xs.append(_read_image(p, size))
-            rgb = np.rint(_read_image(s, None, mode="RGB") * 255.0)
+            try:
+                xs.append(imio.read_image(p, channels, size))
+                with Image.open(s) as seg:
+                    rgb = np.asarray(seg.convert("RGB"), dtype=np.float64)
+            except imio.ImageError as exc:
+                raise DataError(str(exc)) from None
+            except Exception as exc:  # PIL's errors on a broken segmentation PNG
+                raise DataError(f"cannot read {str(s)!r} as an image "
+                                f"({' '.join(str(exc).split())})") from None
             ids = rgb[..., 0] + 256.0 * rgb[..., 1]  # ImageNet-S: class id = R + 256 G
             obj = ((ids != 0) & (ids != 1000)).astype(np.float32)  # 0 background, 1000 other
             ms.append(_resize_mask(obj, size, size) > 0)
@@ -523,7 +571,7 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
     if max_images is not None:
         test_idx = test_idx[:max_images]
     return BenchmarkData(
-        name="imagenet-s", images=torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
+        name="imagenet-s", images=torch.from_numpy(np.stack(xs)),
         labels=torch.tensor(ys), masks=torch.from_numpy(np.stack(ms))[:, None],
         val_idx=val_idx, test_idx=test_idx, names=names)
 
@@ -540,16 +588,20 @@ def _imagenet_wnid_index(root: Path) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- dispatch
 def load_data(spec: str, n_classes: int | None = None, seed: int = 0,
-              image_size: int | None = None) -> BenchmarkData:
-    """Load the data named by ``--data`` (see the module docstring)."""
+              image_size: int | None = None, channels: int = 3) -> BenchmarkData:
+    """Load the data named by ``--data`` (see the module docstring).
+
+    ``channels`` (1 or 3, the model's input channels) applies to image files.
+    """
     if spec == "digits":
         return cluttered_digits(seed=seed)
     if spec == "cifar10-resnet20":
         return load_cifar10_samples()
     if spec.startswith("folder:"):
         return load_folder(spec[len("folder:"):], n_classes=n_classes, size=image_size,
-                           seed=seed)
+                           seed=seed, channels=channels)
     if spec.startswith("imagenet-s:"):
-        return load_imagenet_s(spec[len("imagenet-s:"):], size=image_size or 224, seed=seed)
+        return load_imagenet_s(spec[len("imagenet-s:"):], size=image_size or 224, seed=seed,
+                               channels=channels)
     raise DataError(f"unknown --data {spec!r}; use digits, cifar10-resnet20, folder:PATH or "
                     "imagenet-s:PATH")

@@ -2,7 +2,9 @@
 
 Files written to the output folder:
 
-- ``table1_comparison.{csv,md}``: the table-1 style comparison (best per metric marked);
+- ``table1_comparison.{csv,md}``: the table-1 style comparison, mean ± standard error
+  (and n) per cell, the best per metric marked where a paired test finds it significantly
+  better than the runner-up (:mod:`quantus_adapters.benchmark.stats`);
 - ``table3_alpha.{csv,md}``: the alpha ablation;
 - ``table6_randomisation.{csv,md}``: the randomisation sanity check;
 - ``table7_timing.{csv,md}``: computation times;
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from quantus_adapters.benchmark import stats
 from quantus_adapters.benchmark.protocol import METRICS
 from quantus_adapters.benchmark.runner import Results
 
-__all__ = ["write_report", "markdown_table1", "GROUP_TITLES"]
+__all__ = ["write_report", "markdown_table1", "statistics_md", "table1_stats",
+           "GROUP_TITLES"]
 
 GROUP_TITLES = {"split": "Split methods", "layer": "Baselines (with layer optimisation)",
                 "baseline": "Baselines"}
@@ -34,41 +38,86 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _best(rows, metric: str) -> float | None:
-    """The best value of ``metric`` over the rows (the random baseline takes no part)."""
-    vals = [r.scores.get(metric, np.nan) for r in rows if r.config.spec.method != "Random"]
-    vals = [v for v in vals if np.isfinite(v)]
-    if not vals:
-        return None
-    return max(vals) if METRICS[metric].higher_is_better else min(vals)
+def _per_image(row, metric: str) -> list[float] | None:
+    rec = row.records.get(metric)
+    return None if rec is None else rec["scores"]
+
+
+def table1_stats(results: Results) -> dict[str, stats.Best]:
+    """Per metric: best row, runner-up, paired test (the random baseline takes no part)."""
+    out = {}
+    for m in results.metrics:
+        scores = [None if r.config.spec.method == "Random" else _per_image(r, m)
+                  for r in results.rows]
+        out[m] = stats.best_entry(scores, METRICS[m].higher_is_better)
+    return out
 
 
 def _arrow(metric: str) -> str:
     return "↑" if METRICS[metric].higher_is_better else "↓"
 
 
+def _cell(row, metric: str) -> tuple[float, float, int]:
+    scores = _per_image(row, metric)
+    if scores is None:
+        return float("nan"), float("nan"), 0
+    return stats.summary(scores)
+
+
 def markdown_table1(results: Results) -> str:
-    """The comparison as Markdown: groups of rows, best value per metric in bold."""
+    """The comparison as Markdown: mean ± standard error per cell, groups of rows; the
+    best value per metric in bold where it is significantly better than the runner-up."""
     metrics = results.metrics
     head = ["Method", "Layer", "Abs", "Selected by"] + [
         f"{METRICS[m].title} {_arrow(m)}" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = {m: _best(results.rows, m) for m in metrics}
+    best = table1_stats(results)
     for group in ("split", "layer", "baseline"):
-        rows = [r for r in results.rows if r.config.spec.group == group]
-        if not rows:
+        idx = [i for i, r in enumerate(results.rows) if r.config.spec.group == group]
+        if not idx:
             continue
         lines.append(f"| *{GROUP_TITLES[group]}* |" + " |" * (len(head) - 1))
-        for r in rows:
+        for i in idx:
+            r = results.rows[i]
             cells = [r.config.spec.label, r.config.layer_label, "y" if r.use_abs else "n",
                      r.selected_by]
             for m in metrics:
-                v = r.scores.get(m, np.nan)
-                s = _fmt(v)
-                if best[m] is not None and np.isfinite(v) and np.isclose(v, best[m]):
-                    s = f"**{s}**"
-                cells.append(s)
+                mean, se, _ = _cell(r, m)
+                text = _fmt(mean) if not np.isfinite(se) else f"{_fmt(mean)} ± {_fmt(se)}"
+                if best[m].marked and best[m].best == i:
+                    text = f"**{text}**"
+                cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def statistics_md(results: Results) -> str:
+    """Per metric: n, best and runner-up, the paired test's p, images needed for 0.05."""
+    best = table1_stats(results)
+    lines = [f"Cells are mean ± standard error over the test images with a score (n). The "
+             f"best entry of a metric is in bold only when its paired difference to the "
+             f"runner-up is significant ({stats.TEST_NAME}, p < {stats.LEVEL:g}); "
+             "\"n for 0.05\" is the number of test images for which a true mean difference "
+             "of 0.05 between these two would be detected with 80 % power (from their "
+             "paired standard deviation).", "",
+             "| Metric | n | best (mean) | runner-up (mean) | p | marked | paired SD | "
+             "n for 0.05 |", "|---|---|---|---|---|---|---|---|"]
+    for m in results.metrics:
+        b = best[m]
+        ns = sorted({_cell(r, m)[2] for r in results.rows
+                     if m in r.records and r.config.spec.method != "Random"})
+        n_text = "–" if not ns else (str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}")
+
+        def name(i, m=m):
+            if i is None:
+                return "–"
+            r = results.rows[i]
+            return f"{r.config.spec.label} {r.config.layer_label} ({_fmt(_cell(r, m)[0])})"
+
+        need = stats.images_needed(b.sd)
+        lines.append(f"| {METRICS[m].title} | {n_text} | {name(b.best)} | "
+                     f"{name(b.runner_up)} | {_fmt(b.p, 3)} | {'yes' if b.marked else 'no'} "
+                     f"| {_fmt(b.sd)} | {need if need is not None else '–'} |")
     return "\n".join(lines)
 
 
@@ -81,17 +130,18 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def _table1_csv(results: Results, path: Path) -> None:
     metrics = results.metrics
-    best = {m: _best(results.rows, m) for m in metrics}
+    best = table1_stats(results)
     header = ["group", "method", "registry_name", "layer", "variant", "abs", "selected_by"]
-    header += metrics + [f"best_{m}" for m in metrics]
+    header += metrics + [f"{m}_se" for m in metrics] + [f"{m}_n" for m in metrics]
+    header += [f"best_{m}" for m in metrics]
     rows = []
-    for r in results.rows:
-        vals = [r.scores.get(m, np.nan) for m in metrics]
-        flags = [int(best[m] is not None and np.isfinite(v) and bool(np.isclose(v, best[m])))
-                 for m, v in zip(metrics, vals, strict=False)]
+    for i, r in enumerate(results.rows):
+        cells = [_cell(r, m) for m in metrics]
+        flags = [int(best[m].marked and best[m].best == i) for m in metrics]
         rows.append([r.config.spec.group, r.config.spec.label, r.config.spec.method,
                      r.config.layer or "input", r.config.variant, int(r.use_abs),
-                     r.selected_by] + [f"{v:.6g}" for v in vals] + flags)
+                     r.selected_by] + [f"{c[0]:.6g}" for c in cells] +
+                    [f"{c[1]:.6g}" for c in cells] + [c[2] for c in cells] + flags)
     _write_csv(path, header, rows)
 
 
@@ -261,12 +311,18 @@ def write_report(results: Results, out: str | Path, header: str = "") -> Path:
 
 {header}
 
-## Table 1: comparison on the test split (best per metric in bold)
+## Table 1: comparison on the test split
 
 Layer and abs selected per method on the validation split (best average rank over the
-localisation pair and, separately, over the Pixel Flipping pair).
+localisation pair and, separately, over the Pixel Flipping pair). Mean ± standard error
+over the test images; the best per metric in bold only where it is significantly better
+than the runner-up (see the statistics below).
 
 {t1}
+
+### Statistics of table 1
+
+{statistics_md(results)}
 
 ## Table 3: alpha ablation (test split)
 

@@ -1,0 +1,181 @@
+"""Image and mask files of every PIL mode load to the right values and channel count."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch import nn
+
+from quantus_adapters.benchmark import images as imio
+from quantus_adapters.benchmark.data import DataError, load_folder
+
+RGB = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [51, 102, 204]]], np.uint8)
+
+
+def _save(tmp_path, name, img):
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "I;16", "I", "F"])
+def test_grayscale_modes_scale_to_unit_range(tmp_path, mode):
+    frac = np.array([[0.0, 0.2], [0.6, 1.0]])
+    if mode == "1":
+        frac = np.array([[0.0, 1.0], [1.0, 0.0]])
+        img = Image.fromarray(frac.astype(bool))
+    elif mode == "L":
+        img = Image.fromarray(np.rint(frac * 255).astype(np.uint8))
+    elif mode == "I;16":
+        img = Image.fromarray(np.rint(frac * 65535).astype(np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(np.rint(frac * 65535).astype(np.int32))
+    else:
+        img = Image.fromarray(frac.astype(np.float32))
+    path = _save(tmp_path, "g.tif" if mode in ("I", "F") else "g.png", img)
+    with Image.open(path) as check:
+        assert check.mode == mode
+    gray = imio.read_image(path, 1)
+    assert gray.shape == (1, 2, 2) and gray.dtype == np.float32
+    np.testing.assert_allclose(gray[0], frac, atol=1e-6)  # 16 bit: not all white
+    rgb = imio.read_image(path, 3)
+    assert rgb.shape == (3, 2, 2) and np.array_equal(rgb[0], rgb[2])
+
+
+def test_integer_and_float_images_without_known_scale_are_refused(tmp_path):
+    big = _save(tmp_path, "big.tif", Image.fromarray(np.array([[0, 70000]], np.int32)))
+    with pytest.raises(imio.ImageError, match="big.tif.*16-bit"):
+        imio.read_image(big, 1)
+    hot = _save(tmp_path, "hot.tif", Image.fromarray(np.array([[0, 255.0]], np.float32)))
+    with pytest.raises(imio.ImageError, match=r"hot.tif.*outside \[0, 1\]"):
+        imio.read_image(hot, 1)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "CMYK", "LA"])
+def test_colour_modes_give_rgb_and_gray(tmp_path, mode):
+    base = Image.fromarray(RGB)
+    if mode == "RGBA":
+        img = Image.fromarray(np.dstack([RGB, np.array([[0, 255], [128, 255]], np.uint8)]))
+    elif mode == "P":
+        img = base.quantize(colors=4)
+    elif mode == "LA":
+        img = base.convert("LA")
+    else:
+        img = base.convert(mode)
+    path = _save(tmp_path, f"c.{'tif' if mode == 'CMYK' else 'png'}", img)
+    notes: set = set()
+    rgb = imio.read_image(path, 3, notes=notes)
+    if mode == "LA":
+        expected = np.repeat(np.asarray(base.convert("L"), np.float64)[None] / 255, 3, 0)
+    elif mode == "P":
+        expected = np.asarray(img.convert("RGB"), np.float64).transpose(2, 0, 1) / 255
+    else:
+        expected = RGB.transpose(2, 0, 1) / 255.0
+    np.testing.assert_allclose(rgb, expected, atol=1 / 255 + 1e-6)
+    assert ("alpha channels of the images were dropped" in notes) == (mode in ("RGBA", "LA"))
+    gray = imio.read_image(path, 1)
+    luma = np.tensordot(np.array(imio.LUMA_WEIGHTS), expected, axes=1)
+    np.testing.assert_allclose(gray[0], luma, atol=2 / 255)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_corrupt_files_name_the_file(tmp_path, content):
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        _save(tmp_path, "full.png", Image.fromarray(
+            np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+        content = (tmp_path / "full.png").read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(imio.ImageError, match="cannot read '.*bad.png' as an image") as e:
+        imio.read_image(path, 3)
+    assert "\n" not in str(e.value)
+
+
+def test_masks_alpha_and_colour(tmp_path):
+    alpha = np.zeros((4, 4, 4), np.uint8)
+    alpha[1:3, 1:3, 3] = 255  # object only in the alpha channel
+    notes: set = set()
+    m = imio.read_mask(_save(tmp_path, "a.png", Image.fromarray(alpha)), notes)
+    assert m.sum() == 4 and m[1, 1] and notes
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0, 2] = 7
+    assert imio.read_mask(_save(tmp_path, "c.png", Image.fromarray(rgb))).sum() == 1
+
+
+def test_model_channels_follow_the_first_convolution():
+    assert imio.model_channels(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())) == 1
+    assert imio.model_channels(nn.Sequential(nn.Flatten(), nn.Linear(3, 2))) is None
+
+
+def _folder(root, sizes=((8, 8),) * 4, mode="L", masks=None, label_text=None):
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        arr = rng.integers(0, 65535, (h, w)).astype(np.uint16)
+        img = Image.fromarray(arr) if mode == "I;16" else Image.fromarray(
+            (arr // 257).astype(np.uint8)).convert(mode)
+        img.save(root / "images" / f"im{i}.png")
+    if masks is not None:
+        (root / "masks").mkdir()
+        for i, m in enumerate(masks):
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / f"im{i}.png")
+    text = label_text or "name,label\n" + "".join(f"im{i}.png,{i % 2}\n"
+                                                  for i in range(len(sizes)))
+    (root / "labels.csv").write_text(text)
+
+
+def test_sixteen_bit_grayscale_folder_loads_with_one_channel(tmp_path):
+    _folder(tmp_path, mode="I;16")
+    d = load_folder(tmp_path, channels=1)
+    raw = np.asarray(Image.open(tmp_path / "images" / "im0.png"), np.float64) / 65535
+    assert d.images.shape == (4, 1, 8, 8)
+    np.testing.assert_allclose(d.images[0, 0].numpy(), raw, atol=1e-6)
+    assert 0.3 < float(d.images.mean()) < 0.7
+
+
+def test_sizes_are_refused_or_resized(tmp_path):
+    _folder(tmp_path / "a", sizes=((8, 8), (8, 8), (10, 12)))
+    with pytest.raises(DataError, match="different sizes 8x8, 10x12; pass --image-size"):
+        load_folder(tmp_path / "a")
+    d = load_folder(tmp_path / "a", size=6)
+    assert d.images.shape == (3, 3, 6, 6) and any("resized to 6x6" in n for n in d.notes)
+
+
+def test_masks_resized_empty_and_full_are_noted_and_excluded(tmp_path):
+    obj = np.zeros((8, 8), bool)
+    obj[2:5, 2:5] = True
+    small = np.zeros((4, 4), bool)
+    small[1:3, 1:3] = True
+    masks = [obj, np.zeros((8, 8), bool), np.ones((8, 8), bool), small, obj, obj]
+    _folder(tmp_path, sizes=((8, 8),) * 6, masks=masks)
+    d = load_folder(tmp_path, n_val=1)
+    assert any("1 mask(s) of another size" in n and "im3.png" in n for n in d.notes)
+    assert int(d.masks[3].sum()) == 16  # nearest: 2x2 -> 4x4 object pixels
+    usable = np.concatenate([d.usable_masks("val"), d.usable_masks("test")])
+    order = np.concatenate([d.val_idx, d.test_idx])
+    assert sorted(order[~usable].tolist()) == [1, 2]
+    notes = " ".join(d.mask_notes())
+    assert "excluded from the localisation metrics" in notes
+    assert "im1.png" in notes and "im2.png" in notes
+    assert d.has_usable_masks
+
+
+def test_no_usable_mask_skips_localisation_with_a_note(tmp_path):
+    _folder(tmp_path, masks=[np.zeros((8, 8), bool)] * 4)
+    d = load_folder(tmp_path)
+    assert not d.has_usable_masks
+    assert any("Pointing Game are skipped" in n for n in d.mask_notes())
+
+
+def test_labels_bom_crlf_duplicates_and_orphans(tmp_path):
+    text = "\ufeffname,label\r\nim0.png,1\r\nim1.png,0\r\nim2.png,1\r\nim3.png,0\r\n"
+    _folder(tmp_path / "bom", label_text=text)
+    (tmp_path / "bom" / "labels.csv").write_bytes(text.encode("utf-8"))
+    assert load_folder(tmp_path / "bom").labels.tolist() == [1, 0, 1, 0]
+    _folder(tmp_path / "dup", label_text="name,label\nim0.png,1\nim1.png,0\nim2.png,1\n"
+                                          "im3.png,0\nim1.png,1\n")
+    with pytest.raises(DataError, match=r"listed more than once: im1.png \(lines 3, 6\)"):
+        load_folder(tmp_path / "dup")
+    _folder(tmp_path / "orphan", label_text="name,label\nim0.png,1\nim1.png,0\nim2.png,1\n"
+                                             "im3.png,0\nim9.png,1\n")
+    with pytest.raises(DataError, match="match no image.*im9.png"):
+        load_folder(tmp_path / "orphan")
