@@ -24,9 +24,8 @@ from torch import nn
 if TYPE_CHECKING:  # the benchmark package imports this module
     from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
-__all__ = ["INSTALL_HINT", "LocalPool", "ObjectStoreValue", "RayOptions", "RayPool",
-           "RayUnavailableError", "RemoteModel", "TaskFailed", "add_ray_arguments",
-           "require_ray"]
+__all__ = ["INSTALL_HINT", "ObjectStoreValue", "RayOptions", "RayPool", "RayUnavailableError",
+           "RemoteModel", "add_ray_arguments", "require_ray"]
 
 INSTALL_HINT = 'pip install "splitxai[ray]"'
 LOCAL = "local"
@@ -220,10 +219,6 @@ class RemoteModel:
         return model.eval()
 
 
-class TaskFailed(RuntimeError):
-    """A task raised in its worker (or its worker was lost for good)."""
-
-
 def _run_task(state: Any, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
     """``(True, fn(state, task))``, or ``(False, "Type: message")`` when it raises."""
     try:
@@ -238,19 +233,6 @@ def _cause(exc: BaseException) -> str:
     errors = [line for line in lines if "Error" in line.split(":")[0] and
               not line.startswith(("File ", "Traceback"))]
     return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:300]
-
-
-class LocalPool:
-    """Runs ``fn(state, task)`` in this process (the reference for :class:`RayPool`)."""
-
-    def __init__(self, setup: Callable[[], Any]):
-        self.state = setup()
-
-    def imap_unordered(self, fn: Callable[[Any, Any], Any],
-                       tasks: Sequence[Any]) -> Iterator[tuple[Any, bool, Any]]:
-        """``(task, ok, result or error message)`` for each task, as they finish."""
-        for task in tasks:
-            yield (task, *_run_task(self.state, fn, task))
 
 
 class _Worker:
