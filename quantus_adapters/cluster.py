@@ -269,6 +269,7 @@ class RayPool:
     def __init__(self, ray: ModuleType, setup: Callable[[], Any], workers: int,
                  gpus_per_worker: float = 0.0, retries: int = 2):
         self.ray = ray
+        self.setup = setup  # keeps its object-store values alive for restarted workers
         cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=retries,
                          max_task_retries=retries)(_Worker)
         self.actors = [cls.remote(setup, 1) for _ in range(workers)]
