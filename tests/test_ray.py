@@ -26,6 +26,18 @@ MODEL_PY = textwrap.dedent("""
             nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
             nn.Flatten(), nn.Linear(6, 3)).eval()
 
+    class DiesOnce(nn.Sequential):
+        # kills the first worker process that runs it: a lost worker
+
+        def forward(self, x):
+            if os.getpid() != DRIVER and not os.path.exists(MARKER):
+                open(MARKER, "w").close()
+                os._exit(1)
+            return super().forward(x)
+
+    def build_dies_once():
+        return DiesOnce(*build())
+
     def build_in_driver_only():
         if os.getpid() != DRIVER:
             raise MemoryError("simulated: the worker cannot hold the model")
@@ -58,7 +70,8 @@ def bench(tmp_path_factory):
     import os
 
     tmp = tmp_path_factory.mktemp("bench")
-    (tmp / "tiny.py").write_text(MODEL_PY + f"\nDRIVER = {os.getpid()}\n")
+    (tmp / "tiny.py").write_text(MODEL_PY + f"\nDRIVER = {os.getpid()}\n"
+                                 f"MARKER = {str(tmp / 'died')!r}\n")
     root = tmp / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -94,6 +107,16 @@ def test_benchmark_on_ray_gives_identical_tables(local_ray, bench, capsys):
     assert "Ray: 2 worker(s)" in printed.out
     assert _tables(tmp / "ray") == _tables(tmp / "ref")
     assert ray.is_initialized()  # the caller's Ray connection is left open
+
+
+def test_a_lost_worker_is_restarted_and_its_job_rerun(local_ray, bench, capsys):
+    tmp, argv = bench
+    rc = cli.main([*argv, "--model", f"{tmp / 'tiny.py'}:build_dies_once", "--out",
+                   str(tmp / "lost"), "--ray", "--workers", "1"])
+    printed = capsys.readouterr()
+    assert (tmp / "died").exists()  # the worker process did exit mid-job
+    assert rc == 0, printed.err
+    assert _tables(tmp / "lost") == _tables(tmp / "ref")
 
 
 def test_failed_workers_are_named_and_a_local_resume_completes(local_ray, bench, capsys):
