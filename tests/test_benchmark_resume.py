@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     argv = ["--data", f"folder:{root}", "--model", f"{tmp / 'tiny.py'}:build",
             "--methods", "Saliency", "GradientShap", "SplitGrad", "Random",
             "--max-layers", "1", "--alphas", "0.4", "0.5", "--max-sens-samples", "2",
-            "--no-progress", "--threads", "1"]
+            "--no-progress", "--threads", "1", "--no-figures"]
     # the reference: one uninterrupted run
     assert cli.main(argv + ["--out", str(tmp / "ref")]) == 0
     return tmp, argv, root
@@ -76,6 +76,7 @@ def _cells(out):
 
 def test_two_runs_with_one_seed_give_identical_tables(setup, capsys):
     tmp, argv, _ = setup
+    argv = [a for a in argv if a != "--no-figures"]  # with figures once
     assert cli.main(argv + ["--out", str(tmp / "again")]) == 0
     assert _tables(tmp / "again") == _tables(tmp / "ref")  # Gradient SHAP included
     for name in ("table7_timing.md", "figure4_saliency.png", "figure7_layers.png",
@@ -139,6 +140,9 @@ def test_resume_recomputes_what_changed_and_keeps_every_stored_cell(setup, capsy
     data = tmp_path / "data"
     shutil.copytree(root, data)
     argv = [a if not a.startswith("folder:") else f"folder:{data}" for a in argv]
+    i = argv.index("--methods")
+    argv = argv[:i] + ["--methods", "Saliency", "Random", "--metrics", "Pointing", "PF@20",
+                       "MaxSens"] + argv[i + 5:]
     out = tmp_path / "out"
     assert cli.main(argv + ["--out", str(out)]) == 0
     n0 = _cells(out)

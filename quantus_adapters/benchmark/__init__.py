@@ -7,6 +7,8 @@ cli
 data
     The built-in cluttered digits, the bundled CIFAR-10 samples, ``folder:PATH`` and
     ``imagenet-s:PATH``.
+images
+    Image and mask files of every PIL mode to [0, 1] with the model's channel count.
 zoo.models
     The built-in digits CNN (trained on the fly, cached), the bundled ResNet-20, torchvision's
     ImageNet models and ``FILE.py:FACTORY``.
@@ -24,6 +26,8 @@ distributed
 store
     Finished result cells on disk, keyed by fingerprint, safe across processes
     (``--resume``).
+stats
+    Mean ± standard error, the paired test behind table 1's best marks, images needed.
 report, sanity, timing
     Tables and figures, the randomisation check, computation times.
 """

@@ -235,9 +235,10 @@ def run_cells(job: CellJob) -> CellResult:
     """Explain ``job.x`` once and compute every cell of ``job``; returns the records.
 
     A record is ``{"scores": [per image, NaN where undefined], "mean": ..., "n": finite
-    scores, "seconds": ...}``. A failure of the method (no maps) or of one metric is
-    reported in ``errors`` and its cells are left out (they are not stored, so a resumed
-    run tries again).
+    scores, "seconds": ..., "metric": ..., "abs": ..., "method": ...}`` (the last three
+    describe the cell for a reader of ``cells.jsonl``). A failure of the method (no maps)
+    or of one metric is reported in ``errors`` and its cells are left out (they are not
+    stored, so a resumed run tries again).
     """
     res = CellResult()
     if not job.cells and not job.keep:
@@ -267,7 +268,7 @@ def run_cells(job: CellJob) -> CellResult:
             continue
         same = by_choice.get((not use_abs, metric)) if nonnegative else None
         if same is not None:  # |a| == a: the same scores
-            res.records[key] = same
+            res.records[key] = {**same, "abs": bool(use_abs)}
             continue
         t0 = time.perf_counter()
         try:
@@ -282,7 +283,9 @@ def run_cells(job: CellJob) -> CellResult:
         finite = scores[np.isfinite(scores)]
         record = {"scores": [float(v) for v in scores],
                   "mean": float(finite.mean()) if len(finite) else float("nan"),
-                  "n": int(len(finite)), "seconds": round(time.perf_counter() - t0, 3)}
+                  "n": int(len(finite)), "seconds": round(time.perf_counter() - t0, 3),
+                  "metric": metric, "abs": bool(use_abs),
+                  "method": job.explain_kwargs.get("method")}
         res.records[key] = record
         by_choice[(use_abs, metric)] = record
     return res

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse the finished cells in --out (after an interruption)")
+                   help="reuse the cells in --out/cells.jsonl whose fingerprint (model, data, "
+                        "method and metric options, seed, versions) matches; compute the rest")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and metrics")
     p.add_argument("--n-val", type=int, default=None, help="validation images (at most)")
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: 1 for the built-in digits, whose small "
                         "convolutions run fastest on one thread; torch's choice otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write the tables and report only (no PNG figures; faster)")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (errors are one line otherwise)")
     add_ray_arguments(p)
@@ -321,7 +324,7 @@ def _run(args) -> int:
               f"Pixel Flipping {protocol.features_in_step(tuple(data.images.shape[1:]))} "
               "features a step (112 pixels at 224x224, scaled), image-mean replacement.")
     with store.lock():  # the files of one run together, even with another run on --out
-        path = report.write_report(results, out, header)
+        path = report.write_report(results, out, header, figures=not args.no_figures)
         (out / "run.json").write_text(json.dumps(
             {"argv": sys.argv, "model": model_name, "data": data.name, "layers": layers,
              "methods": [s.label for s in specs], "alphas": alphas,

@@ -281,8 +281,10 @@ def figure_layers(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: Results, out: str | Path, header: str = "") -> Path:
-    """Write every table and figure to ``out``; returns the path of ``report.md``."""
+def write_report(results: Results, out: str | Path, header: str = "",
+                 figures: bool = True) -> Path:
+    """Write every table (and, with ``figures``, the figures) to ``out``; returns the path
+    of ``report.md``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _table1_csv(results, out / "table1_comparison.csv")
@@ -304,8 +306,9 @@ def write_report(results: Results, out: str | Path, header: str = "") -> Path:
     t7 = _timing_md(results)
     (out / "table7_timing.md").write_text(t7 + "\n")
     _validation_csv(results, out / "validation.csv")
-    figure_saliency(results, out / "figure4_saliency.png")
-    figure_layers(results, out / "figure7_layers.png")
+    if figures:
+        figure_saliency(results, out / "figure4_saliency.png")
+        figure_layers(results, out / "figure7_layers.png")
     notes = "\n".join(f"- {n}" for n in results.notes) or "- none"
     text = f"""# splitxai benchmark
 
