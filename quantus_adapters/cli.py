@@ -4,6 +4,8 @@ Sub-commands
 ------------
 benchmark
     The paper's evaluation (section 5) on a built-in or user model and data set.
+explain
+    Bulk explanations of a data set (one ``.npz`` per image and method), optionally on Ray.
 train-dc
     Train difference-of-monotone / difference-of-convex models (appendix D).
 """
@@ -18,11 +20,12 @@ from splitxai.install import MissingExtraError, require_extra
 BENCHMARK_MODULES = ("quantus", "captum", "zennit", "torchvision", "sklearn", "matplotlib",
                      "skimage", "scipy")
 
-USAGE = """usage: splitxai {benchmark,train-dc} [options]
+USAGE = """usage: splitxai {benchmark,explain,train-dc} [options]
        splitxai --version
 
 sub-commands:
   benchmark   evaluate Split methods and baselines with Quantus (splitxai benchmark --help)
+  explain     write the maps of many images and methods to disk (splitxai explain --help)
   train-dc    train DM/DIC models on digits or MNIST (splitxai train-dc --help)
 """
 
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantus_adapters.benchmark.cli import main as benchmark_main
 
         return int(benchmark_main(rest) or 0)
+    if command == "explain":
+        from quantus_adapters.explain_cli import main as explain_main
+
+        return int(explain_main(rest) or 0)
     if command == "train-dc":
         from core.dc.train import main as train_main
 

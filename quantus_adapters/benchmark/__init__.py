@@ -12,6 +12,8 @@ images
 zoo.models
     The built-in digits CNN (trained on the fly, cached), the bundled ResNet-20, torchvision's
     ImageNet models and ``FILE.py:FACTORY``.
+zoo.spec
+    ``--model``/``--weights`` as a picklable spec (the same model in Ray workers).
 protocol
     Methods as registry names plus options, layers, the Quantus metrics, layer selection.
 cells
@@ -19,6 +21,8 @@ cells
     records out) and the fingerprints that key its cells.
 runner
     Validation, selection, test, alpha ablation, randomisation check, timing.
+distributed
+    ``--ray``: the cell jobs on Ray workers (see :mod:`quantus_adapters.cluster`).
 store
     Finished result cells on disk, keyed by fingerprint, safe across processes
     (``--resume``).

@@ -7,6 +7,7 @@ a small VGG-style CNN trained on the fly and cached). See ``splitxai benchmark -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -17,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantus_adapters.benchmark.zoo.spec import BUILTIN_MODELS, ModelSpec
+from quantus_adapters.cluster import RayOptions, add_ray_arguments, require_ray
+
 __all__ = ["main", "build_parser"]
 
 DEFAULT_ALPHAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.0, "auto")
-BUILTIN_MODELS = ("digits-cnn", "cifar10-resnet20", "vgg16", "resnet18")
 
 
 class UsageError(ValueError):
@@ -95,38 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the tables and report only (no PNG figures; faster)")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (errors are one line otherwise)")
+    add_ray_arguments(p)
     return p
 
 
-def _model_skeleton(args) -> tuple[nn.Module, str]:
-    """The model (the built-in digits CNN untrained: it is trained after all checks)."""
-    from quantus_adapters.benchmark.zoo import models
-
-    name = args.model
-    if name is None:
-        name = {"digits": "digits-cnn", "cifar10-resnet20": "cifar10-resnet20"}.get(args.data)
-        if name is None:
-            raise UsageError(f"--data {args.data}: give --model (vgg16, resnet18 or "
-                             "FILE.py:FACTORY)")
-    if name == "digits-cnn":
-        model = models.DigitsVGG()
-        if args.weights:
-            models.load_weights(model, args.weights)
-        return model.eval(), name
-    if name in ("cifar10-resnet20", "resnet20"):
-        model = models.cifar10_resnet20()
-        if args.weights:
-            models.load_weights(model, args.weights)
-        return model, "cifar10-resnet20"
-    if name in ("vgg16", "resnet18"):
-        return models.torchvision_imagenet(name, args.weights), name
-    if ":" in name or name.endswith(".py"):
-        model = models.load_factory(name)
-        if args.weights:
-            models.load_weights(model, args.weights)
-        return model.eval(), name
-    raise UsageError(f"--model {name!r}: use one of {', '.join(BUILTIN_MODELS)} or "
-                     "FILE.py:FACTORY")
+def _model_skeleton(args) -> tuple[nn.Module, ModelSpec]:
+    """The model and its spec (the built-in digits CNN untrained: trained after all checks)."""
+    spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
+    if spec.name == "digits-cnn" and not args.weights:
+        return spec.architecture(), spec
+    return spec.load(), spec
 
 
 def _specs(args, available: dict, image_size: int, channels: int, notes: list[str]):
@@ -270,6 +251,9 @@ def _run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    ray_options = RayOptions.from_args(args, args.device)
+    if ray_options is not None:
+        require_ray()
     if args.device != "cpu":
         try:
             torch.empty(1, device=args.device)
@@ -278,7 +262,8 @@ def _run(args) -> int:
     torch.manual_seed(args.seed)
 
     # 1. cheap checks first: model skeleton, data, labels, layers, methods
-    model, model_name = _model_skeleton(args)
+    model, spec = _model_skeleton(args)
+    model_name = spec.name if spec.name in BUILTIN_MODELS else args.model
     channels = _input_channels(model, args.data)
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
                               channels=channels)
@@ -322,12 +307,18 @@ def _run(args) -> int:
         max_sens_images=args.max_sens_images or (5 if args.quick else 10),
         selectivity_patch=args.selectivity_patch,
         device=args.device, seed=args.seed, batch_size=args.batch_size, metrics=metrics)
-    bench = Benchmark(model, data, specs, layers, store, settings, alphas=alphas,
-                      n_saliency=4, n_sanity=5 if args.quick else 20,
-                      n_timing=4 if args.quick else 8, progress=progress,
-                      reuse=args.resume)
-    bench.notes.extend(notes)
-    results = bench.run()
+    failures: list[str] = []
+    with contextlib.ExitStack() as stack:
+        map_jobs = None
+        if ray_options is not None:
+            map_jobs = _ray_jobs(stack, ray_options, spec, model, args.device, notes)
+            failures = map_jobs.failures
+        bench = Benchmark(model, data, specs, layers, store, settings, alphas=alphas,
+                          n_saliency=4, n_sanity=5 if args.quick else 20,
+                          n_timing=4 if args.quick else 8, progress=progress,
+                          reuse=args.resume, map_jobs=map_jobs)
+        bench.notes.extend(notes)
+        results = bench.run()
     results.elapsed = time.perf_counter() - start
     if args.resume:
         print(f"--resume: reused {results.reused} stored cells whose fingerprint matches, "
@@ -351,4 +342,31 @@ def _run(args) -> int:
     print(report.markdown_table1(results))
     print(f"\nwrote {path} and the tables/figures next to it "
           f"({results.elapsed:.0f} s)")
+    if failures:
+        for failure in failures:
+            print(f"splitxai benchmark: failed on Ray: {failure}", file=sys.stderr)
+        print(f"splitxai benchmark: {len(failures)} job(s) failed; their cells are missing "
+              "from the tables (every other cell is stored; --resume computes the missing "
+              "ones)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _ray_jobs(stack: contextlib.ExitStack, options: RayOptions, spec: ModelSpec,
+              model: nn.Module, device: str, notes: list[str]):
+    """Connect to Ray and start the workers (closed with ``stack``); the runner's mapper."""
+    from quantus_adapters.benchmark.distributed import RayJobs
+    from quantus_adapters.cluster import RemoteModel
+
+    ray = stack.enter_context(options.session())
+    workers = options.actors(ray)
+    jobs = RayJobs(ray, RemoteModel.put(ray, spec, model), device, workers,
+                   options.gpus_per_worker)
+    stack.callback(jobs.close)
+    res = ray.cluster_resources()
+    notes.append(f"computed on Ray: {workers} worker(s) ({options.gpus_per_worker:g} GPU "
+                 f"each), cluster of {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} "
+                 "GPUs; randomisation check and timing on the driver")
+    print(f"Ray: {workers} worker(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs "
+          "in the cluster")
+    return jobs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,9 +85,9 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
                 dynamic_ncols=True)
 
 
-def map_in_order(fn: Callable, jobs: Sequence) -> Iterable:
-    """The default job mapper: ``fn`` over ``jobs`` in this process, lazily, in order."""
-    return map(fn, jobs)
+def map_in_order(fn: Callable, jobs: Sequence) -> Iterable[tuple[int, Any]]:
+    """The default job mapper: ``(i, fn(jobs[i]))`` in this process, lazily, in order."""
+    return enumerate(map(fn, jobs))
 
 
 class Benchmark:
@@ -120,9 +121,10 @@ class Benchmark:
         Reuse stored cells whose fingerprint matches (``--resume``); otherwise every cell
         is computed (and appended to the store).
     map_jobs: callable, optional
-        ``map_jobs(run_cells, jobs)`` returns the :class:`CellResult` of each
-        :class:`CellJob` in order (lazily or not); :func:`map_in_order` by default. A
-        distributed runner passes its own.
+        ``map_jobs(run_cells, jobs)`` yields ``(i, result)``: the :class:`CellResult` of
+        ``jobs[i]`` for every :class:`CellJob`, in any order (each is stored as it
+        arrives); :func:`map_in_order` by default. A distributed runner
+        (:class:`~quantus_adapters.benchmark.distributed.RayJobs`) passes its own.
     """
 
     def __init__(self, model: nn.Module, data: BenchmarkData, specs: Sequence[MethodSpec],
@@ -225,11 +227,10 @@ class Benchmark:
             jobs.append(cells.CellJob(self.model, x_np, y_np, s_np, config.explain_kwargs,
                                       tuple(todo), self.settings, keep=keep,
                                       explain=self.explain))
-        out = []
-        results = self.map_jobs(cells.run_cells, jobs)
-        for (config, _, _), keys, res in _progress(
-                zip(requests, plans, results, strict=True), desc, self.progress,
-                total=len(jobs)):
+        maps: dict[int, np.ndarray | None] = {}
+        for i, res in _progress(self.map_jobs(cells.run_cells, jobs), desc, self.progress,
+                                total=len(jobs)):
+            config = requests[i][0]
             for k, record in res.records.items():
                 self.store.put(k, record)
                 self._fresh.add(k)
@@ -237,8 +238,11 @@ class Benchmark:
             for where, msg in res.errors.items():
                 self.errors[" ".join(p for p in (config.spec.label, config.layer_label, where)
                                      if p)] = msg
-            out.append(({c: self._lookup(k) for c, k in keys.items()}, res.maps))
-        return out
+            maps[i] = res.maps
+        if len(maps) != len(jobs):
+            raise RuntimeError(f"{desc}: {len(jobs) - len(maps)} job(s) returned no result")
+        return [({c: self._lookup(k) for c, k in keys.items()}, maps[i])
+                for i, keys in enumerate(plans)]
 
     @staticmethod
     def _mean(record: dict | None) -> float:

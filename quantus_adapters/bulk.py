@@ -1,0 +1,374 @@
+"""Bulk explanations: many images, several methods, one compressed array per map.
+
+The job behind ``splitxai explain``: every (image, method configuration) pair gives one map,
+written to ``<out>/maps/<configuration>/<image>.npz`` (``numpy.savez_compressed``; the array
+``map`` of shape (H, W), float32 or float16, and the explained ``label``), listed in
+``<out>/index.csv`` and described by ``<out>/explain.json`` (what produced the maps, checked
+by ``--resume``). Maps are computed by :class:`MapWorker` -- in this process, or as a Ray
+Data actor on each Ray worker (:func:`explain_on_ray`); only the calling process writes
+files, as results arrive, so an interrupted run keeps every finished map.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "explain_locally",
+           "explain_on_ray", "make_batches", "model_digest", "plan_configs", "todo_pairs"]
+
+INDEX_COLUMNS = ("image", "label", "method", "layer", "options", "dtype", "file")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class StoreError(ValueError):
+    """The output folder cannot take these maps (another setup, not writable...)."""
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """One method with fixed options (one map per image).
+
+    Attributes
+    ----------
+    method: str
+        A name of :func:`quantus_adapters.available_methods`.
+    options: dict
+        Its options (``layer``, ``alpha``, ...), passed to :func:`quantus_adapters.explain`.
+    """
+
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        """The sub-folder of its maps: the method, ``@layer`` and the other options."""
+        parts = [self.method]
+        if self.options.get("layer") is not None:
+            parts.append(f"@{self.options['layer']}")
+        rest = {k: v for k, v in sorted(self.options.items()) if k != "layer"}
+        parts += [f"_{k}={v}" for k, v in rest.items()]
+        return re.sub(r"[^A-Za-z0-9._@=+-]", "_", "".join(parts))
+
+    def key(self) -> str:
+        """A stable identifier (method and options)."""
+        return json.dumps({"method": self.method, "options": self.options}, sort_keys=True)
+
+
+def _keyword_options(method: str) -> set[str]:
+    """The options (keyword parameters after model, inputs, targets) a method accepts."""
+    from quantus_adapters.registry import method_info
+
+    params = list(inspect.signature(method_info(method).function).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {"*"}
+    return {p.name for p in params[3:] if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
+def plan_configs(methods: Sequence[str], layers: Sequence[str] | None = None,
+                 options: dict | None = None) -> list[MapConfig]:
+    """The configurations of a run: each method at each layer (if it takes a ``layer``).
+
+    Parameters
+    ----------
+    methods: sequence of str
+        Method names.
+    layers: sequence of str, optional
+        Layers for the methods that take a ``layer`` option (one configuration per layer);
+        the others ignore them. None: each method's default layer.
+    options: dict, optional
+        Options (e.g. ``{"alpha": 0.4}``) given to every method that accepts them.
+
+    Raises
+    ------
+    UnknownMethodError
+        A method no plugin offers.
+    ValueError
+        ``layers`` or an option that none of the methods accepts.
+    """
+    options = dict(options or {})
+    configs: list[MapConfig] = []
+    used: set[str] = set()
+    for method in dict.fromkeys(methods):
+        accepted = _keyword_options(method)
+        takes = (lambda name, acc=accepted: "*" in acc or name in acc)  # noqa: E731
+        fixed = {k: v for k, v in options.items() if takes(k)}
+        used |= set(fixed)
+        if layers and takes("layer"):
+            used.add("layer")
+            configs += [MapConfig(method, {**fixed, "layer": layer}) for layer in layers]
+        else:
+            configs.append(MapConfig(method, fixed))
+    unused = sorted(set(options) - used)
+    if unused:
+        raise ValueError(f"option(s) {', '.join(unused)} are accepted by none of the methods "
+                         f"{', '.join(methods)}")
+    if layers and "layer" not in used:
+        raise ValueError(f"--layers: none of the methods {', '.join(methods)} takes a layer")
+    return configs
+
+
+class MapWorker:
+    """Computes maps; holds the model once (a Ray Data actor on each Ray worker).
+
+    Parameters
+    ----------
+    model: torch.nn.Module or callable
+        The model, or a function building it (called once, in the worker's process).
+    images: numpy.ndarray or callable
+        (N, C, H, W) float32 images in [0, 1], addressed by row (or a function returning
+        them, e.g. fetching them from Ray's object store).
+    labels: numpy.ndarray or callable
+        (N,) classes explained (or a function returning them).
+    configs: sequence of MapConfig
+        Addressed by index.
+    device: str
+        Torch device of the model.
+    threads: int, optional
+        Torch CPU threads of this worker.
+    batches: sequence of dict, optional
+        Batches addressed by index: a call with ``{"batch": [i]}`` explains ``batches[i]``
+        (so that Ray workers explain exactly the batches of a local run).
+    """
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module],
+                 images: np.ndarray | Callable[[], np.ndarray],
+                 labels: np.ndarray | Callable[[], np.ndarray], configs: Sequence[MapConfig],
+                 device: str = "cpu", threads: int | None = None,
+                 batches: Sequence[dict] | Callable[[], Sequence[dict]] | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if not isinstance(model, nn.Module):
+            model = model()
+        if callable(images):
+            images = images()
+        if callable(labels):
+            labels = labels()
+        if callable(batches):
+            batches = batches()
+        self.batches = batches
+        self.model = model.to(device).eval()
+        self.images = images
+        self.labels = labels
+        self.configs = list(configs)
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Maps of ``batch["row"]`` x ``batch["config"]`` pairs.
+
+        Returns
+        -------
+        dict
+            ``row``, ``config``, ``map`` ((B, H, W) float32; zeros where it failed) and
+            ``error`` ("" or the failure of that pair's configuration on its images).
+        """
+        import quantus_adapters
+
+        if "batch" in batch:
+            if self.batches is None:
+                raise ValueError("batch indices need the worker's batches")
+            batch = self.batches[int(np.asarray(batch["batch"]).reshape(-1)[0])]
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        cfgs = np.asarray(batch["config"], dtype=np.int64)
+        h, w = self.images.shape[-2:]
+        maps = np.zeros((len(rows), h, w), dtype=np.float32)
+        errors = np.array([""] * len(rows), dtype=object)
+        for c in np.unique(cfgs):
+            sel = np.flatnonzero(cfgs == c)
+            config = self.configs[int(c)]
+            x = torch.from_numpy(np.ascontiguousarray(self.images[rows[sel]]))
+            y = torch.from_numpy(np.ascontiguousarray(self.labels[rows[sel]]))
+            try:
+                out = quantus_adapters.explain(self.model, x.to(self.device),
+                                               y.to(self.device), method=config.method,
+                                               **config.options)
+                maps[sel] = out[:, 0]
+            except Exception as exc:  # reported per map by the caller; other maps go on
+                errors[sel] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return {"row": rows, "config": cfgs, "map": maps, "error": errors.astype(str)}
+
+
+class MapStore:
+    """The output folder: maps as ``.npz`` files, ``index.csv``, ``explain.json``.
+
+    Parameters
+    ----------
+    out: path-like
+        The folder.
+    fingerprint: dict
+        What produced the maps (model, weights, data, configurations, dtype).
+    resume: bool
+        Keep the maps of an earlier run with the same fingerprint (and skip them).
+    float16: bool
+        Store maps as float16.
+
+    Raises
+    ------
+    StoreError
+        ``out`` is a file or not writable; it holds maps but ``resume`` is False; it holds
+        maps of another setup.
+    """
+
+    def __init__(self, out: str | os.PathLike, fingerprint: dict, resume: bool = False,
+                 float16: bool = False):
+        self.out = Path(out)
+        self.float16 = float16
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.index = self.out / "index.csv"
+        self.meta = self.out / "explain.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise StoreError(f"--out {str(self.out)!r} is a file; give a folder")
+        self.done: set[tuple[str, str]] = set()
+        if self.meta.is_file() or self.index.is_file():
+            if not resume:
+                raise StoreError(f"--out {str(self.out)!r} already holds maps; pass --resume "
+                                 "to add the missing ones, or choose another --out")
+            self._load()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+            self._rewrite_index()
+        except OSError as exc:
+            raise StoreError(f"--out {str(self.out)!r} is not writable: {exc}") from None
+
+    def _load(self) -> None:
+        try:
+            stored = json.loads(self.meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        if stored != self.fingerprint:
+            differ = sorted(k for k in set(self.fingerprint) | set(stored or {})
+                            if (stored or {}).get(k) != self.fingerprint.get(k))
+            raise StoreError(f"--resume: --out {str(self.out)!r} holds maps of another setup "
+                             f"(different {', '.join(differ)}); choose another --out")
+        self._rows: list[dict] = []
+        if self.index.is_file():
+            with open(self.index, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if None in row.values() or set(row) != set(INDEX_COLUMNS):
+                        continue  # the line cut by an interruption
+                    if (self.out / row["file"]).is_file():
+                        self._rows.append(row)
+                        self.done.add((row["image"], row["file"]))
+
+    def _rewrite_index(self) -> None:
+        rows = getattr(self, "_rows", [])
+        with open(self.index, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, INDEX_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def relpath(self, config: MapConfig, name: str) -> str:
+        """The map's file, relative to the folder (image sub-folders kept)."""
+        stem = re.sub(r"[^A-Za-z0-9._/@=+-]", "_", name).lstrip("/")
+        return f"maps/{config.folder}/{stem}.npz"
+
+    def has(self, config: MapConfig, name: str) -> bool:
+        """Whether the map of ``name`` under ``config`` is stored."""
+        return (name, self.relpath(config, name)) in self.done
+
+    def put(self, config: MapConfig, name: str, label: int, amap: np.ndarray) -> None:
+        """Write one map (atomically) and its index line.
+
+        Raises
+        ------
+        StoreError
+            With float16, a map whose values exceed float16's range.
+        """
+        rel = self.relpath(config, name)
+        arr = np.asarray(amap, dtype=np.float32)
+        if self.float16:
+            if np.abs(arr).max(initial=0.0) > FLOAT16_MAX:
+                raise StoreError(f"{config.folder} {name}: values up to "
+                                 f"{np.abs(arr).max():.3g} exceed float16's range; run "
+                                 "without --float16")
+            arr = arr.astype(np.float16)
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, map=arr, label=np.int64(label))
+        os.replace(tmp, path)
+        with open(self.index, "a", newline="") as fh:
+            csv.writer(fh).writerow([name, int(label), config.method,
+                                     config.options.get("layer", ""),
+                                     json.dumps(config.options, sort_keys=True),
+                                     str(arr.dtype), rel])
+        self.done.add((name, rel))
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-1 of the model's parameters and buffers (names, shapes, bytes)."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else
+                      t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def todo_pairs(store: MapStore, configs: Sequence[MapConfig],
+               names: Sequence[str]) -> list[tuple[int, int]]:
+    """The (row, config) pairs whose maps are not stored yet, configuration by configuration."""
+    return [(r, c) for c, config in enumerate(configs) for r, name in enumerate(names)
+            if not store.has(config, name)]
+
+
+def make_batches(pairs: Sequence[tuple[int, int]], size: int) -> list[dict[str, np.ndarray]]:
+    """``pairs`` cut into batches of ``size`` (the same batches in every kind of run)."""
+    out = []
+    for i in range(0, len(pairs), size):
+        chunk = np.asarray(pairs[i:i + size], dtype=np.int64).reshape(-1, 2)
+        out.append({"row": chunk[:, 0], "config": chunk[:, 1]})
+    return out
+
+
+def explain_locally(worker: MapWorker, batches: Sequence[dict[str, np.ndarray]]
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Results of :class:`MapWorker` on ``batches`` in this process, one at a time."""
+    for batch in batches:
+        yield worker(batch)
+
+
+def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
+                   labels: np.ndarray, configs: Sequence[MapConfig],
+                   batches: Sequence[dict[str, np.ndarray]], device: str, workers: int,
+                   gpus_per_worker: float) -> Iterator[dict[str, np.ndarray]]:
+    """Results of :class:`MapWorker` actors on a Ray cluster (Ray Data ``map_batches``).
+
+    Images, labels and batches go to the object store once; each actor builds the model
+    once with ``make_model`` (picklable) and explains the batches whose indices it is given
+    -- the batches of a local run, so the maps are the same; results stream back to the
+    caller as they finish.
+    """
+    import ray.data
+
+    from quantus_adapters.cluster import ObjectStoreValue
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # items in memory: no read tasks competing with the actors for the CPUs
+    ds = ray.data.from_items([{"batch": i} for i in range(len(batches))],
+                             override_num_blocks=len(batches))
+    out = ds.map_batches(
+        MapWorker, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_args=(make_model, ObjectStoreValue(ray.put(images)),
+                             ObjectStoreValue(ray.put(labels)), list(configs), device, 1),
+        fn_constructor_kwargs={"batches": ObjectStoreValue(ray.put(list(batches)))},
+        num_cpus=1, num_gpus=gpus_per_worker or None)
+    yield from out.iter_batches(batch_size=None, batch_format="numpy")

@@ -1,0 +1,310 @@
+"""Ray for ``splitxai benchmark --ray`` and ``splitxai explain --ray``.
+
+Ray (https://docs.ray.io) is optional (``pip install "splitxai[ray]"``) and imported only
+when ``--ray`` is given. ``--ray`` alone starts a local Ray instance that uses every core of
+this machine; ``--ray ADDRESS`` joins a running cluster (``auto``: the cluster this machine
+belongs to, started with ``ray start``; ``ray://HEAD:10001``: Ray Client). When the calling
+process has already connected to Ray (``ray.init`` in a notebook or a test), that connection
+is used as it is and left open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:  # the benchmark package imports this module
+    from quantus_adapters.benchmark.zoo.spec import ModelSpec
+
+__all__ = ["INSTALL_HINT", "ObjectStoreValue", "RayOptions", "RayPool", "RayUnavailableError",
+           "RemoteModel", "add_ray_arguments", "require_ray"]
+
+INSTALL_HINT = 'pip install "splitxai[ray]"'
+LOCAL = "local"
+
+
+class RayUnavailableError(ImportError):
+    """``--ray`` was given but Ray (or Ray Data) is not installed."""
+
+
+def require_ray(data: bool = False) -> ModuleType:
+    """Import Ray (and Ray Data when ``data``), or raise with the install line.
+
+    Raises
+    ------
+    RayUnavailableError
+        Ray or one of the packages Ray Data needs is missing.
+    """
+    try:
+        import ray
+
+        if data:
+            import ray.data  # noqa: F401  (needs pyarrow: the "data" extra of ray)
+    except ImportError as exc:
+        raise RayUnavailableError(f"--ray needs Ray, which is not installed ({exc}); install "
+                                  f"it with: {INSTALL_HINT}") from None
+    return ray
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ray [ADDRESS]``, ``--workers N`` and ``--gpus-per-worker F`` to ``parser``."""
+    group = parser.add_argument_group("Ray (pip install \"splitxai[ray]\")")
+    group.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                       help="run on Ray: alone, a local Ray instance on all cores of this "
+                            "machine; with ADDRESS, join a cluster ('auto' for the cluster "
+                            "of this node, or ray://HEAD:10001)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="Ray workers, each holding the model once (default: one per CPU "
+                            "of the cluster, or one per GPU with --gpus-per-worker)")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs reserved by each Ray worker; fractions share a GPU "
+                            "(e.g. 0.25: four workers per GPU); use with --device cuda")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Placement of the Ray workers.
+
+    Attributes
+    ----------
+    address: str
+        ``"local"`` (a new local instance) or an address for ``ray.init``.
+    workers: int or None
+        Number of workers (actors); None: as many as the cluster's resources allow.
+    gpus_per_worker: float
+        GPUs per worker (0: CPU workers).
+    """
+
+    address: str = LOCAL
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: str) -> RayOptions | None:
+        """The options of the parsed command line, or None without ``--ray``.
+
+        Raises
+        ------
+        ValueError
+            ``--workers``/``--gpus-per-worker`` without ``--ray``, out of range, or GPUs
+            requested for a CPU run (or the other way round).
+        """
+        if args.ray is None:
+            if args.workers is not None or args.gpus_per_worker:
+                raise ValueError("--workers and --gpus-per-worker need --ray")
+            return None
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        gpus = float(args.gpus_per_worker or 0.0)
+        if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+            raise ValueError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole "
+                             f"number of GPUs, got {args.gpus_per_worker}")
+        if gpus and not device.startswith("cuda"):
+            raise ValueError("--gpus-per-worker reserves GPUs for the workers; add "
+                             "--device cuda")
+        if device.startswith("cuda") and not gpus:
+            raise ValueError("--device cuda with --ray: give --gpus-per-worker (e.g. 1, or "
+                             "0.5 for two workers per GPU) so that Ray places workers on GPUs")
+        return cls(args.ray, args.workers, gpus)
+
+    @contextmanager
+    def session(self) -> Iterator[ModuleType]:
+        """Connect to Ray for the duration of a ``with`` block; yields the ``ray`` module.
+
+        ``"local"`` starts a Ray instance on this machine (its workers see this process's
+        ``PYTHONPATH``) and shuts it down at the end; an address joins a running cluster
+        (whose nodes have splitxai installed) and disconnects at the end. A connection the
+        calling process already holds is used and left open.
+        """
+        ray = require_ray()
+        # Ray's own notes (Ray Data's progress and executor lines) would break the one
+        # progress bar of the command; errors still surface as exceptions
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        started = False
+        if not ray.is_initialized():
+            kwargs: dict = {"include_dashboard": False, "log_to_driver": False,
+                            "logging_level": "ERROR"}
+            if self.address == LOCAL:
+                path = os.environ.get("PYTHONPATH")
+                if path:
+                    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+                ray.init(**kwargs)
+            else:
+                ray.init(address=self.address, **kwargs)
+            started = True
+        try:
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()
+
+    def actors(self, ray: ModuleType) -> int:
+        """How many workers to start: ``--workers``, else what the cluster can hold.
+
+        Each worker reserves one CPU (and ``gpus_per_worker`` GPUs).
+
+        Raises
+        ------
+        ValueError
+            More workers than the cluster has CPUs (or GPUs) for.
+        """
+        res = ray.cluster_resources()
+        cpus = int(res.get("CPU", 0))
+        gpus = float(res.get("GPU", 0))
+        if self.gpus_per_worker:
+            fit = int(gpus / self.gpus_per_worker + 1e-9)
+            if fit < 1:
+                raise ValueError(f"--gpus-per-worker {self.gpus_per_worker:g}: the Ray "
+                                 f"cluster has {gpus:g} GPUs")
+        else:
+            fit = cpus
+        fit = min(fit, cpus)
+        n = self.workers if self.workers is not None else max(1, fit)
+        if n > fit:
+            each = "1 CPU" + (f" and {self.gpus_per_worker:g} GPU" if self.gpus_per_worker
+                              else "")
+            raise ValueError(f"--workers {n}: the Ray cluster has room for {fit} (each worker "
+                             f"takes {each}; cluster: {cpus} CPUs, {gpus:g} GPUs)")
+        return n
+
+
+@dataclass(frozen=True)
+class ObjectStoreValue:
+    """A value in Ray's object store, fetched when called (in a worker: once per actor)."""
+
+    ref: Any
+
+    def __call__(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """Builds the driver's model in a Ray worker.
+
+    The worker builds the architecture named by the spec (``--model``; nothing downloaded
+    or trained) and loads the driver's ``state_dict`` from the object store, so every
+    worker holds exactly the driver's weights.
+
+    Attributes
+    ----------
+    spec: ModelSpec
+        ``--model`` / ``--weights``.
+    state: ObjectStoreValue
+        The driver's ``model.state_dict()``.
+    """
+
+    spec: ModelSpec
+    state: ObjectStoreValue
+
+    @classmethod
+    def put(cls, ray: ModuleType, spec: ModelSpec, model: nn.Module) -> RemoteModel:
+        """Put ``model``'s weights (on the CPU) into the object store."""
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        return cls(spec, ObjectStoreValue(ray.put(state)))
+
+    def __call__(self) -> nn.Module:
+        model = self.spec.architecture()
+        model.load_state_dict(self.state())
+        return model.eval()
+
+
+def _run_task(state: Any, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
+    """``(True, fn(state, task))``, or ``(False, "Type: message")`` when it raises."""
+    try:
+        return True, fn(state, task)
+    except Exception as exc:  # the caller names the task; other tasks go on
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (its innermost error line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] and
+              not line.startswith(("File ", "Traceback"))]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:300]
+
+
+class _Worker:
+    """A Ray actor: builds the state (model, data) once, then runs tasks on it."""
+
+    def __init__(self, setup: Callable[[], Any], threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.state = setup()
+
+    def run(self, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
+        return _run_task(self.state, fn, task)
+
+
+class RayPool:
+    """Runs ``fn(state, task)`` on Ray actors that each build the state once.
+
+    Parameters
+    ----------
+    ray: module
+        The connected ``ray`` module.
+    setup: callable
+        Picklable; called once in each worker (e.g. builds the model from the object store).
+    workers: int
+        Number of actors.
+    gpus_per_worker: float
+        GPUs reserved by each actor.
+    retries: int
+        How often Ray restarts a lost worker and re-runs its task (a task that raises is not
+        retried: it would raise again).
+    """
+
+    def __init__(self, ray: ModuleType, setup: Callable[[], Any], workers: int,
+                 gpus_per_worker: float = 0.0, retries: int = 2):
+        self.ray = ray
+        self.setup = setup  # keeps its object-store values alive for restarted workers
+        cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=retries,
+                         max_task_retries=retries)(_Worker)
+        self.actors = [cls.remote(setup, 1) for _ in range(workers)]
+
+    def imap_unordered(self, fn: Callable[[Any, Any], Any],
+                       tasks: Sequence[Any]) -> Iterator[tuple[Any, bool, Any]]:
+        """``(task, ok, result or error message)`` for each task, as they finish.
+
+        Each actor has at most two tasks in flight (one running, one queued).
+        """
+        ray = self.ray
+        pending = list(tasks)[::-1]
+        running: dict[Any, tuple[Any, Any]] = {}
+
+        def submit(actor) -> None:
+            if pending:
+                task = pending.pop()
+                running[actor.run.remote(fn, task)] = (actor, task)
+
+        for actor in self.actors:
+            submit(actor)
+            submit(actor)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, task = running.pop(done[0])
+            try:
+                ok, value = ray.get(done[0])
+                submit(actor)
+            except Exception as exc:  # the worker died and Ray's restarts did not help
+                ok, value = False, f"worker lost ({type(exc).__name__}): {_cause(exc)}"
+            yield task, ok, value
+        while pending:  # every worker is lost
+            yield pending.pop(), False, "no Ray worker left (all were lost)"
+
+    def close(self) -> None:
+        """End the actors."""
+        for actor in self.actors:
+            self.ray.kill(actor)

@@ -1,0 +1,271 @@
+"""``splitxai explain``: bulk explanations of a data set, in this process or on Ray.
+
+One compressed ``.npz`` per image and method configuration, an index CSV, resumable (see
+:mod:`quantus_adapters.bulk` for the layout). Model and data options are those of
+``splitxai benchmark``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+__all__ = ["build_parser", "main"]
+
+
+class UsageError(ValueError):
+    """A command-line error reported without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``splitxai explain``."""
+    from quantus_adapters.cluster import add_ray_arguments
+
+    p = argparse.ArgumentParser(
+        prog="splitxai explain",
+        description="Explain every image of a data set with one or more methods and write "
+                    "one compressed array per image and method (OUT/maps/<method>/<image>.npz, "
+                    "array 'map' of shape (H, W)) and OUT/index.csv. Resumable; runs on a "
+                    "Ray cluster with --ray.")
+    p.add_argument("--model", default=None,
+                   help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
+                        "resnet18 or FILE.py:FACTORY, as in splitxai benchmark")
+    p.add_argument("--weights", default=None, help="a state_dict file loaded into the model")
+    p.add_argument("--data", default="digits",
+                   help="digits, cifar10-resnet20, folder:PATH (PATH/images/*, "
+                        "PATH/labels.csv) or imagenet-s:PATH, as in splitxai benchmark; the "
+                        "maps explain each image's label")
+    p.add_argument("--methods", nargs="+", required=True,
+                   help="method names (quantus_adapters.available_methods()), e.g. SplitCAM "
+                        "SplitLRP")
+    p.add_argument("--out", default="splitxai-maps", help="output folder")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="layers (module names) of the methods that take a layer: one map per "
+                        "layer; default: each method's default layer")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="alpha of the methods that take one (SplitCAM, SplitGrad); default: "
+                        "the method's")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another method option for the methods that take it, e.g. "
+                        "--option stream=h (VALUE read as JSON, else as text); repeatable")
+    p.add_argument("--float16", action="store_true",
+                   help="store the maps as float16 (half the disk space; about 3 significant "
+                        "digits)")
+    p.add_argument("--max-images", type=int, default=None, help="explain the first N images")
+    p.add_argument("--resume", action="store_true",
+                   help="add the missing maps to an --out of an earlier run of the same setup")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per explain call")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize folder / ImageNet-S images to this side")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in digits data")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of this process (Ray workers use one each)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_arguments(p)
+    return p
+
+
+def _parse_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. stream=h")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``splitxai explain``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the finished maps are in {args.out} -- run again with --resume "
+              "to add the rest", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ImportError, TypeError) as exc:
+        print(f"splitxai explain: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
+                 names: list[str], float16: bool) -> dict:
+    """What the stored maps depend on (``--resume`` refuses an --out of another setup)."""
+    from quantus_adapters.bulk import model_digest
+
+    digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
+    digest.update(json.dumps([names, labels.tolist()]).encode())
+    return {"model": spec.name, "weights": model_digest(model), "data": data_name,
+            "images": digest.hexdigest(), "n_images": len(names),
+            "dtype": "float16" if float16 else "float32"}
+
+
+def _run(args) -> int:
+    from quantus_adapters import bulk, cluster
+    from quantus_adapters.benchmark import data as data_mod
+    from quantus_adapters.benchmark.images import model_channels
+    from quantus_adapters.benchmark.protocol import check_layers
+    from quantus_adapters.benchmark.zoo.spec import ModelSpec
+
+    start = time.perf_counter()
+    for name in ("batch_size", "max_images", "image_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    ray_options = cluster.RayOptions.from_args(args, args.device)
+    if ray_options is not None:
+        cluster.require_ray(data=True)
+    elif args.device != "cpu":
+        try:
+            torch.empty(1, device=args.device)
+        except Exception as exc:
+            raise UsageError(f"--device {args.device!r} is not usable: {exc}") from exc
+    spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
+    options = _parse_options(args.option)
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    configs = bulk.plan_configs([m for item in args.methods for m in item.split(",") if m],
+                                args.layers, options)
+    # the data in the model's channels (1: grayscale, else RGB; a mismatch fails below)
+    channels = model_channels(spec.architecture())
+    data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
+                              channels=channels if channels in (1, 3) else 3)
+    n = len(data.names) if args.max_images is None else min(args.max_images, len(data.names))
+    names = list(data.names[:n])
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise UsageError(f"image names must be unique (they name the map files): "
+                         f"{', '.join(dupes[:5])}")
+    images = np.ascontiguousarray(data.images[:n].numpy().astype(np.float32))
+    labels = data.labels[:n].numpy().astype(np.int64)
+    progress = not args.no_progress
+
+    # the model: on this process's device (CPU when the work runs on Ray workers)
+    model = spec.load(progress=progress, log=print if progress else None)
+    local_device = args.device if ray_options is None else "cpu"
+    model = model.to(local_device).eval()
+    if args.layers:
+        check_layers(model, args.layers)
+    _check_model(model, images, labels, local_device)
+    _trial(model, configs, images, labels, local_device)
+
+    # the whole data set, so that --resume may extend --max-images
+    fingerprint = _fingerprint(spec, model, data.name, data.images.numpy(),
+                               data.labels.numpy(), list(data.names), args.float16)
+    store = bulk.MapStore(args.out, fingerprint, resume=args.resume, float16=args.float16)
+    pairs = bulk.todo_pairs(store, configs, names)
+    total = len(configs) * n
+    if args.resume:
+        print(f"--resume: {total - len(pairs)} of {total} maps already in {args.out}")
+    failures: dict[tuple[str, str], list[str]] = defaultdict(list)
+    written = 0
+    batches = bulk.make_batches(pairs, args.batch_size)
+    if pairs:
+        if ray_options is None:
+            worker = bulk.MapWorker(model, images, labels, configs, local_device)
+            results = bulk.explain_locally(worker, batches)
+            written = _write(results, store, configs, names, labels, failures, len(pairs),
+                             progress)
+        else:
+            with ray_options.session() as ray:
+                n_workers = ray_options.actors(ray)
+                make_model = cluster.RemoteModel.put(ray, spec, model)
+                print(f"Ray: {n_workers} worker(s), {ray.cluster_resources().get('CPU', 0):g} "
+                      f"CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs in the cluster")
+                results = bulk.explain_on_ray(ray, make_model, images, labels, configs,
+                                              batches, args.device, n_workers,
+                                              ray_options.gpus_per_worker)
+                written = _write(results, store, configs, names, labels, failures, len(pairs),
+                                 progress)
+    seconds = time.perf_counter() - start
+    print(f"wrote {written} maps ({len(configs)} configuration(s) x {n} images, "
+          f"{total - len(pairs)} already there) to {args.out}; index {store.index} "
+          f"({seconds:.0f} s)")
+    if failures:
+        for (folder, error), which in failures.items():
+            shown = ", ".join(which[:3]) + (" ..." if len(which) > 3 else "")
+            print(f"splitxai explain: failed: {folder} on {len(which)} image(s) ({shown}): "
+                  f"{error}", file=sys.stderr)
+        print(f"splitxai explain: {sum(map(len, failures.values()))} map(s) missing; the "
+              "others are stored", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_model(model, images: np.ndarray, labels: np.ndarray, device: str) -> None:
+    with torch.no_grad():
+        try:
+            out = model(torch.from_numpy(images[:1]).to(device))
+        except Exception as exc:
+            raise UsageError(f"the model cannot process the images (shape "
+                             f"{tuple(images.shape[1:])}): {type(exc).__name__}: {exc}") from exc
+    if out.ndim != 2:
+        raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
+                         "returning (batch, classes) logits is needed")
+    bad = np.flatnonzero((labels < 0) | (labels >= out.shape[1]))
+    if len(bad):
+        raise UsageError(f"label {int(labels[bad[0]])} of image {int(bad[0])} is out of the "
+                         f"model's range [0, {out.shape[1]})")
+
+
+def _trial(model, configs, images: np.ndarray, labels: np.ndarray, device: str) -> None:
+    """Each configuration on the first image: bad options or layers fail before heavy work."""
+    import quantus_adapters
+    from quantus_adapters.explain import ConstantExplanationError
+
+    x = torch.from_numpy(images[:1]).to(device)
+    y = torch.from_numpy(labels[:1]).to(device)
+    for config in configs:
+        try:
+            quantus_adapters.explain(model, x, y, method=config.method, **config.options)
+        except ConstantExplanationError:
+            pass  # one image's constant map is no setup error; the run reports it per map
+        except Exception as exc:
+            raise UsageError(f"{config.method} with {config.options} fails on the first "
+                             f"image: {type(exc).__name__}: {exc}") from exc
+
+
+def _write(results, store, configs, names, labels, failures, total: int,
+           progress: bool) -> int:
+    """Store the maps as they arrive (one progress bar); failures are collected."""
+    from tqdm.auto import tqdm
+
+    from quantus_adapters.bulk import StoreError
+
+    written = 0
+    with tqdm(total=total, desc="maps", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in results:
+            for r, c, amap, error in zip(batch["row"], batch["config"], batch["map"],
+                                         batch["error"], strict=True):
+                config, name = configs[int(c)], names[int(r)]
+                if not error:
+                    try:
+                        store.put(config, name, int(labels[int(r)]), amap)
+                        written += 1
+                    except StoreError as exc:
+                        error = str(exc)
+                if error:
+                    failures[(config.folder, str(error))].append(name)
+                bar.update(1)
+    return written

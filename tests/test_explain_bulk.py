@@ -1,0 +1,163 @@
+"""``splitxai explain`` in this process: files, index, float16, resume, errors."""
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import quantus_adapters
+from quantus_adapters import cli, registry
+from quantus_adapters.benchmark.data import cluttered_digits
+from quantus_adapters.benchmark.zoo import models
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random weights of the built-in digits CNN (no training needed to explain)."""
+    path = tmp_path_factory.mktemp("weights") / "digits.pt"
+    torch.manual_seed(0)
+    torch.save(models.DigitsVGG().state_dict(), path)
+    return path
+
+
+def _run(args, capsys):
+    rc = cli.main(["explain", *map(str, args), "--no-progress"])
+    return rc, capsys.readouterr()
+
+
+def _index(out):
+    with open(out / "index.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_maps_index_and_float16(weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # without --ray, Ray is never imported
+    out = tmp_path / "maps"
+    rc, printed = _run(["--weights", weights, "--methods", "SplitCAM", "Saliency", "--layers",
+                        "features.6", "features.10", "--alpha", "0.3", "--max-images", "5",
+                        "--batch-size", "3", "--out", out], capsys)
+    assert rc == 0, printed.err
+    rows = _index(out)
+    # SplitCAM at two layers (alpha given), Saliency once (no layer, no alpha)
+    assert len(rows) == 3 * 5
+    assert {(r["method"], r["layer"]) for r in rows} == {
+        ("SplitCAM", "features.6"), ("SplitCAM", "features.10"), ("Saliency", "")}
+    assert all(json.loads(r["options"]).get("alpha") == 0.3 for r in rows
+               if r["method"] == "SplitCAM")
+    # each map equals quantus_adapters.explain on the same image and label
+    data = cluttered_digits()
+    model = models.DigitsVGG()
+    models.load_weights(model, weights)
+    model.eval()
+    for r in rows:
+        blob = np.load(out / r["file"])
+        assert blob["map"].dtype == np.float32 and blob["map"].shape == (64, 64)
+        i = data.names.index(r["image"])
+        assert int(blob["label"]) == int(r["label"]) == int(data.labels[i])
+        ref = quantus_adapters.explain(model, data.images[i:i + 1], data.labels[i:i + 1],
+                                       **{"method": r["method"], **json.loads(r["options"])})
+        np.testing.assert_allclose(blob["map"], ref[0, 0], rtol=1e-5, atol=1e-6)
+    # float16: same maps rounded, half the bytes per value
+    out16 = tmp_path / "maps16"
+    rc, printed = _run(["--weights", weights, "--methods", "SplitCAM", "--max-images", "2",
+                        "--float16", "--out", out16], capsys)
+    assert rc == 0, printed.err
+    rows16 = _index(out16)
+    assert {r["dtype"] for r in rows16} == {"float16"}
+    a16 = np.load(out16 / rows16[0]["file"])["map"]
+    ref = quantus_adapters.explain(model, data.images[:1], data.labels[:1], method="SplitCAM")
+    assert a16.dtype == np.float16
+    np.testing.assert_allclose(a16.astype(np.float32), ref[0, 0], rtol=2e-3,
+                               atol=2e-3 * np.abs(ref).max())
+
+
+def test_resume_adds_only_missing_maps_and_refuses_another_setup(weights, tmp_path, capsys):
+    out = tmp_path / "maps"
+    common = ["--weights", weights, "--methods", "SplitGrad", "--out", out]
+    rc, printed = _run([*common, "--max-images", "3"], capsys)
+    assert rc == 0, printed.err
+    first = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in _index(out)}
+    assert len(first) == 3
+    # without --resume an existing output is refused, nothing is touched
+    rc, printed = _run([*common, "--max-images", "5"], capsys)
+    assert rc == 2 and "--resume" in printed.err and "Traceback" not in printed.err
+    # an index line cut by an interruption is dropped; its map is made again
+    lines = (out / "index.csv").read_text().splitlines()
+    (out / "index.csv").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:12])
+    rc, printed = _run([*common, "--max-images", "5", "--resume"], capsys)
+    assert rc == 0, printed.err
+    assert "2 of 5 maps already" in printed.out
+    rows = _index(out)
+    assert len(rows) == 5 and len({r["file"] for r in rows}) == 5
+    kept = [f for f in first if (out / f).stat().st_mtime_ns == first[f]]
+    assert len(kept) == 2  # the two indexed maps were not recomputed
+    # other weights: --resume refuses and names what differs
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(models.DigitsVGG().state_dict(), other)
+    rc, printed = _run(["--weights", other, "--methods", "SplitGrad", "--out", out, "--resume"],
+                       capsys)
+    assert rc == 2 and "weights" in printed.err and "another setup" in printed.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "NoSuchMethod"], "unknown method 'NoSuchMethod'"),
+    (["--methods", "SplitCAM", "--layers", "features.99"], "features.99"),
+    (["--methods", "Saliency", "--alpha", "0.3"], "alpha"),
+    (["--methods", "SplitCAM", "--option", "stream"], "KEY=VALUE"),
+    (["--methods", "SplitCAM", "--option", "stream=q"], "SplitCAM with"),
+    (["--methods", "SplitCAM", "--workers", "2"], "need --ray"),
+    (["--methods", "SplitCAM", "--ray", "--gpus-per-worker", "0.5"], "--device cuda"),
+    (["--methods", "SplitCAM", "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_input_is_one_line_before_work(weights, tmp_path, capsys, args, message):
+    out = tmp_path / "maps"
+    rc, printed = _run(["--weights", weights, "--max-images", "2", "--out", out, *args], capsys)
+    assert rc == 2
+    assert message in printed.err and "Traceback" not in printed.err
+    assert len(printed.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["explain", "benchmark"])
+def test_ray_missing_gives_the_install_line(weights, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    args = ["--weights", weights, "--out", tmp_path / "o", "--no-progress"]
+    args += ["--methods", "SplitCAM"] if command == "explain" else ["--quick"]
+    rc = cli.main([command, *map(str, args), "--ray"])
+    printed = capsys.readouterr()
+    assert rc == 2 and 'pip install "splitxai[ray]"' in printed.err
+    assert len(printed.err.strip().splitlines()) == 1
+    rc = cli.main([command, *map(str, args), "--workers", "2"])
+    assert rc == 2 and "--workers and --gpus-per-worker need --ray" in capsys.readouterr().err
+
+
+def test_failing_maps_are_named_others_kept_exit_1(weights, tmp_path, capsys):
+    class Plugin:
+        @registry.hookimpl
+        def splitxai_explainers(self):
+            def picky(model, inputs, targets, *, layer=None):
+                """Fails on images of class 3 (to test the failure report)."""
+                if bool((targets == 3).any()):
+                    raise RuntimeError("out of memory (simulated)")
+                return inputs.sum(1, keepdim=True)
+
+            return {"Picky": picky}
+
+    name = registry.register(Plugin(), name="picky-test")
+    try:
+        out = tmp_path / "maps"
+        labels = cluttered_digits().labels[:6].tolist()
+        assert labels[0] != 3 and 3 in labels
+        rc, printed = _run(["--weights", weights, "--methods", "Picky", "SplitCAM",
+                            "--max-images", "6", "--batch-size", "1", "--out", out], capsys)
+    finally:
+        registry.get_plugin_manager().unregister(name=name)
+        registry.refresh()
+    assert rc == 1
+    assert "failed: Picky on 1 image(s)" in printed.err and "out of memory" in printed.err
+    rows = _index(out)
+    assert len(rows) == 6 + 5  # SplitCAM everywhere, Picky on all but the class-3 image
