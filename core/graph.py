@@ -73,7 +73,7 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 # also changes the source, which a graph without aliasing cannot express
 _VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "narrow", "transpose", "permute",
                  "squeeze", "unsqueeze", "expand", "expand_as", "chunk", "split", "unbind", "t",
-                 "unflatten", "movedim", "swapaxes", "swapdims", "select", "as_strided"}
+                 "unflatten", "movedim", "swapaxes", "swapdims", "select", "as_strided", "unfold"}
 
 
 def _mutates(node: fx.Node, model: nn.Module) -> bool:

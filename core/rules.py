@@ -780,7 +780,7 @@ _STRUCTURAL_METHODS = [
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "chunk", "split", "unbind", "narrow", "flip", "roll", "t", "unflatten", "movedim", "expand",
     "repeat", "view_as", "reshape_as", "expand_as", "float", "double", "half", "to", "type_as",
-    "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split",
+    "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split", "unfold",
 ]
 for _name in _STRUCTURAL_METHODS:
     register(_name)(Rule(method(_name.rstrip("_")), lrp="structural"))

@@ -491,3 +491,29 @@ def test_augmented_assignment_follows_eager_aliasing():
     # regression: fx traced `out += y` as `out = out + y`, so `skip` kept the old value
     torch.manual_seed(18)
     _check(AugmentedAssignment(), torch.randn(3, 3), ["a", "b", "out:input", "input"])
+
+
+def test_tensor_unfold_windows_split_exactly():
+    """``Tensor.unfold`` (sliding blocks, as in halo attention) copies elements: structural."""
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.fc = nn.Linear(3 * 2 * 4 * 2, 4)
+
+        def forward(self, x):
+            z = torch.relu(self.conv(x))          # (B, 3, 4, 4)
+            w = z.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, 3, 2, 2, 2, 2) non-overlapping blocks
+            w = w.unfold(4, 1, 1)                  # overlapping (size 1, step 1) windows
+            return self.fc(w.flatten(1)[:, : 3 * 2 * 4 * 2])
+
+    torch.manual_seed(0)
+    model = Blocks().double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    g, h = core.split(model)(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)

@@ -13,7 +13,7 @@ for the test suite (a meta-device instantiation takes 0.05-5 s); an architecture
 without a ReLU-family model among its candidates is skipped with that reason, and so is a
 model the filter passes but whose forward calls a smooth function (``F.softmax`` in an
 attention block): the split refuses it with ``UnsupportedOperation`` naming the function. Inputs are
-64x64, or the smallest of 96, 160, 224 that the model accepts.
+64x64, or the smallest of 96, 160, 224 and the model's default size that it accepts.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _check(name: str, family: bool = False) -> None:
     assert relu_family(model), f"{name} is not ReLU-family"
     model = randomise_batchnorm(model.eval(), 0)
     f = None
-    for size in (64, 96, 160, 224):  # the smallest input the model itself accepts
+    default = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    for size in dict.fromkeys((64, 96, 160, 224, default)):  # the smallest the model accepts
         x = torch.randn(1, 3, size, size)
         try:
             with torch.no_grad():
