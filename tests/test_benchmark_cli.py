@@ -8,17 +8,9 @@ from PIL import Image
 
 from quantus_adapters.benchmark import cli, runner
 from quantus_adapters.benchmark.zoo import models
+from tests.benchmark_files import TINY_MODEL_PY
 
-MODEL_PY = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(6, 3)).eval()
+MODEL_PY = TINY_MODEL_PY + textwrap.dedent("""
 
     def not_a_model():
         return 42

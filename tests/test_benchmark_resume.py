@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import signal
-import textwrap
 import time
 
 import numpy as np
@@ -14,40 +13,16 @@ from PIL import Image
 
 from quantus_adapters.benchmark import cli
 from quantus_adapters.benchmark.store import ResultStore
+from tests.benchmark_files import TABLES, TINY_MODEL_PY, write_masked_folder
 
-MODEL_PY = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(6, 3)).eval()
-""")
-TABLES = ("table1_comparison.csv", "table1_comparison.md", "table3_alpha.csv",
-          "table3_alpha.md", "table6_randomisation.csv", "table6_randomisation.md",
-          "validation.csv")
+MODEL_PY = TINY_MODEL_PY
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     (tmp / "tiny.py").write_text(MODEL_PY)
-    root = tmp / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    lines = ["name,label"]
-    for i in range(8):
-        Image.fromarray((rng.uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)).save(
-            root / "images" / f"im{i}.png")
-        m = np.zeros((16, 16), np.uint8)
-        m[4:10, 3 + i % 4:9 + i % 4] = 255
-        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
-        lines.append(f"im{i}.png,{i % 3}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    root = write_masked_folder(tmp / "data", 8)
     argv = ["--data", f"folder:{root}", "--model", f"{tmp / 'tiny.py'}:build",
             "--methods", "Saliency", "GradientShap", "SplitGrad", "Random",
             "--max-layers", "1", "--alphas", "0.4", "0.5", "--max-sens-samples", "2",

@@ -6,25 +6,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from quantus_adapters import cli
 from quantus_adapters.benchmark.zoo import models
+from tests.benchmark_files import TABLES, TINY_MODEL_PY, write_masked_folder
 
 ray = pytest.importorskip("ray", reason='the Ray tests need pip install "splitxai[ray]"')
 
-MODEL_PY = textwrap.dedent("""
-    import os
-
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(6, 3)).eval()
+MODEL_PY = "import os\n" + TINY_MODEL_PY + textwrap.dedent("""
 
     class DiesOnce(nn.Sequential):
         # kills the first worker process that runs it: a lost worker
@@ -43,9 +32,6 @@ MODEL_PY = textwrap.dedent("""
             raise MemoryError("simulated: the worker cannot hold the model")
         return build()
 """)
-TABLES = ("table1_comparison.csv", "table1_comparison.md", "table3_alpha.csv",
-          "table3_alpha.md", "table6_randomisation.csv", "table6_randomisation.md",
-          "validation.csv")
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +58,7 @@ def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "tiny.py").write_text(MODEL_PY + f"\nDRIVER = {os.getpid()}\n"
                                  f"MARKER = {str(tmp / 'died')!r}\n")
-    root = tmp / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    lines = ["name,label"]
-    for i in range(6):
-        Image.fromarray((rng.uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)).save(
-            root / "images" / f"im{i}.png")
-        m = np.zeros((16, 16), np.uint8)
-        m[4:10, 3 + i % 4:9 + i % 4] = 255
-        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
-        lines.append(f"im{i}.png,{i % 3}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    root = write_masked_folder(tmp / "data", 6)
     # --quick, two layers, a Split method, a layer method, an input method and a random one
     argv = ["benchmark", "--quick", "--data", f"folder:{root}", "--methods", "SplitGrad",
             "LayerCAM", "Saliency", "GradientShap", "--max-sens-samples", "2",
