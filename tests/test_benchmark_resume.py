@@ -36,12 +36,24 @@ def _tables(out):
     return {name: (out / name).read_bytes() for name in TABLES}
 
 
-def _run_in_child(argv):
+def _run_in_child(argv, slow_after):
+    if slow_after is not None:
+        # after ``slow_after`` stored cells every store waits, so that a signal sent then
+        # always lands in the middle of the run (on a fast machine the run could finish first)
+        put = ResultStore.put
+
+        def slow_put(self, key, record):
+            put(self, key, record)
+            if len(self) >= slow_after:
+                time.sleep(0.5)
+
+        ResultStore.put = slow_put
     os._exit(cli.main(argv))
 
 
-def _child(argv):
-    return multiprocessing.get_context("fork").Process(target=_run_in_child, args=(argv,))
+def _child(argv, slow_after=None):
+    return multiprocessing.get_context("fork").Process(target=_run_in_child,
+                                                        args=(argv, slow_after))
 
 
 def _cells(out):
@@ -68,7 +80,7 @@ def test_two_runs_with_one_seed_give_identical_tables(setup, capsys):
 def test_interrupted_run_resumes_to_identical_tables(setup, sig, capsys):
     tmp, argv, _ = setup
     out = tmp / f"killed{int(sig)}"
-    child = _child(argv + ["--out", str(out)])
+    child = _child(argv + ["--out", str(out)], slow_after=12)
     child.start()
     deadline = time.time() + 120
     while _cells(out) < 12 and time.time() < deadline and child.is_alive():
