@@ -13,7 +13,8 @@ CNN (held-out cluttered digits), at a few layers, for alpha in {0.5, 0.45, 0.4, 
   features are replaced by the image mean in 64 equal steps, area over the whole curve
   (Quantus ``PixelFlipping`` curves; higher = more faithful),
 
-next to LayerCAM and Grad-CAM at the same layer. Writes a Markdown table (stdout and
+next to LayerCAM and Grad-CAM at the same layer. ``nan``: Quantus refuses the maps (constant,
+or negative everywhere: ``assert_attributions``). Writes a Markdown table (stdout and
 ``--out``). Run from the repository root::
 
     PYTHONPATH=$PWD python benchmarks/alpha_study.py --out docs/alpha_study.md
@@ -101,6 +102,10 @@ def run(quick: bool, which: tuple[str, ...] = ("resnet20", "digits")) -> str:
                         pf = float(np.mean(_pf(model, x, y, maps)))
                         rl = float(np.nanmean(_rl(model, x, y, method, kwargs)))
                 except ConstantExplanationError:
+                    pf = rl = float("nan")
+                except AssertionError as err:  # Quantus refuses maps that are all negative
+                    if "less than zero" not in str(err):
+                        raise
                     pf = rl = float("nan")
                 if alpha is None:
                     ratio = corr = "–"

@@ -10,7 +10,8 @@ ReLU-family model among the module's four shortest model names, random weights; 
 models that failed before the eager capture (``vgg11``, ``nasnetalarge``, ``pnasnet5large``,
 ``resnetblur18``, ``densenetblur121d``). Scanning every one of timm's ~1300 models is too slow
 for the test suite (a meta-device instantiation takes 0.05-5 s); an architecture module
-without a ReLU-family model among its candidates is skipped with that reason, and so is a
+without a ReLU-family model among its candidates is skipped with that reason (every
+ReLU-family model: ``python -m benchmarks.relu_family_sweep``, results in docs/core.md), and so is a
 model the filter passes but whose forward calls a smooth function (``F.softmax`` in an
 attention block): the split refuses it with ``UnsupportedOperation`` naming the function. Inputs are
 64x64, or the smallest of 96, 160, 224 and the model's default size that it accepts.
@@ -22,53 +23,22 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import core
+from benchmarks.relu_family_sweep import on_meta, relu_family
 from tests.core_checks import max_abs, randomise_batchnorm
 
 timm = pytest.importorskip("timm")
 
-ALLOWED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_SMOOTH_NAMES = ("gelu", "silu", "swish", "sigmoid", "mish", "tanh", "softmax", "elu",
-                 "softplus", "hardswish", "hardsigmoid", "gate", "glu", "prelu", "starrelu",
-                 "layernorm", "groupnorm", "rmsnorm", "evonorm", "instancenorm", "attention")
 KNOWN = ["vgg11", "nasnetalarge", "pnasnet5large", "resnetblur18", "densenetblur121d"]
 SLOW = {"nasnetalarge", "pnasnet5large", "densenetblur121d"}
 CANDIDATES = 4
 
 
-def relu_family(model: nn.Module) -> bool:
-    """Every activation is ReLU-type and every normalisation a BatchNorm."""
-    for m in model.modules():
-        cls = type(m)
-        if isinstance(m, ALLOWED_ACTIVATIONS):
-            continue
-        if cls.__module__ == "torch.nn.modules.activation":
-            return False  # any other torch activation (GELU, SiLU, Softmax, ...)
-        if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, BATCHNORMS):
-            return False  # InstanceNorm
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)):
-            return False
-        if any(s in cls.__name__.lower() for s in _SMOOTH_NAMES):
-            return False
-    return True
-
-
-def _meta(name: str) -> nn.Module | None:
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            return timm.create_model(name, pretrained=False)
-    except Exception:  # a model that cannot be built on meta is not a candidate
-        return None
-
-
 def _first_relu_model(family: str) -> tuple[str | None, int]:
     names = sorted(timm.list_models(module=family), key=lambda n: (len(n), n))[:CANDIDATES]
     for name in names:
-        model = _meta(name)
+        model = on_meta(name)
         if model is not None and relu_family(model):
             return name, len(names)
     return None, len(names)
