@@ -753,7 +753,7 @@ _STRUCTURAL_FUNCTIONS = [
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
     torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
-    torch.swapaxes, torch.swapdims,
+    torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile,
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
@@ -781,6 +781,7 @@ _STRUCTURAL_METHODS = [
     "chunk", "split", "unbind", "narrow", "flip", "roll", "t", "unflatten", "movedim", "expand",
     "repeat", "view_as", "reshape_as", "expand_as", "float", "double", "half", "to", "type_as",
     "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split", "unfold",
+    "repeat_interleave", "tile",
 ]
 for _name in _STRUCTURAL_METHODS:
     register(_name)(Rule(method(_name.rstrip("_")), lrp="structural"))

@@ -517,3 +517,30 @@ def test_tensor_unfold_windows_split_exactly():
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+
+
+def test_repeat_interleave_and_tile_split_exactly():
+    """``repeat_interleave`` (GCViT's global query) and ``tile`` copy elements: structural."""
+
+    class Copies(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.fc = nn.Linear(3 * 2 * 4 * 4 + 3 * 4 * 8 + 3 * 4 * 4 * 2, 4)
+
+        def forward(self, x):
+            z = torch.relu(self.conv(x))                  # (B, 3, 4, 4)
+            a = z.repeat_interleave(2, dim=1)             # method
+            b = torch.repeat_interleave(z, 2, dim=3)      # function
+            c = torch.tile(z, (1, 1, 2)) + z.tile((1, 2, 1)).flip(2)[:, :, :4].repeat(1, 1, 1, 2)
+            return self.fc(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)], 1))
+
+    torch.manual_seed(0)
+    model = Copies().double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    g, h = core.split(model)(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
