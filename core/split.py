@@ -367,7 +367,7 @@ class SplitModel:
             for node, pair in records.items():
                 if isinstance(pair, Pair) and pair.s.requires_grad:
                     def hook(grad: torch.Tensor, node: fx.Node = node) -> None:
-                        if not first and not torch.isfinite(grad).all():
+                        if not first and grad is not None and not torch.isfinite(grad).all():
                             first.append(node)
                     pair.s.register_hook(hook)
             seed = out.s.gather(1, index).sum() * 0.5 * factors.factor("output")

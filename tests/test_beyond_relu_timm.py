@@ -63,3 +63,16 @@ def test_family_names():
     assert family_of("convnext_atto") == "convnext"
     assert family_of("tf_efficientnet_b0") == "tf"
     assert family_of("resnet50d") == "resnet"
+
+
+@pytest.mark.slow
+def test_overflow_on_a_frozen_attention_model_is_named():
+    """EfficientViM's float32 S stream overflows at alpha 0.4: a SplitOverflowError that
+    names where, even though some of its nodes' mass gets no gradient (hooks see None)."""
+    model, x = build("efficientvim_m1", size=32)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze")
+    with pytest.raises(core.SplitOverflowError, match="first at graph node"):
+        sm.sensitivities(x, 0, ["input"], alpha=0.4)
+    probe = sm.sensitivities(x, 0, ["input"], alpha="auto")["input"]  # auto stays finite
+    assert torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()
