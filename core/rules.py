@@ -682,6 +682,31 @@ def adaptive_maxpool_function(n: int) -> RuleFn:
     return rule
 
 
+@register(torch.amax, "amax", lrp="maxpool")
+def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
+    channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
+    ``s' = max(d) + sum(s - d)`` over the reduced elements; winner-takes-all: ``s'`` is ``s``
+    at the arg-max of ``d``."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    p, dim, keepdim = b["input"], b.get("dim", ()), bool(b.get("keepdim", False))
+    n = p.d.dim()
+    dims = sorted({int(i) % n for i in ((dim,) if isinstance(dim, int) else (dim or range(n)))})
+    kept = [i for i in range(n) if i not in dims]
+    lead = [p.d.shape[i] for i in kept]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # the reduced elements on the last axis
+        return t.permute(kept + dims).reshape(lead + [-1])
+
+    d, s = rows(p.d), rows(p.s)
+    idx = d.argmax(-1, keepdim=True)
+    winner = d.gather(-1, idx).squeeze(-1)
+    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else (
+        d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
+    shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
+    return Pair(winner.reshape(shape), mass.reshape(shape))
+
+
 @register(F.pad, lrp="structural")
 def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.pad``: constant padding with ``c`` pads ``s`` with ``|c|``; other modes copy."""

@@ -544,3 +544,33 @@ def test_repeat_interleave_and_tile_split_exactly():
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_amax_over_channels_splits_exactly(maxpool):
+    """``x.amax(dim=1, keepdim=True)`` (CBAM-style spatial attention, timm's CSATv2) and
+    ``torch.amax`` over several dimensions: max pooling over whole dimensions."""
+
+    class ChannelMax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.fc = nn.Linear(16 + 4 + 3, 3)
+
+        def forward(self, x):
+            z = self.conv(x)                          # signed: the split has mass in both streams
+            a = z.amax(dim=1, keepdim=True)           # (B, 1, 4, 4)
+            b = torch.amax(torch.relu(z), dim=(2, 3))  # (B, 4)
+            c = z[:, :3].amax(-1).amax(-1, keepdim=False)  # (B, 3)
+            return self.fc(torch.cat([a.flatten(1), b, c], 1))
+
+    torch.manual_seed(0)
+    model = ChannelMax().double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    sm = core.split(model, maxpool=maxpool)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 1, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
