@@ -341,11 +341,13 @@ class SplitInterpreter(fx.Interpreter):
             value = self._static(n, step, args, kwargs)
         else:
             value = self.run_rule(step, args, kwargs)
-            if step.activation:
+            # a frozen unit whose result is a constant (attention with a constant value
+            # tensor) is no pair: nothing to stabilise or shift
+            if step.activation and isinstance(value, Pair):
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
                                                 self.threshold))
         self._keep(n, value)
-        if step.activation and self._factors is not None:
+        if step.activation and isinstance(value, Pair) and self._factors is not None:
             value = self._factors.apply(step.shift_name, value, n.name)
         return value
 

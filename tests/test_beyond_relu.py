@@ -404,3 +404,38 @@ def test_adapters_accept_and_record_the_option():
             maps = quantus_adapters.explain(model, x.numpy(), [0, 1], method=method,
                                             nonlinear="freeze")
             assert maps.shape == (2, 1, 8, 8)
+
+
+def test_frozen_attention_over_a_constant_value_is_a_constant():
+    """Queries and keys from the input, values a parameter (iFormer-style learned values):
+    with the weights frozen the attention output is a constant, not a pair, and the split
+    stays exact (it raised AttributeError on the constant)."""
+
+    class LearnedValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(4, 4)
+            self.k = nn.Linear(4, 4)
+            self.values = nn.Parameter(torch.randn(1, 3, 4))
+            self.out = nn.Linear(4 * 3 + 4 * 3, 2)
+
+        def forward(self, x):                     # x: (B, 3, 4)
+            q, k = torch.relu(self.q(x)), self.k(x)
+            a = F.scaled_dot_product_attention(q, k, self.values.expand(x.shape[0], -1, -1))
+            return self.out(torch.cat([a.flatten(1), q.flatten(1)], 1))
+
+    torch.manual_seed(2)
+    model = LearnedValues().double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze")
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 1, ["input"], alpha=0.3)["input"]
+    # the frozen model: only the q path carries gradient (out is linear, so the constant's
+    # value does not matter)
+    xr = x.clone().requires_grad_(True)
+    q = torch.relu(model.q(xr)).flatten(1)
+    logits = model.out(torch.cat([torch.zeros(2, 12, dtype=torch.float64), q], 1))
+    (grad,) = torch.autograd.grad(logits[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
