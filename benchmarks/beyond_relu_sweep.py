@@ -80,8 +80,9 @@ def smallest(names: list[str]) -> tuple[str, int | None]:
     return (best, best_count) if best else (_candidates(names)[0], None)
 
 
-def build(name: str, size: int = 64):
-    """The model (eval mode, random weights) and an input it runs on, or raise."""
+def build(name: str, size: int = 64, largest: int = 256):
+    """The model (eval mode, random weights) and an input it runs on (``size``, else the
+    model's native size if at most ``largest``), or raise."""
     import timm
     import torch
 
@@ -97,7 +98,7 @@ def build(name: str, size: int = 64):
         native = model.pretrained_cfg.get("input_size", (3, 224, 224))
         sizes = [size] if extra else [size, native[-1]]
         for s in sizes:
-            if s > 256:
+            if s > largest:
                 continue
             x = torch.randn(1, native[0], s, s)
             try:

@@ -5,7 +5,7 @@ Hardtanh and every normalisation module a BatchNorm (:func:`relu_family`; no GEL
 sigmoid gates, LayerNorm, GroupNorm, ...). Every name of ``timm.list_models()`` is built on
 the meta device (no memory, no initialisation) and filtered; each ReLU-family model with at
 most 100 M parameters is then built with random weights (``pretrained=False``, 10 classes,
-BatchNorm statistics randomised), run on CPU at 64x64 (or its native size up to 256) and
+BatchNorm statistics randomised), run on CPU at 64x64 (or its native size up to 320) and
 split with the default ``nonlinear="error"``: it passes when
 ``|g - h - f| <= 1e-5 * max(|g|, |h|, |f|)`` (float32). A model whose forward calls a smooth
 *function* (``F.softmax`` in an attention block: invisible to the module filter) is
@@ -14,7 +14,10 @@ recorded as refused with ``UnsupportedOperation``, the split's correct answer.
 Resumable (one JSON line per model), one torch thread, a time limit per model::
 
     nice python -m benchmarks.relu_family_sweep --out relu_sweep.jsonl
+    python -m benchmarks.relu_family_sweep --out relu_sweep.jsonl --retry   # failed ones again
     python -m benchmarks.relu_family_sweep --summary relu_sweep.jsonl
+
+A model's last line counts.
 
 The CI test (``tests/test_core_timm.py``) runs one model per timm architecture module with
 the same filter; this script is the full list.
@@ -84,7 +87,7 @@ def check(name: str) -> dict:
     start = time.perf_counter()
     row: dict = {"model": name}
     try:
-        model, x = build(name)
+        model, x = build(name, largest=320)
     except _Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - recorded
@@ -159,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("relu_family_sweep.jsonl"))
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--summary", type=Path)
+    parser.add_argument("--retry", action="store_true",
+                        help="check again the ReLU-family models that did not split")
     args = parser.parse_args(argv)
     if args.summary:
-        rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line]
-        print(summary(rows))
+        print(summary(_rows(args.summary)))
         return 0
     done = set()
     if args.out.exists():
-        done = {json.loads(line)["model"] for line in args.out.read_text().splitlines() if line}
+        done = {r["model"] for r in _rows(args.out)
+                if not (args.retry and r.get("relu_family") and not r.get("ok")
+                        and not r.get("skipped"))}
     for name in timm.list_models():
         if name in done:
             continue
@@ -187,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("relu_family"):
             print(f"{name:40s} ok={row.get('ok')} {str(row.get('error', ''))[:120]}",
                   flush=True)
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
-    print(summary(rows))
+    print(summary(_rows(args.out)))
     return 0
+
+
+def _rows(path: Path) -> list[dict]:
+    """One row per model, the last line written for it."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            rows[row["model"]] = row
+    return list(rows.values())
 
 
 if __name__ == "__main__":
