@@ -14,7 +14,10 @@ Families run one after the other with a time limit each (``--isolate``: each in 
 subprocess, so that a crash costs that family only)::
 
     nice python -m benchmarks.beyond_relu_sweep --out sweep.jsonl [--families vit convnext]
+    python -m benchmarks.beyond_relu_sweep --out sweep.jsonl --retry   # failed ones again
     python -m benchmarks.beyond_relu_sweep --summary sweep.jsonl
+
+A family's last line counts.
 """
 
 from __future__ import annotations
@@ -223,20 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", type=Path)
     parser.add_argument("--isolate", action="store_true",
                         help="run each family in its own subprocess (slower: imports)")
+    parser.add_argument("--retry", action="store_true",
+                        help="check again the families that ran but did not split")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(*args.one)))
         return 0
     if args.summary:
-        rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line]
-        print(summary(rows))
+        print(summary(_rows(args.summary)))
         return 0
     table = families()
     wanted = args.families or sorted(table)
     done = set()
     if args.out.exists():
-        done = {json.loads(line)["family"] for line in args.out.read_text().splitlines() if line}
+        done = {r["family"] for r in _rows(args.out)
+                if not (args.retry and r.get("runs") is not False and not r.get("ok"))}
     for family in wanted:
         if family in done:
             continue
@@ -254,9 +259,18 @@ def main(argv: list[str] | None = None) -> int:
             fh.write(json.dumps(row) + "\n")
         print(f"{family:18s} {name:40s} ok={row.get('ok')} {row.get('error', '')[:120]}",
               flush=True)
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
-    print(summary(rows))
+    print(summary(_rows(args.out)))
     return 0
+
+
+def _rows(path: Path) -> list[dict]:
+    """One row per family, the last line written for it."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            rows[row["family"]] = row
+    return list(rows.values())
 
 
 if __name__ == "__main__":
