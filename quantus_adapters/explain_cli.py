@@ -17,6 +17,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from quantus_adapters import class_blind
 from quantus_adapters import cli_common as common
 
 __all__ = ["build_parser", "main"]
@@ -140,7 +141,7 @@ def _run(args) -> int:
         check_layers(model, args.layers)
     common.check_classifier(model, data.images[:n], data.labels[:n], names, local_device,
                             data.name)
-    _trial(model, configs, images, labels, local_device)
+    blind = _trial(model, configs, images, labels, local_device)
 
     # the whole data set, so that --resume may extend --max-images
     fingerprint = _fingerprint(spec, model, data.name, data.images.numpy(),
@@ -157,8 +158,8 @@ def _run(args) -> int:
         if ray_options is None:
             worker = bulk.MapWorker(model, images, labels, configs, local_device)
             results = bulk.explain_locally(worker, batches)
-            written = _write(results, store, configs, names, labels, failures, len(pairs),
-                             progress)
+            written = _write(results, store, configs, names, labels, failures, blind,
+                             len(pairs), progress)
         else:
             with ray_options.session() as ray:
                 n_workers = ray_options.actors(ray)
@@ -168,12 +169,15 @@ def _run(args) -> int:
                 results = bulk.explain_on_ray(ray, make_model, images, labels, configs,
                                               batches, args.device, n_workers,
                                               ray_options.gpus_per_worker)
-                written = _write(results, store, configs, names, labels, failures, len(pairs),
-                                 progress)
+                written = _write(results, store, configs, names, labels, failures, blind,
+                                 len(pairs), progress)
     seconds = time.perf_counter() - start
     print(f"wrote {written} maps ({len(configs)} configuration(s) x {n} images, "
           f"{total - len(pairs)} already there) to {args.out}; index {store.index} "
           f"({seconds:.0f} s)")
+    summary = class_blind.summary(blind)
+    if summary:  # collected during the run (not printed in the middle of the progress bar)
+        print(f"splitxai explain: warning: {summary}", file=sys.stderr)
     if failures:
         for (folder, error), which in failures.items():
             shown = ", ".join(which[:3]) + (" ..." if len(which) > 3 else "")
@@ -185,26 +189,35 @@ def _run(args) -> int:
     return 0
 
 
-def _trial(model, configs, images: np.ndarray, labels: np.ndarray, device: str) -> None:
-    """Each configuration on the first image: bad options or layers fail before heavy work."""
+def _trial(model, configs, images: np.ndarray, labels: np.ndarray,
+           device: str) -> list[class_blind.ClassBlind]:
+    """Each configuration on the first image: bad options or layers fail before heavy work.
+
+    Returns the class-blind maps met (the core reports a layer once per model: here).
+    """
     import quantus_adapters
     from quantus_adapters.explain import ConstantExplanationError
 
     x = torch.from_numpy(images[:1]).to(device)
     y = torch.from_numpy(labels[:1]).to(device)
+    blind: list[class_blind.ClassBlind] = []
     for config in configs:
         try:
-            quantus_adapters.explain(model, x, y, method=config.method, **config.options)
+            with class_blind.collect(config.options.get("alpha")) as found:
+                quantus_adapters.explain(model, x, y, method=config.method, **config.options)
         except ConstantExplanationError:
             pass  # one image's constant map is no setup error; the run reports it per map
         except Exception as exc:
-            raise common.UsageError(f"{config.method} with {config.options} fails on the first "
-                             f"image: {type(exc).__name__}: {exc}") from exc
+            raise common.UsageError(f"{config.method} with {config.options} fails on the "
+                                    f"first image: {type(exc).__name__}: {exc}") from exc
+        blind += found
+    return blind
 
 
-def _write(results, store, configs, names, labels, failures, total: int,
+def _write(results, store, configs, names, labels, failures, blind, total: int,
            progress: bool) -> int:
-    """Store the maps as they arrive (one progress bar); failures are collected."""
+    """Store the maps as they arrive (one progress bar); failures and class-blind maps are
+    collected."""
     from tqdm.auto import tqdm
 
     from quantus_adapters.bulk import StoreError
@@ -212,6 +225,10 @@ def _write(results, store, configs, names, labels, failures, total: int,
     written = 0
     with tqdm(total=total, desc="maps", disable=not progress, dynamic_ncols=True) as bar:
         for batch in results:
+            for c, found in zip(batch["config"], batch["class_blind"], strict=True):
+                alpha = class_blind.alpha_text(configs[int(c)].options.get("alpha"))
+                blind += [class_blind.ClassBlind(layer, alpha, ratio)
+                          for layer, ratio in json.loads(str(found) or "[]")]
             for r, c, amap, error in zip(batch["row"], batch["config"], batch["map"],
                                          batch["error"], strict=True):
                 config, name = configs[int(c)], names[int(r)]

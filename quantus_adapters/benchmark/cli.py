@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantus_adapters import class_blind
 from quantus_adapters import cli_common as common
 from quantus_adapters.benchmark.zoo.spec import BUILTIN_MODELS, ModelSpec
 from quantus_adapters.cluster import RayOptions, require_ray
@@ -241,6 +242,9 @@ def _run(args) -> int:
     print(report.markdown_table1(results))
     print(f"\nwrote {path} and the tables/figures next to it "
           f"({results.elapsed:.0f} s)")
+    blind = class_blind.summary(results.class_blind)
+    if blind:  # collected during the run (not printed between the progress bars)
+        print(f"splitxai benchmark: warning: {blind}", file=sys.stderr)
     if failures:
         for failure in failures:
             print(f"splitxai benchmark: failed on Ray: {failure}", file=sys.stderr)
