@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.shift import SplitClassBlindWarning
 from quantus_adapters.benchmark.protocol import (
     LOCALISATION,
     ProtocolSettings,
@@ -159,9 +160,15 @@ def explain_maps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, explain_kwa
 
 @contextlib.contextmanager
 def quiet():
-    """Silence Quantus's warnings and the notes it prints (they would break progress bars)."""
+    """Silence Quantus's warnings and the notes it prints (they would break progress bars).
+
+    :class:`core.SplitClassBlindWarning` of the metrics' own explanations still reaches the
+    :func:`~quantus_adapters.class_blind.collect` around :func:`run_cells` (the core reports
+    a layer once per model, so a silenced one would be lost for the run).
+    """
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        warnings.simplefilter("always", SplitClassBlindWarning)
         yield
 
 
