@@ -60,8 +60,27 @@ CLASS_BLIND_RATIO = 10.0
 AlphaType = Union[float, str, Mapping[str, float]]  # noqa: UP007 (runtime alias)
 
 
+#: What to do about a class-blind map (the end of :class:`SplitClassBlindWarning`'s message).
+CLASS_BLIND_ADVICE = ("Use alpha='auto' or an alpha closer to 0.5 (see "
+                      "core.shift_diagnostics).")
+
+
 class SplitClassBlindWarning(UserWarning):
-    """A Split map is dominated by its shift part and does not depend on the target class."""
+    """A Split map is dominated by its shift part and does not depend on the target class.
+
+    Attributes
+    ----------
+    layer: str or None
+        The layer of the map.
+    ratio: float
+        Its shift part over its gradient part (:func:`shift_ratio`, median over the batch);
+        NaN when not given.
+    """
+
+    def __init__(self, message: str, layer: str | None = None, ratio: float = math.nan):
+        super().__init__(message)
+        self.layer = layer
+        self.ratio = float(ratio)
 
 
 def check_alpha(alpha: Any) -> None:
@@ -408,10 +427,8 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
     ratio = shift_ratio(probe)
     if ratio > CLASS_BLIND_RATIO:
         done.add(layer)
-        warnings.warn(
+        warnings.warn(SplitClassBlindWarning(
             f"the Split map at layer {layer!r} does not depend on the target class: its shift "
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "
-            f"{CLASS_BLIND_RATIO:g}) at this alpha. Use alpha='auto' or an alpha closer to 0.5 "
-            "(see core.shift_diagnostics).",
-            SplitClassBlindWarning, stacklevel=3,
-        )
+            f"{CLASS_BLIND_RATIO:g}) at this alpha. {CLASS_BLIND_ADVICE}", layer, ratio,
+        ), stacklevel=3)

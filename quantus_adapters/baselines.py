@@ -59,6 +59,14 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _hooked(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+            **kwargs: Any) -> torch.Tensor:
+    """Captum's attribution ``name``, which hooks the activations (its notices silenced)."""
+    with _quiet():
+        return getattr(_captum(), name)(model).attribute(_leaf(inputs), target=targets,
+                                                         **kwargs)
+
+
 def _per_eval(inputs: torch.Tensor, requested: int | None) -> int:
     """Perturbed copies of the batch per model call: the request, or a memory-bound default."""
     if requested is not None:
@@ -155,20 +163,14 @@ def guided_backprop(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Guided Backpropagation: ReLU modules pass only positive gradients (Captum)."""
-    with _quiet():
-        return _captum().GuidedBackprop(model).attribute(
-            _leaf(inputs), target=targets
-        )
+    return _hooked("GuidedBackprop", model, inputs, targets)
 
 
 def deconvolution(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Deconvolution: ReLU modules applied to the gradient on the way back (Captum)."""
-    with _quiet():
-        return _captum().Deconvolution(model).attribute(
-            _leaf(inputs), target=targets
-        )
+    return _hooked("Deconvolution", model, inputs, targets)
 
 
 def deep_lift(
@@ -185,10 +187,7 @@ def deep_lift(
     baselines: float or torch.Tensor, optional
         The reference input; zeros when None.
     """
-    with _quiet():
-        return _captum().DeepLift(model).attribute(
-            _leaf(inputs), target=targets, baselines=baselines
-        )
+    return _hooked("DeepLift", model, inputs, targets, baselines=baselines)
 
 
 def occlusion(

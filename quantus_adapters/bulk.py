@@ -171,10 +171,14 @@ class MapWorker:
         Returns
         -------
         dict
-            ``row``, ``config``, ``map`` ((B, H, W) float32; zeros where it failed) and
-            ``error`` ("" or the failure of that pair's configuration on its images).
+            ``row``, ``config``, ``map`` ((B, H, W) float32; zeros where it failed),
+            ``error`` ("" or the failure of that pair's configuration on its images) and
+            ``class_blind`` ("" or, JSON, the ``[layer, ratio]`` pairs of the
+            :class:`core.SplitClassBlindWarning` of that configuration's call, collected
+            instead of shown).
         """
         import quantus_adapters
+        from quantus_adapters.class_blind import collect
 
         if "batch" in batch:
             if self.batches is None:
@@ -185,19 +189,24 @@ class MapWorker:
         h, w = self.images.shape[-2:]
         maps = np.zeros((len(rows), h, w), dtype=np.float32)
         errors = np.array([""] * len(rows), dtype=object)
+        blind = np.array([""] * len(rows), dtype=object)
         for c in np.unique(cfgs):
             sel = np.flatnonzero(cfgs == c)
             config = self.configs[int(c)]
             x = torch.from_numpy(np.ascontiguousarray(self.images[rows[sel]]))
             y = torch.from_numpy(np.ascontiguousarray(self.labels[rows[sel]]))
             try:
-                out = quantus_adapters.explain(self.model, x.to(self.device),
-                                               y.to(self.device), method=config.method,
-                                               **config.options)
+                with collect(config.options.get("alpha")) as found:
+                    out = quantus_adapters.explain(self.model, x.to(self.device),
+                                                   y.to(self.device), method=config.method,
+                                                   **config.options)
                 maps[sel] = out[:, 0]
             except Exception as exc:  # reported per map by the caller; other maps go on
                 errors[sel] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        return {"row": rows, "config": cfgs, "map": maps, "error": errors.astype(str)}
+            if found:
+                blind[sel[0]] = json.dumps([[f.layer, f.ratio] for f in found])
+        return {"row": rows, "config": cfgs, "map": maps, "error": errors.astype(str),
+                "class_blind": blind.astype(str)}
 
 
 class MapStore:

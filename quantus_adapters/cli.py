@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from quantus_adapters.cli_common import EXIT_OK, EXIT_USAGE, one_line
 from splitxai.install import MissingExtraError, require_extra
 
 #: the modules ``splitxai benchmark`` imports (Quantus metrics, baselines, data, figures)
@@ -46,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return EXIT_OK if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command == "benchmark":
         try:
             require_extra(BENCHMARK_MODULES, "benchmark", "splitxai benchmark")
         except MissingExtraError as exc:
-            print(f"splitxai: error: {exc}", file=sys.stderr)
-            return 2
+            print(f"splitxai: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         from quantus_adapters.benchmark.cli import main as benchmark_main
 
         return int(benchmark_main(rest) or 0)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(train_main(rest) or 0)
     print(f"splitxai: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,41 +17,35 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from quantus_adapters import class_blind
+from quantus_adapters import cli_common as common
+
 __all__ = ["build_parser", "main"]
-
-
-class UsageError(ValueError):
-    """A command-line error reported without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``splitxai explain``."""
-    from quantus_adapters.cluster import add_ray_arguments
-
     p = argparse.ArgumentParser(
         prog="splitxai explain",
         description="Explain every image of a data set with one or more methods and write "
                     "one compressed array per image and method (OUT/maps/<method>/<image>.npz, "
                     "array 'map' of shape (H, W)) and OUT/index.csv. Resumable; runs on a "
                     "Ray cluster with --ray.")
-    p.add_argument("--model", default=None,
-                   help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
-                        "resnet18 or FILE.py:FACTORY, as in splitxai benchmark")
-    p.add_argument("--weights", default=None, help="a state_dict file loaded into the model")
-    p.add_argument("--data", default="digits",
-                   help="digits, cifar10-resnet20, folder:PATH (PATH/images/*, "
-                        "PATH/labels.csv) or imagenet-s:PATH, as in splitxai benchmark; the "
-                        "maps explain each image's label")
-    p.add_argument("--methods", nargs="+", required=True,
-                   help="method names (quantus_adapters.available_methods()), e.g. SplitCAM "
-                        "SplitLRP")
-    p.add_argument("--out", default="splitxai-maps", help="output folder")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="layers (module names) of the methods that take a layer: one map per "
-                        "layer; default: each method's default layer")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="alpha of the methods that take one (SplitCAM, SplitGrad); default: "
-                        "the method's")
+    common.add_model_arguments(
+        p, model_help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
+                      "resnet18 or FILE.py:FACTORY, as in splitxai benchmark",
+        data_help="digits, cifar10-resnet20, folder:PATH (PATH/images/*, PATH/labels.csv) or "
+                  "imagenet-s:PATH, as in splitxai benchmark; the maps explain each image's "
+                  "label")
+    common.add_method_arguments(
+        p, methods_required=True,
+        methods_help="method names (quantus_adapters.available_methods()), e.g. SplitCAM "
+                     "SplitLRP",
+        layers_help="layers (module names) of the methods that take a layer: one map per "
+                    "layer; default: each method's default layer",
+        alpha_default=None,
+        alpha_help="alpha of the methods that take one (SplitCAM, SplitGrad), in [0, 0.5] or "
+                   "'auto'; default: the method's")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="another method option for the methods that take it, e.g. "
                         "--option stream=h (VALUE read as JSON, else as text); repeatable")
@@ -59,19 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the maps as float16 (half the disk space; about 3 significant "
                         "digits)")
     p.add_argument("--max-images", type=int, default=None, help="explain the first N images")
-    p.add_argument("--resume", action="store_true",
-                   help="add the missing maps to an --out of an earlier run of the same setup")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per explain call")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize folder / ImageNet-S images to this side")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in digits data")
-    p.add_argument("--cache-dir", default=None,
-                   help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of this process (Ray workers use one each)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_ray_arguments(p)
+    common.add_run_arguments(
+        p, out="splitxai-maps", batch_size=16,
+        resume_help="add the missing maps to an --out of an earlier run of the same setup",
+        seed_help="seed of the built-in digits data",
+        threads_help="torch CPU threads of this process (Ray workers use one each)",
+        progress_help="no progress bar")
     return p
 
 
@@ -80,7 +67,7 @@ def _parse_options(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. stream=h")
+            raise common.UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. stream=h")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -89,24 +76,16 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``splitxai explain``; returns the exit status."""
+    """Run ``splitxai explain``; returns the exit status.
+
+    0: done; 1: some maps failed (named on stderr; the others are stored) or an unexpected
+    error; 2: bad input (one line on stderr); 130: interrupted (SIGINT or SIGTERM; ``--resume``
+    adds the rest). See :mod:`quantus_adapters.cli_common`.
+    """
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the finished maps are in {args.out} -- run again with --resume "
-              "to add the rest", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, ImportError, TypeError) as exc:
-        print(f"splitxai explain: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+    return common.run("splitxai explain", args, _run,
+                      interrupted=f"interrupted; the finished maps are in {args.out} -- run "
+                                  "again with --resume to add the rest")
 
 
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
@@ -124,38 +103,31 @@ def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.nda
 def _run(args) -> int:
     from quantus_adapters import bulk, cluster
     from quantus_adapters.benchmark import data as data_mod
-    from quantus_adapters.benchmark.images import model_channels
     from quantus_adapters.benchmark.protocol import check_layers
     from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
     start = time.perf_counter()
-    for name in ("batch_size", "max_images", "image_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    ray_options = cluster.RayOptions.from_args(args, args.device)
+    ray_options = common.check_options(args, ("max_images",))
     if ray_options is not None:
         cluster.require_ray(data=True)
-    elif args.device != "cpu":
-        try:
-            torch.empty(1, device=args.device)
-        except Exception as exc:
-            raise UsageError(f"--device {args.device!r} is not usable: {exc}") from exc
+    else:  # with Ray, this process holds the model on the CPU; the workers use --device
+        common.check_device(args.device)
     spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
     options = _parse_options(args.option)
     if args.alpha is not None:
         options["alpha"] = args.alpha
-    configs = bulk.plan_configs([m for item in args.methods for m in item.split(",") if m],
+    configs = bulk.plan_configs(common.check_methods(common.split_names(args.methods)),
                                 args.layers, options)
-    # the data in the model's channels (1: grayscale, else RGB; a mismatch fails below)
-    channels = model_channels(spec.architecture())
+    # the data in the model's channels (1: grayscale, 3: RGB)
+    channels = common.input_channels(spec.architecture(), args.data)
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
-                              channels=channels if channels in (1, 3) else 3)
+                              channels=channels)
+    common.check_data_channels(channels, data.images, args.data)
     n = len(data.names) if args.max_images is None else min(args.max_images, len(data.names))
     names = list(data.names[:n])
     dupes = sorted({x for x in names if names.count(x) > 1})
     if dupes:
-        raise UsageError(f"image names must be unique (they name the map files): "
+        raise common.UsageError(f"image names must be unique (they name the map files): "
                          f"{', '.join(dupes[:5])}")
     images = np.ascontiguousarray(data.images[:n].numpy().astype(np.float32))
     labels = data.labels[:n].numpy().astype(np.int64)
@@ -167,8 +139,9 @@ def _run(args) -> int:
     model = model.to(local_device).eval()
     if args.layers:
         check_layers(model, args.layers)
-    _check_model(model, images, labels, local_device)
-    _trial(model, configs, images, labels, local_device)
+    common.check_classifier(model, data.images[:n], data.labels[:n], names, local_device,
+                            data.name)
+    blind = _trial(model, configs, images, labels, local_device)
 
     # the whole data set, so that --resume may extend --max-images
     fingerprint = _fingerprint(spec, model, data.name, data.images.numpy(),
@@ -185,8 +158,8 @@ def _run(args) -> int:
         if ray_options is None:
             worker = bulk.MapWorker(model, images, labels, configs, local_device)
             results = bulk.explain_locally(worker, batches)
-            written = _write(results, store, configs, names, labels, failures, len(pairs),
-                             progress)
+            written = _write(results, store, configs, names, labels, failures, blind,
+                             len(pairs), progress)
         else:
             with ray_options.session() as ray:
                 n_workers = ray_options.actors(ray)
@@ -196,12 +169,15 @@ def _run(args) -> int:
                 results = bulk.explain_on_ray(ray, make_model, images, labels, configs,
                                               batches, args.device, n_workers,
                                               ray_options.gpus_per_worker)
-                written = _write(results, store, configs, names, labels, failures, len(pairs),
-                                 progress)
+                written = _write(results, store, configs, names, labels, failures, blind,
+                                 len(pairs), progress)
     seconds = time.perf_counter() - start
     print(f"wrote {written} maps ({len(configs)} configuration(s) x {n} images, "
           f"{total - len(pairs)} already there) to {args.out}; index {store.index} "
           f"({seconds:.0f} s)")
+    summary = class_blind.summary(blind)
+    if summary:  # collected during the run (not printed in the middle of the progress bar)
+        print(f"splitxai explain: warning: {summary}", file=sys.stderr)
     if failures:
         for (folder, error), which in failures.items():
             shown = ", ".join(which[:3]) + (" ..." if len(which) > 3 else "")
@@ -213,42 +189,35 @@ def _run(args) -> int:
     return 0
 
 
-def _check_model(model, images: np.ndarray, labels: np.ndarray, device: str) -> None:
-    with torch.no_grad():
-        try:
-            out = model(torch.from_numpy(images[:1]).to(device))
-        except Exception as exc:
-            raise UsageError(f"the model cannot process the images (shape "
-                             f"{tuple(images.shape[1:])}): {type(exc).__name__}: {exc}") from exc
-    if out.ndim != 2:
-        raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
-                         "returning (batch, classes) logits is needed")
-    bad = np.flatnonzero((labels < 0) | (labels >= out.shape[1]))
-    if len(bad):
-        raise UsageError(f"label {int(labels[bad[0]])} of image {int(bad[0])} is out of the "
-                         f"model's range [0, {out.shape[1]})")
+def _trial(model, configs, images: np.ndarray, labels: np.ndarray,
+           device: str) -> list[class_blind.ClassBlind]:
+    """Each configuration on the first image: bad options or layers fail before heavy work.
 
-
-def _trial(model, configs, images: np.ndarray, labels: np.ndarray, device: str) -> None:
-    """Each configuration on the first image: bad options or layers fail before heavy work."""
+    Returns the class-blind maps met (the core reports a layer once per model: here).
+    """
     import quantus_adapters
     from quantus_adapters.explain import ConstantExplanationError
 
     x = torch.from_numpy(images[:1]).to(device)
     y = torch.from_numpy(labels[:1]).to(device)
+    blind: list[class_blind.ClassBlind] = []
     for config in configs:
         try:
-            quantus_adapters.explain(model, x, y, method=config.method, **config.options)
+            with class_blind.collect(config.options.get("alpha")) as found:
+                quantus_adapters.explain(model, x, y, method=config.method, **config.options)
         except ConstantExplanationError:
             pass  # one image's constant map is no setup error; the run reports it per map
         except Exception as exc:
-            raise UsageError(f"{config.method} with {config.options} fails on the first "
-                             f"image: {type(exc).__name__}: {exc}") from exc
+            raise common.UsageError(f"{config.method} with {config.options} fails on the "
+                                    f"first image: {type(exc).__name__}: {exc}") from exc
+        blind += found
+    return blind
 
 
-def _write(results, store, configs, names, labels, failures, total: int,
+def _write(results, store, configs, names, labels, failures, blind, total: int,
            progress: bool) -> int:
-    """Store the maps as they arrive (one progress bar); failures are collected."""
+    """Store the maps as they arrive (one progress bar); failures and class-blind maps are
+    collected."""
     from tqdm.auto import tqdm
 
     from quantus_adapters.bulk import StoreError
@@ -256,6 +225,10 @@ def _write(results, store, configs, names, labels, failures, total: int,
     written = 0
     with tqdm(total=total, desc="maps", disable=not progress, dynamic_ncols=True) as bar:
         for batch in results:
+            for c, found in zip(batch["config"], batch["class_blind"], strict=True):
+                alpha = class_blind.alpha_text(configs[int(c)].options.get("alpha"))
+                blind += [class_blind.ClassBlind(layer, alpha, ratio)
+                          for layer, ratio in json.loads(str(found) or "[]")]
             for r, c, amap, error in zip(batch["row"], batch["config"], batch["map"],
                                          batch["error"], strict=True):
                 config, name = configs[int(c)], names[int(r)]

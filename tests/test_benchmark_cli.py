@@ -65,7 +65,7 @@ def test_bad_input_is_reported_before_any_work(setup, capsys, monkeypatch):
     _fail(["--layers", "features.99"] + out + ["--cache-dir", str(tmp / "cache")], capsys,
           "'features.99' is not a module")
     _fail(["--data", f"folder:{root}", "--model", factory, "--methods", "NoSuchMethod"] + out,
-          capsys, "NoSuchMethod not available")
+          capsys, "--methods: unknown method 'NoSuchMethod'")
     (root / "labels.csv").write_text("name,label\n" + "\n".join(
         f"im{i}.png,{5 if i == 2 else 0}" for i in range(6)))
     _fail(["--data", f"folder:{root}", "--model", factory] + out, capsys,

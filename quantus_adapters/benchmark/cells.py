@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.shift import SplitClassBlindWarning
 from quantus_adapters.benchmark.protocol import (
     LOCALISATION,
     ProtocolSettings,
@@ -37,6 +38,7 @@ from quantus_adapters.benchmark.protocol import (
     selectivity_patch,
 )
 from quantus_adapters.benchmark.store import fingerprint
+from quantus_adapters.class_blind import ClassBlind, collect
 
 __all__ = [
     "CellJob",
@@ -158,9 +160,15 @@ def explain_maps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, explain_kwa
 
 @contextlib.contextmanager
 def quiet():
-    """Silence Quantus's warnings and the notes it prints (they would break progress bars)."""
+    """Silence Quantus's warnings and the notes it prints (they would break progress bars).
+
+    :class:`core.SplitClassBlindWarning` of the metrics' own explanations still reaches the
+    :func:`~quantus_adapters.class_blind.collect` around :func:`run_cells` (the core reports
+    a layer once per model, so a silenced one would be lost for the run).
+    """
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        warnings.simplefilter("always", SplitClassBlindWarning)
         yield
 
 
@@ -216,11 +224,13 @@ class CellJob:
 
 @dataclass
 class CellResult:
-    """What :func:`run_cells` returns: records by key, kept maps, errors by place."""
+    """What :func:`run_cells` returns: records by key, kept maps, errors by place, and the
+    class-blind maps met on the way (:mod:`quantus_adapters.class_blind`)."""
 
     records: dict[str, dict] = field(default_factory=dict)
     maps: np.ndarray | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    class_blind: list[ClassBlind] = field(default_factory=list)
 
 
 def _check_maps(a: np.ndarray) -> None:
@@ -240,8 +250,16 @@ def run_cells(job: CellJob) -> CellResult:
     scores, "seconds": ..., "metric": ..., "abs": ..., "method": ...}`` (the last three
     describe the cell for a reader of ``cells.jsonl``). A failure of the method (no maps)
     or of one metric is reported in ``errors`` and its cells are left out (they are not
-    stored, so a resumed run tries again).
+    stored, so a resumed run tries again). :class:`core.SplitClassBlindWarning` is not
+    shown but returned in ``class_blind`` (also from a Ray worker, whose output nobody sees).
     """
+    with collect(job.explain_kwargs.get("alpha")) as found:
+        res = _run_cells(job)
+    res.class_blind = found
+    return res
+
+
+def _run_cells(job: CellJob) -> CellResult:
     res = CellResult()
     if not job.cells and not job.keep:
         return res
@@ -273,6 +291,9 @@ def run_cells(job: CellJob) -> CellResult:
             res.records[key] = {**same, "abs": bool(use_abs)}
             continue
         t0 = time.perf_counter()
+        # every cell starts from the same random state: its record does not depend on the
+        # cells computed before it in this job (or left out because another job has them)
+        seed_everything(settings.seed)
         try:
             with quiet():
                 scores = evaluate_metric(metric, job.model, job.x, job.y, a, job.masks,

@@ -9,25 +9,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from quantus_adapters import class_blind
+from quantus_adapters import cli_common as common
 from quantus_adapters.benchmark.zoo.spec import BUILTIN_MODELS, ModelSpec
-from quantus_adapters.cluster import RayOptions, add_ray_arguments, require_ray
+from quantus_adapters.cluster import RayOptions, require_ray
 
 __all__ = ["main", "build_parser"]
 
 DEFAULT_ALPHAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.0, "auto")
-
-
-class UsageError(ValueError):
-    """A command-line error reported without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,28 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "5): layer selection on a validation split, comparison on the test split, "
                     "alpha ablation, randomisation check, timing. Results go to --out as CSV "
                     "and Markdown tables and PNG figures.")
-    p.add_argument("--model", default=None,
-                   help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
-                        "resnet18 (ImageNet, torchvision IMAGENET1K_V1 weights) or "
-                        "FILE.py:FACTORY (FACTORY() returns an nn.Module taking images in "
-                        "[0, 1], normalisation inside)")
-    p.add_argument("--weights", default=None, help="a state_dict file loaded into the model")
-    p.add_argument("--data", default="digits",
-                   help="digits (default), cifar10-resnet20, folder:PATH "
-                        "(PATH/images/*, PATH/labels.csv 'name,label', optional PATH/masks/*) "
-                        "or imagenet-s:PATH (ImageNet-S-50 layout)")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="method names (as in quantus_adapters.available_methods()), e.g. "
-                        "SplitCAM LayerCAM Saliency; default: all of table 1")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="candidate layers of layer-wise methods (module names); default: up "
-                        "to --max-layers chosen from the model")
+    common.add_model_arguments(
+        p, model_help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
+                      "resnet18 (ImageNet, torchvision IMAGENET1K_V1 weights) or "
+                      "FILE.py:FACTORY (FACTORY() returns an nn.Module taking images in "
+                      "[0, 1], normalisation inside)",
+        data_help="digits (default), cifar10-resnet20, folder:PATH (PATH/images/*, "
+                  "PATH/labels.csv 'name,label', optional PATH/masks/*) or imagenet-s:PATH "
+                  "(ImageNet-S-50 layout)")
+    common.add_method_arguments(
+        p, methods_required=False,
+        methods_help="method names (as in quantus_adapters.available_methods()), e.g. "
+                     "SplitCAM LayerCAM Saliency; default: all of table 1",
+        layers_help="candidate layers of layer-wise methods (module names); default: up to "
+                    "--max-layers chosen from the model",
+        alpha_default="0.4",
+        alpha_help="alpha of SplitCAM/SplitGrad in the main comparison, in [0, 0.5] or "
+                   "'auto' (default 0.4)")
     p.add_argument("--alphas", nargs="+", default=None,
                    help="alpha grid of the ablation, each in [0, 0.5] or 'auto' (default 0.5 "
                         "0.45 0.4 0.35 0.3 0 auto; --quick: --alpha)")
-    p.add_argument("--alpha", default="0.4",
-                   help="alpha of SplitCAM/SplitGrad in the main comparison, in [0, 0.5] or "
-                        "'auto' (default 0.4)")
     p.add_argument("--metrics", nargs="+", default=None,
                    help="metrics to compute (default all): Selectivity AttrLoc Pointing "
                         "PF@5 PF@20 MaxSens RandLogit")
@@ -67,14 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'freeze': the Split methods split smooth units, gates, attention and "
                         "normalisations with their factors frozen (core.split's option; "
                         "recorded in the report); default 'error'")
-    p.add_argument("--out", default="splitxai-benchmark", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="few images, two layers, one alpha, fewer metric samples (<= 2 min)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the cells in --out/cells.jsonl whose fingerprint (model, data, "
-                        "method and metric options, seed, versions) matches; compute the rest")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, training and metrics")
     p.add_argument("--n-val", type=int, default=None, help="validation images (at most)")
     p.add_argument("--n-test", type=int, default=None, help="test images (at most)")
     p.add_argument("--max-layers", type=int, default=None,
@@ -85,20 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images for Max Sensitivity (default 10; --quick 5)")
     p.add_argument("--selectivity-patch", type=int, default=None,
                    help="Selectivity patch side in pixels (default: side / 8)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per explain call")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize folder / ImageNet-S images to this side")
-    p.add_argument("--cache-dir", default=None,
-                   help="where the built-in digits CNN is cached (default ~/.cache/splitxai)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the built-in digits, whose small "
-                        "convolutions run fastest on one thread; torch's choice otherwise)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-figures", action="store_true",
                    help="write the tables and report only (no PNG figures; faster)")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of an error (errors are one line otherwise)")
-    add_ray_arguments(p)
+    common.add_run_arguments(
+        p, out="splitxai-benchmark", batch_size=64,
+        resume_help="reuse the cells in --out/cells.jsonl whose fingerprint (model, data, "
+                    "method and metric options, seed, versions) matches; compute the rest",
+        seed_help="seed of data, training and metrics",
+        threads_help="torch CPU threads (default: 1 for the built-in digits, whose small "
+                     "convolutions run fastest on one thread; torch's choice otherwise)",
+        progress_help="no progress bars")
     return p
 
 
@@ -122,11 +106,7 @@ def _specs(args, available: dict, image_size: int, channels: int, notes: list[st
         notes.append(f"Split methods with nonlinear={args.nonlinear!r} (smooth operations "
                      "frozen at the model's activations)")
     if args.methods:
-        wanted = [m for item in args.methods for m in item.split(",") if m]
-        unknown = [m for m in wanted if m not in available]
-        if unknown:
-            raise UsageError(f"--methods: {', '.join(unknown)} not available; available: "
-                             f"{', '.join(available)}")
+        wanted = common.check_methods(common.split_names(args.methods))
         from quantus_adapters.benchmark.protocol import MethodSpec
 
         known = {s.method for s in specs}
@@ -143,91 +123,20 @@ def _specs(args, available: dict, image_size: int, channels: int, notes: list[st
     return [s for s in specs if s.method in available and s.method not in clashes]
 
 
-def _input_channels(model: nn.Module, data: str) -> int:
-    """1 or 3: the channels of the model's first convolution (3 without a convolution)."""
-    from quantus_adapters.benchmark.images import model_channels
-
-    channels = model_channels(model)
-    if channels is None:
-        return 3
-    if channels not in (1, 3):
-        raise UsageError(f"the model's first layer takes {channels} channels; the benchmark "
-                         f"reads --data {data} as 1 (grayscale) or 3 (RGB) channels -- give a "
-                         "model that takes 1 or 3")
-    return channels
-
-
-def _check_labels(model: nn.Module, data, device: str) -> int:
-    with torch.no_grad():
-        try:
-            out = model(data.images[:1].to(device))
-        except Exception as exc:
-            raise UsageError(f"the model cannot process the data ({data.name}, images of shape "
-                             f"{tuple(data.images.shape[1:])}): {type(exc).__name__}: "
-                             f"{exc}") from exc
-    if out.ndim != 2:
-        raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
-                         "returning (batch, classes) logits is needed")
-    n_classes = out.shape[1]
-    bad = (data.labels < 0) | (data.labels >= n_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise UsageError(f"label {int(data.labels[i])} of {data.names[i]!r} is out of the "
-                         f"model's range [0, {n_classes})")
-    return n_classes
-
-
-USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``splitxai benchmark``; returns the exit status.
 
     0: done; 2: bad input (one line on stderr); 130: interrupted (SIGINT or SIGTERM; the
-    finished cells are stored, ``--resume`` continues); 1: an unexpected error (one line;
-    ``--debug`` shows the traceback of any error).
+    finished cells are stored, ``--resume`` continues); 1: a job failed or an unexpected
+    error (one line; ``--debug`` shows the traceback of any error). See
+    :mod:`quantus_adapters.cli_common`.
     """
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        if args.threads is not None and args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        n_threads = args.threads
-        if n_threads is None and args.data == "digits" and args.model in (None, "digits-cnn"):
-            n_threads = 1
-        if n_threads is not None:
-            torch.set_num_threads(n_threads)
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished cells are in {args.out}/cells.jsonl -- run again with "
-              "--resume to continue", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        if args.debug:
-            raise
-        print(f"splitxai benchmark: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"splitxai benchmark: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(run again with --debug for the traceback)", file=sys.stderr)
-        return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        torch.set_num_threads(threads)
+    builtin = args.data == "digits" and args.model in (None, "digits-cnn")
+    return common.run("splitxai benchmark", args, _run,
+                      interrupted=f"interrupted; finished cells are in {args.out}/cells.jsonl "
+                                  "-- run again with --resume to continue",
+                      threads=1 if builtin else None)
 
 
 def _run(args) -> int:
@@ -240,43 +149,33 @@ def _run(args) -> int:
 
     start = time.perf_counter()
     progress = not args.no_progress
-    args.alpha = protocol.check_alpha(args.alpha, "--alpha")
+    ray_options = common.check_options(args, ("n_val", "n_test", "max_layers",
+                                              "max_sens_samples", "max_sens_images",
+                                              "selectivity_patch"))
     if args.alphas is not None:
         args.alphas = [protocol.check_alpha(a, "--alphas") for a in args.alphas]
-    metrics = protocol.check_metrics(
-        [m for item in args.metrics for m in item.split(",") if m] if args.metrics
-        else list(protocol.METRICS))
-    for name in ("n_val", "n_test", "max_layers", "max_sens_samples", "max_sens_images",
-                 "batch_size", "selectivity_patch"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    ray_options = RayOptions.from_args(args, args.device)
+    metrics = protocol.check_metrics(common.split_names(args.metrics) if args.metrics
+                                     else list(protocol.METRICS))
     if ray_options is not None:
         require_ray()
-    if args.device != "cpu":
-        try:
-            torch.empty(1, device=args.device)
-        except Exception as exc:
-            raise UsageError(f"--device {args.device!r} is not usable: {exc}") from exc
+    common.check_device(args.device)  # the driver's model is on --device also with Ray
     torch.manual_seed(args.seed)
 
     # 1. cheap checks first: model skeleton, data, labels, layers, methods
     model, spec = _model_skeleton(args)
     model_name = spec.name if spec.name in BUILTIN_MODELS else args.model
-    channels = _input_channels(model, args.data)
+    channels = common.input_channels(model, args.data)
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
                               channels=channels)
-    if data.images.shape[1] != channels:
-        raise UsageError(f"the model's first layer takes {channels} channel(s) but --data "
-                         f"{args.data} has {data.images.shape[1]}; use a matching model")
+    common.check_data_channels(channels, data.images, args.data)
     n_val = args.n_val or (5 if args.quick else None)
     n_test = args.n_test or (5 if args.quick else (40 if args.data == "digits" else None))
     data = data.limit(n_val, n_test)
     if len(data.val_idx) == 0 or len(data.test_idx) == 0:
-        raise UsageError("the data has no validation or no test image")
+        raise common.UsageError("the data has no validation or no test image")
     model = model.to(args.device).eval()
-    _check_labels(model, data, args.device)
+    common.check_classifier(model, data.images, data.labels, data.names, args.device,
+                            data.name)
     max_layers = args.max_layers or (2 if args.quick else 5)
     if args.layers:
         layers = protocol.check_layers(model, args.layers)
@@ -287,7 +186,8 @@ def _run(args) -> int:
     specs = _specs(args, available, int(data.images.shape[-1]), int(data.images.shape[1]),
                    notes)
     if not specs:
-        raise UsageError("no method to evaluate (none of the requested methods is installed)")
+        raise common.UsageError("no method to evaluate (none of the requested methods is "
+                                "installed)")
     alphas = args.alphas or ([args.alpha] if args.quick else list(DEFAULT_ALPHAS))
     out = Path(args.out)
     store = ResultStore(out)  # checks that --out is a writable folder
@@ -342,6 +242,9 @@ def _run(args) -> int:
     print(report.markdown_table1(results))
     print(f"\nwrote {path} and the tables/figures next to it "
           f"({results.elapsed:.0f} s)")
+    blind = class_blind.summary(results.class_blind)
+    if blind:  # collected during the run (not printed between the progress bars)
+        print(f"splitxai benchmark: warning: {blind}", file=sys.stderr)
     if failures:
         for failure in failures:
             print(f"splitxai benchmark: failed on Ray: {failure}", file=sys.stderr)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.shift import alpha_label
+from quantus_adapters import class_blind
 from quantus_adapters.benchmark import stats
 from quantus_adapters.benchmark.protocol import METRICS
 from quantus_adapters.benchmark.runner import Results
@@ -311,6 +312,8 @@ def write_report(results: Results, out: str | Path, header: str = "",
         figure_saliency(results, out / "figure4_saliency.png")
         figure_layers(results, out / "figure7_layers.png")
     notes = "\n".join(f"- {n}" for n in results.notes) or "- none"
+    blind = class_blind.summary(results.class_blind)
+    blind = (f"\n## Class-blind Split maps\n\n{blind}\n" if blind else "")
     text = f"""# splitxai benchmark
 
 {header}
@@ -345,7 +348,7 @@ Lower similarity = stronger dependence on the learned parameters.
 {t7}
 
 Figures: `figure4_saliency.png`, `figure7_layers.png`.
-
+{blind}
 ## Notes
 
 {notes}

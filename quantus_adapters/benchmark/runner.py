@@ -9,6 +9,7 @@ figures.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from quantus_adapters.benchmark.protocol import (
     select_configs,
 )
 from quantus_adapters.benchmark.store import ResultStore
+from quantus_adapters.class_blind import ClassBlind, collect
 
 __all__ = ["Benchmark", "Results", "Row", "FIGURE_BASELINES", "map_in_order"]
 
@@ -76,6 +78,7 @@ class Results:
     elapsed: float = 0.0
     reused: int = 0
     computed: int = 0
+    class_blind: list[ClassBlind] = field(default_factory=list)
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
@@ -153,6 +156,7 @@ class Benchmark:
         self.map_jobs = map_jobs or map_in_order
         self.notes: list[str] = list(data.notes)
         self.errors: dict[str, str] = {}
+        self.class_blind: list[ClassBlind] = []
         self.reused = 0
         self.computed = 0
         self._fresh: set[str] = set()
@@ -212,13 +216,18 @@ class Benchmark:
         """
         x, y, x_np, y_np, s_np = self._arrays(split)
         jobs, plans = [], []
+        planned: set[str] = set()  # a cell is computed by one job of the stage only
         for config, abs_choices, metrics in requests:
             keys = {(ua, m): self.cell_key(split, config, ua, m)
                     for ua in abs_choices for m in metrics}
             todo = []
             for (ua, m), k in keys.items():
-                if k in [t[0] for t in todo] or k in self._fresh:
+                # one key, one computation: Max Sensitivity's key ignores the abs choice
+                # (it always takes abs), so two picks of one configuration that differ
+                # only in abs share that cell
+                if k in planned or k in self._fresh:
                     continue
+                planned.add(k)
                 if self._lookup(k) is None:
                     todo.append((k, True if m == "MaxSens" else ua, m))
                 else:
@@ -235,6 +244,7 @@ class Benchmark:
                 self.store.put(k, record)
                 self._fresh.add(k)
             self.computed += len(res.records)
+            self.class_blind += res.class_blind
             for where, msg in res.errors.items():
                 self.errors[" ".join(p for p in (config.spec.label, config.layer_label, where)
                                      if p)] = msg
@@ -349,8 +359,14 @@ class Benchmark:
             cell = self._lookup(key)
             if cell is None:
                 try:
-                    a = self.maps(row.config, x, y)
-                    b = self.maps(row.config, x, y, model=randomised)
+                    alpha = row.config.options.get("alpha")
+                    with collect(alpha) as found:
+                        a = self.maps(row.config, x, y)
+                    with collect(alpha) as found_randomised:
+                        b = self.maps(row.config, x, y, model=randomised)
+                    self.class_blind += found + [
+                        dataclasses.replace(f, layer=f"{f.layer} (randomised copy)")
+                        for f in found_randomised]
                     with cells.quiet():
                         sims = sanity.similarities(a, b)
                     cell = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
@@ -396,8 +412,10 @@ class Benchmark:
             if cell is None:
                 try:
                     opts = resolve_options(cfg.explain_kwargs, x)
-                    cell = {"seconds": timing.explain_time(self._explain_fn, self.model, x, y,
-                                                           opts)}
+                    with collect(cfg.options.get("alpha")) as found:
+                        seconds = timing.explain_time(self._explain_fn, self.model, x, y, opts)
+                    self.class_blind += found
+                    cell = {"seconds": seconds}
                     self.store.put(key, cell)
                     self._fresh.add(key)
                 except Exception as exc:
@@ -452,7 +470,8 @@ class Benchmark:
             timings=timings, saliency=saliency, saliency_images=x[:n].numpy(),
             saliency_masks=None if s is None else s[:n].numpy(), saliency_titles=titles,
             notes=notes, metrics=self.metric_names, layers=self.layers,
-            elapsed=time.perf_counter() - start, reused=self.reused, computed=self.computed)
+            elapsed=time.perf_counter() - start, reused=self.reused, computed=self.computed,
+            class_blind=list(self.class_blind))
 
 
 
