@@ -3,7 +3,9 @@
 The ``s`` stream goes through ``|W| s + |b|``. Autograd would save the temporary ``|W|`` of
 every layer until the backward pass (for VGG16 that is another copy of its 528 MiB of
 weights); these functions save the model's own weight instead and take its absolute value
-again in the backward pass.
+again in the backward pass. With ``value=False`` they compute no product at all and return a
+placeholder whose backward is exact (the ``s`` stream above the deepest probe of the
+sensitivities, whose values nothing reads; docs/math.md section 4).
 """
 
 from __future__ import annotations
