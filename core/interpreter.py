@@ -238,8 +238,7 @@ class SplitInterpreter(fx.Interpreter):
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
-        self._ctx_free = {node: dataclasses.replace(c, mass=False)
-                          for node, c in self._ctx.items()}
+        self._ctx_free: dict[fx.Node, rules.Ctx] = {}  # mass=False, made when first needed
         self._free: set[fx.Node] = set()
         self._factors: Shift | None = None
         self._record: set[fx.Node] = set()
@@ -348,7 +347,10 @@ class SplitInterpreter(fx.Interpreter):
 
     def run_rule(self, step: Step, args: tuple, kwargs: dict) -> Any:
         """Apply a step's rule; an error from it gets a note naming the step."""
-        ctx = (self._ctx_free if step.node in self._free else self._ctx)[step.node]
+        ctx = self._ctx[step.node]
+        if step.node in self._free:
+            ctx = self._ctx_free.get(step.node) or self._ctx_free.setdefault(
+                step.node, dataclasses.replace(ctx, mass=False))
         try:  # fx hands immutable containers; rules get plain ones
             return step.rule(ctx, tuple(args), dict(kwargs))
         except (UnsupportedOperation, SplitOverflowError):
