@@ -15,10 +15,15 @@ batch size; per cell:
 Targets (issue 11): split <= 10 ms, sensitivities <= 2.4x LayerGradCam, forward <= 2.4x the
 model's, SplitGrad <= 2.7x Saliency, in every cell.
 
+``--clock cpu`` times each call by the CPU time of this process (``time.process_time``)
+instead of wall time: on a loaded machine wall time counts the time the process waits for a
+core, unevenly between calls; CPU time does not (it is exact with ``--threads 1``; with more
+threads it also counts the worker threads' busy-waiting).
+
 Usage::
 
     python benchmarks/core_speed.py --threads 2 [--models vgg16 resnet18 resnet50]
-        [--batches 1 8] [--size 224] [--repeats 3] [--memory] [--out table.md]
+        [--batches 1 8] [--size 224] [--repeats 3] [--clock wall] [--memory] [--out table.md]
 """
 
 from __future__ import annotations
@@ -57,8 +62,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(calls: dict, repeats: int) -> dict[str, float]:
-    """Best wall time of each call, the calls taking turns, after one warm-up round."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(calls: dict, repeats: int, clock: str = "wall") -> dict[str, float]:
+    """Best time of each call (``clock``: wall or CPU time), the calls taking turns, after one
+    warm-up round."""
+    now = CLOCKS[clock]
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, float("inf"))
@@ -66,10 +76,10 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
         print(f"round {round_ + 1} of {repeats}", file=sys.stderr, flush=True)
         for key, fn in calls.items():
             _sync()
-            start = time.perf_counter()
+            start = now()
             fn()
             _sync()
-            best[key] = min(best[key], time.perf_counter() - start)
+            best[key] = min(best[key], now() - start)
     return best
 
 
@@ -156,14 +166,14 @@ def peak_memory(name: str, call: str, batch: int, size: int, device: str, cache:
 
 
 def run(models: list[str], batches: list[int], size: int, repeats: int, device: str,
-        cache: bool, memory: bool, threads: int) -> list[dict]:
+        cache: bool, memory: bool, threads: int, clock: str = "wall") -> list[dict]:
     """Measure every (model, batch) cell in one interleaved run; one row per cell."""
     cells = [(name, batch) for name in models for batch in batches]
     calls = {}
     for name, batch in cells:
         for key, fn in _calls(name, batch, size, device, cache).items():
             calls[(name, batch, key)] = fn
-    best = interleaved(calls, repeats)
+    best = interleaved(calls, repeats, clock)
     rows = []
     for name, batch in cells:
         t = {key: best[(name, batch, key)] for key in
@@ -193,10 +203,10 @@ def _mark(value: float, key: str) -> str:
 
 
 def markdown(rows: list[dict], size: int, device: str, threads: int,
-             load: tuple[float, float]) -> str:
+             load: tuple[float, float], clock: str = "wall") -> str:
     """The results as a Markdown table; ``(!)`` marks a cell over its target."""
     memory = "mem_ratio" in rows[0]
-    head = (f"{device}, {threads} threads, {size}x{size}, float32; load average "
+    head = (f"{device}, {threads} threads, {size}x{size}, float32, {clock} clock; load average "
             f"{load[0]:.1f} before, {load[1]:.1f} after the run "
             f"({os.cpu_count()} cores)\n\n"
             "| model | batch | layer | split (ms) | forward (s) | split fwd / model fwd | "
@@ -232,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time calls by wall time or by this process's CPU time")
     parser.add_argument("--cache-abs-weights", action="store_true")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory (one fresh process per call)")
@@ -240,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     before = os.getloadavg()[0]
     rows = run(args.models, args.batches, args.size, args.repeats, args.device,
-               args.cache_abs_weights, args.memory, args.threads)
-    table = markdown(rows, args.size, args.device, args.threads, (before, os.getloadavg()[0]))
+               args.cache_abs_weights, args.memory, args.threads, args.clock)
+    table = markdown(rows, args.size, args.device, args.threads, (before, os.getloadavg()[0]),
+                     args.clock)
     print(table)
     print(json.dumps(rows, indent=1))
     if args.out is not None:

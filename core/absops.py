@@ -3,7 +3,9 @@
 The ``s`` stream goes through ``|W| s + |b|``. Autograd would save the temporary ``|W|`` of
 every layer until the backward pass (for VGG16 that is another copy of its 528 MiB of
 weights); these functions save the model's own weight instead and take its absolute value
-again in the backward pass.
+again in the backward pass. With ``value=False`` they compute no product at all and return a
+placeholder whose backward is exact (the ``s`` stream above the deepest probe of the
+sensitivities, whose values nothing reads; docs/math.md section 4).
 """
 
 from __future__ import annotations
@@ -37,57 +39,94 @@ def _linear_abs(s: torch.Tensor, weight: torch.Tensor,
     return torch.cat(parts, dim=-1)
 
 
+def _absolute(weight: torch.Tensor, is_abs: bool) -> torch.Tensor:
+    return weight if is_abs else weight.abs()
+
+
+def _placeholder(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A value nobody reads: zeros of ``shape`` that take no memory (one expanded zero)."""
+    return like.new_zeros(()).expand(shape)
+
+
 class _AbsLinear(torch.autograd.Function):
+    """``F.linear(s, |W|, |b|)``; with ``value=False`` the forward returns a placeholder
+    (no product is computed) and only the backward ``grad |W|`` is exact."""
+
     @staticmethod
-    def forward(ctx, s, weight, bias_abs):  # noqa: D102
+    def forward(ctx, s, weight, bias_abs, value=True, is_abs=False):  # noqa: D102
         ctx.save_for_backward(weight)
+        ctx.is_abs = is_abs
+        if not value:
+            return _placeholder(s, s.shape[:-1] + weight.shape[:1])
+        if is_abs:
+            return F.linear(s, weight, bias_abs)
         return _linear_abs(s, weight, bias_abs)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
-        if weight.numel() <= BLOCK:
-            return grad @ weight.abs(), None, None
+        if ctx.is_abs or weight.numel() <= BLOCK:
+            return grad @ _absolute(weight, ctx.is_abs), None, None, None, None
         out = None
         for a, b in _row_blocks(weight):
             part = grad[..., a:b] @ weight[a:b].abs()
             out = part if out is None else out.add_(part)
-        return out, None, None
+        return out, None, None, None, None
 
 
 class _AbsConv(torch.autograd.Function):
+    """``conv(s, |W|, |b|)``; with ``value=False`` the forward returns a placeholder of
+    ``out_shape`` (no convolution is computed) and only the backward is exact."""
+
     @staticmethod
-    def forward(ctx, s, weight, bias_abs, n, stride, padding, dilation, groups):  # noqa: D102
+    def forward(ctx, s, weight, bias_abs, n, stride, padding, dilation, groups,  # noqa: D102
+                value=True, is_abs=False, out_shape=None):
         ctx.save_for_backward(weight)
-        ctx.meta = (n, s.shape, stride, padding, dilation, groups)
-        return _CONV[n](s, weight.abs(), bias_abs, stride, padding, dilation, groups)
+        ctx.meta = (n, s.shape, stride, padding, dilation, groups, is_abs)
+        if not value:
+            return _placeholder(s, out_shape)
+        return _CONV[n](s, _absolute(weight, is_abs), bias_abs, stride, padding, dilation,
+                        groups)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
-        n, shape, stride, padding, dilation, groups = ctx.meta
-        grad_in = _CONV_INPUT[n](shape, weight.abs(), grad, stride, padding, dilation, groups)
-        return grad_in, None, None, None, None, None, None, None
+        n, shape, stride, padding, dilation, groups, is_abs = ctx.meta
+        grad_in = _CONV_INPUT[n](shape, _absolute(weight, is_abs), grad, stride, padding,
+                                 dilation, groups)
+        return (grad_in,) + (None,) * 10
 
 
 def _needs_graph(s: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and s.requires_grad
 
 
-def abs_linear(s: torch.Tensor, weight: torch.Tensor,
-               bias_abs: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(s, |W|, |b|)``; ``weight`` is the signed weight (detached)."""
+def abs_linear(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | None,
+               value: bool = True, is_abs: bool = False) -> torch.Tensor:
+    """``F.linear(s, |W|, |b|)``; ``weight`` is the signed weight (detached), or ``|W|``
+    itself with ``is_abs``.
+
+    ``value=False`` (under autograd, for an ``s`` that requires grad): the result is a
+    placeholder whose backward is exact -- for the ``s`` stream above the deepest probe of
+    :meth:`core.SplitModel.sensitivities`, whose values nothing reads.
+    """
     if _needs_graph(s):
-        return _AbsLinear.apply(s, weight, bias_abs)
+        return _AbsLinear.apply(s, weight, bias_abs, value, is_abs)
+    if is_abs:
+        return F.linear(s, weight, bias_abs)
     return _linear_abs(s, weight, bias_abs)
 
 
 def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | None, n: int,
-             stride, padding, dilation, groups: int) -> torch.Tensor:
-    """``F.conv{n}d(s, |W|, |b|, ...)`` with numeric (zero) padding."""
+             stride, padding, dilation, groups: int, value: bool = True, is_abs: bool = False,
+             out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``F.conv{n}d(s, |W|, |b|, ...)`` with numeric (zero) padding; ``value=False`` (needs
+    ``out_shape``) and ``is_abs`` as for :func:`abs_linear`."""
     if _needs_graph(s) and not isinstance(padding, str):
-        return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups)
-    return _CONV[n](s, weight.abs(), bias_abs, stride, padding, dilation, groups)
+        value = value or out_shape is None
+        return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups, value,
+                              is_abs, out_shape)
+    return _CONV[n](s, _absolute(weight, is_abs), bias_abs, stride, padding, dilation, groups)
 
 
 class _NegativePart(torch.autograd.Function):

@@ -54,13 +54,15 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
             stacklevel=stacklevel,
         )
     saved = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
-    try:
-        for m, _ in modes:
-            m.training = False
+    try:  # nn.Module.__setattr__ is slow: only flags that differ are written
+        for m, training in modes:
+            if training:
+                m.training = False
         yield model
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         with torch.no_grad():
             for b, value in saved:
                 if b.shape != value.shape or not torch.equal(b, value):

@@ -14,6 +14,7 @@ Public interface, used by :class:`core.SplitModel` and :mod:`core.lrp`:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class Step:
     merged: bool = False
     copy: bool = False
     frozen: str | None = None  # what nonlinear="freeze" freezes at this node
+    mass_linear: bool = False  # the rule's s backward never reads s values (see Rule)
 
     @property
     def activation(self) -> bool:
@@ -158,6 +160,9 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         if carry:
             carried.add(node)
         step = Step(node, rule, carry, module, where(model, node), frozen=frozen)
+        if rule is not None:
+            pairs_in = _operands_in(node, carried)
+            step.mass_linear = rule.mass_linear and (rule.lrp != "product" or pairs_in <= 1)
         if step.activation:
             step.shift_name = node.target if node.op == "call_module" else node.name
         steps[node] = step
@@ -169,6 +174,14 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
     if merge_batchnorm:
         _plan_merges(steps)
     return steps
+
+
+def _operands_in(node: fx.Node, carried: set[fx.Node]) -> int:
+    """How many operands of ``node`` are carried nodes (``x * x`` counts twice)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs),
+                    lambda a: found.append(a) if a in carried else None)
+    return len(found)
 
 
 def _plan_merges(steps: dict[fx.Node, Step]) -> None:
@@ -225,6 +238,8 @@ class SplitInterpreter(fx.Interpreter):
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
+        self._ctx_free: dict[fx.Node, rules.Ctx] = {}  # mass=False, made when first needed
+        self._free: set[fx.Node] = set()
         self._factors: Shift | None = None
         self._record: set[fx.Node] = set()
         self._record_all = False
@@ -264,9 +279,30 @@ class SplitInterpreter(fx.Interpreter):
                 names.append(step.shift_name)
         return names + ["output"]
 
+    def mass_free(self, probes: Iterable[fx.Node]) -> set[fx.Node]:
+        """The carried nodes whose ``s`` values a backward pass to ``probes`` never reads.
+
+        Those are the nodes that are not ancestors of a probe, provided that every one of
+        them has a ``mass_linear`` step (the backward of the ``s`` stream through it does not
+        depend on ``s``; stabilisers are value-only); otherwise none (the empty set).
+        """
+        needed: set[fx.Node] = set()
+        stack = list(probes)
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        free = {n for n, s in self.steps.items()
+                if s.carries and s.rule is not None and n not in needed}
+        if any(not self.steps[n].mass_linear for n in free):
+            return set()
+        return free
+
     def run_pairs(self, inputs: Sequence[Pair], extra: Sequence[Any] = (), *,
                   factors: Shift | None = None, record: Iterable[fx.Node] = (),
-                  record_all: bool = False) -> tuple[Any, dict[fx.Node, Any]]:
+                  record_all: bool = False,
+                  mass_free: Iterable[fx.Node] = ()) -> tuple[Any, dict[fx.Node, Any]]:
         """One forward pass on split pairs.
 
         Parameters
@@ -280,6 +316,10 @@ class SplitInterpreter(fx.Interpreter):
             :meth:`shift_points`).
         record: iterable of fx.Node
             Nodes whose values to return (``record_all``: every node).
+        mass_free: iterable of fx.Node
+            Nodes whose ``s`` values nobody reads (from :meth:`mass_free`; under autograd):
+            their rules may return placeholders for ``s`` whose backward is exact, and no
+            stabiliser runs there. The output's ``s`` is then not a value either.
 
         Returns
         -------
@@ -291,6 +331,7 @@ class SplitInterpreter(fx.Interpreter):
         self._record_all = record_all
         self._records = {}
         self._placeholder_index = 0
+        self._free = set(mass_free)
         try:
             out = self.run(*inputs, *extra, enable_io_processing=False)
             return out, self._records
@@ -298,6 +339,7 @@ class SplitInterpreter(fx.Interpreter):
             self.env = {}
             self._records = {}
             self._factors = None
+            self._free = set()
 
     def ctx(self, step: Step) -> rules.Ctx:
         """The context a step's rule is called with."""
@@ -305,8 +347,12 @@ class SplitInterpreter(fx.Interpreter):
 
     def run_rule(self, step: Step, args: tuple, kwargs: dict) -> Any:
         """Apply a step's rule; an error from it gets a note naming the step."""
+        ctx = self._ctx[step.node]
+        if step.node in self._free:
+            ctx = self._ctx_free.get(step.node) or self._ctx_free.setdefault(
+                step.node, dataclasses.replace(ctx, mass=False))
         try:  # fx hands immutable containers; rules get plain ones
-            return step.rule(self._ctx[step.node], tuple(args), dict(kwargs))
+            return step.rule(ctx, tuple(args), dict(kwargs))
         except (UnsupportedOperation, SplitOverflowError):
             raise
         except Exception as err:
@@ -343,7 +389,7 @@ class SplitInterpreter(fx.Interpreter):
             value = self.run_rule(step, args, kwargs)
             # a frozen unit whose result is a constant (attention with a constant value
             # tensor) is no pair: nothing to stabilise or shift
-            if step.activation and isinstance(value, Pair):
+            if step.activation and isinstance(value, Pair) and n not in self._free:
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
                                                 self.threshold))
         self._keep(n, value)

@@ -31,6 +31,14 @@ engine matches operations by identity or by name:
     (None: split exactly there). Such nodes need ``core.split(model, nonlinear="freeze")``.
 ``constant``
     The result is a constant (a frozen gate such as ``sigmoid``), never a pair.
+``mass_linear``
+    The output's ``s`` is a linear map of the inputs' ``s`` whose coefficients never read
+    ``s`` (they come from ``d``, the weights or constants), so that the backward pass of the
+    ``s`` stream does not depend on the values of ``s``. For a ``"product"`` rule this holds
+    when only one operand is a pair (the planner checks that). The sensitivities skip the
+    ``s`` values above their deepest probe where every rule there has it
+    (:meth:`core.interpreter.SplitInterpreter.mass_free`); a rule called with
+    ``ctx.mass == False`` may return any value for ``s`` whose backward is exact.
 
 How to add an operation
 -----------------------
@@ -84,6 +92,9 @@ class Ctx:
         ``|W|`` of a weight (possibly kept between calls).
     cached_abs: bool
         ``weight_abs`` returns a kept ``|W|``: use it directly.
+    mass: bool
+        False where nothing reads the value of this node's ``s`` (only its backward pass):
+        a ``mass_linear`` rule may then return a placeholder whose backward is exact.
     """
 
     maxpool: str
@@ -93,6 +104,7 @@ class Ctx:
     merged_bias: torch.Tensor | None = None
     weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
     cached_abs: bool = False
+    mass: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +122,7 @@ class Rule:
     query: bool = False
     freezes: Callable[[Any, set], str | None] | None = None
     constant: bool = False
+    mass_linear: bool = False
 
     def __post_init__(self) -> None:
         if self.lrp not in LRP_KINDS:
@@ -190,12 +203,12 @@ TABLE = RuleTable()
 def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu: bool = False,
              signs: tuple[int, int] | None = None, query: bool = False,
              freezes: Callable[[Any, set], str | None] | None = None,
-             constant: bool = False) -> Callable[[Callable], Rule]:
+             constant: bool = False, mass_linear: bool = False) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 
     def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
         rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
-                                                   freezes, constant)
+                                                   freezes, constant, mass_linear)
         for target in targets:
             TABLE.add(target, rule)
         return rule

@@ -98,13 +98,13 @@ def constant_like(fn: Callable[..., Any]) -> RuleFn:
 
 @register(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
           nn.FeatureAlphaDropout, nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-          F.alpha_dropout, F.feature_alpha_dropout, lrp="structural")
+          F.alpha_dropout, F.feature_alpha_dropout, lrp="structural", mass_linear=True)
 def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Dropout (eval semantics) and ``nn.Identity``: ``(d', s') = (d, s)``."""
     return args[0]
 
 
-@register(operator.getitem, lrp="index")
+@register(operator.getitem, lrp="index", mass_linear=True)
 def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Indexing: ``d' = d[i]``, ``s' = s[i]`` for a pair; the element for a tuple of pairs."""
     obj, index = args
@@ -114,7 +114,7 @@ def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return obj[index]
 
 
-@register(getattr, lrp="structural")
+@register(getattr, lrp="structural", mass_linear=True)
 def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``getattr(x, "shape")`` and friends; tensor-valued attributes (``x.T``) as ``same``."""
     obj, name = args[0], args[1]
@@ -148,7 +148,7 @@ def _abs(c: Any) -> Any:
 
 
 @register(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__",
-          "__iadd__", lrp="sum", signs=(1, 1))
+          "__iadd__", lrp="sum", signs=(1, 1), mass_linear=True)
 def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a + alpha b``: ``d' = d_a + alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
     adds ``c`` to ``d`` and ``|c|`` to ``s``."""
@@ -163,7 +163,7 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "__sub__",
-          "__isub__", lrp="sum", signs=(1, -1))
+          "__isub__", lrp="sum", signs=(1, -1), mass_linear=True)
 def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a - alpha b``: ``d' = d_a - alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
     adds ``-c`` to ``d`` and ``|c|`` to ``s``."""
@@ -176,14 +176,14 @@ def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.sub(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
 
 
-@register(torch.rsub, "__rsub__", lrp="sum", signs=(-1, 1))
+@register(torch.rsub, "__rsub__", lrp="sum", signs=(-1, 1), mass_linear=True)
 def rsub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.rsub(a, b) = b - a`` (see :func:`sub`)."""
     return sub(ctx, (args[1], args[0]), kwargs)
 
 
 @register(operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__",
-          "__rmul__", "__imul__", lrp="product")
+          "__rmul__", "__imul__", lrp="product", mass_linear=True)
 def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Multiplication by a constant (``d' = c d``, ``s' = |c| s``) or of two activations
     (the product rule of :mod:`core.products`: ``d' = d_a d_b``, ``s' = s_a s_b``)."""
@@ -197,7 +197,7 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
-          "__truediv__", "__itruediv__", freezes=frozen_rules.division_check)
+          "__truediv__", "__itruediv__", freezes=frozen_rules.division_check, mass_linear=True)
 def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Division by a constant; by an activation only with ``nonlinear="freeze"``: the divisor
     is frozen, ``a / b = a * (1 / b)`` with ``1 / b`` a constant."""
@@ -214,13 +214,15 @@ def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return Pair(torch.div(a.d, b, **kwargs), a.s / _abs(b))
 
 
-@register(operator.neg, torch.neg, torch.negative, "neg", "__neg__", lrp="structural")
+@register(operator.neg, torch.neg, torch.negative, "neg", "__neg__", lrp="structural",
+          mass_linear=True)
 def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``-x`` swaps the streams: ``d -> -d``, ``s -> s``."""
     return Pair(torch.neg(args[0].d), args[0].s)
 
 
-@register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__", lrp="product")
+@register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__", lrp="product",
+          mass_linear=True)
 def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Matrix product with a constant matrix (either side: ``|W|`` for ``s``) or of two
     activations (the product rule: ``d' = d_a @ d_b``, ``s' = s_a @ s_b``)."""
@@ -232,7 +234,7 @@ def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
 
 
-@register(torch.bmm, "bmm", lrp="product")
+@register(torch.bmm, "bmm", lrp="product", mass_linear=True)
 def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.bmm``: batched ``matmul``."""
     return matmul(ctx, args, kwargs)
@@ -291,40 +293,39 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
-@register(nn.Linear)
+@register(nn.Linear, mass_linear=True)
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear`` (eqs. 2-3): ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
     w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
-        s = F.linear(p.s, ctx.weight_abs(m.weight), bias_abs)
+        s = abs_linear(p.s, ctx.weight_abs(m.weight), bias_abs, ctx.mass, is_abs=True)
     else:
-        s = abs_linear(p.s, w, bias_abs)
+        s = abs_linear(p.s, w, bias_abs, ctx.mass)
     return Pair(F.linear(p.d, w, b), s)
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True)
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups):
     ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|``."""
     m, p = ctx.module, args[0]
     w, b, bias_abs = _module_params(ctx, m)
-    if ctx.cached_abs:
-        s = m._conv_forward(p.s, ctx.weight_abs(m.weight), bias_abs)
-    else:
-        source, padding = p.s, m.padding
-        if m.padding_mode != "zeros":
-            source = F.pad(source, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-            padding = 0
-        s = abs_conv(source, w, bias_abs, len(m.kernel_size), m.stride, padding, m.dilation,
-                     m.groups)
-    return Pair(m._conv_forward(p.d, w, b), s)
+    d = m._conv_forward(p.d, w, b)
+    source, padding = p.s, m.padding
+    if m.padding_mode != "zeros":
+        source = F.pad(source, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+        padding = 0
+    weight = ctx.weight_abs(m.weight) if ctx.cached_abs else w
+    s = abs_conv(source, weight, bias_abs, len(m.kernel_size), m.stride, padding, m.dilation,
+                 m.groups, value=ctx.mass, is_abs=ctx.cached_abs, out_shape=d.shape)
+    return Pair(d, s)
 
 
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, mass_linear=True)
 def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ConvTranspose1d/2d/3d`` (zero padding mode): ``d' = convT(d, W) + b``,
     ``s' = convT(s, |W|) + |b|``."""
@@ -375,7 +376,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, scale.abs().view(shape)))
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, mass_linear=True)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.BatchNorm*`` with eval semantics, a per-channel affine map: with
     ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``, ``s' = |k| s + |t|``
@@ -385,7 +386,7 @@ def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _bn_affine(ctx, args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
 
 
-@register(F.batch_norm)
+@register(F.batch_norm, mass_linear=True)
 def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.batch_norm`` with eval semantics (see :func:`batchnorm_module`)."""
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
@@ -414,7 +415,7 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
 
 
 @register(nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_",
-          lrp="activation", activation=True, relu=True)
+          lrp="activation", activation=True, relu=True, mass_linear=True)
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """ReLU: g stream Maxout ``a+ = max(z+, z-)``, h stream identity ``a- = z-``:
     ``d' = relu(z)``, ``s' = s + relu(-z)``."""
@@ -434,7 +435,7 @@ def _number(ctx: Ctx, v: Any, what: str) -> float | None:
 
 
 @register(torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", lrp="activation",
-          activation=True)
+          activation=True, mass_linear=True)
 def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``clamp(z, lo, hi) = lo + relu(z - lo) - relu(z - hi)`` with constant bounds (``clip``,
     ``clamp_min``, ``clamp_max``); ``s'`` as in :func:`clamp_pair`."""
@@ -448,19 +449,21 @@ def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
 
 
-@register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True)
+@register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True,
+          mass_linear=True)
 def clamp_min(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.clamp_min(lo) = lo + relu(z - lo)``: ``s' = s + 2|lo| + relu(lo - z)``."""
     return clamp(ctx, (args[0], args[1] if len(args) > 1 else kwargs["min"], None), {})
 
 
-@register(torch.clamp_max, "clamp_max", "clamp_max_", lrp="activation", activation=True)
+@register(torch.clamp_max, "clamp_max", "clamp_max_", lrp="activation", activation=True,
+          mass_linear=True)
 def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.clamp_max(hi) = z - relu(z - hi)``: ``s' = 2 s + |hi| + relu(hi - z)``."""
     return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
 
 
-@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True)
+@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True, mass_linear=True)
 def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardtanh(z, lo, hi) = clamp(z, lo, hi)``:
     ``s' = 2 s + 2|lo| + |hi| + relu(lo - z) + relu(hi - z)``."""
@@ -471,7 +474,7 @@ def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp_pair(p, lo, hi, F.hardtanh(p.d, lo, hi))
 
 
-@register(F.relu6, lrp="activation", activation=True)
+@register(F.relu6, lrp="activation", activation=True, mass_linear=True)
 def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.relu6(z) = relu(z) - relu(z - 6)``: ``s' = 2 s + 6 + relu(-z) + relu(6 - z)``."""
     p = args[0] if args else kwargs["input"]
@@ -484,7 +487,7 @@ def _hardsigmoid_pair(p: Pair) -> Pair:
     return clamp_pair(u, 0.0, 1.0, F.hardsigmoid(p.d))
 
 
-@register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True)
+@register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True, mass_linear=True)
 def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
     p = args[0] if args else kwargs["input"]
@@ -502,7 +505,7 @@ def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
-          activation=True)
+          activation=True, mass_linear=True)
 def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
     = 2 s + |d|``."""
@@ -510,7 +513,7 @@ def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.abs(p.d), 2 * p.s + torch.abs(p.d))
 
 
-@register(nn.Hardtanh, lrp="activation", activation=True)  # includes nn.ReLU6
+@register(nn.Hardtanh, lrp="activation", activation=True, mass_linear=True)  # includes nn.ReLU6
 def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Hardtanh`` and ``nn.ReLU6``: a clamp (see :func:`hardtanh`)."""
     m, p = ctx.module, args[0]
@@ -522,7 +525,7 @@ def _leaky(p: Pair, slope: float) -> Pair:
     return Pair(F.leaky_relu(p.d, slope), abs(1 - slope) * (p.s + F.relu(-p.d)) + abs(slope) * p.s)
 
 
-@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True)
+@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True, mass_linear=True)
 def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.leaky_relu(z, m) = (1 - m) relu(z) + m z``:
     ``s' = |1 - m| (s + relu(-z)) + |m| s``."""
@@ -531,13 +534,13 @@ def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
 
 
-@register(nn.LeakyReLU, lrp="activation", activation=True)
+@register(nn.LeakyReLU, lrp="activation", activation=True, mass_linear=True)
 def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.LeakyReLU`` (see :func:`leaky_relu`)."""
     return _leaky(args[0], float(ctx.module.negative_slope))
 
 
-@register(F.threshold, lrp="activation", activation=True)
+@register(F.threshold, lrp="activation", activation=True, mass_linear=True)
 def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.threshold(z, t, t) = clamp(z, min=t)``: ``s' = s + 2|t| + relu(t - z)``; other
     values are discontinuous."""
@@ -617,7 +620,7 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
     return Pair(d, winner + rest)
 
 
-@register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool")
+@register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool", mass_linear=True)
 def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.MaxPool1d/2d/3d``. Convex (section 3.4, eq. 17): ``d' = maxpool(d)``,
     ``s' = maxpool(d) + sumpool(s - d)``; winner-takes-all: ``s'`` is ``s`` at the window's
@@ -661,7 +664,7 @@ def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size) -> Pair:
 
 
 @register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-          lrp="maxpool")
+          lrp="maxpool", mass_linear=True)
 def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.AdaptiveMaxPool1d/2d/3d``."""
     m = ctx.module
@@ -682,7 +685,7 @@ def adaptive_maxpool_function(n: int) -> RuleFn:
     return rule
 
 
-@register(torch.amax, "amax", lrp="maxpool")
+@register(torch.amax, "amax", lrp="maxpool", mass_linear=True)
 def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
     channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
@@ -707,7 +710,7 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(winner.reshape(shape), mass.reshape(shape))
 
 
-@register(F.pad, lrp="structural")
+@register(F.pad, lrp="structural", mass_linear=True)
 def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.pad``: constant padding with ``c`` pads ``s`` with ``|c|``; other modes copy."""
     b = dict(zip(["input", "pad", "mode", "value"], args, strict=False)) | kwargs
@@ -722,7 +725,7 @@ def pad_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.pad(p.d, b["pad"], mode), F.pad(p.s, b["pad"], mode))
 
 
-@register(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, lrp="structural")
+@register(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, lrp="structural", mass_linear=True)
 def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ZeroPad*`` / ``nn.ConstantPad*`` with value ``c``: ``d`` padded with ``c``,
     ``s`` with ``|c|``."""
@@ -734,7 +737,7 @@ def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
           nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
           nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
-          nn.CircularPad3d, lrp="structural")
+          nn.CircularPad3d, lrp="structural", mass_linear=True)
 def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """A stateless positive linear module ``P`` (average pooling, flatten, shuffles,
     reflection/replication padding): its forward (no hooks), ``d' = P d``, ``s' = P s``."""
@@ -743,12 +746,12 @@ def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-         nn.AdaptiveAvgPool3d)(Rule(module_forward.fn, lrp="epsilon"))
+         nn.AdaptiveAvgPool3d)(Rule(module_forward.fn, lrp="epsilon", mass_linear=True))
 
 _POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 
 
-@register(F.interpolate, F.upsample)
+@register(F.interpolate, F.upsample, mass_linear=True)
 def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.interpolate`` with non-negative interpolation weights ``P``: ``d' = P d``,
     ``s' = P s``."""
@@ -762,7 +765,7 @@ def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.interpolate(p.d, **b), F.interpolate(p.s, **b))
 
 
-@register(nn.Upsample)
+@register(nn.Upsample, mass_linear=True)
 def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Upsample`` with non-negative interpolation weights ``P``: ``d' = P d``,
     ``s' = P s``."""
@@ -785,19 +788,19 @@ _AVERAGING_FUNCTIONS = [
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
 ]
 for _fn in _STRUCTURAL_FUNCTIONS:
-    register(_fn)(Rule(same(_fn), lrp="structural"))
+    register(_fn)(Rule(same(_fn), lrp="structural", mass_linear=True))
 for _fn in _AVERAGING_FUNCTIONS:
-    register(_fn)(Rule(same(_fn), lrp="epsilon"))
+    register(_fn)(Rule(same(_fn), lrp="epsilon", mass_linear=True))
 for _fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
     register(_fn)(Rule(concat(torch.stack if _fn is torch.stack else torch.cat),
-                       lrp="structural"))
+                       lrp="structural", mass_linear=True))
 for _fn in (F.linear, F.conv1d, F.conv2d, F.conv3d):
-    register(_fn)(Rule(functional_affine(_fn)))
+    register(_fn)(Rule(functional_affine(_fn), mass_linear=True))
 for _n in (1, 2, 3):
     register(getattr(F, f"max_pool{_n}d"), getattr(torch, f"max_pool{_n}d"))(
-        Rule(maxpool_function(_n), lrp="maxpool"))
+        Rule(maxpool_function(_n), lrp="maxpool", mass_linear=True))
     register(getattr(F, f"adaptive_max_pool{_n}d"))(
-        Rule(adaptive_maxpool_function(_n), lrp="maxpool"))
+        Rule(adaptive_maxpool_function(_n), lrp="maxpool", mass_linear=True))
 for _fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like):
     register(_fn)(Rule(constant_like(_fn), lrp="none"))
 
@@ -809,9 +812,9 @@ _STRUCTURAL_METHODS = [
     "repeat_interleave", "tile",
 ]
 for _name in _STRUCTURAL_METHODS:
-    register(_name)(Rule(method(_name.rstrip("_")), lrp="structural"))
+    register(_name)(Rule(method(_name.rstrip("_")), lrp="structural", mass_linear=True))
 for _name in ("mean", "sum"):
-    register(_name)(Rule(method(_name), lrp="epsilon"))
+    register(_name)(Rule(method(_name), lrp="epsilon", mass_linear=True))
 for _name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
     register(_name)(Rule(constant_like(
         lambda t, *a, _name=_name, **k: getattr(t, _name)(*a, **k)), lrp="none"))

@@ -41,7 +41,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    low, high = torch.aminmax(_rows(t), dim=1)  # one pass instead of abs + amax
+    rows = _rows(t)
+    # amax and amin, not aminmax: on CPU torch.aminmax(dim=1) is 15-30x slower than both
+    # together (torch 2.x); no abs, which would write a temporary of the size of t
+    low, high = rows.amin(dim=1), rows.amax(dim=1)
     return torch.maximum(high, -low), low
 
 

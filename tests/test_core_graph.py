@@ -574,3 +574,29 @@ def test_amax_over_channels_splits_exactly(maxpool):
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+
+
+def test_the_traced_twin_shares_parameters_and_copies_buffers_and_tensor_attributes():
+    from core.graph import module_twin
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
+            self.also = [self.body[0]]  # a module held outside _modules
+            self.scale = torch.ones(3)  # a plain tensor attribute
+
+    model = Odd()
+    twin = module_twin(model)
+    assert twin is not model and twin.body is not model.body
+    assert twin.body[0].weight is model.body[0].weight
+    assert twin.also[0] is twin.body[0]
+    bn, twin_bn = model.body[1], twin.body[1]
+    assert twin_bn.running_mean is not bn.running_mean
+    assert torch.equal(twin_bn.running_mean, bn.running_mean)
+    twin_bn.running_mean += 1
+    twin.scale += 1
+    twin.training = False
+    twin.body[0].register_forward_hook(lambda *a: None)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(model.scale, torch.ones(3))
+    assert model.training and not model.body[0]._forward_hooks
