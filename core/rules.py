@@ -737,16 +737,17 @@ def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
           nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
           nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
-          nn.CircularPad3d, lrp="structural", mass_linear=True)
+          nn.CircularPad3d, nn.Unfold, lrp="structural", mass_linear=True)
 def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """A stateless positive linear module ``P`` (average pooling, flatten, shuffles,
-    reflection/replication padding): its forward (no hooks), ``d' = P d``, ``s' = P s``."""
+    reflection/replication padding, ``nn.Unfold``'s copies and ``nn.Fold``'s sums): its
+    forward (no hooks), ``d' = P d``, ``s' = P s``."""
     m, p = ctx.module, args[0]
     return Pair(m.forward(p.d), m.forward(p.s))
 
 
 register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-         nn.AdaptiveAvgPool3d)(Rule(module_forward.fn, lrp="epsilon", mass_linear=True))
+         nn.AdaptiveAvgPool3d, nn.Fold)(Rule(module_forward.fn, lrp="epsilon", mass_linear=True))
 
 _POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 
@@ -781,11 +782,11 @@ _STRUCTURAL_FUNCTIONS = [
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
     torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
-    torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile,
+    torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile, F.unfold,
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.fold,
 ]
 for _fn in _STRUCTURAL_FUNCTIONS:
     register(_fn)(Rule(same(_fn), lrp="structural", mass_linear=True))

@@ -600,3 +600,34 @@ def test_the_traced_twin_shares_parameters_and_copies_buffers_and_tensor_attribu
     twin.body[0].register_forward_hook(lambda *a: None)
     assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(model.scale, torch.ones(3))
     assert model.training and not model.body[0]._forward_hooks
+
+
+def test_unfold_and_fold_split_exactly():
+    """``nn.Unfold``/``F.unfold`` (im2col: copies, as in TNT and VOLO) and ``nn.Fold``/
+    ``F.fold`` (col2im: sums of overlapping patches) are positive linear maps."""
+
+    class Patches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.unfold = nn.Unfold(2, stride=1)            # overlapping 2x2 patches
+            self.fold = nn.Fold((4, 4), 2, stride=1)
+            self.fc = nn.Linear(12 * 9 + 3 * 16 + 3 * 16, 4)
+
+        def forward(self, x):
+            z = self.conv(x)                                 # signed
+            cols = self.unfold(torch.relu(z))                # (B, 12, 9)
+            back = self.fold(cols)                           # (B, 3, 4, 4), overlaps summed
+            other = F.fold(F.unfold(z, 2, stride=2), (4, 4), 2, stride=2)  # an exact round trip
+            return self.fc(torch.cat([cols.flatten(1), back.flatten(1), other.flatten(1)], 1))
+
+    torch.manual_seed(0)
+    model = Patches().double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 1, ["input", "unfold"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
