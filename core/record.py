@@ -13,6 +13,9 @@ tensors created from constants -- is specialised into the graph. The graph is th
 valid for inputs with the same signature (shapes, dtypes, device, non-tensor arguments);
 :class:`core.capture.Capture` caches it per signature.
 
+Item assignment (``x[i] = v``) is recorded as an out-of-place :func:`assign`; a view of
+``x`` (or the tensor ``x`` views) taken before the assignment and used after it is refused.
+
 Value-dependent control flow (``bool``, ``item``, ``tolist`` ... on a tensor that depends on
 the input) is detected: such a graph is valid for the recorded input only and is recorded
 again for every call.
@@ -51,6 +54,14 @@ _QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_devic
 _STATE = threading.local()
 
 
+def assign(target: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``target[index] = value`` without writing into ``target``: a copy with the values
+    assigned (how a recording represents item assignment)."""
+    out = target.clone()
+    out[index] = value
+    return out
+
+
 def is_leaf_module(module: nn.Module) -> bool:
     """torch.fx's default: ``torch.nn``'s own modules except containers."""
     name = type(module).__module__
@@ -84,10 +95,13 @@ class _Recorder(TorchFunctionMode):
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.module_outputs: dict[str, Any] = {}
         self.module_inputs: dict[str, fx.Node] = {}
+        self.bound_at: dict[int, int] = {}  # id -> when its node was bound
+        self.written: dict[int, tuple[int, int, str]] = {}  # storage -> (when, id, node name)
 
     # ------------------------------------------------------------------ values and nodes
     def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
         self.nodes[id(t)] = node
+        self.bound_at[id(t)] = len(self.alive)
         self.alive.append(t)
         if dependent:
             self.dependent.add(id(t))
@@ -149,6 +163,10 @@ class _Recorder(TorchFunctionMode):
         if not found:
             return out
         name = getattr(func, "__name__", "")
+        self.check_aliases((args, kwargs), name)
+        if name == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor):
+            self.item_assignment(*args, dependent)
+            return out
         getter = name == "__get__" and hasattr(func, "__self__")
         if getter:
             name = getattr(func.__self__, "__name__", name)
@@ -172,6 +190,38 @@ class _Recorder(TorchFunctionMode):
                                       self.node_of(kwargs))
         self.bind_result(out, node, dependent)
         return out
+
+    def item_assignment(self, target: torch.Tensor, index: Any, value: Any,
+                        dependent: bool) -> None:
+        """``target[index] = value``: later uses of ``target`` read an :func:`assign` node;
+        older views of its memory may no longer be used (:meth:`check_aliases`)."""
+        node = self.graph.call_function(assign, self.node_of((target, index, value)))
+        self.bind(target, node, dependent or id(target) in self.dependent)
+        storage = target.untyped_storage().data_ptr()
+        self.written[storage] = (self.bound_at[id(target)], id(target), node.name)
+
+    def check_aliases(self, values: Any, op: str) -> None:
+        """Refuse a tensor that shares memory with a tensor written by item assignment after
+        it was recorded (a view of it, or the tensor it views): its recorded value is stale."""
+        if not self.written:
+            return
+        stack = [values]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, (tuple, list)):
+                stack.extend(x)
+            elif isinstance(x, dict):
+                stack.extend(x.values())
+            elif isinstance(x, torch.Tensor) and id(x) in self.nodes:
+                hit = self.written.get(x.untyped_storage().data_ptr())
+                if hit is not None and id(x) != hit[1] and self.bound_at[id(x)] < hit[0]:
+                    raise UnsupportedOperation(
+                        f"`{op}` reads a tensor that shares memory with one written by item "
+                        f"assignment ({hit[2]}: x[...] = ...) after it was taken, so its "
+                        "values may have changed behind the split's back. Clone the tensor "
+                        "before the assignment, or build the result out of place "
+                        "(torch.where, torch.cat)."
+                    )
 
     # ------------------------------------------------------------------ modules
     def call_module(self, call: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -204,6 +254,8 @@ class _Recorder(TorchFunctionMode):
                 if result is not None:
                     args = result if isinstance(result, tuple) else (result,)
         found, dependent = self.tracked((args, kwargs))
+        if found:
+            self.check_aliases((args, kwargs), name)
         self.depth += 1
         try:
             out = module.forward(*args, **kwargs)

@@ -26,6 +26,7 @@ from core import frozen, frozen_rules, products
 from core.absops import abs_conv, abs_linear, add_negative_part
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
+from core.record import assign
 from core.registry import TABLE, Ctx, Rule, register, unsupported
 
 __all__ = ["TABLE", "Ctx", "Rule", "register", "unsupported", "lookup", "is_query"]
@@ -708,6 +709,19 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
     shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
     return Pair(winner.reshape(shape), mass.reshape(shape))
+
+
+@register(assign, lrp="structural", mass_linear=True)
+def assign_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """Item assignment ``t[i] = v`` (recorded out of place): ``d' = d_t`` with ``d'[i] = d_v``,
+    ``s' = s_t`` with ``s'[i] = s_v``; a constant ``c`` on either side enters as ``(c, |c|)``."""
+    target, index, value = args
+    _static(ctx, index, "indexing by an activation")
+    t = lift(target)
+    if isinstance(value, (Pair, torch.Tensor)):
+        v = lift(value)
+        return Pair(assign(t.d, index, v.d), assign(t.s, index, v.s))
+    return Pair(assign(t.d, index, value), assign(t.s, index, abs(value)))
 
 
 @register(F.pad, lrp="structural", mass_linear=True)

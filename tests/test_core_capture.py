@@ -349,3 +349,54 @@ def test_splitlrp_overflow_names_the_layer_instead_of_returning_nan():
     sm = core.split(model, merge_batchnorm=True)
     with pytest.raises(core.SplitOverflowError, match=r"SplitLRP relevance overflowed.*'layer"):
         sm.relevance(torch.randn(1, 3, 64, 64), torch.eye(1000)[[3]])
+
+
+class ItemAssignment(nn.Module):
+    """``attn[:, 1:, 1:] = attn[:, 1:, 1:] + ...`` as in MViTv2's relative positions, a
+    constant written into an activation and an activation into a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 9)
+        self.b = nn.Linear(4, 9)
+        self.fc = nn.Linear(9 + 9 + 6, 3)
+
+    def forward(self, x):
+        attn = self.a(x).view(-1, 3, 3)
+        r = torch.relu(self.b(x)).view(-1, 3, 3)
+        attn[:, 1:, 1:] = attn[:, 1:, 1:] + 2 * r[:, :2, :2]   # a pair into a pair
+        attn[:, 0] = 0.5                                        # a constant into a pair
+        base = torch.ones(x.shape[0], 6, dtype=x.dtype)
+        base[:, ::2] = r[:, 0]                                  # a pair into a constant
+        return self.fc(torch.cat([attn.flatten(1), r.flatten(1), base], 1))
+
+
+def test_item_assignment_is_recorded_and_split_exactly():
+    torch.manual_seed(3)
+    model = ItemAssignment().double().eval()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 2, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 2].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_view_taken_before_an_item_assignment_is_refused():
+    class StaleView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            z = self.a(x)
+            tail = z[:, 1:]          # a view of z ...
+            z[:, 1] = 0.0            # ... whose values this write changes
+            return self.fc(torch.cat([z[:, :1], tail], 1))
+
+    model = StaleView().eval()
+    with pytest.raises(core.UnsupportedOperation, match="item assignment"):
+        core.split(model)(torch.randn(2, 4))
