@@ -117,8 +117,11 @@ def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
 
 @register(getattr, lrp="structural", mass_linear=True)
 def getattr_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """``getattr(x, "shape")`` and friends; tensor-valued attributes (``x.T``) as ``same``."""
+    """``getattr(x, "shape")`` and friends; tensor-valued attributes (``x.T``) as ``same``;
+    a field of a structured result (``x.max(1).values``) is that field."""
     obj, name = args[0], args[1]
+    if not isinstance(obj, Pair):
+        return getattr(obj, name)
     d = getattr(obj.d, name)
     if isinstance(d, torch.Tensor):
         return Pair(d, getattr(obj.s, name))
@@ -709,6 +712,24 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
     shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
     return Pair(winner.reshape(shape), mass.reshape(shape))
+
+
+@register(torch.max, "max", lrp="maxpool", mass_linear=True)
+def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
+    values; the indices (the arg-max of ``d``) are the model's own. ``max`` of two tensors is
+    refused (write it as ``b + relu(a - b)``)."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    dim = b.get("dim")
+    if isinstance(dim, (torch.Tensor, Pair)):
+        raise unsupported(ctx, "the elementwise max of two tensors",
+                          "Write max(a, b) as b + torch.relu(a - b).")
+    if dim is None:
+        return amax_rule(ctx, (b["input"],), {})
+    keepdim = bool(b.get("keepdim", False))
+    values = amax_rule(ctx, (b["input"], dim, keepdim), {})
+    indices = b["input"].d.argmax(dim, keepdim=keepdim)
+    return torch.return_types.max((values, indices))
 
 
 @register(assign, lrp="structural", mass_linear=True)

@@ -631,3 +631,58 @@ def test_unfold_and_fold_split_exactly():
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_max_with_a_dimension_splits_its_values_and_keeps_the_indices():
+    """``x.max(1)[0]`` (VOLO's auxiliary head), ``.values``/``.indices`` and ``x.max()``."""
+
+    class MaxHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 15)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            z = self.a(x).view(-1, 3, 5)            # signed tokens
+            top = z.max(1)                          # (values, indices)
+            assert top.indices.dtype == torch.long
+            return self.fc(top[0] + 0.5 * torch.max(z, dim=1, keepdim=True).values[:, 0]
+                           + z.max())
+
+    torch.manual_seed(4)
+    model = MaxHead().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 0, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_max_fields_in_a_traced_graph():
+    """The same through torch.fx's symbolic trace: ``getattr(result, "values")`` nodes."""
+
+    class Fields(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 15)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            z = self.a(x).view(-1, 3, 5)
+            top = z.max(1)
+            return self.fc(top[0] + top.values + 0.5 * torch.max(z, dim=1).values)
+
+    torch.manual_seed(5)
+    model = Fields().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sm = core.split(model)
+    assert sm.capture.symbolic is not None
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 0, ["input"], alpha=0.3)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
