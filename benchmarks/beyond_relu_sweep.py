@@ -116,6 +116,12 @@ def build(name: str, size: int = 64, largest: int = 256):
     raise RuntimeError(f"does not run on CPU at a small input: {last}")
 
 
+def relative_error(g, h, f) -> float:
+    """``max |g - h - f| / max(|g|, |h|, |f|)``."""
+    scale = max(g.abs().max().item(), h.abs().max().item(), f.abs().max().item(), 1e-30)
+    return (g - h - f).abs().max().item() / scale
+
+
 def check(model, x, nonlinear: str = "freeze") -> dict:
     """Split ``model`` and measure the forward identity and the input sensitivities."""
     import torch
@@ -129,8 +135,7 @@ def check(model, x, nonlinear: str = "freeze") -> dict:
     with torch.no_grad():
         f = model(x)
     g, h = sm(x)
-    scale = max(g.abs().max().item(), h.abs().max().item(), f.abs().max().item(), 1e-30)
-    error = (g - h - f).abs().max().item() / scale
+    error = relative_error(g, h, f)
     row = {"relative_error": error, "frozen": len(sm.frozen_operations(x)),
            "ok": error <= TOLERANCE}
     try:
@@ -151,7 +156,7 @@ def run_one(family: str, name: str) -> dict:
     row: dict = {"family": family, "model": name}
     try:
         model, x = build(name)
-    except _Timeout:
+    except Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - recorded
         return row | {"runs": False, "ok": False, "error": str(err)[:300]}
@@ -183,24 +188,36 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class _Timeout(Exception):
-    pass
+class Timeout(Exception):
+    """The time limit of :func:`with_time_limit` ran out."""
 
 
-def _with_alarm(family: str, name: str, timeout: float) -> dict:
+def with_time_limit(seconds: float, timed_out: dict, fn, *args) -> dict:
+    """``fn(*args)``, or ``timed_out`` with the error when it runs longer than ``seconds``
+    (SIGALRM; the main thread only)."""
+
     def alarm(signum, frame):
-        raise _Timeout
+        raise Timeout
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(int(timeout))
+    signal.alarm(int(seconds))
     try:
-        return run_one(family, name)
-    except _Timeout:
-        return {"family": family, "model": name, "runs": None, "ok": False,
-                "error": f"timeout after {timeout:.0f} s"}
+        return fn(*args)
+    except Timeout:
+        return timed_out | {"runs": None, "ok": False, "error": f"timeout after {seconds:.0f} s"}
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def last_rows(path: Path, key: str) -> list[dict]:
+    """One row per ``row[key]`` of a JSON-lines file, the last line written for it."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            rows[row[key]] = row
+    return list(rows.values())
 
 
 def _in_subprocess(family: str, name: str, timeout: float) -> dict:
@@ -234,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(*args.one)))
         return 0
     if args.summary:
-        print(summary(_rows(args.summary)))
+        print(summary(last_rows(args.summary, "family")))
         return 0
     table = families()
     wanted = args.families or sorted(table)
     done = set()
     if args.out.exists():
-        done = {r["family"] for r in _rows(args.out)
+        done = {r["family"] for r in last_rows(args.out, "family")
                 if not (args.retry and r.get("runs") is not False and not r.get("ok"))}
     for family in wanted:
         if family in done:
@@ -253,24 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.isolate:
             row = _in_subprocess(family, name, args.timeout)
         else:
-            row = _with_alarm(family, name, args.timeout)
+            row = with_time_limit(args.timeout, {"family": family, "model": name}, run_one,
+                                  family, name)
         gc.collect()
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{family:18s} {name:40s} ok={row.get('ok')} {row.get('error', '')[:120]}",
               flush=True)
-    print(summary(_rows(args.out)))
+    print(summary(last_rows(args.out, "family")))
     return 0
-
-
-def _rows(path: Path) -> list[dict]:
-    """One row per family, the last line written for it."""
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line:
-            row = json.loads(line)
-            rows[row["family"]] = row
-    return list(rows.values())
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from torch import nn
+
+from benchmarks.beyond_relu_sweep import Timeout, build, last_rows, relative_error, with_time_limit
 
 TOLERANCE = 1e-5
 MAX_PARAMETERS = 100_000_000
@@ -80,7 +81,6 @@ def check(name: str) -> dict:
     import torch
 
     import core
-    from benchmarks.beyond_relu_sweep import build
     from tests.core_checks import randomise_batchnorm
 
     torch.set_num_threads(1)
@@ -88,7 +88,7 @@ def check(name: str) -> dict:
     row: dict = {"model": name}
     try:
         model, x = build(name, largest=320)
-    except _Timeout:
+    except Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - recorded
         return row | {"runs": False, "ok": False, "error": str(err)[:300]}
@@ -100,36 +100,16 @@ def check(name: str) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g, h = core.split(model)(x)
-        scale = max(g.abs().max().item(), h.abs().max().item(), f.abs().max().item(), 1e-30)
-        error = (g - h - f).abs().max().item() / scale
+        error = relative_error(g, h, f)
         row |= {"relative_error": error, "ok": error <= TOLERANCE}
     except core.UnsupportedOperation as err:
         row |= {"ok": False, "refused": True, "error": f"UnsupportedOperation: {str(err)[:300]}"}
-    except _Timeout:
+    except Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - recorded
         row |= {"ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
     row["seconds"] = time.perf_counter() - start
     return row
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _with_alarm(name: str, timeout: float) -> dict:
-    def alarm(signum, frame):
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(int(timeout))
-    try:
-        return check(name)
-    except _Timeout:
-        return {"model": name, "runs": None, "ok": False, "error": f"timeout after {timeout:.0f} s"}
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def summary(rows: list[dict]) -> str:
@@ -166,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="check again the ReLU-family models that did not split")
     args = parser.parse_args(argv)
     if args.summary:
-        print(summary(_rows(args.summary)))
+        print(summary(last_rows(args.summary, "model")))
         return 0
     done = set()
     if args.out.exists():
-        done = {r["model"] for r in _rows(args.out)
+        done = {r["model"] for r in last_rows(args.out, "model")
                 if not (args.retry and r.get("relu_family") and not r.get("ok")
                         and not r.get("skipped"))}
     for name in timm.list_models():
@@ -185,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"model": name, "relu_family": True, "skipped": True,
                        "error": f"{count / 1e6:.0f} M parameters"}
             else:
-                row = {"relu_family": True} | _with_alarm(name, args.timeout)
+                row = {"relu_family": True} | with_time_limit(args.timeout, {"model": name},
+                                                              check, name)
         del meta
         gc.collect()
         with args.out.open("a") as fh:
@@ -193,18 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("relu_family"):
             print(f"{name:40s} ok={row.get('ok')} {str(row.get('error', ''))[:120]}",
                   flush=True)
-    print(summary(_rows(args.out)))
+    print(summary(last_rows(args.out, "model")))
     return 0
-
-
-def _rows(path: Path) -> list[dict]:
-    """One row per model, the last line written for it."""
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line:
-            row = json.loads(line)
-            rows[row["model"]] = row
-    return list(rows.values())
 
 
 if __name__ == "__main__":
