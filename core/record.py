@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,19 @@ _QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_devic
             "is_complex", "data_ptr", "storage_offset", "is_leaf", "grad_fn", "names",
             "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order"}
 _STATE = threading.local()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors among the leaves of nested tuples, lists and dicts."""
+    stack = [value]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
 
 
 def assign(target: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
@@ -131,17 +144,10 @@ class _Recorder(TorchFunctionMode):
     def tracked(self, v: Any) -> tuple[bool, bool]:
         """(any recorded or state tensor, any input-dependent tensor) among the leaves."""
         found = dependent = False
-        stack = [v]
-        while stack:
-            x = stack.pop()
-            if isinstance(x, torch.Tensor):
-                if id(x) in self.nodes or id(x) in self.state:
-                    found = True
-                    dependent = dependent or id(x) in self.dependent
-            elif isinstance(x, (tuple, list)):
-                stack.extend(x)
-            elif isinstance(x, dict):
-                stack.extend(x.values())
+        for x in _tensors(v):
+            if id(x) in self.nodes or id(x) in self.state:
+                found = True
+                dependent = dependent or id(x) in self.dependent
         return found, dependent
 
     def bind_result(self, out: Any, node: fx.Node, dependent: bool) -> None:
@@ -205,14 +211,8 @@ class _Recorder(TorchFunctionMode):
         it was recorded (a view of it, or the tensor it views): its recorded value is stale."""
         if not self.written:
             return
-        stack = [values]
-        while stack:
-            x = stack.pop()
-            if isinstance(x, (tuple, list)):
-                stack.extend(x)
-            elif isinstance(x, dict):
-                stack.extend(x.values())
-            elif isinstance(x, torch.Tensor) and id(x) in self.nodes:
+        for x in _tensors(values):
+            if id(x) in self.nodes:
                 hit = self.written.get(x.untyped_storage().data_ptr())
                 if hit is not None and id(x) != hit[1] and self.bound_at[id(x)] < hit[0]:
                     raise UnsupportedOperation(

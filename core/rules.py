@@ -708,6 +708,8 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     d, s = rows(p.d), rows(p.s)
     idx = d.argmax(-1, keepdim=True)
     winner = d.gather(-1, idx).squeeze(-1)
+    # s' gathers the winner again (as _max_pool does): built on ``winner`` itself, a probe of
+    # d' would pick up the s path through autograd
     mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else (
         d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
     shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
