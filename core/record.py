@@ -14,7 +14,8 @@ valid for inputs with the same signature (shapes, dtypes, device, non-tensor arg
 :class:`core.capture.Capture` caches it per signature.
 
 Item assignment (``x[i] = v``) is recorded as an out-of-place :func:`assign`; a view of
-``x`` (or the tensor ``x`` views) taken before the assignment and used after it is refused.
+``x`` (or the tensor ``x`` views) taken before the assignment and used after it is refused
+when it covers an element that the assignment wrote.
 
 Value-dependent control flow (``bool``, ``item``, ``tolist`` ... on a tensor that depends on
 the input) is detected: such a graph is valid for the recorded input only and is recorded
@@ -109,7 +110,8 @@ class _Recorder(TorchFunctionMode):
         self.module_outputs: dict[str, Any] = {}
         self.module_inputs: dict[str, fx.Node] = {}
         self.bound_at: dict[int, int] = {}  # id -> when its node was bound
-        self.written: dict[int, tuple[int, int, str]] = {}  # storage -> (when, id, node name)
+        # storage -> [(when, written elements of the storage, node name)], one per write
+        self.written: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
 
     # ------------------------------------------------------------------ values and nodes
     def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
@@ -200,28 +202,51 @@ class _Recorder(TorchFunctionMode):
     def item_assignment(self, target: torch.Tensor, index: Any, value: Any,
                         dependent: bool) -> None:
         """``target[index] = value``: later uses of ``target`` read an :func:`assign` node;
-        older views of its memory may no longer be used (:meth:`check_aliases`)."""
+        older views of the elements it wrote may no longer be used (:meth:`check_aliases`)."""
         node = self.graph.call_function(assign, self.node_of((target, index, value)))
         self.bind(target, node, dependent or id(target) in self.dependent)
-        storage = target.untyped_storage().data_ptr()
-        self.written[storage] = (self.bound_at[id(target)], id(target), node.name)
+        self.depth += 1  # the bookkeeping below is not the model's: not recorded
+        try:
+            storage = target.untyped_storage()
+            mask = torch.zeros(storage.nbytes() // target.element_size(), dtype=torch.bool,
+                               device=target.device)
+            mask.as_strided(target.size(), target.stride(), target.storage_offset())[index] = True
+        finally:
+            self.depth -= 1
+        self.written.setdefault(storage.data_ptr(), []).append(
+            (self.bound_at[id(target)], mask, node.name))
 
     def check_aliases(self, values: Any, op: str) -> None:
-        """Refuse a tensor that shares memory with a tensor written by item assignment after
-        it was recorded (a view of it, or the tensor it views): its recorded value is stale."""
+        """Refuse a tensor taken before an item assignment that wrote some of its elements
+        (a view of the written tensor, or the tensor it views): its recorded value is stale.
+
+        Views of the same memory whose elements the write did not touch (the other outputs
+        of ``chunk``/``unbind``, another slice) stay usable."""
         if not self.written:
             return
         for x in _tensors(values):
-            if id(x) in self.nodes:
-                hit = self.written.get(x.untyped_storage().data_ptr())
-                if hit is not None and id(x) != hit[1] and self.bound_at[id(x)] < hit[0]:
+            if id(x) not in self.nodes:
+                continue
+            for when, mask, name in self.written.get(x.untyped_storage().data_ptr(), ()):
+                if self.bound_at[id(x)] < when and self._overlaps(x, mask):
                     raise UnsupportedOperation(
-                        f"`{op}` reads a tensor that shares memory with one written by item "
-                        f"assignment ({hit[2]}: x[...] = ...) after it was taken, so its "
+                        f"`{op}` reads a tensor whose elements were written by item "
+                        f"assignment ({name}: x[...] = ...) after it was taken, so its "
                         "values may have changed behind the split's back. Clone the tensor "
                         "before the assignment, or build the result out of place "
                         "(torch.where, torch.cat)."
                     )
+
+    def _overlaps(self, x: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Whether ``x`` covers an element marked in ``mask`` (its storage's written
+        elements); a view with another element size counts as overlapping."""
+        if x.element_size() * mask.numel() != x.untyped_storage().nbytes():
+            return True
+        self.depth += 1
+        try:
+            return bool(mask.as_strided(x.size(), x.stride(), x.storage_offset()).any())
+        finally:
+            self.depth -= 1
 
     # ------------------------------------------------------------------ modules
     def call_module(self, call: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:

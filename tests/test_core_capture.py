@@ -384,6 +384,38 @@ def test_item_assignment_is_recorded_and_split_exactly():
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
 
 
+class DisjointViews(nn.Module):
+    """Writes into one of several views of one tensor and reads the others afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.fc = nn.Linear(15, 2)
+
+    def forward(self, x):
+        t = self.qkv(x).view(-1, 3, 4)
+        q, k, v = t[:, 0], t[:, 1], t[:, 2]               # rows of one storage
+        u = self.qkv(x)
+        a, b = u[:, ::2], u[:, 1::2]                      # interleaved columns
+        q[:, 0] = 0.0                                     # the writes touch q and a only
+        a[:, 1:] = 2 * a[:, 1:]
+        kept = [q + k, torch.relu(v - q), torch.relu(b), a.sum(1, keepdim=True)]
+        return self.fc(torch.cat(kept, 1))
+
+
+def test_views_whose_elements_an_item_assignment_did_not_write_stay_usable():
+    torch.manual_seed(4)
+    model = DisjointViews().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 1, ["input"], alpha=0.2)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+
+
 def test_a_view_taken_before_an_item_assignment_is_refused():
     class StaleView(nn.Module):
         def __init__(self) -> None:
