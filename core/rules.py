@@ -787,30 +787,68 @@ register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.Adap
          nn.AdaptiveAvgPool3d, nn.Fold)(Rule(module_forward.fn, lrp="epsilon", mass_linear=True))
 
 _POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+_SIGNED_INTERPOLATION = {"bicubic"}  # separable, with negative weights
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners",
+                     "recompute_scale_factor", "antialias")
+
+
+def _axis_matrix(b: dict, axis: int, like: torch.Tensor) -> torch.Tensor:
+    """The interpolation matrix ``P_axis`` (out x in) of one spatial axis of a separable
+    ``F.interpolate``: the call applied to the basis vectors of that axis, held constant along
+    the other axis (whose rows of weights sum to one, so it leaves them unchanged)."""
+    n, other = like.shape[2 + axis], like.shape[3 - axis]
+    basis = torch.eye(n, dtype=like.dtype, device=like.device)
+    if axis == 0:
+        out = F.interpolate(basis.view(n, 1, n, 1).expand(n, 1, n, other), **b)[:, 0, :, 0]
+    else:
+        out = F.interpolate(basis.view(n, 1, 1, n).expand(n, 1, other, n), **b)[:, 0, 0, :]
+    return out.T  # column i: the image of basis vector i
+
+
+def _signed_interpolation(ctx: Ctx, b: dict) -> Pair:
+    """Separable 2-D interpolation with signed weights (bicubic): ``P = P_H (x) P_W``,
+    ``d' = P d`` (the call itself), ``s' = |P| s = |P_H| s |P_W|^T``."""
+    p = b.pop("input")
+    d = F.interpolate(p.d, **b)
+    if p.d.dim() != 4:
+        raise unsupported(ctx, f"{b.get('mode')} interpolation of a {p.d.dim()}-D tensor",
+                          "Interpolate (N, C, H, W) tensors.")
+    ph, pw = _axis_matrix(b, 0, p.d), _axis_matrix(b, 1, p.d)
+    separable = torch.einsum("oh,nchw,pw->ncop", ph, p.d, pw)
+    scale = d.abs().amax().clamp_min(torch.finfo(d.dtype).tiny)
+    if separable.shape != d.shape or bool(
+            (separable - d).abs().amax() > 64 * torch.finfo(d.dtype).eps * scale):
+        raise unsupported(ctx, f"{b.get('mode')} interpolation with these options (not "
+                          "separable into one matrix per axis)",
+                          "Use nearest, (bi/tri)linear or area interpolation.")
+    return Pair(d, torch.einsum("oh,nchw,pw->ncop", ph.abs(), p.s, pw.abs()))
 
 
 @register(F.interpolate, F.upsample, mass_linear=True)
 def interpolate(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.interpolate`` with non-negative interpolation weights ``P``: ``d' = P d``,
-    ``s' = P s``."""
-    names = ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
-             "antialias"]
-    b = dict(zip(names, args, strict=False)) | kwargs
-    if b.get("mode", "nearest") not in _POSITIVE_INTERPOLATION:
-        raise unsupported(ctx, f"interpolation mode {b.get('mode')!r} (negative weights)",
-                          "Use nearest, (bi/tri)linear or area interpolation.")
+    """``F.interpolate`` with interpolation weights ``P``: ``d' = P d``, ``s' = |P| s``.
+
+    For non-negative weights (nearest, (bi/tri)linear, area) ``|P| = P`` and the call is
+    applied to both streams; for bicubic (negative weights) ``|P| = |P_H| (x) |P_W|`` from the
+    separable per-axis matrices."""
+    b = dict(zip(_INTERPOLATE_ARGS, args, strict=False)) | kwargs
+    mode = b.get("mode", "nearest")
+    if mode in _SIGNED_INTERPOLATION:
+        return _signed_interpolation(ctx, b)
+    if mode not in _POSITIVE_INTERPOLATION:
+        raise unsupported(ctx, f"interpolation mode {mode!r}",
+                          "Use nearest, (bi/tri)linear, area or bicubic interpolation.")
     p = b.pop("input")
     return Pair(F.interpolate(p.d, **b), F.interpolate(p.s, **b))
 
 
 @register(nn.Upsample, mass_linear=True)
 def upsample_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Upsample`` with non-negative interpolation weights ``P``: ``d' = P d``,
-    ``s' = P s``."""
-    if ctx.module.mode not in _POSITIVE_INTERPOLATION:
-        raise unsupported(ctx, f"upsampling mode {ctx.module.mode!r} (negative weights)",
-                          "Use nearest, (bi/tri)linear or area interpolation.")
-    return module_forward(ctx, args, kwargs)
+    """``nn.Upsample``: as :func:`interpolate` (``d' = P d``, ``s' = |P| s``)."""
+    m = ctx.module
+    return interpolate(ctx, (args[0],), {"size": m.size, "scale_factor": m.scale_factor,
+                                         "mode": m.mode, "align_corners": m.align_corners,
+                                         "recompute_scale_factor": m.recompute_scale_factor})
 
 
 # --------------------------------------------------------------------------- the table

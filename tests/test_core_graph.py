@@ -18,6 +18,7 @@ from tests.core_checks import (
     MAXPOOLS,
     assert_rel_close,
     check_forward,
+    check_nonnegative_streams,
     check_sensitivities,
     max_abs,
     randomise_batchnorm,
@@ -438,10 +439,30 @@ def test_transposed_conv_upsampling_pixel_shuffle():
     _check(DecoderNet(), torch.randn(2, 3, 8, 8), ["enc", "up1", "up2", "shuffle", "input"])
 
 
-def test_negative_interpolation_weights_are_rejected():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2, mode="bicubic"))
-    with pytest.raises(core.UnsupportedOperation, match="bicubic"):
-        core.split(model.eval())(torch.randn(1, 3, 4, 4))
+class BicubicNet(nn.Module):
+    """Bicubic interpolation (negative weights) by module and by function, with and without
+    antialiasing and corner alignment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bicubic")
+        self.fc = nn.Linear(4 * 5 * 3 + 4 * 7 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv(x))
+        u = torch.relu(self.up(a) - 0.1)
+        down = F.interpolate(u, size=(5, 3), mode="bicubic", antialias=True)
+        side = F.interpolate(a, size=(7, 9), mode="bicubic", align_corners=True)
+        return self.fc(torch.cat([down.flatten(1), side.flatten(1)], 1))
+
+
+def test_bicubic_interpolation_splits_with_absolute_separable_weights():
+    torch.manual_seed(17)
+    model = BicubicNet().double()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    _check(model, x, ["conv", "up", "input"])
+    check_nonnegative_streams(model.eval(), x)  # |P| keeps the streams' terms non-negative
 
 
 def test_uneven_adaptive_max_pooling_needs_wta():
