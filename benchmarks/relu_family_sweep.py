@@ -8,10 +8,16 @@ as a module outside the family joins the model). Each ReLU-family model is then 
 :func:`check`: the meta build gets CPU storage and random weights (:func:`materialise`), it
 runs on the smallest of 64x64, 96x96, 160x160, 224x224 and its native size that it accepts,
 and it is split with the default ``nonlinear="error"``. It passes when
-``max |g - h - f| <= 1e-5 * max(|g|, |h|, |f|)`` (float32). A model whose forward calls a
-smooth *function* (``F.softmax`` in an attention block: invisible to the module filter) is
-refused with ``UnsupportedOperation`` naming that function, the split's correct answer
-(``refused`` and ``operation`` in its row).
+``max |g - h - f| <= 1e-5 * max(|g|, |h|, |f|)`` (float32; ``relative_error``) and g - h
+still carries f: ``max |g - h - f| <= 1e-3 * max |f|`` (``output_error``; a stream
+magnitude of 1e37 against an output of 0.3 meets the first bound and loses f entirely). A
+model whose forward calls a smooth *function* (``F.softmax`` in an attention block:
+invisible to the module filter) is refused with ``UnsupportedOperation`` naming that
+function, the split's correct answer (``refused`` and ``operation`` in its row). StarNet
+(:data:`SWAMPED`) multiplies two branches in every block, and the split of a product
+multiplies the stream magnitudes: with random weights its streams reach 1e19-1e71 at 64x64,
+so g - h loses f (``swamped``) or float32 overflows (``SplitOverflowError``); both are
+recorded as the known limitation they are.
 
 Resumable (one JSON line per model), one torch thread, a time limit per model::
 
@@ -44,6 +50,9 @@ from torch import nn
 from benchmarks.beyond_relu_sweep import Timeout, last_rows, relative_error, with_time_limit
 
 TOLERANCE = 1e-5
+CARRIES = 1e-3  # max |g - h - f| / max |f| above this: the streams swamp the output
+#: models whose product blocks make the stream magnitude swamp the output (see above)
+SWAMPED = ("starnet_",)
 SIZES = (64, 96, 160, 224)  # tried in this order, then the model's native size
 ALLOWED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -224,7 +233,12 @@ def check(name: str, meta: nn.Module, seed: int = 0) -> dict:
             warnings.simplefilter("ignore")
             g, h = core.split(model)(x)
         error = relative_error(g, h, f)
-        row |= {"relative_error": error, "ok": error <= TOLERANCE}
+        missed = (g - h - f).abs().max().item() / max(f.abs().max().item(), 1e-30)
+        row |= {"relative_error": error, "output_error": missed,
+                "ok": error <= TOLERANCE and missed <= CARRIES,
+                "swamped": error <= TOLERANCE and missed > CARRIES}
+    except core.SplitOverflowError as err:
+        row |= {"ok": False, "overflow": True, "error": f"SplitOverflowError: {str(err)[:300]}"}
     except core.UnsupportedOperation as err:
         found = _REFUSED.search(str(err))
         row |= {"ok": False, "refused": True, "operation": found and found.group(1),
@@ -238,12 +252,20 @@ def check(name: str, meta: nn.Module, seed: int = 0) -> dict:
 
 
 def verdict(row: dict) -> str | None:
-    """None when the row meets the contract (split within the tolerance, or refused naming
-    a smooth function of :data:`SMOOTH_FUNCTIONS`), else what went wrong."""
+    """None when the row meets the contract, else what went wrong. The contract: split
+    within :data:`TOLERANCE` with g - h carrying f (``ok``); or refused naming a smooth
+    function of :data:`SMOOTH_FUNCTIONS`; or, for a :data:`SWAMPED` model, swamped or
+    overflowing (its known limitation; one that splits cleanly must leave the list)."""
+    swamped = row["model"].startswith(SWAMPED)
     if row.get("ok"):
-        return None
+        return "splits cleanly now: take it out of SWAMPED" if swamped else None
     if row.get("refused") and row.get("operation") in SMOOTH_FUNCTIONS:
         return None
+    if swamped and (row.get("swamped") or row.get("overflow")):
+        return None
+    if row.get("swamped"):
+        return (f"g - h misses f by {row['output_error']:.1e} of max |f| (within "
+                f"{TOLERANCE:g} of the stream magnitude only) at {row['input']}")
     if "relative_error" in row:
         return f"relative error {row['relative_error']:.2e} > {TOLERANCE:g} at {row['input']}"
     return str(row.get("error"))
@@ -255,13 +277,15 @@ def summary(rows: list[dict]) -> str:
     unbuilt = [r for r in rows if r.get("relu_family") is None]
     ran = [r for r in listed if r.get("runs")]
     refused = [r for r in ran if r.get("refused") and verdict(r) is None]
+    swamped = [r for r in ran if (r.get("swamped") or r.get("overflow")) and verdict(r) is None]
     ok = [r for r in ran if r.get("ok")]
     failed = [r for r in listed if verdict(r) is not None]
     worst = max((r["relative_error"] for r in ok), default=float("nan"))
     lines = [f"{len(rows)} timm models ({len(unbuilt)} not buildable on meta); "
              f"{len(listed)} ReLU-family; {len(ran)} run on CPU at a small input; {len(ok)} "
              f"split within {TOLERANCE:g} (largest error {worst:.1e}), {len(refused)} refused "
-             f"with UnsupportedOperation naming a smooth function, {len(failed)} failures"]
+             f"with UnsupportedOperation naming a smooth function, {len(swamped)} swamped "
+             f"by their stream magnitude or overflowing (StarNet), {len(failed)} failures"]
     for r in failed:
         lines.append(f"  {r['model']:40s} {verdict(r)}")
     for r in unbuilt:

@@ -8,13 +8,16 @@ no initialisation; a build stops as soon as a module outside the family joins th
 Each ReLU-family model gets CPU storage and random weights (``N(0, 1/fan_in)`` matrices,
 random BatchNorm statistics; ``materialise``) and runs at 64x64, or the smallest of 96, 160,
 224 and its native size that it accepts. It must either split with
-``max |g - h - f| <= 1e-5 * max(|g|, |h|, |f|)``, or, when its forward calls a smooth
-*function* that the module filter cannot see (``F.softmax`` in the attention of BotNet,
-HaloNet, LambdaNet and SKNet, ``rsqrt`` in FRN), be refused by ``core.split`` with
-``UnsupportedOperation`` naming that function. Anything else fails, and so does a model
-that cannot be built on the meta device (the filter could not classify it). No model is
-left out: the ones with more than 100 M parameters (VGG, ResNeXt-101 32x32d, ...) are
-checked as well.
+``max |g - h - f| <= 1e-5 * max(|g|, |h|, |f|)`` (the issue's bound, relative to the stream
+magnitude) and ``max |g - h - f| <= 1e-3 * max |f|`` (g - h still carries f), or, when its
+forward calls a smooth *function* that the module filter cannot see (``F.softmax`` in the
+attention of BotNet, HaloNet, LambdaNet and SKNet, ``rsqrt`` in FRN), be refused by
+``core.split`` with ``UnsupportedOperation`` naming that function. StarNet is the one known
+gap, asserted as such (``benchmarks.relu_family_sweep.SWAMPED``): the split of its product
+blocks multiplies the stream magnitudes, so with random weights g - h loses f or float32
+overflows (``SplitOverflowError``). Anything else fails, and so does a model that cannot be
+built on the meta device (the filter could not classify it). No model is left out: the ones
+with more than 100 M parameters (VGG, ResNeXt-101 32x32d, ...) are checked as well.
 
 The cases are the models of each timm architecture module (``timm.list_modules()``) in
 groups of :data:`GROUP`, so that both xdist workers share the filter's cost; a case checks
@@ -35,9 +38,13 @@ from benchmarks.relu_family_sweep import check, filter_on_meta, sweep_one, verdi
 KNOWN = ["vgg11", "nasnetalarge", "pnasnet5large", "resnetblur18", "densenetblur121d"]
 SLOW = {"nasnetalarge", "pnasnet5large", "densenetblur121d"}
 GROUP = 8
-HEAVY_SECONDS = 5.0
-#: models whose check took longer than HEAVY_SECONDS (benchmarks.relu_family_sweep rows)
-HEAVY: frozenset[str] = frozenset()
+HEAVY_SECONDS = 2.0
+#: models whose check took longer than HEAVY_SECONDS (``seconds`` of the sweep's rows)
+HEAVY = frozenset({
+    "densenet169", "densenet201", "densenet264d", "dpn107", "hrnet_w48", "hrnet_w64",
+    "inception_resnet_v2", "mobileone_s0", "nasnetalarge", "pnasnet5large", "regnetx_320",
+    "resnet50x16_clip_gap", "resnet50x64_clip_gap", "resnext101_32x16d", "resnext101_32x32d",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"})
 
 
 def _groups() -> list:
