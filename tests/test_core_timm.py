@@ -20,9 +20,10 @@ built on the meta device (the filter could not classify it). No model is left ou
 with more than 100 M parameters (VGG, ResNeXt-101 32x32d, ...) are checked as well.
 
 The cases are the models of each timm architecture module (``timm.list_modules()``) in
-groups of :data:`GROUP`, so that both xdist workers share the filter's cost; a case checks
-every model of its group and names every failing one. Cases holding a model measured over
-:data:`HEAVY_SECONDS` on CI's machine are marked slow (they still run in CI). The same
+groups of at most :data:`GROUP` (and at most two :data:`HEAVY` ones), so that both xdist
+workers share the filter's cost; a case checks every model of its group and names every
+failing one. Cases holding a model whose check took over :data:`HEAVY_SECONDS` on a 2-core
+machine are marked slow (they still run in CI). The same
 filter and check, one JSON row per model: ``python -m benchmarks.relu_family_sweep``.
 """
 
@@ -48,13 +49,17 @@ HEAVY = frozenset({
 
 
 def _groups() -> list:
+    """Each module's models in groups of at most GROUP names and two HEAVY ones."""
     cases = []
     for module in timm.list_modules():
-        names = timm.list_models(module=module)
-        for start in range(0, len(names), GROUP):
-            part = names[start:start + GROUP]
+        parts: list[list[str]] = [[]]
+        for name in timm.list_models(module=module):
+            if len(parts[-1]) == GROUP or len(HEAVY.intersection(parts[-1])) == 2:
+                parts.append([])
+            parts[-1].append(name)
+        for i, part in enumerate(parts):
             marks = [pytest.mark.slow] if HEAVY.intersection(part) else []
-            cases.append(pytest.param(part, id=f"{module}-{start // GROUP}", marks=marks))
+            cases.append(pytest.param(part, id=f"{module}-{i}", marks=marks))
     return cases
 
 
