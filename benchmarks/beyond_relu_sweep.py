@@ -25,6 +25,7 @@ A family's last line counts.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import re
@@ -155,6 +156,14 @@ def check(model, x, nonlinear: str = "freeze") -> dict:
         row["sensitivities"] = "finite" if finite else "not finite"
     except core.SplitOverflowError as err:
         row["sensitivities"] = f"overflow: {str(err)[:160]}"
+    row |= {"output_scale": f.abs().max().item(),
+            "stream_scale": max(g.abs().max().item(), h.abs().max().item())}
+    if row["swamped"]:  # float32 cannot hold f next to the streams: does float64?
+        wide, xw = copy.deepcopy(model).double(), x.double()
+        with torch.no_grad():
+            fw = wide(xw)
+        gw, hw = core.split(wide, nonlinear=nonlinear)(xw)
+        row["output_error_float64"] = output_error(gw, hw, fw)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -190,13 +199,21 @@ def summary(rows: list[dict]) -> str:
              f"({100 * len(ok) / max(1, len(ran)):.1f} %); "
              f"{len(rows) - len(ran) - len(unknown)} of {len(rows)} families do not run "
              f"there, {len(unknown)} timed out or crashed"]
+    swamped = [r for r in ran if r.get("swamped")]
+    wide = [r for r in swamped if r.get("output_error_float64", float("inf")) <= CARRIES]
+    lines.append(f"{len(swamped)} more split within {TOLERANCE:g} of the streams but their "
+                 f"streams swamp the output in float32; {len(wide)} of them carry it within "
+                 f"{CARRIES:g} in float64")
     finite = [r for r in ok if r.get("sensitivities") == "finite"]
     lines.append(f"{len(finite)} of those {len(ok)} also have finite float32 sensitivities at "
                  "the input (alpha 0.4); the others overflow (use float64 or alpha nearer 0.5)")
     for r in ran:
         if not r.get("ok"):
             why = r.get("error") or (
-                f"swamped: |g - h - f| = {r['output_error']:.1e} max |f|" if r.get("swamped")
+                f"swamped: |g - h - f| = {r['output_error']:.1e} max |f| (float64: "
+                f"{r.get('output_error_float64', float('nan')):.1e}); max |f| "
+                f"{r.get('output_scale', float('nan')):.1e}, streams "
+                f"{r.get('stream_scale', float('nan')):.1e}" if r.get("swamped")
                 else f"relative error {r.get('relative_error')}")
             lines.append(f"  {r['family']:18s} {r['model']:40s} {why}")
     return "\n".join(lines)
