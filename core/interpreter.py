@@ -72,6 +72,14 @@ class Step:
     frozen: str | None = None  # what nonlinear="freeze" freezes at this node
     mass_linear: bool = False  # the rule's s backward never reads s values (see Rule)
 
+    def bound(self, module: nn.Module | None) -> Step:
+        """This step with another module (a shallow copy: ``dataclasses.replace`` runs the
+        constructor and costs 20x as much)."""
+        step = object.__new__(Step)
+        step.__dict__.update(self.__dict__)
+        step.module = module
+        return step
+
     @property
     def activation(self) -> bool:
         """A ReLU-type unit (stabiliser and alpha shift apply after it)."""
@@ -220,13 +228,18 @@ class SplitInterpreter(fx.Interpreter):
         ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
     constants: mapping, optional
         Values of ``get_attr`` targets that are not attributes of the model.
+    plans: dict, optional
+        Where plans of this graph are kept without their modules, by ``nonlinear``, between
+        interpreters of the same model (:attr:`core.capture.Captured.plans`): a kept plan is
+        bound to this model's modules instead of planned again. The caller guarantees that
+        the model is unchanged since it was kept (:mod:`core.reuse`).
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
                  cached_abs: bool = False, constants: Mapping[str, Any] | None = None,
-                 nonlinear: str = "error") -> None:
+                 nonlinear: str = "error", plans: dict | None = None) -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
         self.inputs = inputs
@@ -234,7 +247,18 @@ class SplitInterpreter(fx.Interpreter):
         self.theta, self.threshold = theta, threshold
         self.weight_abs, self.cached_abs = weight_abs, cached_abs
         self.constants = dict(constants or {})
-        self.steps = plan(model, graph, inputs, merge_batchnorm, nonlinear)
+        kept = plans.get(nonlinear) if plans is not None else None
+        if kept is None:
+            self.steps = plan(model, graph, inputs, nonlinear=nonlinear)
+            if plans is not None:
+                plans[nonlinear] = {n: s if s.module is None else s.bound(None)
+                                    for n, s in self.steps.items()}
+        else:  # a module that appears under two names is only once in self.submodules
+            modules = dict(model.named_modules(remove_duplicate=False))
+            self.steps = {n: s.bound(modules[n.target]) if n.op == "call_module" else s
+                          for n, s in kept.items()}
+        if merge_batchnorm:
+            _plan_merges(self.steps)
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
