@@ -524,8 +524,9 @@ class SplitModel:
             # above the deepest probe only the backward of the s stream is needed, not its
             # values (mass-linear rules): the |W| products there are not computed
             free = call.interpreter.mass_free(unique)
+            # below the probes nothing needs a backward graph: the probes become its leaves
             out, records = self.run(call, pairs, factors=factors, record=unique,
-                                    mass_free=free)
+                                    mass_free=free, leaves=unique)
             for mass in [out.s] if not free else [records[n].s for n in unique]:
                 self._check_streams(call, Pair(out.d, mass), out.d.dtype)
             checks.logits(out.d)
