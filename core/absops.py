@@ -13,10 +13,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn import grad as nn_grad
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+
+
+def _tuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _conv_input(n: int, shape, weight, grad, stride, padding, dilation, groups):
+    """The gradient of ``conv{n}d`` at its input (``torch.nn.grad.conv{n}d_input``, the same
+    kernel), with an uninitialised input of ``shape`` instead of torch's expanded one, which
+    the non-mkldnn kernels (1x1 convolutions on one thread) copy to a full tensor first."""
+    return torch.ops.aten.convolution_backward(
+        grad, grad.new_empty(shape), weight, None, _tuple(stride, n), _tuple(padding, n),
+        _tuple(dilation, n), False, [0] * n, groups, (True, False, False))[0]
 
 
 # |W| of a large linear layer is taken in blocks of rows of at most this many entries, so
@@ -93,8 +104,8 @@ class _AbsConv(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
         n, shape, stride, padding, dilation, groups, is_abs = ctx.meta
-        grad_in = _CONV_INPUT[n](shape, _absolute(weight, is_abs), grad, stride, padding,
-                                 dilation, groups)
+        grad_in = _conv_input(n, shape, _absolute(weight, is_abs), grad, stride, padding,
+                              dilation, groups)
         return (grad_in,) + (None,) * 10
 
 
