@@ -5,17 +5,29 @@ every layer until the backward pass (for VGG16 that is another copy of its 528 M
 weights); these functions save the model's own weight instead and take its absolute value
 again in the backward pass. With ``value=False`` they compute no product at all and return a
 placeholder whose backward is exact (the ``s`` stream above the deepest probe of the
-sensitivities, whose values nothing reads; docs/math.md section 4).
+sensitivities, whose values nothing reads; docs/math.md section 4); :func:`placeholder` does
+the same for the elementwise rules there (BatchNorm, ReLU, sums).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn import grad as nn_grad
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+
+
+def _tuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _conv_input(n: int, shape, weight, grad, stride, padding, dilation, groups):
+    """The gradient of ``conv{n}d`` at its input (``torch.nn.grad.conv{n}d_input``, the same
+    kernel), with an uninitialised input of ``shape`` instead of torch's expanded one, which
+    the non-mkldnn kernels (1x1 convolutions on one thread) copy to a full tensor first."""
+    return torch.ops.aten.convolution_backward(
+        grad, grad.new_empty(shape), weight, None, _tuple(stride, n), _tuple(padding, n),
+        _tuple(dilation, n), False, [0] * n, groups, (True, False, False))[0]
 
 
 # |W| of a large linear layer is taken in blocks of rows of at most this many entries, so
@@ -92,8 +104,8 @@ class _AbsConv(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
         n, shape, stride, padding, dilation, groups, is_abs = ctx.meta
-        grad_in = _CONV_INPUT[n](shape, _absolute(weight, is_abs), grad, stride, padding,
-                                 dilation, groups)
+        grad_in = _conv_input(n, shape, _absolute(weight, is_abs), grad, stride, padding,
+                              dilation, groups)
         return (grad_in,) + (None,) * 10
 
 
@@ -129,6 +141,31 @@ def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | Non
     return _CONV[n](s, _absolute(weight, is_abs), bias_abs, stride, padding, dilation, groups)
 
 
+class _Placeholder(torch.autograd.Function):
+    """A placeholder value whose backward is ``vjp(grad)``."""
+
+    @staticmethod
+    def forward(ctx, vjp, shape, *inputs):  # noqa: D102
+        ctx.vjp = vjp
+        return _placeholder(inputs[0], shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return (None, None, *ctx.vjp(grad))
+
+
+def placeholder(vjp, *inputs: torch.Tensor) -> torch.Tensor | None:
+    """A value nobody reads, of the inputs' (common) shape, whose backward is ``vjp(grad)``
+    (one gradient per input): an elementwise ``mass_linear`` rule's ``s`` above the deepest
+    probe, where only the backward pass of the ``s`` stream is needed. None where the inputs
+    do not all have one shape or none requires grad (then compute the value)."""
+    shape = inputs[0].shape
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            and all(t.shape == shape for t in inputs)):
+        return None
+    return _Placeholder.apply(vjp, shape, *inputs)
+
+
 class _NegativePart(torch.autograd.Function):
     """``relu(-z)`` whose backward reads the mask off the ReLU's own output ``relu(z)``.
 
@@ -147,9 +184,15 @@ class _NegativePart(torch.autograd.Function):
         return torch.where(relu_out == 0, -grad, 0.0), None
 
 
-def add_negative_part(s: torch.Tensor, z: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
+def add_negative_part(s: torch.Tensor, z: torch.Tensor, relu_out: torch.Tensor,
+                      value: bool = True) -> torch.Tensor:
     """``s + relu(-z)`` given ``relu_out = relu(z)``; the derivative in ``z`` is
-    ``-1{z <= 0}`` (so that it and the ReLU's ``1{z > 0}`` add up to one)."""
+    ``-1{z <= 0}`` (so that it and the ReLU's ``1{z > 0}`` add up to one). ``value=False``:
+    a :func:`placeholder` with that backward."""
+    if not value:
+        out = placeholder(lambda g: (g, torch.where(relu_out == 0, -g, 0.0)), s, z)
+        if out is not None:
+            return out
     if torch.is_grad_enabled() and (z.requires_grad or s.requires_grad):
         return s + _NegativePart.apply(z, relu_out)
     return torch.sub(s, z.clamp_max(0))

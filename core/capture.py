@@ -19,6 +19,7 @@ Wrapped models (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable, Hashable
@@ -51,6 +52,9 @@ class Captured:
         input, by module name.
     reusable: bool
         False when the forward's control flow read tensor values (valid for one call).
+    plans: dict
+        The interpreter's plans of this graph without their modules, by option
+        (:class:`core.interpreter.SplitInterpreter`'s ``plans``).
     """
 
     graph: fx.Graph
@@ -61,6 +65,7 @@ class Captured:
     reusable: bool = True
     value_dependent: list[str] = field(default_factory=list)
     constants: dict[str, Any] = field(default_factory=dict)
+    plans: dict[Hashable, Any] = field(default_factory=dict)
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders of the split inputs."""
@@ -93,9 +98,9 @@ def unwrap(model: nn.Module) -> nn.Module:
         warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
                       stacklevel=4)
         model = inner
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers())
-            if t.device.type == "meta"]
-    if meta:
+    if any(t is not None and t.is_meta for m in model.modules()
+           for t in (*m._parameters.values(), *m._buffers.values())):
+        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         raise ValueError(
             f"the model's tensors {meta[:3]} are on the meta device (shapes without values); "
             "materialise the model first (model.to_empty(device=...) and load its weights)"
@@ -155,6 +160,53 @@ def _key(value: Any) -> Hashable:
     return (type(value), value)
 
 
+@dataclass
+class Found:
+    """What capturing a model found, free of references to the model (so that
+    :mod:`core.reuse` can keep it between splits).
+
+    Attributes
+    ----------
+    symbolic: Captured or None
+        The traced graph (None when tracing failed or does not apply).
+    symbolic_error: Exception or None
+        Why tracing failed (without its traceback).
+    positional: int
+        The number of required positional parameters of the forward.
+    eager: dict
+        The eager graphs by input signature.
+    """
+
+    symbolic: Captured | None = None
+    symbolic_error: Exception | None = None
+    positional: int = 0
+    eager: dict[Hashable, Captured] = field(default_factory=dict)
+
+
+def find(model: nn.Module) -> Found:
+    """Trace the model symbolically where that applies (see the module docstring)."""
+    signature = _signature(model)
+    found = Found(positional=signature[0] if signature else 0)
+    if "forward" in vars(model):  # torch.fx traces type(model).forward
+        found.symbolic_error = TraceFailure(
+            f"{type(model).__name__}'s forward is replaced on the instance, which torch.fx "
+            "does not follow")
+    elif signature and signature[0] and all(
+        v is None or isinstance(v, (bool, int, float, str)) for v in signature[1].values()
+    ):
+        try:
+            traced = trace(model, concrete_args=signature[1])
+        except TraceFailure as err:
+            # the message only: the traceback's frames would keep the model alive
+            found.symbolic_error = TraceFailure(*err.args)
+        else:
+            out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
+            if isinstance(out, fx.Node) and not isinstance(out.target, type):
+                found.symbolic = Captured(traced.graph, 1, "symbolic", traced.module_outputs,
+                                          traced.module_inputs, constants=traced.constants)
+    return found
+
+
 class Capture:
     """The captured graphs of one model (see the module docstring).
 
@@ -164,39 +216,53 @@ class Capture:
         The model (already unwrapped).
     output: int, str or callable, optional
         Selects the tensor to split from a structured output.
+    found: Found, optional
+        What an earlier capture of the unchanged model found (:mod:`core.reuse`); without
+        it the model is traced here.
+    shared: callable, optional
+        With ``found``: whether the model still has the fingerprint under which ``found`` is
+        kept, so that a new eager graph may go into it (else this capture continues on a
+        private copy).
     """
 
-    def __init__(self, model: nn.Module, output: Any = None) -> None:
+    def __init__(self, model: nn.Module, output: Any = None, found: Found | None = None,
+                 shared: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.output = selector(output)
-        self.symbolic: Captured | None = None
-        self.symbolic_error: Exception | None = None
-        signature = _signature(model)
-        self.positional = signature[0] if signature else 0
-        self._cache: dict[Hashable, Captured] = {}
-        if signature and signature[0] and all(
-            v is None or isinstance(v, (bool, int, float, str)) for v in signature[1].values()
-        ):
-            try:
-                traced = trace(model, concrete_args=signature[1])
-            except TraceFailure as err:
-                self.symbolic_error = err
-            else:
-                out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
-                if isinstance(out, fx.Node) and not isinstance(out.target, type):
-                    self.symbolic = Captured(traced.graph, 1, "symbolic",
-                                             traced.module_outputs, traced.module_inputs,
-                                             constants=traced.constants)
+        self.found = find(model) if found is None else found
+        self._shared = shared
+
+    @property
+    def symbolic(self) -> Captured | None:
+        """The traced graph (None when the model is captured eagerly only)."""
+        return self.found.symbolic
+
+    @property
+    def symbolic_error(self) -> Exception | None:
+        """Why symbolic tracing failed, if it did."""
+        return self.found.symbolic_error
 
     @property
     def cached(self) -> int:
         """How many eager graphs are cached (one per input signature)."""
-        return len(self._cache)
+        return len(self.found.eager)
+
+    def shareable(self) -> bool:
+        """Whether what this capture finds from now on may go into the shared state: the
+        model still has the fingerprint under which it is kept. Once it has not, the
+        capture continues on a private copy."""
+        if self._shared is None:
+            return True
+        if self._shared():
+            return True
+        self.found = dataclasses.replace(self.found, eager=dict(self.found.eager))
+        self._shared = None
+        return False
 
     def usable_symbolic(self, inputs: int, extra: tuple, kwargs: dict) -> bool:
         """Whether the symbolic graph serves this call."""
         return (self.symbolic is not None and self.output is None and not kwargs
-                and inputs == 1 and not extra and self.positional == 1
+                and inputs == 1 and not extra and self.found.positional == 1
                 and not _has_hooks(self.model))
 
     def get(self, inputs: tuple[torch.Tensor, ...], extra: tuple = (),
@@ -208,7 +274,7 @@ class Capture:
         leaves, spec = pytree.tree_flatten((extra, kwargs))
         key = (len(inputs), tuple(_key(t) for t in inputs), tuple(_key(v) for v in leaves),
                str(spec))
-        hit = self._cache.get(key)
+        hit = self.found.eager.get(key)
         if hit is not None:
             return hit
         rec = record(self.model, inputs, extra, kwargs, self.output)
@@ -224,7 +290,8 @@ class Capture:
         captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
                             rec.module_inputs, not rec.value_dependent, rec.value_dependent)
         if captured.reusable:
-            self._cache[key] = captured
+            self.shareable()
+            self.found.eager[key] = captured
         return captured
 
 

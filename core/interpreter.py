@@ -72,6 +72,14 @@ class Step:
     frozen: str | None = None  # what nonlinear="freeze" freezes at this node
     mass_linear: bool = False  # the rule's s backward never reads s values (see Rule)
 
+    def bound(self, module: nn.Module | None) -> Step:
+        """This step with another module (a shallow copy: ``dataclasses.replace`` runs the
+        constructor and costs 20x as much)."""
+        step = object.__new__(Step)
+        step.__dict__.update(self.__dict__)
+        step.module = module
+        return step
+
     @property
     def activation(self) -> bool:
         """A ReLU-type unit (stabiliser and alpha shift apply after it)."""
@@ -196,6 +204,37 @@ def _plan_merges(steps: dict[fx.Node, Step]) -> None:
             step.merged_bias = prev.module.bias
 
 
+class _SharedProbe(Exception):
+    """A probe whose pair cannot become a leaf: its tensor is also the value of a node it
+    depends on, or it is no pair (see ``SplitInterpreter.run_pairs``)."""
+
+
+def _pair_tensors(value: Any, found: set[int]) -> None:
+    if isinstance(value, Pair):
+        found.update((id(value.d), id(value.s)))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _pair_tensors(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _pair_tensors(v, found)
+
+
+def _leaf_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_leaf and t.requires_grad else t.detach().requires_grad_(True)
+
+
+def _leaf(value: Any, inputs: Any) -> Pair:
+    """A probe's pair as a leaf of the autograd graph (a split input is one already)."""
+    if not isinstance(value, Pair) or value.d is value.s:
+        raise _SharedProbe
+    found: set[int] = set()
+    _pair_tensors(inputs, found)
+    if id(value.d) in found or id(value.s) in found:
+        raise _SharedProbe
+    return Pair(_leaf_tensor(value.d), _leaf_tensor(value.s))
+
+
 def _fetch_attr(model: nn.Module, target: str) -> Any:
     obj: Any = model
     for part in target.split("."):
@@ -220,13 +259,18 @@ class SplitInterpreter(fx.Interpreter):
         ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
     constants: mapping, optional
         Values of ``get_attr`` targets that are not attributes of the model.
+    plans: dict, optional
+        Where plans of this graph are kept without their modules, by ``nonlinear``, between
+        interpreters of the same model (:attr:`core.capture.Captured.plans`): a kept plan is
+        bound to this model's modules instead of planned again. The caller guarantees that
+        the model is unchanged since it was kept (:mod:`core.reuse`).
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
                  cached_abs: bool = False, constants: Mapping[str, Any] | None = None,
-                 nonlinear: str = "error") -> None:
+                 nonlinear: str = "error", plans: dict | None = None) -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
         self.inputs = inputs
@@ -234,12 +278,25 @@ class SplitInterpreter(fx.Interpreter):
         self.theta, self.threshold = theta, threshold
         self.weight_abs, self.cached_abs = weight_abs, cached_abs
         self.constants = dict(constants or {})
-        self.steps = plan(model, graph, inputs, merge_batchnorm, nonlinear)
+        kept = plans.get(nonlinear) if plans is not None else None
+        if kept is None:
+            self.steps = plan(model, graph, inputs, nonlinear=nonlinear)
+            if plans is not None:
+                plans[nonlinear] = {n: s if s.module is None else s.bound(None)
+                                    for n, s in self.steps.items()}
+        else:  # a module that appears under two names is only once in self.submodules
+            modules = dict(model.named_modules(remove_duplicate=False))
+            self.steps = {n: s.bound(modules[n.target]) if n.op == "call_module" else s
+                          for n, s in kept.items()}
+        if merge_batchnorm:
+            _plan_merges(self.steps)
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs)
                      for node, s in self.steps.items() if s.rule is not None}
         self._ctx_free: dict[fx.Node, rules.Ctx] = {}  # mass=False, made when first needed
         self._free: set[fx.Node] = set()
+        self._leaves: set[fx.Node] = set()  # see run_pairs
+        self._detached: set[fx.Node] = set()
         self._factors: Shift | None = None
         self._record: set[fx.Node] = set()
         self._record_all = False
@@ -299,10 +356,34 @@ class SplitInterpreter(fx.Interpreter):
             return set()
         return free
 
+    def grad_free(self, probes: Iterable[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """What ``run_pairs(leaves=probes)`` runs without autograd.
+
+        Returns
+        -------
+        tuple of set
+            The probes that no other probe depends on (they become leaves) and the nodes
+            that run without autograd (those leaves' own rules and every node that depends
+            on no leaf); two empty sets where the leaves are split inputs (nothing lies
+            below them).
+        """
+        probes = set(probes)
+        above: set[fx.Node] = set()
+        stack = [u for p in probes for u in p.users]
+        while stack:
+            node = stack.pop()
+            if node not in above:
+                above.add(node)
+                stack.extend(node.users)
+        leaves = probes - above
+        if all(n.op == "placeholder" for n in leaves):  # nothing lies below them
+            return set(), set()
+        return leaves, {n for n in self.steps if n not in above}
+
     def run_pairs(self, inputs: Sequence[Pair], extra: Sequence[Any] = (), *,
                   factors: Shift | None = None, record: Iterable[fx.Node] = (),
-                  record_all: bool = False,
-                  mass_free: Iterable[fx.Node] = ()) -> tuple[Any, dict[fx.Node, Any]]:
+                  record_all: bool = False, mass_free: Iterable[fx.Node] = (),
+                  leaves: Iterable[fx.Node] = ()) -> tuple[Any, dict[fx.Node, Any]]:
         """One forward pass on split pairs.
 
         Parameters
@@ -320,6 +401,16 @@ class SplitInterpreter(fx.Interpreter):
             Nodes whose ``s`` values nobody reads (from :meth:`mass_free`; under autograd):
             their rules may return placeholders for ``s`` whose backward is exact, and no
             stabiliser runs there. The output's ``s`` is then not a value either.
+        leaves: iterable of fx.Node
+            Nodes (the probes of a backward pass) whose pairs become leaves of the autograd
+            graph (under autograd): the nodes that do not depend on one of them run without
+            autograd -- no backward graph is built where no backward pass goes -- and their
+            values are constants for the backward pass, as they are for a backward pass to
+            the probes anyway. The gradients at the leaves are bit for bit those at the
+            probes' tensors of a run without ``leaves``, with one exception that this method
+            avoids: a probe whose tensor is also the value of a node it depends on (an
+            identity rule, an element of a tuple), where the gradient at that tensor sums
+            over the users of both nodes; such a call runs again without ``leaves``.
 
         Returns
         -------
@@ -329,17 +420,28 @@ class SplitInterpreter(fx.Interpreter):
         self._factors = factors
         self._record = set(record)
         self._record_all = record_all
-        self._records = {}
-        self._placeholder_index = 0
         self._free = set(mass_free)
+        self._leaves, self._detached = self.grad_free(leaves) if torch.is_grad_enabled() else (
+            set(), set())
         try:
-            out = self.run(*inputs, *extra, enable_io_processing=False)
-            return out, self._records
+            try:
+                return self._run(inputs, extra)
+            except _SharedProbe:
+                self._leaves, self._detached = set(), set()
+                return self._run(inputs, extra)
         finally:
             self.env = {}
             self._records = {}
             self._factors = None
             self._free = set()
+            self._leaves, self._detached = set(), set()
+
+    def _run(self, inputs: Sequence[Pair], extra: Sequence[Any]) -> tuple[Any, dict]:
+        self._records = {}
+        self._placeholder_index = 0
+        self.env = {}
+        out = self.run(*inputs, *extra, enable_io_processing=False)
+        return out, self._records
 
     def ctx(self, step: Step) -> rules.Ctx:
         """The context a step's rule is called with."""
@@ -363,21 +465,41 @@ class SplitInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:  # noqa: D102 - fx's signature
         step = self.steps[n]
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.op == "output":
+            return args[0]
+        if n not in self._detached:
+            value = self._value(n, step, args, kwargs)
+            self._keep(n, value)
+            return self._shifted(n, step, value)
+        with torch.no_grad():
+            value = self._value(n, step, args, kwargs)
+        if n not in self._leaves:
+            self._keep(n, value)
+            with torch.no_grad():
+                return self._shifted(n, step, value)
+        value = _leaf(value, (args, kwargs))
+        self._keep(n, value)
+        return self._shifted(n, step, value)
+
+    def _shifted(self, n: fx.Node, step: Step, value: Any) -> Any:
+        """The value after the alpha shift of a split input or a ReLU-type unit."""
+        if self._factors is None or not isinstance(value, Pair):
+            return value
+        if n.op == "placeholder":
+            return self._factors.apply("input", value, n.name)
+        if step.activation:
+            return self._factors.apply(step.shift_name, value, n.name)
+        return value
+
+    def _value(self, n: fx.Node, step: Step, args: tuple, kwargs: dict) -> Any:
+        """The value of a node (stabilised after a ReLU-type unit)."""
         if n.op == "placeholder":
             value = self.placeholder(n.target, args, kwargs)
             index = self._placeholder_index
             self._placeholder_index += 1
-            if index < self.inputs:
-                if not isinstance(value, Pair):
-                    raise TypeError(f"split input {n.target!r} must be a Pair")
-                self._keep(n, value)
-                if self._factors is not None:
-                    value = self._factors.apply("input", value, n.name)
-                return value
-            self._keep(n, value)
+            if index < self.inputs and not isinstance(value, Pair):
+                raise TypeError(f"split input {n.target!r} must be a Pair")
             return value
-        if n.op == "output":
-            return args[0]
         if n.op == "get_attr":
             value = (self.constants[n.target] if n.target in self.constants
                      else _fetch_attr(self.module, n.target))
@@ -392,9 +514,6 @@ class SplitInterpreter(fx.Interpreter):
             if step.activation and isinstance(value, Pair) and n not in self._free:
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
                                                 self.threshold))
-        self._keep(n, value)
-        if step.activation and isinstance(value, Pair) and self._factors is not None:
-            value = self._factors.apply(step.shift_name, value, n.name)
         return value
 
     def _keep(self, node: fx.Node, value: Any) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import frozen, frozen_rules, products
-from core.absops import abs_conv, abs_linear, add_negative_part
+from core.absops import abs_conv, abs_linear, add_negative_part, placeholder
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 from core.record import assign
@@ -163,7 +163,17 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         return Pair(torch.add(b, a.d, alpha=swap), a.s * abs(swap) + _abs(b))
     if _is_const(b):
         return Pair(torch.add(a.d, b, alpha=alpha), a.s + _abs(b) * abs(alpha))
-    return Pair(torch.add(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
+    return Pair(torch.add(a.d, b.d, alpha=alpha), _mass_sum(ctx, a.s, b.s, abs(alpha)))
+
+
+def _mass_sum(ctx: Ctx, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``a + alpha b`` (``alpha >= 0``) of two ``s`` streams; a placeholder where no value is
+    read (``ctx.mass`` false)."""
+    if not ctx.mass:
+        out = placeholder(lambda g: (g, g if alpha == 1 else g * alpha), a, b)
+        if out is not None:
+            return out
+    return torch.add(a, b, alpha=alpha)
 
 
 @register(operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "__sub__",
@@ -177,7 +187,7 @@ def sub(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         return Pair(torch.sub(a, b.d, alpha=alpha), b.s * abs(alpha) + _abs(a))
     if _is_const(b):
         return Pair(torch.sub(a.d, b, alpha=alpha), a.s + _abs(b) * abs(alpha))
-    return Pair(torch.sub(a.d, b.d, alpha=alpha), torch.add(a.s, b.s, alpha=abs(alpha)))
+    return Pair(torch.sub(a.d, b.d, alpha=alpha), _mass_sum(ctx, a.s, b.s, abs(alpha)))
 
 
 @register(torch.rsub, "__rsub__", lrp="sum", signs=(-1, 1), mass_linear=True)
@@ -377,7 +387,9 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     if ctx.merged_bias is not None:
         shift = shift + scale * ctx.merged_bias.detach()
     shape = (1, -1) + (1,) * (p.d.dim() - 2)
-    return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, scale.abs().view(shape)))
+    k = scale.abs().view(shape)
+    s = None if ctx.mass or p.s.shape != d.shape else placeholder(lambda g: (g * k,), p.s)
+    return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, k) if s is None else s)
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, mass_linear=True)
@@ -425,7 +437,7 @@ def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     ``d' = relu(z)``, ``s' = s + relu(-z)``."""
     p = args[0]
     d = F.relu(p.d)
-    return Pair(d, add_negative_part(p.s, p.d, d))
+    return Pair(d, add_negative_part(p.s, p.d, d, ctx.mass))
 
 
 def _number(ctx: Ctx, v: Any, what: str) -> float | None:

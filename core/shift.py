@@ -144,7 +144,9 @@ class _Capture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        ctx.shift.gradient_size.setdefault(ctx.key, _nu(grad))
+        sizes = ctx.shift.gradient_size
+        if ctx.key not in sizes:  # not setdefault: the later passes need not compute it
+            sizes[ctx.key] = _nu(grad)
         return grad, None, None
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core import checks
-from core.capture import Capture, Captured, unwrap
+from core import checks, reuse
+from core.capture import Capture, Captured, find, unwrap
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
@@ -130,6 +130,15 @@ class SplitModel:
         :mod:`core.frozen`), warns and lists them in :meth:`frozen_operations`. ``g - h``
         stays exact; the sensitivities are those of the frozen model. Products of
         activations are split exactly in both modes (:mod:`core.products`).
+    reuse_capture: bool
+        Reuse what an earlier split of the same, unchanged model object captured (graphs and
+        plans; :mod:`core.reuse`), so that splitting a model again costs a fingerprint of it
+        instead of a trace. The fingerprint covers the module tree, module attributes,
+        parameter and buffer shapes, hooks and the modules' classes; it does not see a
+        forward that reads a global variable or an object changed in place -- pass False
+        for such a model. The split is a view of the model as it was at ``core.split``:
+        after changing the model, split it again. Also keyed by ``output`` when that is an
+        index or key (a callable is not kept).
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class SplitModel:
         cache_abs_weights: bool = False,
         output: Any = None,
         nonlinear: str = "error",
+        reuse_capture: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -162,23 +172,46 @@ class SplitModel:
             {} if cache_abs_weights else None
         )
         self.model = unwrap(model)
-        with eval_semantics(self.model, warn=False):
-            self.capture = Capture(self.model, output)
+        self.capture = self._capture(output, bool(reuse_capture))
         self._interpreters: dict[int, tuple[Captured, SplitInterpreter]] = {}
-        if self.capture.symbolic is not None:
-            self._interpreter(self.capture.symbolic)  # unsupported operations fail here
+        if self.capture.symbolic is not None:  # unsupported operations fail here
+            self._interpreter(self.capture.symbolic, shared=True)
+
+    def _capture(self, output: Any, reuse_capture: bool) -> Capture:
+        """The capture: what an earlier split of the unchanged model found
+        (:mod:`core.reuse`), else a new one (kept for the next split)."""
+        key = reuse.output_key(output) if reuse_capture else None
+        if key is None:
+            with eval_semantics(self.model, warn=False):
+                return Capture(self.model, output)
+        fingerprint = reuse.Fingerprint(self.model)
+        entry = reuse.entry(self.model, fingerprint)
+        found = entry.found.get(key)
+        if found is None:
+            with eval_semantics(self.model, warn=False):
+                found = entry.found[key] = find(self.model)
+        model = self.model
+
+        def shared() -> bool:
+            return entry.matches(reuse.Fingerprint(model))
+
+        return Capture(self.model, output, found, shared)
 
     # ------------------------------------------------------------------ capture
-    def _interpreter(self, captured: Captured) -> SplitInterpreter:
+    def _interpreter(self, captured: Captured, shared: bool = False) -> SplitInterpreter:
+        """The interpreter of a captured graph (``shared``: the model is known to be
+        unchanged since the capture was kept, so a new plan may be kept with it)."""
         hit = self._interpreters.get(id(captured))
         if hit is not None and hit[0] is captured:
             return hit[1]
+        keep = captured.reusable and (shared or self.nonlinear in captured.plans
+                                      or self.capture.shareable())
         interp = SplitInterpreter(
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
             cached_abs=self._abs_cache is not None, constants=captured.constants,
-            nonlinear=self.nonlinear,
+            nonlinear=self.nonlinear, plans=captured.plans if keep else None,
         )
         listed = interp.frozen_operations()
         if listed and not self._warned_frozen:
@@ -491,8 +524,9 @@ class SplitModel:
             # above the deepest probe only the backward of the s stream is needed, not its
             # values (mass-linear rules): the |W| products there are not computed
             free = call.interpreter.mass_free(unique)
+            # below the probes nothing needs a backward graph: the probes become its leaves
             out, records = self.run(call, pairs, factors=factors, record=unique,
-                                    mass_free=free)
+                                    mass_free=free, leaves=unique)
             for mass in [out.s] if not free else [records[n].s for n in unique]:
                 self._check_streams(call, Pair(out.d, mass), out.d.dtype)
             checks.logits(out.d)
@@ -588,10 +622,12 @@ def split(
     cache_abs_weights: bool = False,
     output: Any = None,
     nonlinear: str = "error",
+    reuse_capture: bool = True,
 ) -> SplitModel:
     """Split a trained piecewise-linear model into its split pair ``(g, h)``.
 
-    See :class:`SplitModel` for the parameters.
+    See :class:`SplitModel` for the parameters. Splitting the same, unchanged model object
+    again reuses its capture (``reuse_capture``, :mod:`core.reuse`).
 
     Returns
     -------
@@ -607,4 +643,4 @@ def split(
     return SplitModel(model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
                       merge_batchnorm=merge_batchnorm, theta=theta, threshold=threshold,
                       cache_abs_weights=cache_abs_weights, output=output,
-                      nonlinear=nonlinear)
+                      nonlinear=nonlinear, reuse_capture=reuse_capture)
