@@ -7,7 +7,7 @@
 >>> probes = sm.sensitivities(x, target, layers=["layer3"], alpha=0.4)
 """
 
-from core.errors import SplitOverflowError, UnsupportedOperation
+from core.errors import SplitOverflowError, SplitPrecisionWarning, UnsupportedOperation
 from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
@@ -26,5 +26,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "NONLINEAR_MODES", "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel",
-    "SplitOverflowError", "UnsupportedOperation", "eval_semantics", "shift_diagnostics", "split",
+    "SplitOverflowError", "SplitPrecisionWarning", "UnsupportedOperation", "eval_semantics",
+    "shift_diagnostics", "split",
 ]

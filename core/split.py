@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 from core import checks, reuse
 from core.capture import Capture, Captured, find, unwrap
-from core.errors import SplitOverflowError, UnsupportedOperation
+from core.errors import SplitOverflowError, SplitPrecisionWarning, UnsupportedOperation
 from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
@@ -24,6 +25,10 @@ MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
 INPUT_SPLITS = ("relu", "half")
 NONLINEAR_MODES = ("error", "freeze")
+#: ``g - h`` must carry the output to this fraction of ``max |f|`` per row, else
+#: :class:`SplitPrecisionWarning`.
+CARRIES = 1e-3
+_IMPRECISE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models warned about
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -376,7 +381,9 @@ class SplitModel:
         if not torch.isfinite(out.s).all():
             raise SplitOverflowError(
                 f"the split stream mass overflowed {dtype} at {self._first_overflow(call)} "
-                f"(stabilizer={self.stabilizer!r}); use stabilizer='scale' or float64 inputs"
+                f"(stabilizer={self.stabilizer!r}); use "
+                + ("float64 inputs" if self.stabilizer == "scale"
+                   else "stabilizer='scale' or float64 inputs")
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
@@ -434,7 +441,31 @@ class SplitModel:
             ``(g, h)`` with ``g - h == model(x)`` up to float rounding of the streams.
         """
         out = self.forward_pairs(x, *extra_args, **kwargs)
-        return out.pos, out.neg
+        g, h = out.pos, out.neg
+        self._check_carries(g, h, out.d)
+        return g, h
+
+    def _check_carries(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
+        """Warn (once per model) when ``g - h`` misses ``f`` (the ``d`` stream, the model's
+        output) by more than :data:`CARRIES` of ``max |f|`` in some row."""
+        if f.dim() == 0 or f.numel() == 0 or not f.is_floating_point():
+            return
+        rows = f.shape[0]
+        miss = (g - h - f).reshape(rows, -1).abs().amax(1)
+        size = f.reshape(rows, -1).abs().amax(1)
+        bad = (size > 0) & (miss > CARRIES * size)
+        if not bool(bad.any()) or self.model in _IMPRECISE:
+            return
+        _IMPRECISE[self.model] = True
+        worst = float((miss / size.clamp_min(torch.finfo(f.dtype).tiny))[bad].max())
+        streams = float(torch.maximum(g.abs().amax(), h.abs().amax()))
+        warnings.warn(SplitPrecisionWarning(
+            f"g - h misses the output of {type(self.model).__name__} by up to {worst:.2g} of "
+            f"its size in {f.dtype}: the streams reach {streams:.3g} against outputs of "
+            f"{float(size.max()):.3g}, beyond the dtype's precision (no stabiliser, products "
+            "of activations, frozen normalisations or a tiny output). g and h are right to "
+            "that precision, their difference is not the output: compute in float64 "
+            "(model.double(), x.double()) or read the output from model(x)."), stacklevel=3)
 
     def streams(self, x_pos: Inputs, x_neg: Inputs,
                 *extra_args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
