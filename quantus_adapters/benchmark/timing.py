@@ -12,13 +12,15 @@ __all__ = ["split_time", "explain_time"]
 
 
 def split_time(model: nn.Module, repeats: int = 20) -> float:
-    """Mean seconds of ``core.split(model)`` (building the split view), over ``repeats``."""
+    """Mean seconds of building the split of ``model`` from scratch (tracing and planning:
+    ``core.split(model, reuse_capture=False)``, so a capture kept from an earlier split does
+    not serve it), over ``repeats``."""
     import core
 
-    core.split(model)  # warm-up (imports, graph tracing caches)
+    core.split(model, reuse_capture=False)  # warm-up (imports)
     start = time.perf_counter()
     for _ in range(repeats):
-        core.split(model)
+        core.split(model, reuse_capture=False)
     return (time.perf_counter() - start) / repeats
 
 
