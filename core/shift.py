@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from core.pair import Pair
-from core.stabilize import ScaleGrad
+from core.stabilize import ScaleGrad, column
 
 if TYPE_CHECKING:
     from core.split import SplitModel
@@ -130,10 +130,6 @@ def _nu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(t.shape[0], -1).abs().mean(dim=1)
 
 
-def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view((-1,) + (1,) * (like.dim() - 1))
-
-
 class _Capture(torch.autograd.Function):
     """Identity; the first backward through it records the gradient's per-row size."""
 
@@ -161,7 +157,7 @@ class _AutoScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         factor = ctx.shift.auto_factor(ctx.key, grad)
-        return grad * _column(factor.to(grad.dtype), grad), None, None
+        return grad * column(factor.to(grad.dtype), grad), None, None
 
 
 class Shift:

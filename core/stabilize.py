@@ -69,7 +69,9 @@ def _peak(d: torch.Tensor, s: torch.Tensor,
     return exceed, ms
 
 
-def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The per-row values ``v`` (one per sample) as a view that broadcasts against ``like``
+    (shape ``(B, 1, ..., 1)``; a 0-d ``like`` gets a 0-d value)."""
     return v.view((-1,) + (1,) * (like.dim() - 1)) if like.dim() > 0 else v.reshape(())
 
 
@@ -81,7 +83,7 @@ def _scale_factor(d: torch.Tensor, s: torch.Tensor, theta: float,
     ratio = (mass / 2 / max(threshold, 1e-30)).clamp_min(1.0)
     k = torch.ceil(torch.log(ratio) / -math.log(theta))
     k = torch.where(exceed, k.clamp_min(1.0), torch.zeros_like(k))
-    return _column(torch.pow(theta, k).to(s.dtype), s)
+    return column(torch.pow(theta, k).to(s.dtype), s)
 
 
 def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
@@ -115,7 +117,7 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
             exceed = _peak(d, s, threshold)[0]
             if not bool(exceed.any()):
                 return s
-            new = torch.where(_column(exceed, s), torch.zeros_like(s), s)
+            new = torch.where(column(exceed, s), torch.zeros_like(s), s)
     if s.requires_grad:
         return _ValueOnly.apply(s, new)
     return new
