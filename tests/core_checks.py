@@ -155,6 +155,19 @@ def check_probe(p: core.Probe, act: torch.Tensor, grad: torch.Tensor, alpha: flo
         assert max_abs(p.S) == 0.0, f"{what}: S != 0 at alpha 0.5"
 
 
+def check_float64_exact(sm: core.SplitModel, model: nn.Module, x: torch.Tensor, target: int,
+                        alpha: float = 0.3, layers: Sequence[str] = ("input",),
+                        grad_rtol: float = 1e-10) -> None:
+    """In float64: ``g - h`` equals ``model(x)`` to 1e-12 and ``g - h`` of the input probe
+    equals autograd's input gradient of the ``target`` logit (``grad_rtol``, atol 1e-12)."""
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, target, list(layers), alpha=alpha)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, target].sum(), xr)
+    torch.testing.assert_close(probe.g - probe.h, grad, rtol=grad_rtol, atol=1e-12)
+
+
 def check_sensitivities(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor,
                         layers: Sequence[str], alphas: Sequence[float] = (0.0, 0.4, 0.5),
                         rel: float = 1e-5, grad_rel: float = 1e-4,

@@ -17,6 +17,7 @@ import core
 from tests.core_checks import (
     MAXPOOLS,
     assert_rel_close,
+    check_float64_exact,
     check_forward,
     check_nonnegative_streams,
     check_sensitivities,
@@ -532,12 +533,7 @@ def test_tensor_unfold_windows_split_exactly():
     torch.manual_seed(0)
     model = Blocks().double().eval()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    g, h = core.split(model)(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+    check_float64_exact(core.split(model), model, x, 1, grad_rtol=0)
 
 
 def test_repeat_interleave_and_tile_split_exactly():
@@ -559,12 +555,7 @@ def test_repeat_interleave_and_tile_split_exactly():
     torch.manual_seed(0)
     model = Copies().double().eval()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    g, h = core.split(model)(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+    check_float64_exact(core.split(model), model, x, 1, grad_rtol=0)
 
 
 @pytest.mark.parametrize("maxpool", ["convex", "wta"])
@@ -589,12 +580,7 @@ def test_amax_over_channels_splits_exactly(maxpool):
     model = ChannelMax().double().eval()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     sm = core.split(model, maxpool=maxpool)
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = sm.sensitivities(x, 1, ["input"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=0, atol=1e-12)
+    check_float64_exact(sm, model, x, 1, grad_rtol=0)
 
 
 def test_the_traced_twin_shares_parameters_and_copies_buffers_and_tensor_attributes():
@@ -646,12 +632,7 @@ def test_unfold_and_fold_split_exactly():
     model = Patches().double().eval()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     sm = core.split(model)
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = sm.sensitivities(x, 1, ["input", "unfold"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+    check_float64_exact(sm, model, x, 1, layers=["input", "unfold"])
 
 
 def test_max_with_a_dimension_splits_its_values_and_keeps_the_indices():
@@ -674,12 +655,7 @@ def test_max_with_a_dimension_splits_its_values_and_keeps_the_indices():
     model = MaxHead().double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     sm = core.split(model)
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = sm.sensitivities(x, 0, ["input"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+    check_float64_exact(sm, model, x, 0)
 
 
 def test_max_fields_in_a_traced_graph():
@@ -701,9 +677,4 @@ def test_max_fields_in_a_traced_graph():
     x = torch.randn(3, 4, dtype=torch.float64)
     sm = core.split(model)
     assert sm.capture.symbolic is not None
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    probe = sm.sensitivities(x, 0, ["input"], alpha=0.3)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
-    torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+    check_float64_exact(sm, model, x, 0)
