@@ -132,6 +132,16 @@ def output_error(g, h, f) -> float:
     return (g - h - f).abs().max().item() / max(f.abs().max().item(), 1e-30)
 
 
+def forward_row(g, h, f) -> dict:
+    """Both errors of ``g - h`` against ``f`` and the verdict: ``ok`` (within
+    :data:`TOLERANCE` of the streams and :data:`CARRIES` of the output) or ``swamped``
+    (within the first bound only)."""
+    error, missed = relative_error(g, h, f), output_error(g, h, f)
+    return {"relative_error": error, "output_error": missed,
+            "ok": error <= TOLERANCE and missed <= CARRIES,
+            "swamped": error <= TOLERANCE and missed > CARRIES}
+
+
 def check(model, x, nonlinear: str = "freeze") -> dict:
     """Split ``model`` and measure the forward identity and the input sensitivities."""
     import torch
@@ -145,11 +155,7 @@ def check(model, x, nonlinear: str = "freeze") -> dict:
     with torch.no_grad():
         f = model(x)
     g, h = sm(x)
-    error, missed = relative_error(g, h, f), output_error(g, h, f)
-    row = {"relative_error": error, "output_error": missed,
-           "frozen": len(sm.frozen_operations(x)),
-           "ok": error <= TOLERANCE and missed <= CARRIES,
-           "swamped": error <= TOLERANCE and missed > CARRIES}
+    row = forward_row(g, h, f) | {"frozen": len(sm.frozen_operations(x))}
     try:
         probe = sm.sensitivities(x, 0, ["input"], alpha=0.4)["input"]
         finite = bool(torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all())
