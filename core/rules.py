@@ -821,10 +821,10 @@ def _signed_interpolation(ctx: Ctx, b: dict) -> Pair:
     """Separable 2-D interpolation with signed weights (bicubic): ``P = P_H (x) P_W``,
     ``d' = P d`` (the call itself), ``s' = |P| s = |P_H| s |P_W|^T``."""
     p = b.pop("input")
-    d = F.interpolate(p.d, **b)
     if p.d.dim() != 4:
         raise unsupported(ctx, f"{b.get('mode')} interpolation of a {p.d.dim()}-D tensor",
                           "Interpolate (N, C, H, W) tensors.")
+    d = F.interpolate(p.d, **b)
     ph, pw = _axis_matrix(b, 0, p.d), _axis_matrix(b, 1, p.d)
     separable = torch.einsum("oh,nchw,pw->ncop", ph, p.d, pw)
     scale = d.abs().amax().clamp_min(torch.finfo(d.dtype).tiny)

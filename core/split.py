@@ -28,7 +28,7 @@ NONLINEAR_MODES = ("error", "freeze")
 #: ``g - h`` must carry the output to this fraction of ``max |f|`` per row, else
 #: :class:`SplitPrecisionWarning`.
 CARRIES = 1e-3
-_IMPRECISE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models warned about
+_IMPRECISE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models warned about
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -448,15 +448,16 @@ class SplitModel:
     def _check_carries(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
         """Warn (once per model) when ``g - h`` misses ``f`` (the ``d`` stream, the model's
         output) by more than :data:`CARRIES` of ``max |f|`` in some row."""
-        if f.dim() == 0 or f.numel() == 0 or not f.is_floating_point():
+        if (f.dim() == 0 or f.numel() == 0 or not f.is_floating_point()
+                or self.model in _IMPRECISE):
             return
         rows = f.shape[0]
         miss = (g - h - f).reshape(rows, -1).abs().amax(1)
         size = f.reshape(rows, -1).abs().amax(1)
         bad = (size > 0) & (miss > CARRIES * size)
-        if not bool(bad.any()) or self.model in _IMPRECISE:
+        if not bool(bad.any()):
             return
-        _IMPRECISE[self.model] = True
+        _IMPRECISE.add(self.model)
         worst = float((miss / size.clamp_min(torch.finfo(f.dtype).tiny))[bad].max())
         streams = float(torch.maximum(g.abs().amax(), h.abs().amax()))
         warnings.warn(SplitPrecisionWarning(
