@@ -36,6 +36,9 @@ class _InPlaceProxy(fx.Proxy):
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
+_ATOMS = frozenset({type(None), bool, int, float, str})
+
+
 class _SplitTracer(fx.Tracer):
     """A tracer that bypasses hooks of traced-through modules and records container outputs.
 
@@ -48,9 +51,35 @@ class _SplitTracer(fx.Tracer):
         super().__init__()
         self.outputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
         self.inputs: dict[str, fx.Node] = {}
+        self._leaf_types: dict[type, bool] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
         return _InPlaceProxy(node, self)
+
+    # fast paths: fx's own methods test every argument and attribute against
+    # ``nn.Parameter`` (a Python ``__instancecheck__``) before anything else
+    def create_arg(self, a: Any) -> Any:  # noqa: D102 - fx's signature
+        t = type(a)
+        if t is _InPlaceProxy:
+            return a.node
+        if t in _ATOMS:
+            return a
+        if t is tuple:
+            return tuple([self.create_arg(v) for v in a])
+        if t is list:
+            return [self.create_arg(v) for v in a]
+        return super().create_arg(a)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102 - fx's signature
+        if type(attr_val) in _ATOMS or isinstance(attr_val, nn.Module):
+            return attr_val  # what fx returns for anything but a parameter or a tensor
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
+        leaf = self._leaf_types.get(type(m))
+        if leaf is None:  # fx decides by the class (its module and Sequential)
+            leaf = self._leaf_types[type(m)] = super().is_leaf_module(m, module_qualified_name)
+        return leaf
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 - fx's signature
         name = self.path_of_module(m)
@@ -76,15 +105,40 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "narrow", "transpose",
                  "unflatten", "movedim", "swapaxes", "swapdims", "select", "as_strided", "unfold"}
 
 
-def _mutates(node: fx.Node, model: nn.Module) -> bool:
+class Submodules:
+    """A model's modules by path, from one walk of ``named_modules()`` (``get_submodule``
+    walks the path through ``nn.Module.__getattr__`` at every call); a path that the walk
+    does not list (the second name of a module that appears twice) is looked up.
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model.
+    paths: dict, optional
+        Its ``dict(model.named_modules())`` where the caller has it already.
+    """
+
+    def __init__(self, model: nn.Module, paths: dict[str, nn.Module] | None = None) -> None:
+        self.model = model
+        self._paths = paths
+
+    def __getitem__(self, path: str) -> nn.Module:
+        if self._paths is None:
+            self._paths = dict(self.model.named_modules())
+        module = self._paths.get(path)
+        return self.model.get_submodule(path) if module is None else module
+
+
+def _mutates(node: fx.Node, modules: Submodules, signatures: dict[Any, Any]) -> bool:
     """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``,
-    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``)."""
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``); ``signatures`` caches the
+    functions' signatures."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_module":
-        return getattr(model.get_submodule(node.target), "inplace", False) is True
+        return getattr(modules[node.target], "inplace", False) is True
     if node.op != "call_function":
         return False
     if node.target in _INPLACE_OPERATORS:
@@ -92,11 +146,30 @@ def _mutates(node: fx.Node, model: nn.Module) -> bool:
     name = getattr(node.target, "__name__", "")
     if name.endswith("_") and not name.endswith("__"):
         return True
+    if len(node.args) == 1 and not node.kwargs:
+        return False  # only the tensor is passed: no inplace=True
     try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
+        signature = signatures[node.target]
+    except (KeyError, TypeError):  # not seen yet, or an unhashable target
+        signature = _signature(node.target)
+        try:
+            signatures[node.target] = signature
+        except TypeError:
+            pass
+    if signature is None:
+        return False
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:
         return False
     return bound.arguments.get("inplace") is True
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -128,10 +201,14 @@ def resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
     whose value is the updated tensor. A write into a view of another activation (which
     would change that activation too) is rejected.
     """
+    modules, signatures = Submodules(model), {}
+    writes = [n for n in graph.nodes if _mutates(n, modules, signatures)]
+    if not writes:
+        return
     order = {n: i for i, n in enumerate(graph.nodes)}
     scalars = _scalar_nodes(graph)
-    for node in list(graph.nodes):
-        if not _mutates(node, model) or node.args[0] in scalars:
+    for node in writes:
+        if node.args[0] in scalars:
             continue  # `n += 1` on a size rebinds a Python number: no aliasing
         target = node.args[0]
         later = [u for u in target.users if order[u] > order[node]]
@@ -199,53 +276,88 @@ def _keep_constants(graph: fx.Graph, model: nn.Module, twin: nn.Module) -> None:
             graph.erase_node(node)
 
 
-def _twin_value(value: Any, memo: dict[int, Any]) -> Any:
+_SHARED = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
+                     torch.device})
+_TREE = ("_parameters", "_buffers", "_modules")
+# what nn.Module.__init__ sets: the tree above, hook dicts and sets (copied, never shared)
+_BASE_STATE = nn.Module().__dict__
+_BASE_KEYS = frozenset(_BASE_STATE)
+_HOOKS = tuple(k for k, v in _BASE_STATE.items() if isinstance(v, (dict, set)) and k not in _TREE)
+
+
+def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
     """An attribute of a module in its twin: modules by their twins, tensors as copies."""
-    if isinstance(value, nn.Module):
-        return _twin_module(value, memo)
-    if isinstance(value, nn.Parameter):
+    t = type(value)
+    if t in _SHARED or t is nn.Parameter:
         return value
+    if isinstance(value, nn.Module):
+        return _twin_module(value, memo, training)
     if isinstance(value, torch.Tensor):
+        if isinstance(value, nn.Parameter):
+            return value
         found = memo.get(id(value))
         if found is None:
-            found = memo[id(value)] = value.detach().clone()
+            found = memo[id(value)] = value.clone()  # under no_grad: detached
         return found
-    if type(value) in (list, tuple) and any(isinstance(v, (nn.Module, torch.Tensor))
-                                            for v in value):
-        return type(value)(_twin_value(v, memo) for v in value)
-    if type(value) is dict and any(isinstance(v, (nn.Module, torch.Tensor))
-                                   for v in value.values()):
-        return {k: _twin_value(v, memo) for k, v in value.items()}
+    if t is tuple or t is list:
+        for v in value:
+            if type(v) not in _SHARED and isinstance(v, (nn.Module, torch.Tensor)):
+                return t(_twin_value(v, memo, training) for v in value)
+    elif t is dict:
+        for v in value.values():
+            if type(v) not in _SHARED and isinstance(v, (nn.Module, torch.Tensor)):
+                return {k: _twin_value(v, memo, training) for k, v in value.items()}
+    elif isinstance(value, (dict, set)):
+        return value.copy()  # an OrderedDict, a set: never shared
     return value
 
 
-def _twin_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+def _twin_module(module: nn.Module, memo: dict[int, Any], training: bool | None) -> nn.Module:
     found = memo.get(id(module))
     if found is not None:
         return found
     cls = type(module)
     twin = cls.__new__(cls)  # what copy.copy does, without pickling's machinery
     memo[id(module)] = twin
+    source = module.__dict__
     state = twin.__dict__
-    for key, value in module.__dict__.items():
-        if key == "_parameters":
-            state[key] = dict(value)
-        elif key in ("_buffers", "_modules"):
-            state[key] = {k: None if v is None else _twin_value(v, memo)
-                          for k, v in value.items()}
-        elif isinstance(value, dict) and type(value) is not dict:
-            state[key] = value.copy()  # hook dicts (OrderedDict): never shared
-        else:
-            state[key] = _twin_value(value, memo)
+    state.update(source)
+    for key in _HOOKS:
+        value = source.get(key)
+        if value is not None:
+            state[key] = value.copy()
+    value = source.get("_parameters")
+    if value is not None:
+        state["_parameters"] = value.copy()
+    for key in ("_buffers", "_modules"):
+        value = source.get(key)
+        if value is not None:
+            state[key] = {k: None if v is None else _twin_value(v, memo, training)
+                          for k, v in value.items()} if value else {}
+    for key in source.keys() - _BASE_KEYS:  # the module's own attributes
+        value = source[key]
+        if type(value) not in _SHARED:
+            state[key] = _twin_value(value, memo, training)
+    if training is not None:
+        state["training"] = training
     return twin
 
 
-def module_twin(model: nn.Module) -> nn.Module:
+def module_twin(model: nn.Module, training: bool | None = None) -> nn.Module:
     """A copy of the module tree that shares the parameters and owns copies of the buffers
     (and of other tensor attributes); other attributes are shared, containers of modules and
     tensors are copied. Much cheaper than ``copy.deepcopy`` (no parameter, no Python object
-    but the modules and their dicts is copied)."""
-    return _twin_module(model, {})
+    but the modules and their dicts is copied).
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model; it is not modified.
+    training: bool, optional
+        The ``training`` flag of every module of the twin (default: the model's flags).
+    """
+    with torch.no_grad():
+        return _twin_module(model, {}, training)
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> TracedModel:
@@ -272,7 +384,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     try:
         # torch.fx runs Python code on real buffers (``self.calls += 1``): trace a copy of the
         # module tree that shares the parameters and owns copies of the buffers
-        twin = module_twin(model)
+        twin = module_twin(model, training=False)  # capture runs in eval mode
         graph = tracer.trace(twin, concrete_args=concrete_args or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise TraceFailure(
@@ -281,10 +393,6 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     _keep_constants(graph, model, twin)
     resolve_inplace(graph, model)
     nodes = list(graph.nodes)
-    constants = {}  # tensors that torch.fx stored on the traced copy (``_tensor_constant0``)
-    for node in nodes:
-        if node.op == "get_attr" and not _has_attr(model, node.target):
-            constants[node.target] = _attr(twin, node.target)
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node] = {}
     for node in nodes:
@@ -299,18 +407,5 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         inputs.setdefault(name, node)
     if not any(n.op == "placeholder" for n in nodes):
         raise UnsupportedOperation(f"{type(model).__name__}.forward takes no tensor input")
-    return TracedModel(graph, nodes, outputs, inputs, constants)
+    return TracedModel(graph, nodes, outputs, inputs)
 
-
-def _attr(obj: Any, target: str) -> Any:
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _has_attr(obj: Any, target: str) -> bool:
-    try:
-        _attr(obj, target)
-    except AttributeError:
-        return False
-    return True

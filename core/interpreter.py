@@ -25,6 +25,7 @@ from torch import nn
 
 from core import rules
 from core.errors import SplitOverflowError, UnsupportedOperation
+from core.graph import Submodules
 from core.pair import Pair, contains_pair
 from core.shift import Shift
 from core.stabilize import stabilise
@@ -88,25 +89,30 @@ class Step:
 
 def where(model: nn.Module, node: fx.Node) -> str:
     """A node described for messages: the module path or the graph node and its target."""
+    module = model.get_submodule(node.target) if node.op == "call_module" else None
+    return _where(node, module)
+
+
+def _where(node: fx.Node, module: nn.Module | None) -> str:
     if node.op == "call_module":
-        mod = model.get_submodule(node.target)
-        return f"module {node.target!r} ({type(mod).__name__})"
+        return f"module {node.target!r} ({type(module).__name__})"
     if node.op == "output":
         return "output"
     target = getattr(node.target, "__name__", str(node.target))
     return f"graph node {node.name!r} ({node.op} {target})"
 
 
-def _unsupported(model: nn.Module, node: fx.Node, module: nn.Module | None) -> Exception:
+def _unsupported(step: Step) -> Exception:
+    node = step.node
     if node.op == "call_module":
         fix = ("Replace it by a supported piecewise-linear module (ReLU, ReLU6, LeakyReLU, "
                "Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...)")
-        what = type(module).__name__
+        what = type(step.module).__name__
     else:
         fix = "Express it with supported tensor operations."
         what = getattr(node.target, "__name__", str(node.target))
     return UnsupportedOperation(
-        f"{where(model, node)}: {what} is not piecewise linear or has no split-pair rule. {fix}"
+        f"{step.where}: {what} is not piecewise linear or has no split-pair rule. {fix}"
     )
 
 
@@ -121,8 +127,11 @@ def _writes_into(node: fx.Node) -> bool:
 
 
 def plan(model: nn.Module, graph: fx.Graph, inputs: int,
-         merge_batchnorm: bool = False, nonlinear: str = "error") -> dict[fx.Node, Step]:
+         merge_batchnorm: bool = False, nonlinear: str = "error",
+         modules: dict[str, nn.Module] | None = None) -> dict[fx.Node, Step]:
     """Plan the evaluation of ``graph`` with its first ``inputs`` placeholders split.
+
+    ``modules``: the model's ``dict(named_modules())`` where the caller has it.
 
     Raises
     ------
@@ -130,55 +139,59 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         For a node that depends on a split input and has no rule, or (``nonlinear="error"``)
         whose rule would freeze a factor (:mod:`core.frozen`).
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    carried: set[fx.Node] = set(placeholders[:inputs])
+    submodules = Submodules(model, modules)
+    carried: set[fx.Node] = set()
+    placeholders = 0
     steps: dict[fx.Node, Step] = {}
     for node in graph.nodes:
-        module = model.get_submodule(node.target) if node.op == "call_module" else None
-        rule = None
-        carry = node in carried
-        if node.op in ("call_module", "call_method", "call_function"):
-            carry = any(i in carried for i in node.all_input_nodes)
-            if carry:
-                if rules.is_query(node.op, node.target, node.args):
-                    carry = False
-                else:
-                    rule = rules.lookup(node.op, node.target, module)
-                    if rule is None:
-                        raise _unsupported(model, node, module)
-                    carry = rule.lrp != "none"  # constant_like, gates: evaluated, not a pair
-        elif node.op == "output":
-            carry = any(i in carried for i in node.all_input_nodes)
+        op = node.op
+        module = submodules[node.target] if op == "call_module" else None
+        step = Step(node, None, False, module, _where(node, module))
+        steps[node] = step
+        if op == "placeholder":
+            placeholders += 1
+            if placeholders <= inputs:
+                carried.add(node)
+                step.carries = True
+            continue
+        if op == "get_attr" or not any(i in carried for i in node.all_input_nodes):
+            continue
+        if op == "output":
+            step.carries = True
+            continue
+        if rules.is_query(op, node.target, node.args):
+            continue
+        rule = step.rule = rules.lookup(op, node.target, module)
+        if rule is None:
+            raise _unsupported(step)
+        carry = rule.lrp != "none"  # constant_like, gates: evaluated, not a pair
         if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
             raise UnsupportedOperation(
-                f"{where(model, node)}: batch normalisation without running statistics "
+                f"{step.where}: batch normalisation without running statistics "
                 "uses batch statistics, which couple the rows of a batch and are not "
                 "piecewise linear; use track_running_stats=True (a trained model)."
             )
-        frozen = None
-        if rule is not None and rule.freezes is not None:
-            frozen = rule.freezes(node, carried)
-            if frozen is not None and nonlinear != "freeze":
+        if rule.freezes is not None:
+            step.frozen = rule.freezes(node, carried)
+            if step.frozen is not None and nonlinear != "freeze":
                 raise UnsupportedOperation(
-                    f"{where(model, node)} is not piecewise linear: it has no exact "
+                    f"{step.where} is not piecewise linear: it has no exact "
                     f"split-pair rule. core.split(model, nonlinear='freeze') splits it with "
-                    f"its data-dependent factor frozen at the model's activation ({frozen}); "
-                    "g - h stays exact, the sensitivities are those of the frozen model."
+                    f"its data-dependent factor frozen at the model's activation "
+                    f"({step.frozen}); g - h stays exact, the sensitivities are those of the "
+                    "frozen model."
                 )
         if carry:
             carried.add(node)
-        step = Step(node, rule, carry, module, where(model, node), frozen=frozen)
-        if rule is not None:
-            pairs_in = _operands_in(node, carried)
-            step.mass_linear = rule.mass_linear and (rule.lrp != "product" or pairs_in <= 1)
-        if step.activation:
-            step.shift_name = node.target if node.op == "call_module" else node.name
-        steps[node] = step
-    for node in graph.nodes:
-        if node.op != "get_attr":
-            continue
-        steps[node].copy = any(_writes_into(u) and u.args and u.args[0] is node
-                               for u in node.users)
+            step.carries = True
+        step.mass_linear = rule.mass_linear and (
+            rule.lrp != "product" or _operands_in(node, carried) <= 1)
+        if rule.activation:
+            step.shift_name = node.target if op == "call_module" else node.name
+    for node, step in steps.items():
+        if node.op == "get_attr":
+            step.copy = any(_writes_into(u) and u.args and u.args[0] is node
+                            for u in node.users)
     if merge_batchnorm:
         _plan_merges(steps)
     return steps
@@ -280,12 +293,12 @@ class SplitInterpreter(fx.Interpreter):
         self.constants = dict(constants or {})
         kept = plans.get(nonlinear) if plans is not None else None
         if kept is None:
-            self.steps = plan(model, graph, inputs, nonlinear=nonlinear)
+            self.steps = plan(model, graph, inputs, nonlinear=nonlinear, modules=self.submodules)
             if plans is not None:
                 plans[nonlinear] = {n: s if s.module is None else s.bound(None)
                                     for n, s in self.steps.items()}
-        else:  # a module that appears under two names is only once in self.submodules
-            modules = dict(model.named_modules(remove_duplicate=False))
+        else:
+            modules = Submodules(model, self.submodules)
             self.steps = {n: s.bound(modules[n.target]) if n.op == "call_module" else s
                           for n, s in kept.items()}
         if merge_batchnorm:

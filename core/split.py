@@ -186,15 +186,13 @@ class SplitModel:
         """The capture: what an earlier split of the unchanged model found
         (:mod:`core.reuse`), else a new one (kept for the next split)."""
         key = reuse.output_key(output) if reuse_capture else None
-        if key is None:
-            with eval_semantics(self.model, warn=False):
-                return Capture(self.model, output)
+        if key is None:  # tracing runs on an eval-mode twin of the model (core.graph)
+            return Capture(self.model, output)
         fingerprint = reuse.Fingerprint(self.model)
         entry = reuse.entry(self.model, fingerprint)
         found = entry.found.get(key)
         if found is None:
-            with eval_semantics(self.model, warn=False):
-                found = entry.found[key] = find(self.model)
+            found = entry.found[key] = find(self.model)
         model = self.model
 
         def shared() -> bool:
