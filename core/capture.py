@@ -98,14 +98,24 @@ def unwrap(model: nn.Module) -> nn.Module:
         warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
                       stacklevel=4)
         model = inner
-    if any(t is not None and t.is_meta for m in model.modules()
-           for t in (*m._parameters.values(), *m._buffers.values())):
+    if _has_meta(model):
         meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         raise ValueError(
             f"the model's tensors {meta[:3]} are on the meta device (shapes without values); "
             "materialise the model first (model.to_empty(device=...) and load its weights)"
         )
     return model
+
+
+def _has_meta(model: nn.Module) -> bool:
+    for m in model.modules():
+        for t in m._parameters.values():
+            if t is not None and t.is_meta:
+                return True
+        for t in m._buffers.values():
+            if t is not None and t.is_meta:
+                return True
+    return False
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -68,6 +68,8 @@ class _SplitTracer(fx.Tracer):
             return tuple([self.create_arg(v) for v in a])
         if t is list:
             return [self.create_arg(v) for v in a]
+        if t is dict and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102 - fx's signature
@@ -138,7 +140,7 @@ def _mutates(node: fx.Node, modules: Submodules, signatures: dict[Any, Any]) -> 
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_module":
-        return getattr(modules[node.target], "inplace", False) is True
+        return _inplace_module(modules[node.target])
     if node.op != "call_function":
         return False
     if node.target in _INPLACE_OPERATORS:
@@ -163,6 +165,18 @@ def _mutates(node: fx.Node, modules: Submodules, signatures: dict[Any, Any]) -> 
     except TypeError:
         return False
     return bound.arguments.get("inplace") is True
+
+
+def _inplace_module(module: nn.Module) -> bool:
+    """``module.inplace is True``, without the exception that ``nn.Module.__getattr__``
+    raises (with its message) for the modules that have no such attribute."""
+    state = module.__dict__
+    if "inplace" in state:
+        return state["inplace"] is True
+    cls = type(module)
+    if cls.__getattr__ is nn.Module.__getattr__ and not hasattr(cls, "inplace"):
+        return False  # that __getattr__ finds parameters, buffers and modules: never True
+    return getattr(module, "inplace", False) is True
 
 
 def _signature(fn: Any) -> inspect.Signature | None:
