@@ -156,11 +156,13 @@ class RuleTable:
         self.modules: list[tuple[type, Rule]] = []
         self.functions: dict[Any, Rule] = {}
         self.methods: dict[str, Rule] = {}
+        self._by_type: dict[type, Rule | None] = {}  # module() per class, emptied by add()
 
     def add(self, target: Any, rule: Rule) -> None:
         """Register ``rule`` for a module type, a function or a method name."""
         if isinstance(target, type) and issubclass(target, nn.Module):
             self.modules.append((target, rule))
+            self._by_type.clear()
         elif isinstance(target, str):
             self.methods[target] = rule
         elif callable(target):
@@ -170,10 +172,14 @@ class RuleTable:
 
     def module(self, module: nn.Module) -> Rule | None:
         """The rule of a leaf module (the first registered type it is an instance of)."""
-        for kind, rule in self.modules:
-            if isinstance(module, kind):
-                return rule
-        return None
+        cls = type(module)
+        try:
+            return self._by_type[cls]
+        except KeyError:
+            pass
+        found = next((rule for kind, rule in self.modules if issubclass(cls, kind)), None)
+        self._by_type[cls] = found
+        return found
 
     def function(self, fn: Any) -> Rule | None:
         """The rule of a ``call_function`` target."""

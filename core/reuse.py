@@ -49,6 +49,10 @@ _BY_VALUE = frozenset({type(None), bool, int, float, complex, str, bytes, torch.
 _SEQUENCES = (tuple, list)  # and their subclasses (torch.Size, named tuples)
 _EMPTY = frozenset({dict, OrderedDict, set})  # fast path for empty ones
 _SKIPPED = frozenset({"training", "_parameters", "_buffers", "_modules"})
+# what nn.Module.__init__ sets besides those: hook dicts and sets, empty in most modules
+# (compared in one step then), and _is_full_backward_hook
+_BASE = tuple(k for k in nn.Module().__dict__ if k not in _SKIPPED)
+_BASE_KEYS = frozenset(_BASE) | _SKIPPED
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called",
                  "_global_backward_hooks", "_global_backward_pre_hooks",
@@ -68,8 +72,8 @@ class _Mark:
         return f"<{self.name}>"
 
 
-_MODULE, _SEEN, _NONE, _CLASS, _TENSOR, _OBJECT, _END = (
-    _Mark(n) for n in ("module", "seen", "none", "class", "tensor", "object", "end"))
+_MODULE, _SEEN, _NONE, _CLASS, _TENSOR, _OBJECT, _END, _BASE_MARK = (
+    _Mark(n) for n in ("module", "seen", "none", "class", "tensor", "object", "end", "base"))
 
 
 def _value(v: Any, key: list, held: list, depth: int = 0) -> None:
@@ -78,6 +82,8 @@ def _value(v: Any, key: list, held: list, depth: int = 0) -> None:
     t = type(v)
     if t in _BY_VALUE:
         key += (t, v)
+    elif t is tuple and _BY_VALUE.issuperset(map(type, v)):
+        key += (t, tuple(map(type, v)), v)  # a tuple of plain values (kernel_size, stride)
     elif isinstance(v, torch.Tensor):
         key += (_TENSOR, id(v), v._version, v.shape, v.dtype, v.device)
         held.append(v)
@@ -146,14 +152,23 @@ class Fingerprint:
             key += (_MODULE, cls, id(m))
             held.append(m)
             state = m.__dict__
+            base = tuple(map(state.get, _BASE))
+            if any(base):  # a hook
+                for name, v in zip(_BASE, base, strict=True):
+                    key.append(name)
+                    _value(v, key, held)
+            else:  # all empty (or None, False): their types tell them apart
+                key += (_BASE_MARK, tuple(map(type, base)))
             for name, v in state.items():
-                if name in _SKIPPED:
+                if name in _BASE_KEYS:
                     continue
                 t = type(v)
                 if t in _BY_VALUE:
                     key += (name, t, v)
                 elif t in _EMPTY and not v:
                     key += (name, t)  # an empty hook dict or set (the common case)
+                elif t is tuple and _BY_VALUE.issuperset(map(type, v)):
+                    key += (name, t, tuple(map(type, v)), v)  # as _value does
                 else:
                     key.append(name)
                     _value(v, key, held)

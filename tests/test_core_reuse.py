@@ -191,6 +191,28 @@ def test_a_global_hook_changes_the_fingerprint():
     assert reuse.Fingerprint(model).key == key
 
 
+@pytest.mark.parametrize("register", [
+    lambda m: m.register_forward_hook(lambda mod, a, o: None),
+    lambda m: m.register_forward_hook(lambda mod, a, k, o: None, with_kwargs=True),
+    lambda m: m.register_forward_pre_hook(lambda mod, a: None),
+    lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+    lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    lambda m: m.register_state_dict_pre_hook(lambda mod, prefix, keep_vars: None),
+], ids=["forward", "forward_kwargs", "pre", "backward", "backward_pre", "state_dict"])
+def test_every_module_hook_changes_the_fingerprint(register, request):
+    """Modules without hooks are compared in one step (core/reuse.py): a hook of any kind on
+    any module, a leaf included, is still seen, and its removal restores the fingerprint
+    (a full backward hook leaves the module's ``_is_full_backward_hook`` flag set)."""
+    for module in ("model", "block.1", "fc"):
+        model = _net()
+        key = reuse.Fingerprint(model).key
+        handle = register(model if module == "model" else model.get_submodule(module))
+        assert reuse.Fingerprint(model).key != key
+        handle.remove()
+        if request.node.callspec.id != "backward":
+            assert reuse.Fingerprint(model).key == key
+
+
 class Keyword(nn.Module):
     """Captured eagerly (a keyword argument), with a hook that is a method of the model."""
 
