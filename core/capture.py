@@ -108,13 +108,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _has_meta(model: nn.Module) -> bool:
-    for m in model.modules():
+    """Whether a parameter or buffer of the model is on the meta device (a walk over the
+    module dicts: ``model.modules()`` builds every module's name)."""
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
         for t in m._parameters.values():
             if t is not None and t.is_meta:
                 return True
         for t in m._buffers.values():
             if t is not None and t.is_meta:
                 return True
+        stack.extend(c for c in m._modules.values() if c is not None)
     return False
 
 

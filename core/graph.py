@@ -304,6 +304,11 @@ def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
     t = type(value)
     if t in _SHARED or t is nn.Parameter:
         return value
+    if t is torch.Tensor:  # a buffer (the common case)
+        found = memo.get(id(value))
+        if found is None:
+            found = memo[id(value)] = value.clone()  # under no_grad: detached
+        return found
     if isinstance(value, nn.Module):
         return _twin_module(value, memo, training)
     if isinstance(value, torch.Tensor):
