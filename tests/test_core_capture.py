@@ -241,6 +241,37 @@ def test_a_forward_that_updates_buffers_does_so_on_a_copy(flag):
         assert torch.equal(b, value) and b._version == version and b.data_ptr() == ptr, name
 
 
+class Trainable(Counter):
+    """A forward that reads ``self.training`` and writes an attribute and a buffer."""
+
+    def forward(self, x, flag: bool = False):
+        if self.training:
+            self.saw_training = True
+            x = x * 2
+        self.calls += 1
+        self.last = x.shape[0]
+        return self.fc(F.relu(x))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_tracing_a_model_in_training_mode_runs_in_eval_mode_and_leaves_it_unchanged(reuse):
+    """Symbolic capture traces an eval-mode copy of the module tree (core.graph.module_twin):
+    the model's flags, attributes and buffers (values and version counters) stay as they
+    were."""
+    model = Trainable().train()
+    model.fc.eval()  # mixed flags are kept module by module
+    before = {n: (b.clone(), b._version) for n, b in model.named_buffers()}
+    sm = core.split(model, reuse_capture=reuse)
+    assert sm.capture.symbolic is not None
+    assert model.training and not model.fc.training
+    assert "saw_training" not in vars(model) and "last" not in vars(model)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name][0]) and b._version == before[name][1], name
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(sm.forward_pairs(x).d, model.fc(F.relu(x)))  # eval branch
+
+
 # --------------------------------------------------------------------------- wrappers, errors
 def test_wrapped_models_are_split_through_the_module_they_wrap():
     model = _small()
