@@ -87,13 +87,9 @@ class Step:
         return self.rule is not None and self.rule.activation
 
 
-def where(model: nn.Module, node: fx.Node) -> str:
-    """A node described for messages: the module path or the graph node and its target."""
-    module = model.get_submodule(node.target) if node.op == "call_module" else None
-    return _where(node, module)
-
-
 def _where(node: fx.Node, module: nn.Module | None) -> str:
+    """A node described for messages: the module path (``module``: its leaf module) or the
+    graph node and its target."""
     if node.op == "call_module":
         return f"module {node.target!r} ({type(module).__name__})"
     if node.op == "output":
