@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import frozen, frozen_rules, products
-from core.absops import abs_conv, abs_linear, add_negative_part, placeholder
+from core.absops import abs_conv, abs_linear, add_negative_part, channel_affine, placeholder
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 from core.record import assign
@@ -386,17 +386,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
         shift = shift + bias
     if ctx.merged_bias is not None:
         shift = shift + scale * ctx.merged_bias.detach()
-    k = scale.abs()
-    if not ctx.mass and p.s.shape == d.shape:
-        column = k.view((1, -1) + (1,) * (p.d.dim() - 2))
-        s = placeholder(lambda g: (g * column,), p.s)
-        if s is not None:
-            return Pair(d, s)
-    # |k| s + |t| as a batch norm with mean 0, variance 1, eps 0 (its factor is |k| exactly):
-    # its per-channel kernel is 1.5-2.5x faster on CPU than a broadcasting addcmul
-    s = F.batch_norm(p.s.expand_as(d), torch.zeros_like(k), torch.ones_like(k), k, shift.abs(),
-                     False, 0.0, 0.0)
-    return Pair(d, s)
+    return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass))
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, mass_linear=True)
