@@ -6,7 +6,8 @@ weights); these functions save the model's own weight instead and take its absol
 again in the backward pass. With ``value=False`` they compute no product at all and return a
 placeholder whose backward is exact (the ``s`` stream above the deepest probe of the
 sensitivities, whose values nothing reads; docs/math.md section 4); :func:`placeholder` does
-the same for the elementwise rules there (BatchNorm, ReLU, sums).
+the same for the elementwise rules there (BatchNorm, ReLU, sums). :func:`channel_affine` is
+BatchNorm's ``|k| s + |t|`` on the batch norm kernel, with the product as its backward.
 """
 
 from __future__ import annotations
@@ -139,6 +140,48 @@ def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | Non
         return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups, value,
                               is_abs, out_shape)
     return _CONV[n](s, _absolute(weight, is_abs), bias_abs, stride, padding, dilation, groups)
+
+
+def _channel_column(k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return k.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _batch_norm_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # a batch norm with mean 0, variance 1 and eps 0 multiplies by k exactly
+    return F.batch_norm(s, torch.zeros_like(k), torch.ones_like(k), k, t, False, 0.0, 0.0)
+
+
+class _ChannelAffine(torch.autograd.Function):
+    """``k s + t`` per channel; the backward is ``grad * k`` (a batch norm's backward is
+    slower than that product)."""
+
+    @staticmethod
+    def forward(ctx, s, k, t):  # noqa: D102
+        ctx.save_for_backward(k)
+        return _batch_norm_affine(s, k, t)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (k,) = ctx.saved_tensors
+        return grad * _channel_column(k, grad), None, None
+
+
+def channel_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                   value: bool = True) -> torch.Tensor:
+    """``k s + t`` with per-channel vectors ``k`` and ``t`` (along dim 1, no gradient), for
+    the ``s`` stream of a BatchNorm.
+
+    The forward runs the batch norm kernel with mean 0, variance 1 and eps 0, which is
+    1.5-2.5x faster on CPU than the broadcasting ``addcmul``; the backward is ``grad * k``.
+    ``value=False``: a :func:`placeholder` with that backward (where the inputs allow).
+    """
+    if not value:
+        out = placeholder(lambda g: (g * _channel_column(k, g),), s)
+        if out is not None:
+            return out
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _ChannelAffine.apply(s, k, t)
+    return _batch_norm_affine(s, k, t)
 
 
 class _Placeholder(torch.autograd.Function):

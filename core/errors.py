@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+
+class WarnedModels:
+    """Which models (and keys, such as a layer) a warning was given for, so that it is given
+    once per model and key; the models are held weakly.
+    """
+
+    def __init__(self) -> None:
+        self._keys: weakref.WeakKeyDictionary[Any, set[Hashable]] = weakref.WeakKeyDictionary()
+
+    def __contains__(self, item: Any) -> bool:
+        model, key = item if isinstance(item, tuple) else (item, None)
+        return key in self._keys.get(model, ())
+
+    def add(self, model: Any, key: Hashable = None) -> None:
+        """Record that the warning was given for ``model`` (and ``key``)."""
+        self._keys.setdefault(model, set()).add(key)
+
 
 class UnsupportedOperation(TypeError):
     """An operation of the model has no exact split-pair rule.

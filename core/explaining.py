@@ -7,15 +7,16 @@ Zennit, Quantus) run their work in.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from core.errors import WarnedModels
+
 #: models already warned about training mode (weak: an entry goes with its model)
-_WARNED_TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_WARNED_TRAINING = WarnedModels()
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import frozen, frozen_rules, products
-from core.absops import abs_conv, abs_linear, add_negative_part, placeholder
+from core.absops import abs_conv, abs_linear, add_negative_part, channel_affine, placeholder
 from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 from core.record import assign
@@ -386,10 +386,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
         shift = shift + bias
     if ctx.merged_bias is not None:
         shift = shift + scale * ctx.merged_bias.detach()
-    shape = (1, -1) + (1,) * (p.d.dim() - 2)
-    k = scale.abs().view(shape)
-    s = None if ctx.mass or p.s.shape != d.shape else placeholder(lambda g: (g * k,), p.s)
-    return Pair(d, torch.addcmul(shift.abs().view(shape), p.s, k) if s is None else s)
+    return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass))
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, mass_linear=True)

@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from core.errors import WarnedModels
 from core.pair import Pair
 from core.stabilize import ScaleGrad, column
 
@@ -407,7 +407,7 @@ def shift_diagnostics(
 
 
 # ---------------------------------------------------------------------------- warning
-_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WARNED = WarnedModels()
 
 
 def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) -> None:
@@ -419,12 +419,11 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
     """
     if shift.auto:
         return
-    done = _WARNED.setdefault(sm.model, set())
-    if layer in done:
+    if (sm.model, layer) in _WARNED:
         return
     ratio = shift_ratio(probe)
     if ratio > CLASS_BLIND_RATIO:
-        done.add(layer)
+        _WARNED.add(sm.model, layer)
         warnings.warn(SplitClassBlindWarning(
             f"the Split map at layer {layer!r} does not depend on the target class: its shift "
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,12 @@ from torch import nn
 
 from core import checks, reuse
 from core.capture import Capture, Captured, find, unwrap
-from core.errors import SplitOverflowError, SplitPrecisionWarning, UnsupportedOperation
+from core.errors import (
+    SplitOverflowError,
+    SplitPrecisionWarning,
+    UnsupportedOperation,
+    WarnedModels,
+)
 from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
@@ -30,7 +34,7 @@ NONLINEAR_MODES = ("error", "freeze")
 #: ``g - h`` must carry the output to this fraction of ``max |f|`` per row, else
 #: :class:`SplitPrecisionWarning`.
 CARRIES = 1e-3
-_IMPRECISE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models warned about
+_IMPRECISE = WarnedModels()  # models warned about
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 

@@ -35,3 +35,24 @@ def test_abs_conv_matches_plain_conv(n):
     seed = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, s, seed)[0],
                                torch.autograd.grad(ref, s, seed)[0])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 5, 7), (2, 5, 4, 3), (1, 5, 2, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_affine_is_k_s_plus_t_with_backward_grad_times_k(shape, dtype):
+    torch.manual_seed(len(shape))
+    k, t = torch.rand(5, dtype=dtype), torch.rand(5, dtype=dtype)
+    column = (1, 5) + (1,) * (len(shape) - 2)
+    s = torch.rand(shape, dtype=dtype, requires_grad=True)
+    seed = torch.randn(shape, dtype=dtype)
+    ref = torch.addcmul(t.view(column), s, k.view(column))
+    with torch.no_grad():
+        torch.testing.assert_close(absops.channel_affine(s, k, t), ref)
+    out = absops.channel_affine(s, k, t)
+    torch.testing.assert_close(out, ref)
+    grad = torch.autograd.grad(out, s, seed)[0]
+    assert torch.equal(grad, seed * k.view(column))
+    # the placeholder (no value) has the same backward, bit for bit
+    free = absops.channel_affine(s, k, t, value=False)
+    assert free.shape == ref.shape and not free.any()
+    assert torch.equal(torch.autograd.grad(free, s, seed)[0], grad)
