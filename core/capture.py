@@ -64,7 +64,6 @@ class Captured:
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     reusable: bool = True
     value_dependent: list[str] = field(default_factory=list)
-    constants: dict[str, Any] = field(default_factory=dict)
     plans: dict[Hashable, Any] = field(default_factory=dict)
 
     def input_nodes(self) -> list[fx.Node]:
@@ -221,7 +220,7 @@ def find(model: nn.Module) -> Found:
             out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
             if isinstance(out, fx.Node) and not isinstance(out.target, type):
                 found.symbolic = Captured(traced.graph, 1, "symbolic", traced.module_outputs,
-                                          traced.module_inputs, constants=traced.constants)
+                                          traced.module_inputs)
     return found
 
 

@@ -261,7 +261,6 @@ class TracedModel:
     nodes: list[fx.Node]
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
-    constants: dict[str, Any] = field(default_factory=dict)
 
 
 def constant(value: Any) -> Any:

@@ -15,7 +15,7 @@ Public interface, used by :class:`core.SplitModel` and :mod:`core.lrp`:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,8 +266,6 @@ class SplitInterpreter(fx.Interpreter):
         The options of :class:`core.SplitModel`.
     weight_abs: callable
         ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
-    constants: mapping, optional
-        Values of ``get_attr`` targets that are not attributes of the model.
     plans: dict, optional
         Where plans of this graph are kept without their modules, by ``nonlinear``, between
         interpreters of the same model (:attr:`core.capture.Captured.plans`): a kept plan is
@@ -278,7 +276,7 @@ class SplitInterpreter(fx.Interpreter):
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
-                 cached_abs: bool = False, constants: Mapping[str, Any] | None = None,
+                 cached_abs: bool = False,
                  nonlinear: str = "error", plans: dict | None = None) -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
@@ -286,7 +284,6 @@ class SplitInterpreter(fx.Interpreter):
         self.maxpool, self.stabilizer = maxpool, stabilizer
         self.theta, self.threshold = theta, threshold
         self.weight_abs, self.cached_abs = weight_abs, cached_abs
-        self.constants = dict(constants or {})
         kept = plans.get(nonlinear) if plans is not None else None
         if kept is None:
             self.steps = plan(model, graph, inputs, nonlinear=nonlinear, modules=self.submodules)
@@ -510,8 +507,7 @@ class SplitInterpreter(fx.Interpreter):
                 raise TypeError(f"split input {n.target!r} must be a Pair")
             return value
         if n.op == "get_attr":
-            value = (self.constants[n.target] if n.target in self.constants
-                     else _fetch_attr(self.module, n.target))
+            value = _fetch_attr(self.module, n.target)
             if isinstance(value, torch.Tensor):
                 value = value.detach().clone() if step.copy else value.detach()
         elif step.rule is None or not contains_pair((args, kwargs)):

@@ -237,7 +237,7 @@ class SplitModel:
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
-            cached_abs=self._abs_cache is not None, constants=captured.constants,
+            cached_abs=self._abs_cache is not None,
             nonlinear=self.nonlinear, plans=captured.plans if keep else None,
         )
         listed = interp.frozen_operations()
