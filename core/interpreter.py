@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from core import rules
+from core.absops import AbsScratch
 from core.errors import SplitOverflowError, UnsupportedOperation
 from core.graph import Submodules
 from core.pair import Pair, contains_pair
@@ -266,6 +267,9 @@ class SplitInterpreter(fx.Interpreter):
         The options of :class:`core.SplitModel`.
     weight_abs: callable
         ``|W|`` of a weight; ``cached_abs``: it returns a kept copy.
+    scratch: core.absops.AbsScratch, optional
+        Where the affine rules write a ``|W|`` that only their product reads (default: a
+        new tensor per layer).
     plans: dict, optional
         Where plans of this graph are kept without their modules, by ``nonlinear``, between
         interpreters of the same model (:attr:`core.capture.Captured.plans`): a kept plan is
@@ -276,7 +280,7 @@ class SplitInterpreter(fx.Interpreter):
     def __init__(self, model: nn.Module, graph: fx.Graph, inputs: int, *, maxpool: str,
                  stabilizer: str, theta: float, threshold: float, merge_batchnorm: bool,
                  weight_abs: Callable[[torch.Tensor], torch.Tensor],
-                 cached_abs: bool = False,
+                 cached_abs: bool = False, scratch: AbsScratch | None = None,
                  nonlinear: str = "error", plans: dict | None = None) -> None:
         super().__init__(model, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False  # keep the exceptions' arguments as they are
@@ -297,7 +301,7 @@ class SplitInterpreter(fx.Interpreter):
         if merge_batchnorm:
             _plan_merges(self.steps)
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
-                                     weight_abs, cached_abs)
+                                     weight_abs, cached_abs, scratch=scratch)
                      for node, s in self.steps.items() if s.rule is not None}
         self._ctx_free: dict[fx.Node, rules.Ctx] = {}  # mass=False, made when first needed
         self._free: set[fx.Node] = set()

@@ -95,6 +95,8 @@ class Ctx:
     mass: bool
         False where nothing reads the value of this node's ``s`` (only its backward pass):
         a ``mass_linear`` rule may then return a placeholder whose backward is exact.
+    scratch: core.absops.AbsScratch or None
+        Where an affine rule writes the ``|W|`` that only its product reads.
     """
 
     maxpool: str
@@ -105,6 +107,7 @@ class Ctx:
     weight_abs: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w.abs())
     cached_abs: bool = False
     mass: bool = True
+    scratch: Any = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -315,7 +315,7 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     if ctx.cached_abs:
         s = abs_linear(p.s, ctx.weight_abs(m.weight), bias_abs, ctx.mass, is_abs=True)
     else:
-        s = abs_linear(p.s, w, bias_abs, ctx.mass)
+        s = abs_linear(p.s, w, bias_abs, ctx.mass, scratch=ctx.scratch)
     return Pair(F.linear(p.d, w, b), s)
 
 
@@ -332,7 +332,8 @@ def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         padding = 0
     weight = ctx.weight_abs(m.weight) if ctx.cached_abs else w
     s = abs_conv(source, weight, bias_abs, len(m.kernel_size), m.stride, padding, m.dilation,
-                 m.groups, value=ctx.mass, is_abs=ctx.cached_abs, out_shape=d.shape)
+                 m.groups, value=ctx.mass, is_abs=ctx.cached_abs, out_shape=d.shape,
+                 scratch=ctx.scratch)
     return Pair(d, s)
 
 

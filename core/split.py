@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from core import checks, reuse
+from core.absops import AbsScratch
 from core.capture import Capture, Captured, find, unwrap
 from core.errors import (
     SplitOverflowError,
@@ -199,6 +200,7 @@ class SplitModel:
         self._abs_cache: dict[int, tuple[int, int, torch.Tensor]] | None = (
             {} if cache_abs_weights else None
         )
+        self._scratch = AbsScratch()  # |W| of one layer at a time (core.absops)
         self.model = unwrap(model)
         self._interpreters: dict[int, tuple[Captured, SplitInterpreter]] = {}
         with _collector_paused():
@@ -237,7 +239,7 @@ class SplitModel:
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
-            cached_abs=self._abs_cache is not None,
+            cached_abs=self._abs_cache is not None, scratch=self._scratch,
             nonlinear=self.nonlinear, plans=captured.plans if keep else None,
         )
         listed = interp.frozen_operations()

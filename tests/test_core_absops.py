@@ -56,3 +56,66 @@ def test_channel_affine_is_k_s_plus_t_with_backward_grad_times_k(shape, dtype):
     free = absops.channel_affine(s, k, t, value=False)
     assert free.shape == ref.shape and not free.any()
     assert torch.equal(torch.autograd.grad(free, s, seed)[0], grad)
+
+
+def test_scratch_reuses_one_buffer_per_dtype_and_gives_the_same_bits(monkeypatch):
+    monkeypatch.setattr(absops, "BLOCK", 500)
+    scratch = absops.AbsScratch()
+    torch.manual_seed(3)
+    small, large = torch.randn(4, 3, 3, 3), torch.randn(6, 4, 3, 3)  # 108 and 216 entries
+    first = scratch.abs(large)
+    second = scratch.abs(small)
+    assert torch.equal(second, small.abs())
+    assert second.data_ptr() == first.data_ptr()  # the same memory, written again
+    assert not torch.equal(first, large.abs())    # (so a |W| is valid until the next call)
+    double = scratch.abs(large.double())
+    assert double.dtype == torch.float64 and double.data_ptr() != first.data_ptr()
+    big = torch.randn(600)                          # over BLOCK: a new tensor
+    assert torch.equal(scratch.abs(big), big.abs()) and scratch.abs(big).data_ptr() != \
+        first.data_ptr()
+
+
+def test_split_with_scratch_matches_fresh_abs_bit_for_bit(monkeypatch):
+    import torchvision
+
+    import core
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    target = torch.tensor([1, 7])
+
+    def run():
+        sm = core.split(model, reuse_capture=False)
+        with torch.no_grad():
+            out = sm.forward_pairs(x)
+        probe = sm.sensitivities(x, target, ["layer2", "input"], alpha=0.4)
+        return out, probe
+
+    out, probe = run()
+    monkeypatch.setattr(absops.AbsScratch, "abs", lambda self, w: w.abs())
+    ref_out, ref_probe = run()
+    assert torch.equal(out.d, ref_out.d) and torch.equal(out.s, ref_out.s)
+    for layer in ("layer2", "input"):
+        for field in ("S", "Dg", "grad", "mass"):
+            assert torch.equal(getattr(probe[layer], field), getattr(ref_probe[layer], field))
+
+
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_scratch_survives_double_backward(padding):
+    torch.manual_seed(4)
+    scratch = absops.AbsScratch()
+    w1, w2 = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randn(4, 5, 3, 3,
+                                                                          dtype=torch.float64)
+    s = torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(s, scratch):
+        h = absops.abs_conv(s, w1, None, 2, 1, padding, 1, 1, scratch=scratch) ** 2
+        return (absops.abs_conv(h, w2, None, 2, 1, padding, 1, 1, scratch=scratch) ** 2).sum()
+
+    def hessian_vector(scratch):
+        (g,) = torch.autograd.grad(f(s, scratch), s, create_graph=True)
+        return torch.autograd.grad((g * torch.arange(72.0, dtype=g.dtype).view_as(g)).sum(),
+                                   s)[0]
+
+    assert torch.equal(hessian_vector(scratch), hessian_vector(None))
