@@ -60,13 +60,22 @@ class AbsScratch:
     def abs(self, weight: torch.Tensor) -> torch.Tensor:
         """``|weight|``, in the buffer where it fits (valid until the next call)."""
         n = weight.numel()
-        if n > BLOCK or weight.requires_grad:
+        if n > BLOCK or weight.requires_grad or not _dense(weight):
             return weight.abs()
         key = (weight.device, weight.dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < n:
             buffer = self._buffers[key] = weight.new_empty(n)
-        return torch.abs(weight, out=buffer[:n].view(weight.shape))
+        # the weight's own strides (channels_last stays channels_last, as with weight.abs())
+        return torch.abs(weight, out=buffer[:n].as_strided(weight.shape, weight.stride()))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous in the standard or the channels-last memory format."""
+    if t.is_contiguous():
+        return True
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return last is not None and t.is_contiguous(memory_format=last)
 
 
 def _abs(weight: torch.Tensor, scratch: AbsScratch | None) -> torch.Tensor:

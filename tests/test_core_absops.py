@@ -119,3 +119,13 @@ def test_scratch_survives_double_backward(padding):
                                    s)[0]
 
     assert torch.equal(hessian_vector(scratch), hessian_vector(None))
+
+
+def test_scratch_keeps_the_weights_memory_format():
+    scratch = absops.AbsScratch()
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    out = scratch.abs(w)
+    assert out.stride() == w.stride() and torch.equal(out, w.abs())
+    gaps = torch.randn(8, 8)[:, ::2]  # a slice with gaps: a new tensor, as weight.abs()
+    assert torch.equal(scratch.abs(gaps), gaps.abs())
+    assert scratch.abs(gaps).data_ptr() != out.data_ptr()
