@@ -241,6 +241,9 @@ class _Worker:
     def __init__(self, setup: Callable[[], Any], threads: int):
         import torch
 
+        from splitxai.allocator import keep_freed_memory
+
+        keep_freed_memory()  # the actor's process is ours (splitxai.allocator)
         torch.set_num_threads(threads)
         self.state = setup()
 

@@ -3,7 +3,8 @@
 It checks the installation first (a foreign top-level ``core`` package, see
 :mod:`splitxai.install`), answers ``--version``, and hands the sub-commands to
 :func:`quantus_adapters.cli.main`. Install problems are one line on stderr and exit status 2,
-not a traceback.
+not a traceback. Run as its own process (the console script, ``python -m splitxai``), it
+first keeps freed memory in the process for reuse (:mod:`splitxai.allocator`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from splitxai import __version__
+from splitxai.allocator import keep_freed_memory
 from splitxai.install import ForeignCoreError, MissingExtraError, require_own_core
 
 
@@ -20,14 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     Parameters
     ----------
     argv : list of str, optional
-        The arguments without the program name; ``sys.argv[1:]`` when None.
+        The arguments without the program name; ``sys.argv[1:]`` when None (the command runs
+        as its own process: the allocator is tuned, :mod:`splitxai.allocator`).
 
     Returns
     -------
     int
         The process exit status.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        try:
+            keep_freed_memory()
+        except ValueError as exc:
+            print(f"splitxai: error: {exc}", file=sys.stderr)
+            return 2
+        argv = sys.argv[1:]
+    argv = list(argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"splitxai {__version__}")
         return 0
