@@ -53,6 +53,14 @@ class _SplitTracer(fx.Tracer):
         self.inputs: dict[str, fx.Node] = {}
         self._leaf_types: dict[type, bool] = {}
 
+    def release(self) -> None:
+        """Drop the references to the traced module tree. ``Tracer.trace`` leaves the tracer
+        in a reference cycle (a recursive local function that holds it), so without this the
+        traced copy of the model and its buffers would live until the garbage collector's
+        next run instead of going when the capture no longer needs them."""
+        self.root = None
+        self.tensor_attrs = {}
+
     def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
         return _InPlaceProxy(node, self)
 
@@ -408,6 +416,8 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         raise TraceFailure(
             f"could not trace {type(model).__name__} with torch.fx: {type(err).__name__}: {err}"
         ) from err
+    finally:
+        tracer.release()
     _keep_constants(graph, model, twin)
     resolve_inplace(graph, model)
     nodes = list(graph.nodes)

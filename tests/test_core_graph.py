@@ -609,6 +609,39 @@ def test_the_traced_twin_shares_parameters_and_copies_buffers_and_tensor_attribu
     assert model.training and not model.body[0]._forward_hooks
 
 
+def test_the_traced_twin_goes_with_the_capture(monkeypatch):
+    """The copy of the module tree that torch.fx traced (and its copies of the buffers) is
+    freed when tracing ends, without waiting for the garbage collector (fx's trace leaves
+    its tracer in a reference cycle)."""
+    import gc
+    import weakref
+
+    import core.graph
+
+    twins = []
+    make_twin = core.graph.module_twin
+
+    def kept_twin(*args, **kwargs):
+        twin = make_twin(*args, **kwargs)
+        twins.append(weakref.ref(twin))
+        return twin
+
+    monkeypatch.setattr(core.graph, "module_twin", kept_twin)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8, 2)).eval()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        sm = core.split(model, reuse_capture=False)
+        assert len(twins) == 1 and twins[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+    x = torch.rand(2, 1, 4, 4)
+    g, h = sm(x)
+    assert_rel_close(g - h, model(x).detach(), 1e-6)
+
+
 def test_unfold_and_fold_split_exactly():
     """``nn.Unfold``/``F.unfold`` (im2col: copies, as in TNT and VOLO) and ``nn.Fold``/
     ``F.fold`` (col2im: sums of overlapping patches) are positive linear maps."""
