@@ -61,6 +61,19 @@ class _SplitTracer(fx.Tracer):
         self.root = None
         self.tensor_attrs = {}
 
+    def create_node(self, kind, target, args, kwargs, name=None,  # noqa: D102 - fx's
+                    type_expr=None):
+        # made without its arguments, which are set right after: ``Graph.create_node`` walks
+        # the arguments of every call with torch's pytree for raw symbolic integers
+        # (``SymInt``, a warning), which symbolic tracing never passes; that walk was an
+        # eighth of tracing ResNet50. The node, its name and its users are the same.
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
         return _InPlaceProxy(node, self)
 

@@ -642,6 +642,36 @@ def test_the_traced_twin_goes_with_the_capture(monkeypatch):
     assert_rel_close(g - h, model(x).detach(), 1e-6)
 
 
+def test_traced_nodes_match_torch_fx():
+    """The split's tracer (made without fx's argument walk) records the graph that
+    torch.fx's own tracer records: names, operations, arguments, keywords and users."""
+    import torch.fx as fx
+
+    from core.graph import _SplitTracer
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x, scale: float = 2.0):
+            y = F.relu(self.conv(x), inplace=False)
+            z = torch.cat([y, x.mean(dim=1, keepdim=True)], dim=1) * scale
+            return self.pool(z).flatten(start_dim=1).sum(-1)
+
+    def described(graph):
+        def name(a):
+            return fx.node.map_arg(a, lambda n: n.name)
+        return [(n.name, n.op, str(n.target), name(n.args), name(n.kwargs),
+                 sorted(u.name for u in n.users)) for n in graph.nodes]
+
+    model = Net().eval()
+    ours = described(_SplitTracer().trace(model))
+    assert ours == described(fx.Tracer().trace(model))
+    assert any(kw for *_, kw, _ in ours)  # keywords were recorded
+
+
 def test_unfold_and_fold_split_exactly():
     """``nn.Unfold``/``F.unfold`` (im2col: copies, as in TNT and VOLO) and ``nn.Fold``/
     ``F.fold`` (col2im: sums of overlapping patches) are positive linear maps."""
