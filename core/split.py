@@ -350,7 +350,11 @@ class SplitModel:
                     "which autograd cannot use); pass x.clone() made outside inference mode"
                 )
             if not t.is_floating_point():
-                raise TypeError(f"{what} must be a floating point tensor, got {t.dtype}")
+                raise TypeError(
+                    f"{what} must be a floating point tensor, got {t.dtype}: only real-valued "
+                    "inputs are split; pass integer or boolean tensors (indices, masks) after "
+                    "the split inputs, as further arguments of the forward (sm(x, mask), "
+                    "Captum's additional_forward_args)")
             if t.dim() == 0:
                 raise ValueError(f"{what} must have a batch dimension, got a scalar")
             if t.shape[0] == 0:
