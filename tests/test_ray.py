@@ -126,3 +126,19 @@ def test_explain_on_ray_writes_the_maps_of_a_local_run(local_ray, weights, tmp_p
     for f in local:  # the same batches on one thread each: identical maps
         other = tmp_path / "ray" / f.relative_to(tmp_path / "local")
         np.testing.assert_array_equal(np.load(f)["map"], np.load(other)["map"])
+
+
+def test_workers_keep_freed_memory(local_ray):
+    """Each Ray worker's process keeps freed memory for reuse, as the command's own
+    process does (splitxai.allocator); the driver (this test process) is left alone."""
+    import platform
+
+    from quantus_adapters.cluster import RayPool
+    from splitxai import allocator
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    pool = RayPool(local_ray, lambda: None, workers=1)
+    [(_, ok, kept)] = list(pool.imap_unordered(
+        lambda state, task: __import__("splitxai.allocator", fromlist=["kept"]).kept(), [0]))
+    assert ok and kept is (glibc and not allocator.user_malloc_settings())
+    assert not allocator.kept()
