@@ -32,14 +32,19 @@ def _run(setting: str, out: Path, full: bool) -> dict:
     if not full:
         cmd += ["--quick", "--no-figures"]
     env = {**os.environ, "SPLITXAI_MALLOC": setting}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode()
-    if proc.returncode != 0:
-        sys.exit(f"splitxai benchmark failed with SPLITXAI_MALLOC={setting}:\n{err[-2000:]}")
+    # stderr to a file, not a pipe: a pipe that nobody reads during wait4 could fill and
+    # block the run
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource usage
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            sys.exit(f"splitxai benchmark failed with SPLITXAI_MALLOC={setting}:\n"
+                     f"{err[-2000:]}")
     return {"wall": wall, "faults": usage.ru_minflt, "sys": usage.ru_stime,
             "rss_mib": usage.ru_maxrss / 1024}
 
@@ -57,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {s: Path(tmp, s) for s in SETTINGS}
+        outs: dict[str, Path] = {}  # each setting's last run
         for r in range(args.rounds):
             for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
                 outs[setting] = Path(tmp, f"{setting}-{r}")

@@ -186,12 +186,12 @@ def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | Non
              scratch: AbsScratch | None = None) -> torch.Tensor:
     """``F.conv{n}d(s, |W|, |b|, ...)`` with numeric (zero) padding; ``value=False`` (needs
     ``out_shape``), ``is_abs`` and ``scratch`` as for :func:`abs_linear`."""
-    if _needs_graph(s) and not isinstance(padding, str):
-        value = value or out_shape is None
-        return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups, value,
-                              is_abs, out_shape, scratch)
-    if _needs_graph(s):  # "same"/"valid" padding under autograd: the product keeps |W|
-        scratch = None
+    if _needs_graph(s):
+        if not isinstance(padding, str):
+            value = value or out_shape is None
+            return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups,
+                                  value, is_abs, out_shape, scratch)
+        scratch = None  # "same"/"valid" padding under autograd: the product keeps |W|
     return _CONV[n](s, _absolute(weight, is_abs, scratch), bias_abs, stride, padding, dilation,
                     groups)
 

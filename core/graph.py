@@ -319,25 +319,25 @@ _BASE_KEYS = frozenset(_BASE_STATE)
 _HOOKS = tuple(k for k, v in _BASE_STATE.items() if isinstance(v, (dict, set)) and k not in _TREE)
 
 
+def _twin_tensor(value: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """One copy per tensor, however often the tree holds it."""
+    found = memo.get(id(value))
+    if found is None:
+        found = memo[id(value)] = value.clone()  # under no_grad: detached
+    return found
+
+
 def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
     """An attribute of a module in its twin: modules by their twins, tensors as copies."""
     t = type(value)
     if t in _SHARED or t is nn.Parameter:
         return value
     if t is torch.Tensor:  # a buffer (the common case)
-        found = memo.get(id(value))
-        if found is None:
-            found = memo[id(value)] = value.clone()  # under no_grad: detached
-        return found
+        return _twin_tensor(value, memo)
     if isinstance(value, nn.Module):
         return _twin_module(value, memo, training)
     if isinstance(value, torch.Tensor):
-        if isinstance(value, nn.Parameter):
-            return value
-        found = memo.get(id(value))
-        if found is None:
-            found = memo[id(value)] = value.clone()  # under no_grad: detached
-        return found
+        return value if isinstance(value, nn.Parameter) else _twin_tensor(value, memo)
     if t is tuple or t is list:
         for v in value:
             if type(v) not in _SHARED and isinstance(v, (nn.Module, torch.Tensor)):

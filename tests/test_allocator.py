@@ -54,7 +54,8 @@ def _run(mode: str, **env: str) -> list[str]:
 def test_user_malloc_settings_are_seen():
     assert not user_malloc_settings({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.cpu.x86_avx=1"})
     assert user_malloc_settings({"MALLOC_TRIM_THRESHOLD_": "131072"})
-    assert user_malloc_settings({"MALLOC_ARENA_MAX": "2"}) is False  # not a tunable's name
+    # the number of arenas (glibc's MALLOC_ARENA_MAX, no trailing "_"): not what is set here
+    assert user_malloc_settings({"MALLOC_ARENA_MAX": "2"}) is False
     assert user_malloc_settings({"MALLOC_ARENA_MAX_": "2"})
     assert user_malloc_settings({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1000000"})
     assert user_malloc_settings({"SPLITXAI_MALLOC": "default"})
