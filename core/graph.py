@@ -13,6 +13,7 @@ from torch import nn
 
 from core import rules
 from core.errors import UnsupportedOperation
+from core.modstate import BASE_KEYS, HOOK_CONTAINERS, PLAIN
 
 
 class _InPlaceProxy(fx.Proxy):
@@ -310,13 +311,6 @@ def _keep_constants(graph: fx.Graph, model: nn.Module, twin: nn.Module) -> None:
             graph.erase_node(node)
 
 
-_SHARED = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
-                     torch.device})
-_TREE = ("_parameters", "_buffers", "_modules")
-# what nn.Module.__init__ sets: the tree above, hook dicts and sets (copied, never shared)
-_BASE_STATE = nn.Module().__dict__
-_BASE_KEYS = frozenset(_BASE_STATE)
-_HOOKS = tuple(k for k, v in _BASE_STATE.items() if isinstance(v, (dict, set)) and k not in _TREE)
 
 
 def _twin_tensor(value: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
@@ -330,7 +324,7 @@ def _twin_tensor(value: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
 def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
     """An attribute of a module in its twin: modules by their twins, tensors as copies."""
     t = type(value)
-    if t in _SHARED or t is nn.Parameter:
+    if t in PLAIN or t is nn.Parameter:
         return value
     if t is torch.Tensor:  # a buffer (the common case)
         return _twin_tensor(value, memo)
@@ -340,11 +334,11 @@ def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
         return value if isinstance(value, nn.Parameter) else _twin_tensor(value, memo)
     if t is tuple or t is list:
         for v in value:
-            if type(v) not in _SHARED and isinstance(v, (nn.Module, torch.Tensor)):
+            if type(v) not in PLAIN and isinstance(v, (nn.Module, torch.Tensor)):
                 return t(_twin_value(v, memo, training) for v in value)
     elif t is dict:
         for v in value.values():
-            if type(v) not in _SHARED and isinstance(v, (nn.Module, torch.Tensor)):
+            if type(v) not in PLAIN and isinstance(v, (nn.Module, torch.Tensor)):
                 return {k: _twin_value(v, memo, training) for k, v in value.items()}
     elif isinstance(value, (dict, set)):
         return value.copy()  # an OrderedDict, a set: never shared
@@ -361,7 +355,7 @@ def _twin_module(module: nn.Module, memo: dict[int, Any], training: bool | None)
     source = module.__dict__
     state = twin.__dict__
     state.update(source)
-    for key in _HOOKS:
+    for key in HOOK_CONTAINERS:
         value = source.get(key)
         if value is not None:
             state[key] = value.copy()
@@ -373,9 +367,9 @@ def _twin_module(module: nn.Module, memo: dict[int, Any], training: bool | None)
         if value is not None:
             state[key] = {k: None if v is None else _twin_value(v, memo, training)
                           for k, v in value.items()} if value else {}
-    for key in source.keys() - _BASE_KEYS:  # the module's own attributes
+    for key in source.keys() - BASE_KEYS:  # the module's own attributes
         value = source[key]
-        if type(value) not in _SHARED:
+        if type(value) not in PLAIN:
             state[key] = _twin_value(value, memo, training)
     if training is not None:
         state["training"] = training

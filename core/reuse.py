@@ -44,15 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-_BY_VALUE = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
-                       torch.device})
+from core.modstate import BASE_KEYS, HOOK_STATE, PLAIN
+
 _SEQUENCES = (tuple, list)  # and their subclasses (torch.Size, named tuples)
 _EMPTY = frozenset({dict, OrderedDict, set})  # fast path for empty ones
-_SKIPPED = frozenset({"training", "_parameters", "_buffers", "_modules"})
-# what nn.Module.__init__ sets besides those: hook dicts and sets, empty in most modules
-# (compared in one step then), and _is_full_backward_hook
-_BASE = tuple(k for k in nn.Module().__dict__ if k not in _SKIPPED)
-_BASE_KEYS = frozenset(_BASE) | _SKIPPED
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called",
                  "_global_backward_hooks", "_global_backward_pre_hooks",
@@ -80,9 +75,9 @@ def _value(v: Any, key: list, held: list, depth: int = 0) -> None:
     """Append ``v`` to ``key``: by value where it is plain data, else by identity (``held``
     gets the object, so that its identity can be kept)."""
     t = type(v)
-    if t in _BY_VALUE:
+    if t in PLAIN:
         key += (t, v)
-    elif t is tuple and _BY_VALUE.issuperset(map(type, v)):
+    elif t is tuple and PLAIN.issuperset(map(type, v)):
         key += (t, tuple(map(type, v)), v)  # a tuple of plain values (kernel_size, stride)
     elif isinstance(v, torch.Tensor):
         key += (_TENSOR, id(v), v._version, v.shape, v.dtype, v.device)
@@ -96,7 +91,7 @@ def _value(v: Any, key: list, held: list, depth: int = 0) -> None:
         for k, x in v.items():
             _value(k, key, held, depth + 1)
             _value(x, key, held, depth + 1)
-    elif isinstance(v, (set, frozenset)) and all(type(x) in _BY_VALUE for x in v):
+    elif isinstance(v, (set, frozenset)) and all(type(x) in PLAIN for x in v):
         key += (t, frozenset(v))
     else:
         key += (_OBJECT, t, id(v))
@@ -152,22 +147,22 @@ class Fingerprint:
             key += (_MODULE, cls, id(m))
             held.append(m)
             state = m.__dict__
-            base = tuple(map(state.get, _BASE))
+            base = tuple(map(state.get, HOOK_STATE))
             if any(base):  # a hook
-                for name, v in zip(_BASE, base, strict=True):
+                for name, v in zip(HOOK_STATE, base, strict=True):
                     key.append(name)
                     _value(v, key, held)
             else:  # all empty (or None, False): their types tell them apart
                 key += (_BASE_MARK, tuple(map(type, base)))
             for name, v in state.items():
-                if name in _BASE_KEYS:
+                if name in BASE_KEYS:
                     continue
                 t = type(v)
-                if t in _BY_VALUE:
+                if t in PLAIN:
                     key += (name, t, v)
                 elif t in _EMPTY and not v:
                     key += (name, t)  # an empty hook dict or set (the common case)
-                elif t is tuple and _BY_VALUE.issuperset(map(type, v)):
+                elif t is tuple and PLAIN.issuperset(map(type, v)):
                     key += (name, t, tuple(map(type, v)), v)  # as _value does
                 else:
                     key.append(name)
