@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
@@ -79,7 +80,7 @@ class Captured:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` / ``DataParallel`` / DDP wrapper holds (with a warning);
-    a clear error for TorchScript and meta-device models."""
+    a clear error for TorchScript, meta-device and not yet initialised (lazy) models."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedOperation(
             f"{type(model).__name__} is a TorchScript module: its forward is compiled "
@@ -97,8 +98,16 @@ def unwrap(model: nn.Module) -> nn.Module:
         warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
                       stacklevel=4)
         model = inner
-    if _has_meta(model):
-        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if _has_unmaterialised(model):
+        named = (*model.named_parameters(), *model.named_buffers())
+        lazy = [n for n, t in named if is_lazy(t)]
+        if lazy:
+            raise ValueError(
+                f"the model's tensors {lazy[:3]} are not initialised yet (lazy modules such as "
+                "nn.LazyLinear get their shapes at the first forward); run the model once on an "
+                "input (model(x)) before splitting it"
+            )
+        meta = [n for n, t in named if t.is_meta]
         raise ValueError(
             f"the model's tensors {meta[:3]} are on the meta device (shapes without values); "
             "materialise the model first (model.to_empty(device=...) and load its weights)"
@@ -106,9 +115,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _has_meta(model: nn.Module) -> bool:
-    """Whether a parameter or buffer of the model is on the meta device (a walk over the
-    module dicts: ``model.modules()`` builds every module's name)."""
+def _has_unmaterialised(model: nn.Module) -> bool:
+    """Whether a parameter or buffer of the model is on the meta device or not initialised
+    (a lazy module before its first forward) -- a walk over the module dicts:
+    ``model.modules()`` builds every module's name."""
     stack, seen = [model], set()
     while stack:
         m = stack.pop()
@@ -116,13 +126,14 @@ def _has_meta(model: nn.Module) -> bool:
             continue
         seen.add(id(m))
         for t in m._parameters.values():
-            if t is not None and t.is_meta:
+            if t is not None and (t.is_meta or is_lazy(t)):
                 return True
         for t in m._buffers.values():
-            if t is not None and t.is_meta:
+            if t is not None and (t.is_meta or is_lazy(t)):
                 return True
         stack.extend(c for c in m._modules.values() if c is not None)
     return False
+
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -290,6 +290,12 @@ def test_unsupported_kinds_of_models_and_inputs_name_the_cause():
         core.split(torch.jit.script(model))
     with pytest.raises(ValueError, match="meta"):
         core.split(nn.Linear(4, 3, device="meta"))
+    lazy = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.Linear(6, 3))
+    message = r"\['0.weight', '0.bias'\] are not initialised.*model\(x\)"
+    with pytest.raises(ValueError, match=message):
+        core.split(lazy)
+    lazy(x)  # the first forward gives the lazy module its shapes
+    _check_exact(core.split(lazy), lazy, x)
     sm = core.split(model)
     with pytest.raises(ValueError, match="meta"):
         sm(torch.empty(2, 4, device="meta"))
