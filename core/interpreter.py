@@ -103,7 +103,7 @@ def _unsupported(step: Step) -> Exception:
     node = step.node
     if node.op == "call_module":
         fix = ("Replace it by a supported piecewise-linear module (ReLU, ReLU6, LeakyReLU, "
-               "Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...)")
+               "PReLU, Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...)")
         what = type(step.module).__name__
     else:
         fix = "Express it with supported tensor operations."

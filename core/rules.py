@@ -390,10 +390,11 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass))
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, mass_linear=True)
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, mass_linear=True)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.BatchNorm*`` with eval semantics, a per-channel affine map: with
-    ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``, ``s' = |k| s + |t|``
+    """``nn.BatchNorm*`` and ``nn.SyncBatchNorm`` with eval semantics, a per-channel affine
+    map: with ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``,
+    ``s' = |k| s + |t|``
     (merged into the affine map before it: ``t`` also holds ``k b``, whose ``|b|`` that map
     then leaves out)."""
     m = ctx.module
@@ -554,6 +555,65 @@ def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _leaky(args[0], float(ctx.module.negative_slope))
 
 
+@register(nn.RReLU, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_, lrp="activation",
+          activation=True, mass_linear=True)
+def rrelu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.rrelu`` / ``nn.RReLU`` with eval semantics: a LeakyReLU with the mean slope
+    ``m = (lower + upper) / 2`` (see :func:`leaky_relu`; the random slopes of training mode
+    are not used, as dropout is the identity)."""
+    if ctx.module is not None:
+        lower, upper, p = ctx.module.lower, ctx.module.upper, args[0]
+    else:
+        names = ["input", "lower", "upper", "training", "inplace"]
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        _static(ctx, (bound.get("lower"), bound.get("upper")), "rrelu")
+        lower, upper, p = bound.get("lower", 1 / 8), bound.get("upper", 1 / 3), bound["input"]
+    return _leaky(p, (float(lower) + float(upper)) / 2)
+
+
+def _prelu(ctx: Ctx, p: Pair, weight: torch.Tensor) -> Pair:
+    _static(ctx, weight, "prelu")
+    a = weight.detach()
+    d = F.prelu(p.d, a)
+    # the slopes along dimension 1 (the channels), or one slope for every element
+    a = a.reshape([-1] + [1] * (p.d.dim() - 2)) if p.d.dim() >= 2 else a.reshape(())
+    return Pair(d, (1 - a).abs() * (p.s + F.relu(-p.d)) + a.abs() * p.s)
+
+
+@register(F.prelu, torch.prelu, "prelu", lrp="activation", activation=True, mass_linear=True)
+def prelu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.prelu(z, a) = (1 - a) relu(z) + a z`` with a slope ``a`` per channel (dimension 1)
+    or one for all, of any sign: ``s' = |1 - a| (s + relu(-z)) + |a| s`` (a LeakyReLU per
+    channel, :func:`leaky_relu`). A slope that is an activation is a product: refused."""
+    bound = dict(zip(["input", "weight"], args, strict=False)) | kwargs
+    return _prelu(ctx, bound["input"], bound["weight"])
+
+
+@register(nn.PReLU, lrp="activation", activation=True, mass_linear=True)
+def prelu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.PReLU`` with its learned slopes (see :func:`prelu`)."""
+    return _prelu(ctx, args[0], ctx.module.weight)
+
+
+def _softshrink(p: Pair, lam: float) -> Pair:
+    return Pair(F.softshrink(p.d, lam), 2 * p.s + 2 * lam + F.relu(lam - p.d) + F.relu(p.d + lam))
+
+
+@register(F.softshrink, lrp="activation", activation=True, mass_linear=True)
+def softshrink(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``F.softshrink(z, l) = relu(z - l) - relu(-z - l)`` (``l >= 0``):
+    ``s' = 2 s + 2 l + relu(l - z) + relu(z + l)``."""
+    bound = dict(zip(["input", "lambd"], args, strict=False)) | kwargs
+    _static(ctx, bound.get("lambd"), "softshrink")
+    return _softshrink(bound["input"], float(bound.get("lambd", 0.5)))
+
+
+@register(nn.Softshrink, lrp="activation", activation=True, mass_linear=True)
+def softshrink_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Softshrink`` (see :func:`softshrink`)."""
+    return _softshrink(args[0], float(ctx.module.lambd))
+
+
 @register(F.threshold, lrp="activation", activation=True, mass_linear=True)
 def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.threshold(z, t, t) = clamp(z, min=t)``: ``s' = s + 2|t| + relu(t - z)``; other
@@ -566,6 +626,12 @@ def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
                           "Only threshold == value is continuous.")
     p = bound["input"]
     return clamp_pair(p, t, None, F.threshold(p.d, t, v))
+
+
+@register(nn.Threshold, lrp="activation", activation=True, mass_linear=True)
+def threshold_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.Threshold(t, t)`` (see :func:`threshold`)."""
+    return threshold(ctx, (args[0], ctx.module.threshold, ctx.module.value), {})
 
 
 # --------------------------------------------------------------------------- pooling

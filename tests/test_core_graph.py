@@ -200,9 +200,17 @@ def test_linear_without_bias_and_batchnorm1d():
     _check(randomise_batchnorm(model), torch.randn(4, 5), ["1", "2", "4", "6", "input"])
 
 
+def _prelu(n: int) -> nn.PReLU:
+    act = nn.PReLU(n)
+    with torch.no_grad():  # learned slopes of either sign, some steeper than 1
+        act.weight.copy_(torch.linspace(-0.8, 1.6, n))
+    return act
+
+
 @pytest.mark.parametrize("act", [
     nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.LeakyReLU(-0.5), nn.Hardtanh(-1.0, 2.0),
-])
+    _prelu(16), _prelu(1), nn.RReLU(0.1, 0.4), nn.Threshold(0.3, 0.3), nn.Softshrink(0.4),
+], ids=lambda act: repr(act))
 def test_relu_type_units(act):
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(4, 16), act, nn.Linear(16, 16), copy.deepcopy(act),
@@ -211,6 +219,47 @@ def test_relu_type_units(act):
     _check(model, x, ["0", "1", "3", "input"])
     z = model[0](x)
     assert (z > 6).any() and (z < 0).any()
+
+
+class PiecewiseLinearFunctions(nn.Module):
+    """The functional forms: per-channel PReLU (function and tensor method), RReLU in eval,
+    softshrink, and a SyncBatchNorm (eval statistics, as BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.SyncBatchNorm(6)
+        self.slope = nn.Parameter(torch.linspace(-0.5, 1.5, 6))
+        self.slope1 = nn.Parameter(torch.tensor([0.3]))
+        self.fc = nn.Linear(6 * 5 * 5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.prelu(self.bn(self.conv(x)), self.slope)
+        y = F.rrelu(y, 0.05, 0.25, training=self.training)
+        y = F.softshrink(y.prelu(self.slope1), 0.2)
+        return self.fc(y.flatten(1))
+
+
+def test_piecewise_linear_functions_and_sync_batchnorm():
+    torch.manual_seed(3)
+    model = randomise_batchnorm(PiecewiseLinearFunctions())
+    _check(model, torch.randn(3, 3, 5, 5) * 2, ["bn", "conv", "fc:input", "input"])
+    sm = core.split(model)
+    nodes = [n.target for n in sm.capture.symbolic.graph.nodes]
+    assert F.prelu in nodes and "prelu" in nodes and F.softshrink in nodes
+
+
+def test_prelu_with_an_activation_as_slope_is_refused():
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.prelu(self.fc(x), x.mean().reshape(1))
+
+    with pytest.raises(core.UnsupportedOperation, match="prelu"):
+        core.split(Gated())(torch.randn(2, 4))
 
 
 def test_merge_batchnorm_changes_mass_only():
