@@ -155,10 +155,22 @@ def layer_norm(p: Pair, normalized_shape, weight=None, bias=None, eps: float = 1
 
 def group_norm(p: Pair, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Pair:
     """``F.group_norm`` with ``1 / std`` of every group frozen."""
+    value = F.group_norm(p.d, num_groups, weight, bias, eps)
+    return _grouped_norm(p, num_groups, weight, bias, eps, value)
+
+
+def instance_norm(p: Pair, weight=None, bias=None, eps: float = 1e-5) -> Pair:
+    """``F.instance_norm`` with the input's statistics: a group norm with one group per
+    channel, ``1 / std`` of every channel of every sample frozen."""
+    value = F.instance_norm(p.d, None, None, weight, bias, True, 0.0, eps)
+    return _grouped_norm(p, p.d.shape[1], weight, bias, eps, value)
+
+
+def _grouped_norm(p: Pair, num_groups: int, weight, bias, eps: float,
+                  value: torch.Tensor) -> Pair:
     d = p.d
     b, c = d.shape[0], d.shape[1]
     grouped = (b, num_groups, -1)
-    value = F.group_norm(d, num_groups, weight, bias, eps)
     n = d[0].numel() // num_groups
     with torch.no_grad():
         r = torch.rsqrt(d.reshape(grouped).var(dim=2, unbiased=False, keepdim=True) + eps)

@@ -1,9 +1,10 @@
 """Rules of the operations that ``nonlinear="freeze"`` splits (formulas in :mod:`core.frozen`).
 
 Each rule here is registered in the tables of :mod:`core.rules` together with a *freeze
-check*: ``check(node, carried)`` returns a short description of what is frozen at that graph
-node (``carried`` is the set of nodes that carry split pairs), or None when the node is
-split exactly there (``x ** 2``, a division by a constant). The planner refuses frozen nodes
+check*: ``check(node, carried, module)`` returns a short description of what is frozen at
+that graph node (``carried`` is the set of nodes that carry split pairs, ``module`` the leaf
+module of a ``call_module`` node), or None when the node is split exactly there (``x ** 2``,
+a division by a constant, an InstanceNorm with running statistics). The planner refuses frozen nodes
 with ``nonlinear="error"`` and lists them with ``nonlinear="freeze"``.
 """
 
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import frozen
+from core.absops import channel_affine
 from core.pair import Pair
 
 Rule = Callable[[Any, tuple, dict], Any]
-Check = Callable[[fx.Node, set], "str | None"]
+Check = Callable[[fx.Node, set, "nn.Module | None"], "str | None"]
 
 
 def _bind(names: list[str], args: tuple, kwargs: dict) -> dict:
@@ -119,6 +121,53 @@ def norm_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
     return frozen.rms_norm(p, m.normalized_shape, m.weight, m.eps)
 
 
+_INSTANCE_NORM_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+_INSTANCE_NORM_NAMES = ["input", "running_mean", "running_var", "weight", "bias",
+                        "use_input_stats", "momentum", "eps"]
+
+
+def _instance_norm(ctx: Any, p: Pair, mean, var, weight, bias, input_stats: bool,
+                   eps: float) -> Pair:
+    if input_stats:
+        return frozen.instance_norm(p, weight, bias, eps)
+    # the running statistics: an exact per-channel affine map, k = gamma / sqrt(var + eps),
+    # t = beta - k mu, s' = |k| s + |t| (as BatchNorm in eval)
+    mean, var = mean.detach(), var.detach()
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    d = F.instance_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
+    k = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+    t = -mean * k if bias is None else bias - mean * k
+    return Pair(d, channel_affine(p.s.expand_as(d), k.abs(), t.abs(), ctx.mass))
+
+
+def instance_norm(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.instance_norm``: with running statistics (``use_input_stats=False``) an exact
+    per-channel affine map ``d' = k d + t``, ``s' = |k| s + |t|``; with the input's
+    statistics ``1 / std`` of every channel of every sample frozen."""
+    b = _bind(_INSTANCE_NORM_NAMES, args, kwargs)
+    return _instance_norm(ctx, b["input"], b.get("running_mean"), b.get("running_var"),
+                          b.get("weight"), b.get("bias"), b.get("use_input_stats", True),
+                          b.get("eps", 1e-5))
+
+
+def instance_norm_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``nn.InstanceNorm1d/2d/3d`` with eval semantics: the running statistics where the
+    module tracks them, else the input's (see :func:`instance_norm`); an unbatched input
+    gets a batch of one, as the module does."""
+    m, p = ctx.module, args[0]
+    unbatched = p.d.dim() == _INSTANCE_NORM_DIMS.get(type(m), 0) - 1
+    if unbatched:
+        p = Pair(p.d.unsqueeze(0), p.s.unsqueeze(0))
+    out = _instance_norm(ctx, p, m.running_mean, m.running_var, m.weight, m.bias,
+                         not _running_stats(m), m.eps)
+    return Pair(out.d.squeeze(0), out.s.squeeze(0)) if unbatched else out
+
+
+def _running_stats(m: nn.Module) -> bool:
+    return bool(m.track_running_stats) and m.running_mean is not None
+
+
 def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
     """``F.scaled_dot_product_attention`` with the attention weights frozen."""
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -132,10 +181,10 @@ def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
 # --------------------------------------------------------------------------- freeze checks
 def always(what: str) -> Check:
     """A check that freezes unconditionally, described as ``what``."""
-    return lambda node, carried: what
+    return lambda node, carried, module: what
 
 
-def division_check(node: fx.Node, carried: set) -> str | None:
+def division_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:
     """A division freezes when its divisor is an activation."""
     divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     if isinstance(divisor, fx.Node) and divisor in carried:
@@ -143,7 +192,7 @@ def division_check(node: fx.Node, carried: set) -> str | None:
     return None
 
 
-def power_check(node: fx.Node, carried: set) -> str | None:
+def power_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:
     """A power freezes unless its exponent is an integer >= 1."""
     n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
     if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
@@ -151,6 +200,16 @@ def power_check(node: fx.Node, carried: set) -> str | None:
     return f"x ** {n} frozen to a constant"
 
 
+def instance_norm_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:
+    """An instance norm freezes unless it normalises with running statistics."""
+    if module is not None:
+        return None if _running_stats(module) else NORM_EACH
+    b = _bind(_INSTANCE_NORM_NAMES, node.args, node.kwargs)
+    exact = b.get("use_input_stats", True) is False and b.get("running_mean") is not None
+    return None if exact else NORM_EACH
+
+
+NORM_EACH = "1 / std of every channel of every sample frozen"
 SECANT = always("secant slope c of phi(z) = phi(0) + c z frozen")
 NORM = always("1 / std frozen")
 GATE = always("result frozen to a constant")
@@ -187,6 +246,7 @@ FUNCTION_RULES.update({fn: (gate(fn), GATE, "", True) for fn in _GATE_FUNCTIONS}
 FUNCTION_RULES.update({
     F.layer_norm: (layer_norm, NORM, "mixing", False),
     F.group_norm: (group_norm, NORM, "mixing", False),
+    F.instance_norm: (instance_norm, instance_norm_check, "mixing", False),
     F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
     F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
     F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
@@ -202,4 +262,5 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
       nn.LogSigmoid), (secant_module, SECANT, "unit", False)),
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
+    (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),
 ]

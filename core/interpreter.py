@@ -32,7 +32,7 @@ from core.shift import Shift
 from core.stabilize import stabilise
 
 _AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -169,7 +169,7 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
                 "piecewise linear; use track_running_stats=True (a trained model)."
             )
         if rule.freezes is not None:
-            step.frozen = rule.freezes(node, carried)
+            step.frozen = rule.freezes(node, carried, module)
             if step.frozen is not None and nonlinear != "freeze":
                 raise UnsupportedOperation(
                     f"{step.where} is not piecewise linear: it has no exact "

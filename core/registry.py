@@ -27,8 +27,9 @@ engine matches operations by identity or by name:
     ``x.shape``): it is never a pair.
 ``freezes``
     For an operation that is not piecewise linear (:mod:`core.frozen`): a check
-    ``freezes(node, carried) -> str | None`` that describes what is frozen at that graph node
-    (None: split exactly there). Such nodes need ``core.split(model, nonlinear="freeze")``.
+    ``freezes(node, carried, module) -> str | None`` that describes what is frozen at that
+    graph node (None: split exactly there; ``module``: the leaf module of a ``call_module``
+    node). Such nodes need ``core.split(model, nonlinear="freeze")``.
 ``constant``
     The result is a constant (a frozen gate such as ``sigmoid``), never a pair.
 ``mass_linear``
@@ -123,7 +124,7 @@ class Rule:
     relu: bool = False
     signs: tuple[int, int] | None = None
     query: bool = False
-    freezes: Callable[[Any, set], str | None] | None = None
+    freezes: Callable[[Any, set, Any], str | None] | None = None
     constant: bool = False
     mass_linear: bool = False
 
@@ -211,7 +212,7 @@ TABLE = RuleTable()
 
 def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu: bool = False,
              signs: tuple[int, int] | None = None, query: bool = False,
-             freezes: Callable[[Any, set], str | None] | None = None,
+             freezes: Callable[[Any, set, Any], str | None] | None = None,
              constant: bool = False, mass_linear: bool = False) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 

@@ -18,6 +18,7 @@ from torch import nn
 import core
 from core import frozen, products
 from core.pair import Pair
+from tests.core_checks import check_forward, check_sensitivities
 from tests.split_reference import linear_split, maxout, split_input
 
 
@@ -439,3 +440,110 @@ def test_frozen_attention_over_a_constant_value_is_a_constant():
     logits = model.out(torch.cat([torch.zeros(2, 12, dtype=torch.float64), q], 1))
     (grad,) = torch.autograd.grad(logits[:, 1].sum(), xr)
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- instance norm
+class InstanceNormNet(nn.Module):
+    """nnU-Net's block (convolution, InstanceNorm with affine weights, LeakyReLU) twice;
+    ``frozen=True`` evaluates the model with every ``1 / std`` frozen."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.conv1, self.conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.norm1, self.norm2 = nn.InstanceNorm2d(4, affine=True), nn.InstanceNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.norm1.weight.uniform_(-1, 1)
+            self.norm1.bias.uniform_(-1, 1)
+
+    def _norm(self, m, z):
+        if not self.frozen:
+            return m(z)
+        r = torch.rsqrt(z.var((2, 3), unbiased=False, keepdim=True) + m.eps).detach()
+        out = (z - z.mean((2, 3), keepdim=True)) * r
+        return out if m.weight is None else out * m.weight.view(1, -1, 1, 1) + m.bias.view(
+            1, -1, 1, 1)
+
+    def forward(self, x):
+        z = F.leaky_relu(self._norm(self.norm1, self.conv1(x)), 0.01)
+        z = F.leaky_relu(self._norm(self.norm2, self.conv2(z)), 0.01)
+        return self.fc(z.mean((2, 3)))
+
+
+def test_instance_norm_with_input_statistics_is_frozen_exactly():
+    torch.manual_seed(11)
+    model = InstanceNormNet().double().eval()
+    reference = InstanceNormNet(frozen=True).double().eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    with pytest.raises(core.UnsupportedOperation, match="'norm1'.*nonlinear='freeze'"):
+        core.split(model)
+    with pytest.warns(UserWarning, match="froze 2"):
+        sm = core.split(model, nonlinear="freeze", stabilizer="none")
+    assert all("every channel of every sample" in f for f in sm.frozen_operations())
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    (frozen_grad,) = torch.autograd.grad(reference(xr)[:, 1].sum(), xr)
+    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
+    torch.testing.assert_close(p.grad, frozen_grad, rtol=1e-10, atol=1e-12)
+    model32 = model.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm32 = core.split(model32, nonlinear="freeze")
+    assert torch.equal(sm32.forward_pairs(x.float()).d, model32(x.float()))
+
+
+class RunningInstanceNorm(nn.Module):
+    """InstanceNorm with running statistics, as a module and as a function: exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.register_buffer("mean", torch.linspace(-1, 1, 4))
+        self.register_buffer("var", torch.linspace(0.5, 2, 4))
+        self.fc = nn.Linear(4 * 16, 3)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+            self.norm.weight.uniform_(-1, 1)
+            self.norm.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        z = F.relu(self.norm(self.conv(x)))
+        z = F.instance_norm(z, self.mean, self.var, use_input_stats=False)
+        return self.fc(F.relu(z).flatten(1))
+
+
+def test_instance_norm_with_running_statistics_is_exact():
+    torch.manual_seed(12)
+    model = RunningInstanceNorm().eval()
+    x = torch.randn(3, 2, 6, 6)
+    check_forward(model, x)  # nonlinear="error": nothing is frozen
+    check_sensitivities(model, x, torch.tensor([0, 1, 2]), ["input", "norm", "conv"])
+    assert not core.split(model).frozen_operations()
+
+
+class PerSampleInstanceNorm(nn.Module):
+    """An InstanceNorm1d on unbatched inputs, one sample at a time (captured eagerly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(5, 12), nn.InstanceNorm1d(3), nn.Linear(12, 2)
+
+    def forward(self, x):
+        z = F.relu(self.fc1(x)).view(x.shape[0], 3, 4)
+        z = torch.stack([self.norm(z[i]) for i in range(z.shape[0])])
+        return self.fc2(F.relu(z).flatten(1))
+
+
+def test_instance_norm_of_an_unbatched_input():
+    torch.manual_seed(13)
+    model = PerSampleInstanceNorm().double().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze", stabilizer="none")
+        g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
