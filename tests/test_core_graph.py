@@ -243,7 +243,12 @@ class PiecewiseLinearFunctions(nn.Module):
 def test_piecewise_linear_functions_and_sync_batchnorm():
     torch.manual_seed(3)
     model = randomise_batchnorm(PiecewiseLinearFunctions())
-    _check(model, torch.randn(3, 3, 5, 5) * 2, ["bn", "conv", "fc:input", "input"])
+    x = torch.randn(3, 3, 5, 5) * 2
+    _check(model, x, ["bn", "conv", "fc:input", "input"])
+    _check(model, x, ["bn", "fc:input", "input"], merge_batchnorm=True)
+    merged = core.split(model, merge_batchnorm=True, stabilizer="none").pairs(x, ["bn"])["bn"]
+    plain = core.split(model, stabilizer="none").pairs(x, ["bn"])["bn"]
+    assert (merged.s < plain.s - 1e-4).any()  # merged into the convolution: less mass
     sm = core.split(model)
     nodes = [n.target for n in sm.capture.symbolic.graph.nodes]
     assert F.prelu in nodes and "prelu" in nodes and F.softshrink in nodes
