@@ -101,6 +101,16 @@ def _kind(split: SplitModel, step: Step, activation_rule: str, residual: str,
     return "epsilon"
 
 
+def _element(step: Step, source: Any, value: Any) -> Any:
+    """Where ``value`` sits in the tuple of pairs ``source`` when the step picks one element
+    of it (``t[i]``, or a field such as ``x.max(1).values``); None for any other step."""
+    if not isinstance(source, (tuple, list)):
+        return None
+    if step.rule.lrp == "index":
+        return step.node.args[1]
+    return next((i for i, v in enumerate(source) if v is value and isinstance(v, Pair)), None)
+
+
 def _exponent(step: Step) -> int | None:
     """The exponent of an ``a ** n`` / ``a.square()`` step (None for other products)."""
     if step.rule.name == "square":
@@ -196,9 +206,9 @@ def relevance(
         if step.rule is None or not isinstance(records.get(node), (Pair, tuple, list)):
             continue
         source = node.args[0] if node.args else None
-        if step.rule.lrp == "index" and isinstance(records.get(source), (tuple, list)):
+        index = _element(step, records.get(source), records[node])
+        if index is not None:
             parts = rel.setdefault(source, {})  # relevance of one element of a tuple of pairs
-            index = node.args[1]
             parts[index] = r if index not in parts else (parts[index][0] + r[0],
                                                          parts[index][1] + r[1])
             continue

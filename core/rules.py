@@ -792,22 +792,83 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(winner.reshape(shape), mass.reshape(shape))
 
 
+def _two(ctx: Ctx, args: tuple, kwargs: dict, what: str) -> tuple[Pair, Pair]:
+    b = dict(zip(["input", "other"], args, strict=False)) | kwargs
+    a, other = b["input"], b["other"]
+    if not isinstance(other, (Pair, torch.Tensor)):
+        raise unsupported(ctx, f"{what} with {type(other).__name__} {other!r}",
+                          "Pass a tensor, or use clamp for a number.")
+    return lift(a), lift(other)
+
+
+@register(torch.maximum, "maximum", lrp="maxpool", mass_linear=True)
+def maximum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """The elementwise ``max(a, b)``: a max pooling over the window ``{a, b}`` (eq. 17),
+    ``d' = max(d_a, d_b)``, convex: ``s' = max(d_a, d_b) + (s_a - d_a) + (s_b - d_b)``
+    (g and h stay convex and monotone); winner-takes-all: ``s' = s`` of the larger ``d``.
+    A constant ``c`` enters as ``(c, |c|)``."""
+    a, b = _two(ctx, args, kwargs, "maximum")
+    d = torch.maximum(a.d, b.d)
+    if ctx.maxpool == "wta":
+        return Pair(d, torch.where(a.d >= b.d, a.s, b.s))
+    # s' from its own maximum: built on ``d`` itself, a probe of d' would pick up the s path
+    return Pair(d, torch.maximum(a.d, b.d) + (a.s - a.d) + (b.s - b.d))
+
+
+@register(torch.minimum, "minimum", lrp="maxpool", mass_linear=True)
+def minimum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """The elementwise ``min(a, b) = -max(-a, -b)`` (see :func:`maximum`): ``d' = min(d_a,
+    d_b)``, convex: ``s' = (s_a + d_a) + (s_b + d_b) - min(d_a, d_b)``; winner-takes-all:
+    ``s' = s`` of the smaller ``d``."""
+    a, b = _two(ctx, args, kwargs, "minimum")
+    d = torch.minimum(a.d, b.d)
+    if ctx.maxpool == "wta":
+        return Pair(d, torch.where(a.d <= b.d, a.s, b.s))
+    return Pair(d, (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d))
+
+
 @register(torch.max, "max", lrp="maxpool", mass_linear=True)
 def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
-    values; the indices (the arg-max of ``d``) are the model's own. ``max`` of two tensors is
-    refused (write it as ``b + relu(a - b)``)."""
+    values; the indices (the arg-max of ``d``) are the model's own. ``max(a, b)`` of two
+    tensors is :func:`maximum`."""
     b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    dim = b.get("dim")
+    dim = b.get("dim", b.get("other"))
     if isinstance(dim, (torch.Tensor, Pair)):
-        raise unsupported(ctx, "the elementwise max of two tensors",
-                          "Write max(a, b) as b + torch.relu(a - b).")
+        return maximum(ctx, (b["input"], dim), {})
     if dim is None:
         return amax_rule(ctx, (b["input"],), {})
     keepdim = bool(b.get("keepdim", False))
     values = amax_rule(ctx, (b["input"], dim, keepdim), {})
     indices = b["input"].d.argmax(dim, keepdim=keepdim)
     return torch.return_types.max((values, indices))
+
+
+@register(torch.amin, "amin", lrp="maxpool", mass_linear=True)
+def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.amin(dim, keepdim) = -amax(-x)`` (see :func:`amax_rule`): ``d' = amin(d)``,
+    convex: ``s' = sum(s + d) - amin(d)`` over the window; winner-takes-all: ``s`` at the
+    arg-min of ``d``."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    p = b["input"]
+    out = amax_rule(ctx, (Pair(-p.d, p.s), b.get("dim", ()), bool(b.get("keepdim", False))), {})
+    return Pair(-out.d, out.s)
+
+
+@register(torch.min, "min", lrp="maxpool", mass_linear=True)
+def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``x.min()``, ``x.min(dim, keepdim)`` (:func:`amin_rule`, the indices are the arg-min
+    of ``d``) and ``min(a, b)`` of two tensors (:func:`minimum`)."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    dim = b.get("dim", b.get("other"))
+    if isinstance(dim, (torch.Tensor, Pair)):
+        return minimum(ctx, (b["input"], dim), {})
+    if dim is None:
+        return amin_rule(ctx, (b["input"],), {})
+    keepdim = bool(b.get("keepdim", False))
+    values = amin_rule(ctx, (b["input"], dim, keepdim), {})
+    indices = b["input"].d.argmin(dim, keepdim=keepdim)
+    return torch.return_types.min((values, indices))
 
 
 @register(assign, lrp="structural", mass_linear=True)

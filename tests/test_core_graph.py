@@ -795,3 +795,37 @@ def test_max_fields_in_a_traced_graph():
     sm = core.split(model)
     assert sm.capture.symbolic is not None
     check_float64_exact(sm, model, x, 0)
+
+
+class Maxout(nn.Module):
+    """Elementwise max and min of activations: a maxout unit of two branches, LeakyReLU as
+    ``max(z, 0.2 z)``, ``min`` with a constant tensor, ``torch.max(a, b)``, and min
+    reductions (``x.min(dim)`` with its indices, ``amin``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 12), nn.Linear(4, 12)
+        self.register_buffer("cap", torch.linspace(-0.5, 1.5, 12))
+        self.fc = nn.Linear(12 + 4 + 1, 3)
+
+    def forward(self, x):
+        z = torch.maximum(self.a(x), self.b(x))
+        z = torch.max(z, 0.2 * z)
+        z = torch.minimum(z, self.cap).minimum(torch.relu(z) + 0.3)
+        rows = z.view(-1, 4, 3)
+        low = rows.min(2)
+        return self.fc(torch.cat([z, low.values + 0 * low.indices, rows.amin((1, 2)).unsqueeze(1)],
+                                 1))
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_elementwise_max_and_min_of_activations(maxpool):
+    torch.manual_seed(9)
+    model = Maxout().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64) * 2
+    sm = core.split(model, maxpool=maxpool)
+    assert sm.capture.symbolic is not None
+    check_float64_exact(sm, model, x, 1)
+    _check(model.float(), x.float(), ["a", "b", "fc:input", "input"], maxpools=(maxpool,))
+    if maxpool == "convex":
+        check_nonnegative_streams(model.float(), x.float())

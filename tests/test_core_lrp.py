@@ -70,3 +70,43 @@ def test_merged_batchnorm_layer_reports_the_merged_output():
     torch.testing.assert_close(rel["0"].pos, rel["1"].pos)
     g, h = sm(x)
     torch.testing.assert_close(g - h, model(x), rtol=1e-5, atol=1e-5)
+
+
+class _FieldHead(nn.Module):
+    def __init__(self, field: bool) -> None:
+        super().__init__()
+        self.field = field
+        self.a, self.fc = nn.Linear(4, 15), nn.Linear(5, 3)
+
+    def forward(self, x):
+        top = self.a(x).view(-1, 3, 5).max(1)
+        return self.fc(top.values if self.field else top[0])
+
+
+def test_relevance_through_a_field_of_a_structured_result():
+    """``x.max(1).values`` passes relevance as ``x.max(1)[0]`` does (it raised before)."""
+    torch.manual_seed(2)
+    field, index = _FieldHead(True).eval(), _FieldHead(False).eval()
+    index.load_state_dict(field.state_dict())
+    x = torch.randn(5, 4)
+    seed = F.one_hot(torch.tensor([1] * 5), 3).float()
+    got = core.split(field).relevance(x, seed, layers=["input", "a"])
+    want = core.split(index).relevance(x, seed, layers=["input", "a"])
+    for layer in ("input", "a"):
+        assert torch.equal(got[layer].pos, want[layer].pos)
+        assert torch.equal(got[layer].neg, want[layer].neg)
+    assert got["a"].pos.abs().sum() > 0
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_relevance_through_elementwise_max_and_min(maxpool):
+    from tests.test_core_graph import Maxout
+
+    torch.manual_seed(3)
+    model = Maxout().eval()
+    x = torch.randn(5, 4)
+    seed = F.one_hot(torch.tensor([2] * 5), 3).float()
+    r = core.split(model, maxpool=maxpool).relevance(x, seed, layers=["input", "a", "b"])
+    for layer in ("input", "a", "b"):
+        assert torch.isfinite(r[layer].pos).all() and torch.isfinite(r[layer].neg).all()
+    assert (r["a"].pos.abs().sum() + r["b"].pos.abs().sum()) > 0
