@@ -998,7 +998,7 @@ _STRUCTURAL_FUNCTIONS = [
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.fold,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.fold, torch.cumsum,
 ]
 for _fn in _STRUCTURAL_FUNCTIONS:
     register(_fn)(Rule(same(_fn), lrp="structural", mass_linear=True))
@@ -1026,7 +1026,7 @@ _STRUCTURAL_METHODS = [
 ]
 for _name in _STRUCTURAL_METHODS:
     register(_name)(Rule(method(_name.rstrip("_")), lrp="structural", mass_linear=True))
-for _name in ("mean", "sum"):
+for _name in ("mean", "sum", "cumsum"):
     register(_name)(Rule(method(_name), lrp="epsilon", mass_linear=True))
 for _name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
     register(_name)(Rule(constant_like(

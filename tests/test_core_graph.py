@@ -829,3 +829,21 @@ def test_elementwise_max_and_min_of_activations(maxpool):
     _check(model.float(), x.float(), ["a", "b", "fc:input", "input"], maxpools=(maxpool,))
     if maxpool == "convex":
         check_nonnegative_streams(model.float(), x.float())
+
+
+def test_cumulative_sums():
+    """``cumsum`` (function and method) is a positive linear map: ``s' = cumsum(s)``."""
+
+    class Cumulative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            z = torch.relu(self.a(x))
+            return self.fc(torch.cumsum(z, dim=1) - z.flip(1).cumsum(1))
+
+    torch.manual_seed(10)
+    model = Cumulative().double().eval()
+    check_float64_exact(core.split(model), model, torch.randn(4, 4, dtype=torch.float64), 1)
+    _check(model.float(), torch.randn(4, 4), ["a", "fc:input", "input"])
