@@ -10,6 +10,7 @@ with ``nonlinear="error"`` and lists them with ``nonlinear="freeze"``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -233,6 +234,15 @@ _GATE_FUNCTIONS = [torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.softmin
 _GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "log_softmax", "rsqrt", "rsqrt_", "sqrt",
                  "sqrt_", "reciprocal", "reciprocal_", "exp", "exp_", "var", "std", "norm",
                  "erf"]
+# comparisons and signs: step functions of an activation, frozen to their value (a mask); the
+# mask is constant around almost every input, so the frozen model's gradients are the model's
+_COMPARISONS = ["gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less",
+                "less_equal", "not_equal", "sign", "signbit", "heaviside"]
+_COMPARISON_FUNCTIONS = [getattr(torch, n) for n in _COMPARISONS] + [
+    operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne]
+_COMPARISON_METHODS = _COMPARISONS + ["__gt__", "__ge__", "__lt__", "__le__", "__eq__",
+                                      "__ne__"]
+STEP = always("step function (comparison, sign) frozen to its mask")
 
 # (rule, freeze check, shift point, constant result). Shift point (stabiliser and alpha shift
 # after it): "unit" for elementwise units (SplitLRP passes relevance through them, as through
@@ -243,6 +253,7 @@ FUNCTION_RULES: dict[Any, tuple[Rule, Check, str, bool]] = {
     for fn, (name, impl, names) in _SECANT_FUNCTIONS.items()
 }
 FUNCTION_RULES.update({fn: (gate(fn), GATE, "", True) for fn in _GATE_FUNCTIONS})
+FUNCTION_RULES.update({fn: (gate(fn), STEP, "", True) for fn in _COMPARISON_FUNCTIONS})
 FUNCTION_RULES.update({
     F.layer_norm: (layer_norm, NORM, "mixing", False),
     F.group_norm: (group_norm, NORM, "mixing", False),
@@ -257,6 +268,7 @@ METHOD_RULES: dict[str, tuple[Rule, Check, str, bool]] = {
 }
 METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, "", True)
                      for n in _GATE_METHODS})
+METHOD_RULES.update({n: (gate(_method(n)), STEP, "", True) for n in _COMPARISON_METHODS})
 MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
       nn.LogSigmoid), (secant_module, SECANT, "unit", False)),

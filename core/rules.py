@@ -871,6 +871,43 @@ def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return torch.return_types.min((values, indices))
 
 
+def _streams(v: Any) -> tuple[Any, Any]:
+    """``(d, s)`` of a pair; a constant ``c`` (a tensor or a number) as ``(c, |c|)``."""
+    if isinstance(v, Pair):
+        return v.d, v.s
+    return v, (v.abs() if isinstance(v, torch.Tensor) else abs(v))
+
+
+@register(torch.where, lrp="structural", mass_linear=True)
+def where(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.where(c, a, b)`` with a condition that is not an activation (a constant mask,
+    or a comparison frozen by ``nonlinear="freeze"``): a selection,
+    ``d' = where(c, d_a, d_b)``, ``s' = where(c, s_a, s_b)``; a constant ``a`` or ``b``
+    enters as ``(a, |a|)``."""
+    b = dict(zip(["condition", "input", "other"], args, strict=False)) | kwargs
+    _static(ctx, b["condition"], "where")
+    (da, sa), (db, sb) = _streams(b["input"]), _streams(b["other"])
+    return Pair(torch.where(b["condition"], da, db), torch.where(b["condition"], sa, sb))
+
+
+@register("where", lrp="structural", mass_linear=True)
+def where_method(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``a.where(c, b) = torch.where(c, a, b)`` (see :func:`where`)."""
+    b = dict(zip(["input", "condition", "other"], args, strict=False)) | kwargs
+    return where(ctx, (b["condition"], b["input"], b["other"]), {})
+
+
+@register(torch.masked_fill, "masked_fill", "masked_fill_", lrp="structural", mass_linear=True)
+def masked_fill(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.masked_fill(m, v)`` with a mask that is not an activation: ``d' = d`` with ``v``
+    where ``m``, ``s' = s`` with ``|v|`` where ``m``."""
+    b = dict(zip(["input", "mask", "value"], args, strict=False)) | kwargs
+    _static(ctx, (b["mask"], b["value"]), "masked_fill")
+    p, mask, value = b["input"], b["mask"], b["value"]
+    _, mass = _streams(value)
+    return Pair(p.d.masked_fill(mask, value), p.s.masked_fill(mask, mass))
+
+
 @register(assign, lrp="structural", mass_linear=True)
 def assign_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Item assignment ``t[i] = v`` (recorded out of place): ``d' = d_t`` with ``d'[i] = d_v``,

@@ -547,3 +547,51 @@ def test_instance_norm_of_an_unbatched_input():
         sm = core.split(model, nonlinear="freeze", stabilizer="none")
         g, h = sm(x)
     torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- masks
+class Masks(nn.Module):
+    """Masks: a constant one (a buffer) in ``torch.where``/``masked_fill``, exact without
+    freezing; and comparisons of activations (``where(z > 0, z, 0.1 z)``, ``z * (z > 0)``,
+    ``masked_fill(z < 0, 0)``), step functions frozen by ``nonlinear="freeze"``."""
+
+    def __init__(self, compare: bool) -> None:
+        super().__init__()
+        self.compare = compare
+        self.a, self.fc = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("keep", torch.tensor([True, False] * 4))
+
+    def forward(self, x):
+        z = self.a(x)
+        z = torch.where(self.keep, z, 0.5).masked_fill(self.keep.roll(1) & ~self.keep, -2.0)
+        z = z.where(self.keep, -z)
+        if self.compare:
+            z = torch.where(z > 0, z, 0.1 * z)
+            z = z * (z > -0.05).float() + z.masked_fill(z < 0.2, 0.0)
+        return self.fc(torch.relu(z))
+
+
+def test_a_constant_mask_selects_exactly():
+    torch.manual_seed(14)
+    model = Masks(compare=False).eval()
+    x = torch.randn(5, 4)
+    check_forward(model, x)
+    check_sensitivities(model, x, torch.tensor([0, 1, 2, 0, 1]), ["input", "a"])
+
+
+def test_comparisons_of_activations_are_frozen_and_keep_the_gradient():
+    torch.manual_seed(15)
+    model = Masks(compare=True).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(core.UnsupportedOperation, match="nonlinear='freeze'.*step function"):
+        core.split(model)
+    with pytest.warns(UserWarning, match="froze 3"):
+        sm = core.split(model, nonlinear="freeze", stabilizer="none")
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    # a mask is constant around almost every input: the frozen gradient is the model's
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
+    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(p.g - p.h, grad, rtol=1e-10, atol=1e-12)
