@@ -211,10 +211,14 @@ def target_range(index: torch.Tensor | int, n_outputs: int, who: str | None = No
         )
 
 
-def logits(out: torch.Tensor, who: str | None = None) -> None:
-    """Raise ``ValueError`` unless the model output is ``(batch, classes)``."""
+def logits(out: torch.Tensor, who: str | None = None, fix: str | None = None) -> None:
+    """Raise ``ValueError`` unless the model output is ``(batch, classes)``; ``fix`` says what
+    to do instead (default: reduce the output to one score per class)."""
     if out.dim() != 2:
+        fix = fix or ("Reduce it to one score per class: wrap the model in an nn.Module "
+                      "whose forward returns, for a segmentation map, model(x).sum((2, 3)) "
+                      "(core.split also takes output=lambda out: out.sum((2, 3))).")
         raise ValueError(
             f"{_prefix(who)}the model output has shape {tuple(out.shape)}; class targets need "
-            "(batch, classes) logits."
+            f"(batch, classes) logits. {fix}"
         )

@@ -147,3 +147,16 @@ def test_core_and_adapters_give_the_same_messages(net) -> None:
         explain(net, x, np.array([0, 1, 2]), method="SplitCAM", layer="features.1")
     with pytest.raises(ValueError, match="upsample='cubic' is not one of"):
         explain(net, x, np.array([0, 1]), method="SplitCAM", upsample="cubic")
+
+
+def test_a_segmentation_output_is_refused_with_the_reduction_that_works():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"\(2, 5, 8, 8\).*output=lambda out: out.sum"):
+        core.split(model).sensitivities(x, 1, ["input"])
+    # the advice works: one score per class, the gradient of that class's total score
+    sm = core.split(model, output=lambda out: out.sum((2, 3)))
+    probe = sm.sensitivities(x, 1, ["input"])["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probe.grad, grad, rtol=1e-5, atol=1e-6)

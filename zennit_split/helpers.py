@@ -49,7 +49,8 @@ def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
     index = checks.targets(targets, batch_size)
 
     def one_hot(output: torch.Tensor) -> torch.Tensor:
-        checks.logits(output)
+        checks.logits(output, fix="Pass a seed tensor shaped like the output instead of "
+                      "class indices (e.g. the one-hot class map of a segmentation).")
         checks.target_range(index, output.shape[1])
         return torch.nn.functional.one_hot(index.to(output.device), output.shape[1]).to(output)
 
