@@ -439,28 +439,32 @@ def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(d, add_negative_part(p.s, p.d, d, ctx.mass))
 
 
-def _number(ctx: Ctx, v: Any, what: str) -> float | None:
+def _number(v: Any) -> float | None:
     if v is None:
         return None
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise unsupported(ctx, f"{what} with a tensor bound", "Use scalar bounds.")
-        v = v.item()
-    return float(v)
+    return float(v.item() if isinstance(v, torch.Tensor) else v)
 
 
 @register(torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", lrp="activation",
           activation=True, mass_linear=True)
 def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``clamp(z, lo, hi) = lo + relu(z - lo) - relu(z - hi)`` with constant bounds (``clip``,
-    ``clamp_min``, ``clamp_max``); ``s'`` as in :func:`clamp_pair`."""
+    ``clamp_min``, ``clamp_max``); ``s'`` as in :func:`clamp_pair`. Bounds that are tensors
+    of several elements (per channel): ``min(max(z, lo), hi)``, ``s'`` as in :func:`maximum`
+    and :func:`minimum`."""
     names = ["input", "min", "max"]
     bound = dict(zip(names, args, strict=False)) | kwargs
-    _static(ctx, (bound.get("min"), bound.get("max")), "clamp")
-    lo, hi = _number(ctx, bound.get("min"), "clamp"), _number(ctx, bound.get("max"), "clamp")
+    if contains_pair((bound.get("min"), bound.get("max"))):
+        raise unsupported(ctx, "clamp with an activation as bound",
+                          "Write torch.maximum(z, a) / torch.minimum(z, b).")
+    p, low, high = bound["input"], bound.get("min"), bound.get("max")
+    if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in (low, high)):
+        q = p if low is None else maximum(ctx, (p, low), {})
+        q = q if high is None else minimum(ctx, (q, high), {})
+        return Pair(torch.clamp(p.d, low, high), q.s)
+    lo, hi = _number(low), _number(high)
     if lo is not None and hi is not None and lo > hi:
         raise unsupported(ctx, f"clamp with min {lo} > max {hi}", "Use min <= max.")
-    p = bound["input"]
     return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
 
 

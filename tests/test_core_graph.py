@@ -847,3 +847,39 @@ def test_cumulative_sums():
     model = Cumulative().double().eval()
     check_float64_exact(core.split(model), model, torch.randn(4, 4, dtype=torch.float64), 1)
     _check(model.float(), torch.randn(4, 4), ["a", "fc:input", "input"])
+
+
+class ChannelClamp(nn.Module):
+    """``clamp`` with per-channel bounds (buffers), ``clamp_min`` with a tensor bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4 * 9, 3)
+        self.register_buffer("lo", torch.linspace(-1.0, 0.0, 4).view(4, 1, 1))
+        self.register_buffer("hi", torch.linspace(0.2, 1.5, 4).view(4, 1, 1))
+
+    def forward(self, x):
+        z = self.conv(x).clamp(min=self.lo, max=self.hi)
+        return self.fc(torch.clamp_min(z, self.lo / 2).flatten(1))
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_clamp_with_per_channel_bounds(maxpool):
+    torch.manual_seed(16)
+    model = ChannelClamp().double().eval()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64) * 2
+    check_float64_exact(core.split(model, maxpool=maxpool), model, x, 2)
+    _check(model.float(), x.float(), ["conv", "fc:input", "input"], maxpools=(maxpool,))
+
+
+def test_clamp_with_an_activation_as_bound_is_refused():
+    class Bound(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x).clamp(min=x)
+
+    with pytest.raises(core.UnsupportedOperation, match="torch.maximum"):
+        core.split(Bound())(torch.randn(2, 4))
