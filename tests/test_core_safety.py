@@ -353,7 +353,7 @@ class Gated(nn.Module):
 
 @pytest.mark.parametrize("module,name", [(nn.SiLU(), "SiLU"), (nn.GELU(), "GELU"),
                                          (nn.Sigmoid(), "Sigmoid"), (nn.Softmax(1), "Softmax"),
-                                         (nn.Tanh(), "Tanh"), (nn.PReLU(), "PReLU"),
+                                         (nn.Tanh(), "Tanh"), (nn.Hardshrink(), "Hardshrink"),
                                          (nn.ELU(), "ELU"), (nn.LayerNorm(16), "LayerNorm"),
                                          (nn.BatchNorm1d(16, track_running_stats=False),
                                           "without running statistics")])
@@ -363,7 +363,7 @@ def test_unsupported_modules_are_named(module, name):
     with pytest.raises(core.UnsupportedOperation, match=rf"'head\.3'.*{name}") as err:
         core.split(model)(torch.randn(2, 3, 8, 8))
     # a fix is suggested: the option that freezes smooth operations, or what to replace
-    assert ("nonlinear='freeze'" in str(err.value)) != (name in ("PReLU",
+    assert ("nonlinear='freeze'" in str(err.value)) != (name in ("Hardshrink",
                                                               "without running statistics"))
     assert "Replace" in str(err.value) or "use " in str(err.value) or "nonlinear=" in str(
         err.value)
