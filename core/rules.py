@@ -24,7 +24,6 @@ from torch import nn
 
 from core import frozen, frozen_rules, products
 from core.absops import abs_conv, abs_linear, add_negative_part, channel_affine, placeholder
-from core.errors import UnsupportedOperation
 from core.pair import Pair, contains_pair, lift
 from core.record import assign
 from core.registry import TABLE, Ctx, Rule, register, unsupported
@@ -683,17 +682,15 @@ def _gather(s: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return s.reshape(lead + (-1,)).gather(-1, idx.reshape(lead + (-1,))).view(idx.shape)
 
 
-def _with_indices(ctx: Ctx) -> UnsupportedOperation:
-    return unsupported(ctx, "max pooling with return_indices=True", "Return the values only.")
-
-
-def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode) -> Pair:
+def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode,
+              indices: bool = False) -> Any:
+    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
     stride = kernel if (stride is None or stride == [] or stride == ()) else stride
     pool = _MAXPOOL[n]
-    if ctx.maxpool == "wta":
-        d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        return Pair(d, _gather(p.s, idx, n))
     d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    if ctx.maxpool == "wta":
+        pair = Pair(d, _gather(p.s, idx, n))
+        return (pair, idx) if indices else pair
     # the same values as d, but a new tensor: built from d itself, s would let a probe of d
     # through autograd pick up the s path
     winner = _gather(p.d, idx, n)
@@ -701,50 +698,55 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
     if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
         diff = torch.where(torch.isneginf(p.d), 0.0, diff)
     rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
-    return Pair(d, winner + rest)
+    pair = Pair(d, winner + rest)
+    return (pair, idx) if indices else pair
 
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool", mass_linear=True)
 def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.MaxPool1d/2d/3d``. Convex (section 3.4, eq. 17): ``d' = maxpool(d)``,
     ``s' = maxpool(d) + sumpool(s - d)``; winner-takes-all: ``s'`` is ``s`` at the window's
-    arg-max of ``d``."""
+    arg-max of ``d``. With ``return_indices=True`` the indices are the model's own (the
+    arg-max of ``d``)."""
     m = ctx.module
-    if m.return_indices:
-        raise _with_indices(ctx)
     n = int(type(m).__name__[-2])
-    return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation,
+                     m.ceil_mode, bool(m.return_indices))
 
 
-def maxpool_function(n: int) -> RuleFn:
-    """``F.max_pool{n}d``."""
+def maxpool_function(n: int, indices: bool = False) -> RuleFn:
+    """``F.max_pool{n}d`` (``indices``: ``F.max_pool{n}d_with_indices``, which returns them
+    whatever its ``return_indices``)."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
                  "return_indices"]
         b = dict(zip(names, args, strict=False)) | kwargs
-        if b.get("return_indices"):
-            raise _with_indices(ctx)
         return _max_pool(ctx, b["input"], n, b["kernel_size"], b.get("stride"), b.get("padding", 0),
-                         b.get("dilation", 1), b.get("ceil_mode", False))
+                         b.get("dilation", 1), b.get("ceil_mode", False),
+                         indices or bool(b.get("return_indices", False)))
 
     return rule
 
 
-def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size) -> Pair:
+def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size, indices: bool = False) -> Any:
+    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
     sizes = tuple(p.d.shape[-n:])
     wanted = zip(_tuple(output_size, n), sizes, strict=True)
     out = tuple(o if o is not None else s for o, s in wanted)
-    if ctx.maxpool == "wta":
+    if ctx.maxpool == "wta" or indices:
         d, idx = _ADAPTIVE_MAX[n](p.d, out, return_indices=True)
-        return Pair(d, _gather(p.s, idx, n))
+    if ctx.maxpool == "wta":
+        pair = Pair(d, _gather(p.s, idx, n))
+        return (pair, idx) if indices else pair
     if any(s % o for s, o in zip(sizes, out, strict=True)):
         raise unsupported(
             ctx, f"adaptive max pooling from {sizes} to {out} (uneven windows) in convex mode",
             "Use maxpool='wta', or an input size divisible by the output size.",
         )
     kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
-    return _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
+    pair = _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
+    return (pair, idx) if indices else pair
 
 
 @register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -752,19 +754,17 @@ def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size) -> Pair:
 def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.AdaptiveMaxPool1d/2d/3d``."""
     m = ctx.module
-    if m.return_indices:
-        raise _with_indices(ctx)
-    return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size)
+    return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size,
+                         bool(m.return_indices))
 
 
-def adaptive_maxpool_function(n: int) -> RuleFn:
-    """``F.adaptive_max_pool{n}d``."""
+def adaptive_maxpool_function(n: int, indices: bool = False) -> RuleFn:
+    """``F.adaptive_max_pool{n}d`` (``indices``: ``F.adaptive_max_pool{n}d_with_indices``)."""
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         b = dict(zip(["input", "output_size", "return_indices"], args, strict=False)) | kwargs
-        if b.get("return_indices"):
-            raise _with_indices(ctx)
-        return _adaptive_max(ctx, b["input"], n, b["output_size"])
+        return _adaptive_max(ctx, b["input"], n, b["output_size"],
+                             indices or bool(b.get("return_indices", False)))
 
     return rule
 
@@ -952,13 +952,16 @@ def constant_pad_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
           nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
           nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
-          nn.CircularPad3d, nn.Unfold, lrp="structural", mass_linear=True)
+          nn.CircularPad3d, nn.Unfold, nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d,
+          lrp="structural", mass_linear=True)
 def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """A stateless positive linear module ``P`` (average pooling, flatten, shuffles,
-    reflection/replication padding, ``nn.Unfold``'s copies and ``nn.Fold``'s sums): its
-    forward (no hooks), ``d' = P d``, ``s' = P s``."""
-    m, p = ctx.module, args[0]
-    return Pair(m.forward(p.d), m.forward(p.s))
+    reflection/replication padding, ``nn.Unfold``'s copies and ``nn.Fold``'s sums, max
+    unpooling with the pooling's indices): its forward (no hooks) with the call's other,
+    constant arguments, ``d' = P d``, ``s' = P s``."""
+    m, p, rest = ctx.module, args[0], args[1:]
+    _static(ctx, (rest, kwargs), type(m).__name__)
+    return Pair(m.forward(p.d, *rest, **kwargs), m.forward(p.s, *rest, **kwargs))
 
 
 register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -1036,6 +1039,7 @@ _STRUCTURAL_FUNCTIONS = [
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
     torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
     torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile, F.unfold,
+    F.max_unpool1d, F.max_unpool2d, F.max_unpool3d,
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
@@ -1055,6 +1059,10 @@ for _n in (1, 2, 3):
         Rule(maxpool_function(_n), lrp="maxpool", mass_linear=True))
     register(getattr(F, f"adaptive_max_pool{_n}d"))(
         Rule(adaptive_maxpool_function(_n), lrp="maxpool", mass_linear=True))
+    register(getattr(F, f"max_pool{_n}d_with_indices"))(
+        Rule(maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
+    register(getattr(F, f"adaptive_max_pool{_n}d_with_indices"))(
+        Rule(adaptive_maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
 for _fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like):
     register(_fn)(Rule(constant_like(_fn), lrp="none"))
 

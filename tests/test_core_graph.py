@@ -883,3 +883,33 @@ def test_clamp_with_an_activation_as_bound_is_refused():
 
     with pytest.raises(core.UnsupportedOperation, match="torch.maximum"):
         core.split(Bound())(torch.randn(2, 4))
+
+
+class SegNetBlock(nn.Module):
+    """SegNet's encoder-decoder: max pooling that returns its indices, max unpooling with
+    them (module and function), adaptive max pooling with indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(2, 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.dec = nn.Conv2d(4, 3, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.fc = nn.Linear(3 * 4 + 4, 2)
+
+    def forward(self, x):
+        z, where = self.pool(torch.relu(self.enc(x)))
+        y = torch.relu(self.mid(z))
+        up = self.unpool(y, where) + F.max_unpool2d(z, where, 2, output_size=x.shape[-2:])
+        top, _ = F.adaptive_max_pool2d(torch.relu(self.dec(up)), 2, return_indices=True)
+        return self.fc(torch.cat([top.flatten(1), F.max_pool2d(y, 4).flatten(1)], 1))
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_max_unpooling_with_the_pooling_indices(maxpool):
+    torch.manual_seed(17)
+    model = SegNetBlock().double().eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    check_float64_exact(core.split(model, maxpool=maxpool), model, x, 1)
+    _check(model.float(), x.float(), ["enc", "mid", "dec", "input"], maxpools=(maxpool,))
