@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from core.errors import UnsupportedOperation
+from core.pair import contains_pair
 
 LRP_KINDS = ("epsilon", "structural", "activation", "sum", "maxpool", "index", "none",
              "product")
@@ -109,6 +110,10 @@ class Ctx:
     cached_abs: bool = False
     mass: bool = True
     scratch: Any = None
+
+
+RuleFn = Callable[[Ctx, tuple, dict], Any]
+"""A rule function: ``fn(ctx, args, kwargs) -> value``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,6 +229,18 @@ def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu
         return rule
 
     return wrap
+
+
+def static_args(ctx: Ctx, values: Any, op: str) -> None:
+    """Refuse an operation whose other arguments ``values`` hold an activation: it would
+    combine two activations (a product or another non-linear combination)."""
+    if contains_pair(values):
+        raise unsupported(
+            ctx,
+            f"`{op}` of two activations (a product or other non-linear combination)",
+            "Only products with constants are piecewise linear; products of activations "
+            "(gating, attention, squeeze-excitation) cannot be split exactly.",
+        )
 
 
 def unsupported(ctx: Ctx, what: str, fix: str) -> UnsupportedOperation:

@@ -9,6 +9,11 @@ model; ``s`` follows the rule of the operation. A rule has the signature
 ``rule(ctx, args, kwargs) -> value`` and is registered, with its metadata (what SplitLRP
 does with it, whether it is a ReLU-type unit and shift point), in the rule table of
 :mod:`core.registry` -- see there for how to add an operation: one decorated function here.
+
+The ReLU-type units are in :mod:`core.unit_rules`, max pooling and the max/min family in
+:mod:`core.max_rules`, the operations that ``nonlinear="freeze"`` splits in
+:mod:`core.frozen_rules`; this module holds structure, arithmetic, affine maps, selections,
+padding, interpolation and the table of the remaining operations.
 """
 
 from __future__ import annotations
@@ -22,25 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import frozen, frozen_rules, products
-from core.absops import abs_conv, abs_linear, add_negative_part, channel_affine, placeholder
-from core.pair import Pair, contains_pair, lift
+# importing max_rules and unit_rules registers their rules
+from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: F401
+from core.absops import abs_conv, abs_linear, channel_affine, placeholder
+from core.pair import Pair, lift
 from core.record import assign
-from core.registry import TABLE, Ctx, Rule, register, unsupported
+from core.registry import TABLE, Ctx, Rule, RuleFn, register, static_args, unsupported
 
 __all__ = ["TABLE", "Ctx", "Rule", "register", "unsupported", "lookup", "is_query"]
 
-RuleFn = Callable[[Ctx, tuple, dict], Any]
-
-
-def _static(ctx: Ctx, values: Any, op: str) -> None:
-    if contains_pair(values):
-        raise unsupported(
-            ctx,
-            f"`{op}` of two activations (a product or other non-linear combination)",
-            "Only products with constants are piecewise linear; products of activations "
-            "(gating, attention, squeeze-excitation) cannot be split exactly.",
-        )
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,7 +49,7 @@ def same(fn: Callable[..., Any]) -> RuleFn:
 
     def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         p, rest = args[0], args[1:]
-        _static(ctx, (rest, kwargs), getattr(fn, "__name__", str(fn)))
+        static_args(ctx, (rest, kwargs), getattr(fn, "__name__", str(fn)))
         d = fn(p.d, *rest, **kwargs)
         s = fn(p.s, *rest, **kwargs)
         if isinstance(d, torch.Tensor):
@@ -109,7 +104,7 @@ def getitem(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Indexing: ``d' = d[i]``, ``s' = s[i]`` for a pair; the element for a tuple of pairs."""
     obj, index = args
     if isinstance(obj, Pair):
-        _static(ctx, index, "indexing")
+        static_args(ctx, index, "indexing")
         return Pair(obj.d[index], obj.s[index])
     return obj[index]
 
@@ -205,7 +200,7 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         return products.product(a, b, torch.mul)
     if _is_const(a):
         a, b = b, a
-    _static(ctx, b, "multiplication")
+    static_args(ctx, b, "multiplication")
     return Pair(torch.mul(a.d, b), a.s * _abs(b))
 
 
@@ -223,7 +218,7 @@ def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         return Pair(frozen.frozen_value(value, a.d, lambda t: t * inverse), a.s * inverse.abs())
     if _is_const(a):
         raise unsupported(ctx, "division by an activation", "Only division by constants is linear.")
-    _static(ctx, b, "division")
+    static_args(ctx, b, "division")
     return Pair(torch.div(a.d, b, **kwargs), a.s / _abs(b))
 
 
@@ -273,7 +268,7 @@ def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     constant)."""
     b = dict(zip(["input", "exponent"], args, strict=False)) | kwargs
     p, n = b["input"], b["exponent"]
-    _static(ctx, n, "power")
+    static_args(ctx, n, "power")
     if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
         return products.power(p, n)
     return torch.pow(p.d, n).detach()
@@ -291,7 +286,7 @@ def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``)."""
     b = dict(zip(["input", "tensor1", "tensor2"], args, strict=False)) | kwargs
     value = b.get("value", 1)
-    _static(ctx, value, "addcmul")
+    static_args(ctx, value, "addcmul")
     x, a, c = (v if isinstance(v, Pair) else lift(v) for v in
                (b["input"], b["tensor1"], b["tensor2"]))
     return Pair(torch.addcmul(x.d, a.d, c.d, value=value),
@@ -362,7 +357,7 @@ def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
         p, w = args[0], args[1] if len(args) > 1 else kwargs.pop("weight")
         rest = list(args[2:])
         b = rest.pop(0) if rest else kwargs.pop("bias", None)
-        _static(ctx, (w, b, rest, kwargs), getattr(fn, "__name__", "affine"))
+        static_args(ctx, (w, b, rest, kwargs), getattr(fn, "__name__", "affine"))
         b_abs = None if (b is None or ctx.skip_bias) else _abs(b)
         s = fn(p.s, ctx.weight_abs(w), b_abs, *rest, **kwargs)
         return Pair(fn(p.d, w, b, *rest, **kwargs), s)
@@ -406,473 +401,9 @@ def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
              "eps"]
     bound = dict(zip(names, args, strict=False)) | kwargs
-    _static(ctx, [bound.get(k) for k in names[1:5]], "batch_norm")
+    static_args(ctx, [bound.get(k) for k in names[1:5]], "batch_norm")
     return _bn_affine(ctx, bound["input"], bound["running_mean"], bound["running_var"],
                       bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5))
-
-
-# --------------------------------------------------------------------------- ReLU type units
-def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> Pair:
-    """``clamp(z, lo, hi)`` split through ``lo + relu(z - lo) - relu(z - hi)``.
-
-    ``d`` is the model's own result; ``s`` is the mass of that ReLU form.
-    """
-    if lo is None and hi is None:
-        return Pair(d, p.s)
-    if hi is None:  # lo + relu(z - lo)
-        if lo == 0:
-            return Pair(d, p.s - p.d.clamp_max(0))
-        return Pair(d, p.s + 2 * abs(lo) + F.relu(lo - p.d))
-    if lo is None:  # z - relu(z - hi)
-        return Pair(d, 2 * p.s + abs(hi) + F.relu(hi - p.d))
-    return Pair(d, 2 * p.s + (2 * abs(lo) + abs(hi)) + F.relu(lo - p.d) + F.relu(hi - p.d))
-
-
-@register(nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_",
-          lrp="activation", activation=True, relu=True, mass_linear=True)
-def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """ReLU: g stream Maxout ``a+ = max(z+, z-)``, h stream identity ``a- = z-``:
-    ``d' = relu(z)``, ``s' = s + relu(-z)``."""
-    p = args[0]
-    d = F.relu(p.d)
-    return Pair(d, add_negative_part(p.s, p.d, d, ctx.mass))
-
-
-def _number(v: Any) -> float | None:
-    if v is None:
-        return None
-    return float(v.item() if isinstance(v, torch.Tensor) else v)
-
-
-@register(torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", lrp="activation",
-          activation=True, mass_linear=True)
-def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``clamp(z, lo, hi) = lo + relu(z - lo) - relu(z - hi)`` with constant bounds (``clip``,
-    ``clamp_min``, ``clamp_max``); ``s'`` as in :func:`clamp_pair`. Bounds that are tensors
-    of several elements (per channel): ``min(max(z, lo), hi)``, ``s'`` as in :func:`maximum`
-    and :func:`minimum`."""
-    names = ["input", "min", "max"]
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    if contains_pair((bound.get("min"), bound.get("max"))):
-        raise unsupported(ctx, "clamp with an activation as bound",
-                          "Write torch.maximum(z, a) / torch.minimum(z, b).")
-    p, low, high = bound["input"], bound.get("min"), bound.get("max")
-    if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in (low, high)):
-        q = p if low is None else maximum(ctx, (p, low), {})
-        q = q if high is None else minimum(ctx, (q, high), {})
-        return Pair(torch.clamp(p.d, low, high), q.s)
-    lo, hi = _number(low), _number(high)
-    if lo is not None and hi is not None and lo > hi:
-        raise unsupported(ctx, f"clamp with min {lo} > max {hi}", "Use min <= max.")
-    return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
-
-
-@register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True,
-          mass_linear=True)
-def clamp_min(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.clamp_min(lo) = lo + relu(z - lo)``: ``s' = s + 2|lo| + relu(lo - z)``."""
-    return clamp(ctx, (args[0], args[1] if len(args) > 1 else kwargs["min"], None), {})
-
-
-@register(torch.clamp_max, "clamp_max", "clamp_max_", lrp="activation", activation=True,
-          mass_linear=True)
-def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.clamp_max(hi) = z - relu(z - hi)``: ``s' = 2 s + |hi| + relu(hi - z)``."""
-    return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
-
-
-@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True, mass_linear=True)
-def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.hardtanh(z, lo, hi) = clamp(z, lo, hi)``:
-    ``s' = 2 s + 2|lo| + |hi| + relu(lo - z) + relu(hi - z)``."""
-    names = ["input", "min_val", "max_val"]
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    lo, hi = float(bound.get("min_val", -1.0)), float(bound.get("max_val", 1.0))
-    p = bound["input"]
-    return clamp_pair(p, lo, hi, F.hardtanh(p.d, lo, hi))
-
-
-@register(F.relu6, lrp="activation", activation=True, mass_linear=True)
-def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.relu6(z) = relu(z) - relu(z - 6)``: ``s' = 2 s + 6 + relu(-z) + relu(6 - z)``."""
-    p = args[0] if args else kwargs["input"]
-    return clamp_pair(p, 0.0, 6.0, F.relu6(p.d))
-
-
-def _hardsigmoid_pair(p: Pair) -> Pair:
-    # hardsigmoid(z) = clamp(u, 0, 1) with u = z / 6 + 1/2: d_u = d / 6 + 1/2, s_u = s / 6 + 1/2
-    u = Pair(p.d / 6 + 0.5, p.s / 6 + 0.5)
-    return clamp_pair(u, 0.0, 1.0, F.hardsigmoid(p.d))
-
-
-@register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True, mass_linear=True)
-def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
-    p = args[0] if args else kwargs["input"]
-    return _hardsigmoid_pair(p)
-
-
-@register(nn.Hardswish, F.hardswish, lrp="activation", activation=True)
-def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.hardswish`` / ``nn.Hardswish``: the product ``z * hardsigmoid(z)`` (exact,
-    :mod:`core.products`): ``d' = hardswish(d)``, ``s' = s * s_hardsigmoid``."""
-    p = args[0] if args else kwargs["input"]
-    gate = _hardsigmoid_pair(p)
-    value = frozen.frozen_value(F.hardswish(p.d), p.d, lambda t: t * F.hardsigmoid(t))
-    return Pair(value, p.s * gate.s)
-
-
-@register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
-          activation=True, mass_linear=True)
-def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
-    = 2 s + |d|``."""
-    p = args[0] if args else kwargs["input"]
-    return Pair(torch.abs(p.d), 2 * p.s + torch.abs(p.d))
-
-
-@register(nn.Hardtanh, lrp="activation", activation=True, mass_linear=True)  # includes nn.ReLU6
-def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Hardtanh`` and ``nn.ReLU6``: a clamp (see :func:`hardtanh`)."""
-    m, p = ctx.module, args[0]
-    return clamp_pair(p, float(m.min_val), float(m.max_val), F.hardtanh(p.d, m.min_val, m.max_val))
-
-
-def _leaky(p: Pair, slope: float) -> Pair:
-    # leaky(z) = (1 - slope) relu(z) + slope z
-    return Pair(F.leaky_relu(p.d, slope), abs(1 - slope) * (p.s + F.relu(-p.d)) + abs(slope) * p.s)
-
-
-@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True, mass_linear=True)
-def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.leaky_relu(z, m) = (1 - m) relu(z) + m z``:
-    ``s' = |1 - m| (s + relu(-z)) + |m| s``."""
-    names = ["input", "negative_slope"]
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
-
-
-@register(nn.LeakyReLU, lrp="activation", activation=True, mass_linear=True)
-def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.LeakyReLU`` (see :func:`leaky_relu`)."""
-    return _leaky(args[0], float(ctx.module.negative_slope))
-
-
-@register(nn.RReLU, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_, lrp="activation",
-          activation=True, mass_linear=True)
-def rrelu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.rrelu`` / ``nn.RReLU`` with eval semantics: a LeakyReLU with the mean slope
-    ``m = (lower + upper) / 2`` (see :func:`leaky_relu`; the random slopes of training mode
-    are not used, as dropout is the identity)."""
-    if ctx.module is not None:
-        lower, upper, p = ctx.module.lower, ctx.module.upper, args[0]
-    else:
-        names = ["input", "lower", "upper", "training", "inplace"]
-        bound = dict(zip(names, args, strict=False)) | kwargs
-        _static(ctx, (bound.get("lower"), bound.get("upper")), "rrelu")
-        lower, upper, p = bound.get("lower", 1 / 8), bound.get("upper", 1 / 3), bound["input"]
-    return _leaky(p, (float(lower) + float(upper)) / 2)
-
-
-def _prelu(ctx: Ctx, p: Pair, weight: torch.Tensor) -> Pair:
-    _static(ctx, weight, "prelu")
-    a = weight.detach()
-    d = F.prelu(p.d, a)
-    # the slopes along dimension 1 (the channels), or one slope for every element
-    a = a.reshape([-1] + [1] * (p.d.dim() - 2)) if p.d.dim() >= 2 else a.reshape(())
-    return Pair(d, (1 - a).abs() * (p.s + F.relu(-p.d)) + a.abs() * p.s)
-
-
-@register(F.prelu, torch.prelu, "prelu", lrp="activation", activation=True, mass_linear=True)
-def prelu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.prelu(z, a) = (1 - a) relu(z) + a z`` with a slope ``a`` per channel (dimension 1)
-    or one for all, of any sign: ``s' = |1 - a| (s + relu(-z)) + |a| s`` (a LeakyReLU per
-    channel, :func:`leaky_relu`). A slope that is an activation is a product: refused."""
-    bound = dict(zip(["input", "weight"], args, strict=False)) | kwargs
-    return _prelu(ctx, bound["input"], bound["weight"])
-
-
-@register(nn.PReLU, lrp="activation", activation=True, mass_linear=True)
-def prelu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.PReLU`` with its learned slopes (see :func:`prelu`)."""
-    return _prelu(ctx, args[0], ctx.module.weight)
-
-
-def _softshrink(p: Pair, lam: float) -> Pair:
-    return Pair(F.softshrink(p.d, lam), 2 * p.s + 2 * lam + F.relu(lam - p.d) + F.relu(p.d + lam))
-
-
-@register(F.softshrink, lrp="activation", activation=True, mass_linear=True)
-def softshrink(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.softshrink(z, l) = relu(z - l) - relu(-z - l)`` (``l >= 0``):
-    ``s' = 2 s + 2 l + relu(l - z) + relu(z + l)``."""
-    bound = dict(zip(["input", "lambd"], args, strict=False)) | kwargs
-    _static(ctx, bound.get("lambd"), "softshrink")
-    return _softshrink(bound["input"], float(bound.get("lambd", 0.5)))
-
-
-@register(nn.Softshrink, lrp="activation", activation=True, mass_linear=True)
-def softshrink_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Softshrink`` (see :func:`softshrink`)."""
-    return _softshrink(args[0], float(ctx.module.lambd))
-
-
-@register(F.threshold, lrp="activation", activation=True, mass_linear=True)
-def threshold(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.threshold(z, t, t) = clamp(z, min=t)``: ``s' = s + 2|t| + relu(t - z)``; other
-    values are discontinuous."""
-    names = ["input", "threshold", "value"]
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    t, v = float(bound["threshold"]), float(bound["value"])
-    if t != v:
-        raise unsupported(ctx, f"threshold({t}, value={v})",
-                          "Only threshold == value is continuous.")
-    p = bound["input"]
-    return clamp_pair(p, t, None, F.threshold(p.d, t, v))
-
-
-@register(nn.Threshold, lrp="activation", activation=True, mass_linear=True)
-def threshold_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.Threshold(t, t)`` (see :func:`threshold`)."""
-    return threshold(ctx, (args[0], ctx.module.threshold, ctx.module.value), {})
-
-
-# --------------------------------------------------------------------------- pooling
-_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _tuple(v: Any, n: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
-def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape,
-             ceil_mode: bool = False) -> torch.Tensor:
-    """Windowed sums with zero padding, matching the windows of a max pooling."""
-    kernel, stride = _tuple(kernel, n), _tuple(stride, n)
-    padding, dilation = _tuple(padding, n), _tuple(dilation, n)
-    if n in _AVG_POOL and all(v == 1 for v in dilation):
-        out = _AVG_POOL[n](x, kernel, stride, padding, ceil_mode, count_include_pad=True,
-                           divisor_override=1)
-        if tuple(out.shape) == tuple(out_shape):
-            return out
-    extra = []
-    for i in range(n):
-        size = x.shape[-n + i]
-        need = (out_shape[-n + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
-        extra.append(max(0, need - (size + 2 * padding[i])))
-    if any(extra):
-        pad: list[int] = []
-        for e in reversed(extra):
-            pad += [0, e]
-        x = F.pad(x, pad)
-    channels = x.shape[-n - 1]
-    weight = torch.ones((channels, 1) + kernel, dtype=x.dtype, device=x.device)
-    flat = x.reshape((-1,) + tuple(x.shape[-n - 1:]))
-    out = _CONV[n](flat, weight, None, stride, padding, dilation, channels)
-    return out.reshape(tuple(x.shape[: -n - 1]) + tuple(out.shape[1:]))
-
-
-def _gather(s: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-    lead = s.shape[: -n]
-    return s.reshape(lead + (-1,)).gather(-1, idx.reshape(lead + (-1,))).view(idx.shape)
-
-
-def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode,
-              indices: bool = False) -> Any:
-    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
-    stride = kernel if (stride is None or stride == [] or stride == ()) else stride
-    pool = _MAXPOOL[n]
-    d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-    if ctx.maxpool == "wta":
-        pair = Pair(d, _gather(p.s, idx, n))
-        return (pair, idx) if indices else pair
-    # the same values as d, but a new tensor: built from d itself, s would let a probe of d
-    # through autograd pick up the s path
-    winner = _gather(p.d, idx, n)
-    diff = p.s - p.d
-    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
-        diff = torch.where(torch.isneginf(p.d), 0.0, diff)
-    rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
-    pair = Pair(d, winner + rest)
-    return (pair, idx) if indices else pair
-
-
-@register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool", mass_linear=True)
-def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.MaxPool1d/2d/3d``. Convex (section 3.4, eq. 17): ``d' = maxpool(d)``,
-    ``s' = maxpool(d) + sumpool(s - d)``; winner-takes-all: ``s'`` is ``s`` at the window's
-    arg-max of ``d``. With ``return_indices=True`` the indices are the model's own (the
-    arg-max of ``d``)."""
-    m = ctx.module
-    n = int(type(m).__name__[-2])
-    return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation,
-                     m.ceil_mode, bool(m.return_indices))
-
-
-def maxpool_function(n: int, indices: bool = False) -> RuleFn:
-    """``F.max_pool{n}d`` (``indices``: ``F.max_pool{n}d_with_indices``, which returns them
-    whatever its ``return_indices``)."""
-
-    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                 "return_indices"]
-        b = dict(zip(names, args, strict=False)) | kwargs
-        return _max_pool(ctx, b["input"], n, b["kernel_size"], b.get("stride"), b.get("padding", 0),
-                         b.get("dilation", 1), b.get("ceil_mode", False),
-                         indices or bool(b.get("return_indices", False)))
-
-    return rule
-
-
-def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size, indices: bool = False) -> Any:
-    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
-    sizes = tuple(p.d.shape[-n:])
-    wanted = zip(_tuple(output_size, n), sizes, strict=True)
-    out = tuple(o if o is not None else s for o, s in wanted)
-    if ctx.maxpool == "wta" or indices:
-        d, idx = _ADAPTIVE_MAX[n](p.d, out, return_indices=True)
-    if ctx.maxpool == "wta":
-        pair = Pair(d, _gather(p.s, idx, n))
-        return (pair, idx) if indices else pair
-    if any(s % o for s, o in zip(sizes, out, strict=True)):
-        raise unsupported(
-            ctx, f"adaptive max pooling from {sizes} to {out} (uneven windows) in convex mode",
-            "Use maxpool='wta', or an input size divisible by the output size.",
-        )
-    kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
-    pair = _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
-    return (pair, idx) if indices else pair
-
-
-@register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-          lrp="maxpool", mass_linear=True)
-def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.AdaptiveMaxPool1d/2d/3d``."""
-    m = ctx.module
-    return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size,
-                         bool(m.return_indices))
-
-
-def adaptive_maxpool_function(n: int, indices: bool = False) -> RuleFn:
-    """``F.adaptive_max_pool{n}d`` (``indices``: ``F.adaptive_max_pool{n}d_with_indices``)."""
-
-    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-        b = dict(zip(["input", "output_size", "return_indices"], args, strict=False)) | kwargs
-        return _adaptive_max(ctx, b["input"], n, b["output_size"],
-                             indices or bool(b.get("return_indices", False)))
-
-    return rule
-
-
-@register(torch.amax, "amax", lrp="maxpool", mass_linear=True)
-def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
-    channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
-    ``s' = max(d) + sum(s - d)`` over the reduced elements; winner-takes-all: ``s'`` is ``s``
-    at the arg-max of ``d``."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    p, dim, keepdim = b["input"], b.get("dim", ()), bool(b.get("keepdim", False))
-    n = p.d.dim()
-    dims = sorted({int(i) % n for i in ((dim,) if isinstance(dim, int) else (dim or range(n)))})
-    kept = [i for i in range(n) if i not in dims]
-    lead = [p.d.shape[i] for i in kept]
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # the reduced elements on the last axis
-        return t.permute(kept + dims).reshape(lead + [-1])
-
-    d, s = rows(p.d), rows(p.s)
-    idx = d.argmax(-1, keepdim=True)
-    winner = d.gather(-1, idx).squeeze(-1)
-    # s' gathers the winner again (as _max_pool does): built on ``winner`` itself, a probe of
-    # d' would pick up the s path through autograd
-    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else (
-        d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
-    shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
-    return Pair(winner.reshape(shape), mass.reshape(shape))
-
-
-def _two(ctx: Ctx, args: tuple, kwargs: dict, what: str) -> tuple[Pair, Pair]:
-    b = dict(zip(["input", "other"], args, strict=False)) | kwargs
-    a, other = b["input"], b["other"]
-    if not isinstance(other, (Pair, torch.Tensor)):
-        raise unsupported(ctx, f"{what} with {type(other).__name__} {other!r}",
-                          "Pass a tensor, or use clamp for a number.")
-    return lift(a), lift(other)
-
-
-@register(torch.maximum, "maximum", lrp="maxpool", mass_linear=True)
-def maximum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """The elementwise ``max(a, b)``: a max pooling over the window ``{a, b}`` (eq. 17),
-    ``d' = max(d_a, d_b)``, convex: ``s' = max(d_a, d_b) + (s_a - d_a) + (s_b - d_b)``
-    (g and h stay convex and monotone); winner-takes-all: ``s' = s`` of the larger ``d``.
-    A constant ``c`` enters as ``(c, |c|)``."""
-    a, b = _two(ctx, args, kwargs, "maximum")
-    d = torch.maximum(a.d, b.d)
-    if ctx.maxpool == "wta":
-        return Pair(d, torch.where(a.d >= b.d, a.s, b.s))
-    # s' from its own maximum: built on ``d`` itself, a probe of d' would pick up the s path
-    return Pair(d, torch.maximum(a.d, b.d) + (a.s - a.d) + (b.s - b.d))
-
-
-@register(torch.minimum, "minimum", lrp="maxpool", mass_linear=True)
-def minimum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """The elementwise ``min(a, b) = -max(-a, -b)`` (see :func:`maximum`): ``d' = min(d_a,
-    d_b)``, convex: ``s' = (s_a + d_a) + (s_b + d_b) - min(d_a, d_b)``; winner-takes-all:
-    ``s' = s`` of the smaller ``d``."""
-    a, b = _two(ctx, args, kwargs, "minimum")
-    d = torch.minimum(a.d, b.d)
-    if ctx.maxpool == "wta":
-        return Pair(d, torch.where(a.d <= b.d, a.s, b.s))
-    return Pair(d, (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d))
-
-
-@register(torch.max, "max", lrp="maxpool", mass_linear=True)
-def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
-    values; the indices (the arg-max of ``d``) are the model's own. ``max(a, b)`` of two
-    tensors is :func:`maximum`."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    dim = b.get("dim", b.get("other"))
-    if isinstance(dim, (torch.Tensor, Pair)):
-        return maximum(ctx, (b["input"], dim), {})
-    if dim is None:
-        return amax_rule(ctx, (b["input"],), {})
-    keepdim = bool(b.get("keepdim", False))
-    values = amax_rule(ctx, (b["input"], dim, keepdim), {})
-    indices = b["input"].d.argmax(dim, keepdim=keepdim)
-    return torch.return_types.max((values, indices))
-
-
-@register(torch.amin, "amin", lrp="maxpool", mass_linear=True)
-def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.amin(dim, keepdim) = -amax(-x)`` (see :func:`amax_rule`): ``d' = amin(d)``,
-    convex: ``s' = sum(s + d) - amin(d)`` over the window; winner-takes-all: ``s`` at the
-    arg-min of ``d``."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    p = b["input"]
-    out = amax_rule(ctx, (Pair(-p.d, p.s), b.get("dim", ()), bool(b.get("keepdim", False))), {})
-    return Pair(-out.d, out.s)
-
-
-@register(torch.min, "min", lrp="maxpool", mass_linear=True)
-def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """``x.min()``, ``x.min(dim, keepdim)`` (:func:`amin_rule`, the indices are the arg-min
-    of ``d``) and ``min(a, b)`` of two tensors (:func:`minimum`)."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    dim = b.get("dim", b.get("other"))
-    if isinstance(dim, (torch.Tensor, Pair)):
-        return minimum(ctx, (b["input"], dim), {})
-    if dim is None:
-        return amin_rule(ctx, (b["input"],), {})
-    keepdim = bool(b.get("keepdim", False))
-    values = amin_rule(ctx, (b["input"], dim, keepdim), {})
-    indices = b["input"].d.argmin(dim, keepdim=keepdim)
-    return torch.return_types.min((values, indices))
 
 
 def _streams(v: Any) -> tuple[Any, Any]:
@@ -889,7 +420,7 @@ def where(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     ``d' = where(c, d_a, d_b)``, ``s' = where(c, s_a, s_b)``; a constant ``a`` or ``b``
     enters as ``(a, |a|)``."""
     b = dict(zip(["condition", "input", "other"], args, strict=False)) | kwargs
-    _static(ctx, b["condition"], "where")
+    static_args(ctx, b["condition"], "where")
     (da, sa), (db, sb) = _streams(b["input"]), _streams(b["other"])
     return Pair(torch.where(b["condition"], da, db), torch.where(b["condition"], sa, sb))
 
@@ -906,7 +437,7 @@ def masked_fill(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.masked_fill(m, v)`` with a mask that is not an activation: ``d' = d`` with ``v``
     where ``m``, ``s' = s`` with ``|v|`` where ``m``."""
     b = dict(zip(["input", "mask", "value"], args, strict=False)) | kwargs
-    _static(ctx, (b["mask"], b["value"]), "masked_fill")
+    static_args(ctx, (b["mask"], b["value"]), "masked_fill")
     p, mask, value = b["input"], b["mask"], b["value"]
     _, mass = _streams(value)
     return Pair(p.d.masked_fill(mask, value), p.s.masked_fill(mask, mass))
@@ -917,7 +448,7 @@ def assign_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """Item assignment ``t[i] = v`` (recorded out of place): ``d' = d_t`` with ``d'[i] = d_v``,
     ``s' = s_t`` with ``s'[i] = s_v``; a constant ``c`` on either side enters as ``(c, |c|)``."""
     target, index, value = args
-    _static(ctx, index, "indexing by an activation")
+    static_args(ctx, index, "indexing by an activation")
     t = lift(target)
     if isinstance(value, (Pair, torch.Tensor)):
         v = lift(value)
@@ -960,7 +491,7 @@ def module_forward(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     unpooling with the pooling's indices): its forward (no hooks) with the call's other,
     constant arguments, ``d' = P d``, ``s' = P s``."""
     m, p, rest = ctx.module, args[0], args[1:]
-    _static(ctx, (rest, kwargs), type(m).__name__)
+    static_args(ctx, (rest, kwargs), type(m).__name__)
     return Pair(m.forward(p.d, *rest, **kwargs), m.forward(p.s, *rest, **kwargs))
 
 
@@ -1054,15 +585,6 @@ for _fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
                        lrp="structural", mass_linear=True))
 for _fn in (F.linear, F.conv1d, F.conv2d, F.conv3d):
     register(_fn)(Rule(functional_affine(_fn), mass_linear=True))
-for _n in (1, 2, 3):
-    register(getattr(F, f"max_pool{_n}d"), getattr(torch, f"max_pool{_n}d"))(
-        Rule(maxpool_function(_n), lrp="maxpool", mass_linear=True))
-    register(getattr(F, f"adaptive_max_pool{_n}d"))(
-        Rule(adaptive_maxpool_function(_n), lrp="maxpool", mass_linear=True))
-    register(getattr(F, f"max_pool{_n}d_with_indices"))(
-        Rule(maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
-    register(getattr(F, f"adaptive_max_pool{_n}d_with_indices"))(
-        Rule(adaptive_maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
 for _fn in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like):
     register(_fn)(Rule(constant_like(_fn), lrp="none"))
 

@@ -1,0 +1,267 @@
+"""Rules of max pooling and of the max/min family: pooling windows, reductions over whole
+dimensions, the elementwise max and min of two activations (docs/math.md section 2, eq. 17).
+
+Convex mode (``maxpool="convex"``): ``max_j (a_j+ - a_j-) = max_j {a_j+ + sum_{i != j} a_i-}
+- sum_i a_i-``, so ``d' = max(d)`` and ``s' = max(d) + sum(s - d)`` over the window, which
+keeps g and h convex and monotone; winner-takes-all (``"wta"``): ``s'`` is ``s`` at the
+arg-max of ``d``. A min is ``-max(-x)``. Indices returned to the model are its own (the
+arg-max of ``d``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.pair import Pair, lift
+from core.registry import Ctx, Rule, RuleFn, register, unsupported
+
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _tuple(v: Any, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape,
+             ceil_mode: bool = False) -> torch.Tensor:
+    """Windowed sums with zero padding, matching the windows of a max pooling."""
+    kernel, stride = _tuple(kernel, n), _tuple(stride, n)
+    padding, dilation = _tuple(padding, n), _tuple(dilation, n)
+    if n in _AVG_POOL and all(v == 1 for v in dilation):
+        out = _AVG_POOL[n](x, kernel, stride, padding, ceil_mode, count_include_pad=True,
+                           divisor_override=1)
+        if tuple(out.shape) == tuple(out_shape):
+            return out
+    extra = []
+    for i in range(n):
+        size = x.shape[-n + i]
+        need = (out_shape[-n + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
+        extra.append(max(0, need - (size + 2 * padding[i])))
+    if any(extra):
+        pad: list[int] = []
+        for e in reversed(extra):
+            pad += [0, e]
+        x = F.pad(x, pad)
+    channels = x.shape[-n - 1]
+    weight = torch.ones((channels, 1) + kernel, dtype=x.dtype, device=x.device)
+    flat = x.reshape((-1,) + tuple(x.shape[-n - 1:]))
+    out = _CONV[n](flat, weight, None, stride, padding, dilation, channels)
+    return out.reshape(tuple(x.shape[: -n - 1]) + tuple(out.shape[1:]))
+
+
+def _gather(s: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    lead = s.shape[: -n]
+    return s.reshape(lead + (-1,)).gather(-1, idx.reshape(lead + (-1,))).view(idx.shape)
+
+
+def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode,
+              indices: bool = False) -> Any:
+    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
+    stride = kernel if (stride is None or stride == [] or stride == ()) else stride
+    pool = _MAXPOOL[n]
+    d, idx = pool(p.d, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    if ctx.maxpool == "wta":
+        pair = Pair(d, _gather(p.s, idx, n))
+        return (pair, idx) if indices else pair
+    # the same values as d, but a new tensor: built from d itself, s would let a probe of d
+    # through autograd pick up the s path
+    winner = _gather(p.d, idx, n)
+    diff = p.s - p.d
+    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
+        diff = torch.where(torch.isneginf(p.d), 0.0, diff)
+    rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
+    pair = Pair(d, winner + rest)
+    return (pair, idx) if indices else pair
+
+
+@register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, lrp="maxpool", mass_linear=True)
+def maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.MaxPool1d/2d/3d``. Convex (section 3.4, eq. 17): ``d' = maxpool(d)``,
+    ``s' = maxpool(d) + sumpool(s - d)``; winner-takes-all: ``s'`` is ``s`` at the window's
+    arg-max of ``d``. With ``return_indices=True`` the indices are the model's own (the
+    arg-max of ``d``)."""
+    m = ctx.module
+    n = int(type(m).__name__[-2])
+    return _max_pool(ctx, args[0], n, m.kernel_size, m.stride, m.padding, m.dilation,
+                     m.ceil_mode, bool(m.return_indices))
+
+
+def maxpool_function(n: int, indices: bool = False) -> RuleFn:
+    """``F.max_pool{n}d`` (``indices``: ``F.max_pool{n}d_with_indices``, which returns them
+    whatever its ``return_indices``)."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                 "return_indices"]
+        b = dict(zip(names, args, strict=False)) | kwargs
+        return _max_pool(ctx, b["input"], n, b["kernel_size"], b.get("stride"), b.get("padding", 0),
+                         b.get("dilation", 1), b.get("ceil_mode", False),
+                         indices or bool(b.get("return_indices", False)))
+
+    return rule
+
+
+def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size, indices: bool = False) -> Any:
+    """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
+    sizes = tuple(p.d.shape[-n:])
+    wanted = zip(_tuple(output_size, n), sizes, strict=True)
+    out = tuple(o if o is not None else s for o, s in wanted)
+    if ctx.maxpool == "wta" or indices:
+        d, idx = _ADAPTIVE_MAX[n](p.d, out, return_indices=True)
+    if ctx.maxpool == "wta":
+        pair = Pair(d, _gather(p.s, idx, n))
+        return (pair, idx) if indices else pair
+    if any(s % o for s, o in zip(sizes, out, strict=True)):
+        raise unsupported(
+            ctx, f"adaptive max pooling from {sizes} to {out} (uneven windows) in convex mode",
+            "Use maxpool='wta', or an input size divisible by the output size.",
+        )
+    kernel = tuple(s // o for s, o in zip(sizes, out, strict=True))
+    pair = _max_pool(ctx, p, n, kernel, kernel, 0, 1, False)
+    return (pair, idx) if indices else pair
+
+
+@register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+          lrp="maxpool", mass_linear=True)
+def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``nn.AdaptiveMaxPool1d/2d/3d``."""
+    m = ctx.module
+    return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size,
+                         bool(m.return_indices))
+
+
+def adaptive_maxpool_function(n: int, indices: bool = False) -> RuleFn:
+    """``F.adaptive_max_pool{n}d`` (``indices``: ``F.adaptive_max_pool{n}d_with_indices``)."""
+
+    def rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+        b = dict(zip(["input", "output_size", "return_indices"], args, strict=False)) | kwargs
+        return _adaptive_max(ctx, b["input"], n, b["output_size"],
+                             indices or bool(b.get("return_indices", False)))
+
+    return rule
+
+
+@register(torch.amax, "amax", lrp="maxpool", mass_linear=True)
+def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
+    channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
+    ``s' = max(d) + sum(s - d)`` over the reduced elements; winner-takes-all: ``s'`` is ``s``
+    at the arg-max of ``d``."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    p, dim, keepdim = b["input"], b.get("dim", ()), bool(b.get("keepdim", False))
+    n = p.d.dim()
+    dims = sorted({int(i) % n for i in ((dim,) if isinstance(dim, int) else (dim or range(n)))})
+    kept = [i for i in range(n) if i not in dims]
+    lead = [p.d.shape[i] for i in kept]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # the reduced elements on the last axis
+        return t.permute(kept + dims).reshape(lead + [-1])
+
+    d, s = rows(p.d), rows(p.s)
+    idx = d.argmax(-1, keepdim=True)
+    winner = d.gather(-1, idx).squeeze(-1)
+    # s' gathers the winner again (as _max_pool does): built on ``winner`` itself, a probe of
+    # d' would pick up the s path through autograd
+    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else (
+        d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
+    shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
+    return Pair(winner.reshape(shape), mass.reshape(shape))
+
+
+def _two(ctx: Ctx, args: tuple, kwargs: dict, what: str) -> tuple[Pair, Pair]:
+    b = dict(zip(["input", "other"], args, strict=False)) | kwargs
+    a, other = b["input"], b["other"]
+    if not isinstance(other, (Pair, torch.Tensor)):
+        raise unsupported(ctx, f"{what} with {type(other).__name__} {other!r}",
+                          "Pass a tensor, or use clamp for a number.")
+    return lift(a), lift(other)
+
+
+@register(torch.maximum, "maximum", lrp="maxpool", mass_linear=True)
+def maximum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """The elementwise ``max(a, b)``: a max pooling over the window ``{a, b}`` (eq. 17),
+    ``d' = max(d_a, d_b)``, convex: ``s' = max(d_a, d_b) + (s_a - d_a) + (s_b - d_b)``
+    (g and h stay convex and monotone); winner-takes-all: ``s' = s`` of the larger ``d``.
+    A constant ``c`` enters as ``(c, |c|)``."""
+    a, b = _two(ctx, args, kwargs, "maximum")
+    d = torch.maximum(a.d, b.d)
+    if ctx.maxpool == "wta":
+        return Pair(d, torch.where(a.d >= b.d, a.s, b.s))
+    # s' from its own maximum: built on ``d`` itself, a probe of d' would pick up the s path
+    return Pair(d, torch.maximum(a.d, b.d) + (a.s - a.d) + (b.s - b.d))
+
+
+@register(torch.minimum, "minimum", lrp="maxpool", mass_linear=True)
+def minimum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """The elementwise ``min(a, b) = -max(-a, -b)`` (see :func:`maximum`): ``d' = min(d_a,
+    d_b)``, convex: ``s' = (s_a + d_a) + (s_b + d_b) - min(d_a, d_b)``; winner-takes-all:
+    ``s' = s`` of the smaller ``d``."""
+    a, b = _two(ctx, args, kwargs, "minimum")
+    d = torch.minimum(a.d, b.d)
+    if ctx.maxpool == "wta":
+        return Pair(d, torch.where(a.d <= b.d, a.s, b.s))
+    return Pair(d, (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d))
+
+
+@register(torch.max, "max", lrp="maxpool", mass_linear=True)
+def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
+    values; the indices (the arg-max of ``d``) are the model's own. ``max(a, b)`` of two
+    tensors is :func:`maximum`."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    dim = b.get("dim", b.get("other"))
+    if isinstance(dim, (torch.Tensor, Pair)):
+        return maximum(ctx, (b["input"], dim), {})
+    if dim is None:
+        return amax_rule(ctx, (b["input"],), {})
+    keepdim = bool(b.get("keepdim", False))
+    values = amax_rule(ctx, (b["input"], dim, keepdim), {})
+    indices = b["input"].d.argmax(dim, keepdim=keepdim)
+    return torch.return_types.max((values, indices))
+
+
+@register(torch.amin, "amin", lrp="maxpool", mass_linear=True)
+def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``x.amin(dim, keepdim) = -amax(-x)`` (see :func:`amax_rule`): ``d' = amin(d)``,
+    convex: ``s' = sum(s + d) - amin(d)`` over the window; winner-takes-all: ``s`` at the
+    arg-min of ``d``."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    p = b["input"]
+    out = amax_rule(ctx, (Pair(-p.d, p.s), b.get("dim", ()), bool(b.get("keepdim", False))), {})
+    return Pair(-out.d, out.s)
+
+
+@register(torch.min, "min", lrp="maxpool", mass_linear=True)
+def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """``x.min()``, ``x.min(dim, keepdim)`` (:func:`amin_rule`, the indices are the arg-min
+    of ``d``) and ``min(a, b)`` of two tensors (:func:`minimum`)."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    dim = b.get("dim", b.get("other"))
+    if isinstance(dim, (torch.Tensor, Pair)):
+        return minimum(ctx, (b["input"], dim), {})
+    if dim is None:
+        return amin_rule(ctx, (b["input"],), {})
+    keepdim = bool(b.get("keepdim", False))
+    values = amin_rule(ctx, (b["input"], dim, keepdim), {})
+    indices = b["input"].d.argmin(dim, keepdim=keepdim)
+    return torch.return_types.min((values, indices))
+
+
+for _n in (1, 2, 3):
+    register(getattr(F, f"max_pool{_n}d"), getattr(torch, f"max_pool{_n}d"))(
+        Rule(maxpool_function(_n), lrp="maxpool", mass_linear=True))
+    register(getattr(F, f"adaptive_max_pool{_n}d"))(
+        Rule(adaptive_maxpool_function(_n), lrp="maxpool", mass_linear=True))
+    register(getattr(F, f"max_pool{_n}d_with_indices"))(
+        Rule(maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
+    register(getattr(F, f"adaptive_max_pool{_n}d_with_indices"))(
+        Rule(adaptive_maxpool_function(_n, indices=True), lrp="maxpool", mass_linear=True))
