@@ -212,21 +212,28 @@ def minimum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(d, (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d))
 
 
+def _extreme(ctx: Ctx, args: tuple, kwargs: dict, of_two: RuleFn, reduce: RuleFn,
+             arg: Any, result: Any) -> Any:
+    """``torch.max`` / ``torch.min``: of two tensors (``of_two``), over everything or over
+    ``dim`` (``reduce``, with the indices ``arg`` of ``d``: the model's own)."""
+    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
+    dim = b.get("dim", b.get("other"))
+    if isinstance(dim, (torch.Tensor, Pair)):
+        return of_two(ctx, (b["input"], dim), {})
+    if dim is None:
+        return reduce(ctx, (b["input"],), {})
+    keepdim = bool(b.get("keepdim", False))
+    values = reduce(ctx, (b["input"], dim, keepdim), {})
+    return result((values, arg(b["input"].d, dim, keepdim=keepdim)))
+
+
 @register(torch.max, "max", lrp="maxpool", mass_linear=True)
 def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
     values; the indices (the arg-max of ``d``) are the model's own. ``max(a, b)`` of two
     tensors is :func:`maximum`."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    dim = b.get("dim", b.get("other"))
-    if isinstance(dim, (torch.Tensor, Pair)):
-        return maximum(ctx, (b["input"], dim), {})
-    if dim is None:
-        return amax_rule(ctx, (b["input"],), {})
-    keepdim = bool(b.get("keepdim", False))
-    values = amax_rule(ctx, (b["input"], dim, keepdim), {})
-    indices = b["input"].d.argmax(dim, keepdim=keepdim)
-    return torch.return_types.max((values, indices))
+    return _extreme(ctx, args, kwargs, maximum, amax_rule, torch.argmax,
+                    torch.return_types.max)
 
 
 @register(torch.amin, "amin", lrp="maxpool", mass_linear=True)
@@ -244,16 +251,8 @@ def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``x.min()``, ``x.min(dim, keepdim)`` (:func:`amin_rule`, the indices are the arg-min
     of ``d``) and ``min(a, b)`` of two tensors (:func:`minimum`)."""
-    b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
-    dim = b.get("dim", b.get("other"))
-    if isinstance(dim, (torch.Tensor, Pair)):
-        return minimum(ctx, (b["input"], dim), {})
-    if dim is None:
-        return amin_rule(ctx, (b["input"],), {})
-    keepdim = bool(b.get("keepdim", False))
-    values = amin_rule(ctx, (b["input"], dim, keepdim), {})
-    indices = b["input"].d.argmin(dim, keepdim=keepdim)
-    return torch.return_types.min((values, indices))
+    return _extreme(ctx, args, kwargs, minimum, amin_rule, torch.argmin,
+                    torch.return_types.min)
 
 
 for _n in (1, 2, 3):
