@@ -213,6 +213,17 @@ def normalize(p: Pair, p_norm: float = 2.0, dim: int = 1, eps: float = 1e-12) ->
 
 
 # --------------------------------------------------------------------------- gates
+def glu(p: Pair, dim: int = -1) -> Pair:
+    """``F.glu(z) = a * sigmoid(b)`` (``a``, ``b`` the halves of ``z`` along ``dim``) with the
+    gate ``sigmoid(b)`` frozen: ``d' = glu(d)``, ``s' = sigmoid(d_b) s_a``."""
+    d = p.d
+    value = F.glu(d, dim)
+    with torch.no_grad():
+        gate = torch.sigmoid(d.chunk(2, dim)[1])
+    return Pair(frozen_value(value, d, lambda t: t.chunk(2, dim)[0] * gate),
+                p.s.chunk(2, dim)[0] * gate)
+
+
 def attention(q: Any, k: Any, v: Any, attn_mask=None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> Any:
@@ -276,4 +287,8 @@ def module_unit(m: nn.Module) -> tuple[str, Callable[..., torch.Tensor], dict] |
         return "tanh", torch.tanh, {}
     if isinstance(m, nn.LogSigmoid):
         return "logsigmoid", F.logsigmoid, {}
+    if isinstance(m, nn.Softsign):
+        return "softsign", F.softsign, {}
+    if isinstance(m, nn.Tanhshrink):
+        return "tanhshrink", F.tanhshrink, {}
     return None

@@ -169,6 +169,14 @@ def _running_stats(m: nn.Module) -> bool:
     return bool(m.track_running_stats) and m.running_mean is not None
 
 
+def glu(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.glu`` / ``nn.GLU`` (the sigmoid gate frozen)."""
+    if ctx.module is not None:
+        return frozen.glu(args[0], ctx.module.dim)
+    b = _bind(["input", "dim"], args, kwargs)
+    return frozen.glu(b["input"], b.get("dim", -1))
+
+
 def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
     """``F.scaled_dot_product_attention`` with the attention weights frozen."""
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -224,6 +232,8 @@ _SECANT_FUNCTIONS = {
     F.selu: ("selu", F.selu, ["inplace"]),
     F.softplus: ("softplus", F.softplus, ["beta", "threshold"]),
     F.logsigmoid: ("logsigmoid", F.logsigmoid, []),
+    F.softsign: ("softsign", F.softsign, []),
+    F.tanhshrink: ("tanhshrink", F.tanhshrink, []),
     torch.tanh: ("tanh", torch.tanh, []),
     F.tanh: ("tanh", torch.tanh, []),
 }
@@ -260,6 +270,7 @@ FUNCTION_RULES.update({
     F.instance_norm: (instance_norm, instance_norm_check, "mixing", False),
     F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
     F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
+    F.glu: (glu, always("sigmoid gate of the second half frozen"), "", False),
     F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
                                      "mixing", False),
 })
@@ -271,7 +282,8 @@ METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, "", True)
 METHOD_RULES.update({n: (gate(_method(n)), STEP, "", True) for n in _COMPARISON_METHODS})
 MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
-      nn.LogSigmoid), (secant_module, SECANT, "unit", False)),
+      nn.LogSigmoid, nn.Softsign, nn.Tanhshrink), (secant_module, SECANT, "unit", False)),
+    ((nn.GLU,), (glu, always("sigmoid gate of the second half frozen"), "", False)),
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
     (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),

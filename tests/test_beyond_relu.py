@@ -308,7 +308,8 @@ def test_freeze_leaves_the_model_unchanged_and_float32_exact():
 
 
 @pytest.mark.parametrize("fn", [F.silu, F.gelu, F.mish, F.elu, F.selu, F.softplus, torch.tanh,
-                                F.logsigmoid, lambda z: F.gelu(z, approximate="tanh")])
+                                F.logsigmoid, lambda z: F.gelu(z, approximate="tanh"),
+                                F.softsign, F.tanhshrink])
 def test_secant_units(fn):
     z = torch.linspace(-30, 30, 601, dtype=torch.float64)
     z = torch.cat([z, torch.zeros(1, dtype=torch.float64)])
@@ -595,3 +596,47 @@ def test_comparisons_of_activations_are_frozen_and_keep_the_gradient():
     p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
     torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(p.g - p.h, grad, rtol=1e-10, atol=1e-12)
+
+
+class Gated(nn.Module):
+    """A GLU (module and function) and Softsign/Tanhshrink modules; ``frozen=True``
+    evaluates them with the sigmoid gates and the secant slopes frozen."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.a, self.b, self.fc = nn.Linear(4, 12), nn.Linear(6, 8), nn.Linear(4, 3)
+        self.glu, self.soft, self.shrink = nn.GLU(1), nn.Softsign(), nn.Tanhshrink()
+
+    def _glu(self, z, dim):
+        if not self.frozen:
+            return self.glu(z) if dim == 1 else F.glu(z, dim)
+        a, b = z.chunk(2, dim)
+        return a * torch.sigmoid(b).detach()
+
+    def _secant(self, m, fn, z):
+        return m(z) if not self.frozen else z * torch.where(z == 0, 0.0, fn(z) / z).detach()
+
+    def forward(self, x):
+        z = self._glu(self.a(x), 1)
+        z = self._secant(self.soft, F.softsign, self.b(z))
+        z = self._secant(self.shrink, F.tanhshrink, z)
+        return self.fc(self._glu(z.view(-1, 2, 4), 1).flatten(1) + self._glu(z, -1))
+
+
+def test_glu_softsign_and_tanhshrink_are_frozen_exactly():
+    torch.manual_seed(18)
+    model = Gated().double().eval()
+    reference = Gated(frozen=True).double().eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(core.UnsupportedOperation, match="'glu'.*nonlinear='freeze'"):
+        core.split(model)
+    with pytest.warns(UserWarning, match="froze 5"):
+        sm = core.split(model, nonlinear="freeze", stabilizer="none")
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    (frozen_grad,) = torch.autograd.grad(reference(xr)[:, 2].sum(), xr)
+    p = sm.sensitivities(x, 2, ["input"], alpha=0.0)["input"]
+    torch.testing.assert_close(p.grad, frozen_grad, rtol=1e-10, atol=1e-12)
