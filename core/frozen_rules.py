@@ -201,11 +201,17 @@ def division_check(node: fx.Node, carried: set, module: nn.Module | None) -> str
     return None
 
 
+def integer_exponent(node: fx.Node) -> int | None:
+    """The exponent of a power node when it is an integer >= 1 (a repeated product)."""
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+
+
 def power_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:
     """A power freezes unless its exponent is an integer >= 1."""
-    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
-    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+    if integer_exponent(node) is not None:
         return None
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
     return f"x ** {n} frozen to a constant"
 
 

@@ -31,9 +31,6 @@ from core.pair import Pair, contains_pair
 from core.shift import Shift
 from core.stabilize import stabilise
 
-_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
 
 @dataclass
 class Step:
@@ -162,12 +159,9 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         if rule is None:
             raise _unsupported(step)
         carry = rule.lrp != "none"  # constant_like, gates: evaluated, not a pair
-        if carry and isinstance(module, _BN_TYPES) and module.running_mean is None:
-            raise UnsupportedOperation(
-                f"{step.where}: batch normalisation without running statistics "
-                "uses batch statistics, which couple the rows of a batch and are not "
-                "piecewise linear; use track_running_stats=True (a trained model)."
-            )
+        reason = rule.refuses(node, module) if carry and rule.refuses is not None else None
+        if reason is not None:
+            raise UnsupportedOperation(f"{step.where}: {reason}")
         if rule.freezes is not None:
             step.frozen = rule.freezes(node, carried, module)
             if step.frozen is not None and nonlinear != "freeze":
@@ -204,11 +198,12 @@ def _operands_in(node: fx.Node, carried: set[fx.Node]) -> int:
 
 def _plan_merges(steps: dict[fx.Node, Step]) -> None:
     for step in steps.values():
-        if not isinstance(step.module, _BN_TYPES) or not step.carries:
+        if step.rule is None or step.rule.merge != "batchnorm" or not step.carries:
             continue
         src = step.node.args[0]
         prev = steps.get(src) if isinstance(src, fx.Node) else None
-        if prev is not None and isinstance(prev.module, _AFFINE_TYPES) and len(src.users) == 1:
+        if (prev is not None and prev.rule is not None and prev.rule.merge == "affine"
+                and len(src.users) == 1):
             prev.skip_bias = True
             step.merged = True
             step.merged_bias = prev.module.bias

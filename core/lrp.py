@@ -113,12 +113,7 @@ def _element(step: Step, source: Any, value: Any) -> Any:
 
 def _exponent(step: Step) -> int | None:
     """The exponent of an ``a ** n`` / ``a.square()`` step (None for other products)."""
-    if step.rule.name == "square":
-        return 2
-    if step.rule.name == "power" and len(step.node.args) > 1:
-        n = step.node.args[1]
-        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
-    return None
+    return None if step.rule.exponent is None else step.rule.exponent(step.node)
 
 
 def relevance(

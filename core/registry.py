@@ -40,6 +40,17 @@ engine matches operations by identity or by name:
     ``s`` values above their deepest probe where every rule there has it
     (:meth:`core.interpreter.SplitInterpreter.mass_free`); a rule called with
     ``ctx.mass == False`` may return any value for ``s`` whose backward is exact.
+``exponent``
+    For a ``"product"`` rule that raises one activation to a power (``a ** n``,
+    ``a.square()``): ``exponent(node) -> int | None``, the power at that graph node (None:
+    not an integer >= 1). SplitLRP shares the relevance evenly among the ``n`` factors.
+``merge``
+    The part an operation plays in BatchNorm merging (``merge_batchnorm=True``):
+    ``"affine"`` (a layer whose bias a BatchNorm right after it may take over) or
+    ``"batchnorm"`` (the BatchNorm that merges into such a layer).
+``refuses``
+    ``refuses(node, module) -> str | None``: why this graph node cannot be split at all
+    (checked when the split is planned, before any input is seen), or None.
 
 How to add an operation
 -----------------------
@@ -132,10 +143,15 @@ class Rule:
     freezes: Callable[[Any, set, Any], str | None] | None = None
     constant: bool = False
     mass_linear: bool = False
+    exponent: Callable[[Any], int | None] | None = None
+    merge: str | None = None
+    refuses: Callable[[Any, Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.lrp not in LRP_KINDS:
             raise ValueError(f"lrp={self.lrp!r} is not one of {LRP_KINDS}")
+        if self.merge not in (None, "affine", "batchnorm"):
+            raise ValueError(f"merge={self.merge!r} is not None, 'affine' or 'batchnorm'")
         if (self.lrp == "sum") != (self.signs is not None):
             raise ValueError("a rule with lrp='sum' needs signs, and only such a rule")
 
@@ -218,12 +234,16 @@ TABLE = RuleTable()
 def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu: bool = False,
              signs: tuple[int, int] | None = None, query: bool = False,
              freezes: Callable[[Any, set, Any], str | None] | None = None,
-             constant: bool = False, mass_linear: bool = False) -> Callable[[Callable], Rule]:
+             constant: bool = False, mass_linear: bool = False,
+             exponent: Callable[[Any], int | None] | None = None, merge: str | None = None,
+             refuses: Callable[[Any, Any], str | None] | None = None,
+             ) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 
     def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
         rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
-                                                   freezes, constant, mass_linear)
+                                                   freezes, constant, mass_linear, exponent,
+                                                   merge, refuses)
         for target in targets:
             TABLE.add(target, rule)
         return rule

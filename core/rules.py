@@ -261,7 +261,7 @@ def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(operator.pow, torch.pow, "pow", "__pow__", lrp="product",
-          freezes=frozen_rules.power_check)
+          freezes=frozen_rules.power_check, exponent=frozen_rules.integer_exponent)
 def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``a ** n``: an integer ``n >= 1`` is a repeated product (``d' = d ** n``,
     ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the result is a
@@ -274,7 +274,7 @@ def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return torch.pow(p.d, n).detach()
 
 
-@register(torch.square, "square", lrp="product")
+@register(torch.square, "square", lrp="product", exponent=lambda node: 2)
 def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.square()``: the product of a pair with itself."""
     return products.power(args[0], 2)
@@ -301,7 +301,7 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
-@register(nn.Linear, mass_linear=True)
+@register(nn.Linear, mass_linear=True, merge="affine")
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear`` (eqs. 2-3): ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
@@ -313,7 +313,7 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.linear(p.d, w, b), s)
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True, merge="affine")
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups):
     ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|``."""
@@ -384,7 +384,16 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass))
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, mass_linear=True)
+def _without_running_statistics(node: Any, module: nn.Module | None) -> str | None:
+    if module is None or module.running_mean is not None:
+        return None
+    return ("batch normalisation without running statistics uses batch statistics, which "
+            "couple the rows of a batch and are not piecewise linear; use "
+            "track_running_stats=True (a trained model).")
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, mass_linear=True,
+          merge="batchnorm", refuses=_without_running_statistics)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.BatchNorm*`` and ``nn.SyncBatchNorm`` with eval semantics, a per-channel affine
     map: with ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``,
