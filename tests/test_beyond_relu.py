@@ -443,6 +443,21 @@ def test_frozen_attention_over_a_constant_value_is_a_constant():
     torch.testing.assert_close(probe.g - probe.h, grad, rtol=1e-10, atol=1e-12)
 
 
+def _check_frozen(model, reference, x, target: int, froze: str) -> core.SplitModel:
+    """``nonlinear="freeze"`` warns ``froze``; in float64 g - h is the model's output to
+    1e-12 and the input sensitivity is ``reference``'s gradient (alpha 0) to 1e-10."""
+    with pytest.warns(UserWarning, match=froze):
+        sm = core.split(model, nonlinear="freeze", stabilizer="none")
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reference(xr)[:, target].sum(), xr)
+    p = sm.sensitivities(x, target, ["input"], alpha=0.0)["input"]
+    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(p.g - p.h, grad, rtol=1e-10, atol=1e-12)
+    return sm
+
+
 # --------------------------------------------------------------------------- instance norm
 class InstanceNormNet(nn.Module):
     """nnU-Net's block (convolution, InstanceNorm with affine weights, LeakyReLU) twice;
@@ -586,16 +601,8 @@ def test_comparisons_of_activations_are_frozen_and_keep_the_gradient():
     x = torch.randn(5, 4, dtype=torch.float64)
     with pytest.raises(core.UnsupportedOperation, match="nonlinear='freeze'.*step function"):
         core.split(model)
-    with pytest.warns(UserWarning, match="froze 3"):
-        sm = core.split(model, nonlinear="freeze", stabilizer="none")
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
     # a mask is constant around almost every input: the frozen gradient is the model's
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
-    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(p.g - p.h, grad, rtol=1e-10, atol=1e-12)
+    _check_frozen(model, model, x, 1, "froze 3")
 
 
 class Gated(nn.Module):
@@ -632,11 +639,4 @@ def test_glu_softsign_and_tanhshrink_are_frozen_exactly():
     x = torch.randn(5, 4, dtype=torch.float64)
     with pytest.raises(core.UnsupportedOperation, match="'glu'.*nonlinear='freeze'"):
         core.split(model)
-    with pytest.warns(UserWarning, match="froze 5"):
-        sm = core.split(model, nonlinear="freeze", stabilizer="none")
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    xr = x.clone().requires_grad_(True)
-    (frozen_grad,) = torch.autograd.grad(reference(xr)[:, 2].sum(), xr)
-    p = sm.sensitivities(x, 2, ["input"], alpha=0.0)["input"]
-    torch.testing.assert_close(p.grad, frozen_grad, rtol=1e-10, atol=1e-12)
+    _check_frozen(model, reference, x, 2, "froze 5")
