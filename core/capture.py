@@ -33,7 +33,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
-from core.graph import TraceFailure, resolve_inplace, trace
+from core.graph import Submodules, TraceFailure, resolve_inplace, trace
 from core.record import record
 
 
@@ -314,7 +314,7 @@ class Capture:
                 "core.split(model, output=0)."
             )
         _eliminate_dead_code(rec.graph)
-        resolve_inplace(rec.graph, self.model)
+        resolve_inplace(rec.graph, Submodules(self.model))
         captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
                             rec.module_inputs, not rec.value_dependent, rec.value_dependent)
         if captured.reusable:

@@ -45,13 +45,15 @@ class _SplitTracer(fx.Tracer):
 
     Leaf modules follow torch.fx's default (every ``torch.nn`` module but the containers).
     For each module that is traced through, the node of its first input and of its output
-    are recorded so that any name of ``named_modules()`` can be probed.
+    are recorded so that any name of ``named_modules()`` can be probed; each leaf module
+    called, by its path.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.outputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
         self.inputs: dict[str, fx.Node] = {}
+        self.leaves: dict[str, nn.Module] = {}  # the modules of the call_module nodes
         self._leaf_types: dict[type, bool] = {}
 
     def release(self) -> None:
@@ -61,6 +63,7 @@ class _SplitTracer(fx.Tracer):
         next run instead of going when the capture no longer needs them."""
         self.root = None
         self.tensor_attrs = {}
+        self.leaves = {}
 
     def create_node(self, kind, target, args, kwargs, name=None,  # noqa: D102 - fx's
                     type_expr=None):
@@ -108,6 +111,7 @@ class _SplitTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 - fx's signature
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
+            self.leaves[name] = m
             return self.create_proxy("call_module", name, args, kwargs)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(first, fx.Proxy):
@@ -216,35 +220,49 @@ def _is_view(node: fx.Node) -> bool:
     )
 
 
-def _scalar_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value is a Python number or shape: queries (``x.size()``, ``x.shape``)
-    and arithmetic on them only."""
-    scalars: set[fx.Node] = set()
-    for node in graph.nodes:
-        inputs = node.all_input_nodes
-        if rules.is_query(node.op, node.target, node.args):
-            scalars.add(node)
-        elif node.op == "call_function" and inputs and all(i in scalars for i in inputs):
-            scalars.add(node)
-    return scalars
+def _is_scalar(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether the value of ``node`` is a Python number or shape: a query (``x.size()``,
+    ``x.shape``) or arithmetic on queries only (``memo`` keeps the answers; a walk back
+    through the inputs without recursion, so a long chain of operations cannot exhaust
+    Python's stack)."""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        inputs = n.all_input_nodes
+        if rules.is_query(n.op, n.target, n.args):
+            memo[n] = True
+        elif n.op != "call_function" or not inputs:
+            memo[n] = False
+        else:
+            pending = [i for i in inputs if i not in memo]
+            if pending:
+                stack += pending
+                continue
+            memo[n] = all(memo[i] for i in inputs)
+        stack.pop()
+    return memo[node]
 
 
-def resolve_inplace(graph: fx.Graph, model: nn.Module) -> None:
+def resolve_inplace(graph: fx.Graph, modules: Submodules) -> None:
     """Give in-place ops their eager semantics in the graph.
 
     torch.fx records ``x.add_(y)`` as a node, but later uses of ``x`` still refer to the node
     that produced ``x`` before the write. Those uses are redirected to the in-place node,
     whose value is the updated tensor. A write into a view of another activation (which
-    would change that activation too) is rejected.
+    would change that activation too) is rejected. ``modules`` finds the modules that
+    ``call_module`` nodes name (their ``inplace`` flags).
     """
-    modules, signatures = Submodules(model), {}
+    signatures: dict[Any, Any] = {}
     writes = [n for n in graph.nodes if _mutates(n, modules, signatures)]
     if not writes:
         return
     order = {n: i for i, n in enumerate(graph.nodes)}
-    scalars = _scalar_nodes(graph)
+    scalars: dict[fx.Node, bool] = {}
     for node in writes:
-        if node.args[0] in scalars:
+        if _is_scalar(node.args[0], scalars):
             continue  # `n += 1` on a size rebinds a Python number: no aliasing
         target = node.args[0]
         later = [u for u in target.users if order[u] > order[node]]
@@ -362,11 +380,14 @@ def _twin_module(module: nn.Module, memo: dict[int, Any], training: bool | None)
     value = source.get("_parameters")
     if value is not None:
         state["_parameters"] = value.copy()
-    for key in ("_buffers", "_modules"):
-        value = source.get(key)
-        if value is not None:
-            state[key] = {k: None if v is None else _twin_value(v, memo, training)
-                          for k, v in value.items()} if value else {}
+    value = source.get("_buffers")
+    if value is not None:
+        state["_buffers"] = {k: None if v is None else _twin_value(v, memo, training)
+                             for k, v in value.items()} if value else {}
+    value = source.get("_modules")
+    if value is not None:
+        state["_modules"] = {k: None if v is None else _twin_module(v, memo, training)
+                             for k, v in value.items()} if value else {}
     for key in source.keys() - BASE_KEYS:  # the module's own attributes
         value = source[key]
         if type(value) not in PLAIN:
@@ -414,6 +435,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         When the forward cannot be traced (data-dependent control flow, for example).
     """
     tracer = _SplitTracer()
+    leaves = tracer.leaves
     try:
         # torch.fx runs Python code on real buffers (``self.calls += 1``): trace a copy of the
         # module tree that shares the parameters and owns copies of the buffers
@@ -426,7 +448,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     finally:
         tracer.release()
     _keep_constants(graph, model, twin)
-    resolve_inplace(graph, model)
+    resolve_inplace(graph, Submodules(twin, leaves))
     nodes = list(graph.nodes)
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node] = {}

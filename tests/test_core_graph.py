@@ -452,6 +452,30 @@ def test_in_place_ops_follow_eager_aliasing():
     _check(InPlaceAliases(), torch.randn(4, 4) * 2, ["a", "mid", "act", "out:input", "input"])
 
 
+def test_in_place_after_a_long_chain_of_operations():
+    # a number computed from a size and bumped in place is not an activation; finding that
+    # out walks back through the graph, which must not recurse once per node (a 3000-node
+    # chain of functions would exceed Python's recursion limit)
+    class LongChain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.size(1)
+            n += 1
+            x = self.a(x)
+            for _ in range(3000):
+                x = torch.relu(x - 0.001)
+            x += 1
+            return x * n
+
+    torch.manual_seed(3)
+    model, x = LongChain().eval().double(), torch.randn(3, 4, dtype=torch.float64)
+    g, h = core.split(model)(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-10)
+
+
 def test_in_place_write_into_a_view_is_rejected():
     class ViewWrite(nn.Module):
         def __init__(self) -> None:
