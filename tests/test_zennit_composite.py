@@ -308,3 +308,108 @@ def test_deepcopy_of_composite_model_is_clean():
         pass
     clone = copy.deepcopy(model)
     assert not clone._forward_hooks
+
+
+def test_inactive_is_read_during_the_backward_pass(stand_in):
+    # zennit's contract: a forward under the active composite, then a backward pass inside
+    # composite.inactive(), gives the plain gradient
+    model = small_cnn()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    composite = SplitLRP()
+    with composite.context(model):
+        out = model(x)
+        with composite.inactive():
+            (grad,) = torch.autograd.grad(out[0, 2], x)
+    (expected,) = torch.autograd.grad(model(x)[0, 2], x)
+    torch.testing.assert_close(grad, expected)
+    assert not stand_in.calls
+
+
+def test_create_graph_is_refused_with_a_reason(stand_in):
+    model = small_cnn()
+    with Gradient(model, SplitLRP(), create_graph=True) as attributor:
+        with pytest.raises(RuntimeError, match="not a differentiable function.*create_graph"):
+            attributor(torch.randn(1, 3, 8, 8), torch.eye(5)[[0]])
+
+
+def test_input_by_keyword_is_explained():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, image):
+            return self.net(image)
+
+    model = Keyword().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seed = torch.eye(5)[[1, 3]]
+    composite = SplitLRP()
+    with composite.context(model):
+        xr = x.clone().requires_grad_()
+        (by_keyword,) = torch.autograd.grad(model(image=xr), xr, seed)
+        xr = x.clone().requires_grad_()
+        (positional,) = torch.autograd.grad(model(xr), xr, seed)
+    torch.testing.assert_close(by_keyword, positional)
+    with Gradient(model.net, SplitLRP()) as attributor:
+        _, expected = attributor(x, seed)
+    torch.testing.assert_close(by_keyword, expected)
+    assert by_keyword.abs().sum() > 0
+
+
+def test_changes_made_inside_the_context_are_kept():
+    # eval semantics hold per forward, not per registration: a checkpoint loaded, train()
+    # called or a module replaced between forwards inside the context stays, and the next
+    # backward pass explains the changed model
+    model, checkpoint = small_cnn(), small_cnn()
+    with torch.no_grad():
+        for p in checkpoint.parameters():
+            p.mul_(1.5)
+        checkpoint[1].running_mean.uniform_(-1, 1)
+        checkpoint[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    seed = torch.eye(5)[[0, 4]]
+    composite = SplitLRP()
+    with Gradient(model, composite) as attributor:
+        attributor(x, seed)
+        model.load_state_dict(checkpoint.state_dict())
+        model[8] = nn.Linear(6, 5)
+        _, relevance = attributor(x, seed)
+        model.train()
+        _, in_training = attributor(x, seed)          # explained with eval semantics
+    for key, value in checkpoint.state_dict().items():
+        if not key.startswith("8."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert all(m.training for m in model.modules())
+    fresh = copy.deepcopy(model).eval()
+    with Gradient(fresh, SplitLRP()) as attributor:
+        _, expected = attributor(x, seed)
+    torch.testing.assert_close(relevance, expected)
+    torch.testing.assert_close(in_training, expected)
+
+
+def test_composites_removed_in_any_order_keep_the_training_flags(stand_in):
+    model = small_cnn().train()
+    x = torch.randn(2, 3, 8, 8)
+    first, second = SplitLRP(), SplitLRP()
+    first.register(model)
+    second.register(model)
+    xr = x.clone().requires_grad_()
+    torch.autograd.grad(model(xr), xr, torch.eye(5)[[0, 1]])
+    first.remove()
+    second.remove()
+    assert all(m.training for m in model.modules())
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_a_forward_that_raises_leaves_the_model_as_it_was(stand_in):
+    model = small_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with SplitLRP().context(model):
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 5, 8, 8, requires_grad=True))   # wrong channel count
+        assert all(m.training for m in model.modules())
+        model(torch.randn(2, 3, 8, 8))   # a plain forward in training mode: eval semantics
+    assert all(m.training for m in model.modules())
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key

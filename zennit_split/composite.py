@@ -46,26 +46,40 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
 
 
 class _SplitLRPFunction(torch.autograd.Function):
-    """Identity on the root output in the forward pass; SplitLRP of the root input backwards."""
+    """Identity on the root output in the forward pass; backwards, the SplitLRP relevance of
+    the root input -- or, when the hook was switched off (``Composite.inactive()``) by the
+    time of the backward pass, the plain gradient through the model's own graph (Zennit
+    reads its hooks' ``active`` flag during the backward pass, too)."""
 
     @staticmethod
     def forward(ctx, input, output, hook):  # noqa: A002 - torch's argument name
         ctx.hook = hook
         ctx.save_for_backward(input)
-        return output.clone()
+        return output.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not ctx.hook.active:
+            return None, grad_output, None
+        if torch.is_grad_enabled():  # a backward pass with create_graph=True
+            raise RuntimeError(
+                "SplitLRP: the relevance is not a differentiable function of the input, so it "
+                "has no gradient of its own (create_graph=True); call the attributor without "
+                "create_graph, or use a gradient-based attribution for second-order work."
+            )
         (input,) = ctx.saved_tensors
         relevance = ctx.hook.input_relevance(input, grad_output)
         return relevance, None, None
 
 
 class _RootHook:
-    """Forward hook on the root module that routes the backward pass through SplitLRP.
+    """Hooks on the root module: every forward of the model runs with eval semantics and
+    leaves the model as it found it (training flags, buffers), and its output routes the
+    backward pass through SplitLRP.
 
-    It has the ``active`` flag of :py:class:`zennit.core.Hook`, so that
-    :py:meth:`zennit.core.Composite.inactive` switches it off (plain gradients then flow).
+    It has the ``active`` flag of :py:class:`zennit.core.Hook`, read during the backward
+    pass, so that :py:meth:`zennit.core.Composite.inactive` switches it off (plain
+    gradients then flow).
     """
 
     def __init__(self, composite: SplitLRP, module: nn.Module) -> None:
@@ -73,24 +87,41 @@ class _RootHook:
         self.busy = False
         self.composite_ref = weakref.ref(composite)
         self.module_ref = weakref.ref(module)
+        self.semantics: list[Any] = []  # one eval_semantics context per forward running
 
     def register(self, module: nn.Module) -> RemovableHandleList:
         return RemovableHandleList([
             RemovableHandle(self),
-            module.register_forward_hook(self.forward_hook, with_kwargs=True),
+            module.register_forward_pre_hook(self.pre_hook, prepend=True),
+            # always_call: the model is restored also when its forward raises
+            module.register_forward_hook(self.forward_hook, with_kwargs=True, always_call=True),
         ])
 
     def remove(self) -> None:
         self.active = False
 
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        # eval semantics per forward, not per registration: what the user changes in the
+        # model between forwards (load_state_dict, train()) is theirs and stays
+        self.semantics.append(None)
+        if not self.busy:  # not a forward of the split's own computation
+            semantics = eval_semantics(module, stacklevel=6)
+            semantics.__enter__()
+            self.semantics[-1] = semantics
+
     def forward_hook(
         self, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> torch.Tensor | None:
-        if not self.active or self.busy or not torch.is_grad_enabled():
+        semantics = self.semantics.pop() if self.semantics else None
+        if semantics is not None:
+            semantics.__exit__(None, None, None)
+        if self.busy or output is None or not torch.is_grad_enabled():
+            return None  # the split's own forward, a forward that raised, or no gradient
+        inputs = (*args, *kwargs.values())
+        tensor = inputs[0] if inputs else None
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return None
-        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
-            return None
-        if len(args) > 1 or kwargs:
+        if len(inputs) > 1:
             raise TypeError(
                 "SplitLRP: the model was called with more than one input; SplitLRP explains "
                 "models called as model(x) with one tensor. Wrap the model so that it takes "
@@ -101,7 +132,7 @@ class _RootHook:
                 f"SplitLRP: the model returned {type(output).__name__}, not one tensor of "
                 "logits; wrap the model so that it returns the logits tensor."
             )
-        return _SplitLRPFunction.apply(args[0], output.detach(), self)
+        return _SplitLRPFunction.apply(tensor, output, self)
 
     def input_relevance(self, input: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         composite = self.composite_ref()
@@ -226,8 +257,6 @@ class SplitLRP(Composite):
         self.residual = residual
         self.nonlinear = nonlinear
         self.relevance: dict[str, Any] = {}
-        self._split_cache: tuple[nn.Module, Any] | None = None
-        self._eval: Any = None
 
     def register(self, module: nn.Module) -> None:
         """Apply the canonizers and hook the root ``module``.
@@ -240,14 +269,9 @@ class SplitLRP(Composite):
         """
         self.remove()
         self.relevance = {}
-        self._split_cache = None
         for name in self.layers:
             checks.layer_name(module, name, "SplitLRP", allow_input=True)
         try:
-            # the attributor's own forward runs with eval semantics; remove() restores the
-            # training flags and any buffer the forward changed
-            self._eval = eval_semantics(module, stacklevel=4)
-            self._eval.__enter__()
             for canonizer in self.canonizers:
                 self.handles += canonizer.apply(module)
             hook = _RootHook(self, module)
@@ -258,13 +282,8 @@ class SplitLRP(Composite):
             raise
 
     def remove(self) -> None:
-        """Remove the hook, revert the canonizers and restore the model's training flags and
-        buffers (:py:attr:`relevance` is kept)."""
+        """Remove the hooks and revert the canonizers (:py:attr:`relevance` is kept)."""
         super().remove()
-        self._split_cache = None
-        restore, self._eval = getattr(self, "_eval", None), None
-        if restore is not None:
-            restore.__exit__(None, None, None)
 
     def compute(
         self, module: nn.Module, input: torch.Tensor, seed: torch.Tensor  # noqa: A002
@@ -285,19 +304,17 @@ class SplitLRP(Composite):
         dict[str, object]
             ``"input"`` (and ``layer`` if set) to objects with ``pos``, ``neg`` and ``comb``.
         """
-        cached = self._split_cache
-        if cached is not None and cached[0] is module:
-            split_model = cached[1]
-        else:  # traced once per registration (SmoothGrad runs many backward passes)
-            split_model = core.split(
-                module,
-                maxpool=self.maxpool,
-                stabilizer=self.stabilizer,
-                input_split=self.input_split,
-                merge_batchnorm=True,
-                nonlinear=self.nonlinear,
-            )
-            self._split_cache = (module, split_model)
+        # split on every backward pass: a model changed since the last one (a module replaced
+        # inside the attributor's context) is split anew; an unchanged one costs a
+        # fingerprint (core.reuse)
+        split_model = core.split(
+            module,
+            maxpool=self.maxpool,
+            stabilizer=self.stabilizer,
+            input_split=self.input_split,
+            merge_batchnorm=True,
+            nonlinear=self.nonlinear,
+        )
         layers = tuple(name for name in self.layers if name not in ("", "input"))
         relevance = split_model.relevance(
             input, seed, layers=layers, epsilon=self.epsilon,
