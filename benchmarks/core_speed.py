@@ -94,7 +94,7 @@ def _calls(name: str, batch: int, size: int, device: str, cache: bool,
 
     import core
     from captum_split import SplitGrad
-    from core.graph import module_twin
+    from core.twin import module_twin
 
     model = build(name).to(device)
     # new module trees sharing the parameters: one per call of "split_first"

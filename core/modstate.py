@@ -1,5 +1,5 @@
 """What a module's own state is made of, in one place for the code that copies it
-(:func:`core.graph.module_twin`) and the code that compares it
+(:func:`core.twin.module_twin`) and the code that compares it
 (:class:`core.reuse.Fingerprint`).
 
 ``nn.Module.__init__`` sets the same attributes on every module: the ``training`` flag, the

@@ -662,7 +662,7 @@ def test_amax_over_channels_splits_exactly(maxpool):
 
 
 def test_the_traced_twin_shares_parameters_and_copies_buffers_and_tensor_attributes():
-    from core.graph import module_twin
+    from core.twin import module_twin
 
     class Odd(nn.Module):
         def __init__(self) -> None:
