@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, resolve_inplace, trace
-from core.record import record
+from core.record import argument_tensors, record
 
 
 @dataclass
@@ -300,8 +300,9 @@ class Capture:
         if self.usable_symbolic(len(inputs), extra, kwargs):
             return self.symbolic
         leaves, spec = pytree.tree_flatten((extra, kwargs))
+        ids = [id(t) for t in (*inputs, *argument_tensors(extra, kwargs))]
         key = (len(inputs), tuple(_key(t) for t in inputs), tuple(_key(v) for v in leaves),
-               str(spec))
+               str(spec), tuple(map(ids.index, ids)))  # which argument is an input
         hit = self.found.eager.get(key)
         if hit is not None:
             return hit

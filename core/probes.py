@@ -28,13 +28,12 @@ class Probe:
     Dg: torch.Tensor
         Difference of the shifted local sensitivities of the g stream, ``d+g - d-g``.
     grad: torch.Tensor
-        Gradient of the original model's target logit with respect to the activation.
-    alphas: dict of str to float or torch.Tensor
-        The alpha of every shift point in this call (with ``alpha="auto"``: one value per row
-        for the points the backward passed; see :mod:`core.shift`).
         Gradient of the target logit with respect to the activation: of the original model
         when :attr:`frozen` is empty, else of the frozen model (the model with those
         operations' factors held at their values at this input; ``core.frozen``).
+    alphas: dict of str to float or torch.Tensor
+        The alpha of every shift point in this call (with ``alpha="auto"``: one value per row
+        for the points the backward passed; see :mod:`core.shift`).
     frozen: tuple of str
         The frozen operations (``nonlinear="freeze"``) on a path from this node to the
         output. Empty: the path is exact and ``S``, ``Dg``, ``grad`` are those of the model's

@@ -21,9 +21,14 @@ Value-dependent control flow (``bool``, ``item``, ``tolist`` ... on a tensor tha
 the input) is detected: such a graph is valid for the recorded input only and is recorded
 again for every call.
 
-The recording never changes the model: it runs in eval mode with the buffers replaced by
-copies (``torch.func.functional_call``), so a forward that updates a buffer (a call counter,
-an EMA) updates the copy.
+Tensors among the further arguments (a mask, indices, a second tensor that is not split)
+are placeholders after the split inputs (``argument_0``, ...; :func:`argument_tensors` lists
+them in order), read at every run: they are never baked into the graph as constants.
+
+The recording never changes the model: it runs on an eval-mode twin of the module tree
+(:func:`core.twin.module_twin`: shared parameters, copies of the buffers and tensor
+attributes, own module objects), so a forward that updates a buffer (a call counter, an EMA)
+or writes an attribute (``self.last = x``) writes the copy.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from core.errors import UnsupportedOperation
+from core.twin import module_twin
 
 _DUNDERS = {
     "__getitem__": operator.getitem, "__neg__": operator.neg, "__iadd__": operator.iadd,
@@ -66,6 +72,13 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
+
+
+def argument_tensors(extra: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+    """The tensors among the further arguments of a call, in the order of their
+    placeholders (pytree order of ``(extra, kwargs)``)."""
+    leaves = torch.utils._pytree.tree_leaves((tuple(extra), dict(kwargs or {})))
+    return [v for v in leaves if isinstance(v, torch.Tensor)]
 
 
 def assign(target: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
@@ -323,12 +336,12 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     Parameters
     ----------
     model: torch.nn.Module
-        The model (run in eval mode on copies of its buffers; not changed).
+        The model (its eval-mode twin runs; the model is not changed).
     inputs: tuple of torch.Tensor
         The split inputs (placeholders of the graph, in this order).
     extra, kwargs:
-        Further positional and keyword arguments (tensors among them are constants of the
-        recording).
+        Further positional and keyword arguments; the tensors among them
+        (:func:`argument_tensors`) are the placeholders after the inputs.
     output: callable, optional
         Picks the tensor to split from the model's output (applied while recording).
 
@@ -342,13 +355,16 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
             "_pre_hook) are registered; the split cannot tell their effect on each module. "
             "Remove them while splitting."
         )
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    params = dict(model.named_parameters())
-    state = {id(t): name for name, t in buffers.items()}
-    state.update({id(p): name for name, p in params.items()})
-    recorder = _Recorder(model, state)
+    twin = module_twin(model, training=False)
+    state = {id(t): name for name, t in twin.named_buffers()}
+    state.update({id(p): name for name, p in twin.named_parameters()})
+    recorder = _Recorder(twin, state)
     for i, t in enumerate(inputs):
         recorder.placeholder(f"input_{i}", t)
+    for i, t in enumerate(argument_tensors(extra, kwargs)):
+        node = recorder.graph.placeholder(f"argument_{i}")
+        if id(t) not in recorder.nodes:  # the same tensor as an input stays the input
+            recorder.bind(t, node, True)
     if getattr(_STATE, "recorder", None) is not None:
         raise RuntimeError("a recording is already running in this thread")
     _STATE.recorder = recorder
@@ -356,8 +372,7 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     nn.Module.__call__ = _module_call
     try:
         with torch.no_grad(), recorder:
-            out = torch.func.functional_call(model, buffers, tuple(inputs) + tuple(extra),
-                                             kwargs or {}, strict=False, tie_weights=True)
+            out = twin(*inputs, *extra, **(kwargs or {}))
             if output is not None:
                 out = output(out)
     finally:

@@ -579,7 +579,8 @@ _STRUCTURAL_FUNCTIONS = [
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.roll, torch.flip, torch.movedim,
     torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
     torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile, F.unfold,
-    F.max_unpool1d, F.max_unpool2d, F.max_unpool3d,
+    F.max_unpool1d, F.max_unpool2d, F.max_unpool3d, torch.index_select, torch.gather,
+    torch.take_along_dim,
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
@@ -602,7 +603,7 @@ _STRUCTURAL_METHODS = [
     "chunk", "split", "unbind", "narrow", "flip", "roll", "t", "unflatten", "movedim", "expand",
     "repeat", "view_as", "reshape_as", "expand_as", "float", "double", "half", "to", "type_as",
     "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split", "unfold",
-    "repeat_interleave", "tile",
+    "repeat_interleave", "tile", "index_select", "gather", "take_along_dim",
 ]
 for _name in _STRUCTURAL_METHODS:
     register(_name)(Rule(method(_name.rstrip("_")), lrp="structural", mass_linear=True))

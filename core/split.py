@@ -26,6 +26,7 @@ from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
+from core.record import argument_tensors
 from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_class_blind
 
 MAXPOOL_MODES = ("convex", "wta")
@@ -280,8 +281,7 @@ class SplitModel:
         if captured.mechanism == "symbolic":
             values = list(extra)
         else:
-            values = [v for v in torch.utils._pytree.tree_leaves((extra, kwargs))
-                      if isinstance(v, torch.Tensor)]
+            values = argument_tensors(extra, kwargs)
         return SplitCall(self.model, captured, interp, inputs, values)
 
     # ------------------------------------------------------------------ names

@@ -255,7 +255,7 @@ class Trainable(Counter):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_tracing_a_model_in_training_mode_runs_in_eval_mode_and_leaves_it_unchanged(reuse):
-    """Symbolic capture traces an eval-mode copy of the module tree (core.graph.module_twin):
+    """Symbolic capture traces an eval-mode copy of the module tree (core.twin.module_twin):
     the model's flags, attributes and buffers (values and version counters) stay as they
     were."""
     model = Trainable().train()
@@ -270,6 +270,77 @@ def test_tracing_a_model_in_training_mode_runs_in_eval_mode_and_leaves_it_unchan
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(sm.forward_pairs(x).d, model.fc(F.relu(x)))  # eval branch
+
+
+class Keeper(nn.Module):
+    """A forward that writes Python and tensor attributes and a submodule's attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.seen = 0
+        self.scale = torch.ones(4)
+
+    def forward(self, x, flag: bool = False):
+        self.seen += 1
+        self.last = x.shape
+        self.scale.mul_(2)
+        self.fc.touched = True
+        return self.fc(F.relu(x))
+
+
+@pytest.mark.parametrize("flag", [False, True])  # symbolic, eager capture
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_forward_that_writes_attributes_does_so_on_a_copy(flag, reuse):
+    torch.manual_seed(6)
+    model = Keeper().eval()
+    x = torch.randn(2, 4)
+    sm = core.split(model, reuse_capture=reuse)
+    args = (flag,) if flag else ()
+    sm(x, *args)
+    sm.sensitivities(x, 1, ["fc", "input"], extra_args=args)
+    assert model.seen == 0 and "last" not in vars(model) and "touched" not in vars(model.fc)
+    assert torch.equal(model.scale, torch.ones(4))
+
+
+class Masked(nn.Module):
+    """Tensor arguments that are not split: a mask and indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, mask, index=None):
+        y = F.relu(x) * mask
+        if index is not None:
+            y = y.index_select(1, index)
+        return self.fc(y)
+
+
+def test_tensor_arguments_are_read_at_every_call():
+    """A mask or indices passed with the input are read at every call, not baked into the
+    graph recorded at the first call (which gave the first call's numbers for the next
+    masks)."""
+    torch.manual_seed(7)
+    model = Masked().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sm = core.split(model)
+    for _ in range(3):
+        mask = (torch.rand(3, 4) > 0.5).double()
+        index = torch.randperm(4)
+        _check_exact(sm, model, x, mask, index=index, rel=1e-12)
+        _check_exact(sm, model, x, mask, rel=1e-12)
+        sens = sm.sensitivities(x, 2, ["input"], extra_args=(mask,), kwargs={"index": index})
+        want = _grads(model, (x,), 2, mask=mask, index=index)[0]
+        torch.testing.assert_close(sens["input"].grad, want, rtol=1e-10, atol=1e-12)
+    assert sm.capture.cached == 2  # one graph per signature, not per mask
+    # an argument that is the input itself is the split input (relu(x) * x), not a constant
+    _check_exact(sm, model, x, x, rel=1e-12)
+    sens = sm.sensitivities(x, 2, ["input"], extra_args=(x,))
+    xx = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(model(xx, xx)[:, 2].sum(), xx)[0]
+    torch.testing.assert_close(sens["input"].grad, want, rtol=1e-10, atol=1e-12)
+    _check_exact(sm, model, x, torch.ones_like(x), rel=1e-12)
 
 
 # --------------------------------------------------------------------------- wrappers, errors
