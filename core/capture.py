@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, resolve_inplace, trace
-from core.record import argument_tensors, record
+from core.record import RANDOM, argument_tensors, record
 
 
 @dataclass
@@ -229,10 +229,39 @@ def find(model: nn.Module) -> Found:
             found.symbolic_error = TraceFailure(*err.args)
         else:
             out = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
-            if isinstance(out, fx.Node) and not isinstance(out.target, type):
+            refuse_random(model, [name for name in map(_name, traced.graph.nodes)
+                                  if name in RANDOM])
+            reads = next((n for n in traced.graph.nodes if n.op == "call_method"
+                          and n.target in _READS_VALUE), None)
+            if reads is not None:  # a number of each call: recorded per call (core.record)
+                found.symbolic_error = TraceFailure(
+                    f"the forward reads a tensor value as a number ({reads.target}())")
+            elif isinstance(out, fx.Node) and not isinstance(out.target, type):
                 found.symbolic = Captured(traced.graph, 1, "symbolic", traced.module_outputs,
                                           traced.module_inputs)
     return found
+
+
+_READS_VALUE = frozenset({"item", "tolist"})
+
+
+def _name(node: fx.Node) -> str:
+    """The name of a call's target (a method's name, a function's ``__name__``)."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def refuse_random(model: nn.Module, names: list[str]) -> None:
+    """Refuse a forward that draws random numbers: ``g - h`` would be the output of one draw
+    and ``model(x)`` of another."""
+    if names:
+        raise UnsupportedOperation(
+            f"{type(model).__name__}'s forward draws random numbers ({', '.join(names[:3])}) "
+            "with eval semantics, so its output changes from call to call and no split can "
+            "equal it. Make the forward deterministic in eval mode (draw only under "
+            "`if self.training:`, or pass training=self.training to functional dropout)."
+        )
 
 
 class Capture:
@@ -307,6 +336,7 @@ class Capture:
         if hit is not None:
             return hit
         rec = record(self.model, inputs, extra, kwargs, self.output)
+        refuse_random(self.model, rec.random)
         if not isinstance(rec.output, fx.Node):
             raise UnsupportedOperation(
                 f"{type(self.model).__name__} returns {type(rec.output).__name__}; the split "

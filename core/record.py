@@ -59,6 +59,12 @@ _QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_devic
             "is_complex", "data_ptr", "storage_offset", "is_leaf", "grad_fn", "names",
             "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order"}
 _STATE = threading.local()
+RANDOM = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+    "bernoulli", "bernoulli_", "normal", "normal_", "poisson", "multinomial", "uniform_",
+    "exponential_", "random_", "geometric_", "cauchy_", "log_normal_", "native_dropout",
+})
+"""Names of torch functions and tensor methods that draw random numbers."""
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -105,6 +111,7 @@ class Recording:
     module_outputs: dict[str, Any] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     value_dependent: list[str] = field(default_factory=list)
+    random: list[str] = field(default_factory=list)
 
 
 class _Recorder(TorchFunctionMode):
@@ -119,6 +126,7 @@ class _Recorder(TorchFunctionMode):
         self.attrs: dict[str, fx.Node] = {}
         self.depth = 0
         self.value_dependent: list[str] = []
+        self.random: list[str] = []  # random draws of the forward (recorded or not)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.module_outputs: dict[str, Any] = {}
         self.module_inputs: dict[str, fx.Node] = {}
@@ -180,6 +188,8 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.depth:
             return out
+        if getattr(func, "__name__", "") in RANDOM:
+            self.random.append(func.__name__)
         found, dependent = self.tracked((args, kwargs))
         if not found:
             return out
@@ -381,4 +391,5 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     value = recorder.node_of(out)
     recorder.graph.output(value)
     return Recording(recorder.graph, value, recorder.module_outputs, recorder.module_inputs,
-                     list(dict.fromkeys(recorder.value_dependent)))
+                     list(dict.fromkeys(recorder.value_dependent)),
+                     list(dict.fromkeys(recorder.random)))

@@ -173,21 +173,40 @@ class Rule:
         return f"Rule({self.name}, lrp={self.lrp!r}, activation={self.activation})"
 
 
+@dataclass(frozen=True)
+class FunctionName:
+    """A function named by its qualified name (``module.qualname``), for functions of other
+    packages that ``torch.fx`` keeps as calls (``torch.fx.wrap``) and that the rule table
+    should know without importing their package (``torchvision.ops.stochastic_depth``)."""
+
+    qualified: str
+
+    @staticmethod
+    def of(fn: Any) -> str:
+        """The qualified name of a function (``""`` when it has none)."""
+        module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+        return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else ""
+
+
 class RuleTable:
-    """The rules of leaf modules (by type), functions (by identity) and tensor methods (by
-    name)."""
+    """The rules of leaf modules (by type), functions (by identity, else by qualified name:
+    :class:`FunctionName`) and tensor methods (by name)."""
 
     def __init__(self) -> None:
         self.modules: list[tuple[type, Rule]] = []
         self.functions: dict[Any, Rule] = {}
+        self.named: dict[str, Rule] = {}
         self.methods: dict[str, Rule] = {}
         self._by_type: dict[type, Rule | None] = {}  # module() per class, emptied by add()
 
     def add(self, target: Any, rule: Rule) -> None:
-        """Register ``rule`` for a module type, a function or a method name."""
+        """Register ``rule`` for a module type, a function (or its :class:`FunctionName`) or
+        a method name."""
         if isinstance(target, type) and issubclass(target, nn.Module):
             self.modules.append((target, rule))
             self._by_type.clear()
+        elif isinstance(target, FunctionName):
+            self.named[target.qualified] = rule
         elif isinstance(target, str):
             self.methods[target] = rule
         elif callable(target):
@@ -209,9 +228,12 @@ class RuleTable:
     def function(self, fn: Any) -> Rule | None:
         """The rule of a ``call_function`` target."""
         try:
-            return self.functions.get(fn)
+            rule = self.functions.get(fn)
         except TypeError:  # unhashable target
             return None
+        if rule is None and self.named:
+            rule = self.named.get(FunctionName.of(fn))
+        return rule
 
     def method(self, name: str) -> Rule | None:
         """The rule of a ``call_method`` target."""

@@ -32,7 +32,16 @@ from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: 
 from core.absops import abs_conv, abs_linear, channel_affine, placeholder
 from core.pair import Pair, lift
 from core.record import assign
-from core.registry import TABLE, Ctx, Rule, RuleFn, register, static_args, unsupported
+from core.registry import (
+    TABLE,
+    Ctx,
+    FunctionName,
+    Rule,
+    RuleFn,
+    register,
+    static_args,
+    unsupported,
+)
 
 __all__ = ["TABLE", "Ctx", "Rule", "register", "unsupported", "lookup", "is_query"]
 
@@ -92,11 +101,38 @@ def constant_like(fn: Callable[..., Any]) -> RuleFn:
 
 
 @register(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-          nn.FeatureAlphaDropout, nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-          F.alpha_dropout, F.feature_alpha_dropout, lrp="structural", mass_linear=True)
+          nn.FeatureAlphaDropout, nn.Identity, lrp="structural", mass_linear=True)
 def identity(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """Dropout (eval semantics) and ``nn.Identity``: ``(d', s') = (d, s)``."""
+    """Dropout modules (eval semantics) and ``nn.Identity``: ``(d', s') = (d, s)``."""
     return args[0]
+
+
+@register(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+          F.feature_alpha_dropout, lrp="structural", mass_linear=True)
+def dropout_function(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """Functional dropout called with ``training=False`` (``training=self.training`` under
+    eval semantics): the identity, ``(d', s') = (d, s)``. ``training=True`` -- the default of
+    the functional form -- drops random elements in eval mode too and is refused."""
+    values = dict(zip(("input", "p", "training"), args, strict=False)) | kwargs
+    if values.get("training", True) and values.get("p", 0.5) > 0:
+        raise unsupported(ctx, "functional dropout with training=True (its default)",
+                          "It drops random elements at every call, also in eval mode; pass "
+                          "training=self.training.")
+    return values["input"]
+
+
+@register(FunctionName("torchvision.ops.stochastic_depth.stochastic_depth"),
+          lrp="structural", mass_linear=True)
+def stochastic_depth(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+    """torchvision's stochastic depth (``torch.fx.wrap``-ped, so a call in traced graphs) with
+    eval semantics: the identity, ``(d', s') = (d, s)``; in training mode it drops random
+    rows and is refused."""
+    values = dict(zip(("input", "p", "mode", "training"), args, strict=False)) | kwargs
+    if values.get("training", True) and values.get("p", 0.0) > 0:
+        raise unsupported(ctx, "stochastic depth in training mode (random rows dropped)",
+                          "Splits run with eval semantics; call the function with "
+                          "training=self.training.")
+    return values["input"]
 
 
 @register(operator.getitem, lrp="index", mass_linear=True)

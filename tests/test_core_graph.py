@@ -937,3 +937,112 @@ def test_max_unpooling_with_the_pooling_indices(maxpool):
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     check_float64_exact(core.split(model, maxpool=maxpool), model, x, 1)
     _check(model.float(), x.float(), ["enc", "mid", "dec", "input"], maxpools=(maxpool,))
+
+
+class DeepResidual(nn.Module):
+    """A residual block with torchvision's stochastic depth (EfficientNet, ConvNeXt)."""
+
+    def __init__(self, training_flag: bool | None = None) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.drop = StochasticDepth(0.5, "row")
+        self.fc = nn.Linear(32, 3)
+        self.training_flag = training_flag
+
+    def forward(self, x):
+        from torchvision.ops import stochastic_depth
+
+        y = F.relu(self.conv(x))
+        if self.training_flag is None:
+            y = self.drop(y)
+        else:
+            y = stochastic_depth(y, 0.5, "row", self.training_flag)
+        return self.fc((x + y).flatten(1))
+
+
+def test_stochastic_depth_is_the_identity_with_eval_semantics():
+    """torchvision's stochastic_depth is a call in traced graphs (torch.fx.wrap); the rule
+    table knows it by its qualified name (without importing torchvision): the identity in
+    eval mode, refused when the forward asks for training mode."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    model = DeepResidual().double().train()  # explained with eval semantics
+    sm = core.split(model)
+    assert sm.capture.symbolic is not None
+    targets = [n.target for n in sm.capture.symbolic.graph.nodes if n.op == "call_function"]
+    assert any(getattr(t, "__name__", "") == "stochastic_depth" for t in targets)
+    model.eval()
+    check_float64_exact(sm, model, x, 1, grad_rtol=0)
+    with pytest.raises(core.UnsupportedOperation, match="draws random numbers"):
+        core.split(DeepResidual(training_flag=True).double())
+
+
+class Noisy(nn.Module):
+    """Forwards that are random with eval semantics."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x, flag: bool = False):
+        if self.how == "randn":
+            x = x + 0.1 * torch.randn(x.shape)
+        elif self.how == "bernoulli":
+            x = x * torch.bernoulli(torch.full_like(x, 0.5))
+        elif self.how == "dropout-default":
+            x = F.dropout(x, 0.2)  # training=True is the functional default
+        else:
+            x = F.dropout(x, 0.2, self.training)
+        return self.fc(F.relu(x))
+
+
+@pytest.mark.parametrize("flag", [False, True])  # symbolic, eager capture
+@pytest.mark.parametrize("how", ["randn", "bernoulli", "dropout-default"])
+def test_a_forward_that_draws_random_numbers_is_refused(how, flag):
+    """The split would equal one draw and model(x) another; functional dropout with its
+    default training=True drops in eval mode too (it was the identity: g - h missed
+    model(x) by the dropped elements)."""
+    model = Noisy(how).eval()
+    x = torch.randn(2, 4)
+    match = "training=True" if how == "dropout-default" else "draws random numbers"
+    with pytest.raises(core.UnsupportedOperation, match=match):
+        sm = core.split(model)
+        sm(x, *((flag,) if flag else ()))
+
+
+def test_functional_dropout_with_the_training_flag_is_the_identity():
+    model = Noisy("dropout-flag").double().train()
+    sm = core.split(model)
+    check_float64_exact(sm, model.eval(), torch.randn(2, 4, dtype=torch.float64), 1, grad_rtol=0)
+
+
+class ItemValue(nn.Module):
+    """A forward that reads a tensor value as a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(x) * x.abs().max().item())
+
+
+def test_a_value_read_with_item_is_a_constant_of_each_call():
+    """``x.max().item()`` is a number of each call (the model is linear in x for that
+    number): the forward is recorded at every call (it was refused: no rule for item)."""
+    torch.manual_seed(4)
+    model = ItemValue().double().eval()
+    sm = core.split(model)
+    assert sm.capture.symbolic is None and "item" in str(sm.capture.symbolic_error)
+    for scale in (1.0, 3.0):
+        x = scale * torch.randn(3, 4, dtype=torch.float64)
+        g, h = sm(x)
+        torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+        probe = sm.sensitivities(x, 1, ["input"])["input"]
+        c = x.abs().max().item()
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.fc(F.relu(xr) * c)[:, 1].sum(), xr)
+        torch.testing.assert_close(probe.grad, grad, rtol=1e-12, atol=1e-12)
