@@ -80,6 +80,8 @@ def _kind(split: SplitModel, step: Step, activation_rule: str, residual: str,
           records: dict) -> str:
     """How relevance passes through a step, read off its rule's metadata."""
     rule = step.rule
+    if rule.lrp == "sum" and isinstance(records.get(step.node), (tuple, list)):
+        return "structural"  # two sequences concatenated (x.chunk(2, 1) + (z,))
     if rule.lrp == "sum" and residual == "even":
         pairs = [n for n in step.node.all_input_nodes if isinstance(records.get(n), Pair)]
         if len(pairs) > 1:
@@ -245,7 +247,7 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
     to a large one of the other.
     """
     first = chain[0]
-    inputs = [n for n in first.node.all_input_nodes if isinstance(records.get(n), Pair)]
+    inputs = [n for n in first.node.all_input_nodes if _pairs(records.get(n))]
     if kind in ("pass", "relu-wta"):
         src = first.node.args[0]
         rp, rn = r
@@ -259,8 +261,7 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
         _even(first, r, records, rel)
         return
     with torch.enable_grad():
-        variables = {n: Pair(records[n].d.detach().requires_grad_(True),
-                             records[n].s.detach().requires_grad_(True)) for n in inputs}
+        variables = {n: _variable(records[n]) for n in inputs}
         args, kwargs = _args_with(first.node, records, variables)
         out = interp.run_rule(first, args, kwargs)
         for later in chain[1:]:
@@ -279,24 +280,44 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
             tensors += [o.d, o.s]
             coef_pos += [cp / 2, cp / 2]  # z+ = (s + d) / 2
             coef_neg += [-cn / 2, cn / 2]  # z- = (s - d) / 2
-        wrt = [t for n in inputs for t in (variables[n].d, variables[n].s)]
+        # (input node, element index or None, its pair) for every pair that enters the step
+        entering = [(n, i, p) for n in inputs for i, p in _pairs(records[n])]
+        leaves = [variables[n] if i is None else variables[n][i] for n, i, _ in entering]
+        wrt = [t for leaf in leaves for t in (leaf.d, leaf.s)]
         from_pos = torch.autograd.grad(tensors, wrt, coef_pos, retain_graph=True,
                                        allow_unused=True)
         from_neg = torch.autograd.grad(tensors, wrt, coef_neg, allow_unused=True)
-    for i, n in enumerate(inputs):
+    for k, (n, i, pair) in enumerate(entering):
         jp = jn = None
         for got in (from_pos, from_neg):
-            gd = _zero_if_none(got[2 * i], records[n].d)
-            gs = _zero_if_none(got[2 * i + 1], records[n].s)
+            gd = _zero_if_none(got[2 * k], pair.d)
+            gs = _zero_if_none(got[2 * k + 1], pair.s)
             # d = a+ - a-, s = a+ + a-: d/da+ = gd + gs, d/da- = gs - gd
             jp = gd + gs if jp is None else jp + (gd + gs)
             jn = gs - gd if jn is None else jn + (gs - gd)
         if kind in ("epsilon", "product"):
-            jp, jn = records[n].pos * jp, records[n].neg * jn
+            jp, jn = pair.pos * jp, pair.neg * jn
         if kind == "product":
             share = 1 / (_exponent(first) or 2)
             jp, jn = jp * share, jn * share
-        _add(rel, n, (jp, jn))
+        _add(rel, n, (jp, jn) if i is None else {i: (jp, jn)})
+
+
+def _pairs(value: Any) -> list[tuple[int | None, Pair]]:
+    """The pairs of a node's value: ``[(None, pair)]`` for a pair, ``[(i, pair), ...]`` for
+    the pair elements of a tuple (``x.chunk(2, 1)``), else empty."""
+    if isinstance(value, Pair):
+        return [(None, value)]
+    if isinstance(value, (tuple, list)):
+        return [(i, v) for i, v in enumerate(value) if isinstance(v, Pair)]
+    return []
+
+
+def _variable(value: Any) -> Any:
+    """A node's value with its pairs as fresh leaves that require gradients."""
+    if isinstance(value, Pair):
+        return Pair(value.d.detach().requires_grad_(True), value.s.detach().requires_grad_(True))
+    return type(value)(_variable(v) if isinstance(v, Pair) else v for v in value)
 
 
 def _zero_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -320,8 +341,12 @@ def _even(step, r, records, rel) -> None:
 
 
 def _add(rel: dict, node: fx.Node, r) -> None:
-    if node in rel:
-        old = rel[node]
-        rel[node] = (old[0] + r[0], old[1] + r[1])
+    """Add relevance ``r`` (a pair of maps, or ``{element: pair of maps}`` for a tuple)."""
+    old = rel.get(node)
+    if old is None:
+        rel[node] = dict(r) if isinstance(r, dict) else r
+    elif isinstance(r, dict):
+        for i, part in r.items():
+            old[i] = part if i not in old else (old[i][0] + part[0], old[i][1] + part[1])
     else:
-        rel[node] = r
+        rel[node] = (old[0] + r[0], old[1] + r[1])

@@ -185,8 +185,11 @@ def _abs(c: Any) -> Any:
           "__iadd__", lrp="sum", signs=(1, 1), mass_linear=True)
 def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a + alpha b``: ``d' = d_a + alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
-    adds ``c`` to ``d`` and ``|c|`` to ``s``."""
+    adds ``c`` to ``d`` and ``|c|`` to ``s``. Two sequences (``x.chunk(3, 1) + (z,)``) are
+    concatenated: their pairs are the elements of the result."""
     a, b = args[0], args[1]
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return a + b
     alpha = kwargs.get("alpha", 1)
     if _is_const(a):  # c + pair
         a, b, alpha, swap = b, a, 1, alpha

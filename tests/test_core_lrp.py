@@ -110,3 +110,36 @@ def test_relevance_through_elementwise_max_and_min(maxpool):
     for layer in ("input", "a", "b"):
         assert torch.isfinite(r[layer].pos).all() and torch.isfinite(r[layer].neg).all()
     assert (r["a"].pos.abs().sum() + r["b"].pos.abs().sum()) > 0
+
+
+class _Pieces(nn.Module):
+    """The same function written with tuples of pieces or with one concatenation."""
+
+    def __init__(self, pieces: bool) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.a, self.b, self.fc = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(8, 3)
+        self.pieces = pieces
+
+    def forward(self, x):
+        y, z = F.relu(self.a(x)), F.relu(self.b(x))
+        if self.pieces:
+            chunks = y.chunk(3, 1) + (z,)  # two sequences concatenated
+            return self.fc(torch.cat(chunks, 1))
+        return self.fc(torch.cat([y, z], 1))
+
+
+def test_relevance_through_tuples_of_pieces_equals_the_concatenation():
+    """Relevance reaches every piece of a tuple built by chunk and tuple concatenation (it
+    was a raw AttributeError in the split, then an autograd error in SplitLRP)."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    seed = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 1]]
+    want = core.split(_Pieces(False).double()).relevance(x, seed, layers=["a", "b"])
+    model = _Pieces(True).double()
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    got = sm.relevance(x, seed, layers=["a", "b"])
+    for name in ("input", "a", "b"):
+        torch.testing.assert_close(got[name].pos, want[name].pos, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[name].neg, want[name].neg, rtol=1e-12, atol=1e-14)
