@@ -28,7 +28,10 @@ them in order), read at every run: they are never baked into the graph as consta
 The recording never changes the model: it runs on an eval-mode twin of the module tree
 (:func:`core.twin.module_twin`: shared parameters, copies of the buffers and tensor
 attributes, own module objects), so a forward that updates a buffer (a call counter, an EMA)
-or writes an attribute (``self.last = x``) writes the copy.
+or writes an attribute (``self.last = x``) writes the copy. A forward that reaches the
+user's modules themselves (``model.forward = lambda x: type(model).forward(model, x)``, a
+closure over the model) has their calls redirected to the twins; what such a closure writes
+directly on the user's model is beyond the copy's reach.
 """
 
 from __future__ import annotations
@@ -115,9 +118,13 @@ class Recording:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, model: nn.Module, state: dict[int, str]) -> None:
+    def __init__(self, model: nn.Module, state: dict[int, str],
+                 twins: dict[int, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
+        # id(a module of the user's model) -> its twin: a forward that reaches the user's
+        # modules (a replaced forward closing over the model) calls the twins instead
+        self.twins = twins or {}
         self.graph = fx.Graph()
         self.nodes: dict[int, fx.Node] = {}
         self.alive: list[torch.Tensor] = []  # keeps ids unique while recording
@@ -273,6 +280,7 @@ class _Recorder(TorchFunctionMode):
 
     # ------------------------------------------------------------------ modules
     def call_module(self, call: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        module = self.twins.get(id(module), module)
         name = self.module_names.get(id(module))
         if self.depth or name is None:
             return call(module, *args, **kwargs)
@@ -368,7 +376,8 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     twin = module_twin(model, training=False)
     state = {id(t): name for name, t in twin.named_buffers()}
     state.update({id(p): name for name, p in twin.named_parameters()})
-    recorder = _Recorder(twin, state)
+    twins = {id(m): t for m, t in zip(model.modules(), twin.modules(), strict=True)}
+    recorder = _Recorder(twin, state, twins)
     for i, t in enumerate(inputs):
         recorder.placeholder(f"input_{i}", t)
     for i, t in enumerate(argument_tensors(extra, kwargs)):

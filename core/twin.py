@@ -9,6 +9,7 @@ capturing) and owns copies of the buffers and of other tensor attributes.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -36,6 +37,10 @@ def _twin_value(value: Any, memo: dict[int, Any], training: bool | None) -> Any:
         return _twin_module(value, memo, training)
     if isinstance(value, torch.Tensor):
         return value if isinstance(value, nn.Parameter) else _twin_tensor(value, memo)
+    if t is types.MethodType and isinstance(value.__self__, nn.Module):
+        # a method of a module stored as an attribute (model.forward = model.other):
+        # bound to the module's twin
+        return types.MethodType(value.__func__, _twin_module(value.__self__, memo, training))
     if t is tuple or t is list:
         for v in value:
             if type(v) not in PLAIN and isinstance(v, (nn.Module, torch.Tensor)):

@@ -303,6 +303,28 @@ def test_a_forward_that_writes_attributes_does_so_on_a_copy(flag, reuse):
     assert torch.equal(model.scale, torch.ones(4))
 
 
+def test_a_forward_replaced_on_the_instance_runs_on_the_copy():
+    """``model.forward = model.other`` (a bound method) and a closure over the model: the
+    module calls reach the twins (a closure's calls were attributed to no layer), the split
+    is exact and the user's model is not written."""
+    torch.manual_seed(5)
+    for replace in ("method", "closure"):
+        model = Keeper().double().eval()
+        if replace == "method":
+            model.forward = model.forward  # bound to the model, stored on the instance
+        else:
+            model.forward = lambda x, m=model: Keeper.forward(m, x) * 3
+        x = torch.randn(2, 4, dtype=torch.float64)
+        sm = core.split(model)
+        g, h = sm(x)
+        want = model.fc(F.relu(x)) * (3 if replace == "closure" else 1)
+        torch.testing.assert_close(g - h, want, rtol=1e-12, atol=1e-12)
+        sens = sm.sensitivities(x, 1, ["fc"])
+        assert sens["fc"].grad.shape == (2, 3)
+        if replace == "method":  # the closure writes the user's model itself (documented)
+            assert model.seen == 0 and "touched" not in vars(model.fc)
+
+
 class Masked(nn.Module):
     """Tensor arguments that are not split: a mask and indices."""
 
