@@ -7,7 +7,12 @@
 >>> probes = sm.sensitivities(x, target, layers=["layer3"], alpha=0.4)
 """
 
-from core.errors import SplitOverflowError, SplitPrecisionWarning, UnsupportedOperation
+from core.errors import (
+    SeveralInputsError,
+    SplitOverflowError,
+    SplitPrecisionWarning,
+    UnsupportedOperation,
+)
 from core.explaining import eval_semantics
 from core.pair import Pair
 from core.probes import Probe
@@ -25,7 +30,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "NONLINEAR_MODES", "Pair", "Probe", "ShiftReport", "SplitClassBlindWarning", "SplitModel",
+    "NONLINEAR_MODES", "Pair", "Probe", "SeveralInputsError", "ShiftReport",
+    "SplitClassBlindWarning", "SplitModel",
     "SplitOverflowError", "SplitPrecisionWarning", "UnsupportedOperation", "eval_semantics",
     "shift_diagnostics", "split",
 ]

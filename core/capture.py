@@ -49,8 +49,9 @@ class Captured:
     mechanism: str
         ``"symbolic"`` or ``"eager"``.
     module_outputs, module_inputs: dict
-        The node (or tuple of nodes) of each module's output and the node of its first
-        input, by module name.
+        The node (or tuple of nodes) of each module's output and the node of its input, by
+        module name; a tuple of nodes where the module is called with several tensors that
+        depend on the model's input (it has no single input to probe).
     reusable: bool
         False when the forward's control flow read tensor values (valid for one call).
     plans: dict
@@ -62,7 +63,7 @@ class Captured:
     inputs: int
     mechanism: str
     module_outputs: dict[str, Any] = field(default_factory=dict)
-    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = field(default_factory=dict)
     reusable: bool = True
     value_dependent: list[str] = field(default_factory=list)
     plans: dict[Hashable, Any] = field(default_factory=dict)
@@ -75,7 +76,8 @@ class Captured:
         """Names that the split's probes accept."""
         names = ["input"] + [f"input:{i}" for i in range(1, self.inputs)]
         names += [n for n in self.module_outputs if n]
-        return names + [f"{n}:input" for n in self.module_inputs if n]
+        return names + [f"{n}:input" for n, v in self.module_inputs.items()
+                        if n and not isinstance(v, tuple)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -31,6 +31,25 @@ class UnsupportedOperation(TypeError):
     """
 
 
+class SeveralInputsError(ValueError):
+    """A probe of a module's input (``"NAME:input"``) where the module is called with several
+    tensors that depend on the model's input, so that it has no single input.
+
+    Attributes
+    ----------
+    module: str
+        The module's name.
+    sources: tuple of str
+        Where each of those tensors is computed (a module name or a graph node), in
+        argument order.
+    """
+
+    def __init__(self, message: str, module: str, sources: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.module = module
+        self.sources = sources
+
+
 class SplitOverflowError(FloatingPointError):
     """A split stream or its sensitivity left the float range of the input's dtype."""
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from core import rules
 from core.errors import UnsupportedOperation
+from core.record import input_dependent, module_input
 from core.twin import module_twin
 
 
@@ -43,15 +44,15 @@ class _SplitTracer(fx.Tracer):
     """A tracer that bypasses hooks of traced-through modules and records container outputs.
 
     Leaf modules follow torch.fx's default (every ``torch.nn`` module but the containers).
-    For each module that is traced through, the node of its first input and of its output
-    are recorded so that any name of ``named_modules()`` can be probed; each leaf module
-    called, by its path.
+    For each module that is traced through, the nodes of its tensor arguments and of its
+    output are recorded so that any name of ``named_modules()`` can be probed; each leaf
+    module called, by its path.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.outputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
-        self.inputs: dict[str, fx.Node] = {}
+        self.inputs: dict[str, list[fx.Node]] = {}  # the nodes of a call's tensor arguments
         self.leaves: dict[str, nn.Module] = {}  # the modules of the call_module nodes
         self._leaf_types: dict[type, bool] = {}
 
@@ -114,7 +115,7 @@ class _SplitTracer(fx.Tracer):
             return self.create_proxy("call_module", name, args, kwargs)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(first, fx.Proxy):
-            self.inputs[name] = first.node
+            self.inputs[name] = _proxy_nodes((args, kwargs))
         result = m.forward(*args, **kwargs)  # no user hooks while tracing
         if isinstance(result, fx.Proxy):
             self.outputs[name] = result.node
@@ -294,12 +295,25 @@ class TraceFailure(UnsupportedOperation):
 
 @dataclass
 class TracedModel:
-    """The traced graph of a model and the map from module names to graph nodes."""
+    """The traced graph of a model and the map from module names to graph nodes (a module's
+    input: a tuple of nodes where it is called with several input-dependent tensors, see
+    :func:`core.record.module_input`)."""
 
     graph: fx.Graph
     nodes: list[fx.Node]
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
-    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = field(default_factory=dict)
+
+
+def _proxy_nodes(value: Any) -> list[fx.Node]:
+    """The nodes of the proxies among nested tuples, lists and dicts, in argument order."""
+    if isinstance(value, fx.Proxy):
+        return [value.node]
+    if isinstance(value, (tuple, list)):
+        return [n for v in value for n in _proxy_nodes(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _proxy_nodes(v)]
+    return []
 
 
 def constant(value: Any) -> Any:
@@ -364,18 +378,19 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     _keep_constants(graph, model, twin)
     resolve_inplace(graph, Submodules(twin, leaves))
     nodes = list(graph.nodes)
+    dependent = input_dependent(graph, 1)  # the nodes computed from the input
     outputs: dict[str, fx.Node] = {}
-    inputs: dict[str, fx.Node] = {}
+    inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
     for node in nodes:
         if node.op == "call_module":
             outputs[node.target] = node  # a module called twice maps to its last call
             first = node.args[0] if node.args else None
             if isinstance(first, fx.Node):
-                inputs[node.target] = first
+                inputs[node.target] = module_input(node.all_input_nodes, dependent)
     for name, node in tracer.outputs.items():
         outputs.setdefault(name, node)
-    for name, node in tracer.inputs.items():
-        inputs.setdefault(name, node)
+    for name, arguments in tracer.inputs.items():
+        inputs.setdefault(name, module_input(arguments, dependent))
     if not any(n.op == "placeholder" for n in nodes):
         raise UnsupportedOperation(f"{type(model).__name__}.forward takes no tensor input")
     return TracedModel(graph, nodes, outputs, inputs)

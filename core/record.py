@@ -83,6 +83,44 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             stack.extend(x.values())
 
 
+def module_input(arguments: list[Any], dependent: Any) -> Any:
+    """The input of a module call, from the graph values of its tensor arguments in order.
+
+    The one argument among them that depends on the model's input (a mask or a parameter
+    passed along is not the module's input); a tuple of them where several do (the module
+    has no single input: a probe of it is refused); the first argument where none does;
+    None without arguments. ``dependent`` tells whether an argument depends on the input
+    (``in``).
+    """
+    unique = list(dict.fromkeys(arguments))
+    on_input = [a for a in unique if a in dependent]
+    if len(on_input) > 1:
+        return tuple(on_input)
+    return on_input[0] if on_input else (unique[0] if unique else None)
+
+
+def input_dependent(graph: fx.Graph, inputs: int) -> set[fx.Node]:
+    """The nodes of ``graph`` computed from its first ``inputs`` placeholders (the split
+    inputs; further placeholders are arguments that are not split)."""
+    seeds = [n for n in graph.nodes if n.op == "placeholder"][:inputs]
+    dependent = set(seeds)
+    for node in graph.nodes:
+        if any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _ordered_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors among nested tuples, lists and dicts, in argument order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _ordered_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _ordered_tensors(v)]
+    return []
+
+
 def argument_tensors(extra: tuple, kwargs: dict | None) -> list[torch.Tensor]:
     """The tensors among the further arguments of a call, in the order of their
     placeholders (pytree order of ``(extra, kwargs)``)."""
@@ -112,7 +150,7 @@ class Recording:
     graph: fx.Graph
     output: Any
     module_outputs: dict[str, Any] = field(default_factory=dict)
-    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = field(default_factory=dict)
     value_dependent: list[str] = field(default_factory=list)
     random: list[str] = field(default_factory=list)
 
@@ -136,7 +174,8 @@ class _Recorder(TorchFunctionMode):
         self.random: list[str] = []  # random draws of the forward (recorded or not)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.module_outputs: dict[str, Any] = {}
-        self.module_inputs: dict[str, fx.Node] = {}
+        # the graph values of each module call's tensor arguments (the last call's)
+        self.module_arguments: dict[str, list[fx.Node]] = {}
         self.bound_at: dict[int, int] = {}  # id -> when its node was bound
         # storage -> [(when, written elements of the storage, node name)], one per write
         self.written: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
@@ -286,7 +325,9 @@ class _Recorder(TorchFunctionMode):
             return call(module, *args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is not None and (id(first) in self.nodes or id(first) in self.state):
-            self.module_inputs[name] = self.node_of(first)
+            self.module_arguments[name] = [
+                self.node_of(t) for t in _ordered_tensors((args, kwargs))
+                if id(t) in self.nodes or id(t) in self.state]
         if not is_leaf_module(module):
             out = call(module, *args, **kwargs)
         else:
@@ -399,6 +440,9 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
         _STATE.recorder = None
     value = recorder.node_of(out)
     recorder.graph.output(value)
-    return Recording(recorder.graph, value, recorder.module_outputs, recorder.module_inputs,
+    on_input = input_dependent(recorder.graph, len(inputs))
+    module_inputs = {name: module_input(arguments, on_input)
+                     for name, arguments in recorder.module_arguments.items()}
+    return Recording(recorder.graph, value, recorder.module_outputs, module_inputs,
                      list(dict.fromkeys(recorder.value_dependent)),
                      list(dict.fromkeys(recorder.random)))

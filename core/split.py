@@ -17,6 +17,7 @@ from core import checks, reuse
 from core.absops import AbsScratch
 from core.capture import Capture, Captured, find, unwrap
 from core.errors import (
+    SeveralInputsError,
     SplitOverflowError,
     SplitPrecisionWarning,
     UnsupportedOperation,
@@ -92,7 +93,15 @@ class SplitCall:
         if base == "input" and suffix.isdigit() and int(suffix) < len(inputs):
             return inputs[int(suffix)]
         if suffix == "input" and base in cap.module_inputs:
-            return cap.module_inputs[base]
+            node = cap.module_inputs[base]
+            if isinstance(node, tuple):
+                sources = tuple(self.describe(n) for n in node)
+                raise SeveralInputsError(
+                    f"layer {layer!r}: module {base!r} is called with {len(node)} tensors that "
+                    f"depend on the input ({', '.join(sources)}), so it has no single input; "
+                    f"probe where they are computed, or the module's output {base!r}",
+                    base, sources)
+            return node
         if layer in cap.module_outputs:
             return cap.module_outputs[layer]
         if suffix.isdigit() and isinstance(cap.module_outputs.get(base), tuple):
@@ -552,7 +561,10 @@ class SplitModel:
         layers: sequence of str
             Names from ``model.named_modules()`` (the module's output; containers allowed),
             ``"input"`` (or ``""``; ``"input:1"``... for further inputs), ``"NAME:input"`` for
-            a module's input, ``"NAME:0"``... for the elements of a tuple output.
+            a module's input (refused with :class:`core.SeveralInputsError`, a
+            ``ValueError``, for a module called with several tensors that depend on the
+            input: probe where they are computed), ``"NAME:0"``... for the elements of a
+            tuple output.
         alpha: float, "auto" or mapping
             Default ``"auto"`` (:data:`core.shift.DEFAULT_ALPHA`). The backward shift
             ``S <- (1 - 2 alpha) S`` at the input, after every ReLU-type unit and at the

@@ -554,3 +554,74 @@ def test_a_view_taken_before_an_item_assignment_is_refused():
     model = StaleView().eval()
     with pytest.raises(core.UnsupportedOperation, match="item assignment"):
         core.split(model)(torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------- several inputs
+class _Mix(nn.Module):
+    """A bilinear-like module with two tensor arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ self.w) * b
+
+
+class _TwoArgNet(nn.Module):
+    """``mix`` takes two input-dependent tensors, ``gate`` one and an unsplit mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.mix, self.gate, self.out = _Mix(), _Gate(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.mix(torch.relu(self.l1(x)), self.l2(x))
+        if mask is not None:
+            z = self.gate(z, mask)
+        return self.out(torch.relu(z))
+
+
+class _Gate(nn.Module):
+    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return z * mask
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "eager"])
+def test_a_module_with_several_tensor_inputs_keeps_them_and_refuses_its_input_probe(capture):
+    torch.manual_seed(0)
+    model = _TwoArgNet().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    extra = () if capture == "symbolic" else (torch.tensor([1.0, 0.0, 1.0, 1.0]).double(),)
+    sm = core.split(model)
+    assert sm.prepare(x, extra).captured.mechanism == capture
+    assert "mix" in sm.layer_names(x, *extra) and "mix:input" not in sm.layer_names(x, *extra)
+    # the sensitivities at and below the module flow through both of its inputs
+    probes = sm.sensitivities(x, 1, layers=["mix", "l1", "l2", "input"], alpha=0.5,
+                              extra_args=extra)
+    a = torch.relu(model.l1(x)).detach().requires_grad_()
+    b = model.l2(x).detach().requires_grad_()
+    z = model.mix(a, b)
+    z_leaf = z.detach().requires_grad_()
+    tail = (lambda t: model.gate(t, extra[0])) if extra else (lambda t: t)
+    grad_z, = torch.autograd.grad(model.out(torch.relu(tail(z_leaf)))[:, 1].sum(), z_leaf)
+    grad_a, grad_b = torch.autograd.grad(z, [a, b], grad_z)
+    torch.testing.assert_close(probes["mix"].grad, grad_z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(probes["mix"].g, grad_z / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(probes["l2"].grad, grad_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(probes["input"].grad, _grads(model, (x, *extra), 1)[0],
+                               rtol=0, atol=1e-12)
+    assert probes["l1"].grad.abs().sum() > 0 and probes["l2"].grad.abs().sum() > 0
+    # its input is no single tensor: refused with one line naming the module and its sources
+    with pytest.raises(core.SeveralInputsError) as err:
+        sm.sensitivities(x, 1, layers=["mix:input"], extra_args=extra)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in message
+    assert "module 'mix' is called with 2 tensors" in message and "'l2'" in message
+    assert "the module's output 'mix'" in message
+    assert err.value.module == "mix" and len(err.value.sources) == 2
+    if extra:  # a mask passed along is not an input: gate's input is z
+        assert "gate:input" in sm.layer_names(x, *extra)
+        gate_in = sm.sensitivities(x, 1, layers=["gate:input"], extra_args=extra)["gate:input"]
+        torch.testing.assert_close(gate_in.activation, z.detach(), rtol=0, atol=1e-12)
