@@ -333,12 +333,17 @@ class SplitGrad(_SplitAttribution):
         self,
         inputs: Tensor | tuple[Tensor, ...],
         target: TargetType = None,
-        additional_forward_args: Any = None,
-        attribute_to_layer_input: bool = False,
         abs: bool = False,
+        additional_forward_args: Any = None,
+        *,
+        attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Compute SplitGrad maps.
+
+        The first four parameters are those of Captum's ``Saliency.attribute``, in its order
+        (``attribute(x, y, True, extra)`` works positionally); the two after them are
+        keyword-only.
 
         Parameters
         ----------
@@ -347,15 +352,17 @@ class SplitGrad(_SplitAttribution):
             model's dtype (as for :py:meth:`SplitCAM.attribute`).
         target : int, list of int or :py:class:`torch.Tensor`
             The class explained: one for all rows, or one per row (``(B,)``).
+        abs : bool
+            Return the absolute value. Default False, unlike ``Saliency`` (True): the
+            signed map is the one of the paper's exact links (half the gradient at
+            ``alpha=0.5``). Anything but a bool is refused with ``TypeError`` (an argument
+            in the wrong position).
         additional_forward_args : any, optional
             Further positional arguments of the model (not attributed).
-        attribute_to_layer_input : bool
-            Use the layer's input instead of its output (needs a layer).
-        abs : bool
-            Return the absolute value (default False; Saliency's default is True, the paper
-            selects it per layer). Note the position: after ``attribute_to_layer_input``,
-            not third as in ``Saliency.attribute``; pass it by keyword.
-        grad_kwargs : dict, optional
+        attribute_to_layer_input : bool, keyword-only
+            Use the layer's input instead of its output (needs a layer with one input
+            tensor).
+        grad_kwargs : dict, optional, keyword-only
             Only None or ``{}`` (see :py:meth:`SplitCAM.attribute`).
 
         Returns
@@ -365,6 +372,7 @@ class SplitGrad(_SplitAttribution):
             shaped like the input, ``(B, C, H, W)``. A 1-tuple when ``inputs`` is a tuple
             (as ``Saliency``; see :py:meth:`SplitCAM.attribute`). Without autograd history.
         """
+        checks.flag("abs", abs, type(self).__name__)
         sens, _, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )

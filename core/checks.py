@@ -132,6 +132,20 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
     )
 
 
+def flag(name: str, value: Any, who: str | None = None) -> bool:
+    """Return ``value`` if it is a bool, else raise ``TypeError`` naming the parameter.
+
+    A flag passed in the wrong position (a tensor or None where a bool belongs) is caught
+    here instead of being read as true or false.
+    """
+    if isinstance(value, bool):
+        return value
+    raise TypeError(
+        f"{_prefix(who)}{name} must be True or False; got {type(value).__name__}. Check the "
+        "order of positional arguments, or pass it by keyword."
+    )
+
+
 def targets(target: Any, batch: int, who: str | None = None,
             whole_floats: bool = False) -> torch.Tensor:
     """Class indices as a ``LongTensor`` of shape ``(batch,)``.

@@ -280,6 +280,30 @@ def test_additional_forward_args_pass_through(tiny):
     _close(sg.attribute(x, target=y, additional_forward_args=(2.0,)), 0.5 * sal)
 
 
+def test_splitgrad_takes_saliencys_arguments_positionally(tiny):
+    """``attribute(inputs, target, abs, additional_forward_args)`` in Saliency's order; the
+    rest keyword-only; an unknown keyword or a misplaced argument is a TypeError."""
+    import inspect
+
+    model, x, y = tiny
+    ours = list(inspect.signature(SplitGrad.attribute).parameters)[:5]
+    assert ours == list(inspect.signature(Saliency.attribute).parameters)
+    sg = SplitGrad(model, alpha=0.5)
+    sal = Saliency(model).attribute(x.clone().requires_grad_(), y, True, (2.0,))
+    _close(sg.attribute(x, y, True, (2.0,)), 0.5 * sal)
+    _close(sg.attribute(x, y, False, (2.0,)),
+           sg.attribute(x, target=y, abs=False, additional_forward_args=(2.0,)))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'abs_value'"):
+        sg.attribute(x, target=y, abs_value=True)
+    with pytest.raises(TypeError, match=r"SplitGrad: abs must be True or False; got tuple"):
+        sg.attribute(x, y, (2.0,))  # the order before: additional_forward_args third
+    with pytest.raises(TypeError, match="positional argument"):
+        SplitGrad(model, "conv2").attribute(x, y, False, None, True)  # keyword-only now
+    at_input = SplitGrad(model, "relu2", alpha=0.5).attribute(
+        x, y, attribute_to_layer_input=True)
+    _close(at_input, SplitGrad(model, "conv2", alpha=0.5).attribute(x, y))
+
+
 def test_model_is_left_unchanged(tiny):
     model, x, y = tiny
     state = {k: v.clone() for k, v in model.state_dict().items()}
