@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from core import checks
+from core.capture import unwrap
 
 STREAMS = ("g", "h")
 SIGNS = (None, "+", "-")
@@ -23,9 +24,10 @@ SIGNS = (None, "+", "-")
 def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
     """Return the ``nn.Module`` behind ``forward_func``.
 
-    Accepts a module, a ``DataParallel``/``DistributedDataParallel`` wrapper (its ``.module``)
-    or a module's bound ``forward`` method. The split methods need the module itself because the
-    split pair is built from its submodules.
+    Accepts a module, a ``torch.compile`` (``OptimizedModule``, its ``._orig_mod``),
+    ``DataParallel`` or ``DistributedDataParallel`` wrapper (its ``.module``; warned once, by
+    :func:`core.capture.unwrap`) or a module's bound ``forward`` method. The split methods need
+    the module itself because the split pair is built from its submodules.
 
     Raises
     ------
@@ -47,9 +49,20 @@ def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
                 f"{type(forward_func).__name__}. Pass the nn.Module whose output holds the "
                 "class scores (wrap any post-processing into a small nn.Module)."
             )
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+    return unwrap(model)
+
+
+def wrapped_layer(forward_func: Callable[..., Any], model: nn.Module,
+                  layer: nn.Module | str | None) -> nn.Module | str | None:
+    """``layer`` as a module where it names a module of the wrapper ``forward_func`` around
+    ``model`` (``"_orig_mod.conv"`` of a compiled model, ``"module.conv"`` of DataParallel)
+    rather than one of ``model``; else unchanged."""
+    wrapper = forward_func if isinstance(forward_func, nn.Module) else getattr(
+        forward_func, "__self__", None)
+    if (isinstance(layer, str) and isinstance(wrapper, nn.Module) and wrapper is not model
+            and layer not in dict(model.named_modules())):
+        return dict(wrapper.named_modules()).get(layer, layer)
+    return layer
 
 
 
@@ -74,12 +87,12 @@ def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
         For a NumPy array or any other non-tensor (with the conversion to use), and for
         non-floating tensors.
     ValueError
-        For an empty tuple or a tensor without a batch dimension.
+        For an empty tuple, a tensor without a batch dimension or with an empty batch.
     """
     items = inputs if isinstance(inputs, tuple) else (inputs,)
     if not items:
         raise ValueError(f"{method}: inputs is an empty tuple; pass the model input tensor.")
-    for item in items:
+    for i, item in enumerate(items):
         if not isinstance(item, Tensor):
             hint = " (torch.from_numpy(x), or torch.as_tensor(x))" if type(item).__module__ \
                 == "numpy" else ""
@@ -94,6 +107,7 @@ def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
                 f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got "
                 f"shape {tuple(item.shape)}."
             )
+        checks.batch_size(item, "inputs" if len(items) == 1 else f"inputs[{i}]", method)
     return items
 
 

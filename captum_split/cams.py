@@ -80,6 +80,10 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         items = input_tensors(inputs, method)
         owner = getattr(self.forward_func, "__self__", self.forward_func)
         check_dtype(items, owner if isinstance(owner, nn.Module) else None, method)
+        if target is not None and not isinstance(target, tuple) and not (
+            isinstance(target, list) and any(isinstance(t, tuple) for t in target)
+        ):  # class indices (not Captum's tuples for outputs with more dimensions): checked
+            checks.targets(target, items[0].shape[0], method)
         inputs = _format_tensor_into_tuples(items)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
         grads, acts = compute_layer_gradients_and_eval(

@@ -42,6 +42,7 @@ from ._utils import (
     format_additional_args,
     single_input,
     unwrap_model,
+    wrapped_layer,
 )
 
 __all__ = ["SplitCAM", "SplitGrad"]
@@ -84,12 +85,12 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
         checks.option("nonlinear", nonlinear, who=method, allowed=NONLINEAR_MODES)
         model = unwrap_model(forward_func, method)
+        # a module is found by identity at every call, a name looked up at every call
+        self._layer = wrapped_layer(forward_func, model, layer)
         self.layer_name = checks.layer_name(
-            model, layer, method, allow_input=self._allow_input_layer
+            model, self._layer, method, allow_input=self._allow_input_layer
         )
-        module = None if self.layer_name == "input" else dict(model.named_modules())[
-            self.layer_name
-        ]
+        module = None if self.layer_name == "input" else model.get_submodule(self.layer_name)
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.model = model
@@ -100,10 +101,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.stabilizer = stabilizer
         self.input_split = input_split
         self.nonlinear = nonlinear
-        self.split_model = core.split(
-            model, maxpool=maxpool, stabilizer=stabilizer, input_split=input_split,
-            nonlinear=nonlinear,
-        )
+        self.split_model = self._split()
         static = self.split_model.capture.symbolic is not None  # else names need an input
         if (static and self.layer_name != "input"
                 and self.layer_name not in self.split_model.layer_names()):
@@ -119,6 +117,26 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
             raise type(err)(f"{method}: {err}") from None
         self.last_alphas: dict[str, Any] = {}
 
+    def _split(self) -> core.SplitModel:
+        """The split of the model as it is now (an unchanged model costs a fingerprint and
+        is not warned about again: :mod:`core.reuse`)."""
+        return core.split(
+            self.model, maxpool=self.maxpool, stabilizer=self.stabilizer,
+            input_split=self.input_split, nonlinear=self.nonlinear,
+        )
+
+    def _refresh(self) -> None:
+        """Follow changes of the model since the last call: the layer is looked up again
+        (a module by identity, a name by name; Captum's ``layer`` attribute follows) and the
+        model split again, so that a replaced module or loaded weights are explained."""
+        method = type(self).__name__
+        self.layer_name = checks.layer_name(
+            self.model, self._layer, method, allow_input=self._allow_input_layer
+        )
+        self.layer = (None if self.layer_name == "input"
+                      else self.model.get_submodule(self.layer_name))
+        self.split_model = self._split()
+
     def _probe(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -133,6 +151,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         x, is_tuple = single_input(inputs, method, self.model)
         first = x[0] if isinstance(x, tuple) else x
         t = checks.targets(target, first.shape[0], method)
+        checks.flag("attribute_to_layer_input", attribute_to_layer_input, method)
+        self._refresh()
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":
@@ -141,11 +161,19 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 )
             name = f"{name}:input"
         extra = format_additional_args(additional_forward_args)
-        with torch.enable_grad():
-            probes = self.split_model.sensitivities(
-                tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
-                layers=[name], alpha=self.alpha, extra_args=extra
-            )
+        try:
+            with torch.enable_grad():
+                probes = self.split_model.sensitivities(
+                    tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
+                    layers=[name], alpha=self.alpha, extra_args=extra
+                )
+        except core.SeveralInputsError as err:
+            raise ValueError(
+                f"{method}: attribute_to_layer_input=True needs a layer with one input tensor; "
+                f"{err.module!r} is called with {len(err.sources)} ({', '.join(err.sources)}). "
+                "Explain its output (attribute_to_layer_input=False) or the layers that "
+                "compute its inputs."
+            ) from None
         probe = probes[name]
         first = probe[0] if isinstance(probe, tuple) else probe
         self.last_alphas = dict(first.alphas)
@@ -205,6 +233,13 @@ class SplitCAM(_SplitAttribution):
         ``"freeze"`` explains models with smooth units, gates, attention and normalisations
         (:func:`core.split`); the frozen operations are listed by
         ``self.split_model.frozen_operations()``.
+
+    Notes
+    -----
+    ``attribute`` explains the model as it is at that call: the model is split again (cheap
+    for an unchanged model, whose warnings are not repeated) and ``split_model`` is that
+    split; the layer is looked up again (a module by identity, a name by name). A
+    ``torch.compile``d model is split through the module it wraps (its ``_orig_mod``).
     """
 
     @property
@@ -240,11 +275,13 @@ class SplitCAM(_SplitAttribution):
             tensors is refused (the split engine has one attributed input; pass further model
             inputs through ``additional_forward_args``).
         target : int, list of int or :py:class:`torch.Tensor`
-            The class explained: one for all rows, or one per row (``(B,)``).
+            The class explained: one for all rows, or one per row (``(B,)``); NaN is
+            refused (``ValueError``), as is an empty batch.
         additional_forward_args : any, optional
             Further positional arguments of the model (not attributed), Captum's convention.
         attribute_to_layer_input : bool
-            Use the layer's input instead of its output.
+            Use the layer's input instead of its output; a layer called with several
+            tensors has none and is refused (``ValueError``).
         relu_attributions : bool
             Apply a ReLU to the map (default False, as in the paper).
         attr_dim_summation : bool

@@ -146,6 +146,17 @@ def flag(name: str, value: Any, who: str | None = None) -> bool:
     )
 
 
+def batch_size(x: torch.Tensor, what: str = "input", who: str | None = None) -> int:
+    """The batch size of ``x`` (its first dimension); ``ValueError`` for a scalar or an empty
+    batch, where nothing can be explained."""
+    if x.dim() == 0:
+        raise ValueError(f"{_prefix(who)}{what} must have a batch dimension, got a scalar")
+    if x.shape[0] == 0:
+        raise ValueError(f"{_prefix(who)}{what} has an empty batch (shape {tuple(x.shape)}); "
+                         "pass at least one sample")
+    return int(x.shape[0])
+
+
 def targets(target: Any, batch: int, who: str | None = None,
             whole_floats: bool = False) -> torch.Tensor:
     """Class indices as a ``LongTensor`` of shape ``(batch,)``.
@@ -157,8 +168,8 @@ def targets(target: Any, batch: int, who: str | None = None,
     Raises
     ------
     ValueError
-        For ``None``, tuples (Captum's index into outputs with more dimensions), fractional
-        or negative values, or a count that is neither 1 nor ``batch``.
+        For ``None``, tuples (Captum's index into outputs with more dimensions), NaN,
+        fractional or negative values, or a count that is neither 1 nor ``batch``.
     TypeError
         For bools, floats (unless ``whole_floats``) and anything that is not a number, a
         list or a tensor / array of numbers.
@@ -194,6 +205,9 @@ def targets(target: Any, batch: int, who: str | None = None,
             ) from None
     if index.dtype == torch.bool or index.is_complex():
         raise TypeError(f"{p}targets must be class indices (integers), got dtype {index.dtype}.")
+    if index.is_floating_point() and bool(index.isnan().any()):
+        raise ValueError(f"{p}target contains NaN (a missing or unparsed label); pass integer "
+                         "class indices, one per row or one for all rows.")
     if index.is_floating_point() and not whole_floats:
         raise TypeError(f"{p}target must hold integer class indices; got {index.dtype} (cast "
                         "the labels with .long() or .astype(int)).")

@@ -38,6 +38,7 @@ NONLINEAR_MODES = ("error", "freeze")
 #: :class:`SplitPrecisionWarning`.
 CARRIES = 1e-3
 _IMPRECISE = WarnedModels()  # models warned about
+_FROZE = WarnedModels()  # models (and the operations frozen) warned about
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -166,7 +167,9 @@ class SplitModel:
         softmax gates, attention, LayerNorm/GroupNorm/RMSNorm, division by an activation):
         ``"error"`` (default) raises :class:`core.UnsupportedOperation`; ``"freeze"`` splits
         them with their data-dependent factor frozen at the model's activation (see
-        :mod:`core.frozen`), warns and lists them in :meth:`frozen_operations`. ``g - h``
+        :mod:`core.frozen`), warns (once per model and list of frozen operations, so that
+        splitting an unchanged model again is silent) and lists them in
+        :meth:`frozen_operations`. ``g - h``
         stays exact; the sensitivities are those of the frozen model. Products of
         activations are split exactly in both modes (:mod:`core.products`).
     reuse_capture: bool
@@ -200,7 +203,6 @@ class SplitModel:
         self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
         self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)
         self.nonlinear = checks.option("nonlinear", nonlinear, NONLINEAR_MODES)
-        self._warned_frozen = False
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta} must be in (0, 1]")
         if threshold < 0:
@@ -253,8 +255,8 @@ class SplitModel:
             nonlinear=self.nonlinear, plans=captured.plans if keep else None,
         )
         listed = interp.frozen_operations()
-        if listed and not self._warned_frozen:
-            self._warned_frozen = True
+        if listed and (self.model, tuple(listed)) not in _FROZE:
+            _FROZE.add(self.model, tuple(listed))
             more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
             warnings.warn(
                 f"core.split froze {len(listed)} non-piecewise-linear operation(s) of "
@@ -364,11 +366,7 @@ class SplitModel:
                     "inputs are split; pass integer or boolean tensors (indices, masks) after "
                     "the split inputs, as further arguments of the forward (sm(x, mask), "
                     "Captum's additional_forward_args)")
-            if t.dim() == 0:
-                raise ValueError(f"{what} must have a batch dimension, got a scalar")
-            if t.shape[0] == 0:
-                raise ValueError(f"{what} has an empty batch (shape {tuple(t.shape)}); pass at "
-                                 "least one sample")
+            checks.batch_size(t, what)
             if not torch.isfinite(t).all():
                 raise ValueError(f"{what} contains NaN or Inf values; clean or clip it first")
         return inputs

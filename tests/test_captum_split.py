@@ -393,3 +393,121 @@ def test_bad_target_fails_before_any_work(tiny, monkeypatch):
     monkeypatch.setattr(sc, "split_model", real)
     with pytest.raises(ValueError, match="out of range"):
         sc.attribute(x, target=5)
+
+
+# ---------------------------------------------------------------- the model as it is now
+def _copy_of_tiny(tiny):
+    import copy
+
+    model, x, y = tiny
+    return copy.deepcopy(model), x, y
+
+
+def test_a_model_changed_after_the_explainer_is_explained_as_it_is_now(tiny):
+    model, x, y = _copy_of_tiny(tiny)
+    by_name, by_module = SplitCAM(model, "conv2", alpha=0.5), SplitCAM(model, model.conv2,
+                                                                     alpha=0.5)
+    torch.manual_seed(5)
+    other = _TinyNet().eval()
+    model.load_state_dict(other.state_dict())  # weights loaded (in place)
+    for explainer in (by_name, by_module):
+        want = 0.5 * LayerGradientXActivation(model, model.conv2).attribute(x, target=y)
+        _close(explainer.attribute(x, target=y), want.sum(1, keepdim=True))
+    model.conv2 = nn.Conv2d(6, 8, 3, padding=1)  # a module replaced
+    model.conv2.eval()
+    want = 0.5 * LayerGradientXActivation(model, model.conv2).attribute(x, target=y)
+    _close(by_name.attribute(x, target=y), want.sum(1, keepdim=True))
+    assert by_name.layer is model.conv2  # Captum's attribute follows
+    with pytest.raises(ValueError, match="not a submodule of the given _TinyNet"):
+        by_module.attribute(x, target=y)  # found by identity: the old conv2 is gone
+    grad = SplitGrad(model, alpha=0.5)
+    model.fc = nn.Linear(8, 5).eval()
+    sal = Saliency(model).attribute(x.clone().requires_grad_(), target=y, abs=False)
+    _close(grad.attribute(x, target=y), 0.5 * sal)
+
+
+def test_the_freeze_warning_is_given_once_while_the_model_is_unchanged():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="froze 1"):
+        explainer = SplitGrad(model, nonlinear="freeze")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explainer.attribute(x, target=1)
+        explainer.attribute(x, target=2)
+    assert not [w for w in caught if "froze" in str(w.message)]
+    model[1] = nn.SiLU()  # other operations frozen: told once more
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explainer.attribute(x, target=1)
+        explainer.attribute(x, target=1)
+    froze = [str(w.message) for w in caught if "froze" in str(w.message)]
+    assert len(froze) == 1 and "silu" in froze[0].lower()
+
+
+def test_a_compiled_model_is_explained_through_the_module_it_wraps(tiny):
+    model, x, y = _copy_of_tiny(tiny)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model)
+    with pytest.warns(UserWarning, match="OptimizedModule"):
+        grad = SplitGrad(compiled, alpha=0.5)
+    _close(grad.attribute(x, target=y), SplitGrad(model, alpha=0.5).attribute(x, target=y))
+    want = SplitCAM(model, "conv2").attribute(x, target=y)
+    for layer in (model.conv2, "conv2", "_orig_mod.conv2"):
+        with pytest.warns(UserWarning, match="OptimizedModule"):
+            cam = SplitCAM(compiled, layer)
+        assert cam.layer_name == "conv2"
+        _close(cam.attribute(x, target=y), want)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+class _Mix(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+class _TwoInputLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.mix, self.fc = _Mix(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mix(torch.relu(self.a(x)), self.b(x)).mean((2, 3)))
+
+
+def test_layer_input_of_a_layer_with_several_tensors_is_refused():
+    model, x = _TwoInputLayer().eval(), torch.randn(2, 3, 6, 6)
+    explainer = SplitCAM(model, "mix", alpha=0.5)
+    want = 0.5 * LayerGradientXActivation(model, model.mix).attribute(x, target=1)
+    _close(explainer.attribute(x, target=1), want.sum(1, keepdim=True))
+    for method in (explainer, SplitGrad(model, model.mix)):
+        with pytest.raises(ValueError) as err:
+            method.attribute(x, target=1, attribute_to_layer_input=True)
+        message = str(err.value)
+        assert "\n" not in message and "needs a layer with one input tensor; 'mix' is " \
+            "called with 2 (graph node 'relu', 'b')" in message
+        assert "attribute_to_layer_input=False" in message
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "SplitGrad", "LayerCAM", "GradCAMPlusPlus"])
+def test_a_nan_target_or_an_empty_batch_is_one_clear_value_error(tiny, method):
+    import captum_split
+
+    model, x, y = tiny
+    explainer = getattr(captum_split, method)(model, model.conv2)
+    cases = {
+        "target contains NaN": (x, float("nan")),
+        "target contains NaN ": (x, torch.tensor([0.0, float("nan"), 1.0])),
+        "inputs has an empty batch": (x[:0], 1),
+        "inputs has an empty batch ": (x[:0], []),
+    }
+    for expected, (inputs, target) in cases.items():
+        with pytest.raises(ValueError) as err:
+            explainer.attribute(inputs, target=target)
+        message = str(err.value)
+        assert message.startswith(f"{method}: {expected.strip()}") and "\n" not in message
