@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch.utils import _pytree as pytree
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, resolve_inplace, trace
 from core.record import RANDOM, argument_tensors, record
+from core.registry import TABLE, FunctionName
 
 
 @dataclass
@@ -235,9 +237,15 @@ def find(model: nn.Module) -> Found:
                                   if name in RANDOM])
             reads = next((n for n in traced.graph.nodes if n.op == "call_method"
                           and n.target in _READS_VALUE), None)
+            kept = next((n.target for n in traced.graph.nodes if n.op == "call_function"
+                         and _kept_call(n.target)), None)
             if reads is not None:  # a number of each call: recorded per call (core.record)
                 found.symbolic_error = TraceFailure(
                     f"the forward reads a tensor value as a number ({reads.target}())")
+            elif kept is not None:  # its operations are recorded one by one
+                found.symbolic_error = TraceFailure(
+                    f"torch.fx keeps {FunctionName.of(kept)} as one call (torch.fx.wrap), "
+                    "which no split-pair rule knows")
             elif isinstance(out, fx.Node) and not isinstance(out.target, type):
                 found.symbolic = Captured(traced.graph, 1, "symbolic", traced.module_outputs,
                                           traced.module_inputs)
@@ -245,6 +253,14 @@ def find(model: nn.Module) -> Found:
 
 
 _READS_VALUE = frozenset({"item", "tolist"})
+
+
+def _kept_call(fn: Any) -> bool:
+    """A Python function outside torch that tracing kept as one call (``torch.fx.wrap``,
+    as torchvision does for ``shifted_window_attention``) and that has no rule: eager
+    recording sees the operations inside it."""
+    return (type(fn) is types.FunctionType and TABLE.function(fn) is None
+            and not FunctionName.of(fn).startswith("torch."))
 
 
 def _name(node: fx.Node) -> str:

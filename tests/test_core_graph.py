@@ -979,6 +979,53 @@ def test_stochastic_depth_is_the_identity_with_eval_semantics():
         core.split(DeepResidual(training_flag=True).double())
 
 
+def _pooled_relu(x: torch.Tensor) -> torch.Tensor:
+    """Piecewise linear, but one call in traced graphs (torch.fx.wrap below)."""
+    return F.max_pool2d(F.relu(x), 2) - 0.5 * F.relu(-x).mean((2, 3), keepdim=True)
+
+
+torch.fx.wrap("_pooled_relu")
+
+
+class UsesWrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(_pooled_relu(self.conv(x)).flatten(1))
+
+
+def test_a_function_that_tracing_keeps_as_one_call_is_recorded_operation_by_operation():
+    """torch.fx.wrap keeps a function as one call_function node, which no rule knows (was:
+    'has no split-pair rule'); the eager recording sees the operations inside it."""
+    torch.manual_seed(4)
+    model = UsesWrapped().double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    assert any(n.target is _pooled_relu for n in torch.fx.symbolic_trace(model).graph.nodes)
+    sm = core.split(model)
+    assert "torch.fx.wrap" in str(sm.capture.symbolic_error)
+    check_float64_exact(sm, model, x, 1, grad_rtol=1e-10)
+
+
+def test_torchvision_swin_splits_under_freeze():
+    """torchvision's Swin wraps shifted_window_attention with torch.fx.wrap."""
+    import torchvision
+
+    torch.manual_seed(5)
+    model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1],
+                                      num_heads=[1, 2], window_size=[2, 2],
+                                      num_classes=5).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze")
+        g, h = sm(x)
+    with torch.no_grad():
+        f = model(x)
+    assert_rel_close(g - h, f, 1e-12, scale=max_abs(g))
+
+
 class Noisy(nn.Module):
     """Forwards that are random with eval semantics."""
 
