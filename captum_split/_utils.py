@@ -177,7 +177,9 @@ def format_additional_args(additional_forward_args: Any) -> tuple[Any, ...]:
 def checked_forward(
     forward_func: Callable[..., Any], target: Any, method: str
 ) -> Callable[..., Any]:
-    """Wrap ``forward_func`` so that a target out of range fails right after the forward.
+    """Wrap ``forward_func`` so that a target out of range, or ``(batch, classes)`` logits
+    without one row per input row (:func:`core.checks.output_rows`), fail right after the
+    forward.
 
     Captum's own check is an indexing error deep in autograd code; this raises a clear
     ``ValueError`` before any gradient is computed.
@@ -186,6 +188,8 @@ def checked_forward(
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = forward_func(*args, **kwargs)
         if isinstance(out, Tensor) and out.dim() == 2 and target is not None:
+            if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+                checks.output_rows(out, args[0].shape[0], method)
             if isinstance(target, tuple):
                 return out
             if isinstance(target, list):

@@ -239,9 +239,27 @@ def target_range(index: torch.Tensor | int, n_outputs: int, who: str | None = No
         )
 
 
-def logits(out: torch.Tensor, who: str | None = None, fix: str | None = None) -> None:
-    """Raise ``ValueError`` unless the model output is ``(batch, classes)``; ``fix`` says what
-    to do instead (default: reduce the output to one score per class)."""
+def logits(out: torch.Tensor, who: str | None = None, fix: str | None = None,
+           batch: int | None = None) -> None:
+    """Raise ``ValueError`` unless the model output is ``(batch, classes)`` logits.
+
+    Parameters
+    ----------
+    out: torch.Tensor
+        The model's output.
+    who: str, optional
+        The caller, prefixed to the message.
+    fix: str, optional
+        What to do instead of a wrong number of dimensions (default: reduce the output to
+        one score per class).
+    batch: int, optional
+        The number of input rows: the output must have as many (see :func:`output_rows`).
+
+    Raises
+    ------
+    ValueError
+        For an output that is not 2-D, or whose rows are not the input's.
+    """
     if out.dim() != 2:
         fix = fix or ("Reduce it to one score per class: wrap the model in an nn.Module "
                       "whose forward returns, for a segmentation map, model(x).sum((2, 3)) "
@@ -249,4 +267,33 @@ def logits(out: torch.Tensor, who: str | None = None, fix: str | None = None) ->
         raise ValueError(
             f"{_prefix(who)}the model output has shape {tuple(out.shape)}; class targets need "
             f"(batch, classes) logits. {fix}"
+        )
+    if batch is not None:
+        output_rows(out, batch, who)
+
+
+def output_rows(out: torch.Tensor, batch: int, who: str | None = None) -> None:
+    """Raise ``ValueError`` unless the model output has one row per input row.
+
+    A forward that mixes the rows of the batch (``x.view(1, -1)`` before a Linear,
+    ``out.mean(0, keepdim=True)``) has no per-row score to explain: targets, seeds and
+    attributions are per input row.
+
+    Parameters
+    ----------
+    out: torch.Tensor
+        The model's output (its first dimension is the batch).
+    batch: int
+        The number of input rows.
+    who: str, optional
+        The caller, prefixed to the message.
+    """
+    rows = out.shape[0] if out.dim() else None
+    if rows != batch:
+        raise ValueError(
+            f"{_prefix(who)}the model output has shape {tuple(out.shape)} for a batch of "
+            f"{batch} inputs: its first dimension must be the batch (one row per input), but "
+            "the forward mixes or drops the batch dimension (e.g. x.view(-1), "
+            "x.reshape(1, -1) or out.mean(0)). Keep dimension 0 as the batch: x.flatten(1), "
+            "out.mean(1)."
         )

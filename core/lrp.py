@@ -156,6 +156,13 @@ def relevance(
     -------
     dict of str to Relevance
         ``"input"`` and every requested layer.
+
+    Raises
+    ------
+    ValueError
+        For an output without one row per input row (a forward that mixes the batch:
+        :func:`core.checks.output_rows`) or a seed not shaped like the output, before any
+        relevance is propagated.
     """
     checks.option("activation_rule", activation_rule, ACTIVATION_RULES)
     checks.option("residual", residual, RESIDUAL_RULES)
@@ -170,6 +177,7 @@ def relevance(
                          "('input:1', 'NAME:0') instead")
     with torch.no_grad():
         out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
+    checks.output_rows(out.d, call.inputs[0].shape[0])
     if not isinstance(seed, torch.Tensor) or seed.shape != out.d.shape:
         got = tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__
         raise ValueError(f"seed must be a tensor shaped like the output {tuple(out.d.shape)}, "

@@ -579,6 +579,14 @@ class SplitModel:
         dict of str to Probe
             One :class:`core.Probe` per requested layer (a tuple of probes for a layer with a
             tuple output, and for ``"input"`` with several inputs).
+
+        Raises
+        ------
+        ValueError
+            Before the backward passes, for an output that is not ``(batch, classes)`` logits
+            with one row per input row (:func:`core.checks.logits`; a forward that mixes
+            the batch, ``x.view(1, -1)`` or ``out.mean(0)``, is refused) or a target out of
+            range.
         """
         call = self.prepare(x, extra_args, kwargs)
         if isinstance(layers, str):
@@ -597,9 +605,9 @@ class SplitModel:
             # below the probes nothing needs a backward graph: the probes become its leaves
             out, records = self.run(call, pairs, factors=factors, record=unique,
                                     mass_free=free, leaves=unique)
+            checks.logits(out.d, batch=first.shape[0])
             for mass in [out.s] if not free else [records[n].s for n in unique]:
                 self._check_streams(call, Pair(out.d, mass), out.d.dtype)
-            checks.logits(out.d)
             checks.target_range(index, out.d.shape[1])
             index = index.view(-1, 1)
             sel_d = out.d.gather(1, index).sum()

@@ -160,3 +160,63 @@ def test_a_segmentation_output_is_refused_with_the_reduction_that_works():
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(probe.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- batch rows
+class _FlattensTheBatch(nn.Module):
+    """``x.reshape(1, -1)`` before a Linear: one output row for the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(1, -1))
+
+
+class _AveragesTheBatch(nn.Module):
+    """``out.mean(0, keepdim=True)``: the batch averaged into one row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x)).mean(0, keepdim=True)
+
+
+def test_output_rows() -> None:
+    checks.output_rows(torch.zeros(2, 3), 2)
+    checks.output_rows(torch.zeros(2, 3, 4, 4), 2)
+    with pytest.raises(ValueError, match=r"Zennit: the model output has shape \(1, 3\) for a "
+                                         r"batch of 2 inputs.*x\.flatten\(1\)"):
+        checks.output_rows(torch.zeros(1, 3), 2, "Zennit")
+    with pytest.raises(ValueError, match=r"shape \(\) for a batch of 2"):
+        checks.output_rows(torch.zeros(()), 2)
+    with pytest.raises(ValueError, match="for a batch of 2 inputs"):
+        checks.logits(torch.zeros(1, 3), batch=2)
+
+
+@pytest.mark.parametrize("model_class", [_FlattensTheBatch, _AveragesTheBatch])
+def test_a_forward_that_mixes_the_batch_is_refused_wherever_targets_are_read(model_class):
+    """Was a RuntimeError of gather ('Size does not match at dimension 0') in the
+    sensitivities, an autograd shape mismatch in Zennit, and a silent relevance."""
+    from captum_split.cams import LayerCAM
+    from zennit_split import lrp_gamma, split_lrp
+
+    torch.manual_seed(0)
+    model = model_class().eval()
+    x = torch.randn(2, 4)
+    message = r"output has shape \(1, 3\) for a batch of 2 inputs"
+    with pytest.raises(ValueError, match=message):
+        core.split(model).sensitivities(x, 0)
+    with pytest.raises(ValueError, match=message):
+        core.split(model).relevance(x, torch.ones(1, 3))
+    with pytest.raises(ValueError, match=message):
+        split_lrp(model, x, 0)
+    with pytest.raises(ValueError, match=message):
+        split_lrp(model, x, torch.ones(1, 3))
+    with pytest.raises(ValueError, match=message):
+        lrp_gamma(model, x, 0)
+    with pytest.raises(ValueError, match="LayerCAM: the model " + message):
+        LayerCAM(model, model.fc).attribute(x, target=0)

@@ -32,12 +32,16 @@ def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
     Returns
     -------
     callable
-        ``(output: torch.Tensor) -> torch.Tensor``.
+        ``(output: torch.Tensor) -> torch.Tensor``. It raises ``ValueError`` (before any
+        backward pass) for an output without one row per input row
+        (:func:`core.checks.output_rows`), and, for class indices, for an output that is not
+        ``(batch, classes)`` or a target out of range.
     """
     if isinstance(targets, torch.Tensor) and targets.is_floating_point():
         seed = targets
 
         def given(output: torch.Tensor) -> torch.Tensor:
+            checks.output_rows(output, batch_size)
             if seed.shape != output.shape:
                 raise ValueError(
                     f"the seed has shape {tuple(seed.shape)} but the model output has shape "
@@ -50,7 +54,8 @@ def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
 
     def one_hot(output: torch.Tensor) -> torch.Tensor:
         checks.logits(output, fix="Pass a seed tensor shaped like the output instead of "
-                      "class indices (e.g. the one-hot class map of a segmentation).")
+                      "class indices (e.g. the one-hot class map of a segmentation).",
+                      batch=batch_size)
         checks.target_range(index, output.shape[1])
         return torch.nn.functional.one_hot(index.to(output.device), output.shape[1]).to(output)
 
