@@ -6,6 +6,49 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 
+import torch
+
+#: How to compute in float64, in :func:`precision_advice`.
+FLOAT64 = "float64 (model.double() on a copy and x.double())"
+
+
+def precision_advice(dtype: torch.dtype, *options: str, otherwise: str = "") -> str:
+    """What to do about a result that overflowed or lost precision in ``dtype``: one
+    sentence for the end of every such message (:class:`SplitOverflowError`,
+    :class:`SplitPrecisionWarning`), so that float64 is advised only where the computation
+    does not already run in it.
+
+    Parameters
+    ----------
+    dtype: torch.dtype
+        The dtype the computation ran in.
+    *options: str
+        The other remedies, in order (``"a larger epsilon"``); float64 is added last unless
+        ``dtype`` is float64.
+    otherwise: str
+        The sentence for a float64 computation with no ``options`` left (what else to do).
+
+    Returns
+    -------
+    str
+        ``"Use a, b or float64 (...)."``; in float64 ``"Use a or b (it already runs in
+        float64)."`` or ``otherwise``.
+
+    Examples
+    --------
+    >>> precision_advice(torch.float32, "a larger epsilon")
+    'Use a larger epsilon or float64 (model.double() on a copy and x.double()).'
+    >>> precision_advice(torch.float64, "a larger epsilon")
+    'Use a larger epsilon (the computation already runs in float64).'
+    """
+    wide = dtype == torch.float64
+    remedies = [*options] if wide else [*options, FLOAT64]
+    if not remedies:
+        return otherwise or "The computation already runs in float64, the widest float dtype."
+    listed = remedies[0] if len(remedies) == 1 else (
+        f"{', '.join(remedies[:-1])} or {remedies[-1]}")
+    return f"Use {listed}" + (" (the computation already runs in float64)." if wide else ".")
+
 
 class WarnedModels:
     """Which models (and keys, such as a layer) a warning was given for, so that it is given
@@ -51,7 +94,11 @@ class SeveralInputsError(ValueError):
 
 
 class SplitOverflowError(FloatingPointError):
-    """A split stream or its sensitivity left the float range of the input's dtype."""
+    """A split stream or its sensitivity left the float range of the input's dtype.
+
+    The message names where, and what to do (:func:`precision_advice`: float64 only where
+    the computation does not already run in it).
+    """
 
 
 class SplitPrecisionWarning(UserWarning):
@@ -60,5 +107,6 @@ class SplitPrecisionWarning(UserWarning):
     The streams are then so much larger than the output that the dtype's precision cannot
     hold the output in their difference (products of activations, frozen normalisations and
     tiny outputs do this). ``g`` and ``h`` are still right to that precision; their
-    difference is not the output. Compute in float64, or read the output from ``model(x)``.
+    difference is not the output. Read the output from ``model(x)``, or, below float64,
+    compute in float64 (the message says which, :func:`precision_advice`).
     """

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from core import checks
-from core.errors import SplitOverflowError
+from core.errors import SplitOverflowError, precision_advice
 from core.interpreter import SplitInterpreter, Step
 from core.pair import Pair
 
@@ -204,7 +204,7 @@ def relevance(
             raise SplitOverflowError(
                 f"SplitLRP relevance overflowed {seed.dtype} at {call.describe(node)} (counting "
                 "from the output): the relevance ratios of eq. 9 grow past the float range. "
-                "Use float64 (model.double() on a copy and x.double()) or a larger epsilon."
+                + precision_advice(seed.dtype, "a larger epsilon")
             )
         if node in targets:
             found[node] = r

@@ -22,6 +22,7 @@ from core.errors import (
     SplitPrecisionWarning,
     UnsupportedOperation,
     WarnedModels,
+    precision_advice,
 )
 from core.explaining import eval_semantics
 from core.interpreter import SplitInterpreter
@@ -414,11 +415,12 @@ class SplitModel:
 
     def _check_streams(self, call: SplitCall, out: Pair, dtype: torch.dtype) -> None:
         if not torch.isfinite(out.s).all():
+            other = () if self.stabilizer == "scale" else ("stabilizer='scale'",)
             raise SplitOverflowError(
                 f"the split stream mass overflowed {dtype} at {self._first_overflow(call)} "
-                f"(stabilizer={self.stabilizer!r}); use "
-                + ("float64 inputs" if self.stabilizer == "scale"
-                   else "stabilizer='scale' or float64 inputs")
+                f"(stabilizer={self.stabilizer!r}). " + precision_advice(
+                    dtype, *other, otherwise="Even float64 does not hold it: the weights or "
+                    "the input are too large for the split; rescale the input.")
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
@@ -500,8 +502,8 @@ class SplitModel:
             f"its size in {f.dtype}: the streams reach {streams:.3g} against outputs of "
             f"{float(size.max()):.3g}, beyond the dtype's precision (no stabiliser, products "
             "of activations, frozen normalisations or a tiny output). g and h are right to "
-            "that precision, their difference is not the output: compute in float64 "
-            "(model.double(), x.double()) or read the output from model(x)."), stacklevel=3)
+            "that precision, their difference is not the output. "
+            + precision_advice(f.dtype, "model(x) for the output")), stacklevel=3)
 
     def streams(self, x_pos: Inputs, x_neg: Inputs,
                 *extra_args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -636,9 +638,8 @@ class SplitModel:
                 raise SplitOverflowError(
                     f"the sensitivities at {call.describe(node)} overflowed {d.dtype} at "
                     f"alpha={alpha_label(alpha)} (first at {where}, counting from the output): "
-                    "the S stream grows like the product of |W| over the layers above. Use a "
-                    "larger alpha (closer to 0.5), alpha='auto' or float64 (model.double() on a "
-                    "copy and x.double())."
+                    "the S stream grows like the product of |W| over the layers above. "
+                    + precision_advice(d.dtype, "a larger alpha (closer to 0.5)", "alpha='auto'")
                 )
             probes[node] = probe
         result = {layer: _pick(node, probes) for layer, node in nodes.items()}

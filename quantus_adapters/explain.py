@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import checks
+from core.errors import precision_advice
 from core.explaining import eval_semantics
 from quantus_adapters.registry import available_methods, method_info
 
@@ -342,8 +343,8 @@ def _check_not_constant(
     layer = _layer_of(fn, options)
     if not torch.isfinite(maps).all():
         raise ConstantExplanationError(
-            f"method {method!r} at layer {layer} produced non-finite values (NaN or inf); "
-            "try another layer, another alpha, or a float64 model"
+            f"method {method!r} at layer {layer} produced non-finite values (NaN or inf). "
+            + precision_advice(maps.dtype, "another layer", "another alpha")
         )
     if maps.numel() > 1 and bool((maps == maps.reshape(-1)[0]).all()):
         value = float(maps.reshape(-1)[0])
