@@ -212,10 +212,9 @@ class GradCAMPlusPlus(_CAMBase):
         *,
         eps: float = 0.0,
     ) -> None:
-        if not eps >= 0.0:
-            raise ValueError(f"GradCAMPlusPlus: eps={eps!r} must be a number >= 0.")
+        eps = checks.number("eps", eps, 0.0, who="GradCAMPlusPlus")
         super().__init__(forward_func, layer, device_ids)
-        self.eps = float(eps)
+        self.eps = eps
 
     @log_usage()
     def attribute(

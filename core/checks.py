@@ -9,6 +9,7 @@ message; ``None`` gives no prefix.
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -52,6 +53,76 @@ def option(name: str, value: T, allowed: Sequence[Any], who: str | None = None) 
     raise ValueError(
         f"{_prefix(who)}{name}={value!r} is not one of {', '.join(map(repr, allowed))}"
     )
+
+
+def number(name: str, value: Any, low: float | None = None, high: float | None = None,
+           who: str | None = None, low_open: bool = False, note: str = "") -> float:
+    """Return ``value`` as a float if it is a real number in the interval, else raise.
+
+    NaN is refused by name (every comparison with it is false, so a range check alone
+    would let it through, or refuse it with a confusing range).
+
+    Parameters
+    ----------
+    name: str
+        The option's name, as the user wrote it (``"epsilon"``).
+    value: object
+        The value given.
+    low, high: float, optional
+        The bounds (None: unbounded on that side); ``high`` is included.
+    who: str, optional
+        The caller, prefixed to the message.
+    low_open: bool
+        Whether ``low`` itself is excluded (``theta`` in ``(0, 1]``).
+    note: str
+        Appended to the out-of-range message (what the option means).
+
+    Returns
+    -------
+    float
+        ``float(value)``.
+
+    Raises
+    ------
+    TypeError
+        For a bool or anything that is not a real number (a 0-d tensor is read as one).
+    ValueError
+        For NaN and for a value outside the interval.
+    """
+    p = _prefix(who)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{p}{name} must be a number; got {type(value).__name__} {value!r}.")
+    v = float(value)
+    interval = (f"{'(' if low_open else '['}{'-inf' if low is None else f'{low:g}'}, "
+                f"{'inf' if high is None else f'{high:g}'}{')' if high is None else ']'}")
+    if math.isnan(v):
+        raise ValueError(f"{p}{name} is NaN; pass a number in {interval}.")
+    if (low is not None and (v < low or (low_open and v == low))) or (
+            high is not None and v > high):
+        raise ValueError(f"{p}{name}={value!r} is outside {interval}.{note}")
+    return v
+
+
+def finite(name: str, tensor: torch.Tensor, who: str | None = None,
+           fix: str = "clean or clip it first") -> None:
+    """Raise ``ValueError`` if ``tensor`` (an input, a seed) holds NaN or Inf values.
+
+    Parameters
+    ----------
+    name: str
+        What the tensor is, as the message names it (``"seed"``, ``"input 1"``).
+    tensor: torch.Tensor
+        The tensor.
+    who: str, optional
+        The caller, prefixed to the message.
+    fix: str
+        What to do instead.
+    """
+    if tensor.is_floating_point() or tensor.is_complex():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{_prefix(who)}{name} contains NaN or Inf values; {fix}")
 
 
 def close_names(name: str, names: Sequence[str], n: int = 3) -> str:

@@ -160,14 +160,16 @@ def relevance(
     Raises
     ------
     ValueError
-        For an output without one row per input row (a forward that mixes the batch:
+        For a NaN or negative ``epsilon`` or a seed holding NaN or Inf (before the forward
+        pass), for an output without one row per input row (a forward that mixes the batch:
         :func:`core.checks.output_rows`) or a seed not shaped like the output, before any
         relevance is propagated.
     """
     checks.option("activation_rule", activation_rule, ACTIVATION_RULES)
     checks.option("residual", residual, RESIDUAL_RULES)
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon={epsilon} must be >= 0")
+    checks.number("epsilon", epsilon, 0.0)
+    if isinstance(seed, torch.Tensor):
+        checks.finite("seed", seed, fix="pass a finite seed (a one-hot vector, the logits)")
     call = split.prepare(x, extra_args, kwargs)
     interp = call.interpreter
     wanted = {"input": call.node_of("input")}

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from core import checks
 from core.errors import WarnedModels
 from core.pair import Pair
 from core.stabilize import ScaleGrad, column
@@ -102,11 +103,9 @@ def check_alpha(alpha: Any) -> None:
                 f"alpha must be a float in [0, 0.5], 'auto' or a dict {{shift point: float}}; "
                 f"got {alpha!r}."
             )
-        if not 0.0 <= float(v) <= 0.5:
-            raise ValueError(
-                f"alpha={v!r} is outside [0, 0.5]: the shift interpolates between the split-pair "
-                "gradients (alpha=0) and half the model's gradient (alpha=0.5)."
-            )
+        checks.number("alpha", v, 0.0, 0.5, note=(
+            " The shift interpolates between the split-pair gradients (alpha=0) and half the "
+            "model's gradient (alpha=0.5)."))
 
 
 def parse_alpha(text: str) -> float | str:

@@ -154,9 +154,12 @@ class SplitModel:
         it: the pair's bias is ``|k b + beta|`` instead of ``k |b| + |beta|``. Changes ``s``
         only.
     theta: float
-        Scaling factor of the ``"scale"`` stabiliser (the paper's minimise factor).
+        Scaling factor of the ``"scale"`` stabiliser (the paper's minimise factor), in
+        ``(0, 1]``.
     threshold: float
-        The threshold ``Theta`` of the stabilisers.
+        The threshold ``Theta`` of the stabilisers, ``>= 0``. A NaN ``theta`` or
+        ``threshold`` (like any option outside its range) is refused with a ``ValueError``
+        (:func:`core.checks.number`).
     cache_abs_weights: bool
         Keep ``|W|`` of every affine layer between calls (more memory, less time); the cache
         is refreshed when a parameter changes.
@@ -204,12 +207,9 @@ class SplitModel:
         self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
         self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)
         self.nonlinear = checks.option("nonlinear", nonlinear, NONLINEAR_MODES)
-        if not 0 < theta <= 1:
-            raise ValueError(f"theta={theta} must be in (0, 1]")
-        if threshold < 0:
-            raise ValueError(f"threshold={threshold} must be >= 0")
+        self.theta = checks.number("theta", theta, 0.0, 1.0, low_open=True)
+        self.threshold = checks.number("threshold", threshold, 0.0)
         self.merge_batchnorm = bool(merge_batchnorm)
-        self.theta, self.threshold = float(theta), float(threshold)
         self._abs_cache: dict[int, tuple[int, int, torch.Tensor]] | None = (
             {} if cache_abs_weights else None
         )
@@ -368,8 +368,7 @@ class SplitModel:
                     "the split inputs, as further arguments of the forward (sm(x, mask), "
                     "Captum's additional_forward_args)")
             checks.batch_size(t, what)
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{what} contains NaN or Inf values; clean or clip it first")
+            checks.finite(what, t)
         return inputs
 
     def input_pairs(self, inputs: Sequence[torch.Tensor]) -> list[Pair]:

@@ -220,3 +220,66 @@ def test_a_forward_that_mixes_the_batch_is_refused_wherever_targets_are_read(mod
         lrp_gamma(model, x, 0)
     with pytest.raises(ValueError, match="LayerCAM: the model " + message):
         LayerCAM(model, model.fc).attribute(x, target=0)
+
+
+# --------------------------------------------------------------------------- numbers, NaN
+def test_number() -> None:
+    assert checks.number("theta", 1, 0.0, 1.0, low_open=True) == 1.0
+    assert checks.number("eps", torch.tensor(0.5), 0.0) == 0.5
+    with pytest.raises(ValueError, match=r"^X: theta is NaN; pass a number in \(0, 1\]\.$"):
+        checks.number("theta", float("nan"), 0.0, 1.0, "X", low_open=True)
+    with pytest.raises(ValueError, match=r"theta=0.0 is outside \(0, 1\]\. note"):
+        checks.number("theta", 0.0, 0.0, 1.0, low_open=True, note=" note")
+    with pytest.raises(ValueError, match=r"epsilon=-1 is outside \[0, inf\)"):
+        checks.number("epsilon", -1, 0.0)
+    with pytest.raises(TypeError, match="epsilon must be a number; got bool"):
+        checks.number("epsilon", True, 0.0)
+    with pytest.raises(TypeError, match="got str"):
+        checks.number("epsilon", "0.1", 0.0)
+
+
+def test_finite() -> None:
+    checks.finite("seed", torch.ones(2))
+    checks.finite("index", torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="^Z: seed contains NaN or Inf values; do this$"):
+        checks.finite("seed", torch.tensor([1.0, float("inf")]), "Z", fix="do this")
+
+
+NAN = float("nan")
+
+
+def test_nan_options_are_refused_by_name(net) -> None:
+    """Were accepted (threshold, the Zennit composite's epsilon until its backward, the
+    gamma of LRP) or refused as out of range ('alpha=nan is outside [0, 0.5]') or as an
+    overflow (a NaN seed: 'SplitLRP relevance overflowed ... Use float64')."""
+    from captum_split.cams import GradCAMPlusPlus
+    from zennit_split import SplitLRP, lrp_gamma, split_lrp
+
+    x = torch.rand(2, 3, 8, 8)
+    sm = core.split(net)
+    with pytest.raises(ValueError, match=r"^theta is NaN; pass a number in \(0, 1\]"):
+        core.split(net, theta=NAN)
+    with pytest.raises(ValueError, match=r"^threshold is NaN; pass a number in \[0, inf\)"):
+        core.split(net, threshold=NAN)
+    with pytest.raises(ValueError, match=r"^alpha is NaN; pass a number in \[0, 0.5\]"):
+        sm.sensitivities(x, 0, alpha=NAN)
+    with pytest.raises(ValueError, match=r"^alpha is NaN"):
+        sm.sensitivities(x, 0, alpha={"default": 0.4, "input": NAN})
+    with pytest.raises(ValueError, match=r"^epsilon is NaN"):
+        sm.relevance(x, torch.ones(2, 5), epsilon=NAN)
+    seed = torch.ones(2, 5)
+    seed[0, 1] = NAN
+    with pytest.raises(ValueError, match="^seed contains NaN or Inf values"):
+        sm.relevance(x, seed)
+    with pytest.raises(ValueError, match="^the seed contains NaN or Inf values"):
+        split_lrp(net, x, seed)
+    with pytest.raises(ValueError, match="^the seed contains NaN or Inf values"):
+        lrp_gamma(net, x, seed)
+    with pytest.raises(ValueError, match="^SplitLRP: epsilon is NaN"):
+        SplitLRP(epsilon=NAN)
+    with pytest.raises(ValueError, match="^LRP: gamma is NaN"):
+        lrp_gamma(net, x, 0, gamma=NAN)
+    with pytest.raises(ValueError, match="^GradCAMPlusPlus: eps is NaN"):
+        GradCAMPlusPlus(net, "features.1", eps=NAN)
+    with pytest.raises(ValueError, match="^input contains NaN or Inf values"):
+        sm.sensitivities(x * NAN, 0)

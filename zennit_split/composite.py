@@ -237,8 +237,7 @@ class SplitLRP(Composite):
         checks.option("input_split", input_split, INPUT_SPLITS, "SplitLRP")
         checks.option("activation_rule", activation_rule, ACTIVATION_RULES, "SplitLRP")
         checks.option("nonlinear", nonlinear, core.NONLINEAR_MODES, "SplitLRP")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(f"SplitLRP: epsilon={epsilon!r} must be a non-negative float.")
+        checks.number("epsilon", epsilon, 0.0, who="SplitLRP")
         layers = [layer] if isinstance(layer, str) else list(layer or [])
         if not all(isinstance(name, str) for name in layers):
             raise TypeError(

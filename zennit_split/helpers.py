@@ -39,6 +39,7 @@ def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
     """
     if isinstance(targets, torch.Tensor) and targets.is_floating_point():
         seed = targets
+        checks.finite("the seed", seed, fix="pass a finite seed or class indices.")
 
         def given(output: torch.Tensor) -> torch.Tensor:
             checks.output_rows(output, batch_size)
@@ -197,6 +198,7 @@ def lrp_gamma(
     :py:obj:`torch.Tensor`
         The relevance, shaped like the input or like the layer's output.
     """
+    checks.number("gamma", gamma, 0.0, who="LRP")
     composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
     handle = None
     store: list[torch.Tensor] = []
