@@ -82,9 +82,43 @@ class Captured:
                         if n and not isinstance(v, tuple)]
 
 
+#: What to do with a ``torch.export`` program (:func:`exported`).
+EXPORT_FIX = ("Pass the original nn.Module (the model given to torch.export.export) to "
+              "core.split instead.")
+
+
+def exported(model: Any) -> str | None:
+    """Why ``model`` is a ``torch.export`` artefact that the split cannot read, or None.
+
+    An ``ExportedProgram``, its ``.module()`` or ``torch.export.unflatten``'s module (and any
+    ``fx.GraphModule`` of ATen operators, ``aten.linear.default``...) is a graph of ATen
+    operators after decomposition and functionalisation, not the Python operations and
+    modules whose split-pair rules the split has.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        return "is a torch.export ExportedProgram, not an nn.Module"
+    if not isinstance(model, nn.Module):
+        return None
+    if any(c.__module__.startswith("torch.export") for c in type(model).__mro__):
+        return ("is the module of a torch.export program (ExportedProgram.module() or "
+                "torch.export.unflatten), a graph of ATen operators that the split has no "
+                "rules for")
+    if isinstance(model, fx.GraphModule):
+        aten = [n.target for n in model.graph.nodes
+                if isinstance(n.target, torch._ops.OpOverload | torch._ops.OpOverloadPacket)]
+        if aten:
+            return (f"is an fx.GraphModule of ATen operators ({aten[0]}: torch.export, make_fx "
+                    "or AOT autograd), which the split has no rules for")
+    return None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` / ``DataParallel`` / DDP wrapper holds (with a warning);
-    a clear error for TorchScript, meta-device and not yet initialised (lazy) models."""
+    a clear error for TorchScript, ``torch.export`` (:func:`exported`), meta-device and not
+    yet initialised (lazy) models."""
+    why = exported(model)
+    if why is not None:
+        raise UnsupportedOperation(f"the model ({type(model).__name__}) {why}. {EXPORT_FIX}")
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedOperation(
             f"{type(model).__name__} is a TorchScript module: its forward is compiled "

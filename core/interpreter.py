@@ -98,12 +98,15 @@ def _where(node: fx.Node, module: nn.Module | None) -> str:
 
 def _unsupported(step: Step) -> Exception:
     node = step.node
+    register = ("register a split-pair rule for it with core.registry.register (one function "
+                "that maps the input pairs to the output pair; docs/core.md, 'Rules and the "
+                "interpreter').")
     if node.op == "call_module":
         fix = ("Replace it by a supported piecewise-linear module (ReLU, ReLU6, LeakyReLU, "
-               "PReLU, Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...)")
+               f"PReLU, Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...), or {register}")
         what = type(step.module).__name__
     else:
-        fix = "Express it with supported tensor operations."
+        fix = f"Express it with supported tensor operations, or {register}"
         what = getattr(node.target, "__name__", str(node.target))
     return UnsupportedOperation(
         f"{step.where}: {what} is not piecewise linear or has no split-pair rule. {fix}"

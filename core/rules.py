@@ -281,6 +281,25 @@ def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
 
 
+@register(torch.addmm, "addmm")
+def addmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.addmm(x, a, b, beta=beta, alpha=alpha) = beta x + alpha a @ b`` (a Linear
+    written as ``torch.addmm(bias, x, W.t())``): ``d' = addmm(d_x, d_a, d_b, beta, alpha)``,
+    ``s' = addmm(s_x, s_a, s_b, |beta|, |alpha|)``, with a constant ``c`` as ``(c, |c|)``
+    (``|W|`` for a constant matrix) and the product rule where both matrices are
+    activations."""
+    b = dict(zip(["input", "mat1", "mat2"], args, strict=False)) | kwargs
+    beta, alpha = b.get("beta", 1), b.get("alpha", 1)
+    static_args(ctx, (beta, alpha), "addmm")
+    x, m1, m2 = b["input"], b["mat1"], b["mat2"]
+    d = torch.addmm(*(v.d if isinstance(v, Pair) else v for v in (x, m1, m2)),
+                    beta=beta, alpha=alpha)
+    s1 = m1.s if isinstance(m1, Pair) else ctx.weight_abs(m1)
+    s2 = m2.s if isinstance(m2, Pair) else ctx.weight_abs(m2)
+    sx = x.s if isinstance(x, Pair) else _abs(x)
+    return Pair(d, torch.addmm(sx, s1, s2, beta=abs(beta), alpha=abs(alpha)))
+
+
 @register(torch.bmm, "bmm", lrp="product", mass_linear=True)
 def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.bmm``: batched ``matmul``."""

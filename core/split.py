@@ -15,7 +15,7 @@ from torch import nn
 
 from core import checks, reuse
 from core.absops import AbsScratch
-from core.capture import Capture, Captured, find, unwrap
+from core.capture import EXPORT_FIX, Capture, Captured, exported, find, unwrap
 from core.errors import (
     SeveralInputsError,
     SplitOverflowError,
@@ -202,7 +202,8 @@ class SplitModel:
         reuse_capture: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}"
+                            + (f". {EXPORT_FIX}" if exported(model) else ""))
         self.maxpool = checks.option("maxpool", maxpool, MAXPOOL_MODES)
         self.stabilizer = checks.option("stabilizer", stabilizer, STABILIZERS)
         self.input_split = checks.option("input_split", input_split, INPUT_SPLITS)

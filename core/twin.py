@@ -13,6 +13,7 @@ import types
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from core.modstate import BASE_KEYS, HOOK_CONTAINERS, PLAIN
@@ -59,7 +60,10 @@ def _twin_module(module: nn.Module, memo: dict[int, Any], training: bool | None)
     if found is not None:
         return found
     cls = type(module)
-    twin = cls.__new__(cls)  # what copy.copy does, without pickling's machinery
+    # what copy.copy does, without pickling's machinery; an fx.GraphModule's __new__ makes a
+    # fresh class per instance (its forward is set on the class by recompile), so its twin
+    # keeps the instance's class
+    twin = object.__new__(cls) if isinstance(module, fx.GraphModule) else cls.__new__(cls)
     memo[id(module)] = twin
     source = module.__dict__
     state = twin.__dict__

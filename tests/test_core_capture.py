@@ -625,3 +625,84 @@ def test_a_module_with_several_tensor_inputs_keeps_them_and_refuses_its_input_pr
         assert "gate:input" in sm.layer_names(x, *extra)
         gate_in = sm.sensitivities(x, 1, layers=["gate:input"], extra_args=extra)["gate:input"]
         torch.testing.assert_close(gate_in.activation, z.detach(), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- addmm, export
+class _AddMM(nn.Module):
+    """A Linear written as ``torch.addmm(b, x, W.t())`` (and its variants)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.hidden = nn.Linear(4, 6)
+        self.weight = nn.Parameter(torch.randn(3, 6))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.hidden(x))
+        if self.form == "function":
+            return torch.addmm(self.bias, a, self.weight.t())
+        if self.form == "scaled":
+            return torch.addmm(self.bias, a, self.weight.t(), beta=-0.5, alpha=2.0)
+        if self.form == "method":
+            return self.bias.expand(a.shape[0], 3).addmm(a, self.weight.t())
+        # both matrices activations, the bias an activation too: the product rule
+        return torch.addmm(a[:, :3], a[:, :3], a[:, 3:].t() @ a[:, 3:])
+
+
+@pytest.mark.parametrize("form", ["function", "scaled", "method", "activations"])
+def test_addmm_splits_exactly(form):
+    """Was 'addmm is not piecewise linear or has no split-pair rule'."""
+    torch.manual_seed(0)
+    model = _AddMM(form).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    check_float64_exact(core.split(model), model, x, target=1)
+    relevance = core.split(model).relevance(x, torch.ones(5, 3, dtype=torch.float64))
+    assert torch.isfinite(relevance["input"].comb).all()
+
+
+def test_an_operation_without_a_rule_is_named_with_what_to_do():
+    class Sine(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sin(x)
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(4, 3, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x.unsqueeze(1))[0][:, 0]
+
+    with pytest.raises(core.UnsupportedOperation,
+                       match=r"graph node 'sin' \(call_function sin\): sin is not piecewise "
+                             r"linear or has no split-pair rule\. Express it .* register a "
+                             r"split-pair rule for it with core\.registry\.register"):
+        core.split(Sine())
+    with pytest.raises(core.UnsupportedOperation,
+                       match=r"module 'rnn' \(RNN\): RNN .*Replace it .*core\.registry\.register"):
+        core.split(Recurrent())
+
+
+def test_torch_export_programs_are_refused_naming_the_cause():
+    """``ExportedProgram.module()`` was 'Module [GraphModuleImpl] is missing the required
+    "forward" function' (a NotImplementedError from the split's module twin)."""
+    model = _small()
+    x = torch.randn(2, 4)
+    program = torch.export.export(model, (x,))
+    fix = r"Pass the original nn.Module \(the model given to torch.export.export\)"
+    with pytest.raises(core.UnsupportedOperation, match=r"torch\.export program.*ATen.*" + fix):
+        core.split(program.module())
+    with pytest.raises(core.UnsupportedOperation, match=r"torch\.export program.*" + fix):
+        core.split(torch.export.unflatten(program))
+    with pytest.raises(TypeError, match=r"got ExportedProgram\. " + fix):
+        core.split(program)
+
+
+def test_a_symbolically_traced_graph_module_splits():
+    """Was the same NotImplementedError: the twin of an fx.GraphModule got a fresh class
+    without the instance's forward."""
+    model = _small().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    traced = torch.fx.symbolic_trace(model)
+    check_float64_exact(core.split(traced), traced, x, target=0)
