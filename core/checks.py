@@ -143,7 +143,7 @@ def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
 
 
 def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None = None,
-               allow_input: bool = False) -> str:
+               allow_input: bool = False, allow_elements: bool = False) -> str:
     """The name (as in ``model.named_modules()``) of ``layer``, given as a module or a name.
 
     Parameters
@@ -158,6 +158,10 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
         The caller, prefixed to messages.
     allow_input: bool
         Whether the model's input is an admissible layer.
+    allow_elements: bool
+        Whether ``"NAME:0"``, ``"NAME:1"``... (an element of a module's tuple output) are
+        admissible names for a module ``NAME`` (the split checks, when it runs, that the
+        element exists).
 
     Returns
     -------
@@ -194,7 +198,9 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
             "of this very model object, or its name."
         )
     if isinstance(layer, str):
-        if layer in dict(model.named_modules()):
+        names = dict(model.named_modules())
+        base, _, suffix = layer.rpartition(":")
+        if layer in names or (allow_elements and suffix.isdigit() and base in names):
             return layer
         raise unknown_layer(model, layer, who, allow_input)
     raise TypeError(

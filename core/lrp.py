@@ -180,6 +180,7 @@ def relevance(
     with torch.no_grad():
         out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
     checks.output_rows(out.d, call.inputs[0].shape[0])
+    call.check_values({k: v for k, v in wanted.items() if k != "input"}, records)
     if not isinstance(seed, torch.Tensor) or seed.shape != out.d.shape:
         got = tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__
         raise ValueError(f"seed must be a tensor shaped like the output {tuple(out.d.shape)}, "

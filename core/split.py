@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gc
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,6 +78,9 @@ class SplitCall:
         The split inputs.
     extra: list
         The values of the graph's further placeholders.
+    elements: dict
+        For each ``"NAME:i"`` that :meth:`node_of` resolved to the graph's ``out[i]`` of a
+        module output node ``out``: that node (checked by :meth:`check_values`).
     """
 
     model: nn.Module
@@ -84,9 +88,23 @@ class SplitCall:
     interpreter: SplitInterpreter
     inputs: tuple[torch.Tensor, ...]
     extra: list
+    elements: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
     def node_of(self, layer: str) -> fx.Node | tuple[fx.Node, ...]:
-        """The node (or, for a tuple output or several inputs, nodes) of a layer name."""
+        """The node (or, for a tuple output or several inputs, nodes) of a layer name.
+
+        ``"NAME:i"`` is element ``i`` of a module's tuple output: one of the nodes of a
+        module whose output the capture holds as a tuple of nodes, else the graph's
+        ``out[i]`` of its output node ``out`` (a tuple-valued node, such as a leaf module
+        returning a tuple or a forward returning ``x.chunk(2, 1)``; :meth:`check_values`
+        checks after the run that it was a tuple).
+
+        Raises
+        ------
+        ValueError
+            For a name that is not a module, a module the forward never calls with the
+            input, or an element that the forward never takes out of the module's output.
+        """
         cap = self.captured
         inputs = cap.input_nodes()
         if layer in ("", "input"):
@@ -110,6 +128,18 @@ class SplitCall:
             parts = cap.module_outputs[base]
             if int(suffix) < len(parts):
                 return parts[int(suffix)]
+        if suffix.isdigit() and isinstance(cap.module_outputs.get(base), fx.Node):
+            out, i = cap.module_outputs[base], int(suffix)
+            element = next((u for u in out.users if u.op == "call_function"
+                            and u.target is operator.getitem and u.args[1:] == (i,)), None)
+            if element is None:
+                raise ValueError(
+                    f"layer {layer!r} names element {i} of the output of {base!r}, but the "
+                    f"forward never takes that element out on its own ({base}(...)[{i}]); "
+                    f"probe {base!r} or a module that reads the element"
+                )
+            self.elements[element] = out
+            return element
         known = [n for n, _ in self.model.named_modules()]
         name = base if suffix == "input" or suffix.isdigit() else layer
         if name in known:
@@ -118,6 +148,48 @@ class SplitCall:
                 "with a tensor that depends on the input"
             )
         raise checks.unknown_layer(self.model, name, allow_input=True)
+
+    def check_values(self, nodes: Mapping[str, Any], records: Mapping[fx.Node, Any]) -> None:
+        """Raise ``ValueError`` for a probed name whose value is not one tensor.
+
+        Parameters
+        ----------
+        nodes: mapping
+            Layer name to its node(s), from :meth:`node_of`.
+        records: mapping
+            The values of a run that recorded those nodes and :attr:`elements`.
+
+        Raises
+        ------
+        ValueError
+            For a module whose output is a tuple, probed by its bare name (the message lists
+            ``"NAME:0"``, ``"NAME:1"``...), and for ``"NAME:i"`` of a module whose output is
+            one tensor (``out[i]`` is then a slice of it, not an element of a tuple).
+        """
+        for layer, node in nodes.items():
+            for n in node if isinstance(node, tuple) else (node,):
+                value = records.get(n)
+                if isinstance(value, (tuple, list)):
+                    names = ", ".join(repr(f"{layer}:{i}") for i, v in enumerate(value)
+                                      if isinstance(v, Pair))
+                    raise ValueError(
+                        f"layer {layer!r} outputs a tuple of {len(value)} values, not one "
+                        f"tensor; probe its activations by name: {names}"
+                    )
+                if n in records and not isinstance(value, Pair):
+                    raise ValueError(
+                        f"layer {layer!r} is a {type(value).__name__} that the split does not "
+                        "carry as a pair (e.g. pooling indices), not an activation; probe an "
+                        "activation"
+                    )
+                source = self.elements.get(n)
+                if source is not None and isinstance(records.get(source), Pair):
+                    base = layer.rpartition(":")[0]
+                    raise ValueError(
+                        f"layer {layer!r}: {base!r} outputs one tensor, not a tuple, and "
+                        f"{layer!r} would be its slice {base}(...)[{layer.rpartition(':')[2]}]; "
+                        f"probe {base!r}"
+                    )
 
     def describe(self, node: fx.Node) -> str:
         """The module name of a node, or the graph node."""
@@ -537,7 +609,8 @@ class SplitModel:
         nodes = {layer: call.node_of(layer) for layer in layers}
         with torch.no_grad():
             _, records = self.run(call, self.input_pairs(call.inputs),
-                                  record=_flat(nodes.values()))
+                                  record=_flat(nodes.values()) + list(call.elements.values()))
+        call.check_values({k: v for k, v in nodes.items() if k not in ("", "input")}, records)
         return {layer: _pick(node, records) for layer, node in nodes.items()}
 
     # ------------------------------------------------------------------ sensitivities
@@ -605,8 +678,10 @@ class SplitModel:
             # values (mass-linear rules): the |W| products there are not computed
             free = call.interpreter.mass_free(unique)
             # below the probes nothing needs a backward graph: the probes become its leaves
-            out, records = self.run(call, pairs, factors=factors, record=unique,
+            out, records = self.run(call, pairs, factors=factors,
+                                    record=unique + list(call.elements.values()),
                                     mass_free=free, leaves=unique)
+            call.check_values(nodes, records)
             checks.logits(out.d, batch=first.shape[0])
             for mass in [out.s] if not free else [records[n].s for n in unique]:
                 self._check_streams(call, Pair(out.d, mass), out.d.dtype)

@@ -706,3 +706,79 @@ def test_a_symbolically_traced_graph_module_splits():
     x = torch.randn(3, 4, dtype=torch.float64)
     traced = torch.fx.symbolic_trace(model)
     check_float64_exact(core.split(traced), traced, x, target=0)
+
+
+# --------------------------------------------------------------------------- tuple outputs
+class _Halves(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.chunk(2, 1)
+
+
+class _ChunkedNet(nn.Module):
+    """A module whose output is one tuple-valued graph node (``x.chunk``), and a leaf module
+    with a tuple output (max pooling with its indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.halves = _Halves()
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, _ = self.pool(torch.relu(self.conv(x)))
+        a, b = self.halves(values)
+        return self.head((a - b).flatten(1))
+
+
+def test_a_tuple_output_probed_by_its_bare_name_says_which_names_to_probe():
+    """'halves' was an AttributeError ('tuple' object has no attribute 's') in the
+    sensitivities and a garbage relevance (the integers 0 and 1); 'halves:0' was refused as
+    'never calls it'; 'pool:1' (indices) was an AttributeError."""
+    from zennit_split import split_lrp
+
+    torch.manual_seed(0)
+    model = _ChunkedNet().double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    sm = core.split(model)
+    seed = torch.ones(2, 3, dtype=torch.float64)
+    for name, message in (("halves", r"'halves:0', 'halves:1'$"), ("pool", r"'pool:0'$")):
+        full = f"layer '{name}' outputs a tuple of 2 values, not one tensor; probe its " \
+               f"activations by name: {message}"
+        with pytest.raises(ValueError, match=full):
+            sm.sensitivities(x, 0, [name])
+        with pytest.raises(ValueError, match=full):
+            sm.relevance(x, seed, [name])
+        with pytest.raises(ValueError, match=full):
+            sm.pairs(x, [name])
+    with pytest.raises(ValueError, match="'pool:1' is a Tensor .*not an activation"):
+        sm.sensitivities(x, 0, ["pool:1"])
+    with pytest.raises(ValueError, match=r"'net\.head' outputs one tensor, not a tuple"):
+        _probe_a_row(model, x)  # out[0] of a tensor output is a row, not an element
+    # the names that the message gives work, and agree with the model
+    probes = sm.sensitivities(x, 1, ["halves:0", "halves:1", "pool:0", "input"], alpha=0.5)
+    for name, part in (("halves:0", slice(0, 2)), ("halves:1", slice(2, 4))):
+        values = probes["pool:0"].activation[:, part]
+        torch.testing.assert_close(probes[name].activation, values, rtol=0, atol=0)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(probes["input"].grad, grad, rtol=0, atol=1e-12)
+    relevance = sm.relevance(x, seed, ["halves:0"])
+    assert relevance["halves:0"].pos.shape == (2, 2, 4, 4)
+    zennit = split_lrp(model, x, 1, ["halves:0", "halves:1"])
+    assert zennit["halves:1"].pos.shape == (2, 2, 4, 4)
+
+
+def _probe_a_row(model: nn.Module, x: torch.Tensor) -> None:
+    """Probe 'net.head:0' of a model that takes row 0 of a module's tensor output."""
+
+    class RowOfHead(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            return out + out[0]
+
+    core.split(RowOfHead(model).eval()).sensitivities(x, 0, ["net.head:0"])

@@ -176,7 +176,8 @@ class SplitLRP(Composite):
         Forward stabilisation of the split activations: ``"scale"`` (default), ``"shift"`` or
         ``"none"``.
     layer: str or list[str], optional
-        Name(s) of modules (as in ``model.named_modules()``) at whose output the relevances
+        Name(s) of modules (as in ``model.named_modules()``; ``"NAME:0"``, ``"NAME:1"``...
+        for the elements of a module's tuple output) at whose output the relevances
         ``R(l,+)``, ``R(l,-)`` and ``comb`` are also kept, in :py:attr:`relevance` under that
         name (the paper's "(26, pos)" is ``layer="features.26"``, ``stream="pos"``). The
         attributor still returns the input relevance; :func:`zennit_split.split_lrp` returns
@@ -269,7 +270,7 @@ class SplitLRP(Composite):
         self.remove()
         self.relevance = {}
         for name in self.layers:
-            checks.layer_name(module, name, "SplitLRP", allow_input=True)
+            checks.layer_name(module, name, "SplitLRP", allow_input=True, allow_elements=True)
         try:
             for canonizer in self.canonizers:
                 self.handles += canonizer.apply(module)

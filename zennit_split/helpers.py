@@ -91,7 +91,8 @@ def split_lrp(
         Class index or indices (seed: one-hot at ``a(L,+)``), or a float seed shaped like
         the model output.
     layers: str or list[str], optional
-        Module names as in ``model.named_modules()``; ``"input"`` is the input (default).
+        Module names as in ``model.named_modules()``; ``"input"`` is the input (default);
+        ``"NAME:0"``, ``"NAME:1"``... the elements of a module's tuple output.
     epsilon, maxpool, stabilizer, input_split, activation_rule, residual, nonlinear:
         As in :class:`SplitLRP`.
 
