@@ -271,8 +271,7 @@ def find(model: nn.Module) -> Found:
                                   if name in RANDOM])
             reads = next((n for n in traced.graph.nodes if n.op == "call_method"
                           and n.target in _READS_VALUE), None)
-            kept = next((n.target for n in traced.graph.nodes if n.op == "call_function"
-                         and _kept_call(n.target)), None)
+            kept = _kept_call(traced.graph)
             if reads is not None:  # a number of each call: recorded per call (core.record)
                 found.symbolic_error = TraceFailure(
                     f"the forward reads a tensor value as a number ({reads.target}())")
@@ -289,12 +288,22 @@ def find(model: nn.Module) -> Found:
 _READS_VALUE = frozenset({"item", "tolist"})
 
 
-def _kept_call(fn: Any) -> bool:
-    """A Python function outside torch that tracing kept as one call (``torch.fx.wrap``,
-    as torchvision does for ``shifted_window_attention``) and that has no rule: eager
-    recording sees the operations inside it."""
-    return (type(fn) is types.FunctionType and TABLE.function(fn) is None
-            and not FunctionName.of(fn).startswith("torch."))
+def _kept_call(graph: fx.Graph) -> Any:
+    """The first Python function outside torch that tracing kept as one call
+    (``torch.fx.wrap``, as torchvision does for ``shifted_window_attention``), that has no
+    rule and that is applied to values depending on the input (None if there is none): eager
+    recording sees the operations inside it. (A call on parameters and constants only is
+    evaluated as it is, as torchvision's ``_get_relative_position_bias``.)"""
+    kept = [n for n in graph.nodes if n.op == "call_function"
+            and type(n.target) is types.FunctionType and TABLE.function(n.target) is None
+            and not FunctionName.of(n.target).startswith("torch.")]
+    if not kept:
+        return None
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return next((n.target for n in kept if n in dependent), None)
 
 
 def _name(node: fx.Node) -> str:
