@@ -376,7 +376,10 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     finally:
         tracer.release()
     _keep_constants(graph, model, twin)
-    resolve_inplace(graph, Submodules(twin, leaves))
+    try:
+        resolve_inplace(graph, Submodules(twin, leaves))
+    except UnsupportedOperation as err:  # eager recording follows writes into slices
+        raise TraceFailure(*err.args) from None
     nodes = list(graph.nodes)
     dependent = input_dependent(graph, 1)  # the nodes computed from the input
     outputs: dict[str, fx.Node] = {}

@@ -136,6 +136,12 @@ def assign(target: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     return out
 
 
+def _basic_index(index: Any) -> bool:
+    """Whether ``x[index]`` is a view of ``x`` (integers, slices, None, Ellipsis)."""
+    items = index if type(index) is tuple else (index,)
+    return all(i is None or i is Ellipsis or type(i) in (int, slice) for i in items)
+
+
 def is_leaf_module(module: nn.Module) -> bool:
     """torch.fx's default: ``torch.nn``'s own modules except containers."""
     name = type(module).__module__
@@ -179,6 +185,9 @@ class _Recorder(TorchFunctionMode):
         self.bound_at: dict[int, int] = {}  # id -> when its node was bound
         # storage -> [(when, written elements of the storage, node name)], one per write
         self.written: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
+        # id(view) -> (its base, the index): views taken by basic indexing
+        self.views: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.refusal: UnsupportedOperation | None = None  # the first one raised
 
     # ------------------------------------------------------------------ values and nodes
     def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
@@ -230,7 +239,16 @@ class _Recorder(TorchFunctionMode):
 
     # ------------------------------------------------------------------ torch functions
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        try:
+            return self.record_call(func, args, kwargs or {})
+        except UnsupportedOperation as err:
+            # torch turns a TypeError (which this is) raised in a binary operator into
+            # NotImplemented ('unsupported operand type(s) for +'): kept for record()
+            self.refusal = self.refusal or err
+            raise
+
+    def record_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run one torch function or tensor method and record it."""
         out = func(*args, **kwargs)
         if self.depth:
             return out
@@ -243,6 +261,11 @@ class _Recorder(TorchFunctionMode):
         self.check_aliases((args, kwargs), name)
         if name == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor):
             self.item_assignment(*args, dependent)
+            return out
+        view = self.views.get(id(args[0])) if args else None
+        if (view is not None and name.endswith("_") and not name.endswith("__")
+                and getattr(torch.Tensor, name, None) is func):
+            self.write_into_view(view, name, args, kwargs, dependent)
             return out
         getter = name == "__get__" and hasattr(func, "__self__")
         if getter:
@@ -266,7 +289,24 @@ class _Recorder(TorchFunctionMode):
         node = self.graph.create_node(op, target, self.node_of(tuple(fargs)),
                                       self.node_of(kwargs))
         self.bind_result(out, node, dependent)
+        if name == "__getitem__" and _basic_index(args[1]):
+            self.views[id(out)] = (args[0], args[1])
         return out
+
+    def write_into_view(self, view: tuple[torch.Tensor, Any], name: str, args: tuple,
+                        kwargs: dict, dependent: bool) -> None:
+        """An in-place method on a view taken by basic indexing (``w[a:b].zero_()``, as
+        torchvision's Swin V2 does to a copy of its bias): the method runs out of place on a
+        copy of the view, and the result is assigned into the base
+        (:meth:`item_assignment`), so later uses of the base see the write."""
+        base, index = view
+        copy = self.graph.call_method("clone", (self.node_of(args[0]),))
+        node = self.graph.call_method(name, (copy, *self.node_of(tuple(args[1:]))),
+                                      self.node_of(kwargs))
+        dependent = dependent or id(base) in self.dependent
+        self.bind(args[0], node, dependent)
+        self.item_assignment(base, index, args[0], dependent)
+        self.bind(args[0], node, dependent)  # holds the written elements: not stale
 
     def item_assignment(self, target: torch.Tensor, index: Any, value: Any,
                         dependent: bool) -> None:
@@ -299,10 +339,10 @@ class _Recorder(TorchFunctionMode):
             for when, mask, name in self.written.get(x.untyped_storage().data_ptr(), ()):
                 if self.bound_at[id(x)] < when and self._overlaps(x, mask):
                     raise UnsupportedOperation(
-                        f"`{op}` reads a tensor whose elements were written by item "
-                        f"assignment ({name}: x[...] = ...) after it was taken, so its "
+                        f"`{op}` reads a tensor whose elements were written in place "
+                        f"({name}: x[...] = ... or x[...].op_()) after it was taken, so its "
                         "values may have changed behind the split's back. Clone the tensor "
-                        "before the assignment, or build the result out of place "
+                        "before the write, or build the result out of place "
                         "(torch.where, torch.cat)."
                     )
 
@@ -435,9 +475,15 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
             out = twin(*inputs, *extra, **(kwargs or {}))
             if output is not None:
                 out = output(out)
+    except Exception:
+        if recorder.refusal is None:
+            raise
+        raise recorder.refusal from None
     finally:
         nn.Module.__call__ = previous
         _STATE.recorder = None
+    if recorder.refusal is not None:  # raised, and caught by the forward itself
+        raise recorder.refusal
     value = recorder.node_of(out)
     recorder.graph.output(value)
     on_input = input_dependent(recorder.graph, len(inputs))
