@@ -15,10 +15,24 @@ import torch
 from torch import Tensor, nn
 
 from core import checks
-from core.capture import unwrap
+from core.capture import unwrap, wrapped_module
 
 STREAMS = ("g", "h")
 SIGNS = (None, "+", "-")
+
+
+def model_of(forward_func: Callable[..., Any]) -> nn.Module | None:
+    """The ``nn.Module`` that ``forward_func`` is (or whose bound ``forward`` / ``__call__`` it
+    is), wrappers included; None for any other callable."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, nn.Module) and getattr(forward_func, "__name__", "") in (
+        "forward",
+        "__call__",
+    ):
+        return owner
+    return None
 
 
 def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
@@ -34,37 +48,85 @@ def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
     TypeError
         If ``forward_func`` is any other callable.
     """
-    model = forward_func
-    if not isinstance(model, nn.Module):
-        owner = getattr(forward_func, "__self__", None)
-        if isinstance(owner, nn.Module) and getattr(forward_func, "__name__", "") in (
-            "forward",
-            "__call__",
-        ):
-            model = owner
-        else:
-            raise TypeError(
-                f"{method} needs the model itself as forward_func (a torch.nn.Module), because "
-                f"the split pair g, h is built from its submodules; got "
-                f"{type(forward_func).__name__}. Pass the nn.Module whose output holds the "
-                "class scores (wrap any post-processing into a small nn.Module)."
-            )
+    model = model_of(forward_func)
+    if model is None:
+        raise TypeError(
+            f"{method} needs the model itself as forward_func (a torch.nn.Module), because "
+            f"the split pair g, h is built from its submodules; got "
+            f"{type(forward_func).__name__}. Pass the nn.Module whose output holds the "
+            "class scores (wrap any post-processing into a small nn.Module)."
+        )
     return unwrap(model)
 
 
-def wrapped_layer(forward_func: Callable[..., Any], model: nn.Module,
-                  layer: nn.Module | str | None) -> nn.Module | str | None:
-    """``layer`` as a module where it names a module of the wrapper ``forward_func`` around
-    ``model`` (``"_orig_mod.conv"`` of a compiled model, ``"module.conv"`` of DataParallel)
-    rather than one of ``model``; else unchanged."""
-    wrapper = forward_func if isinstance(forward_func, nn.Module) else getattr(
-        forward_func, "__self__", None)
-    if (isinstance(layer, str) and isinstance(wrapper, nn.Module) and wrapper is not model
-            and layer not in dict(model.named_modules())):
-        return dict(wrapper.named_modules()).get(layer, layer)
-    return layer
+def resolve_layer(
+    forward_func: Callable[..., Any],
+    layer: nn.Module | str | None,
+    method: str,
+    *,
+    allow_input: bool = False,
+    allow_elements: bool = False,
+) -> tuple[nn.Module | None, str | None]:
+    """The model behind ``forward_func`` and the name of ``layer`` in it: the one way every
+    Captum adapter (SplitCAM, SplitGrad, LayerCAM, GradCAMPlusPlus, the plugin) reads a layer.
 
+    The model is the module inside any ``torch.compile`` / ``DataParallel`` / DDP wrappers
+    (:func:`core.capture.wrapped_module`, no warning). A name is looked up in it, either as
+    in its ``named_modules()`` (``"layer2"``) or as in the wrapper's (``"_orig_mod.layer2"``,
+    ``"module.layer2"``); a module is found by identity.
 
+    Parameters
+    ----------
+    forward_func : callable
+        The model, a wrapper of it, its bound ``forward``, or (for a ``layer`` given as a
+        module only) any function.
+    layer : :py:class:`torch.nn.Module`, str or None
+        The layer, checked by :func:`core.checks.layer_name`.
+    method : str
+        The caller, prefixed to messages.
+    allow_input : bool
+        Whether ``None`` / ``"input"`` (the model input) is admissible.
+    allow_elements : bool
+        Whether ``"NAME:i"`` (element ``i`` of a module's tuple output) is admissible.
+
+    Returns
+    -------
+    tuple
+        ``(model, name)``; ``(None, None)`` for a function that is no module, with a
+        ``layer`` module (which then cannot be checked).
+
+    Raises
+    ------
+    TypeError
+        For a name with a ``forward_func`` that is no module, and for a ``layer`` of another
+        type.
+    ValueError
+        For a layer that is not part of the model (with close names).
+    """
+    owner = model_of(forward_func)
+    if owner is None:
+        if isinstance(layer, nn.Module):
+            return None, None
+        if isinstance(layer, str):
+            raise TypeError(
+                f"{method}: a layer given by name needs forward_func to be the nn.Module; pass "
+                "the layer module instead."
+            )
+        raise TypeError(
+            f"{method}: layer must be a torch.nn.Module or a module name; got "
+            f"{type(layer).__name__}."
+        )
+    model, prefix = wrapped_module(owner)
+    if isinstance(layer, str) and prefix and layer not in checks.INPUT_NAMES:
+        base, _, suffix = layer.rpartition(":")
+        base = base if suffix.isdigit() else layer
+        if base not in dict(model.named_modules()):
+            if layer == prefix:
+                layer = model  # refused by name: the model itself
+            elif layer.startswith(prefix + "."):
+                layer = layer[len(prefix) + 1:]
+    return model, checks.layer_name(model, layer, method, allow_input=allow_input,
+                                    allow_elements=allow_elements)
 
 
 def last_conv_name(model: nn.Module, method: str) -> str:

@@ -21,25 +21,9 @@ from torch import Tensor, nn
 
 from core import checks
 
-from ._utils import check_dtype, checked_forward, input_tensors
+from ._utils import check_dtype, checked_forward, input_tensors, resolve_layer
 
 __all__ = ["LayerCAM", "GradCAMPlusPlus"]
-
-
-def _resolve_module(forward_func: Callable[..., Any], layer: nn.Module | str, method: str):
-    """Captum wants the layer module; a name is looked up in ``forward_func``'s modules."""
-    if isinstance(layer, nn.Module):
-        return layer
-    if isinstance(layer, str):
-        if not isinstance(forward_func, nn.Module):
-            raise TypeError(
-                f"{method}: a layer given by name needs forward_func to be the nn.Module; pass "
-                "the layer module instead."
-            )
-        return forward_func.get_submodule(checks.layer_name(forward_func, layer, method))
-    raise TypeError(
-        f"{method}: layer must be a torch.nn.Module or a module name; got {type(layer).__name__}."
-    )
 
 
 class _CAMBase(LayerAttribution, GradientAttribution):
@@ -53,9 +37,8 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         layer: nn.Module | str,
         device_ids: list[int] | None = None,
     ) -> None:
-        module = _resolve_module(forward_func, layer, type(self).__name__)
-        if isinstance(forward_func, nn.Module):
-            checks.layer_name(forward_func, module, type(self).__name__)  # must be a submodule
+        model, name = resolve_layer(forward_func, layer, type(self).__name__)
+        module = layer if model is None else model.get_submodule(name)
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
 
@@ -118,8 +101,11 @@ class LayerCAM(_CAMBase):
     forward_func : callable
         The model (or any function of the inputs returning ``(B, n_classes)`` scores).
     layer : :py:class:`torch.nn.Module` or str
-        The layer whose output (or input, see ``attribute``) is explained; a name requires
-        ``forward_func`` to be the ``nn.Module``.
+        The layer whose output (or input, see ``attribute``) is explained: a submodule or its
+        name as in ``model.named_modules()``; for a ``torch.compile``d or ``DataParallel``
+        model also as in the wrapper's (``"_orig_mod.conv"``, ``"module.conv"``), as for
+        :py:class:`~captum_split.SplitCAM`. A name requires ``forward_func`` to be the
+        ``nn.Module`` (or its bound ``forward``).
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
     """
@@ -196,7 +182,8 @@ class GradCAMPlusPlus(_CAMBase):
     forward_func : callable
         The model (or any function of the inputs returning ``(B, n_classes)`` scores).
     layer : :py:class:`torch.nn.Module` or str
-        The layer whose activations are weighted (usually the last convolution).
+        The layer whose activations are weighted (usually the last convolution); named as
+        for :py:class:`LayerCAM`.
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
     eps : float, optional

@@ -17,18 +17,23 @@ import pluggy
 from torch import Tensor, nn
 
 from core import checks
+from core.capture import wrapped_module
 
-from ._utils import checked_forward, last_conv_name
+from ._utils import checked_forward, last_conv_name, resolve_layer
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
 __all__ = ["hookimpl", "splitxai_explainers"]
 
 
-def _cam_layer(model: nn.Module, layer: str | None, method: str) -> str:
+def _cam_layer(model: nn.Module, layer: str | None, method: str) -> tuple[nn.Module, str]:
+    """The model inside any wrappers and the layer's name in it (default: the last
+    convolution), resolved as by the explainers themselves."""
     if layer is None:
-        return last_conv_name(model, method)
-    return checks.layer_name(model, layer, method)
+        layer = last_conv_name(wrapped_module(model)[0], method)
+    inner, name = resolve_layer(model, layer, method)
+    assert inner is not None and name is not None  # model is a module
+    return inner, name
 
 
 def split_cam(
@@ -58,7 +63,7 @@ def split_cam(
 
     explainer = SplitCAM(
         model,
-        _cam_layer(model, layer, "SplitCAM"),
+        _cam_layer(model, layer, "SplitCAM")[1],
         alpha=alpha,
         stream=stream,
         sign=sign,
@@ -123,9 +128,9 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
             from . import cams
 
             cls = getattr(cams, cls_name)
-        name = _cam_layer(model, layer, cls_name)
+        inner, name = _cam_layer(model, layer, cls_name)
         target = checks.targets(targets, inputs.shape[0], cls_name)
-        module = model.get_submodule(name)
+        module = inner.get_submodule(name)
         # Captum's LayerGradCam reports a class index past the output as a gather error
         forward = checked_forward(model, target, cls_name) if cls_name == "LayerGradCam" else model
         explainer: Any = cls(forward, module)

@@ -40,9 +40,9 @@ from ._utils import (
     STREAMS,
     check_grad_kwargs,
     format_additional_args,
+    resolve_layer,
     single_input,
     unwrap_model,
-    wrapped_layer,
 )
 
 __all__ = ["SplitCAM", "SplitGrad"]
@@ -86,10 +86,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         checks.option("nonlinear", nonlinear, who=method, allowed=NONLINEAR_MODES)
         model = unwrap_model(forward_func, method)
         # a module is found by identity at every call, a name looked up at every call
-        self._layer = wrapped_layer(forward_func, model, layer)
-        self.layer_name = checks.layer_name(
-            model, self._layer, method, allow_input=self._allow_input_layer
-        )
+        self._layer = layer
+        self.layer_name = self._layer_name(forward_func)
         module = None if self.layer_name == "input" else model.get_submodule(self.layer_name)
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
@@ -117,6 +115,14 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
             raise type(err)(f"{method}: {err}") from None
         self.last_alphas: dict[str, Any] = {}
 
+    def _layer_name(self, forward_func: Callable[..., Tensor] | nn.Module) -> str:
+        """The name of the layer in the model behind ``forward_func`` (the one resolver of
+        every Captum adapter: :func:`captum_split._utils.resolve_layer`)."""
+        _, name = resolve_layer(forward_func, self._layer, type(self).__name__,
+                                allow_input=self._allow_input_layer)
+        assert name is not None  # forward_func was unwrapped: a module is behind it
+        return name
+
     def _split(self) -> core.SplitModel:
         """The split of the model as it is now (an unchanged model costs a fingerprint and
         is not warned about again: :mod:`core.reuse`)."""
@@ -129,10 +135,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         """Follow changes of the model since the last call: the layer is looked up again
         (a module by identity, a name by name; Captum's ``layer`` attribute follows) and the
         model split again, so that a replaced module or loaded weights are explained."""
-        method = type(self).__name__
-        self.layer_name = checks.layer_name(
-            self.model, self._layer, method, allow_input=self._allow_input_layer
-        )
+        self.layer_name = self._layer_name(self.forward_func)
         self.layer = (None if self.layer_name == "input"
                       else self.model.get_submodule(self.layer_name))
         self.split_model = self._split()
@@ -204,7 +207,9 @@ class SplitCAM(_SplitAttribution):
         return ``(B, n_classes)`` scores; the split is built from its modules.
     layer : :py:class:`torch.nn.Module` or str
         A submodule of the model (found by identity, Captum's convention) or its name as in
-        ``model.named_modules()``.
+        ``model.named_modules()``; for a ``torch.compile``d or ``DataParallel`` model also
+        as in the wrapper's (``"_orig_mod.layer2"``, ``"module.layer2"``). All Captum
+        adapters read a layer the same way (``captum_split._utils.resolve_layer``).
     alpha : float, "auto" or dict of str to float
         Default ``"auto"``. The sensitivity shift in ``[0, 0.5]`` (0: true split-pair
         gradients, 0.5: half the model's gradient); a dict sets it per shift point (module

@@ -112,6 +112,30 @@ def exported(model: Any) -> str | None:
     return None
 
 
+def _wrapped(model: nn.Module) -> tuple[nn.Module, str, str] | None:
+    """``(inner module, its attribute name, how to say it)`` of a ``torch.compile`` /
+    ``DataParallel`` / DDP wrapper; None for any other module."""
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        return model._orig_mod, "_orig_mod", "torch.compile's OptimizedModule: its _orig_mod"
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        return model.module, "module", f"{type(model).__name__}: its .module"
+    return None
+
+
+def wrapped_module(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside any ``torch.compile`` / ``DataParallel`` / DDP wrappers of ``model``
+    and its name in ``model.named_modules()`` (``"_orig_mod"``, ``"module"``,
+    ``"_orig_mod.module"``...; ``""`` and ``model`` itself when it is not wrapped).
+
+    Unlike :func:`unwrap`, no warning and no check: for naming layers of a wrapped model.
+    """
+    prefix: list[str] = []
+    while (step := _wrapped(model)) is not None:
+        model = step[0]
+        prefix.append(step[1])
+    return model, ".".join(prefix)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` / ``DataParallel`` / DDP wrapper holds (with a warning);
     a clear error for TorchScript, ``torch.export`` (:func:`exported`), meta-device and not
@@ -125,14 +149,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             "TorchScript, not Python operations that the split can capture. Split the "
             "original nn.Module (before torch.jit.script / torch.jit.trace)."
         )
-    while True:
-        inner = None
-        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            inner, how = model._orig_mod, "torch.compile's OptimizedModule: its _orig_mod"
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            inner, how = model.module, f"{type(model).__name__}: its .module"
-        if inner is None:
-            break
+    while (step := _wrapped(model)) is not None:
+        inner, _, how = step
         warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
                       stacklevel=4)
         model = inner

@@ -464,6 +464,45 @@ def test_a_compiled_model_is_explained_through_the_module_it_wraps(tiny):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_every_adapter_reads_a_wrapped_models_layer_names_the_same_way(tiny, wrap):
+    """LayerCAM, GradCAMPlusPlus and the plugin's CAMs refused 'conv2' of a compiled or
+    DataParallel model (only '_orig_mod.conv2' / 'module.conv2' or the module worked), where
+    SplitCAM and SplitGrad took both: all now resolve through _utils.resolve_layer."""
+    import warnings
+
+    from captum_split import GradCAMPlusPlus, LayerCAM
+    from captum_split import plugin as captum_plugin
+
+    model, x, y = _copy_of_tiny(tiny)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # the eager backend: dynamo's wrapper, without inductor's compile time
+    wrapper = torch.compile(model, backend="eager") if wrap == "compile" \
+        else nn.DataParallel(model)
+    prefix = "_orig_mod" if wrap == "compile" else "module"
+    table = captum_plugin.splitxai_explainers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the model is wrapped by ..."
+        for cls in (SplitCAM, SplitGrad, LayerCAM, GradCAMPlusPlus):
+            want = cls(model, "conv2").attribute(x, target=y)
+            for layer in ("conv2", f"{prefix}.conv2", model.conv2):
+                explainer = cls(wrapper, layer)
+                assert explainer.layer is model.conv2
+                _close(explainer.attribute(x, target=y), want)
+        for cls in (SplitCAM, SplitGrad, LayerCAM, GradCAMPlusPlus):
+            for wrong in ("conv3", f"{prefix}.conv3"):
+                with pytest.raises(ValueError, match=r"layer 'conv3' is not a module of the "
+                                                     r"model \(_TinyNet\).*Did you mean 'conv2'"):
+                    cls(wrapper, wrong)
+            with pytest.raises(ValueError, match="layer is the model itself"):
+                cls(wrapper, prefix)
+        for key in ("SplitCAM", "LayerCAM", "GradCAM", "GradCAMPlusPlus"):
+            want = table[key](model, x, y, layer="conv2")
+            for layer in ("conv2", f"{prefix}.conv2", None):  # None: the last convolution
+                _close(table[key](wrapper, x, y, layer=layer), want)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 class _Mix(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
