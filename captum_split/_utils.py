@@ -129,6 +129,25 @@ def resolve_layer(
                                     allow_elements=allow_elements)
 
 
+def split_element(model: nn.Module, name: str) -> tuple[str, int | None]:
+    """``("NAME", i)`` for an element name ``"NAME:i"`` of ``model`` (as
+    :func:`resolve_layer` returns it), else ``(name, None)``."""
+    base, _, suffix = name.rpartition(":")
+    if suffix.isdigit() and name not in dict(model.named_modules()):
+        return base, int(suffix)
+    return name, None
+
+
+def element_input_error(name: str, method: str) -> ValueError:
+    """The error for ``attribute_to_layer_input=True`` with an element name ``"NAME:i"``."""
+    base = name.rpartition(":")[0]
+    return ValueError(
+        f"{method}: attribute_to_layer_input=True explains the input of a module, but "
+        f"{name!r} is an element of the output of {base!r}; pass layer {base!r} to explain "
+        f"its input, or attribute_to_layer_input=False to explain {name!r}."
+    )
+
+
 def last_conv_name(model: nn.Module, method: str) -> str:
     """Name of the last ``Conv1d/2d/3d`` in ``model.named_modules()`` order (the CAM default)."""
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_tensor_into_tuples,
+    _run_forward,
+)
 from captum._utils.gradient import compute_layer_gradients_and_eval
 from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution, LayerAttribution
@@ -21,7 +25,14 @@ from torch import Tensor, nn
 
 from core import checks
 
-from ._utils import check_dtype, checked_forward, input_tensors, resolve_layer
+from ._utils import (
+    check_dtype,
+    checked_forward,
+    element_input_error,
+    input_tensors,
+    resolve_layer,
+    split_element,
+)
 
 __all__ = ["LayerCAM", "GradCAMPlusPlus"]
 
@@ -37,8 +48,14 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         layer: nn.Module | str,
         device_ids: list[int] | None = None,
     ) -> None:
-        model, name = resolve_layer(forward_func, layer, type(self).__name__)
-        module = layer if model is None else model.get_submodule(name)
+        model, name = resolve_layer(forward_func, layer, type(self).__name__,
+                                    allow_elements=True)
+        #: the layer's name (None for a module of a forward_func that is no module) and,
+        #: for "NAME:i", the index of the explained element of NAME's tuple output
+        self.layer_name, self._element = (None, None) if model is None or name is None \
+            else (name, split_element(model, name)[1])
+        module = layer if model is None or name is None else model.get_submodule(
+            split_element(model, name)[0])
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
 
@@ -69,6 +86,11 @@ class _CAMBase(LayerAttribution, GradientAttribution):
             checks.targets(target, items[0].shape[0], method)
         inputs = _format_tensor_into_tuples(items)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        if self._element is not None:
+            if attribute_to_layer_input:
+                raise element_input_error(str(self.layer_name), method)
+            return self._element_grads_and_acts(inputs, target, additional_forward_args,
+                                                grad_kwargs)
         grads, acts = compute_layer_gradients_and_eval(
             checked_forward(self.forward_func, target, type(self).__name__),
             self.layer,
@@ -81,6 +103,73 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         )
         # as in LayerGradCam: gradients detached, activations keep their autograd history
         return tuple(g.detach() for g in grads), tuple(acts)
+
+    def _element_grads_and_acts(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        grad_kwargs: dict[str, Any] | None,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Gradient and value of element ``i`` of the layer's tuple output (``"NAME:i"``).
+
+        Captum's layer machinery differentiates every element of a tuple output (and fails
+        on one without gradients, such as pooling indices), so the element is kept by a
+        forward hook of its own: the forward continues with a clone of it, as in Captum, so
+        that in-place operations after the layer leave the kept value alone.
+        """
+        method, name, index = type(self).__name__, str(self.layer_name), self._element
+        assert index is not None
+        base = name.rpartition(":")[0]
+        kept: dict[torch.device, Tensor] = {}
+
+        def keep(module: nn.Module, args: Any, out: Any) -> Any:
+            if not isinstance(out, tuple | list):
+                raise ValueError(
+                    f"{method}: layer {name!r} names element {index} of a tuple output, but "
+                    f"{base!r} outputs a {type(out).__name__}; pass layer {base!r}."
+                )
+            valid = [f"{base}:{i}" for i, v in enumerate(out)
+                     if isinstance(v, Tensor) and v.is_floating_point()]
+            part = out[index] if index < len(out) else None
+            if not isinstance(part, Tensor) or not part.is_floating_point():
+                what = (f"does not exist ({base!r} outputs {len(out)} values)" if part is None
+                        else f"is {part.dtype if isinstance(part, Tensor) else type(part)}, "
+                        "not an activation (e.g. pooling indices)")
+                raise ValueError(f"{method}: layer {name!r} {what}; pass "
+                                 f"{', '.join(map(repr, valid)) or 'another layer'}.")
+            if not part.requires_grad:
+                part.requires_grad_()
+            kept[part.device] = part
+            parts = list(out)
+            parts[index] = part.clone()
+            if isinstance(out, list):
+                return parts
+            return out._make(parts) if hasattr(out, "_make") else type(out)(parts)
+
+        with torch.enable_grad():
+            handle = self.layer.register_forward_hook(keep)
+            try:
+                scores = _run_forward(checked_forward(self.forward_func, target, method),
+                                      inputs, target, additional_forward_args)
+            finally:
+                handle.remove()
+            if not kept:
+                raise ValueError(f"{method}: the forward never called {base!r}, so {name!r} "
+                                 "has no value; pass a layer that runs.")
+            if len(kept) > 1:
+                raise ValueError(
+                    f"{method}: {base!r} ran on {len(kept)} devices (DataParallel); layer "
+                    f"{name!r} is explained on one: pass the module inside (.module)."
+                )
+            if scores.dim() > 1 and scores[0].numel() != 1:
+                raise ValueError(f"{method}: the model output has shape "
+                                 f"{tuple(scores.shape)}; pass target= (one class per row).")
+            (act,) = kept.values()
+            (grad,) = torch.autograd.grad(torch.unbind(scores), act, **(grad_kwargs or {}))
+        if grad is None:  # grad_kwargs allow_unused=True, the score does not depend on it
+            grad = torch.zeros_like(act)
+        return (grad.detach(),), (act,)
 
 
 class LayerCAM(_CAMBase):
@@ -105,7 +194,11 @@ class LayerCAM(_CAMBase):
         name as in ``model.named_modules()``; for a ``torch.compile``d or ``DataParallel``
         model also as in the wrapper's (``"_orig_mod.conv"``, ``"module.conv"``), as for
         :py:class:`~captum_split.SplitCAM`. A name requires ``forward_func`` to be the
-        ``nn.Module`` (or its bound ``forward``).
+        ``nn.Module`` (or its bound ``forward``). ``"NAME:i"`` explains element ``i`` of the
+        tuple output of module ``NAME`` alone (Captum's ``layer`` is then ``NAME``; the bare
+        ``"NAME"`` gives one map per element, as Captum, and fails where an element has no
+        gradient, such as pooling indices); an element that is no floating-point tensor, or
+        with ``device_ids`` spread over several devices, is refused (``ValueError``).
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
     """
@@ -133,7 +226,8 @@ class LayerCAM(_CAMBase):
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool
-            Explain the layer's input instead of its output.
+            Explain the layer's input instead of its output (not for an element name
+            ``"NAME:i"``: ``ValueError``, pass ``"NAME"``).
         relu_attributions : bool
             Apply the outer ReLU (default True, as in Jiang et al.).
         attr_dim_summation : bool
@@ -226,7 +320,8 @@ class GradCAMPlusPlus(_CAMBase):
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool
-            Explain the layer's input instead of its output.
+            Explain the layer's input instead of its output (not for an element name, see
+            :py:meth:`LayerCAM.attribute`).
         relu_attributions : bool
             Apply the final ReLU (default True, as in the original method).
         attr_dim_summation : bool

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from core import checks
 from core.capture import wrapped_module
 
-from ._utils import checked_forward, last_conv_name, resolve_layer
+from ._utils import checked_forward, last_conv_name, resolve_layer, split_element
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
@@ -28,10 +28,10 @@ __all__ = ["hookimpl", "splitxai_explainers"]
 
 def _cam_layer(model: nn.Module, layer: str | None, method: str) -> tuple[nn.Module, str]:
     """The model inside any wrappers and the layer's name in it (default: the last
-    convolution), resolved as by the explainers themselves."""
+    convolution; ``"NAME:i"`` admitted), resolved as by the explainers themselves."""
     if layer is None:
         layer = last_conv_name(wrapped_module(model)[0], method)
-    inner, name = resolve_layer(model, layer, method)
+    inner, name = resolve_layer(model, layer, method, allow_elements=True)
     assert inner is not None and name is not None  # model is a module
     return inner, name
 
@@ -129,11 +129,18 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
 
             cls = getattr(cams, cls_name)
         inner, name = _cam_layer(model, layer, cls_name)
+        base, element = split_element(inner, name)
+        if element is not None and cls_name == "LayerGradCam":
+            raise ValueError(
+                f"GradCAM: layer {name!r} is an element of the tuple output of {base!r}, which "
+                "Captum's LayerGradCam cannot select; use LayerCAM, GradCAMPlusPlus or "
+                f"SplitCAM with layer={name!r}."
+            )
         target = checks.targets(targets, inputs.shape[0], cls_name)
-        module = inner.get_submodule(name)
         # Captum's LayerGradCam reports a class index past the output as a gather error
         forward = checked_forward(model, target, cls_name) if cls_name == "LayerGradCam" else model
-        explainer: Any = cls(forward, module)
+        # ours take the name (and so "NAME:i"), Captum's the module
+        explainer: Any = cls(forward, inner.get_submodule(name) if element is None else name)
         return explainer.attribute(inputs, target=target, relu_attributions=relu_attributions)
 
     return explain

@@ -39,9 +39,11 @@ from ._utils import (
     SIGNS,
     STREAMS,
     check_grad_kwargs,
+    element_input_error,
     format_additional_args,
     resolve_layer,
     single_input,
+    split_element,
     unwrap_model,
 )
 
@@ -88,7 +90,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         # a module is found by identity at every call, a name looked up at every call
         self._layer = layer
         self.layer_name = self._layer_name(forward_func)
-        module = None if self.layer_name == "input" else model.get_submodule(self.layer_name)
+        module = self._module(model)
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.model = model
@@ -101,10 +103,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.nonlinear = nonlinear
         self.split_model = self._split()
         static = self.split_model.capture.symbolic is not None  # else names need an input
-        if (static and self.layer_name != "input"
-                and self.layer_name not in self.split_model.layer_names()):
+        base = split_element(model, self.layer_name)[0]
+        if static and base != "input" and base not in self.split_model.layer_names():
             raise ValueError(
-                f"{method}: layer {self.layer_name!r} is a module of the model but its forward "
+                f"{method}: layer {base!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
         try:  # the one check of alpha (floats in [0, 0.5], "auto", shift-point names)
@@ -119,9 +121,15 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         """The name of the layer in the model behind ``forward_func`` (the one resolver of
         every Captum adapter: :func:`captum_split._utils.resolve_layer`)."""
         _, name = resolve_layer(forward_func, self._layer, type(self).__name__,
-                                allow_input=self._allow_input_layer)
+                                allow_input=self._allow_input_layer, allow_elements=True)
         assert name is not None  # forward_func was unwrapped: a module is behind it
         return name
+
+    def _module(self, model: nn.Module) -> nn.Module | None:
+        """Captum's ``layer``: the module named (for ``"NAME:i"`` the module ``NAME``)."""
+        if self.layer_name == "input":
+            return None
+        return model.get_submodule(split_element(model, self.layer_name)[0])
 
     def _split(self) -> core.SplitModel:
         """The split of the model as it is now (an unchanged model costs a fingerprint and
@@ -136,8 +144,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         (a module by identity, a name by name; Captum's ``layer`` attribute follows) and the
         model split again, so that a replaced module or loaded weights are explained."""
         self.layer_name = self._layer_name(self.forward_func)
-        self.layer = (None if self.layer_name == "input"
-                      else self.model.get_submodule(self.layer_name))
+        self.layer = self._module(self.model)
         self.split_model = self._split()
 
     def _probe(
@@ -162,6 +169,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 raise ValueError(
                     f"{method}: attribute_to_layer_input needs a layer; the model input has none."
                 )
+            if split_element(self.model, name)[1] is not None:
+                raise element_input_error(name, method)
             name = f"{name}:input"
         extra = format_additional_args(additional_forward_args)
         try:
@@ -210,6 +219,10 @@ class SplitCAM(_SplitAttribution):
         ``model.named_modules()``; for a ``torch.compile``d or ``DataParallel`` model also
         as in the wrapper's (``"_orig_mod.layer2"``, ``"module.layer2"``). All Captum
         adapters read a layer the same way (``captum_split._utils.resolve_layer``).
+        ``"NAME:0"``, ``"NAME:1"``... explain element ``i`` of the tuple output of module
+        ``NAME`` (the names that the error for a tuple output probed as ``"NAME"`` lists),
+        with the same exact links as a plain layer; Captum's ``layer`` attribute is then
+        the module ``NAME``.
     alpha : float, "auto" or dict of str to float
         Default ``"auto"``. The sensitivity shift in ``[0, 0.5]`` (0: true split-pair
         gradients, 0.5: half the model's gradient); a dict sets it per shift point (module
@@ -286,7 +299,8 @@ class SplitCAM(_SplitAttribution):
             Further positional arguments of the model (not attributed), Captum's convention.
         attribute_to_layer_input : bool
             Use the layer's input instead of its output; a layer called with several
-            tensors has none and is refused (``ValueError``).
+            tensors has none and is refused (``ValueError``), as is an element name
+            ``"NAME:i"`` (pass ``"NAME"`` for the module's input).
         relu_attributions : bool
             Apply a ReLU to the map (default False, as in the paper).
         attr_dim_summation : bool
@@ -337,7 +351,8 @@ class SplitGrad(_SplitAttribution):
     forward_func : :py:class:`torch.nn.Module`
         The model (also accepted: its bound ``forward`` or a ``DataParallel`` wrapper).
     layer : :py:class:`torch.nn.Module`, str or None
-        A submodule or its name; ``None`` (or ``"input"``) for the model input.
+        A submodule or its name (``"NAME:i"`` for an element of a tuple output, as in
+        :py:class:`SplitCAM`); ``None`` (or ``"input"``) for the model input.
     alpha, stream, sign, maxpool, stabilizer, input_split, device_ids, nonlinear
         As in :py:class:`SplitCAM`; ``sign`` picks ``pos_g``/``neg_g``/``g`` (or the ``h``
         ones), the activations are not used.

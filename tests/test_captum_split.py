@@ -550,3 +550,109 @@ def test_a_nan_target_or_an_empty_batch_is_one_clear_value_error(tiny, method):
             explainer.attribute(inputs, target=target)
         message = str(err.value)
         assert message.startswith(f"{method}: {expected.strip()}") and "\n" not in message
+
+
+# ------------------------------------------------------------------ tuple output elements
+class _Halves(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.chunk(2, 1)
+
+
+class _TupleNet(nn.Module):
+    """Two modules with tuple outputs: a leaf (max pooling with its indices) and a forward
+    returning ``x.chunk``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.halves = _Halves()
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, _ = self.pool(torch.relu(self.conv(x)))
+        a, b = self.halves(values)
+        return self.fc(torch.relu(2 * a - b).flatten(1))
+
+
+def _element_reference(model, x, y, module, index):
+    """Autograd on element ``index`` of ``module``'s tuple output: (gradient, value)."""
+    kept = []
+    handle = module.register_forward_hook(lambda m, args, out: kept.append(out[index]))
+    try:
+        scores = model(x.clone().requires_grad_(True))[torch.arange(len(y)), y]
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(scores.sum(), kept[0])
+    return grad, kept[0].detach()
+
+
+def test_an_element_of_a_tuple_output_is_explained_by_its_name():
+    """'NAME:i' (the name core's message for a tuple output asks for) was refused by every
+    adapter as 'not a module of the model'; SplitCAM keeps its exact identity on it."""
+    import torch.nn.functional as F
+
+    from captum_split import GradCAMPlusPlus, LayerCAM
+    from captum_split import plugin as captum_plugin
+
+    model = _TupleNet().double().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 4, 2])
+    for name, module, index in (("halves:0", model.halves, 0), ("halves:1", model.halves, 1),
+                                ("pool:0", model.pool, 0)):
+        grad, act = _element_reference(model, x, y, module, index)
+        gxa = (grad * act).sum(1, keepdim=True)
+        cam = SplitCAM(model, name, alpha=0.5)
+        assert cam.layer is module and cam.layer_name == name
+        _close(cam.attribute(x, target=y), 0.5 * gxa, rtol=1e-12)
+        g = SplitCAM(model, name, alpha=0.3).attribute(x, target=y)
+        h = SplitCAM(model, name, alpha=0.3, stream="h").attribute(x, target=y)
+        _close(g - h, gxa, rtol=1e-12)
+        _close(SplitGrad(model, name, alpha=0.5).attribute(x, target=y),
+               0.5 * grad.mean(1, keepdim=True), rtol=1e-12)
+        layer_cam = (F.relu(grad) * act).sum(1, keepdim=True).relu()
+        _close(LayerCAM(model, name).attribute(x, target=y), layer_cam, rtol=1e-12)
+        _close(captum_plugin.splitxai_explainers()["LayerCAM"](model, x, y, layer=name),
+               layer_cam, rtol=1e-12)
+        if name.startswith("halves"):  # Captum's tuple path (all elements) agrees
+            for cls in (LayerCAM, GradCAMPlusPlus):
+                _close(cls(model, name).attribute(x, target=y),
+                       cls(model, "halves").attribute(x, target=y)[index], rtol=1e-12)
+    compiled = torch.compile(model, backend="eager")
+    want = SplitCAM(model, "halves:1").attribute(x, target=y)
+    with pytest.warns(UserWarning, match="OptimizedModule"):
+        _close(SplitCAM(compiled, "_orig_mod.halves:1").attribute(x, target=y), want)
+    _close(LayerCAM(compiled, "_orig_mod.halves:1").attribute(x, target=y),
+           LayerCAM(model, "halves:1").attribute(x, target=y))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.halves._forward_hooks and not model.pool._forward_hooks
+
+
+def test_an_element_name_where_it_cannot_be_explained_is_one_clear_value_error():
+    from captum_split import GradCAMPlusPlus, LayerCAM
+    from captum_split import plugin as captum_plugin
+
+    model = _TupleNet().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    for cls in (SplitCAM, SplitGrad, LayerCAM, GradCAMPlusPlus):
+        with pytest.raises(ValueError) as err:
+            cls(model, "halves:0").attribute(x, target=y, attribute_to_layer_input=True)
+        assert "\n" not in str(err.value)
+        assert str(err.value).endswith(
+            "'halves:0' is an element of the output of 'halves'; pass layer 'halves' to "
+            "explain its input, or attribute_to_layer_input=False to explain 'halves:0'.")
+    for cls in (LayerCAM, GradCAMPlusPlus):
+        with pytest.raises(ValueError, match=r"'pool:1' is torch.int64, not an activation "
+                                             r"\(e.g. pooling indices\); pass 'pool:0'\.$"):
+            cls(model, "pool:1").attribute(x, target=y)
+        with pytest.raises(ValueError, match=r"'halves:2' does not exist \('halves' outputs 2 "
+                                             r"values\); pass 'halves:0', 'halves:1'\.$"):
+            cls(model, "halves:2").attribute(x, target=y)
+        with pytest.raises(ValueError, match=r"'conv:0' names element 0 of a tuple output, "
+                                             r"but 'conv' outputs a Tensor; pass layer 'conv'"):
+            cls(model, "conv:0").attribute(x, target=y)
+    with pytest.raises(ValueError, match=r"^GradCAM: layer 'halves:0' is an element .*Captum's "
+                                         r"LayerGradCam cannot select; use LayerCAM"):
+        captum_plugin.splitxai_explainers()["GradCAM"](model, x, y, layer="halves:0")
