@@ -68,6 +68,14 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         """
         return True
 
+    def _check_flags(self, attribute_to_layer_input: Any, relu_attributions: Any,
+                     attr_dim_summation: Any) -> None:
+        """``TypeError`` for a flag that is not a bool (an argument in the wrong position)."""
+        for name, value in (("attribute_to_layer_input", attribute_to_layer_input),
+                            ("relu_attributions", relu_attributions),
+                            ("attr_dim_summation", attr_dim_summation)):
+            checks.flag(name, value, type(self).__name__)
+
     def _grads_and_acts(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -231,7 +239,9 @@ class LayerCAM(_CAMBase):
         relu_attributions : bool
             Apply the outer ReLU (default True, as in Jiang et al.).
         attr_dim_summation : bool
-            Sum over dimension 1 (channels); False returns the per-channel products.
+            Sum over dimension 1 (channels); anything but a bool here, in
+            ``relu_attributions`` or ``attribute_to_layer_input`` is a ``TypeError`` (an
+            argument in the wrong position). False returns the per-channel products.
         grad_kwargs : dict, optional
             Passed to :py:func:`torch.autograd.grad`, as in Captum.
 
@@ -244,6 +254,7 @@ class LayerCAM(_CAMBase):
             Attached to the autograd graph through
             the activations, as ``LayerGradCam``'s maps.
         """
+        self._check_flags(attribute_to_layer_input, relu_attributions, attr_dim_summation)
         grads, acts = self._grads_and_acts(
             inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )
@@ -325,7 +336,9 @@ class GradCAMPlusPlus(_CAMBase):
         relu_attributions : bool
             Apply the final ReLU (default True, as in the original method).
         attr_dim_summation : bool
-            Sum over dimension 1 (channels); False returns the weighted channels.
+            Sum over dimension 1 (channels); anything but a bool here, in
+            ``relu_attributions`` or ``attribute_to_layer_input`` is a ``TypeError`` (an
+            argument in the wrong position). False returns the weighted channels.
         grad_kwargs : dict, optional
             Passed to :py:func:`torch.autograd.grad`, as in Captum.
 
@@ -337,6 +350,7 @@ class GradCAMPlusPlus(_CAMBase):
             :py:meth:`LayerCAM.attribute`). Attached to the autograd graph through the
             activations, as ``LayerGradCam``'s.
         """
+        self._check_flags(attribute_to_layer_input, relu_attributions, attr_dim_summation)
         grads, acts = self._grads_and_acts(
             inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )

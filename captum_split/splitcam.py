@@ -305,6 +305,8 @@ class SplitCAM(_SplitAttribution):
             Apply a ReLU to the map (default False, as in the paper).
         attr_dim_summation : bool
             Sum over dimension 1 (channels, default); False returns the per-channel products.
+            For this and the two flags above, anything but a bool is refused with
+            ``TypeError`` (an argument in the wrong position).
         grad_kwargs : dict, optional
             Captum's keyword (forwarded to :py:func:`torch.autograd.grad` there); only None or
             ``{}``: the split engine's backward passes are fixed, a non-empty dict is refused.
@@ -321,6 +323,9 @@ class SplitCAM(_SplitAttribution):
             (``requires_grad`` False), unlike ``LayerGradCam``, whose maps stay attached to the
             graph through the activations.
         """
+        for flag, value in (("relu_attributions", relu_attributions),
+                            ("attr_dim_summation", attr_dim_summation)):
+            checks.flag(flag, value, type(self).__name__)
         sens, act, is_tuple = self._probe(
             inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )

@@ -656,3 +656,22 @@ def test_an_element_name_where_it_cannot_be_explained_is_one_clear_value_error()
     with pytest.raises(ValueError, match=r"^GradCAM: layer 'halves:0' is an element .*Captum's "
                                          r"LayerGradCam cannot select; use LayerCAM"):
         captum_plugin.splitxai_explainers()["GradCAM"](model, x, y, layer="halves:0")
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "LayerCAM", "GradCAMPlusPlus"])
+@pytest.mark.parametrize("flag", ["attribute_to_layer_input", "relu_attributions",
+                                  "attr_dim_summation"])
+def test_a_flag_that_is_not_a_bool_is_one_type_error(tiny, method, flag):
+    """relu_attributions and attr_dim_summation (and LayerCAM's / GradCAMPlusPlus's
+    attribute_to_layer_input) took any value as true or false: a tensor or a dict one
+    position off was silently read as a flag."""
+    import captum_split
+
+    model, x, y = tiny
+    explainer = getattr(captum_split, method)(model, "conv2")
+    for value in (None, 1, torch.tensor(True), {}):
+        with pytest.raises(TypeError) as err:
+            explainer.attribute(x, y, None, **{flag: value})
+        assert str(err.value) == (
+            f"{method}: {flag} must be True or False; got {type(value).__name__}. Check the "
+            "order of positional arguments, or pass it by keyword.")
