@@ -15,7 +15,9 @@ secant units (SiLU, GELU, Mish, ELU, SELU, CELU, Softplus, Tanh, LogSigmoid)
 gates (sigmoid, softmax, attention weights, statistics such as ``var``, ``rsqrt``)
     the result is a constant (no pair): a gate ``x * sigmoid(y)`` then multiplies the pair
     of ``x`` by the non-negative constant, ``d' = d * c``, ``s' = s * c``; attention
-    ``softmax(q k^T) v`` is the positive linear map ``A`` of ``v``'s pair.
+    ``softmax(q k^T) v`` is the positive linear map ``A`` of ``v``'s pair;
+    ``nn.MultiheadAttention`` the same between its value and output projections
+    (:func:`multihead_attention`).
 normalisations (LayerNorm, GroupNorm, RMSNorm, ``F.normalize``)
     ``y = (z - mean z) * r * w + b`` with ``r = 1 / sqrt(var z + eps)`` a positive constant
     per normalised group. Mean subtraction is the linear map ``M = I - 1/n``, whose absolute
@@ -263,6 +265,153 @@ def _attention_weights(q, k, mask, causal, scale, gqa, v) -> torch.Tensor:
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
             else logits + mask
+    return torch.softmax(logits, dim=-1)
+
+
+def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: Any,
+                        key_padding_mask: Any = None, need_weights: bool = True,
+                        attn_mask: Any = None, average_attn_weights: bool = True,
+                        is_causal: bool = False) -> tuple[Any, torch.Tensor | None]:
+    """``nn.MultiheadAttention`` (eval semantics) with its attention weights frozen.
+
+    With ``H`` heads of size ``e = E / H``, the projections ``q = W_q x_q + b_q``,
+    ``k = W_k x_k + b_k`` (``bias_k`` appended as one more key with ``add_bias_kv``, a zero
+    key with ``add_zero_attn``) give the per-head weights::
+
+        A_h = softmax(q_h k_h^T / sqrt(e) + M)        (>= 0, frozen)
+
+    with ``M`` the additive mask (``attn_mask`` and ``key_padding_mask``, a boolean ``True``
+    as ``-inf``). With ``A`` a constant, the output is an affine map of the value input
+    ``x_v`` alone::
+
+        y = W_o concat_h(A_h V_h) + b_o,      V = [W_v x_v + b_v; bias_v; 0]
+
+    so its split pair is exact::
+
+        d' = the module's own output
+        s' = |W_o| concat_h(A_h [|W_v| s_v + |b_v|; |bias_v|; 0]_h) + |b_o|
+
+    and the backward of ``d'`` is that of the frozen affine map. The query and the key (and
+    an input-dependent mask) only enter ``A``: no gradient flows into them.
+
+    Parameters
+    ----------
+    m: torch.nn.MultiheadAttention
+        The module (its parameters are read, never changed).
+    query, key, value: Pair or torch.Tensor
+        The module's inputs, split pairs or constants.
+    key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal:
+        The module's options (see ``nn.MultiheadAttention.forward``); a mask that is a pair
+        is used through its ``d``.
+
+    Returns
+    -------
+    tuple
+        ``(output, weights)`` as the module returns them: the output's pair (a constant when
+        ``value`` is one) and the module's attention weights (a constant, or None).
+    """
+    qd, kd, vd = (t.d if isinstance(t, Pair) else t for t in (query, key, value))
+    kpm = key_padding_mask.d if isinstance(key_padding_mask, Pair) else key_padding_mask
+    mask = attn_mask.d if isinstance(attn_mask, Pair) else attn_mask
+    with torch.no_grad():  # the model's own result (and weights, as the module returns them)
+        out, weights = m.forward(qd, kd, vd, key_padding_mask=kpm, need_weights=need_weights,
+                                 attn_mask=mask, average_attn_weights=average_attn_weights,
+                                 is_causal=is_causal)
+    weights = None if weights is None else weights.detach()
+    if not isinstance(value, Pair):
+        return out.detach(), weights
+    batched = qd.dim() == 3
+
+    def first(t: torch.Tensor) -> torch.Tensor:  # to (batch, sequence, features)
+        if not batched:
+            return t.unsqueeze(0)
+        return t if m.batch_first else t.transpose(0, 1)
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        if not batched:
+            return t.squeeze(0)
+        return t if m.batch_first else t.transpose(0, 1)
+
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = _mha_projections(m)
+    with torch.no_grad():
+        a = _mha_weights(m, F.linear(first(qd), w_q, b_q), F.linear(first(kd), w_k, b_k),
+                         kpm if kpm is None or batched else kpm.unsqueeze(0), mask)
+    w_o, b_o = m.out_proj.weight.detach(), _detached(m.out_proj.bias)
+    bias_v = _detached(m.bias_v)
+
+    def frozen_map(t: torch.Tensor, absolute: bool) -> torch.Tensor:
+        """The affine map ``x_v -> y`` with ``A`` fixed (``absolute``: all coefficients and
+        constants by their absolute values)."""
+        mag = torch.abs if absolute else (lambda c: c)
+        v = F.linear(first(t), mag(w_v), None if b_v is None else mag(b_v))
+        if bias_v is not None:
+            v = torch.cat([v, mag(bias_v).to(v.dtype).expand(v.shape[0], 1, -1)], dim=1)
+        heads = _heads(v, m.num_heads)
+        if m.add_zero_attn:
+            heads = F.pad(heads, (0, 0, 0, 1))
+        mixed = (a @ heads).transpose(1, 2).flatten(2)
+        return back(F.linear(mixed, mag(w_o), None if b_o is None else mag(b_o)))
+
+    d = frozen_value(out, value.d, lambda t: frozen_map(t, False))
+    return Pair(d, frozen_map(value.s, True)), weights
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor,
+                                                              torch.Tensor | None]]:
+    """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of a MultiheadAttention, detached (packed
+    ``in_proj_weight``, or separate weights when ``kdim``/``vdim`` differ from
+    ``embed_dim``)."""
+    if m._qkv_same_embed_dim:
+        weights = m.in_proj_weight.detach().chunk(3)
+    else:
+        weights = (m.q_proj_weight.detach(), m.k_proj_weight.detach(),
+                   m.v_proj_weight.detach())
+    biases = (None,) * 3 if m.in_proj_bias is None else m.in_proj_bias.detach().chunk(3)
+    return list(zip(weights, biases, strict=True))
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(N, L, E) -> (N, H, L, E / H)``."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A MultiheadAttention mask as logits to add: a boolean ``True`` (not attended) is
+    ``-inf``, a float mask is added as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mha_weights(m: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor,
+                 key_padding_mask: torch.Tensor | None,
+                 attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """``A = softmax(q k^T / sqrt(e) + M)`` per head, ``(N, H, L, S')`` from the projected
+    ``q`` ``(N, L, E)`` and ``k`` ``(N, S, E)``; ``S'`` counts the key of ``bias_k`` and the
+    zero key of ``add_zero_attn``, whose mask entries are 0."""
+    n, length, heads, keys = q.shape[0], q.shape[1], m.num_heads, k.shape[1]
+    if m.bias_k is not None:
+        k = torch.cat([k, m.bias_k.detach().to(k.dtype).expand(n, 1, -1)], dim=1)
+    kh = _heads(k, heads)
+    if m.add_zero_attn:
+        kh = F.pad(kh, (0, 0, 0, 1))
+    logits = (_heads(q, heads) @ kh.transpose(-2, -1)) / math.sqrt(kh.shape[-1])
+    extra = logits.shape[-1] - keys  # bias_k and the zero key: never masked
+    mask = _additive_mask(attn_mask, logits.dtype)
+    if mask is not None:
+        # (L, S) for all rows and heads, (N * H, L, S) per row and head
+        mask = mask.reshape(-1, heads, length, mask.shape[-1]) if mask.dim() == 3 else mask
+        logits = logits + F.pad(mask, (0, extra))
+    padding = _additive_mask(key_padding_mask, logits.dtype)
+    if padding is not None:
+        logits = logits + F.pad(padding, (0, extra))[:, None, None, :]
     return torch.softmax(logits, dim=-1)
 
 

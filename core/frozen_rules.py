@@ -187,6 +187,24 @@ def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
                             b.get("enable_gqa", False))
 
 
+_MHA_NAMES = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+              "average_attn_weights", "is_causal"]
+
+
+def multihead_attention_module(ctx: Any, args: tuple, kwargs: dict) -> tuple:
+    """``nn.MultiheadAttention`` with the attention weights frozen (eval semantics):
+    ``y = W_o concat_h(A_h V_h) + b_o`` with ``A_h = softmax(q_h k_h^T / sqrt(e) + M)`` a
+    constant, an affine map of the value input: ``d' =`` the module's output,
+    ``s' = |W_o| concat_h(A_h [|W_v| s_v + |b_v|; |bias_v|; 0]_h) + |b_o|``
+    (:func:`core.frozen.multihead_attention`). The result is the module's tuple
+    ``(output, weights)``; the weights (or None) are a constant."""
+    b = _bind(_MHA_NAMES, args, kwargs)
+    return frozen.multihead_attention(
+        ctx.module, b["query"], b["key"], b["value"], b.get("key_padding_mask"),
+        b.get("need_weights", True), b.get("attn_mask"), b.get("average_attn_weights", True),
+        b.get("is_causal", False))
+
+
 # --------------------------------------------------------------------------- freeze checks
 def always(what: str) -> Check:
     """A check that freezes unconditionally, described as ``what``."""
@@ -222,6 +240,18 @@ def instance_norm_check(node: fx.Node, carried: set, module: nn.Module | None) -
     b = _bind(_INSTANCE_NORM_NAMES, node.args, node.kwargs)
     exact = b.get("use_input_stats", True) is False and b.get("running_mean") is not None
     return None if exact else NORM_EACH
+
+
+def attention_module_check(node: fx.Node, carried: set,
+                           module: nn.Module | None) -> str | None:
+    """``nn.MultiheadAttention`` freezes its attention weights when the query, the key or
+    a mask is an activation; with all of them constant the weights are constants and the
+    module is an exact affine map of the value."""
+    b = _bind(_MHA_NAMES, node.args, node.kwargs)
+    sources = [b.get(n) for n in ("query", "key", "key_padding_mask", "attn_mask")]
+    if any(isinstance(s, fx.Node) and s in carried for s in sources):
+        return "attention weights softmax(q k^T / sqrt(e) + mask) frozen"
+    return None
 
 
 NORM_EACH = "1 / std of every channel of every sample frozen"
@@ -262,8 +292,10 @@ STEP = always("step function (comparison, sign) frozen to its mask")
 
 # (rule, freeze check, shift point, constant result). Shift point (stabiliser and alpha shift
 # after it): "unit" for elementwise units (SplitLRP passes relevance through them, as through
-# ReLU), "mixing" for normalisations and attention (SplitLRP's epsilon rule), "" for none.
-# Every frozen operation whose result is a split pair is a shift point.
+# ReLU), "mixing" for normalisations and attention (SplitLRP's epsilon rule), "" for none
+# (SplitLRP's epsilon rule where the result holds a pair). Frozen operations whose result is
+# a split pair are shift points, GLU excepted; nn.MultiheadAttention returns a tuple
+# (output, weights), which the stabiliser and the alpha shift do not act on: not one.
 FUNCTION_RULES: dict[Any, tuple[Rule, Check, str, bool]] = {
     fn: (secant_function(name, impl, names), SECANT, "unit", False)
     for fn, (name, impl, names) in _SECANT_FUNCTIONS.items()
@@ -293,4 +325,6 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
     (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),
+    ((nn.MultiheadAttention,), (multihead_attention_module, attention_module_check, "",
+                                False)),
 ]
