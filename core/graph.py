@@ -12,7 +12,7 @@ from torch import nn
 
 from core import rules
 from core.errors import UnsupportedOperation
-from core.record import input_dependent, module_input
+from core.record import COMPOSITE_MODULES, input_dependent, module_input
 from core.twin import module_twin
 
 
@@ -43,7 +43,8 @@ _ATOMS = frozenset({type(None), bool, int, float, str})
 class _SplitTracer(fx.Tracer):
     """A tracer that bypasses hooks of traced-through modules and records container outputs.
 
-    Leaf modules follow torch.fx's default (every ``torch.nn`` module but the containers).
+    Leaf modules follow torch.fx's default (every ``torch.nn`` module but the containers),
+    except the compositions of :data:`core.record.COMPOSITE_MODULES` (traced through).
     For each module that is traced through, the nodes of its tensor arguments and of its
     output are recorded so that any name of ``named_modules()`` can be probed; each leaf
     module called, by its path.
@@ -105,7 +106,8 @@ class _SplitTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
         leaf = self._leaf_types.get(type(m))
         if leaf is None:  # fx decides by the class (its module and Sequential)
-            leaf = self._leaf_types[type(m)] = super().is_leaf_module(m, module_qualified_name)
+            leaf = self._leaf_types[type(m)] = super().is_leaf_module(
+                m, module_qualified_name) and not isinstance(m, COMPOSITE_MODULES)
         return leaf
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 - fx's signature

@@ -142,11 +142,20 @@ def _basic_index(index: Any) -> bool:
     return all(i is None or i is Ellipsis or type(i) in (int, slice) for i in items)
 
 
+# torch.nn modules that are compositions of other torch.nn modules (attention, Linear,
+# LayerNorm, activation functions) and that the split follows inside: their forward's
+# fast paths (torch._transformer_encoder_layer_fwd) are not taken while recording (the
+# recording is a torch function mode), and tracing them symbolically fails on their checks
+# of the input, so they are recorded
+COMPOSITE_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+
 def is_leaf_module(module: nn.Module) -> bool:
-    """torch.fx's default: ``torch.nn``'s own modules except containers."""
+    """torch.fx's default: ``torch.nn``'s own modules except containers; and except the
+    compositions of ``COMPOSITE_MODULES`` (``nn.TransformerEncoder`` and its layers)."""
     name = type(module).__module__
     return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
-        module, nn.Sequential | nn.ModuleList | nn.ModuleDict)
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, *COMPOSITE_MODULES))
 
 
 @dataclass

@@ -4,8 +4,8 @@ value path split exactly.
 Checked in float64 against torch's own module: ``g - h`` is the model's output to 1e-12, and
 the input sensitivity is the gradient of the *frozen* model -- the model with the attention
 weights replaced by the constant weights that torch's module returns with
-``need_weights=True, average_attn_weights=False`` -- to 1e-10; also a tiny torchvision
-ViT.
+``need_weights=True, average_attn_weights=False`` -- to 1e-10; also
+``nn.TransformerEncoder`` (traced through) and a tiny torchvision ViT.
 """
 
 from __future__ import annotations
@@ -329,6 +329,32 @@ def test_relevance_runs_and_is_conserved():
 
 
 # --------------------------------------------------------------------------- models
+def _encoder(norm_first: bool) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.1, activation="relu",
+                                       batch_first=True, norm_first=norm_first)
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                         nn.Flatten(), nn.Linear(E * L, 3))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder(norm_first):
+    torch.manual_seed(9)
+    model = _encoder(norm_first).double().eval()
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    sm, warned = _split(model, x)
+    assert "MultiheadAttention" in warned
+    listed = " ".join(sm.frozen_operations(x))
+    assert "0.layers.1.self_attn" in listed and "0.layers.1.norm2" in listed
+    g, h = sm(x)
+    with torch.no_grad():
+        want = model(x)  # torch's fast path of the encoder layers
+    torch.testing.assert_close(g - h, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+    p = sm.sensitivities(x, 1, ["input", "0.layers.0.self_attn:0"])
+    assert all(torch.isfinite(q.g).all() for q in p.values())
+    rel = sm.relevance(x, F.one_hot(torch.tensor([0, 1, 2]), 3).double())
+    assert torch.isfinite(rel["input"].comb).all()
+
+
 def test_tiny_torchvision_vit():
     torch.manual_seed(10)
     model = torchvision.models.VisionTransformer(
