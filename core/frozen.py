@@ -313,11 +313,16 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: A
     qd, kd, vd = (t.d if isinstance(t, Pair) else t for t in (query, key, value))
     kpm = key_padding_mask.d if isinstance(key_padding_mask, Pair) else key_padding_mask
     mask = attn_mask.d if isinstance(attn_mask, Pair) else attn_mask
-    with torch.no_grad():  # the model's own result (and weights, as the module returns them)
-        out, weights = m.forward(qd, kd, vd, key_padding_mask=kpm, need_weights=need_weights,
+    # the model's own result (and weights, as the module returns them), by the path a call
+    # with gradients takes (torch's fused inference path, taken without them, rounds
+    # differently); inputs detached once each, so that `query is key is value` still holds
+    plain = {id(t): t.detach() for t in (qd, kd, vd)}
+    with torch.enable_grad():
+        out, weights = m.forward(plain[id(qd)], plain[id(kd)], plain[id(vd)],
+                                 key_padding_mask=kpm, need_weights=need_weights,
                                  attn_mask=mask, average_attn_weights=average_attn_weights,
                                  is_causal=is_causal)
-    weights = None if weights is None else weights.detach()
+    out, weights = out.detach(), None if weights is None else weights.detach()
     if not isinstance(value, Pair):
         return out.detach(), weights
     batched = qd.dim() == 3

@@ -360,11 +360,14 @@ def test_tiny_torchvision_vit():
     model = torchvision.models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
         num_classes=5).double().eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
+    nn.init.normal_(model.heads.head.bias)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     sm, warned = _split(model)
     assert "self_attention" in " ".join(sm.frozen_operations())
     g, h = sm(x)
     want = model(x)
+    assert want.abs().min() > 1e-3
     torch.testing.assert_close(g - h, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
     p = sm.sensitivities(x, 3, ["input"])["input"]
     assert torch.isfinite(p.g).all() and not p.exact
@@ -381,3 +384,28 @@ def test_the_users_model_is_unchanged():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["batch_first", "need_weights_false", "bias_kv", "vit"])
+def test_float32_output_is_the_modules_bit_for_bit(name):
+    """The d stream is the module's own output by the path a call with gradients takes (it
+    was torch's fused inference path, which rounds differently in float32): the attention
+    output, and a ViT's logits, are the model's bit for bit."""
+    if name == "vit":
+        torch.manual_seed(11)
+        model = torchvision.models.VisionTransformer(
+            image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16,
+            mlp_dim=32, num_classes=5).eval()
+        nn.init.normal_(model.heads.head.weight)
+        x = torch.randn(2, 3, 32, 32)
+    else:
+        model = _model(name).float()
+        x = torch.randn(N, L, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = core.split(model, nonlinear="freeze")
+    if name == "vit":
+        assert torch.equal(sm.forward_pairs(x).d, model(x))
+    else:
+        p = sm.sensitivities(x, 0, ["attn:0"])["attn:0"]
+        assert torch.equal(p.activation, model.attn(x, x, x, **model.options())[0])
