@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, resolve_inplace, trace
-from core.record import RANDOM, argument_tensors, record
+from core.record import RANDOM, InputDependent, argument_tensors, record
 from core.registry import TABLE, FunctionName
 
 
@@ -317,10 +317,7 @@ def _kept_call(graph: fx.Graph) -> Any:
             and not FunctionName.of(n.target).startswith("torch.")]
     if not kept:
         return None
-    dependent: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
+    dependent = InputDependent(graph, 1)
     return next((n.target for n in kept if n in dependent), None)
 
 

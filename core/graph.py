@@ -12,7 +12,7 @@ from torch import nn
 
 from core import rules
 from core.errors import UnsupportedOperation
-from core.record import COMPOSITE_MODULES, input_dependent, module_input
+from core.record import COMPOSITE_MODULES, InputDependent, module_input
 from core.twin import module_twin
 
 
@@ -383,7 +383,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
     except UnsupportedOperation as err:  # eager recording follows writes into slices
         raise TraceFailure(*err.args) from None
     nodes = list(graph.nodes)
-    dependent = input_dependent(graph, 1)  # the nodes computed from the input
+    dependent = InputDependent(graph, 1)  # the nodes computed from the input
     outputs: dict[str, fx.Node] = {}
     inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = {}
     for node in nodes:

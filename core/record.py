@@ -93,21 +93,32 @@ def module_input(arguments: list[Any], dependent: Any) -> Any:
     (``in``).
     """
     unique = list(dict.fromkeys(arguments))
+    if len(unique) < 2:  # the one argument (whether it depends on the input or not)
+        return unique[0] if unique else None
     on_input = [a for a in unique if a in dependent]
     if len(on_input) > 1:
         return tuple(on_input)
     return on_input[0] if on_input else (unique[0] if unique else None)
 
 
-def input_dependent(graph: fx.Graph, inputs: int) -> set[fx.Node]:
+class InputDependent:
     """The nodes of ``graph`` computed from its first ``inputs`` placeholders (the split
-    inputs; further placeholders are arguments that are not split)."""
-    seeds = [n for n in graph.nodes if n.op == "placeholder"][:inputs]
-    dependent = set(seeds)
-    for node in graph.nodes:
-        if any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
+    inputs; further placeholders are arguments that are not split), as a set that is
+    computed at its first use (``node in dependent``): a pass over the graph that most
+    captures never need."""
+
+    def __init__(self, graph: fx.Graph, inputs: int) -> None:
+        self.graph, self.inputs = graph, inputs
+        self._nodes: set[fx.Node] | None = None
+
+    def __contains__(self, node: object) -> bool:
+        if self._nodes is None:
+            seeds = [n for n in self.graph.nodes if n.op == "placeholder"][: self.inputs]
+            self._nodes = dependent = set(seeds)
+            for n in self.graph.nodes:
+                if any(a in dependent for a in n.all_input_nodes):
+                    dependent.add(n)
+        return node in self._nodes
 
 
 def _ordered_tensors(value: Any) -> list[torch.Tensor]:
@@ -495,7 +506,7 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
         raise recorder.refusal
     value = recorder.node_of(out)
     recorder.graph.output(value)
-    on_input = input_dependent(recorder.graph, len(inputs))
+    on_input = InputDependent(recorder.graph, len(inputs))
     module_inputs = {name: module_input(arguments, on_input)
                      for name, arguments in recorder.module_arguments.items()}
     return Recording(recorder.graph, value, recorder.module_outputs, module_inputs,
