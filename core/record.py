@@ -155,15 +155,19 @@ def _basic_index(index: Any) -> bool:
 
 # torch.nn modules that are compositions of other torch.nn modules (attention, Linear,
 # LayerNorm, activation functions) and that the split follows inside: their forward's
-# fast paths (torch._transformer_encoder_layer_fwd) are not taken while recording (the
-# recording is a torch function mode), and tracing them symbolically fails on their checks
-# of the input, so they are recorded
-COMPOSITE_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+# fast paths (torch._transformer_encoder_layer_fwd, the encoder's nested tensors) are not
+# taken while recording (the recording is a torch function mode), and tracing them
+# symbolically fails on their checks of the input (nn.Transformer's batch and feature
+# checks, the decoder's and encoder's tgt.is_nested and causal-mask detection), so a model
+# holding them is recorded; a TransformerDecoderLayer alone has neither and is traced
+COMPOSITE_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+                     nn.TransformerDecoderLayer, nn.Transformer)
 
 
 def is_leaf_module(module: nn.Module) -> bool:
     """torch.fx's default: ``torch.nn``'s own modules except containers; and except the
-    compositions of ``COMPOSITE_MODULES`` (``nn.TransformerEncoder`` and its layers)."""
+    compositions of ``COMPOSITE_MODULES`` (``nn.Transformer``, its encoder, decoder and
+    their layers)."""
     name = type(module).__module__
     return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, *COMPOSITE_MODULES))

@@ -5,12 +5,15 @@ Checked in float64 against torch's own module: ``g - h`` is the model's output t
 the input sensitivity is the gradient of the *frozen* model -- the model with the attention
 weights replaced by the constant weights that torch's module returns with
 ``need_weights=True, average_attn_weights=False`` -- to 1e-10; also
-``nn.TransformerEncoder`` (traced through) and a tiny torchvision ViT.
+``nn.TransformerEncoder`` (traced through), ``nn.TransformerDecoderLayer``,
+``nn.TransformerDecoder`` and ``nn.Transformer`` (against a functional copy of them with the
+attention weights and LayerNorm's ``1 / std`` detached) and a tiny torchvision ViT.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -353,6 +356,233 @@ def test_transformer_encoder(norm_first):
     assert all(torch.isfinite(q.g).all() for q in p.values())
     rel = sm.relevance(x, F.one_hot(torch.tensor([0, 1, 2]), 3).double())
     assert torch.isfinite(rel["input"].comb).all()
+
+
+# --------------------------------------------------------------------------- decoders
+# A functional copy of torch's transformer layers (batch-first, float masks) with the
+# attention weights softmax(q k^T / sqrt(e) + mask) and LayerNorm's 1 / std detached: the
+# frozen model, whose autograd gradient the input sensitivity g - h must equal.
+def _frozen_norm(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    centred = x - x.mean(-1, keepdim=True)
+    inverse = (centred.square().mean(-1, keepdim=True) + m.eps).rsqrt().detach()
+    return centred * inverse * m.weight + m.bias
+
+
+def _frozen_attention(m: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = m.in_proj_bias.chunk(3)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:            # (N, T, E) -> (N, H, T, E / H)
+        return t.unflatten(-1, (m.num_heads, m.head_dim)).transpose(1, 2)
+
+    scores = heads(q @ w_q.T + b_q) @ heads(kv @ w_k.T + b_k).transpose(-1, -2)
+    scores = scores / m.head_dim ** 0.5 + (0 if mask is None else mask)
+    weights = scores.softmax(-1).detach()
+    mixed = (weights @ heads(kv @ w_v.T + b_v)).transpose(1, 2).flatten(2)
+    return m.out_proj(mixed)
+
+
+def _frozen_encoder_layer(m: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    def sa(t: torch.Tensor) -> torch.Tensor:
+        return _frozen_attention(m.self_attn, t, t, None)
+
+    def ff(t: torch.Tensor) -> torch.Tensor:
+        return m.linear2(m.activation(m.linear1(t)))
+
+    if m.norm_first:
+        x = x + sa(_frozen_norm(m.norm1, x))
+        return x + ff(_frozen_norm(m.norm2, x))
+    x = _frozen_norm(m.norm1, x + sa(x))
+    return _frozen_norm(m.norm2, x + ff(x))
+
+
+def _frozen_decoder_layer(m: nn.TransformerDecoderLayer, x: torch.Tensor,
+                          memory: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def sa(t: torch.Tensor) -> torch.Tensor:
+        return _frozen_attention(m.self_attn, t, t, mask)
+
+    def ca(t: torch.Tensor) -> torch.Tensor:
+        return _frozen_attention(m.multihead_attn, t, memory, None)
+
+    def ff(t: torch.Tensor) -> torch.Tensor:
+        return m.linear2(m.activation(m.linear1(t)))
+
+    if m.norm_first:
+        x = x + sa(_frozen_norm(m.norm1, x))
+        x = x + ca(_frozen_norm(m.norm2, x))
+        return x + ff(_frozen_norm(m.norm3, x))
+    x = _frozen_norm(m.norm1, x + sa(x))
+    x = _frozen_norm(m.norm2, x + ca(x))
+    return _frozen_norm(m.norm3, x + ff(x))
+
+
+def _frozen_stack(stack: nn.TransformerEncoder | nn.TransformerDecoder, x: torch.Tensor,
+                  *memory_and_mask: torch.Tensor | None) -> torch.Tensor:
+    for layer in stack.layers:
+        if isinstance(layer, nn.TransformerDecoderLayer):
+            x = _frozen_decoder_layer(layer, x, *memory_and_mask)
+        else:
+            x = _frozen_encoder_layer(layer, x)
+    return x if stack.norm is None else _frozen_norm(stack.norm, x)
+
+
+def _causal(n: int) -> torch.Tensor:
+    return nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.float64)
+
+
+class _DecoderNet(nn.Module):
+    """``x (N, S, E)``: memory ``relu(W x)`` (or a TransformerEncoder of ``x``), target
+    ``V x[:, :L]``; a decoder layer (or a TransformerDecoder with a causal target mask),
+    then a linear head and the mean over tokens."""
+
+    def __init__(self, norm_first: bool, layers: int | None = None) -> None:
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(E, HEADS, 16, dropout=0.1, batch_first=True,
+                                           norm_first=norm_first)
+        self.stacked = layers is not None
+        if self.stacked:
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.1, batch_first=True), 1,
+                enable_nested_tensor=False)
+            self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(E))
+            self.register_buffer("mask", _causal(L))
+        else:
+            self.memory = nn.Linear(E, E)
+            self.decoder = layer
+        self.target = nn.Linear(E, E)
+        self.head = nn.Linear(E, 3)
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target(x[:, :L]), (None if self.stacked else torch.relu(self.memory(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tgt, memory = self.parts(x)
+        if self.stacked:
+            return self.head(self.decoder(tgt, self.encoder(x), tgt_mask=self.mask)).mean(1)
+        return self.head(self.decoder(tgt, memory)).mean(1)
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        tgt, memory = self.parts(x)
+        if self.stacked:
+            y = _frozen_stack(self.decoder, tgt, _frozen_stack(self.encoder, x), self.mask)
+        else:
+            y = _frozen_decoder_layer(self.decoder, tgt, memory, None)
+        return self.head(y).mean(1)
+
+
+def _check_frozen_gradient(sm: core.SplitModel, inputs: tuple[torch.Tensor, ...],
+                           frozen: Callable[..., torch.Tensor], target: int) -> None:
+    """The input sensitivities' g - h against autograd through the frozen copy."""
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    grads = torch.autograd.grad(frozen(*leaves)[:, target].sum(), leaves)
+    probes = sm.sensitivities(inputs if len(inputs) > 1 else inputs[0], target, ["input"],
+                              alpha=0.3)["input"]
+    probes = probes if isinstance(probes, tuple) else (probes,)
+    assert len(probes) == len(inputs)
+    for p, grad in zip(probes, grads, strict=True):
+        assert torch.isfinite(p.g).all() and torch.isfinite(p.h).all() and not p.exact
+        torch.testing.assert_close(p.g - p.h, grad, rtol=1e-10, atol=1e-12)
+        assert grad.abs().max() > 1e-3  # the input reaches the output through the frozen model
+
+
+def _check_output(g: torch.Tensor, h: torch.Tensor, want: torch.Tensor) -> None:
+    assert want.abs().min() > 1e-3
+    torch.testing.assert_close(g - h, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_decoder_layer(norm_first):
+    """Was 'TransformerDecoderLayer is not piecewise linear or has no split-pair rule'."""
+    torch.manual_seed(12)
+    model = _DecoderNet(norm_first).double().eval()
+    x = torch.randn(N, S, E, dtype=torch.float64)
+    sm, warned = _split(model, x)
+    listed = " ".join(sm.frozen_operations(x))
+    assert "'decoder.self_attn'" in listed and "'decoder.multihead_attn'" in listed
+    assert "'decoder.norm3'" in listed
+    g, h = sm(x)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(model.frozen(x), want, rtol=1e-12, atol=1e-14)
+    _check_output(g, h, want)
+    _check_frozen_gradient(sm, (x,), model.frozen, 1)
+    p = sm.sensitivities(x, 2, ["decoder.multihead_attn:0", "decoder"])
+    assert all(torch.isfinite(q.g).all() for q in p.values())
+    with pytest.raises(core.SeveralInputsError, match="'decoder:input'"):  # tgt and memory
+        sm.sensitivities(x, 2, ["decoder:input"])
+    rel = sm.relevance(x, F.one_hot(torch.tensor([0, 1, 2]), 3).double())
+    assert torch.isfinite(rel["input"].comb).all()
+
+
+def test_transformer_decoder_with_a_causal_mask_and_an_encoder():
+    """Two decoder layers (and the decoder's final LayerNorm) on the memory of a
+    TransformerEncoder of the same input, the target masked causally
+    (``generate_square_subsequent_mask``; torch detects it and passes ``is_causal``)."""
+    torch.manual_seed(13)
+    model = _DecoderNet(False, layers=2).double().eval()
+    x = torch.randn(N, S, E, dtype=torch.float64)
+    sm, warned = _split(model, x)
+    listed = " ".join(sm.frozen_operations(x))
+    for name in ("encoder.layers.0.self_attn", "decoder.layers.1.self_attn",
+                 "decoder.layers.1.multihead_attn", "decoder.norm'"):
+        assert name in listed
+    g, h = sm(x)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(model.frozen(x), want, rtol=1e-12, atol=1e-14)
+    _check_output(g, h, want)
+    _check_frozen_gradient(sm, (x,), model.frozen, 0)
+    # the mask matters: without it the output differs
+    with torch.no_grad():
+        unmasked = model.head(model.decoder(model.parts(x)[0], model.encoder(x))).mean(1)
+    assert (unmasked - want).abs().max() > 1e-3
+
+
+class _Seq2Seq(nn.Module):
+    """``forward(src, tgt)`` through ``nn.Transformer`` with a causal target mask made in
+    the forward; two tensor inputs, each split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(E, HEADS, 1, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        mask = _causal(tgt.shape[1]).to(tgt.dtype)
+        return self.head(self.transformer(src, tgt, tgt_mask=mask)).mean(1)
+
+    def frozen(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        memory = _frozen_stack(t.encoder, src)
+        return self.head(_frozen_stack(t.decoder, tgt, memory, _causal(tgt.shape[1]))).mean(1)
+
+
+def test_transformer_with_two_inputs():
+    """Was 'Transformer is not piecewise linear or has no split-pair rule'."""
+    torch.manual_seed(14)
+    model = _Seq2Seq().double().eval()
+    src = torch.randn(N, S, E, dtype=torch.float64)
+    tgt = torch.randn(N, L, E, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="froze"):
+        sm = core.split(model, nonlinear="freeze")
+        g, h = sm((src, tgt))
+    listed = " ".join(sm.frozen_operations((src, tgt)))
+    assert "transformer.encoder.layers.0.self_attn" in listed
+    assert "transformer.decoder.layers.1.multihead_attn" in listed
+    with torch.no_grad():
+        want = model(src, tgt)
+        torch.testing.assert_close(model.frozen(src, tgt), want, rtol=1e-12, atol=1e-14)
+    _check_output(g, h, want)
+    _check_frozen_gradient(sm, (src, tgt), model.frozen, 2)
+    p = sm.sensitivities((src, tgt), 1, ["input:1", "transformer.encoder"])
+    assert p["input:1"].g.shape == tgt.shape
+    assert torch.isfinite(p["transformer.encoder"].g).all()
+
+
+def test_transformer_decoder_refused_without_freeze():
+    with pytest.raises(core.UnsupportedOperation, match="nonlinear='freeze'"):
+        core.split(_DecoderNet(False).double().eval())
 
 
 def test_tiny_torchvision_vit():
