@@ -60,7 +60,7 @@ _QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_devic
             "is_contiguous", "element_size", "stride", "shape", "dtype", "device", "ndim",
             "is_cuda", "requires_grad", "layout", "__len__", "is_floating_point",
             "is_complex", "data_ptr", "storage_offset", "is_leaf", "grad_fn", "names",
-            "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order"}
+            "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order", "is_nested"}
 _STATE = threading.local()
 RANDOM = frozenset({
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",

@@ -580,6 +580,24 @@ def test_transformer_with_two_inputs():
     assert torch.isfinite(p["transformer.encoder"].g).all()
 
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_transformer_stacks_are_recorded_once(kind):
+    """TransformerEncoder and TransformerDecoder read ``tgt.is_nested`` (torch's
+    ``_get_seq_len``), a layout fixed by the input's signature: the recorded graph is kept
+    for the next call (it was recorded again at every call, as for a value read as a
+    number)."""
+    torch.manual_seed(15)
+    model = (_encoder(False) if kind == "encoder" else _DecoderNet(False, layers=1)).double()
+    x = torch.randn(N, L if kind == "encoder" else S, E, dtype=torch.float64)
+    sm, _ = _split(model.eval(), x)
+    assert sm.capture.cached == 1
+    y = torch.randn_like(x)
+    g, h = sm(y)
+    assert sm.capture.cached == 1
+    with torch.no_grad():
+        torch.testing.assert_close(g - h, model(y), rtol=1e-12, atol=1e-12)
+
+
 def test_transformer_decoder_refused_without_freeze():
     with pytest.raises(core.UnsupportedOperation, match="nonlinear='freeze'"):
         core.split(_DecoderNet(False).double().eval())
