@@ -178,8 +178,10 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         if carry:
             carried.add(node)
             step.carries = True
+        factors = rule.factor_operands(node)
         step.mass_linear = rule.mass_linear and (
-            rule.lrp != "product" or _operands_in(node, carried) <= 1)
+            rule.lrp != "product" or _operands_in(node, carried) <= 1
+            or (factors is not None and _operands_in(factors, carried) <= 1))
         if rule.activation:
             step.shift_name = node.target if op == "call_module" else node.name
     for node, step in steps.items():
@@ -191,11 +193,12 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
     return steps
 
 
-def _operands_in(node: fx.Node, carried: set[fx.Node]) -> int:
-    """How many operands of ``node`` are carried nodes (``x * x`` counts twice)."""
+def _operands_in(node: fx.Node | list, carried: set[fx.Node]) -> int:
+    """How many operands of ``node`` (or how many of the arguments in a list) are carried
+    nodes (``x * x`` counts twice)."""
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs),
-                    lambda a: found.append(a) if a in carried else None)
+    values = node if isinstance(node, list) else (node.args, node.kwargs)
+    fx.node.map_arg(values, lambda a: found.append(a) if a in carried else None)
     return len(found)
 
 

@@ -94,9 +94,12 @@ def _kind(split: SplitModel, step: Step, activation_rule: str, residual: str,
         return "structural"
     if rule.lrp == "product":
         # a product of two activations: the epsilon rule through the four products hands
-        # each factor the full relevance, so it is shared evenly (1/n for a ** n)
-        operands = [v for a in step.node.args
-                    for v in (a if isinstance(a, (list, tuple)) else [a])]
+        # each factor the full relevance, so it is shared evenly (1/n for a ** n); where
+        # the rule names its factors (addmm's mat1 and mat2), only they count
+        operands = rule.factor_operands(step.node)
+        if operands is None:
+            operands = [v for a in step.node.args
+                        for v in (a if isinstance(a, (list, tuple)) else [a])]
         pairs = sum(isinstance(records.get(v), Pair) for v in operands
                     if isinstance(v, fx.Node))
         return "product" if _exponent(step) is not None or pairs > 1 else "epsilon"
@@ -242,11 +245,24 @@ def relevance(
     return result
 
 
-def _args_with(node: fx.Node, records: dict, variables: dict) -> tuple[tuple, dict]:
-    def value(n: fx.Node) -> Any:
-        return variables.get(n, records.get(n))
+def _args_with(node: fx.Node, records: dict, variables: dict,
+               factors: tuple[tuple[int, str], ...] | None = None,
+               others: dict | None = None) -> tuple[tuple, dict]:
+    """The node's arguments with its input nodes replaced by ``variables``; with
+    ``factors`` (positions and keywords), the arguments elsewhere take ``others`` instead
+    (own leaves, so that their relevance is told apart from the factors')."""
+    def mapper(table: dict) -> Any:
+        return lambda n: table.get(n, records.get(n))
 
-    return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+    if factors is None or others is None:
+        value = mapper(variables)
+        return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+    positions, keys = {i for i, _ in factors}, {k for _, k in factors}
+    args = tuple(fx.node.map_arg(a, mapper(variables if i in positions else others))
+                 for i, a in enumerate(node.args))
+    kwargs = {k: fx.node.map_arg(v, mapper(variables if k in keys else others))
+              for k, v in node.kwargs.items()}
+    return args, kwargs
 
 
 def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, epsilon,
@@ -271,9 +287,14 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
     if kind == "even":
         _even(first, r, records, rel)
         return
+    # a product's factors share the relevance (1/n each); where the rule names its factors
+    # (addmm), the other operands (the added input) have their own leaves and keep theirs
+    share = 1 / (_exponent(first) or 2) if kind == "product" else 1.0
+    factors = first.rule.factors if kind == "product" else None
     with torch.enable_grad():
         variables = {n: _variable(records[n]) for n in inputs}
-        args, kwargs = _args_with(first.node, records, variables)
+        others = None if factors is None else {n: _variable(records[n]) for n in inputs}
+        args, kwargs = _args_with(first.node, records, variables, factors, others)
         out = interp.run_rule(first, args, kwargs)
         for later in chain[1:]:
             rest = tuple(later.node.args[1:])
@@ -291,14 +312,18 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
             tensors += [o.d, o.s]
             coef_pos += [cp / 2, cp / 2]  # z+ = (s + d) / 2
             coef_neg += [-cn / 2, cn / 2]  # z- = (s - d) / 2
-        # (input node, element index or None, its pair) for every pair that enters the step
-        entering = [(n, i, p) for n in inputs for i, p in _pairs(records[n])]
-        leaves = [variables[n] if i is None else variables[n][i] for n, i, _ in entering]
+        # (input node, element index or None, its pair, its leaves, its share) for every
+        # pair that enters the step
+        entering = [(n, i, p, variables[n], share) for n in inputs for i, p in _pairs(records[n])]
+        if others is not None:
+            entering += [(n, i, p, others[n], 1.0) for n in inputs
+                         for i, p in _pairs(records[n])]
+        leaves = [v if i is None else v[i] for _, i, _, v, _ in entering]
         wrt = [t for leaf in leaves for t in (leaf.d, leaf.s)]
         from_pos = torch.autograd.grad(tensors, wrt, coef_pos, retain_graph=True,
                                        allow_unused=True)
         from_neg = torch.autograd.grad(tensors, wrt, coef_neg, allow_unused=True)
-    for k, (n, i, pair) in enumerate(entering):
+    for k, (n, i, pair, _, part) in enumerate(entering):
         jp = jn = None
         for got in (from_pos, from_neg):
             gd = _zero_if_none(got[2 * k], pair.d)
@@ -308,9 +333,8 @@ def _propagate(interp: SplitInterpreter, chain: list[Step], r, records, rel, eps
             jn = gs - gd if jn is None else jn + (gs - gd)
         if kind in ("epsilon", "product"):
             jp, jn = pair.pos * jp, pair.neg * jn
-        if kind == "product":
-            share = 1 / (_exponent(first) or 2)
-            jp, jn = jp * share, jn * share
+        if part != 1.0:
+            jp, jn = jp * part, jn * part
         _add(rel, n, (jp, jn) if i is None else {i: (jp, jn)})
 
 

@@ -44,6 +44,13 @@ engine matches operations by identity or by name:
     For a ``"product"`` rule that raises one activation to a power (``a ** n``,
     ``a.square()``): ``exponent(node) -> int | None``, the power at that graph node (None:
     not an integer >= 1). SplitLRP shares the relevance evenly among the ``n`` factors.
+``factors``
+    For a ``"product"`` rule whose operands are not all factors of the product
+    (``torch.addmm(input, mat1, mat2) = beta input + alpha mat1 @ mat2``): the factors'
+    ``(position, keyword)`` in the call, ``((1, "mat1"), (2, "mat2"))``. SplitLRP then shares
+    the relevance evenly between the factors only where both are activations, and the other
+    operands (the added ``input``) keep their epsilon-rule share; ``mass_linear`` then needs at
+    most one factor that is a pair. None: every operand is a factor.
 ``merge``
     The part an operation plays in BatchNorm merging (``merge_batchnorm=True``):
     ``"affine"`` (a layer whose bias a BatchNorm right after it may take over) or
@@ -146,6 +153,7 @@ class Rule:
     exponent: Callable[[Any], int | None] | None = None
     merge: str | None = None
     refuses: Callable[[Any, Any], str | None] | None = None
+    factors: tuple[tuple[int, str], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.lrp not in LRP_KINDS:
@@ -154,6 +162,8 @@ class Rule:
             raise ValueError(f"merge={self.merge!r} is not None, 'affine' or 'batchnorm'")
         if (self.lrp == "sum") != (self.signs is not None):
             raise ValueError("a rule with lrp='sum' needs signs, and only such a rule")
+        if self.factors is not None and self.lrp != "product":
+            raise ValueError("factors are for a rule with lrp='product' only")
 
     def __call__(self, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         return self.fn(ctx, args, kwargs)
@@ -162,6 +172,15 @@ class Rule:
     def name(self) -> str:
         """The rule function's name."""
         return getattr(self.fn, "__name__", repr(self.fn))
+
+    def factor_operands(self, node: Any) -> list[Any] | None:
+        """The factors of a product at the graph node ``node`` (its arguments at the
+        positions or keywords of ``factors``; None where ``factors`` is None: every operand
+        is a factor)."""
+        if self.factors is None:
+            return None
+        return [node.args[i] if i < len(node.args) else node.kwargs.get(key)
+                for i, key in self.factors]
 
     @property
     def structural(self) -> bool:
@@ -259,13 +278,14 @@ def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu
              constant: bool = False, mass_linear: bool = False,
              exponent: Callable[[Any], int | None] | None = None, merge: str | None = None,
              refuses: Callable[[Any, Any], str | None] | None = None,
+             factors: tuple[tuple[int, str], ...] | None = None,
              ) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 
     def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
         rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
                                                    freezes, constant, mass_linear, exponent,
-                                                   merge, refuses)
+                                                   merge, refuses, factors)
         for target in targets:
             TABLE.add(target, rule)
         return rule

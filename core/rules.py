@@ -281,13 +281,16 @@ def matmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.matmul(a, b.d), torch.matmul(ctx.weight_abs(a), b.s))
 
 
-@register(torch.addmm, "addmm")
+@register(torch.addmm, "addmm", lrp="product", mass_linear=True,
+          factors=((1, "mat1"), (2, "mat2")))
 def addmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.addmm(x, a, b, beta=beta, alpha=alpha) = beta x + alpha a @ b`` (a Linear
     written as ``torch.addmm(bias, x, W.t())``): ``d' = addmm(d_x, d_a, d_b, beta, alpha)``,
     ``s' = addmm(s_x, s_a, s_b, |beta|, |alpha|)``, with a constant ``c`` as ``(c, |c|)``
     (``|W|`` for a constant matrix) and the product rule where both matrices are
-    activations."""
+    activations. SplitLRP treats it as ``matmul`` does: where both matrices are activations
+    each gets half of the relevance that reaches the product (``beta x + alpha a @ b``
+    written out); the added ``x`` keeps its epsilon-rule share."""
     b = dict(zip(["input", "mat1", "mat2"], args, strict=False)) | kwargs
     beta, alpha = b.get("beta", 1), b.get("alpha", 1)
     static_args(ctx, (beta, alpha), "addmm")

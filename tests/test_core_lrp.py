@@ -143,3 +143,52 @@ def test_relevance_through_tuples_of_pieces_equals_the_concatenation():
     for name in ("input", "a", "b"):
         torch.testing.assert_close(got[name].pos, want[name].pos, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got[name].neg, want[name].neg, rtol=1e-12, atol=1e-14)
+
+
+class _AddMM(nn.Module):
+    """``beta c + alpha A(x) @ B(x)`` for one sample (``x`` of shape ``(1, 4)``): ``A(x)`` of
+    shape ``(1, 3)``, ``B(x)`` of shape ``(3, 2)``, ``c`` a constant bias, an activation
+    ``C(x)``, or (``constant_b``) ``B`` a constant matrix; as ``torch.addmm`` or written out
+    (``c + A @ B``)."""
+
+    def __init__(self, written_out: bool, addend: str = "bias", constant_b: bool = False,
+                 beta: float = 1.0, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.written_out, self.addend, self.constant_b = written_out, addend, constant_b
+        self.beta, self.alpha = beta, alpha
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 6)
+        self.c = nn.Linear(4, 2)
+        self.w = nn.Parameter(torch.randn(3, 2))
+        self.bias = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = self.w if self.constant_b else torch.relu(self.b(x)).view(3, 2)
+        c = self.bias if self.addend == "bias" else self.c(x)
+        if self.written_out:
+            return self.beta * c + self.alpha * (a @ b)
+        return torch.addmm(c, a, b, beta=self.beta, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("case", [
+    {}, {"beta": -0.5, "alpha": 2.0}, {"addend": "activation"},
+    {"addend": "activation", "constant_b": True}])
+def test_addmm_relevance_is_that_of_the_sum_written_out(case):
+    """Was the plain epsilon rule: where both matrices are activations each got the full
+    relevance of the product (twice that of ``c + A @ B``); the added ``c`` keeps its
+    epsilon share and a constant matrix takes none (no halving). epsilon 0 and the
+    proportional residual rule: the written-out sum then applies the same ratios."""
+    torch.manual_seed(3)
+    models = [_AddMM(out, **case).double().eval() for out in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(1, 4, dtype=torch.float64)
+    seed = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+    layers = ["a"] + ["b"] * (not case.get("constant_b", False)) + ["c"] * ("addend" in case)
+    rel = [core.split(m).relevance(x, seed, layers=layers, epsilon=0.0,
+                                   residual="proportional") for m in models]
+    for name in ("input", *layers):
+        for stream in ("pos", "neg"):
+            got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    assert rel[0]["input"].comb.abs().max() > 1e-3
