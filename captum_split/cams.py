@@ -99,18 +99,40 @@ class _CAMBase(LayerAttribution, GradientAttribution):
                 raise element_input_error(str(self.layer_name), method)
             return self._element_grads_and_acts(inputs, target, additional_forward_args,
                                                 grad_kwargs)
-        grads, acts = compute_layer_gradients_and_eval(
-            checked_forward(self.forward_func, target, type(self).__name__),
-            self.layer,
-            inputs,
-            target,
-            additional_forward_args,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-            grad_kwargs=grad_kwargs,
-        )
+        # registered before Captum's own hook, so it runs first: a tuple output that Captum
+        # cannot differentiate is refused at the layer, before any backward pass
+        handle = None if attribute_to_layer_input else \
+            self.layer.register_forward_hook(self._refuse_tuple_with_constants)
+        try:
+            grads, acts = compute_layer_gradients_and_eval(
+                checked_forward(self.forward_func, target, type(self).__name__),
+                self.layer,
+                inputs,
+                target,
+                additional_forward_args,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+                grad_kwargs=grad_kwargs,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         # as in LayerGradCam: gradients detached, activations keep their autograd history
         return tuple(g.detach() for g in grads), tuple(acts)
+
+    def _refuse_tuple_with_constants(self, module: nn.Module, args: Any, out: Any) -> None:
+        """Forward hook: ``ValueError`` (:func:`core.checks.tuple_output`, the message of
+        SplitCAM and :mod:`core` for a tuple output) for a layer named by its bare name whose
+        tuple output holds a value that is no floating-point tensor (pooling indices), which
+        Captum's layer gradients cannot differentiate; the message lists ``"NAME:i"`` of
+        the activations. A tuple of activations only is Captum's (one map per element)."""
+        if not isinstance(out, tuple | list) or all(
+                isinstance(v, Tensor) and v.is_floating_point() for v in out):
+            return
+        name = self.layer_name if self.layer_name is not None else type(module).__name__
+        raise checks.tuple_output(name, [f"{name}:{i}" for i, v in enumerate(out)
+                                         if isinstance(v, Tensor) and v.is_floating_point()],
+                                  len(out), type(self).__name__)
 
     def _element_grads_and_acts(
         self,
@@ -204,9 +226,11 @@ class LayerCAM(_CAMBase):
         :py:class:`~captum_split.SplitCAM`. A name requires ``forward_func`` to be the
         ``nn.Module`` (or its bound ``forward``). ``"NAME:i"`` explains element ``i`` of the
         tuple output of module ``NAME`` alone (Captum's ``layer`` is then ``NAME``; the bare
-        ``"NAME"`` gives one map per element, as Captum, and fails where an element has no
-        gradient, such as pooling indices); an element that is no floating-point tensor, or
-        with ``device_ids`` spread over several devices, is refused (``ValueError``).
+        ``"NAME"`` gives one map per element, as Captum, where every element is a
+        floating-point tensor, and is refused at the layer with a ``ValueError`` naming the
+        ``"NAME:i"`` to pass where one is not, such as pooling indices); an element that is
+        no floating-point tensor, or with ``device_ids`` spread over several devices, is
+        refused (``ValueError``).
     device_ids : list of int, optional
         As in Captum, only needed when ``forward_func`` applies a ``DataParallel`` model.
     """

@@ -142,6 +142,34 @@ def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
     )
 
 
+def tuple_output(layer: str, names: Sequence[str], count: int,
+                 who: str | None = None) -> ValueError:
+    """The error for a module whose output is a tuple, named where one activation is needed.
+
+    Parameters
+    ----------
+    layer: str
+        The module's name, as given.
+    names: sequence of str
+        The element names that are activations (``"NAME:0"``...), to use instead.
+    count: int
+        The number of values in the tuple.
+    who: str, optional
+        The caller (an adapter), prefixed to the message; the message then asks for a
+        ``layer`` to pass, in :mod:`core`'s own words (``who=None``) for a name to probe.
+    """
+    listed = ", ".join(map(repr, names))
+    if who is None:
+        fix = f"probe its activations by name: {listed}" if names else \
+            "it holds no activation; probe another layer"
+    else:
+        fix = f"pass one of its activations as the layer: {listed}" if names else \
+            "it holds no activation; pass another layer"
+    return ValueError(
+        f"{_prefix(who)}layer {layer!r} outputs a tuple of {count} values, not one tensor; {fix}"
+    )
+
+
 def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None = None,
                allow_input: bool = False, allow_elements: bool = False) -> str:
     """The name (as in ``model.named_modules()``) of ``layer``, given as a module or a name.

@@ -170,12 +170,8 @@ class SplitCall:
             for n in node if isinstance(node, tuple) else (node,):
                 value = records.get(n)
                 if isinstance(value, (tuple, list)):
-                    names = ", ".join(repr(f"{layer}:{i}") for i, v in enumerate(value)
-                                      if isinstance(v, Pair))
-                    raise ValueError(
-                        f"layer {layer!r} outputs a tuple of {len(value)} values, not one "
-                        f"tensor; probe its activations by name: {names}"
-                    )
+                    raise checks.tuple_output(layer, [f"{layer}:{i}" for i, v in enumerate(value)
+                                                      if isinstance(v, Pair)], len(value))
                 if n in records and not isinstance(value, Pair):
                     raise ValueError(
                         f"layer {layer!r} is a {type(value).__name__} that the split does not "

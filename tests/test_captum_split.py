@@ -658,6 +658,33 @@ def test_an_element_name_where_it_cannot_be_explained_is_one_clear_value_error()
         captum_plugin.splitxai_explainers()["GradCAM"](model, x, y, layer="halves:0")
 
 
+def test_a_tuple_output_with_indices_by_its_bare_name_is_one_clear_value_error():
+    """LayerCAM and GradCAMPlusPlus on 'pool' (MaxPool2d with return_indices) failed deep in
+    Captum's autograd ('One of the differentiated Tensors does not require grad'); now the
+    message of SplitCAM and core (checks.tuple_output), naming the element to pass."""
+    from captum_split import GradCAMPlusPlus, LayerCAM
+    from captum_split import plugin as captum_plugin
+
+    model = _TupleNet().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    for cls in (LayerCAM, GradCAMPlusPlus):
+        for layer in ("pool", model.pool):
+            with pytest.raises(ValueError) as err:
+                cls(model, layer).attribute(x, target=y)
+            assert str(err.value) == (
+                f"{cls.__name__}: layer 'pool' outputs a tuple of 2 values, not one tensor; "
+                "pass one of its activations as the layer: 'pool:0'")
+        assert not model.pool._forward_hooks and not model.pool._forward_pre_hooks
+        # the input of the layer is one tensor, and a tuple of activations is Captum's
+        assert cls(model, "pool").attribute(x, target=y, attribute_to_layer_input=True) \
+            .shape == (2, 1, 8, 8)
+        assert len(cls(model, "halves").attribute(x, target=y)) == 2
+    with pytest.raises(ValueError, match=r"^LayerCAM: layer 'pool' outputs a tuple"):
+        captum_plugin.splitxai_explainers()["LayerCAM"](model, x, y, layer="pool")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method", ["SplitCAM", "LayerCAM", "GradCAMPlusPlus"])
 @pytest.mark.parametrize("flag", ["attribute_to_layer_input", "relu_attributions",
                                   "attr_dim_summation"])
