@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from core import checks
 from core.capture import unwrap, wrapped_module
+from core.errors import caller
 
 STREAMS = ("g", "h")
 SIGNS = (None, "+", "-")
@@ -47,6 +48,9 @@ def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
     ------
     TypeError
         If ``forward_func`` is any other callable.
+    core.UnsupportedOperation
+        For a model that cannot be split at all (TorchScript, ``torch.export``), its
+        message prefixed with ``method``.
     """
     model = model_of(forward_func)
     if model is None:
@@ -56,7 +60,8 @@ def unwrap_model(forward_func: Callable[..., Any], method: str) -> nn.Module:
             f"{type(forward_func).__name__}. Pass the nn.Module whose output holds the "
             "class scores (wrap any post-processing into a small nn.Module)."
         )
-    return unwrap(model)
+    with caller(method):  # TorchScript, torch.export, meta-device and lazy models
+        return unwrap(model)
 
 
 def resolve_layer(

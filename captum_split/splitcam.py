@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import core
 from core import checks
+from core.errors import caller
 from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, NONLINEAR_MODES, STABILIZERS
 
@@ -109,12 +110,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 f"{method}: layer {base!r} is a module of the model but its forward "
                 "never calls it, so it has no activation to explain; pick a module that runs."
             )
-        try:  # the one check of alpha (floats in [0, 0.5], "auto", shift-point names)
+        with caller(method):  # the one check of alpha (floats in [0, 0.5], "auto", names)
             check_alpha(alpha)
             if static:  # else the shift points are known once an input was seen
                 Shift(self.split_model.shift_points(), alpha)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{method}: {err}") from None
         self.last_alphas: dict[str, Any] = {}
 
     def _layer_name(self, forward_func: Callable[..., Tensor] | nn.Module) -> str:
@@ -133,11 +132,12 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
 
     def _split(self) -> core.SplitModel:
         """The split of the model as it is now (an unchanged model costs a fingerprint and
-        is not warned about again: :mod:`core.reuse`)."""
-        return core.split(
-            self.model, maxpool=self.maxpool, stabilizer=self.stabilizer,
-            input_split=self.input_split, nonlinear=self.nonlinear,
-        )
+        is not warned about again: :mod:`core.reuse`); its errors name the method."""
+        with caller(type(self).__name__):
+            return core.split(
+                self.model, maxpool=self.maxpool, stabilizer=self.stabilizer,
+                input_split=self.input_split, nonlinear=self.nonlinear,
+            )
 
     def _refresh(self) -> None:
         """Follow changes of the model since the last call: the layer is looked up again
@@ -173,18 +173,18 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
                 raise element_input_error(name, method)
             name = f"{name}:input"
         extra = format_additional_args(additional_forward_args)
-        try:
-            with torch.enable_grad():
+        try:  # every error of the split names the method, in the adapter's words (who=)
+            with caller(method), torch.enable_grad():
                 probes = self.split_model.sensitivities(
                     tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
-                    layers=[name], alpha=self.alpha, extra_args=extra
+                    layers=[name], alpha=self.alpha, extra_args=extra, who=method
                 )
-        except core.SeveralInputsError as err:
-            raise ValueError(
+        except core.SeveralInputsError as err:  # in the words of attribute_to_layer_input
+            raise core.SeveralInputsError(
                 f"{method}: attribute_to_layer_input=True needs a layer with one input tensor; "
                 f"{err.module!r} is called with {len(err.sources)} ({', '.join(err.sources)}). "
                 "Explain its output (attribute_to_layer_input=False) or the layers that "
-                "compute its inputs."
+                "compute its inputs.", err.module, err.sources
             ) from None
         probe = probes[name]
         first = probe[0] if isinstance(probe, tuple) else probe
@@ -258,6 +258,9 @@ class SplitCAM(_SplitAttribution):
     for an unchanged model, whose warnings are not repeated) and ``split_model`` is that
     split; the layer is looked up again (a module by identity, a name by name). A
     ``torch.compile``d model is split through the module it wraps (its ``_orig_mod``).
+
+    Every error of the split starts with the method's name (``"SplitCAM: ..."``) and asks for
+    a ``layer`` to pass; it keeps its type and arguments (:func:`core.errors.caller`).
     """
 
     @property

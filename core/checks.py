@@ -23,7 +23,8 @@ INPUT_NAMES = ("input", "")
 T = TypeVar("T")
 
 
-def _prefix(who: str | None) -> str:
+def prefix(who: str | None) -> str:
+    """``"who: "``, the start of a message of the caller ``who`` (``""`` for None)."""
     return f"{who}: " if who else ""
 
 
@@ -51,7 +52,7 @@ def option(name: str, value: T, allowed: Sequence[Any], who: str | None = None) 
            for c in allowed):
         return value
     raise ValueError(
-        f"{_prefix(who)}{name}={value!r} is not one of {', '.join(map(repr, allowed))}"
+        f"{prefix(who)}{name}={value!r} is not one of {', '.join(map(repr, allowed))}"
     )
 
 
@@ -89,7 +90,7 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
     ValueError
         For NaN and for a value outside the interval.
     """
-    p = _prefix(who)
+    p = prefix(who)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -122,7 +123,7 @@ def finite(name: str, tensor: torch.Tensor, who: str | None = None,
     """
     if tensor.is_floating_point() or tensor.is_complex():
         if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{_prefix(who)}{name} contains NaN or Inf values; {fix}")
+            raise ValueError(f"{prefix(who)}{name} contains NaN or Inf values; {fix}")
 
 
 def close_names(name: str, names: Sequence[str], n: int = 3) -> str:
@@ -137,7 +138,7 @@ def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
     names = [n for n, _ in model.named_modules() if n]
     also = " or 'input'" if allow_input else ""
     return ValueError(
-        f"{_prefix(who)}layer {layer!r} is not a module of the model ({type(model).__name__}); "
+        f"{prefix(who)}layer {layer!r} is not a module of the model ({type(model).__name__}); "
         f"use a name from model.named_modules(){also}.{close_names(layer, names)}"
     )
 
@@ -166,7 +167,7 @@ def tuple_output(layer: str, names: Sequence[str], count: int,
         fix = f"pass one of its activations as the layer: {listed}" if names else \
             "it holds no activation; pass another layer"
     return ValueError(
-        f"{_prefix(who)}layer {layer!r} outputs a tuple of {count} values, not one tensor; {fix}"
+        f"{prefix(who)}layer {layer!r} outputs a tuple of {count} values, not one tensor; {fix}"
     )
 
 
@@ -208,20 +209,20 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
         if allow_input:
             return "input"
         raise ValueError(
-            f"{_prefix(who)}needs a layer: pass a submodule of the model (e.g. model.layer3) "
+            f"{prefix(who)}needs a layer: pass a submodule of the model (e.g. model.layer3) "
             "or its name as listed by model.named_modules()."
         )
     if isinstance(layer, nn.Module):
         if layer is model:
             raise ValueError(
-                f"{_prefix(who)}layer is the model itself; pass one of its submodules (e.g. the "
+                f"{prefix(who)}layer is the model itself; pass one of its submodules (e.g. the "
                 "last convolution) instead."
             )
         for name, module in model.named_modules():
             if module is layer and name:
                 return name
         raise ValueError(
-            f"{_prefix(who)}the layer {type(layer).__name__} is not a submodule of the given "
+            f"{prefix(who)}the layer {type(layer).__name__} is not a submodule of the given "
             f"{type(model).__name__} (it is not found in model.named_modules()). Pass a module "
             "of this very model object, or its name."
         )
@@ -232,7 +233,7 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
             return layer
         raise unknown_layer(model, layer, who, allow_input)
     raise TypeError(
-        f"{_prefix(who)}layer must be a torch.nn.Module or a module name (str); got "
+        f"{prefix(who)}layer must be a torch.nn.Module or a module name (str); got "
         f"{type(layer).__name__}."
     )
 
@@ -246,7 +247,7 @@ def flag(name: str, value: Any, who: str | None = None) -> bool:
     if isinstance(value, bool):
         return value
     raise TypeError(
-        f"{_prefix(who)}{name} must be True or False; got {type(value).__name__}. Check the "
+        f"{prefix(who)}{name} must be True or False; got {type(value).__name__}. Check the "
         "order of positional arguments, or pass it by keyword."
     )
 
@@ -255,9 +256,9 @@ def batch_size(x: torch.Tensor, what: str = "input", who: str | None = None) -> 
     """The batch size of ``x`` (its first dimension); ``ValueError`` for a scalar or an empty
     batch, where nothing can be explained."""
     if x.dim() == 0:
-        raise ValueError(f"{_prefix(who)}{what} must have a batch dimension, got a scalar")
+        raise ValueError(f"{prefix(who)}{what} must have a batch dimension, got a scalar")
     if x.shape[0] == 0:
-        raise ValueError(f"{_prefix(who)}{what} has an empty batch (shape {tuple(x.shape)}); "
+        raise ValueError(f"{prefix(who)}{what} has an empty batch (shape {tuple(x.shape)}); "
                          "pass at least one sample")
     return int(x.shape[0])
 
@@ -279,7 +280,7 @@ def targets(target: Any, batch: int, who: str | None = None,
         For bools, floats (unless ``whole_floats``) and anything that is not a number, a
         list or a tensor / array of numbers.
     """
-    p = _prefix(who)
+    p = prefix(who)
     if target is None:
         raise ValueError(
             f"{p}needs target= (the class index whose score is explained): an int, or a list / "
@@ -339,7 +340,7 @@ def target_range(index: torch.Tensor | int, n_outputs: int, who: str | None = No
     top = int(index) if isinstance(index, numbers.Integral) else int(index.max())
     if top >= n_outputs:
         raise ValueError(
-            f"{_prefix(who)}target {top} is out of range for a model with {n_outputs} outputs "
+            f"{prefix(who)}target {top} is out of range for a model with {n_outputs} outputs "
             f"(valid: 0..{n_outputs - 1})."
         )
 
@@ -370,7 +371,7 @@ def logits(out: torch.Tensor, who: str | None = None, fix: str | None = None,
                       "whose forward returns, for a segmentation map, model(x).sum((2, 3)) "
                       "(core.split also takes output=lambda out: out.sum((2, 3))).")
         raise ValueError(
-            f"{_prefix(who)}the model output has shape {tuple(out.shape)}; class targets need "
+            f"{prefix(who)}the model output has shape {tuple(out.shape)}; class targets need "
             f"(batch, classes) logits. {fix}"
         )
     if batch is not None:
@@ -396,7 +397,7 @@ def output_rows(out: torch.Tensor, batch: int, who: str | None = None) -> None:
     rows = out.shape[0] if out.dim() else None
     if rows != batch:
         raise ValueError(
-            f"{_prefix(who)}the model output has shape {tuple(out.shape)} for a batch of "
+            f"{prefix(who)}the model output has shape {tuple(out.shape)} for a batch of "
             f"{batch} inputs: its first dimension must be the batch (one row per input), but "
             "the forward mixes or drops the batch dimension (e.g. x.view(-1), "
             "x.reshape(1, -1) or out.mean(0)). Keep dimension 0 as the batch: x.flatten(1), "

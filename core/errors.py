@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,6 +49,44 @@ def precision_advice(dtype: torch.dtype, *options: str, otherwise: str = "") -> 
     listed = remedies[0] if len(remedies) == 1 else (
         f"{', '.join(remedies[:-1])} or {remedies[-1]}")
     return f"Use {listed}" + (" (the computation already runs in float64)." if wide else ".")
+
+
+def with_caller(err: BaseException, who: str) -> BaseException:
+    """Put ``"who: "`` in front of the message of ``err``, in place, and return ``err``.
+
+    The exception object itself is kept, re-raised as it is (as :mod:`core.interpreter`
+    adds its ``"while splitting ..."`` note): its type, its further constructor arguments
+    (:class:`SeveralInputsError`'s ``module`` and ``sources``), attributes, traceback and
+    notes are unchanged, where ``type(err)(message)`` would fail for a type that takes
+    several arguments or drop them. Only ``err.args[0]`` changes, when it is a message (a
+    str) that does not already start with ``"who: "``; an exception without one gets a
+    note ``"in who"`` instead.
+
+    Examples
+    --------
+    >>> err = SeveralInputsError("layer 'mix:input': ...", "mix", ("a", "b"))
+    >>> with_caller(err, "SplitCAM") is err, str(err), err.module
+    (True, "SplitCAM: layer 'mix:input': ...", 'mix')
+    """
+    prefix = f"{who}: "
+    if err.args and isinstance(err.args[0], str):
+        if not err.args[0].startswith(prefix):
+            err.args = (prefix + err.args[0], *err.args[1:])
+    else:
+        err.add_note(f"in {who}")
+    return err
+
+
+@contextmanager
+def caller(who: str) -> Iterator[None]:
+    """Within it, an ``Exception`` raised gets ``"who: "`` in front of its message
+    (:func:`with_caller`) and is re-raised as it is: how an adapter (``"SplitCAM"``) names
+    itself in the errors of the split that it calls."""
+    try:
+        yield
+    except Exception as err:
+        with_caller(err, who)
+        raise
 
 
 class WarnedModels:

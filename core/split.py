@@ -90,8 +90,11 @@ class SplitCall:
     extra: list
     elements: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
-    def node_of(self, layer: str) -> fx.Node | tuple[fx.Node, ...]:
+    def node_of(self, layer: str, who: str | None = None) -> fx.Node | tuple[fx.Node, ...]:
         """The node (or, for a tuple output or several inputs, nodes) of a layer name.
+
+        ``who`` (an adapter, ``"SplitCAM"``) is prefixed to the messages, which then ask
+        for a ``layer`` to pass rather than a name to probe (:func:`_ask`).
 
         ``"NAME:i"`` is element ``i`` of a module's tuple output: one of the nodes of a
         module whose output the capture holds as a tuple of nodes, else the graph's
@@ -117,10 +120,11 @@ class SplitCall:
             if isinstance(node, tuple):
                 sources = tuple(self.describe(n) for n in node)
                 raise SeveralInputsError(
-                    f"layer {layer!r}: module {base!r} is called with {len(node)} tensors that "
-                    f"depend on the input ({', '.join(sources)}), so it has no single input; "
-                    f"probe where they are computed, or the module's output {base!r}",
-                    base, sources)
+                    f"{checks.prefix(who)}layer {layer!r}: module {base!r} is called with "
+                    f"{len(node)} tensors that depend on the input ({', '.join(sources)}), so "
+                    f"it has no single input; "
+                    f"{_ask(who, 'where they are computed', 'a layer where they are computed')}"
+                    f", or the module's output {base!r}", base, sources)
             return node
         if layer in cap.module_outputs:
             return cap.module_outputs[layer]
@@ -134,9 +138,10 @@ class SplitCall:
                             and u.target is operator.getitem and u.args[1:] == (i,)), None)
             if element is None:
                 raise ValueError(
-                    f"layer {layer!r} names element {i} of the output of {base!r}, but the "
-                    f"forward never takes that element out on its own ({base}(...)[{i}]); "
-                    f"probe {base!r} or a module that reads the element"
+                    f"{checks.prefix(who)}layer {layer!r} names element {i} of the output of "
+                    f"{base!r}, but the forward never takes that element out on its own "
+                    f"({base}(...)[{i}]); {_ask(who, repr(base))} or a module that reads the "
+                    "element"
                 )
             self.elements[element] = out
             return element
@@ -144,12 +149,13 @@ class SplitCall:
         name = base if suffix == "input" or suffix.isdigit() else layer
         if name in known:
             raise ValueError(
-                f"layer {layer!r} is a module of the model, but its forward never calls it "
-                "with a tensor that depends on the input"
+                f"{checks.prefix(who)}layer {layer!r} is a module of the model, but its "
+                "forward never calls it with a tensor that depends on the input"
             )
-        raise checks.unknown_layer(self.model, name, allow_input=True)
+        raise checks.unknown_layer(self.model, name, who, allow_input=True)
 
-    def check_values(self, nodes: Mapping[str, Any], records: Mapping[fx.Node, Any]) -> None:
+    def check_values(self, nodes: Mapping[str, Any], records: Mapping[fx.Node, Any],
+                     who: str | None = None) -> None:
         """Raise ``ValueError`` for a probed name whose value is not one tensor.
 
         Parameters
@@ -158,6 +164,8 @@ class SplitCall:
             Layer name to its node(s), from :meth:`node_of`.
         records: mapping
             The values of a run that recorded those nodes and :attr:`elements`.
+        who: str, optional
+            The caller, prefixed to the messages (as for :meth:`node_of`).
 
         Raises
         ------
@@ -171,20 +179,20 @@ class SplitCall:
                 value = records.get(n)
                 if isinstance(value, (tuple, list)):
                     raise checks.tuple_output(layer, [f"{layer}:{i}" for i, v in enumerate(value)
-                                                      if isinstance(v, Pair)], len(value))
+                                                      if isinstance(v, Pair)], len(value), who)
                 if n in records and not isinstance(value, Pair):
                     raise ValueError(
-                        f"layer {layer!r} is a {type(value).__name__} that the split does not "
-                        "carry as a pair (e.g. pooling indices), not an activation; probe an "
-                        "activation"
+                        f"{checks.prefix(who)}layer {layer!r} is a {type(value).__name__} that "
+                        "the split does not carry as a pair (e.g. pooling indices), not an "
+                        f"activation; {_ask(who, 'an activation', 'a layer that is one')}"
                     )
                 source = self.elements.get(n)
                 if source is not None and isinstance(records.get(source), Pair):
                     base = layer.rpartition(":")[0]
                     raise ValueError(
-                        f"layer {layer!r}: {base!r} outputs one tensor, not a tuple, and "
-                        f"{layer!r} would be its slice {base}(...)[{layer.rpartition(':')[2]}]; "
-                        f"probe {base!r}"
+                        f"{checks.prefix(who)}layer {layer!r}: {base!r} outputs one tensor, "
+                        f"not a tuple, and {layer!r} would be its slice "
+                        f"{base}(...)[{layer.rpartition(':')[2]}]; {_ask(who, repr(base))}"
                     )
 
     def describe(self, node: fx.Node) -> str:
@@ -618,6 +626,8 @@ class SplitModel:
         alpha: AlphaType = DEFAULT_ALPHA,
         extra_args: tuple = (),
         kwargs: Mapping[str, Any] | None = None,
+        *,
+        who: str | None = None,
     ) -> dict[str, Any]:
         """Split activations and shifted local sensitivities at the given layers.
 
@@ -644,6 +654,11 @@ class SplitModel:
             (:class:`core.SplitClassBlindWarning`).
         extra_args, kwargs:
             Further positional and keyword arguments of the model's forward.
+        who: str, optional
+            The caller (an adapter, ``"SplitCAM"``): the checks of the layer names, the
+            target and the output name it first and ask for a ``layer`` to pass where they
+            would ask for a name to probe; it wraps the call in :func:`core.errors.caller`
+            for every other error.
 
         Returns
         -------
@@ -662,10 +677,10 @@ class SplitModel:
         call = self.prepare(x, extra_args, kwargs)
         if isinstance(layers, str):
             layers = [layers]
-        nodes = {layer: call.node_of(layer) for layer in layers}
+        nodes = {layer: call.node_of(layer, who) for layer in layers}
         factors = Shift(call.interpreter.shift_points(), alpha)
         first = call.inputs[0]
-        index = checks.targets(target, first.shape[0]).to(first.device)
+        index = checks.targets(target, first.shape[0], who).to(first.device)
         unique = list(dict.fromkeys(_flat(nodes.values())))
         with torch.enable_grad():
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
@@ -677,11 +692,11 @@ class SplitModel:
             out, records = self.run(call, pairs, factors=factors,
                                     record=unique + list(call.elements.values()),
                                     mass_free=free, leaves=unique)
-            call.check_values(nodes, records)
-            checks.logits(out.d, batch=first.shape[0])
+            call.check_values(nodes, records, who)
+            checks.logits(out.d, who, batch=first.shape[0])
             for mass in [out.s] if not free else [records[n].s for n in unique]:
                 self._check_streams(call, Pair(out.d, mass), out.d.dtype)
-            checks.target_range(index, out.d.shape[1])
+            checks.target_range(index, out.d.shape[1], who)
             index = index.view(-1, 1)
             sel_d = out.d.gather(1, index).sum()
             sel_s = out.s.gather(1, index).sum()
@@ -742,6 +757,14 @@ class SplitModel:
         return relevance(self, x, seed, layers=layers, epsilon=epsilon,
                          activation_rule=activation_rule, residual=residual,
                          extra_args=extra_args, kwargs=kwargs)
+
+
+def _ask(who: str | None, what: str, adapter: str | None = None) -> str:
+    """What to do instead, in :mod:`core`'s words (``"probe WHAT"``) or, for an adapter
+    ``who``, in its own (``"pass layer WHAT"``, or ``"pass ADAPTER"`` where given)."""
+    if who is None:
+        return f"probe {what}"
+    return f"pass {adapter}" if adapter is not None else f"pass layer {what}"
 
 
 def _flat(nodes: Any) -> list[fx.Node]:

@@ -685,6 +685,78 @@ def test_a_tuple_output_with_indices_by_its_bare_name_is_one_clear_value_error()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _EagerTupleNet(_TupleNet):
+    """_TupleNet with a branch on a value, so that it is captured by running it: its shift
+    points, and so the names in an alpha dict, are known only at attribute()."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if bool(out.sum() != 1e9) else -out
+
+
+def test_errors_of_the_split_name_the_method_in_its_words():
+    """Errors raised by core reached SplitCAM / SplitGrad users unprefixed and asking to
+    'probe' names ("layer 'halves' outputs a tuple ...; probe its activations by name"),
+    an alpha dict naming unknown shift points of an eagerly captured model too, and
+    attribute_to_layer_input on a layer with several inputs lost its SeveralInputsError
+    type; every message now starts with the method and asks for a layer, type kept."""
+    import core
+
+    model, eager = _TupleNet().eval(), _EagerTupleNet().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    for cls in (SplitCAM, SplitGrad):
+        method = cls.__name__
+        for layer, expected in (
+            ("halves", "layer 'halves' outputs a tuple of 2 values, not one tensor; pass one of "
+                       "its activations as the layer: 'halves:0', 'halves:1'"),
+            ("pool", "layer 'pool' outputs a tuple of 2 values, not one tensor; pass one of its "
+                     "activations as the layer: 'pool:0'"),
+            ("pool:1", "layer 'pool:1' is a Tensor that the split does not carry as a pair (e.g. "
+                       "pooling indices), not an activation; pass a layer that is one"),
+            ("halves:5", "layer 'halves:5' names element 5 of the output of 'halves', but the "
+                         "forward never takes that element out on its own (halves(...)[5]); pass "
+                         "layer 'halves' or a module that reads the element"),
+        ):
+            with pytest.raises(ValueError) as err:
+                cls(model, layer).attribute(x, target=y)
+            assert str(err.value) == f"{method}: {expected}"
+        explainer = cls(eager, "conv", alpha={"conv": 0.2})  # known at attribute() only
+        assert explainer.split_model.capture.symbolic is None
+        with pytest.raises(ValueError) as err:
+            explainer.attribute(x, target=y)
+        assert str(err.value).startswith(f"{method}: alpha names unknown shift points ['conv']")
+        assert "probe" not in str(err.value)
+    # the type and its further arguments are kept
+    mix = _TwoInputLayer().eval()
+    for cls in (SplitCAM, SplitGrad):
+        with pytest.raises(core.SeveralInputsError) as err:
+            cls(mix, "mix").attribute(torch.randn(2, 3, 6, 6), target=1,
+                                      attribute_to_layer_input=True)
+        assert str(err.value).startswith(f"{cls.__name__}: attribute_to_layer_input=True")
+        assert err.value.module == "mix" and err.value.sources == ("graph node 'relu'", "'b'")
+    silu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(64, 2)).eval()
+    with pytest.raises(core.UnsupportedOperation) as err:
+        SplitCAM(silu, "0").attribute(torch.randn(2, 3, 6, 6), target=1)
+    assert str(err.value).startswith("SplitCAM: ")
+    with pytest.raises(core.UnsupportedOperation, match="^SplitGrad: .*TorchScript"):
+        SplitGrad(torch.jit.script(silu))
+
+
+def test_with_caller_prefixes_the_message_in_place():
+    from core.errors import SeveralInputsError, caller, with_caller
+
+    err = SeveralInputsError("layer 'mix:input': ...", "mix", ("'a'", "'b'"))
+    assert with_caller(err, "SplitCAM") is err and with_caller(err, "SplitCAM") is err
+    assert type(err) is SeveralInputsError and err.args == ("SplitCAM: layer 'mix:input': ...",)
+    assert (err.module, err.sources) == ("mix", ("'a'", "'b'"))
+    with pytest.raises(OSError) as raised, caller("SplitGrad"):
+        raise OSError(2, "No such file")  # args[0] is no message: a note instead
+    assert raised.value.args == (2, "No such file") and raised.value.__notes__ == ["in SplitGrad"]
+    with pytest.raises(KeyError) as raised, caller("SplitGrad"):
+        raise KeyError("conv")
+    assert raised.value.args == ("SplitGrad: conv",)
+
+
 @pytest.mark.parametrize("method", ["SplitCAM", "LayerCAM", "GradCAMPlusPlus"])
 @pytest.mark.parametrize("flag", ["attribute_to_layer_input", "relu_attributions",
                                   "attr_dim_summation"])
