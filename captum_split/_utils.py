@@ -106,7 +106,9 @@ def resolve_layer(
         For a name with a ``forward_func`` that is no module, and for a ``layer`` of another
         type.
     ValueError
-        For a layer that is not part of the model (with close names).
+        For a layer that is not part of the model (with close names); a name given under
+        the wrapper's prefix is reported as typed (``"_orig_mod.conv3"``), its close names
+        under the prefix too.
     """
     owner = model_of(forward_func)
     if owner is None:
@@ -123,13 +125,18 @@ def resolve_layer(
         )
     model, prefix = wrapped_module(owner)
     if isinstance(layer, str) and prefix and layer not in checks.INPUT_NAMES:
+        names = dict(model.named_modules())
         base, _, suffix = layer.rpartition(":")
         base = base if suffix.isdigit() else layer
-        if base not in dict(model.named_modules()):
+        if base not in names:
             if layer == prefix:
                 layer = model  # refused by name: the model itself
             elif layer.startswith(prefix + "."):
-                layer = layer[len(prefix) + 1:]
+                inner = layer[len(prefix) + 1:]
+                if inner not in checks.INPUT_NAMES and not checks.names_a_layer(
+                        names, inner, allow_elements):  # reported as typed, with the prefix
+                    raise checks.unknown_layer(model, layer, method, allow_input, prefix)
+                layer = inner
     return model, checks.layer_name(model, layer, method, allow_input=allow_input,
                                     allow_elements=allow_elements)
 

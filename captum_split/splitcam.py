@@ -217,7 +217,8 @@ class SplitCAM(_SplitAttribution):
     layer : :py:class:`torch.nn.Module` or str
         A submodule of the model (found by identity, Captum's convention) or its name as in
         ``model.named_modules()``; for a ``torch.compile``d or ``DataParallel`` model also
-        as in the wrapper's (``"_orig_mod.layer2"``, ``"module.layer2"``). All Captum
+        as in the wrapper's (``"_orig_mod.layer2"``, ``"module.layer2"``; a wrong one is
+        reported as typed, with close names under the same prefix). All Captum
         adapters read a layer the same way (``captum_split._utils.resolve_layer``).
         ``"NAME:0"``, ``"NAME:1"``... explain element ``i`` of the tuple output of module
         ``NAME`` (the names that the error for a tuple output probed as ``"NAME"`` lists),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -126,21 +126,37 @@ def finite(name: str, tensor: torch.Tensor, who: str | None = None,
             raise ValueError(f"{prefix(who)}{name} contains NaN or Inf values; {fix}")
 
 
-def close_names(name: str, names: Sequence[str], n: int = 3) -> str:
-    """``" Did you mean 'a', 'b'?"`` for the entries of ``names`` close to ``name`` (or "")."""
+def close_names(name: str, names: Sequence[str], n: int = 3, under: str = "") -> str:
+    """``" Did you mean 'a', 'b'?"`` for the entries of ``names`` close to ``name`` (or "");
+    with ``under``, each shown as ``"under.a"``."""
     close = difflib.get_close_matches(name, [m for m in names if m], n=n)
-    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    shown = [f"{under}.{m}" for m in close] if under else close
+    return f" Did you mean {', '.join(map(repr, shown))}?" if close else ""
 
 
 def unknown_layer(model: nn.Module, layer: str, who: str | None = None,
-                  allow_input: bool = False) -> ValueError:
-    """The error for a layer name that is not a module of ``model``, with close names."""
+                  allow_input: bool = False, wrapper: str = "") -> ValueError:
+    """The error for a layer name that is not a module of ``model``, with close names.
+
+    ``wrapper`` is the name of ``model`` in the wrappers around it (``"_orig_mod"`` of a
+    ``torch.compile``d model, ``"module"`` of ``DataParallel``) where ``layer`` was given
+    under it, as typed (``"_orig_mod.conv3"``): the close names are then given that way too.
+    """
     names = [n for n, _ in model.named_modules() if n]
     also = " or 'input'" if allow_input else ""
+    # close names of the part after the wrapper's name, given under it as the layer was
+    close = close_names(layer[len(wrapper) + 1:] if wrapper else layer, names, under=wrapper)
     return ValueError(
         f"{prefix(who)}layer {layer!r} is not a module of the model ({type(model).__name__}); "
-        f"use a name from model.named_modules(){also}.{close_names(layer, names)}"
+        f"use a name from model.named_modules(){also}.{close}"
     )
+
+
+def names_a_layer(names: Container[str], layer: str, allow_elements: bool = False) -> bool:
+    """Whether ``layer`` is one of ``names`` (a model's module names) or, with
+    ``allow_elements``, ``"NAME:i"`` of one (what :func:`layer_name` accepts by name)."""
+    base, _, suffix = layer.rpartition(":")
+    return layer in names or (allow_elements and suffix.isdigit() and base in names)
 
 
 def tuple_output(layer: str, names: Sequence[str], count: int,
@@ -227,9 +243,7 @@ def layer_name(model: nn.Module, layer: nn.Module | str | None, who: str | None 
             "of this very model object, or its name."
         )
     if isinstance(layer, str):
-        names = dict(model.named_modules())
-        base, _, suffix = layer.rpartition(":")
-        if layer in names or (allow_elements and suffix.isdigit() and base in names):
+        if names_a_layer(dict(model.named_modules()), layer, allow_elements):
             return layer
         raise unknown_layer(model, layer, who, allow_input)
     raise TypeError(

@@ -468,7 +468,8 @@ def test_a_compiled_model_is_explained_through_the_module_it_wraps(tiny):
 def test_every_adapter_reads_a_wrapped_models_layer_names_the_same_way(tiny, wrap):
     """LayerCAM, GradCAMPlusPlus and the plugin's CAMs refused 'conv2' of a compiled or
     DataParallel model (only '_orig_mod.conv2' / 'module.conv2' or the module worked), where
-    SplitCAM and SplitGrad took both: all now resolve through _utils.resolve_layer."""
+    SplitCAM and SplitGrad took both: all now resolve through _utils.resolve_layer. A wrong
+    'module.conv3' was reported as 'conv3', the prefix dropped."""
     import warnings
 
     from captum_split import GradCAMPlusPlus, LayerCAM
@@ -490,12 +491,21 @@ def test_every_adapter_reads_a_wrapped_models_layer_names_the_same_way(tiny, wra
                 assert explainer.layer is model.conv2
                 _close(explainer.attribute(x, target=y), want)
         for cls in (SplitCAM, SplitGrad, LayerCAM, GradCAMPlusPlus):
-            for wrong in ("conv3", f"{prefix}.conv3"):
-                with pytest.raises(ValueError, match=r"layer 'conv3' is not a module of the "
-                                                     r"model \(_TinyNet\).*Did you mean 'conv2'"):
+            # a wrong name is reported as typed (was 'conv3' for 'module.conv3'), the close
+            # names given the same way
+            for wrong, close in (("conv3", "conv2"), (f"{prefix}.conv3", f"{prefix}.conv2"),
+                                 (f"{prefix}.conv3:0", f"{prefix}.conv2")):
+                with pytest.raises(ValueError) as err:
                     cls(wrapper, wrong)
+                assert str(err.value).startswith(
+                    f"{cls.__name__}: layer {wrong!r} is not a module of the model (_TinyNet)")
+                assert f". Did you mean {close!r}, " in str(err.value)
             with pytest.raises(ValueError, match="layer is the model itself"):
                 cls(wrapper, prefix)
+        for key in ("SplitCAM", "LayerCAM", "GradCAMPlusPlus"):
+            with pytest.raises(ValueError, match=rf"^{key}: layer '{prefix}\.conv3' is not a "
+                                                 rf"module .*Did you mean '{prefix}\.conv2', "):
+                table[key](wrapper, x, y, layer=f"{prefix}.conv3")
         for key in ("SplitCAM", "LayerCAM", "GradCAM", "GradCAMPlusPlus"):
             want = table[key](model, x, y, layer="conv2")
             for layer in ("conv2", f"{prefix}.conv2", None):  # None: the last convolution
