@@ -132,6 +132,10 @@ class SplitCall:
             parts = cap.module_outputs[base]
             if int(suffix) < len(parts):
                 return parts[int(suffix)]
+            raise ValueError(
+                f"{checks.prefix(who)}layer {layer!r}: {base!r} outputs a tuple of "
+                f"{len(parts)} values, it has no element {suffix}; "
+                f"{_ask(who, ', '.join(repr(f'{base}:{i}') for i in range(len(parts))))}")
         if suffix.isdigit() and isinstance(cap.module_outputs.get(base), fx.Node):
             out, i = cap.module_outputs[base], int(suffix)
             element = next((u for u in out.users if u.op == "call_function"
@@ -175,16 +179,22 @@ class SplitCall:
             one tensor (``out[i]`` is then a slice of it, not an element of a tuple).
         """
         for layer, node in nodes.items():
-            for n in node if isinstance(node, tuple) else (node,):
+            parts = node if isinstance(node, tuple) else (node,)
+            for n in parts:
                 value = records.get(n)
                 if isinstance(value, (tuple, list)):
                     raise checks.tuple_output(layer, [f"{layer}:{i}" for i, v in enumerate(value)
                                                       if isinstance(v, Pair)], len(value), who)
-                if n in records and not isinstance(value, Pair):
+                if not isinstance(value, Pair):
+                    if len(parts) > 1:  # a tuple output (held as nodes) with a non-activation
+                        raise checks.tuple_output(
+                            layer, [f"{layer}:{i}" for i, m in enumerate(parts)
+                                    if isinstance(records.get(m), Pair)], len(parts), who)
+                    what = (f"is a {type(value).__name__} that the split does not carry as a "
+                            "pair" if n in records else "holds no value that the output depends on")
                     raise ValueError(
-                        f"{checks.prefix(who)}layer {layer!r} is a {type(value).__name__} that "
-                        "the split does not carry as a pair (e.g. pooling indices), not an "
-                        f"activation; {_ask(who, 'an activation', 'a layer that is one')}"
+                        f"{checks.prefix(who)}layer {layer!r} {what} (e.g. pooling indices), "
+                        f"not an activation; {_ask(who, 'an activation', 'a layer that is one')}"
                     )
                 source = self.elements.get(n)
                 if source is not None and isinstance(records.get(source), Pair):

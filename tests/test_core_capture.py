@@ -782,3 +782,44 @@ def _probe_a_row(model: nn.Module, x: torch.Tensor) -> None:
             return out + out[0]
 
     core.split(RowOfHead(model).eval()).sensitivities(x, 0, ["net.head:0"])
+
+
+class PooledIndices(nn.Module):
+    """A leaf module with a tuple output (values, pooling indices); ``branch`` adds control
+    flow on a value (eager capture)."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.branch = branch
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        z = F.relu(self.conv(x))
+        if self.branch and z.sum() > -1e9:
+            z = z * 1.0
+        p, _ = self.pool(z)
+        return self.fc(p.flatten(1))
+
+
+@pytest.mark.parametrize("branch", [False, True])  # symbolic, eager capture
+def test_elements_of_a_tuple_output_are_checked_in_both_captures(branch):
+    """The pooled values probe exactly; the bare name, the indices and a missing element
+    are one ValueError each (in eager capture they were a KeyError 'getitem_1' and 'never
+    calls it')."""
+    torch.manual_seed(9)
+    model = PooledIndices(branch).double().eval()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    sm = core.split(model)
+    probe = sm.sensitivities(x, 1, ["pool:0"], alpha=0.5)["pool:0"]
+    with torch.no_grad():
+        pooled = model.pool(F.relu(model.conv(x)))[0]
+    torch.testing.assert_close(probe.activation, pooled, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="'pool' outputs a tuple of 2 values.*'pool:0'"):
+        sm.sensitivities(x, 1, ["pool"])
+    with pytest.raises(ValueError, match="'pool:1'.*not an activation"):
+        sm.sensitivities(x, 1, ["pool:1"])
+    if branch:  # the eager capture holds the elements as nodes
+        with pytest.raises(ValueError, match="no element 5"):
+            sm.sensitivities(x, 1, ["pool:5"])
