@@ -341,10 +341,14 @@ def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return products.power(args[0], 2)
 
 
-@register(torch.addcmul, "addcmul")
+@register(torch.addcmul, "addcmul", lrp="product", mass_linear=True,
+          factors=((1, "tensor1"), (2, "tensor2")))
 def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``torch.addcmul(x, a, b, value=v) = x + v * a * b``: a sum with the product rule,
-    ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``)."""
+    ``d' = addcmul(d_x, d_a, d_b, v)``, ``s' = s_x + |v| s_a s_b`` (constants as ``|c|``).
+    SplitLRP treats it as ``mul`` does: where both factors are activations each gets half
+    of the relevance that reaches the product (``x + v * a * b`` written out); the added
+    ``x`` keeps its epsilon-rule share."""
     b = dict(zip(["input", "tensor1", "tensor2"], args, strict=False)) | kwargs
     value = b.get("value", 1)
     static_args(ctx, value, "addcmul")

@@ -192,3 +192,46 @@ def test_addmm_relevance_is_that_of_the_sum_written_out(case):
             got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
     assert rel[0]["input"].comb.abs().max() > 1e-3
+
+
+class _AddCMul(nn.Module):
+    """``C + v * A(x) * B(x)``, as ``torch.addcmul`` or written out; ``C`` a constant or an
+    activation, ``B`` an activation or a constant."""
+
+    def __init__(self, written_out: bool, addend: str = "bias", constant_b: bool = False,
+                 value: float = 1.0) -> None:
+        super().__init__()
+        self.written_out, self.addend, self.constant_b = written_out, addend, constant_b
+        self.value = value
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.randn(3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)  # no ReLU: epsilon 0 would divide by its zero units
+        b = self.w if self.constant_b else self.b(x)
+        c = self.bias if self.addend == "bias" else self.c(x)
+        if self.written_out:
+            return c + self.value * (a * b)
+        return torch.addcmul(c, a, b, value=self.value)
+
+
+@pytest.mark.parametrize("case", [
+    {}, {"value": -1.5}, {"addend": "activation"},
+    {"addend": "activation", "constant_b": True}])
+def test_addcmul_relevance_is_that_of_the_sum_written_out(case):
+    """Was the plain epsilon rule (each factor got the full relevance of the product). A
+    tiny epsilon (the written-out sum applies it twice: 1e-9 apart)."""
+    torch.manual_seed(4)
+    models = [_AddCMul(out, **case).double().eval() for out in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    seed = torch.tensor([[1.0, -0.5, 0.3], [0.2, 1.0, -1.0]], dtype=torch.float64)
+    layers = ["a"] + ["b"] * (not case.get("constant_b", False)) + ["c"] * ("addend" in case)
+    rel = [core.split(m).relevance(x, seed, layers=layers, epsilon=1e-9,
+                                   residual="proportional") for m in models]
+    for name in ("input", *layers):
+        for stream in ("pos", "neg"):
+            got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=name)
+    assert rel[0]["input"].comb.abs().max() > 1e-3
