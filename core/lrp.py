@@ -123,7 +123,7 @@ def _exponent(step: Step) -> int | None:
 
 def relevance(
     split: SplitModel,
-    x: torch.Tensor,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
     seed: torch.Tensor,
     layers: Sequence[str] = (),
     epsilon: float = 1e-6,
@@ -131,21 +131,24 @@ def relevance(
     residual: str = "even",
     extra_args: tuple = (),
     kwargs: dict | None = None,
-) -> dict[str, Relevance]:
+) -> dict[str, Relevance | tuple[Relevance, ...]]:
     """SplitLRP relevance at the input and at the requested layers.
 
     Parameters
     ----------
     split: SplitModel
         The split pair (its maxpool mode, stabiliser and BatchNorm merging apply).
-    x: torch.Tensor
-        The input batch.
+    x: torch.Tensor or tuple of torch.Tensor
+        The input batch; a tuple for a model called with several tensors
+        (``model(x1, x2)``), each split and each with one row per sample.
     seed: torch.Tensor
         Relevance at the positive stream's output, shaped like the model's output (zennit's
         convention: the attributor's output gradient, e.g. a one-hot vector; pass
         ``onehot * g`` for the paper's total ``a(L,+)``).
     layers: sequence of str
-        Further module names (as for :meth:`SplitModel.sensitivities`) to report.
+        Further names to report, as for :meth:`SplitModel.sensitivities`: module names,
+        ``"NAME:0"``... for the elements of a tuple output, ``"input:1"``... for one of
+        several inputs.
     epsilon: float
         The epsilon of eq. 9 (signed).
     activation_rule: str
@@ -154,11 +157,17 @@ def relevance(
         At a sum of two activations (a residual add): ``"even"`` gives each branch half of
         the relevance (the paper, section 4.2), ``"proportional"`` shares it by the branches'
         contributions (the epsilon rule).
+    extra_args, kwargs:
+        Further positional and keyword arguments of the model's forward (not split).
 
     Returns
     -------
-    dict of str to Relevance
-        ``"input"`` and every requested layer.
+    dict of str to Relevance or tuple of Relevance
+        ``"input"`` and every requested layer. With several inputs, ``"input"`` is a tuple
+        of one :class:`Relevance` per input, in order (``"input:1"`` is its element 1);
+        conservation then holds over the inputs together: their relevances summed equal the
+        seed, less what biases and epsilon absorb. An input the output does not depend on
+        gets zero relevance.
 
     Raises
     ------
@@ -166,7 +175,10 @@ def relevance(
         For a NaN or negative ``epsilon`` or a seed holding NaN or Inf (before the forward
         pass), for an output without one row per input row (a forward that mixes the batch:
         :func:`core.checks.output_rows`) or a seed not shaped like the output, before any
-        relevance is propagated.
+        relevance is propagated; for several inputs that do not all have as many rows as
+        the first (an input shared by the batch would collect the relevance of every row),
+        and for the bare name of a module whose output the capture holds as a tuple (name
+        its elements).
     """
     checks.option("activation_rule", activation_rule, ACTIVATION_RULES)
     checks.option("residual", residual, RESIDUAL_RULES)
@@ -175,15 +187,25 @@ def relevance(
         checks.finite("seed", seed, fix="pass a finite seed (a one-hot vector, the logits)")
     call = split.prepare(x, extra_args, kwargs)
     interp = call.interpreter
+    rows = call.inputs[0].shape[0]
+    for i, t in enumerate(call.inputs[1:], 1):
+        if t.shape[0] != rows:
+            raise ValueError(
+                f"SplitLRP: input {i} has {t.shape[0]} rows and input 0 has {rows}; relevance "
+                f"is per row, so every input needs one row per sample (expand an input "
+                f"shared by the batch to {rows} rows)")
     wanted = {"input": call.node_of("input")}
     wanted.update({layer: call.node_of(layer) for layer in layers})
-    if any(isinstance(n, tuple) for n in wanted.values()):
-        raise ValueError("SplitLRP reports one node per name: name the elements of a tuple "
-                         "('input:1', 'NAME:0') instead")
+    for name, node in wanted.items():
+        if isinstance(node, tuple) and name not in checks.INPUT_NAMES:
+            raise ValueError(
+                f"SplitLRP reports one node per name, and {name!r} outputs a tuple: name its "
+                f"elements ('{name}:0', '{name}:1'...) instead")
     with torch.no_grad():
         out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
-    checks.output_rows(out.d, call.inputs[0].shape[0])
-    call.check_values({k: v for k, v in wanted.items() if k != "input"}, records)
+    checks.output_rows(out.d, rows)
+    call.check_values({k: v for k, v in wanted.items() if k not in checks.INPUT_NAMES},
+                      records)
     if not isinstance(seed, torch.Tensor) or seed.shape != out.d.shape:
         got = tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__
         raise ValueError(f"seed must be a tensor shaped like the output {tuple(out.d.shape)}, "
@@ -198,7 +220,8 @@ def relevance(
     for step in steps:
         if step.merged:
             merged_into[step.node.args[0]] = step.node
-    targets = set(wanted.values())
+    targets = {n for node in wanted.values()
+               for n in (node if isinstance(node, tuple) else (node,))}
     targets |= {merged_into[n] for n in targets if n in merged_into}
     for step in reversed(steps):
         node = step.node
@@ -234,15 +257,15 @@ def relevance(
             found[node] = found[merged_into[node]]  # conv + BatchNorm is one layer here
         elif node not in found and node in rel:
             found[node] = rel[node]
-    result: dict[str, Relevance] = {}
-    for name, node in wanted.items():
+
+    def at(node: fx.Node) -> Relevance:
         if node in found:
-            rp, rn = found[node]
-        else:
-            like = records[node].d
-            rp, rn = torch.zeros_like(like), torch.zeros_like(like)
-        result[name] = Relevance(rp, rn)
-    return result
+            return Relevance(*found[node])
+        like = records[node].d  # no relevance reaches it (it does not enter the output)
+        return Relevance(torch.zeros_like(like), torch.zeros_like(like))
+
+    return {name: tuple(at(n) for n in node) if isinstance(node, tuple) else at(node)
+            for name, node in wanted.items()}
 
 
 def _args_with(node: fx.Node, records: dict, variables: dict,

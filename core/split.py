@@ -757,10 +757,21 @@ class SplitModel:
     ) -> dict[str, Any]:
         """SplitLRP relevance (epsilon-LRP on the split pair); see :func:`core.lrp.relevance`.
 
+        Parameters
+        ----------
+        x: torch.Tensor or tuple of torch.Tensor
+            The input batch (a tuple: several inputs, each split, as for :meth:`__call__`).
+        seed: torch.Tensor
+            Relevance at the positive stream's output, shaped like the model's output.
+        layers, epsilon, activation_rule, residual, extra_args, kwargs:
+            As for :func:`core.lrp.relevance`.
+
         Returns
         -------
         dict of str to core.lrp.Relevance
-            ``"input"`` and each requested layer, with ``.pos``, ``.neg`` and ``.comb``.
+            ``"input"`` and each requested layer, with ``.pos``, ``.neg`` and ``.comb``;
+            with several inputs ``"input"`` is a tuple of one relevance per input (as the
+            sensitivities' probes), ``"input:1"`` the second input's.
         """
         from core.lrp import relevance
 

@@ -235,3 +235,88 @@ def test_addcmul_relevance_is_that_of_the_sum_written_out(case):
             got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=name)
     assert rel[0]["input"].comb.abs().max() > 1e-3
+
+
+class _TwoInputs(nn.Module):
+    """``x1`` (4 features) and ``x2`` (3 features) meeting in a sum of two ReLU branches, a
+    product of the branches or a concatenation; called as ``model(x1, x2)`` or, ``joined``,
+    as ``model(cat([x1, x2], 1))`` and split back by slicing inside the forward."""
+
+    def __init__(self, meet: str, joined: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(21)
+        self.meet, self.joined = meet, joined
+        self.a, self.b = nn.Linear(4, 5, bias=bias), nn.Linear(3, 5, bias=bias)
+        self.fc = nn.Linear(10 if meet == "cat" else 5, 3, bias=bias)
+
+    def forward(self, x1, x2=None):
+        if self.joined:
+            x1, x2 = x1[:, :4], x1[:, 4:]
+        y, z = F.relu(self.a(x1)), F.relu(self.b(x2))
+        if self.meet == "sum":
+            return self.fc(y + z)
+        if self.meet == "product":
+            return self.fc(y * z)
+        return self.fc(torch.cat([y, z], 1))
+
+
+def _two_inputs(rows: int = 5):
+    torch.manual_seed(22)
+    x1, x2 = torch.randn(rows, 4, dtype=torch.float64), torch.randn(rows, 3, dtype=torch.float64)
+    seed = torch.eye(3, dtype=torch.float64)[torch.arange(rows) % 3] * torch.linspace(
+        0.5, 2.0, rows, dtype=torch.float64).view(-1, 1)
+    return x1, x2, seed
+
+
+@pytest.mark.parametrize("meet", ["sum", "product", "cat"])
+@pytest.mark.parametrize("residual", ["even", "proportional"])
+@pytest.mark.parametrize("activation_rule", ["pass", "wta"])
+def test_relevance_of_two_inputs_equals_that_of_one_joined_input(meet, residual,
+                                                                 activation_rule):
+    """``sm.relevance((x1, x2), ...)`` gives one relevance per input, those of the same model
+    fed one concatenated input and slicing it (it was refused: 'one node per name')."""
+    x1, x2, seed = _two_inputs()
+    model = _TwoInputs(meet).double().eval()
+    joined = _TwoInputs(meet, joined=True).double().eval()
+    joined.load_state_dict(model.state_dict())
+    options = {"residual": residual, "activation_rule": activation_rule}
+    got = core.split(model).relevance((x1, x2), seed, layers=["input:1", "a", "fc"], **options)
+    want = core.split(joined).relevance(torch.cat([x1, x2], 1), seed, layers=["a", "fc"],
+                                        **options)
+    assert isinstance(got["input"], tuple) and len(got["input"]) == 2
+    for r, part in zip(got["input"], want["input"].pos.split([4, 3], 1), strict=True):
+        assert r.pos.shape == part.shape
+    for stream in ("pos", "neg"):
+        whole = getattr(want["input"], stream)
+        for r, part in zip(got["input"], whole.split([4, 3], 1), strict=True):
+            torch.testing.assert_close(getattr(r, stream), part, rtol=0, atol=1e-12)
+        for layer in ("a", "fc"):
+            torch.testing.assert_close(getattr(got[layer], stream), getattr(want[layer], stream),
+                                       rtol=0, atol=1e-12)
+        assert torch.equal(getattr(got["input:1"], stream), getattr(got["input"][1], stream))
+    assert got["input"][1].pos.abs().sum() > 0 and got["input"][0].pos.abs().sum() > 0
+
+
+@pytest.mark.parametrize("meet", ["sum", "product", "cat"])
+def test_relevance_of_two_inputs_is_conserved_over_both(meet):
+    """In a bias-free model the relevances of both inputs summed equal the seed, up to
+    epsilon (as at every layer of one input). The ReLU rule "wta" and the residual rule
+    "proportional" keep it where a stream's pre-activation is 0 (x1 has 4 features only)."""
+    x1, x2, seed = _two_inputs()
+    sm = core.split(_TwoInputs(meet, bias=False).double().eval())
+    rel = sm.relevance((x1, x2), seed, layers=["input:0", "input:1", "a"],
+                       activation_rule="wta", residual="proportional")
+    total = sum((r.pos + r.neg).sum(1) for r in rel["input"])
+    torch.testing.assert_close(total, seed.sum(1), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        (rel["input:0"].pos + rel["input:0"].neg).sum(1)
+        + (rel["input:1"].pos + rel["input:1"].neg).sum(1), seed.sum(1), rtol=1e-4, atol=0)
+
+
+def test_relevance_refuses_inputs_with_fewer_rows():
+    """An input shared by the batch would gather the relevance of every row: refused."""
+    x1, x2, seed = _two_inputs()
+    sm = core.split(_TwoInputs("sum").double().eval())
+    with pytest.raises(ValueError, match="input 1 has 1 rows and input 0 has 5") as err:
+        sm.relevance((x1, x2[:1]), seed)
+    assert "\n" not in str(err.value)

@@ -578,6 +578,11 @@ def test_transformer_with_two_inputs():
     p = sm.sensitivities((src, tgt), 1, ["input:1", "transformer.encoder"])
     assert p["input:1"].g.shape == tgt.shape
     assert torch.isfinite(p["transformer.encoder"].g).all()
+    # SplitLRP: one relevance per input (was refused, 'one node per name')
+    rel = sm.relevance((src, tgt), torch.ones_like(want), ["input:1"])
+    assert [r.pos.shape for r in rel["input"]] == [src.shape, tgt.shape]
+    assert all(torch.isfinite(r.comb).all() and r.comb.abs().sum() > 0 for r in rel["input"])
+    assert torch.equal(rel["input:1"].comb, rel["input"][1].comb)
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
