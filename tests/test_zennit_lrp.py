@@ -256,3 +256,33 @@ def test_activation_rules_at_a_neuron_with_zero_positive_preactivation():
     # "pass" hands a+'s relevance to z+ = 0, where it is lost; "wta" hands it to z-
     assert totals["pass"] == pytest.approx(1 / 3, rel=1e-5)
     assert totals["wta"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_several_inputs_are_refused_with_core_named():
+    """Zennit's attributors pass one input tensor: split_lrp given a tuple (was
+    AttributeError 'tuple' object has no attribute 'shape') and layer 'input:1' (was 'not a
+    module of the model') are one ValueError each, naming core's relevance, which takes
+    several inputs."""
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 5), nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x1, x2):
+            return self.fc(torch.relu(self.a(x1)) + torch.relu(self.b(x2)))
+
+    model = TwoInputs().eval()
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 3)
+    fix = r"one input tensor; .*core\.split\(model\)\.relevance\(\(x1, x2\)"
+    for inputs in ((x1, x2), [x1, x2]):
+        with pytest.raises(ValueError, match=r"split_lrp got a \w+ of 2 inputs.*" + fix) as err:
+            split_lrp(model, inputs, 0)
+        assert "\n" not in str(err.value)
+    for layers in ("input:1", ["input", "input:0"]):
+        with pytest.raises(ValueError, match="names an input of several.*" + fix):
+            split_lrp(model, x1, 0, layers)
+    with pytest.raises(ValueError, match="'input:1' names an input of several.*" + fix):
+        with Gradient(model, SplitLRP(layer="input:1")):
+            pass
+    rel = core.split(model).relevance((x1, x2), torch.eye(2)[[0, 1]])  # what it names
+    assert len(rel["input"]) == 2

@@ -25,6 +25,27 @@ from core.lrp import ACTIVATION_RULES, RESIDUAL_RULES, STREAMS
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 
+def several_inputs(what: str) -> ValueError:
+    """The error for several inputs in the Zennit path, which has one input tensor.
+
+    Parameters
+    ----------
+    what: str
+        What was given (``"split_lrp got a tuple of 2 inputs"``).
+
+    Returns
+    -------
+    ValueError
+        One line that names core's SplitLRP, which takes several inputs.
+    """
+    return ValueError(
+        f"SplitLRP: {what}, but Zennit's attributors pass the model one input tensor; for a "
+        "model with several inputs use core's SplitLRP, core.split(model).relevance((x1, x2), "
+        "seed, layers=[...]) (one relevance per input under 'input', 'input:1' the second; "
+        "further arguments as extra_args= and kwargs=)"
+    )
+
+
 def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     """Return one stream of a relevance object of :meth:`core.SplitModel.relevance`.
 
@@ -122,11 +143,7 @@ class _RootHook:
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return None
         if len(inputs) > 1:
-            raise TypeError(
-                "SplitLRP: the model was called with more than one input; SplitLRP explains "
-                "models called as model(x) with one tensor. Wrap the model so that it takes "
-                "one tensor."
-            )
+            raise several_inputs(f"the model was called with {len(inputs)} arguments")
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"SplitLRP: the model returned {type(output).__name__}, not one tensor of "
@@ -266,10 +283,22 @@ class SplitLRP(Composite):
         module: :py:class:`torch.nn.Module`
             The model to explain. Only the root gets a forward hook; the canonizers are
             applied recursively, as in :py:meth:`zennit.core.Composite.register`.
+
+        Raises
+        ------
+        ValueError
+            For an unknown layer name, and for ``"input:1"``...: Zennit passes one input
+            tensor (:func:`several_inputs`; core's :meth:`core.SplitModel.relevance` takes
+            several). A model called with several arguments inside the composite is refused
+            with the same error at its forward.
         """
         self.remove()
         self.relevance = {}
         for name in self.layers:
+            base, _, suffix = name.rpartition(":")
+            if (base == "input" and suffix.isdigit()
+                    and not checks.names_a_layer(dict(module.named_modules()), name, True)):
+                raise several_inputs(f"layer {name!r} names an input of several")
             checks.layer_name(module, name, "SplitLRP", allow_input=True, allow_elements=True)
         try:
             for canonizer in self.canonizers:

@@ -15,7 +15,7 @@ from zennit.types import Convolution, Linear
 
 from core import checks
 
-from .composite import SplitLRP
+from .composite import SplitLRP, several_inputs
 
 
 def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
@@ -86,7 +86,8 @@ def split_lrp(
     model: :py:class:`torch.nn.Module`
         The model; it is not modified.
     inputs: :py:obj:`torch.Tensor`
-        Input batch.
+        Input batch: one tensor (Zennit's attributors take one; for a model with several
+        inputs use :meth:`core.SplitModel.relevance`).
     targets: int or :py:obj:`torch.Tensor`
         Class index or indices (seed: one-hot at ``a(L,+)``), or a float seed shaped like
         the model output.
@@ -100,7 +101,15 @@ def split_lrp(
     -------
     dict[str, object]
         Layer name to an object with the tensors ``pos``, ``neg`` and ``comb``.
+
+    Raises
+    ------
+    ValueError
+        For a tuple or list of inputs and for ``"input:1"``... (one line naming
+        :meth:`core.SplitModel.relevance`, which takes several inputs), before any forward.
     """
+    if isinstance(inputs, (tuple, list)):
+        raise several_inputs(f"split_lrp got a {type(inputs).__name__} of {len(inputs)} inputs")
     names = [layers] if isinstance(layers, str) else list(layers)
     composite = SplitLRP(
         epsilon=epsilon,
