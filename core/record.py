@@ -461,7 +461,8 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     model: torch.nn.Module
         The model (its eval-mode twin runs; the model is not changed).
     inputs: tuple of torch.Tensor
-        The split inputs (placeholders of the graph, in this order).
+        The split inputs (placeholders of the graph, in this order; the same tensor given
+        twice gets two placeholders).
     extra, kwargs:
         Further positional and keyword arguments; the tensors among them
         (:func:`argument_tensors`) are the placeholders after the inputs.
@@ -483,6 +484,10 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     state.update({id(p): name for name, p in twin.named_parameters()})
     twins = {id(m): t for m, t in zip(model.modules(), twin.modules(), strict=True)}
     recorder = _Recorder(twin, state, twins)
+    # the same tensor passed as two inputs, (x, x): each gets its own placeholder (the
+    # recorder tells tensors apart by identity), through a view of the same values
+    inputs = tuple(t.view_as(t) if any(t is u for u in inputs[:i]) else t
+                   for i, t in enumerate(inputs))
     for i, t in enumerate(inputs):
         recorder.placeholder(f"input_{i}", t)
     for i, t in enumerate(argument_tensors(extra, kwargs)):

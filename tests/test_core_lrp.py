@@ -320,3 +320,21 @@ def test_relevance_refuses_inputs_with_fewer_rows():
     with pytest.raises(ValueError, match="input 1 has 1 rows and input 0 has 5") as err:
         sm.relevance((x1, x2[:1]), seed)
     assert "\n" not in str(err.value)
+
+
+def test_the_same_tensor_as_two_inputs_is_two_inputs():
+    """``(x, x)`` is split as ``(x, x.clone())``: relevance and sensitivities of each input
+    (all went to the last one: the capture bound both to one placeholder)."""
+    model = _TwoInputs("sum").double().eval()
+    model.b = nn.Linear(4, 5).double()  # x2 of 4 features, as x1
+    x, _, seed = _two_inputs()
+    sm = core.split(model)
+    got = sm.relevance((x, x), seed)["input"]
+    want = sm.relevance((x, x.clone()), seed)["input"]
+    for r, w in zip(got, want, strict=True):
+        assert torch.equal(r.pos, w.pos) and torch.equal(r.neg, w.neg)
+    assert got[0].pos.abs().sum() > 0
+    p = sm.sensitivities((x, x), 0, ["input"], alpha=0.5)["input"]
+    q = sm.sensitivities((x, x.clone()), 0, ["input"], alpha=0.5)["input"]
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(p, q, strict=True))
+    assert p[0].grad.abs().sum() > 0
