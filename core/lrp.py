@@ -145,7 +145,7 @@ def relevance(
         Relevance at the positive stream's output, shaped like the model's output (zennit's
         convention: the attributor's output gradient, e.g. a one-hot vector; pass
         ``onehot * g`` for the paper's total ``a(L,+)``).
-    layers: sequence of str
+    layers: str or sequence of str
         Further names to report, as for :meth:`SplitModel.sensitivities`: module names,
         ``"NAME:0"``... for the elements of a tuple output, ``"input:1"``... for one of
         several inputs.
@@ -195,6 +195,8 @@ def relevance(
                 f"is per row, so every input needs one row per sample (expand an input "
                 f"shared by the batch to {rows} rows)")
     wanted = {"input": call.node_of("input")}
+    if isinstance(layers, str):  # one name (was read as its characters)
+        layers = [layers]
     wanted.update({layer: call.node_of(layer) for layer in layers})
     for name, node in wanted.items():
         if isinstance(node, tuple) and name not in checks.INPUT_NAMES:

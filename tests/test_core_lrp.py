@@ -55,6 +55,9 @@ def test_relevance_options_and_bad_input():
     assert torch.equal(r.stream("comb"), r.pos - r.neg)
     with pytest.raises(ValueError, match="stream"):
         r.stream("both")
+    # one name as a string (was read as its characters: 'layer 'p' is not a module')
+    one = sm.relevance(x, torch.ones(1, 4), "pool")["pool"]
+    torch.testing.assert_close(one.pos, sm.relevance(x, torch.ones(1, 4), ["pool"])["pool"].pos)
 
 
 def test_merged_batchnorm_layer_reports_the_merged_output():
