@@ -9,8 +9,10 @@ redistributed layer by layer with the epsilon rule (eq. 9, gamma 0, signed epsil
 on every operation that mixes neurons (affine layers, BatchNorm -- merged into the preceding
 affine layer when the split was built with ``merge_batchnorm=True`` --, average pooling,
 convex max pooling). A sum of two activations (a residual add) gives each branch half of the
-relevance (``residual="even"``, the default and the paper's choice) or applies the epsilon
-rule to the sum, sharing relevance in proportion to the branches' contributions
+relevance of each stream (``residual="even"``, the default and the paper's choice), except
+where one branch's value in that stream is exactly zero: that branch gets none of it and the
+other all (a zero neuron could not pass relevance on; see :func:`_even`); or it applies the
+epsilon rule to the sum, sharing relevance in proportion to the branches' contributions
 (``residual="proportional"``). Structural operations (views, slicing, concatenation, padding,
 winner-takes-all max pooling) move relevance without changing it. ReLU-type units pass it on
 unchanged (``"pass"``, the paper: LRP ignores the activation functions) or, for ReLU, hand the
@@ -155,8 +157,11 @@ def relevance(
         ``"pass"`` or ``"wta"`` (see the module docstring).
     residual: str
         At a sum of two activations (a residual add): ``"even"`` gives each branch half of
-        the relevance (the paper, section 4.2), ``"proportional"`` shares it by the branches'
-        contributions (the epsilon rule).
+        the relevance of each stream (the paper, section 4.2) where both branches' values in
+        that stream are nonzero (or both zero), and all of it to the one branch whose value
+        is nonzero where the other's is exactly zero (the zero branch could not pass its half
+        on: a bias-free model kept as little as 81% of the seed); ``"proportional"`` shares
+        it by the branches' contributions (the epsilon rule).
     extra_args, kwargs:
         Further positional and keyword arguments of the model's forward (not split).
 
@@ -385,8 +390,22 @@ def _zero_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _even(step, r, records, rel) -> None:
-    """A sum of two activations: each branch gets half, with the streams swapped where the
-    branch enters with a negative coefficient (``a - b`` adds ``b-`` to ``a+``)."""
+    """A sum of two activations ``c = a + alpha b`` (``a - b``, ``b - a``): the relevance of
+    each stream of ``c`` is shared evenly among the branches that carry that stream there.
+
+    A branch added with a positive coefficient carries ``c+`` with its ``a+`` and ``c-``
+    with its ``a-``; one added with a negative coefficient swaps them (``a - b`` adds ``b-``
+    to ``c+``). Per element and stream, with ``v_a`` and ``v_b`` the stream values the two
+    branches contribute (their ``a+`` or ``a-``, a zero ``alpha`` making ``v_b`` zero)::
+
+        R_a = R_c / 2,  R_b = R_c / 2     where v_a != 0 and v_b != 0 (the paper),
+                                          or v_a == 0 and v_b == 0;
+        R_a = R_c,      R_b = 0           where v_a != 0 and v_b == 0 (and the mirror case).
+
+    A branch whose stream value is exactly zero there contributes nothing to that stream, and
+    the layer below it could not pass relevance on (eq. 9 gives ``a_j = 0`` neurons nothing):
+    half of ``R_c`` would be lost to conservation.
+    """
     node = step.node
     alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
     positive = alpha >= 0
@@ -395,9 +414,28 @@ def _even(step, r, records, rel) -> None:
     scaled = signs.index(-1) if -1 in signs else 1
     signs[scaled] *= 1 if positive else -1
     signs = [sign > 0 for sign in signs]  # is each operand added with a positive coefficient?
-    rp, rn = r
-    for src, plus in zip(node.args[:2], signs, strict=True):
-        _add(rel, src, (rp / 2, rn / 2) if plus else (rn / 2, rp / 2))
+    srcs = list(node.args[:2])
+    # carries[k][t]: is branch k's value nonzero in the stream that takes c's stream t
+    # (t = 0: c+, t = 1: c-)?
+    carries = []
+    for k, (src, plus) in enumerate(zip(srcs, signs, strict=True)):
+        pair = records[src]
+        pos, neg = pair.pos != 0, pair.neg != 0
+        if k == scaled and alpha == 0:
+            pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
+        carries.append((pos, neg) if plus else (neg, pos))
+    for k, (src, plus) in enumerate(zip(srcs, signs, strict=True)):
+        mine, other = carries[k], carries[1 - k]
+        shares = []
+        for t, rt in enumerate(r):
+            half = rt / 2
+            # all of it where only this branch carries the stream, none where only the other
+            # does, half elsewhere (bit for bit the paper's rule where both carry it)
+            share = torch.where(mine[t] & ~other[t], rt, torch.where(other[t] & ~mine[t],
+                                                                     torch.zeros_like(rt), half))
+            shares.append(share)
+        rp, rn = shares
+        _add(rel, src, (rp, rn) if plus else (rn, rp))
 
 
 def _add(rel: dict, node: fx.Node, r) -> None:

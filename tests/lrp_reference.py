@@ -309,8 +309,9 @@ class _Reference:
             a = tuple(u + v for u, v in zip(out_body, out_skip, strict=True))
 
             def inner(rp: torch.Tensor, rn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                if self.o.residual == "even":
-                    share = [(rp / 2, rn / 2), (rp / 2, rn / 2)]
+                if self.o.residual == "even":  # evenly among the branches carrying it
+                    share = [_even_share(rp, rn, mine, other)
+                             for mine, other in ((out_body, out_skip), (out_skip, out_body))]
                 else:  # proportional to the contributions
                     dp, dn = _stab(a[0], self.o.epsilon), _stab(a[1], self.o.epsilon)
                     share = [(rp * out[0] / dp, rn * out[1] / dn) for out in (out_body, out_skip)]
@@ -382,3 +383,16 @@ def reference_split_lrp(
     result = dict(ref.recorded)
     result["input"] = ReferenceRelevance(rp, rn)
     return result
+
+
+def _even_share(rp: torch.Tensor, rn: torch.Tensor, mine: Streams,
+                other: Streams) -> tuple[torch.Tensor, torch.Tensor]:
+    """One branch's part of a residual sum's relevance (``residual="even"``), per stream:
+    half where both branches' values in that stream are nonzero (or both zero), all of it
+    where only this branch's is, nothing where only the other's is."""
+    parts = []
+    for r, a, b in ((rp, mine[0], other[0]), (rn, mine[1], other[1])):
+        alone, absent = (a != 0) & (b == 0), (a == 0) & (b != 0)
+        parts.append(torch.where(alone, r, torch.where(absent, 0.0, r / 2)))
+    return parts[0], parts[1]
+

@@ -341,3 +341,65 @@ def test_the_same_tensor_as_two_inputs_is_two_inputs():
     q = sm.sensitivities((x, x.clone()), 0, ["input"], alpha=0.5)["input"]
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(p, q, strict=True))
     assert p[0].grad.abs().sum() > 0
+
+
+class _ZeroShortcut(nn.Module):
+    """``fc(join(y + relu(body(y))))``, ``y = relu(inp(x))``: fed ``x >= 0``, the units of
+    ``inp`` with non-negative weights have a zero negative stream (``z- = W- x+ = 0``), so the
+    shortcut ``y`` carries no ``a-`` there while the body branch does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(31)
+        self.inp = nn.Linear(5, 6, bias=False)
+        self.act = nn.ReLU()
+        self.body = nn.Linear(6, 6, bias=False)
+        self.act2 = nn.ReLU()
+        self.join = nn.Identity()
+        self.fc = nn.Linear(6, 3, bias=False)
+        with torch.no_grad():
+            self.inp.weight[:3].abs_()
+
+    def forward(self, x):
+        y = self.act(self.inp(x))
+        return self.fc(self.join(y + self.act2(self.body(y))))
+
+
+@pytest.mark.parametrize("stabilizer", ["scale", "none"])
+def test_even_residual_shares_among_the_branches_that_carry_the_stream(stabilizer):
+    """residual="even" halves a sum's relevance per stream between the branches whose value
+    in that stream is nonzero; a branch with a zero stream value there gets none of it and
+    the other all. It gave each half, and the zero branch's layer below absorbed it: row 0
+    of the two-input model kept 81% of the seed with activation_rule="wta"."""
+    x1, x2, seed = _two_inputs()
+    sm = core.split(_TwoInputs("sum", bias=False).double().eval(), stabilizer=stabilizer)
+    pairs = sm.pairs((x1, x2), ["a", "b"])  # a ReLU's a- is its pre-activation's z-
+    assert ((pairs["b"].neg == 0) & (pairs["a"].neg != 0)).any()  # a zero branch
+    rel = sm.relevance((x1, x2), seed, activation_rule="wta", residual="even", epsilon=1e-12)
+    total = sum((r.pos + r.neg).sum(1) for r in rel["input"])
+    torch.testing.assert_close(total, seed.sum(1), rtol=1e-6, atol=0)  # row 0: 0.81 before
+    assert all(torch.isfinite(r.pos).all() and torch.isfinite(r.neg).all()
+               for r in rel["input"])
+
+    model = _ZeroShortcut().double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).abs()
+    seed = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
+    sm = core.split(model, stabilizer=stabilizer)
+    p = sm.pairs(x, ["act", "act2"])
+    only_body = (p["act"].neg == 0) & (p["act2"].neg != 0)
+    both = {"pos": (p["act"].pos != 0) & (p["act2"].pos != 0),
+            "neg": (p["act"].neg != 0) & (p["act2"].neg != 0)}
+    assert only_body.any() and both["pos"].any() and both["neg"].any()
+    for rule in ("pass", "wta"):
+        rel = sm.relevance(x, seed, layers=["act2", "join"], activation_rule=rule,
+                           epsilon=1e-12)
+        total = (rel["input"].pos + rel["input"].neg).sum(1)
+        if rule == "wta":
+            torch.testing.assert_close(total, seed.sum(1), rtol=1e-6, atol=0)
+        assert torch.isfinite(rel["input"].pos).all() and torch.isfinite(rel["input"].neg).all()
+        # the body branch takes all of the sum's a- relevance where the shortcut has no a-
+        assert torch.equal(rel["act2"].neg[only_body], rel["join"].neg[only_body])
+        # and exactly half where both branches carry the stream (the paper's rule, unchanged)
+        for stream, mask in both.items():
+            assert torch.equal(getattr(rel["act2"], stream)[mask],
+                               getattr(rel["join"], stream)[mask] / 2)

@@ -175,7 +175,8 @@ class SplitLRP(Composite):
     attributor's output gradient (a one-hot seed gives total relevance 1 per sample; seeding
     with ``a(L,+)`` gives the paper's total) and is redistributed with the epsilon rule
     (gamma 0) down to the input. BatchNorm is merged into the adjacent affine layer,
-    residual adds split relevance evenly across their branches (the paper; ``residual=
+    residual adds split relevance evenly across their branches (the paper; all of a stream's
+    relevance to one branch where the other's value in that stream is 0; ``residual=
     "proportional"`` uses the epsilon rule of the add instead), and the forward pass is
     stabilised as in SplitCAM.
 
@@ -212,7 +213,8 @@ class SplitLRP(Composite):
         relevance conserved also where a neuron's ``z+`` is zero).
     residual: str, optional
         How a sum of two activations (a residual add) shares relevance: ``"even"`` (default,
-        the paper: half to each branch) or ``"proportional"`` (by the branches'
+        the paper: half of each stream's relevance to each branch, all of it to one branch
+        where the other's value in that stream is 0) or ``"proportional"`` (by the branches'
         contributions).
     nonlinear: str, optional
         ``"error"`` (default) or ``"freeze"``: split smooth units, gates, attention and
