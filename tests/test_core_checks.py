@@ -279,6 +279,8 @@ def test_nan_options_are_refused_by_name(net) -> None:
         SplitLRP(epsilon=NAN)
     with pytest.raises(ValueError, match="^LRP: gamma is NaN"):
         lrp_gamma(net, x, 0, gamma=NAN)
+    with pytest.raises(TypeError, match="^LRP: inputs must be one tensor.*got a tuple"):
+        lrp_gamma(net, (x, x), 0)  # was AttributeError: 'tuple' object has no attribute
     with pytest.raises(ValueError, match="^GradCAMPlusPlus: eps is NaN"):
         GradCAMPlusPlus(net, "features.1", eps=NAN)
     with pytest.raises(ValueError, match="^input contains NaN or Inf values"):

@@ -207,7 +207,16 @@ def lrp_gamma(
     -------
     :py:obj:`torch.Tensor`
         The relevance, shaped like the input or like the layer's output.
+
+    Raises
+    ------
+    TypeError
+        For inputs that are not one tensor (a tuple of inputs: Zennit's attributors take
+        one input tensor), before any forward.
     """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"LRP: inputs must be one tensor (Zennit's attributors take one "
+                        f"input), got a {type(inputs).__name__}")
     checks.number("gamma", gamma, 0.0, who="LRP")
     composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
     handle = None
