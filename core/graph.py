@@ -12,7 +12,7 @@ from torch import nn
 
 from core import rules
 from core.errors import UnsupportedOperation
-from core.record import COMPOSITE_MODULES, InputDependent, module_input
+from core.record import COMPOSITE_MODULES, InputDependent, leaves, module_input
 from core.twin import module_twin
 
 
@@ -117,7 +117,7 @@ class _SplitTracer(fx.Tracer):
             return self.create_proxy("call_module", name, args, kwargs)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(first, fx.Proxy):
-            self.inputs[name] = _proxy_nodes((args, kwargs))
+            self.inputs[name] = [p.node for p in leaves((args, kwargs), fx.Proxy)]
         result = m.forward(*args, **kwargs)  # no user hooks while tracing
         if isinstance(result, fx.Proxy):
             self.outputs[name] = result.node
@@ -305,17 +305,6 @@ class TracedModel:
     nodes: list[fx.Node]
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = field(default_factory=dict)
-
-
-def _proxy_nodes(value: Any) -> list[fx.Node]:
-    """The nodes of the proxies among nested tuples, lists and dicts, in argument order."""
-    if isinstance(value, fx.Proxy):
-        return [value.node]
-    if isinstance(value, (tuple, list)):
-        return [n for v in value for n in _proxy_nodes(v)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _proxy_nodes(v)]
-    return []
 
 
 def constant(value: Any) -> Any:

@@ -205,9 +205,8 @@ def relevance(
     wanted.update({layer: call.node_of(layer) for layer in layers})
     for name, node in wanted.items():
         if isinstance(node, tuple) and name not in checks.INPUT_NAMES:
-            raise ValueError(
-                f"SplitLRP reports one node per name, and {name!r} outputs a tuple: name its "
-                f"elements ('{name}:0', '{name}:1'...) instead")
+            raise checks.tuple_output(name, [f"{name}:{i}" for i in range(len(node))],
+                                      len(node))
     with torch.no_grad():
         out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
     checks.output_rows(out.d, rows)

@@ -98,7 +98,7 @@ def module_input(arguments: list[Any], dependent: Any) -> Any:
     on_input = [a for a in unique if a in dependent]
     if len(on_input) > 1:
         return tuple(on_input)
-    return on_input[0] if on_input else (unique[0] if unique else None)
+    return on_input[0] if on_input else unique[0]
 
 
 class InputDependent:
@@ -121,14 +121,15 @@ class InputDependent:
         return node in self._nodes
 
 
-def _ordered_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors among nested tuples, lists and dicts, in argument order."""
-    if isinstance(value, torch.Tensor):
+def leaves(value: Any, kind: type) -> list[Any]:
+    """The leaves of type ``kind`` (tensors, fx proxies) among nested tuples, lists and
+    dicts, in argument order."""
+    if isinstance(value, kind):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _ordered_tensors(v)]
+        return [t for v in value for t in leaves(v, kind)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _ordered_tensors(v)]
+        return [t for v in value.values() for t in leaves(v, kind)]
     return []
 
 
@@ -390,7 +391,7 @@ class _Recorder(TorchFunctionMode):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is not None and (id(first) in self.nodes or id(first) in self.state):
             self.module_arguments[name] = [
-                self.node_of(t) for t in _ordered_tensors((args, kwargs))
+                self.node_of(t) for t in leaves((args, kwargs), torch.Tensor)
                 if id(t) in self.nodes or id(t) in self.state]
         if not is_leaf_module(module):
             out = call(module, *args, **kwargs)

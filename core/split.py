@@ -183,13 +183,13 @@ class SplitCall:
             for n in parts:
                 value = records.get(n)
                 if isinstance(value, (tuple, list)):
-                    raise checks.tuple_output(layer, [f"{layer}:{i}" for i, v in enumerate(value)
-                                                      if isinstance(v, Pair)], len(value), who)
+                    raise checks.tuple_output(layer, _activations(layer, value), len(value),
+                                              who)
                 if not isinstance(value, Pair):
                     if len(parts) > 1:  # a tuple output (held as nodes) with a non-activation
-                        raise checks.tuple_output(
-                            layer, [f"{layer}:{i}" for i, m in enumerate(parts)
-                                    if isinstance(records.get(m), Pair)], len(parts), who)
+                        values = [records.get(m) for m in parts]
+                        raise checks.tuple_output(layer, _activations(layer, values),
+                                                  len(parts), who)
                     what = (f"is a {type(value).__name__} that the split does not carry as a "
                             "pair" if n in records else "holds no value that the output depends on")
                     raise ValueError(
@@ -786,6 +786,11 @@ def _ask(who: str | None, what: str, adapter: str | None = None) -> str:
     if who is None:
         return f"probe {what}"
     return f"pass {adapter}" if adapter is not None else f"pass layer {what}"
+
+
+def _activations(layer: str, values: Sequence[Any]) -> list[str]:
+    """The names ``"LAYER:i"`` of the elements of a tuple output that are split pairs."""
+    return [f"{layer}:{i}" for i, v in enumerate(values) if isinstance(v, Pair)]
 
 
 def _flat(nodes: Any) -> list[fx.Node]:

@@ -184,6 +184,10 @@ def test_a_module_with_a_tuple_output_is_probed_per_element():
     model.out(a + b)[:, 1].sum().backward()
     assert_rel_close(probes["pair"][0].grad, a.grad, 1e-6)
     assert_rel_close(probes["pair:1"].grad, b.grad, 1e-6)
+    # SplitLRP reports one relevance per name: the tuple's elements are named
+    with pytest.raises(ValueError, match="'pair' outputs a tuple of 2 values.*'pair:0', 'pair:1'"):
+        sm.relevance(x, torch.ones(2, 2), ["pair"])
+    assert sm.relevance(x, torch.ones(2, 2), ["pair:1"])["pair:1"].pos.shape == (2, 4)
 
 
 # --------------------------------------------------------------------------- hooks

@@ -188,12 +188,20 @@ def test_addmm_relevance_is_that_of_the_sum_written_out(case):
     x = torch.randn(1, 4, dtype=torch.float64)
     seed = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
     layers = ["a"] + ["b"] * (not case.get("constant_b", False)) + ["c"] * ("addend" in case)
-    rel = [core.split(m).relevance(x, seed, layers=layers, epsilon=0.0,
+    _assert_same_relevance(models, x, seed, layers, epsilon=0.0, rtol=1e-12, atol=1e-12)
+
+
+def _assert_same_relevance(models: list[nn.Module], x: torch.Tensor, seed: torch.Tensor,
+                           layers: list[str], epsilon: float, rtol: float,
+                           atol: float) -> None:
+    """SplitLRP (proportional residual) of the two models agrees at the input and at
+    ``layers`` in both streams, and is not zero."""
+    rel = [core.split(m).relevance(x, seed, layers=layers, epsilon=epsilon,
                                    residual="proportional") for m in models]
     for name in ("input", *layers):
         for stream in ("pos", "neg"):
             got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
     assert rel[0]["input"].comb.abs().max() > 1e-3
 
 
@@ -231,13 +239,7 @@ def test_addcmul_relevance_is_that_of_the_sum_written_out(case):
     x = torch.randn(2, 4, dtype=torch.float64)
     seed = torch.tensor([[1.0, -0.5, 0.3], [0.2, 1.0, -1.0]], dtype=torch.float64)
     layers = ["a"] + ["b"] * (not case.get("constant_b", False)) + ["c"] * ("addend" in case)
-    rel = [core.split(m).relevance(x, seed, layers=layers, epsilon=1e-9,
-                                   residual="proportional") for m in models]
-    for name in ("input", *layers):
-        for stream in ("pos", "neg"):
-            got, want = rel[0][name].stream(stream), rel[1][name].stream(stream)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=name)
-    assert rel[0]["input"].comb.abs().max() > 1e-3
+    _assert_same_relevance(models, x, seed, layers, epsilon=1e-9, rtol=1e-6, atol=1e-9)
 
 
 class _TwoInputs(nn.Module):
