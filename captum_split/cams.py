@@ -7,7 +7,7 @@ layer's resolution (upsample with :py:meth:`captum.attr.LayerAttribution.interpo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,12 @@ from ._utils import (
 __all__ = ["LayerCAM", "GradCAMPlusPlus"]
 
 
+def _activations(name: str, out: Sequence[Any]) -> list[str]:
+    """The names ``"NAME:i"`` of the floating-point tensors of a layer's tuple output."""
+    return [f"{name}:{i}" for i, v in enumerate(out)
+            if isinstance(v, Tensor) and v.is_floating_point()]
+
+
 class _CAMBase(LayerAttribution, GradientAttribution):
     """Shared constructor and gradient/activation collection of the CAM baselines."""
 
@@ -52,10 +58,11 @@ class _CAMBase(LayerAttribution, GradientAttribution):
                                     allow_elements=True)
         #: the layer's name (None for a module of a forward_func that is no module) and,
         #: for "NAME:i", the index of the explained element of NAME's tuple output
-        self.layer_name, self._element = (None, None) if model is None or name is None \
-            else (name, split_element(model, name)[1])
-        module = layer if model is None or name is None else model.get_submodule(
-            split_element(model, name)[0])
+        if model is None or name is None:
+            self.layer_name, self._element, module = None, None, layer
+        else:
+            base, self._element = split_element(model, name)
+            self.layer_name, module = name, model.get_submodule(base)
         LayerAttribution.__init__(self, forward_func, module, device_ids)
         GradientAttribution.__init__(self, forward_func)
 
@@ -130,9 +137,7 @@ class _CAMBase(LayerAttribution, GradientAttribution):
                 isinstance(v, Tensor) and v.is_floating_point() for v in out):
             return
         name = self.layer_name if self.layer_name is not None else type(module).__name__
-        raise checks.tuple_output(name, [f"{name}:{i}" for i, v in enumerate(out)
-                                         if isinstance(v, Tensor) and v.is_floating_point()],
-                                  len(out), type(self).__name__)
+        raise checks.tuple_output(name, _activations(name, out), len(out), type(self).__name__)
 
     def _element_grads_and_acts(
         self,
@@ -159,8 +164,7 @@ class _CAMBase(LayerAttribution, GradientAttribution):
                     f"{method}: layer {name!r} names element {index} of a tuple output, but "
                     f"{base!r} outputs a {type(out).__name__}; pass layer {base!r}."
                 )
-            valid = [f"{base}:{i}" for i, v in enumerate(out)
-                     if isinstance(v, Tensor) and v.is_floating_point()]
+            valid = _activations(base, out)
             part = out[index] if index < len(out) else None
             if not isinstance(part, Tensor) or not part.is_floating_point():
                 what = (f"does not exist ({base!r} outputs {len(out)} values)" if part is None
