@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.pair import Pair
+from core.pair import Pair, detached
 
 NONLINEAR_MODES = ("error", "freeze")
 
@@ -341,8 +341,8 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: A
     with torch.no_grad():
         a = _mha_weights(m, F.linear(first(qd), w_q, b_q), F.linear(first(kd), w_k, b_k),
                          kpm if kpm is None or batched else kpm.unsqueeze(0), mask)
-    w_o, b_o = m.out_proj.weight.detach(), _detached(m.out_proj.bias)
-    bias_v = _detached(m.bias_v)
+    w_o, b_o = m.out_proj.weight.detach(), detached(m.out_proj.bias)
+    bias_v = detached(m.bias_v)
 
     def frozen_map(t: torch.Tensor, absolute: bool) -> torch.Tensor:
         """The affine map ``x_v -> y`` with ``A`` fixed (``absolute``: all coefficients and
@@ -359,10 +359,6 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: A
 
     d = frozen_value(out, value.d, lambda t: frozen_map(t, False))
     return Pair(d, frozen_map(value.s, True)), weights
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
 
 
 def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor,

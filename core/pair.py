@@ -56,3 +56,9 @@ def contains_pair(value: Any) -> bool:
     if isinstance(value, dict):
         return any(contains_pair(v) for v in value.values())
     return False
+
+
+def detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter or buffer as a constant of a rule: ``t.detach()``, None for None (a
+    module without bias)."""
+    return None if t is None else t.detach()

@@ -30,7 +30,7 @@ from torch import nn
 # importing max_rules and unit_rules registers their rules
 from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: F401
 from core.absops import abs_conv, abs_linear, channel_affine, placeholder
-from core.pair import Pair, lift
+from core.pair import Pair, detached, lift
 from core.record import assign
 from core.registry import (
     TABLE,
@@ -45,10 +45,6 @@ from core.registry import (
 
 __all__ = ["TABLE", "Ctx", "Rule", "register", "unsupported", "lookup", "is_query"]
 
-
-
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
 
 
 # --------------------------------------------------------------------------- structure
@@ -362,7 +358,7 @@ def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
                                                      torch.Tensor | None]:
     """Detached ``W``, ``b`` and the ``|b|`` of the ``s`` stream (none when merged away)."""
-    w, b = m.weight.detach(), _detach(m.bias)
+    w, b = m.weight.detach(), detached(m.bias)
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
@@ -436,7 +432,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
             ctx, "batch normalisation without running statistics",
             "Batch statistics couple the rows of a batch; use track_running_stats=True.",
         )
-    mean, var, weight, bias = (_detach(t) for t in (mean, var, weight, bias))
+    mean, var, weight, bias = (detached(t) for t in (mean, var, weight, bias))
     d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
