@@ -56,6 +56,9 @@ class Step:
     copy: bool
         A ``get_attr`` whose value the forward writes into: it is fetched as a copy, so that
         running the graph never changes the model's buffers.
+    donee: bool
+        The pair of the first argument may be written into by this step's ``inplace`` rule:
+        it is the only use of a ``fresh`` node (see :meth:`SplitInterpreter.run_rule`).
     """
 
     node: fx.Node
@@ -70,6 +73,7 @@ class Step:
     copy: bool = False
     frozen: str | None = None  # what nonlinear="freeze" freezes at this node
     mass_linear: bool = False  # the rule's s backward never reads s values (see Rule)
+    donee: bool = False  # its first argument may be donated to it (_plan_donations)
 
     def bound(self, module: nn.Module | None) -> Step:
         """This step with another module (a shallow copy: ``dataclasses.replace`` runs the
@@ -188,9 +192,25 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         if node.op == "get_attr":
             step.copy = any(_writes_into(u) and u.args and u.args[0] is node
                             for u in node.users)
+    _plan_donations(steps)
     if merge_batchnorm:
         _plan_merges(steps)
     return steps
+
+
+def _plan_donations(steps: dict[fx.Node, Step]) -> None:
+    """Mark the steps to which the pair of their first argument may be donated: an
+    ``inplace`` rule whose first argument is a ``fresh`` node that has no other use (not
+    even a second operand of the same call). Whether it is donated is decided per call
+    (:meth:`SplitInterpreter.run_rule`): never under autograd or where the value is kept."""
+    for node, step in steps.items():
+        if step.rule is None or not step.rule.inplace or not node.args:
+            continue
+        src = node.args[0]
+        prev = steps.get(src) if isinstance(src, fx.Node) else None
+        if prev is None or prev.rule is None or not prev.rule.fresh or len(src.users) != 1:
+            continue
+        step.donee = _operands_in(node, {src}) == 1
 
 
 def _operands_in(node: fx.Node | list, carried: set[fx.Node]) -> int:
@@ -304,7 +324,8 @@ class SplitInterpreter(fx.Interpreter):
         self._ctx = {node: rules.Ctx(maxpool, s.where, s.module, s.skip_bias, s.merged_bias,
                                      weight_abs, cached_abs, scratch=scratch)
                      for node, s in self.steps.items() if s.rule is not None}
-        self._ctx_free: dict[fx.Node, rules.Ctx] = {}  # mass=False, made when first needed
+        # (node, mass, donated) -> a Ctx with those fields, made when first needed
+        self._ctx_variants: dict[tuple[fx.Node, bool, bool], rules.Ctx] = {}
         self._free: set[fx.Node] = set()
         self._leaves: set[fx.Node] = set()  # see run_pairs
         self._detached: set[fx.Node] = set()
@@ -458,12 +479,20 @@ class SplitInterpreter(fx.Interpreter):
         """The context a step's rule is called with."""
         return self._ctx[step.node]
 
-    def run_rule(self, step: Step, args: tuple, kwargs: dict) -> Any:
-        """Apply a step's rule; an error from it gets a note naming the step."""
+    def run_rule(self, step: Step, args: tuple, kwargs: dict, donated: bool = False) -> Any:
+        """Apply a step's rule; an error from it gets a note naming the step.
+
+        ``donated``: the rule may write into the tensors of its first argument's pair
+        (``ctx.donated``); :meth:`run_pairs` donates them where nothing else reads them: no
+        autograd, a planned donation (:attr:`Step.donee`), neither the argument nor the step
+        a leaf nor the argument's value recorded, and a pair of two distinct tensors of one
+        shape and dtype.
+        """
         ctx = self._ctx[step.node]
-        if step.node in self._free:
-            ctx = self._ctx_free.get(step.node) or self._ctx_free.setdefault(
-                step.node, dataclasses.replace(ctx, mass=False))
+        key = (step.node, step.node not in self._free, donated)
+        if key[1:] != (ctx.mass, ctx.donated):
+            ctx = self._ctx_variants.get(key) or self._ctx_variants.setdefault(
+                key, dataclasses.replace(ctx, mass=key[1], donated=key[2]))
         try:  # fx hands immutable containers; rules get plain ones
             return step.rule(ctx, tuple(args), dict(kwargs))
         except (UnsupportedOperation, SplitOverflowError):
@@ -471,6 +500,17 @@ class SplitInterpreter(fx.Interpreter):
         except Exception as err:
             err.add_note(f"while splitting {step.where}")
             raise
+
+    def _donates(self, step: Step, args: tuple) -> bool:
+        if not step.donee or torch.is_grad_enabled():
+            return False
+        src = step.node.args[0]
+        # a leaf's tensors must not be its argument's (see _leaf)
+        if self._record_all or src in self._record or {src, step.node} & self._leaves:
+            return False
+        p = args[0] if args else None
+        return (isinstance(p, Pair) and p.d is not p.s and p.d.shape == p.s.shape
+                and p.d.dtype == p.s.dtype)
 
     # ------------------------------------------------------------------ fx.Interpreter
     def run_node(self, n: fx.Node) -> Any:  # noqa: D102 - fx's signature
@@ -518,12 +558,15 @@ class SplitInterpreter(fx.Interpreter):
         elif step.rule is None or not contains_pair((args, kwargs)):
             value = self._static(n, step, args, kwargs)
         else:
-            value = self.run_rule(step, args, kwargs)
+            value = self.run_rule(step, args, kwargs, self._donates(step, args))
             # a frozen unit whose result is a constant (attention with a constant value
             # tensor) is no pair: nothing to stabilise or shift
             if step.activation and isinstance(value, Pair) and n not in self._free:
+                # a fresh s is this call's own: without autograd it is stabilised in place
+                inplace = (step.rule.fresh and not torch.is_grad_enabled()
+                           and value.s is not value.d and value.s.shape == value.d.shape)
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
-                                                self.threshold))
+                                                self.threshold, inplace=inplace))
         return value
 
     def _keep(self, node: fx.Node, value: Any) -> None:

@@ -58,6 +58,17 @@ engine matches operations by identity or by name:
 ``refuses``
     ``refuses(node, module) -> str | None``: why this graph node cannot be split at all
     (checked when the split is planned, before any input is seen), or None.
+``fresh``
+    Without autograd the rule's pair is memory of its own: new tensors (or those of a
+    donated argument, below), never a view or an alias of an argument, a parameter or a
+    constant.
+``inplace``
+    The rule may write its result into the tensors of its first argument's pair when the
+    interpreter donates them (``ctx.donated``, :mod:`core.interpreter`): without autograd,
+    where that argument is the only use of a ``fresh`` node whose value nothing keeps. The
+    result is bit for bit the out-of-place one; donating saves the allocation of a new
+    tensor (on CPU, for large activations, fresh memory that the operating system maps page
+    by page).
 
 How to add an operation
 -----------------------
@@ -117,6 +128,9 @@ class Ctx:
         a ``mass_linear`` rule may then return a placeholder whose backward is exact.
     scratch: core.absops.AbsScratch or None
         Where an affine rule writes the ``|W|`` that only its product reads.
+    donated: bool
+        The tensors of the first argument's pair are this call's alone (an ``inplace``
+        rule may write into them; never under autograd).
     """
 
     maxpool: str
@@ -128,6 +142,7 @@ class Ctx:
     cached_abs: bool = False
     mass: bool = True
     scratch: Any = None
+    donated: bool = False
 
 
 RuleFn = Callable[[Ctx, tuple, dict], Any]
@@ -154,6 +169,8 @@ class Rule:
     merge: str | None = None
     refuses: Callable[[Any, Any], str | None] | None = None
     factors: tuple[tuple[int, str], ...] | None = None
+    fresh: bool = False
+    inplace: bool = False
 
     def __post_init__(self) -> None:
         if self.lrp not in LRP_KINDS:
@@ -279,13 +296,14 @@ def register(*targets: Any, lrp: str = "epsilon", activation: bool = False, relu
              exponent: Callable[[Any], int | None] | None = None, merge: str | None = None,
              refuses: Callable[[Any, Any], str | None] | None = None,
              factors: tuple[tuple[int, str], ...] | None = None,
+             fresh: bool = False, inplace: bool = False,
              ) -> Callable[[Callable], Rule]:
     """Decorator: make a rule function a :class:`Rule` and register it for ``targets``."""
 
     def wrap(fn: Callable[[Ctx, tuple, dict], Any]) -> Rule:
         rule = fn if isinstance(fn, Rule) else Rule(fn, lrp, activation, relu, signs, query,
                                                    freezes, constant, mass_linear, exponent,
-                                                   merge, refuses, factors)
+                                                   merge, refuses, factors, fresh, inplace)
         for target in targets:
             TABLE.add(target, rule)
         return rule

@@ -29,7 +29,7 @@ from torch import nn
 
 # importing max_rules and unit_rules registers their rules
 from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: F401
-from core.absops import abs_conv, abs_linear, channel_affine, placeholder
+from core.absops import abs_conv, abs_linear, channel_affine, eval_batch_norm_, placeholder
 from core.pair import Pair, detached, lift
 from core.record import assign
 from core.registry import (
@@ -178,7 +178,7 @@ def _abs(c: Any) -> Any:
 
 
 @register(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__",
-          "__iadd__", lrp="sum", signs=(1, 1), mass_linear=True)
+          "__iadd__", lrp="sum", signs=(1, 1), mass_linear=True, fresh=True, inplace=True)
 def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``a + alpha b``: ``d' = d_a + alpha d_b``, ``s' = s_a + |alpha| s_b``; a constant ``c``
     adds ``c`` to ``d`` and ``|c|`` to ``s``. Two sequences (``x.chunk(3, 1) + (z,)``) are
@@ -192,7 +192,15 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         return Pair(torch.add(b, a.d, alpha=swap), a.s * abs(swap) + _abs(b))
     if _is_const(b):
         return Pair(torch.add(a.d, b, alpha=alpha), a.s + _abs(b) * abs(alpha))
+    if ctx.donated and _fits(a.d, b.d) and _fits(a.s, b.s):  # a's tensors are this call's
+        return Pair(a.d.add_(b.d, alpha=alpha), a.s.add_(b.s, alpha=abs(alpha)))
     return Pair(torch.add(a.d, b.d, alpha=alpha), _mass_sum(ctx, a.s, b.s, abs(alpha)))
+
+
+def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a + b`` has the shape and dtype of ``a`` (it can be written into ``a``)."""
+    return (isinstance(b, torch.Tensor) and torch.broadcast_shapes(a.shape, b.shape) == a.shape
+            and torch.result_type(a, b) == a.dtype)
 
 
 def _mass_sum(ctx: Ctx, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -362,7 +370,7 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
-@register(nn.Linear, mass_linear=True, merge="affine")
+@register(nn.Linear, mass_linear=True, merge="affine", fresh=True)
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear`` (eqs. 2-3): ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
@@ -374,7 +382,7 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(F.linear(p.d, w, b), s)
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True, merge="affine")
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True, merge="affine", fresh=True)
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups):
     ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|``."""
@@ -395,7 +403,8 @@ def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, mass_linear=True)
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, mass_linear=True,
+          fresh=True)
 def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ConvTranspose1d/2d/3d`` (zero padding mode): ``d' = convT(d, W) + b``,
     ``s' = convT(s, |W|) + |b|``."""
@@ -433,7 +442,9 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
             "Batch statistics couple the rows of a batch; use track_running_stats=True.",
         )
     mean, var, weight, bias = (detached(t) for t in (mean, var, weight, bias))
-    d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
+    d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
+    if d is None:
+        d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
@@ -442,7 +453,8 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
         shift = shift + bias
     if ctx.merged_bias is not None:
         shift = shift + scale * ctx.merged_bias.detach()
-    return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass))
+    return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass,
+                                  inplace=ctx.donated))
 
 
 def _without_running_statistics(node: Any, module: nn.Module | None) -> str | None:
@@ -454,7 +466,7 @@ def _without_running_statistics(node: Any, module: nn.Module | None) -> str | No
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, mass_linear=True,
-          merge="batchnorm", refuses=_without_running_statistics)
+          merge="batchnorm", refuses=_without_running_statistics, fresh=True, inplace=True)
 def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.BatchNorm*`` and ``nn.SyncBatchNorm`` with eval semantics, a per-channel affine
     map: with ``k = gamma / sqrt(var + eps)`` and ``t = beta - k mu``, ``d' = k d + t``,
@@ -465,7 +477,7 @@ def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _bn_affine(ctx, args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
 
 
-@register(F.batch_norm, mass_linear=True)
+@register(F.batch_norm, mass_linear=True, fresh=True, inplace=True)
 def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.batch_norm`` with eval semantics (see :func:`batchnorm_module`)."""
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",

@@ -126,7 +126,7 @@ def _per_row(values: list, like: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
-              threshold: float) -> torch.Tensor:
+              threshold: float, inplace: bool = False) -> torch.Tensor:
     """The stabilised mass ``s`` of one ReLU-type unit's output.
 
     Parameters
@@ -138,6 +138,10 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         ``threshold``, repeated until that sample's mass ``max |s| / 2`` is at most
         ``threshold`` (one scaling per unit cannot keep up with the growth of ``s`` in deep
         nets); ``"shift"``: ``s <- 0`` for those samples; ``"none"``.
+    theta, threshold: float
+        The factor and the threshold of ``"scale"`` (the threshold also of ``"shift"``).
+    inplace: bool
+        Write the new values into ``s`` (the caller owns it, no autograd); the same bits.
 
     Returns
     -------
@@ -151,12 +155,15 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
             factors = _scale_factors(d, s, theta, threshold)
             if all(f == 1.0 for f in factors):
                 return s
-            new = s * _per_row(factors, s, s.dtype)
+            factors = _per_row(factors, s, s.dtype)
+            new = s.mul_(factors) if inplace else s * factors
         else:
             exceed = _exceeds(d, s, threshold)[0]
             if not any(exceed):
                 return s
-            new = torch.where(_per_row(exceed, s, torch.bool), torch.zeros_like(s), s)
+            mask = _per_row(exceed, s, torch.bool)
+            new = (s.masked_fill_(mask, 0.0) if inplace
+                   else torch.where(mask, torch.zeros_like(s), s))
     if s.requires_grad:
         return _ValueOnly.apply(s, new)
     return new

@@ -41,11 +41,15 @@ def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> 
 
 
 @register(nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_",
-          lrp="activation", activation=True, relu=True, mass_linear=True)
+          lrp="activation", activation=True, relu=True, mass_linear=True, fresh=True,
+          inplace=True)
 def relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """ReLU: g stream Maxout ``a+ = max(z+, z-)``, h stream identity ``a- = z-``:
     ``d' = relu(z)``, ``s' = s + relu(-z)``."""
     p = args[0]
+    if ctx.donated:  # the same bits, written into the argument's tensors
+        s = p.s.sub_(p.d.clamp_max(0))  # s - min(z, 0) = s + relu(-z)
+        return Pair(p.d.relu_(), s)
     d = F.relu(p.d)
     return Pair(d, add_negative_part(p.s, p.d, d, ctx.mass))
 
