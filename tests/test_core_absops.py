@@ -129,3 +129,21 @@ def test_scratch_keeps_the_weights_memory_format():
     gaps = torch.randn(8, 8)[:, ::2]  # a slice with gaps: a new tensor, as weight.abs()
     assert torch.equal(scratch.abs(gaps), gaps.abs())
     assert scratch.abs(gaps).data_ptr() != out.data_ptr()
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_negative_part_gradient_is_minus_one_where_the_relu_is_off(value):
+    """``s + relu(-z)``: gradient ``-1{z <= 0}`` in ``z`` (with exact zeros in ``z``, where
+    the ReLU's own derivative is 0), 1 in ``s``; the same as a placeholder (``value=False``)."""
+    torch.manual_seed(7)
+    z = torch.randn(3, 4, 5, dtype=torch.float64)
+    z[0, 0, :2] = 0.0
+    z.requires_grad_(True)
+    s = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    out = absops.add_negative_part(s, z, F.relu(z), value)
+    seed = torch.randn_like(out)
+    gz, gs = torch.autograd.grad(out, (z, s), seed)
+    assert torch.equal(gz, torch.where(z <= 0, -seed, torch.zeros_like(seed)))
+    assert torch.equal(gs, seed)
+    if value:
+        assert torch.equal(out, s + F.relu(-z))
