@@ -295,16 +295,51 @@ def addmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     activations. SplitLRP treats it as ``matmul`` does: where both matrices are activations
     each gets half of the relevance that reaches the product (``beta x + alpha a @ b``
     written out); the added ``x`` keeps its epsilon-rule share."""
-    b = dict(zip(["input", "mat1", "mat2"], args, strict=False)) | kwargs
+    return _added_product(ctx, torch.addmm, ("input", "mat1", "mat2"), args, kwargs)
+
+
+@register(torch.addmv, "addmv", lrp="product", mass_linear=True,
+          factors=((1, "mat"), (2, "vec")))
+def addmv(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.addmv(x, A, v, beta=beta, alpha=alpha) = beta x + alpha A @ v``:
+    ``d' = addmv(d_x, d_A, d_v, beta, alpha)``, ``s' = addmv(s_x, s_A, s_v, |beta|,
+    |alpha|)`` (as :func:`addmm`)."""
+    return _added_product(ctx, torch.addmv, ("input", "mat", "vec"), args, kwargs)
+
+
+@register(torch.baddbmm, "baddbmm", lrp="product", mass_linear=True,
+          factors=((1, "batch1"), (2, "batch2")))
+def baddbmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.baddbmm(x, A, B, beta=beta, alpha=alpha) = beta x + alpha bmm(A, B)``:
+    ``d' = baddbmm(d_x, d_A, d_B, beta, alpha)``, ``s' = baddbmm(s_x, s_A, s_B, |beta|,
+    |alpha|)`` (as :func:`addmm`)."""
+    return _added_product(ctx, torch.baddbmm, ("input", "batch1", "batch2"), args, kwargs)
+
+
+@register(torch.addbmm, "addbmm", lrp="product", mass_linear=True,
+          factors=((1, "batch1"), (2, "batch2")))
+def addbmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.addbmm(x, A, B, beta=beta, alpha=alpha) = beta x + alpha sum_i A_i @ B_i``:
+    ``d' = addbmm(d_x, d_A, d_B, beta, alpha)``, ``s' = addbmm(s_x, s_A, s_B, |beta|,
+    |alpha|)`` (as :func:`addmm`)."""
+    return _added_product(ctx, torch.addbmm, ("input", "batch1", "batch2"), args, kwargs)
+
+
+def _added_product(ctx: Ctx, fn: Callable[..., torch.Tensor], names: tuple[str, str, str],
+                   args: tuple, kwargs: dict) -> Pair:
+    """``fn(x, a, b, beta=beta, alpha=alpha) = beta x + alpha a * b`` for a bilinear ``*``
+    with non-negative coefficients: ``d'`` is ``fn`` of the ``d`` streams, ``s'`` of the
+    ``s`` streams with ``|beta|``, ``|alpha|``; a constant ``c`` enters as ``(c, |c|)``
+    (``|W|`` for a constant matrix)."""
+    b = dict(zip(names, args, strict=False)) | kwargs
     beta, alpha = b.get("beta", 1), b.get("alpha", 1)
-    static_args(ctx, (beta, alpha), "addmm")
-    x, m1, m2 = b["input"], b["mat1"], b["mat2"]
-    d = torch.addmm(*(v.d if isinstance(v, Pair) else v for v in (x, m1, m2)),
-                    beta=beta, alpha=alpha)
+    static_args(ctx, (beta, alpha), fn.__name__)
+    x, m1, m2 = (b[n] for n in names)
+    d = fn(*(v.d if isinstance(v, Pair) else v for v in (x, m1, m2)), beta=beta, alpha=alpha)
     s1 = m1.s if isinstance(m1, Pair) else ctx.weight_abs(m1)
     s2 = m2.s if isinstance(m2, Pair) else ctx.weight_abs(m2)
     sx = x.s if isinstance(x, Pair) else _abs(x)
-    return Pair(d, torch.addmm(sx, s1, s2, beta=abs(beta), alpha=abs(alpha)))
+    return Pair(d, fn(sx, s1, s2, beta=abs(beta), alpha=abs(alpha)))
 
 
 @register(torch.bmm, "bmm", lrp="product", mass_linear=True)
