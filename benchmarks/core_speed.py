@@ -2,8 +2,9 @@
 
 Every number is a ratio against a baseline measured in the same run on the same machine, as
 the best of ``--repeats`` rounds in which all calls of all cells take turns (so that a load
-on a shared machine hits the baseline and the split alike). A cell is one model at one
-batch size; per cell:
+on a shared machine hits the baseline and the split alike); in each round a call that takes
+less than a quarter of a second runs several times in a row, up to ten (:func:`interleaved`).
+A cell is one model at one batch size; per cell:
 
 - split, first: ``core.split(model)`` of a model object not split before (capture and
   planning; a fresh copy of the module tree for every call, so that the kept capture cannot
@@ -70,21 +71,31 @@ def _sync() -> None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+# a call runs this many times in a row in each round, enough for about BUDGET seconds
+BUDGET, MAX_RUNS = 0.25, 10
+
+
 def interleaved(calls: dict, repeats: int, clock: str = "wall") -> dict[str, float]:
     """Best time of each call (``clock``: wall or CPU time), the calls taking turns, after one
-    warm-up round."""
+    warm-up round. In each round a call runs as often in a row as fits in about
+    :data:`BUDGET` seconds (at least once, at most :data:`MAX_RUNS` times, from its warm-up
+    time), so that a cheap call (batch 1) is the best of many runs, not of ``repeats``."""
     now = CLOCKS[clock]
-    for fn in calls.values():
+    runs = {}
+    for key, fn in calls.items():
+        start = now()
         fn()
+        runs[key] = max(1, min(MAX_RUNS, int(BUDGET / max(now() - start, 1e-9))))
     best = dict.fromkeys(calls, float("inf"))
     for round_ in range(repeats):
         print(f"round {round_ + 1} of {repeats}", file=sys.stderr, flush=True)
         for key, fn in calls.items():
-            _sync()
-            start = now()
-            fn()
-            _sync()
-            best[key] = min(best[key], now() - start)
+            for _ in range(runs[key]):
+                _sync()
+                start = now()
+                fn()
+                _sync()
+                best[key] = min(best[key], now() - start)
     return best
 
 
@@ -98,7 +109,7 @@ def _calls(name: str, batch: int, size: int, device: str, cache: bool,
 
     model = build(name).to(device)
     # new module trees sharing the parameters: one per call of "split_first"
-    fresh = iter([module_twin(model) for _ in range(repeats + 1)])
+    fresh = iter([module_twin(model) for _ in range(repeats * MAX_RUNS + 1)])
     x = torch.rand(batch, 3, size, size, device=device)
     target = torch.arange(batch, device=device) % 10
     layer = MID_LAYERS[name]
