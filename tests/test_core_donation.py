@@ -44,12 +44,14 @@ def test_donation_changes_no_bit_on_torchvision_models(name):
     _assert_same(sm, x)
 
 
-@pytest.mark.parametrize("stabilizer", ["scale", "shift"])
-def test_the_stabiliser_in_place_changes_no_bit(stabilizer):
+@pytest.mark.parametrize("options", [{"stabilizer": "scale", "threshold": 1e-3},
+                                     {"stabilizer": "shift", "threshold": 1e-3},
+                                     {"merge_batchnorm": True}, {"maxpool": "wta"}])
+def test_options_change_no_bit(options):
+    """Both stabilisers firing at every unit (in place), BatchNorm merging, max pooling."""
     torch.manual_seed(1)
     model = randomise_batchnorm(torchvision.models.resnet18(weights=None).eval())
-    sm = core.split(model, stabilizer=stabilizer, threshold=1e-3)
-    _assert_same(sm, torch.randn(2, 3, 40, 40))
+    _assert_same(core.split(model, **options), torch.randn(2, 3, 40, 40))
 
 
 def test_channels_last_and_float64_change_no_bit():
