@@ -97,7 +97,8 @@ def clamp_max(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp(ctx, (args[0], None, args[1] if len(args) > 1 else kwargs["max"]), {})
 
 
-@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True, mass_linear=True)
+@register(F.hardtanh, F.hardtanh_, lrp="activation", activation=True, mass_linear=True,
+          fresh=True)
 def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.hardtanh(z, lo, hi) = clamp(z, lo, hi)``:
     ``s' = 2 s + 2|lo| + |hi| + relu(lo - z) + relu(hi - z)``."""
@@ -108,7 +109,7 @@ def hardtanh(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return clamp_pair(p, lo, hi, F.hardtanh(p.d, lo, hi))
 
 
-@register(F.relu6, lrp="activation", activation=True, mass_linear=True)
+@register(F.relu6, lrp="activation", activation=True, mass_linear=True, fresh=True)
 def relu6(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.relu6(z) = relu(z) - relu(z - 6)``: ``s' = 2 s + 6 + relu(-z) + relu(6 - z)``."""
     p = args[0] if args else kwargs["input"]
@@ -144,7 +145,7 @@ def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 
 @register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
-          activation=True, mass_linear=True)
+          activation=True, mass_linear=True, fresh=True)
 def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))
     = 2 s + |d|``."""
@@ -152,7 +153,8 @@ def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(torch.abs(p.d), 2 * p.s + torch.abs(p.d))
 
 
-@register(nn.Hardtanh, lrp="activation", activation=True, mass_linear=True)  # includes nn.ReLU6
+@register(nn.Hardtanh, lrp="activation", activation=True, mass_linear=True,  # and nn.ReLU6
+          fresh=True)
 def hardtanh_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Hardtanh`` and ``nn.ReLU6``: a clamp (see :func:`hardtanh`)."""
     m, p = ctx.module, args[0]
@@ -164,7 +166,8 @@ def _leaky(p: Pair, slope: float) -> Pair:
     return Pair(F.leaky_relu(p.d, slope), abs(1 - slope) * (p.s + F.relu(-p.d)) + abs(slope) * p.s)
 
 
-@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True, mass_linear=True)
+@register(F.leaky_relu, F.leaky_relu_, lrp="activation", activation=True, mass_linear=True,
+          fresh=True)
 def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.leaky_relu(z, m) = (1 - m) relu(z) + m z``:
     ``s' = |1 - m| (s + relu(-z)) + |m| s``."""
@@ -173,14 +176,14 @@ def leaky_relu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return _leaky(bound["input"], float(bound.get("negative_slope", 0.01)))
 
 
-@register(nn.LeakyReLU, lrp="activation", activation=True, mass_linear=True)
+@register(nn.LeakyReLU, lrp="activation", activation=True, mass_linear=True, fresh=True)
 def leaky_relu_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.LeakyReLU`` (see :func:`leaky_relu`)."""
     return _leaky(args[0], float(ctx.module.negative_slope))
 
 
 @register(nn.RReLU, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_, lrp="activation",
-          activation=True, mass_linear=True)
+          activation=True, mass_linear=True, fresh=True)
 def rrelu(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``F.rrelu`` / ``nn.RReLU`` with eval semantics: a LeakyReLU with the mean slope
     ``m = (lower + upper) / 2`` (see :func:`leaky_relu`; the random slopes of training mode
