@@ -211,9 +211,8 @@ def eval_batch_norm_(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     if (x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 2
             or any(v is not None and v.dtype != x.dtype for v in (mean, var, weight, bias))):
         return None
-    empty = x.new_empty(0)
     torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, eps, out=x,
-                                         save_mean=empty, save_invstd=x.new_empty(0))
+                                         save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
     return x
 
 

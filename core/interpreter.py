@@ -266,6 +266,13 @@ def _leaf(value: Any, inputs: Any) -> Pair:
     return Pair(_leaf_tensor(value.d), _leaf_tensor(value.s))
 
 
+def _separate(value: Any) -> bool:
+    """A pair of two distinct tensors of one shape and dtype: either can be written in place
+    of a result of its own shape without touching the other."""
+    return (isinstance(value, Pair) and value.d is not value.s
+            and value.d.shape == value.s.shape and value.d.dtype == value.s.dtype)
+
+
 def _fetch_attr(model: nn.Module, target: str) -> Any:
     obj: Any = model
     for part in target.split("."):
@@ -506,11 +513,10 @@ class SplitInterpreter(fx.Interpreter):
             return False
         src = step.node.args[0]
         # a leaf's tensors must not be its argument's (see _leaf)
-        if self._record_all or src in self._record or {src, step.node} & self._leaves:
+        if (self._record_all or src in self._record or src in self._leaves
+                or step.node in self._leaves):
             return False
-        p = args[0] if args else None
-        return (isinstance(p, Pair) and p.d is not p.s and p.d.shape == p.s.shape
-                and p.d.dtype == p.s.dtype)
+        return bool(args) and _separate(args[0])
 
     # ------------------------------------------------------------------ fx.Interpreter
     def run_node(self, n: fx.Node) -> Any:  # noqa: D102 - fx's signature
@@ -564,7 +570,7 @@ class SplitInterpreter(fx.Interpreter):
             if step.activation and isinstance(value, Pair) and n not in self._free:
                 # a fresh s is this call's own: without autograd it is stabilised in place
                 inplace = (step.rule.fresh and not torch.is_grad_enabled()
-                           and value.s is not value.d and value.s.shape == value.d.shape)
+                           and _separate(value))
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
                                                 self.threshold, inplace=inplace))
         return value
