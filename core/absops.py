@@ -12,6 +12,8 @@ BatchNorm's ``|k| s + |t|`` on the batch norm kernel, with the product as its ba
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -44,30 +46,38 @@ def _row_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class AbsScratch:
-    """A reused buffer for the ``|W|`` of one layer at a time, one per device and dtype.
+    """A reused buffer for the ``|W|`` of one layer at a time, one per thread, device and dtype.
 
     A new ``|W|`` per layer and call is fresh memory that the operating system maps page by
     page (ResNet50's forward at batch 1: about 18 000 page faults per call, 12 % of its
     time); the buffer is written again for every layer instead. It holds at most
     :data:`BLOCK` entries (16 MiB in float32); larger weights get a new ``|W|``. ``|W|`` is
-    read only by the product it is taken for, never kept (the backward pass takes it again).
-    One split model owns one scratch; its calls run one after the other.
+    read only by the product it is taken for, never kept (the backward pass takes it again),
+    so one buffer serves every split model of a thread: :data:`SCRATCH` is the one they
+    share, so that an adapter that splits the model again at every call (an unchanged
+    model's split is a new object around the kept capture, :mod:`core.reuse`) does not map
+    a new buffer each time. Each thread has its own buffers (autograd runs a CUDA backward
+    pass on a thread of its own); they stay allocated while the thread lives.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._local = threading.local()
 
     def abs(self, weight: torch.Tensor) -> torch.Tensor:
         """``|weight|``, in the buffer where it fits (valid until the next call)."""
         n = weight.numel()
         if n > BLOCK or weight.requires_grad or not _dense(weight):
             return weight.abs()
+        buffers = self._local.__dict__.setdefault("buffers", {})
         key = (weight.device, weight.dtype)
-        buffer = self._buffers.get(key)
+        buffer = buffers.get(key)
         if buffer is None or buffer.numel() < n:
-            buffer = self._buffers[key] = weight.new_empty(n)
+            buffer = buffers[key] = weight.new_empty(n)
         # the weight's own strides (channels_last stays channels_last, as with weight.abs())
         return torch.abs(weight, out=buffer[:n].as_strided(weight.shape, weight.stride()))
+
+
+SCRATCH = AbsScratch()
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from core import checks, reuse
-from core.absops import AbsScratch
+from core.absops import SCRATCH
 from core.capture import EXPORT_FIX, Capture, Captured, exported, find, unwrap
 from core.errors import (
     SeveralInputsError,
@@ -300,7 +300,6 @@ class SplitModel:
         self._abs_cache: dict[int, tuple[int, int, torch.Tensor]] | None = (
             {} if cache_abs_weights else None
         )
-        self._scratch = AbsScratch()  # |W| of one layer at a time (core.absops)
         self.model = unwrap(model)
         self._interpreters: dict[int, tuple[Captured, SplitInterpreter]] = {}
         with _collector_paused():
@@ -339,7 +338,7 @@ class SplitModel:
             self.model, captured.graph, captured.inputs, maxpool=self.maxpool,
             stabilizer=self.stabilizer, theta=self.theta, threshold=self.threshold,
             merge_batchnorm=self.merge_batchnorm, weight_abs=self._weight_abs,
-            cached_abs=self._abs_cache is not None, scratch=self._scratch,
+            cached_abs=self._abs_cache is not None, scratch=SCRATCH,
             nonlinear=self.nonlinear, plans=captured.plans if keep else None,
         )
         listed = interp.frozen_operations()

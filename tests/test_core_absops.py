@@ -101,6 +101,42 @@ def test_split_with_scratch_matches_fresh_abs_bit_for_bit(monkeypatch):
             assert torch.equal(getattr(probe[layer], field), getattr(ref_probe[layer], field))
 
 
+def test_scratch_is_one_per_thread_and_shared_by_the_splits_of_a_thread():
+    """A new split of the same model (what an adapter makes at every call) writes |W| into
+    the buffer the last one used, instead of mapping a new one; another thread has its own."""
+    import threading
+
+    import core
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    seen: list[int] = []
+    original = absops.AbsScratch.abs
+
+    def spy(self, weight):
+        out = original(self, weight)
+        seen.append(out.untyped_storage().data_ptr())
+        return out
+
+    absops.AbsScratch.abs = spy
+    try:
+        with torch.no_grad():
+            core.split(model).forward_pairs(x)  # the buffer grows to the largest weight
+            seen.clear()
+            core.split(model).forward_pairs(x)
+            here = set(seen)
+            seen.clear()
+            thread = threading.Thread(target=lambda: core.split(model).forward_pairs(x))
+            thread.start()
+            thread.join()
+        there = set(seen)
+    finally:
+        absops.AbsScratch.abs = original
+    assert len(here) == 1 and len(there) >= 1 and here.isdisjoint(there)
+
+
 @pytest.mark.parametrize("padding", [1, "same"])
 def test_scratch_survives_double_backward(padding):
     torch.manual_seed(4)
