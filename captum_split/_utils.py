@@ -7,6 +7,7 @@ forward arguments) and runs before any forward or backward pass.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -206,7 +207,8 @@ def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter or buffer (None if it has none)."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    # lazily: the first floating-point tensor ends the walk over the module tree
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
     return None
