@@ -247,8 +247,11 @@ class SplitModel:
         ``threshold`` (like any option outside its range) is refused with a ``ValueError``
         (:func:`core.checks.number`).
     cache_abs_weights: bool
-        Keep ``|W|`` of every affine layer between calls (more memory, less time); the cache
-        is refreshed when a parameter changes.
+        Keep ``|W|`` of every affine layer between calls (more memory: a copy of those
+        weights; less time). The cache is refreshed when a parameter is replaced or changed
+        in place by torch (an optimiser step, ``load_state_dict``, ``w.mul_()`` under
+        ``no_grad``: its version counter moves); a change through ``w.data`` bypasses the
+        version counter and is not seen: split the model again after one.
     output: int, str or callable, optional
         For a model whose output is a tuple, dict or dataclass: the index, key/attribute or
         function that picks the tensor to split (the logits).

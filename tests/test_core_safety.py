@@ -233,6 +233,34 @@ def test_only_the_opt_in_cache_keeps_absolute_weights():
         assert low <= own <= high, (cache, own, weights)
 
 
+def test_the_cache_follows_weight_changes_made_through_torch():
+    """An optimiser step, ``load_state_dict``, an in-place change under ``no_grad`` and a
+    replaced parameter each give the |W| of the new weights (the split without the cache)."""
+    model = _net()
+    x = torch.randn(2, 3, 8, 8)
+    target = torch.tensor([1, 3])
+    cached = core.split(model, cache_abs_weights=True)
+    cached.sensitivities(x, target, ["input"])  # fills the cache
+    other = _net(5)
+    changes = [
+        lambda: torch.optim.SGD(model.parameters(), lr=0.5).step(),
+        lambda: model.load_state_dict(other.state_dict()),
+        lambda: [p.neg_() for p in model.parameters() if p.dim() > 1],
+        lambda: setattr(model.block.conv, "weight", nn.Parameter(-model.block.conv.weight)),
+    ]
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for change in changes:
+        with torch.no_grad():
+            change()
+        fresh = core.split(model).sensitivities(x, target, ["input"])["input"]
+        kept = cached.sensitivities(x, target, ["input"])["input"]
+        assert torch.equal(kept.S, fresh.S) and torch.equal(kept.grad, fresh.grad)
+        with torch.no_grad():
+            assert torch.equal(cached(x)[0], core.split(model)(x)[0])
+
+
 # --------------------------------------------------------------------------- targets and batches
 def test_int_target_equals_per_row_tensor_target():
     model, x = _net(1), torch.randn(3, 3, 8, 8)
