@@ -282,14 +282,18 @@ class _Placeholder(torch.autograd.Function):
         return (None, None, *ctx.vjp(grad))
 
 
-def placeholder(vjp, *inputs: torch.Tensor) -> torch.Tensor | None:
-    """A value nobody reads, of the inputs' (common) shape, whose backward is ``vjp(grad)``
-    (one gradient per input): an elementwise ``mass_linear`` rule's ``s`` above the deepest
-    probe, where only the backward pass of the ``s`` stream is needed. None where the inputs
-    do not all have one shape or none requires grad (then compute the value)."""
-    shape = inputs[0].shape
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-            and all(t.shape == shape for t in inputs)):
+def placeholder(vjp, *inputs: torch.Tensor, shape: torch.Size | None = None
+                ) -> torch.Tensor | None:
+    """A value nobody reads, of the inputs' (common) shape or of ``shape``, whose backward is
+    ``vjp(grad)`` (one gradient per input): a ``mass_linear`` rule's ``s`` above the deepest
+    probe, where only the backward pass of the ``s`` stream is needed. None where no input
+    requires grad, or without ``shape`` where the inputs do not all have one shape (then
+    compute the value)."""
+    if shape is None:
+        shape = inputs[0].shape
+        if not all(t.shape == shape for t in inputs):
+            return None
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return None
     return _Placeholder.apply(vjp, shape, *inputs)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.absops import placeholder
 from core.pair import Pair, lift
 from core.registry import Ctx, Rule, RuleFn, register, unsupported
 
@@ -29,6 +30,7 @@ def _tuple(v: Any, n: int) -> tuple:
 
 
 _AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+_AVG_POOL_BACKWARD = {2: torch.ops.aten.avg_pool2d_backward, 3: torch.ops.aten.avg_pool3d_backward}
 
 
 def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape,
@@ -63,6 +65,56 @@ def _gather(s: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return s.reshape(lead + (-1,)).gather(-1, idx.reshape(lead + (-1,))).view(idx.shape)
 
 
+def _mass_vjp(g: torch.Tensor, d: torch.Tensor, idx: torch.Tensor, n: int, window: tuple
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of ``s' = maxpool(d) + sumpool(s - d)`` at ``g``: ``ds = sumpool^T(g)``
+    and ``dd = scatter(g at the arg-max idx) - ds``, written into one new tensor each (the
+    pooling's backward gives ``ds`` in the standard or a channels-last layout, whose pooled
+    dimensions flatten into one as a view)."""
+    kernel, stride, padding, ceil_mode = window
+    ds = _AVG_POOL_BACKWARD[n](g, d, kernel, stride, padding, ceil_mode, True, 1)
+    dd = ds.neg()
+    flat = dd.view(dd.shape[:-n] + (-1,))
+    flat.scatter_add_(-1, idx.reshape(flat.shape[:-1] + (-1,)),
+                      g.reshape(flat.shape[:-1] + (-1,)))
+    return ds, dd
+
+
+class _ConvexMass(torch.autograd.Function):
+    """``s' = maxpool(d) + sumpool(s - d)`` of a convex max pooling with the windows of an
+    average pooling, the maximum read at the model's arg-max ``idx``. Its backward
+    (:func:`_mass_vjp`) makes two tensors where autograd made five (the transposed pool, its
+    negative, the scatter's zeros, the scatter and their sum): at VGG16's first pooling at
+    batch 8, each is 98 MiB of fresh memory."""
+
+    @staticmethod
+    def forward(ctx, s, d, idx, n, window):  # noqa: D102
+        ctx.save_for_backward(d, idx)
+        ctx.n, ctx.window = n, window
+        kernel, stride, padding, ceil_mode = window
+        rest = _AVG_POOL[n](s - d, kernel, stride, padding, ceil_mode, True, 1)
+        return rest.add_(_gather(d, idx, n))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        d, idx = ctx.saved_tensors
+        return (*_mass_vjp(grad, d, idx, ctx.n, ctx.window), None, None, None)
+
+
+def _windows_of_avg_pool(d: torch.Tensor, n: int, window: tuple, dilation, out_shape) -> bool:
+    """Whether an average pooling (divisor 1) has the max pooling's windows: no dilation and
+    the same output shape (computed on a meta tensor)."""
+    if n not in _AVG_POOL or any(v != 1 for v in _tuple(dilation, n)):
+        return False
+    kernel, stride, padding, ceil_mode = window
+    try:
+        out = _AVG_POOL[n](torch.empty(d.shape, device="meta"), kernel, stride, padding,
+                           ceil_mode, True, 1)
+    except RuntimeError:
+        return False
+    return tuple(out.shape) == tuple(out_shape)
+
+
 def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode,
               indices: bool = False) -> Any:
     """The pooled pair; with ``indices``, also the arg-max of ``d`` (the model's own)."""
@@ -72,12 +124,19 @@ def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil
     if ctx.maxpool == "wta":
         pair = Pair(d, _gather(p.s, idx, n))
         return (pair, idx) if indices else pair
+    window = (kernel, stride, padding, ceil_mode)
+    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
+        diff = torch.where(torch.isneginf(p.d), 0.0, p.s - p.d)
+    elif _windows_of_avg_pool(p.d, n, window, dilation, d.shape) and p.s.shape == p.d.shape:
+        s = None if ctx.mass else placeholder(
+            lambda g: _mass_vjp(g, p.d, idx, n, window), p.s, p.d, shape=d.shape)
+        pair = Pair(d, _ConvexMass.apply(p.s, p.d, idx, n, window) if s is None else s)
+        return (pair, idx) if indices else pair
+    else:
+        diff = p.s - p.d
     # the same values as d, but a new tensor: built from d itself, s would let a probe of d
     # through autograd pick up the s path
     winner = _gather(p.d, idx, n)
-    diff = p.s - p.d
-    if bool(torch.isneginf(p.d).any()):  # -inf pads of a "same" max pooling: no mass
-        diff = torch.where(torch.isneginf(p.d), 0.0, diff)
     rest = sum_pool(diff, n, kernel, stride, padding, dilation, d.shape, ceil_mode)
     pair = Pair(d, winner + rest)
     return (pair, idx) if indices else pair

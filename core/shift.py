@@ -124,9 +124,22 @@ def alpha_label(alpha: AlphaType) -> str:
     return f"{float(alpha):g}"
 
 
+# |t| of a large gradient is summed in blocks of about this many entries: one temporary the
+# size of the gradient is fresh memory that the system maps page by page at every call (VGG16
+# at batch 8: 42 ms for a gradient at its first ReLU, against 5 ms in blocks)
+NU_BLOCK = 1 << 20
+
+
 def _nu(t: torch.Tensor) -> torch.Tensor:
-    """Per-row mean absolute value, shape ``(n,)``."""
-    return t.detach().reshape(t.shape[0], -1).abs().mean(dim=1)
+    """Per-row mean absolute value, shape ``(n,)``; a large ``t`` in blocks of its second
+    dimension (about :data:`NU_BLOCK` entries each)."""
+    t = t.detach()
+    if t.dim() < 2 or t.numel() <= NU_BLOCK:
+        return t.reshape(t.shape[0], -1).abs().mean(dim=1)
+    dims = tuple(range(1, t.dim()))
+    step = max(1, t.shape[1] * NU_BLOCK // t.numel())
+    total = sum(block.abs().sum(dim=dims) for block in t.split(step, dim=1))
+    return total / t[0].numel()
 
 
 class _Capture(torch.autograd.Function):
