@@ -117,6 +117,8 @@ def _calls(name: str, batch: int, size: int, device: str, cache: bool,
     gradcam = captum.attr.LayerGradCam(model, model.get_submodule(layer))
     saliency = captum.attr.Saliency(model)
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
+    # the sensitivities run at the paper's alpha 0.4, class-blind on these models: timed, not read
+    warnings.filterwarnings("ignore", category=core.SplitClassBlindWarning)
     split_grad = SplitGrad(model)
     return {
         "model_forward": lambda: _no_grad(model, x),
