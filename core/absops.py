@@ -6,8 +6,9 @@ weights); these functions save the model's own weight instead and take its absol
 again in the backward pass. With ``value=False`` they compute no product at all and return a
 placeholder whose backward is exact (the ``s`` stream above the deepest probe of the
 sensitivities, whose values nothing reads; docs/math.md section 4); :func:`placeholder` does
-the same for the elementwise rules there (BatchNorm, ReLU, sums) and the convex max pooling. :func:`channel_affine` is
-BatchNorm's ``|k| s + |t|`` on the batch norm kernel, with the product as its backward.
+the same for the elementwise rules there (BatchNorm, ReLU, sums) and the convex max pooling.
+:func:`channel_affine` is BatchNorm's ``|k| s + |t|`` on the batch norm kernel, with the
+product as its backward.
 """
 
 from __future__ import annotations
