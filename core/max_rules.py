@@ -33,16 +33,27 @@ _AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 _AVG_POOL_BACKWARD = {2: torch.ops.aten.avg_pool2d_backward, 3: torch.ops.aten.avg_pool3d_backward}
 
 
+def _windows_of_avg_pool(d: torch.Tensor, n: int, window: tuple, dilation, out_shape) -> bool:
+    """Whether an average pooling (divisor 1) has the max pooling's windows: no dilation and
+    the same output shape (computed on a meta tensor)."""
+    if n not in _AVG_POOL or any(v != 1 for v in _tuple(dilation, n)):
+        return False
+    kernel, stride, padding, ceil_mode = window
+    try:
+        out = _AVG_POOL[n](torch.empty(d.shape, device="meta"), kernel, stride, padding,
+                           ceil_mode, True, 1)
+    except RuntimeError:
+        return False
+    return tuple(out.shape) == tuple(out_shape)
+
+
 def sum_pool(x: torch.Tensor, n: int, kernel, stride, padding, dilation, out_shape,
              ceil_mode: bool = False) -> torch.Tensor:
     """Windowed sums with zero padding, matching the windows of a max pooling."""
     kernel, stride = _tuple(kernel, n), _tuple(stride, n)
     padding, dilation = _tuple(padding, n), _tuple(dilation, n)
-    if n in _AVG_POOL and all(v == 1 for v in dilation):
-        out = _AVG_POOL[n](x, kernel, stride, padding, ceil_mode, count_include_pad=True,
-                           divisor_override=1)
-        if tuple(out.shape) == tuple(out_shape):
-            return out
+    if _windows_of_avg_pool(x, n, (kernel, stride, padding, ceil_mode), dilation, out_shape):
+        return _AVG_POOL[n](x, kernel, stride, padding, ceil_mode, True, 1)
     extra = []
     for i in range(n):
         size = x.shape[-n + i]
@@ -99,20 +110,6 @@ class _ConvexMass(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         d, idx = ctx.saved_tensors
         return (*_mass_vjp(grad, d, idx, ctx.n, ctx.window), None, None, None)
-
-
-def _windows_of_avg_pool(d: torch.Tensor, n: int, window: tuple, dilation, out_shape) -> bool:
-    """Whether an average pooling (divisor 1) has the max pooling's windows: no dilation and
-    the same output shape (computed on a meta tensor)."""
-    if n not in _AVG_POOL or any(v != 1 for v in _tuple(dilation, n)):
-        return False
-    kernel, stride, padding, ceil_mode = window
-    try:
-        out = _AVG_POOL[n](torch.empty(d.shape, device="meta"), kernel, stride, padding,
-                           ceil_mode, True, 1)
-    except RuntimeError:
-        return False
-    return tuple(out.shape) == tuple(out_shape)
 
 
 def _max_pool(ctx: Ctx, p: Pair, n: int, kernel, stride, padding, dilation, ceil_mode,

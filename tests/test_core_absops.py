@@ -101,7 +101,7 @@ def test_split_with_scratch_matches_fresh_abs_bit_for_bit(monkeypatch):
             assert torch.equal(getattr(probe[layer], field), getattr(ref_probe[layer], field))
 
 
-def test_scratch_is_one_per_thread_and_shared_by_the_splits_of_a_thread():
+def test_scratch_is_one_per_thread_and_shared_by_the_splits_of_a_thread(monkeypatch):
     """A new split of the same model (what an adapter makes at every call) writes |W| into
     the buffer the last one used, instead of mapping a new one; another thread has its own."""
     import threading
@@ -120,20 +120,17 @@ def test_scratch_is_one_per_thread_and_shared_by_the_splits_of_a_thread():
         seen.append(out.untyped_storage().data_ptr())
         return out
 
-    absops.AbsScratch.abs = spy
-    try:
-        with torch.no_grad():
-            core.split(model).forward_pairs(x)  # the buffer grows to the largest weight
-            seen.clear()
-            core.split(model).forward_pairs(x)
-            here = set(seen)
-            seen.clear()
-            thread = threading.Thread(target=lambda: core.split(model).forward_pairs(x))
-            thread.start()
-            thread.join()
-        there = set(seen)
-    finally:
-        absops.AbsScratch.abs = original
+    monkeypatch.setattr(absops.AbsScratch, "abs", spy)
+    with torch.no_grad():
+        core.split(model).forward_pairs(x)  # the buffer grows to the largest weight
+        seen.clear()
+        core.split(model).forward_pairs(x)
+        here = set(seen)
+        seen.clear()
+        thread = threading.Thread(target=lambda: core.split(model).forward_pairs(x))
+        thread.start()
+        thread.join()
+    there = set(seen)
     assert len(here) == 1 and len(there) >= 1 and here.isdisjoint(there)
 
 
