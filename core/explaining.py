@@ -70,3 +70,36 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
                     if b.shape != value.shape:
                         b.resize_(value.shape)
                     b.copy_(value)
+
+
+def refuse_backward_hooks(model: nn.Module) -> None:
+    """Refuse a model with backward hooks before a gradient-based explanation.
+
+    A module's backward hook (``register_full_backward_hook``, ``register_backward_hook``,
+    ``register_full_backward_pre_hook``) or a global one changes the gradient that
+    autograd computes; the split's sensitivities and SplitLRP run their own backward passes
+    through the split pair and do not go through it, so they would silently differ.
+
+    Raises
+    ------
+    core.UnsupportedOperation
+        Naming the first module with such a hook.
+    """
+    from core.errors import UnsupportedOperation
+
+    where = None
+    hooks = nn.modules.module
+    if getattr(hooks, "_global_backward_hooks", None) or getattr(
+            hooks, "_global_backward_pre_hooks", None):
+        where = "a global module backward hook (register_module_full_backward_hook)"
+    else:
+        for name, m in model.named_modules():
+            if m._backward_hooks or m._backward_pre_hooks:
+                where = f"module {name or type(model).__name__!r} has a backward hook"
+                break
+    if where is not None:
+        raise UnsupportedOperation(
+            f"{where}: it changes the gradient that autograd computes, which the split's "
+            "sensitivities and SplitLRP do not go through, so they would ignore it. Remove "
+            "it while explaining (handle.remove())."
+        )

@@ -7,6 +7,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -56,6 +57,8 @@ class _SplitTracer(fx.Tracer):
         self.inputs: dict[str, list[fx.Node]] = {}  # the nodes of a call's tensor arguments
         self.leaves: dict[str, nn.Module] = {}  # the modules of the call_module nodes
         self._leaf_types: dict[type, bool] = {}
+        #: the first node made with gradients off (tracing runs with them on)
+        self.grad_off: fx.Node | None = None
 
     def release(self) -> None:
         """Drop the references to the traced module tree. ``Tracer.trace`` leaves the tracer
@@ -73,6 +76,8 @@ class _SplitTracer(fx.Tracer):
         # (``SymInt``, a warning), which symbolic tracing never passes; that walk was an
         # eighth of tracing ResNet50. The node, its name and its users are the same.
         node = super().create_node(kind, target, (), {}, name, type_expr)
+        if self.grad_off is None and kind.startswith("call_") and not torch.is_grad_enabled():
+            self.grad_off = node  # under the forward's own no_grad(): core.record refuses
         if args:
             node.args = args
         if kwargs:
@@ -359,13 +364,16 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         # torch.fx runs Python code on real buffers (``self.calls += 1``): trace a copy of the
         # module tree that shares the parameters and owns copies of the buffers
         twin = module_twin(model, training=False)  # capture runs in eval mode
-        graph = tracer.trace(twin, concrete_args=concrete_args or None)
+        with torch.enable_grad():  # as in an explanation: the forward's no_grad() shows
+            graph = tracer.trace(twin, concrete_args=concrete_args or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise TraceFailure(
             f"could not trace {type(model).__name__} with torch.fx: {type(err).__name__}: {err}"
         ) from err
     finally:
         tracer.release()
+    if tracer.grad_off is not None:  # recorded eagerly, where input dependence is known
+        raise TraceFailure(f"the forward runs {tracer.grad_off.target} with gradients off")
     _keep_constants(graph, model, twin)
     try:
         resolve_inplace(graph, Submodules(twin, leaves))

@@ -190,7 +190,7 @@ def relevance(
     checks.number("epsilon", epsilon, 0.0)
     if isinstance(seed, torch.Tensor):
         checks.finite("seed", seed, fix="pass a finite seed (a one-hot vector, the logits)")
-    call = split.prepare(x, extra_args, kwargs)
+    call = split.prepare(x, extra_args, kwargs, backward=True)
     interp = call.interpreter
     rows = call.inputs[0].shape[0]
     for i, t in enumerate(call.inputs[1:], 1):

@@ -62,6 +62,8 @@ _QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "type", "get_devic
             "is_complex", "data_ptr", "storage_offset", "is_leaf", "grad_fn", "names",
             "__format__", "__repr__", "__hash__", "__reduce_ex__", "dim_order", "is_nested"}
 _STATE = threading.local()
+# tensor methods that register hooks on the gradient
+_GRADIENT_HOOKS = frozenset({"register_hook", "register_post_accumulate_grad_hook"})
 RANDOM = frozenset({
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
     "bernoulli", "bernoulli_", "normal", "normal_", "poisson", "multinomial", "uniform_",
@@ -81,6 +83,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
+
+
+def _has_tensor(out: Any) -> bool:
+    """Whether a result is a tensor or a tuple or list holding one."""
+    return isinstance(out, torch.Tensor) or (
+        isinstance(out, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in out))
 
 
 def module_input(arguments: list[Any], dependent: Any) -> Any:
@@ -273,8 +281,29 @@ class _Recorder(TorchFunctionMode):
             raise
 
     def record_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        """Run one torch function or tensor method and record it."""
-        out = func(*args, **kwargs)
+        """Run one torch function or tensor method and record it.
+
+        The forward runs with gradients on (:func:`record`), as in an explanation; each
+        operation computes its value with gradients off (no autograd graph is built while
+        recording), except the forward's own switches of the gradient mode
+        (``torch.no_grad()`` and friends call ``torch._C._set_grad_enabled``), which take
+        effect: an input-dependent operation that then runs with gradients off is refused
+        (:func:`grad_off`).
+        """
+        grad = torch.is_grad_enabled()  # the forward's own gradient mode at this call
+        if (not self.depth and getattr(func, "__name__", "") in _GRADIENT_HOOKS
+                and self.tracked(args)[1]):
+            raise UnsupportedOperation(
+                f"the forward registers a gradient hook (Tensor.{func.__name__}) on a tensor "
+                "computed from the input: it changes the gradient that autograd computes, "
+                "which the split's sensitivities do not go through, so they would ignore it. "
+                "Explain the model without that hook."
+            )
+        if func is torch._C._set_grad_enabled:
+            out = func(*args, **kwargs)
+        else:
+            with torch.no_grad():
+                out = func(*args, **kwargs)
         if self.depth:
             return out
         if getattr(func, "__name__", "") in RANDOM:
@@ -284,6 +313,11 @@ class _Recorder(TorchFunctionMode):
             return out
         name = getattr(func, "__name__", "")
         self.check_aliases((args, kwargs), name)
+        getter = name == "__get__" and hasattr(func, "__self__")
+        if getter:
+            name = getattr(func.__self__, "__name__", name)
+        if dependent and not grad and (name == "__setitem__" or _has_tensor(out)):
+            raise grad_off(f"{name}()")
         if name == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor):
             self.item_assignment(*args, dependent)
             return out
@@ -292,12 +326,7 @@ class _Recorder(TorchFunctionMode):
                 and getattr(torch.Tensor, name, None) is func):
             self.write_into_view(view, name, args, kwargs, dependent)
             return out
-        getter = name == "__get__" and hasattr(func, "__self__")
-        if getter:
-            name = getattr(func.__self__, "__name__", name)
-        if not isinstance(out, torch.Tensor) and not (
-            isinstance(out, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in out)
-        ):
+        if not _has_tensor(out):
             if dependent and name not in _QUERIES:
                 self.value_dependent.append(name)
             return out
@@ -418,6 +447,8 @@ class _Recorder(TorchFunctionMode):
         found, dependent = self.tracked((args, kwargs))
         if found:
             self.check_aliases((args, kwargs), name)
+        if dependent and not torch.is_grad_enabled():
+            raise grad_off(f"the module {name!r}")
         self.depth += 1
         try:
             out = module.forward(*args, **kwargs)
@@ -444,6 +475,20 @@ def _module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 _ORIGINAL_CALL = nn.Module.__call__
+
+
+def grad_off(what: str) -> UnsupportedOperation:
+    """The refusal of an input-dependent operation that the forward runs with gradients
+    off: the split follows the forward's operations, so a stop-gradient written that way or
+    a custom backward would be silently ignored by the sensitivities."""
+    return UnsupportedOperation(
+        f"the forward computes {what} from the input with gradients off: under "
+        "torch.no_grad() / torch.set_grad_enabled(False), or inside the forward of a custom "
+        "torch.autograd.Function. The split's sensitivities follow the forward's operations, "
+        "so they would ignore that stop-gradient or custom backward. Write a stop-gradient "
+        "as .detach() (which the split follows), or explain the model without it "
+        "(torch.utils.checkpoint: pass use_reentrant=False)."
+    )
 
 
 def _global_hooks() -> list[str]:
@@ -501,7 +546,9 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     previous = nn.Module.__call__
     nn.Module.__call__ = _module_call
     try:
-        with torch.no_grad(), recorder:
+        # gradients on, as in an explanation: the forward's own no_grad() blocks show
+        # (each operation computes its value without autograd: _Recorder.record_call)
+        with torch.enable_grad(), recorder:
             out = twin(*inputs, *extra, **(kwargs or {}))
             if output is not None:
                 out = output(out)

@@ -25,7 +25,7 @@ from core.errors import (
     WarnedModels,
     precision_advice,
 )
-from core.explaining import eval_semantics
+from core.explaining import eval_semantics, refuse_backward_hooks
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
@@ -360,7 +360,7 @@ class SplitModel:
         return interp
 
     def prepare(self, x: Inputs, extra_args: Sequence[Any] = (),
-                kwargs: Mapping[str, Any] | None = None) -> SplitCall:
+                kwargs: Mapping[str, Any] | None = None, backward: bool = False) -> SplitCall:
         """Check the inputs and capture the graph of this call.
 
         Parameters
@@ -369,12 +369,17 @@ class SplitModel:
             The input(s) to split.
         extra_args, kwargs:
             Further positional and keyword arguments of the model's forward (not split).
+        backward: bool
+            For a backward pass (sensitivities, relevance): a model with backward hooks is
+            refused (:func:`core.explaining.refuse_backward_hooks`).
 
         Returns
         -------
         SplitCall
         """
         inputs = self.check_input(x)
+        if backward:
+            refuse_backward_hooks(self.model)
         extra, kwargs = tuple(extra_args), dict(kwargs or {})
         with eval_semantics(self.model, warn=False, buffers=False):
             captured = self.capture.get(inputs, extra, kwargs)
@@ -686,7 +691,7 @@ class SplitModel:
             the batch, ``x.view(1, -1)`` or ``out.mean(0)``, is refused) or a target out of
             range.
         """
-        call = self.prepare(x, extra_args, kwargs)
+        call = self.prepare(x, extra_args, kwargs, backward=True)
         if isinstance(layers, str):
             layers = [layers]
         nodes = {layer: call.node_of(layer, who) for layer in layers}
