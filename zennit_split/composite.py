@@ -10,6 +10,7 @@ attributor's output gradient (the seed), returns the SplitLRP relevance of the i
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -66,6 +67,27 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     return getattr(relevance, stream)
 
 
+#: top-level packages whose frames lie between a user's call and the root's forward hook
+_LIBRARY_PACKAGES = frozenset({"torch", "zennit", "zennit_split", "core", "contextlib"})
+
+
+def _frames_to_user() -> int:
+    """How many frames, counting the caller of this function, lie inside the libraries.
+
+    The first frame outside :data:`_LIBRARY_PACKAGES` is the user's line that started the
+    forward (``attributor(x, seed)``, ``split_lrp(...)``); a warning raised by the caller
+    itself with ``stacklevel=1 + this`` points at it.
+    """
+    frame = sys._getframe(1)
+    count = 0
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARY_PACKAGES
+    ):
+        frame = frame.f_back
+        count += 1
+    return count
+
+
 class _SplitLRPFunction(torch.autograd.Function):
     """Identity on the root output in the forward pass; backwards, the SplitLRP relevance of
     the root input -- or, when the hook was switched off (``Composite.inactive()``) by the
@@ -103,12 +125,16 @@ class _RootHook:
     gradients then flow).
     """
 
-    def __init__(self, composite: SplitLRP, module: nn.Module) -> None:
+    def __init__(self, composite: SplitLRP, module: nn.Module,
+                 added: Sequence[nn.Module] = ()) -> None:
         self.active = True
         self.busy = False
         self.composite_ref = weakref.ref(composite)
         self.module_ref = weakref.ref(module)
         self.semantics: list[Any] = []  # one eval_semantics context per forward running
+        # modules that the canonizers added (zennit's Sum, created in training mode): not
+        # the user's, so their training flag does not make the model "in training mode"
+        self.added = weakref.WeakSet(added)
 
     def register(self, module: nn.Module) -> RemovableHandleList:
         return RemovableHandleList([
@@ -126,7 +152,10 @@ class _RootHook:
         # model between forwards (load_state_dict, train()) is theirs and stays
         self.semantics.append(None)
         if not self.busy:  # not a forward of the split's own computation
-            semantics = eval_semantics(module, stacklevel=6)
+            training = any(m.training for m in module.modules() if m not in self.added)
+            # the warning points at the user's line: eval_semantics warns from its generator
+            # (1) under contextlib's __enter__ (2), then come this hook and the library frames
+            semantics = eval_semantics(module, warn=training, stacklevel=3 + _frames_to_user())
             semantics.__enter__()
             self.semantics[-1] = semantics
 
@@ -157,11 +186,18 @@ class _RootHook:
         if composite is None or module is None:  # pragma: no cover - garbage collected
             raise RuntimeError("SplitLRP: the composite or its model no longer exists.")
         self.busy = True
+        # the canonizers' own modules run in eval mode too, so that the split (which warns
+        # about a model in training mode) sees the model's flags as the user set them
+        added = [m for m in self.added if m.training]
         try:
+            for m in added:
+                m.training = False
             with torch.enable_grad():
                 relevance = composite.compute(module, input.detach(), seed.detach())
         finally:
             self.busy = False
+            for m in added:
+                m.training = True
         return select_stream(relevance["input"], composite.stream).to(input.dtype)
 
 
@@ -302,10 +338,12 @@ class SplitLRP(Composite):
                     and not checks.names_a_layer(dict(module.named_modules()), name, True)):
                 raise several_inputs(f"layer {name!r} names an input of several")
             checks.layer_name(module, name, "SplitLRP", allow_input=True, allow_elements=True)
+        before = set(module.modules())
         try:
             for canonizer in self.canonizers:
                 self.handles += canonizer.apply(module)
-            hook = _RootHook(self, module)
+            added = [m for m in module.modules() if m not in before]
+            hook = _RootHook(self, module, added)
             self.hook_refs.add(hook)
             self.handles.append(hook.register(module))
         except BaseException:
