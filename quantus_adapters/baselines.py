@@ -45,8 +45,14 @@ _CAPTUM_NOTICES = (
 )
 
 
-def _leaf(inputs: torch.Tensor) -> torch.Tensor:
-    """A leaf copy of the inputs that requires grad (Captum warns otherwise)."""
+def _leaf(inputs: torch.Tensor, method: str) -> torch.Tensor:
+    """A leaf copy of the inputs that requires grad (Captum warns otherwise); one clear error
+    inside ``torch.inference_mode()``, where the gradient ``method`` needs is off."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{method}: called inside torch.inference_mode(), where autograd (which {method} "
+            "uses) is off; call it outside inference mode"
+        )
     return inputs.detach().requires_grad_(True)
 
 
@@ -63,7 +69,7 @@ def _hooked(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
             **kwargs: Any) -> torch.Tensor:
     """Captum's attribution ``name``, which hooks the activations (its notices silenced)."""
     with _quiet():
-        return getattr(_captum(), name)(model).attribute(_leaf(inputs), target=targets,
+        return getattr(_captum(), name)(model).attribute(_leaf(inputs, name), target=targets,
                                                          **kwargs)
 
 
@@ -94,14 +100,16 @@ def saliency(
     abs: bool, optional
         Take the absolute value of the gradient (Captum's default, True).
     """
-    return _captum().Saliency(model).attribute(_leaf(inputs), target=targets, abs=abs)
+    return _captum().Saliency(model).attribute(_leaf(inputs, "Saliency"), target=targets,
+                                             abs=abs)
 
 
 def input_x_gradient(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Input x Gradient: the input times the gradient of the target logit (Captum)."""
-    return _captum().InputXGradient(model).attribute(_leaf(inputs), target=targets)
+    return _captum().InputXGradient(model).attribute(_leaf(inputs, "InputXGradient"),
+                                                   target=targets)
 
 
 def integrated_gradients(
@@ -126,7 +134,7 @@ def integrated_gradients(
         result).
     """
     return _captum().IntegratedGradients(model).attribute(
-        _leaf(inputs), target=targets, n_steps=n_steps, baselines=baselines,
+        _leaf(inputs, "IntegratedGradients"), target=targets, n_steps=n_steps, baselines=baselines,
         internal_batch_size=internal_batch_size,
     )
 
@@ -155,7 +163,8 @@ def gradient_shap(
     if baselines is None:
         baselines = torch.zeros_like(inputs)
     return _captum().GradientShap(model).attribute(
-        _leaf(inputs), baselines=baselines, target=targets, n_samples=n_samples, stdevs=stdevs
+        _leaf(inputs, "GradientShap"), baselines=baselines, target=targets,
+        n_samples=n_samples, stdevs=stdevs,
     )
 
 

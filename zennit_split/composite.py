@@ -47,6 +47,27 @@ def several_inputs(what: str) -> ValueError:
     )
 
 
+def refuse_inference_mode(who: str) -> None:
+    """Raise one clear error inside ``torch.inference_mode()``, where autograd is off.
+
+    Parameters
+    ----------
+    who: str
+        The method, prefixed to the message (``"SplitLRP"``, ``"LRP"``).
+
+    Raises
+    ------
+    RuntimeError
+        Inside ``torch.inference_mode()``. (``torch.no_grad()`` is fine: the methods switch
+        gradients on for their own work.)
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{who}: called inside torch.inference_mode(), where autograd (which {who} "
+            "uses) is off; call it outside inference mode"
+        )
+
+
 def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     """Return one stream of a relevance object of :meth:`core.SplitModel.relevance`.
 

@@ -15,7 +15,7 @@ from zennit.types import Convolution, Linear
 
 from core import checks
 
-from .composite import SplitLRP, several_inputs
+from .composite import SplitLRP, refuse_inference_mode, several_inputs
 
 
 def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
@@ -107,9 +107,13 @@ def split_lrp(
     ValueError
         For a tuple or list of inputs and for ``"input:1"``... (one line naming
         :meth:`core.SplitModel.relevance`, which takes several inputs), before any forward.
+    RuntimeError
+        Inside ``torch.inference_mode()`` (autograd is off there). Under ``torch.no_grad()``
+        gradients are switched on for the computation.
     """
     if isinstance(inputs, (tuple, list)):
         raise several_inputs(f"split_lrp got a {type(inputs).__name__} of {len(inputs)} inputs")
+    refuse_inference_mode("SplitLRP")
     names = [layers] if isinstance(layers, str) else list(layers)
     composite = SplitLRP(
         epsilon=epsilon,
@@ -121,7 +125,9 @@ def split_lrp(
         residual=residual,
         nonlinear=nonlinear,
     )
-    with Gradient(model, composite) as attributor:
+    # gradients on for the attributor's own backward pass, also under torch.no_grad()
+    # (Quantus calls explain functions inside it)
+    with torch.enable_grad(), Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))
         relevance = composite.relevance
     return {name: relevance[name] for name in names}
@@ -213,10 +219,13 @@ def lrp_gamma(
     TypeError
         For inputs that are not one tensor (a tuple of inputs: Zennit's attributors take
         one input tensor), before any forward.
+    RuntimeError
+        Inside ``torch.inference_mode()``, as :func:`split_lrp`; ``torch.no_grad()`` is fine.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"LRP: inputs must be one tensor (Zennit's attributors take one "
                         f"input), got a {type(inputs).__name__}")
+    refuse_inference_mode("LRP")
     checks.number("gamma", gamma, 0.0, who="LRP")
     composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
     handle = None
@@ -226,7 +235,7 @@ def lrp_gamma(
             lambda module, args, output: _OutputGradient.apply(output, store)
         )
     try:
-        with Gradient(model, composite) as attributor:
+        with torch.enable_grad(), Gradient(model, composite) as attributor:  # as split_lrp
             _, relevance = attributor(inputs, output_seed(targets, inputs.shape[0]))
     finally:
         if handle is not None:

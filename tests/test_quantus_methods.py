@@ -1,0 +1,51 @@
+"""quantus_adapters.explain across methods: gradient modes, layers, Quantus's defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quantus_adapters import explain
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 3),
+    )
+    model[1].running_mean.uniform_(-0.3, 0.3)
+    model[1].running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def batch(n: int = 2, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+TARGETS = np.array([1, 2])
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "LRP"])
+def test_zennit_methods_work_under_no_grad(method):
+    model, x = small_cnn(), batch()
+    expected = explain(model, x, TARGETS, method=method)
+    with torch.no_grad():
+        got = explain(model, x, TARGETS, method=method)
+    np.testing.assert_array_equal(got, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "LRP", "SplitCAM", "Saliency",
+                                    "IntegratedGradients"])
+def test_inference_mode_is_refused_with_one_line(method):
+    model, x = small_cnn(), batch()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode") as info:
+        explain(model, x, TARGETS, method=method)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{method}: ")
+    assert "outside inference mode" in message
