@@ -436,8 +436,12 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
     ratio = shift_ratio(probe)
     if ratio > CLASS_BLIND_RATIO:
         _WARNED.add(sm.model, layer)
+        dtype = probe.S.dtype
+        lost = (f" Beyond 1/eps of {dtype} ({1 / torch.finfo(dtype).eps:.3g}) the gradient part "
+                "is lost to rounding: the g and h maps then differ by noise, not by gradient "
+                "x activation." if ratio * torch.finfo(dtype).eps > 1 else "")
         warnings.warn(SplitClassBlindWarning(
             f"the Split map at layer {layer!r} does not depend on the target class: its shift "
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "
-            f"{CLASS_BLIND_RATIO:g}) at this alpha. {CLASS_BLIND_ADVICE}", layer, ratio,
+            f"{CLASS_BLIND_RATIO:g}) at this alpha.{lost} {CLASS_BLIND_ADVICE}", layer, ratio,
         ), stacklevel=3)

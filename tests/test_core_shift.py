@@ -112,6 +112,23 @@ def test_class_blind_warning_once_per_layer(resnet):
     assert "does not depend on the target class" in str(blind[0].message)
 
 
+@pytest.mark.parametrize("alpha,lost", [(0.4, False), (0.3, True)])
+def test_class_blind_warning_says_when_the_gradient_part_is_lost_to_rounding(resnet, alpha,
+                                                                              lost):
+    """Past 1/eps of the dtype the gradient part is below rounding: the g and h maps no
+    longer differ by gradient x activation (resnet20, layer1.1: ratio about 1.3e3 at alpha
+    0.4, 3e7 at 0.3; float32 1/eps is 8.4e6)."""
+    model, x, y = resnet
+    model = core.zoo.resnet20().eval()  # a model no other test has warned about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        core.split(model).sensitivities(x, y, layers=["layer1.1"], alpha=alpha)
+    (blind,) = [w for w in caught if issubclass(w.category, core.SplitClassBlindWarning)]
+    ratio = blind.message.ratio
+    assert (ratio > 1 / torch.finfo(torch.float32).eps) == lost
+    assert ("lost to rounding" in str(blind.message)) == lost
+
+
 def test_shift_diagnostics_ratio_and_class_dependence(resnet):
     model, x, y = resnet
     sm = core.split(model)
