@@ -180,7 +180,7 @@ def explain(
             result = info.function(model, x, y, **options)
     finally:
         model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it
-    maps = _to_maps(result, method, x.shape, upsample)
+    maps = _to_maps(result, method, x.shape, upsample, _layer_label(model, options))
     if reduce_axes:
         if channel_first is False and given_axes is not None:  # axes of (B, H, W, C)
             reduce_axes = tuple(_CHANNEL_LAST_AXES[a % 4] for a in reduce_axes)
@@ -284,13 +284,27 @@ def _as_targets(targets: Any, batch: int, device: torch.device) -> torch.Tensor:
     return checks.targets(targets, batch, whole_floats=True).to(device).contiguous()
 
 
+def _layer_label(model: nn.Module, options: dict[str, Any]) -> str | None:
+    """The ``layer`` option as a name for messages (a submodule by its name), or None."""
+    layer = options.get("layer")
+    if layer is None or isinstance(layer, str):
+        return layer
+    for name, module in model.named_modules():
+        if module is layer:
+            return name
+    return type(layer).__name__
+
+
 def _to_maps(
-    result: Any, method: str, input_shape: torch.Size, upsample: str
+    result: Any, method: str, input_shape: torch.Size, upsample: str,
+    layer: str | None = None,
 ) -> torch.Tensor:
     """A method's output as (B, C, H, W) at the input's resolution, in its own dtype.
 
     A NumPy array is accepted as a tensor; a (B, h, w) map gets a channel axis; a channel-last
-    (B, H, W, C) return is refused (summing it over axis 1 would mix rows of pixels).
+    (B, H, W, C) return is refused (summing it over axis 1 would mix rows of pixels). A result
+    with fewer than 3 axes at a given ``layer`` is refused naming the layer: its output has no
+    spatial axes.
     """
     if isinstance(result, tuple) and len(result) == 1:  # Captum's one-input convention
         result = result[0]
@@ -303,6 +317,12 @@ def _to_maps(
         )
     batch, channels, height, width = input_shape
     maps = result.detach()
+    if layer not in (None, "", "input") and maps.ndim < 3:
+        raise ValueError(
+            f"{method}: layer={layer!r} gives a map of shape {tuple(result.shape)}, without "
+            "spatial axes; a map needs a layer with a (B, C, h, w) output (a convolution, "
+            "pooling or activation module), pass one of those as layer."
+        )
     if maps.ndim == 3:
         maps = maps.unsqueeze(1)
     if maps.ndim != 4 or maps.shape[0] != batch:

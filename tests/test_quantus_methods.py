@@ -49,3 +49,28 @@ def test_inference_mode_is_refused_with_one_line(method):
     assert "\n" not in message
     assert message.startswith(f"{method}: ")
     assert "outside inference mode" in message
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "LRP", "SplitCAM"])
+def test_a_layer_module_is_the_layer_of_that_name(method):
+    model, x = small_cnn(), batch()
+    by_name = explain(model, x, TARGETS, method=method, layer="4")
+    by_module = explain(model, x, TARGETS, method=method, layer=model[4])
+    np.testing.assert_array_equal(by_module, by_name)
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "LRP", "SplitCAM"])
+def test_a_layer_of_another_type_is_one_type_error_line(method):
+    with pytest.raises(TypeError, match="layer") as info:
+        explain(small_cnn(), batch(), TARGETS, method=method, layer=3)
+    assert "\n" not in str(info.value)
+    assert "module name" in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "LRP", "SplitCAM", "SplitGrad"])
+def test_a_layer_without_spatial_axes_is_named(method):
+    model = small_cnn()
+    for layer in ("8", model[8]):  # the Linear layer, by name and as a module
+        with pytest.raises(ValueError, match=r"layer='8'.*\(B, C, h, w\)") as info:
+            explain(model, batch(), TARGETS, method=method, layer=layer)
+        assert "\n" not in str(info.value)

@@ -68,6 +68,59 @@ def refuse_inference_mode(who: str) -> None:
         )
 
 
+def layer_list(layer: Any, who: str) -> list[str | nn.Module]:
+    """The layers given as ``layer``: a module name, a submodule, or a list of them.
+
+    Parameters
+    ----------
+    layer: str, torch.nn.Module, list or tuple of them, or None
+        What the user passed (None: no layer).
+    who: str
+        The caller, prefixed to the message.
+
+    Returns
+    -------
+    list
+        The names and modules, in order (modules are resolved by :func:`layer_names`).
+
+    Raises
+    ------
+    TypeError
+        One line for anything else (``layer=3``), naming what to pass.
+    """
+    if layer is None:
+        return []
+    items = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not all(isinstance(item, (str, nn.Module)) for item in items):
+        raise TypeError(
+            f"{who}: layer={layer!r} must be a module name as in model.named_modules() "
+            "(e.g. 'features.4'), a submodule of the model, or a list of them."
+        )
+    return items
+
+
+def layer_names(model: nn.Module, layers: Sequence[str | nn.Module], who: str) -> list[str]:
+    """``layers`` with each submodule replaced by its name in ``model`` (names kept as given).
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model the layers belong to.
+    layers: list of str or torch.nn.Module
+        As returned by :func:`layer_list`.
+    who: str
+        The caller, prefixed to messages.
+
+    Returns
+    -------
+    list[str]
+        The names; a module is found by identity (:func:`core.checks.layer_name`, which
+        raises one ``ValueError`` line for a module of another model).
+    """
+    return [item if isinstance(item, str) else checks.layer_name(model, item, who)
+            for item in layers]
+
+
 def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     """Return one stream of a relevance object of :meth:`core.SplitModel.relevance`.
 
@@ -250,9 +303,11 @@ class SplitLRP(Composite):
     stabilizer: str, optional
         Forward stabilisation of the split activations: ``"scale"`` (default), ``"shift"`` or
         ``"none"``.
-    layer: str or list[str], optional
+    layer: str, torch.nn.Module or a list of them, optional
         Name(s) of modules (as in ``model.named_modules()``; ``"NAME:0"``, ``"NAME:1"``...
-        for the elements of a module's tuple output) at whose output the relevances
+        for the elements of a module's tuple output), or the submodules themselves (kept
+        under their names, found when the composite is registered), at whose output the
+        relevances
         ``R(l,+)``, ``R(l,-)`` and ``comb`` are also kept, in :py:attr:`relevance` under that
         name (the paper's "(26, pos)" is ``layer="features.26"``, ``stream="pos"``). The
         attributor still returns the input relevance; :func:`zennit_split.split_lrp` returns
@@ -299,7 +354,7 @@ class SplitLRP(Composite):
         epsilon: float = 1e-6,
         maxpool: str = "wta",
         stabilizer: str = "scale",
-        layer: str | Sequence[str] | None = None,
+        layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
         canonizers: list | None = None,
         *,
         input_split: str = "relu",
@@ -315,12 +370,7 @@ class SplitLRP(Composite):
         checks.option("activation_rule", activation_rule, ACTIVATION_RULES, "SplitLRP")
         checks.option("nonlinear", nonlinear, core.NONLINEAR_MODES, "SplitLRP")
         checks.number("epsilon", epsilon, 0.0, who="SplitLRP")
-        layers = [layer] if isinstance(layer, str) else list(layer or [])
-        if not all(isinstance(name, str) for name in layers):
-            raise TypeError(
-                f"SplitLRP: layer={layer!r} must be a module name as in model.named_modules() "
-                "(or a list of names)."
-            )
+        layers = layer_list(layer, "SplitLRP")
         super().__init__(module_map=None, canonizers=canonizers)
         self.stream = stream
         self.epsilon = float(epsilon)
@@ -346,13 +396,14 @@ class SplitLRP(Composite):
         Raises
         ------
         ValueError
-            For an unknown layer name, and for ``"input:1"``...: Zennit passes one input
-            tensor (:func:`several_inputs`; core's :meth:`core.SplitModel.relevance` takes
-            several). A model called with several arguments inside the composite is refused
-            with the same error at its forward.
+            For an unknown layer name or a module of another model, and for
+            ``"input:1"``...: Zennit passes one input tensor (:func:`several_inputs`; core's
+            :meth:`core.SplitModel.relevance` takes several). A model called with several
+            arguments inside the composite is refused with the same error at its forward.
         """
         self.remove()
         self.relevance = {}
+        self.layers = tuple(layer_names(module, layer_list(self.layer, "SplitLRP"), "SplitLRP"))
         for name in self.layers:
             base, _, suffix = name.rpartition(":")
             if (base == "input" and suffix.isdigit()

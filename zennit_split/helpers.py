@@ -15,7 +15,13 @@ from zennit.types import Convolution, Linear
 
 from core import checks
 
-from .composite import SplitLRP, refuse_inference_mode, several_inputs
+from .composite import (
+    SplitLRP,
+    layer_list,
+    layer_names,
+    refuse_inference_mode,
+    several_inputs,
+)
 
 
 def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
@@ -67,7 +73,7 @@ def split_lrp(
     model: nn.Module,
     inputs: torch.Tensor,
     targets: int | torch.Tensor,
-    layers: str | Sequence[str] = ("input",),
+    layers: str | nn.Module | Sequence[str | nn.Module] = ("input",),
     *,
     epsilon: float = 1e-6,
     maxpool: str = "wta",
@@ -91,9 +97,10 @@ def split_lrp(
     targets: int or :py:obj:`torch.Tensor`
         Class index or indices (seed: one-hot at ``a(L,+)``), or a float seed shaped like
         the model output.
-    layers: str or list[str], optional
-        Module names as in ``model.named_modules()``; ``"input"`` is the input (default);
-        ``"NAME:0"``, ``"NAME:1"``... the elements of a module's tuple output.
+    layers: str, torch.nn.Module or a list of them, optional
+        Module names as in ``model.named_modules()``, or the submodules themselves (the
+        result is keyed by their names); ``"input"`` is the input (default); ``"NAME:0"``,
+        ``"NAME:1"``... the elements of a module's tuple output.
     epsilon, maxpool, stabilizer, input_split, activation_rule, residual, nonlinear:
         As in :class:`SplitLRP`.
 
@@ -114,7 +121,7 @@ def split_lrp(
     if isinstance(inputs, (tuple, list)):
         raise several_inputs(f"split_lrp got a {type(inputs).__name__} of {len(inputs)} inputs")
     refuse_inference_mode("SplitLRP")
-    names = [layers] if isinstance(layers, str) else list(layers)
+    names = layer_names(model, layer_list(layers, "SplitLRP"), "SplitLRP")
     composite = SplitLRP(
         epsilon=epsilon,
         maxpool=maxpool,
@@ -192,7 +199,7 @@ def lrp_gamma(
     targets: int | torch.Tensor,
     *,
     gamma: float = 0.25,
-    layer: str | None = None,
+    layer: str | nn.Module | None = None,
 ) -> torch.Tensor:
     """LRP with the gamma rule (Zennit), at the input or at the output of ``layer``.
 
@@ -206,8 +213,9 @@ def lrp_gamma(
         Class index or indices, or a float seed shaped like the output.
     gamma: float, optional
         Gamma of the rule (0.25).
-    layer: str, optional
-        Module name as in ``model.named_modules()``; ``None`` or ``"input"``: the input.
+    layer: str or torch.nn.Module, optional
+        Module name as in ``model.named_modules()``, or the submodule itself; ``None`` or
+        ``"input"``: the input.
 
     Returns
     -------
@@ -230,8 +238,9 @@ def lrp_gamma(
     composite = gamma_composite(gamma, canonizers=_default_canonizers(model))
     handle = None
     store: list[torch.Tensor] = []
-    if checks.layer_name(model, layer, "LRP", allow_input=True) != "input":
-        handle = model.get_submodule(layer).register_forward_hook(
+    name = checks.layer_name(model, layer, "LRP", allow_input=True)
+    if name != "input":
+        handle = model.get_submodule(name).register_forward_hook(
             lambda module, args, output: _OutputGradient.apply(output, store)
         )
     try:
@@ -242,6 +251,6 @@ def lrp_gamma(
             handle.remove()
     if handle is not None:
         if not store:
-            raise RuntimeError(f"LRP: no relevance reached layer {layer!r}.")
+            raise RuntimeError(f"LRP: no relevance reached layer {name!r}.")
         return store[-1]
     return relevance

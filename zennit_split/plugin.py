@@ -13,6 +13,8 @@ import pluggy
 import torch
 from torch import nn
 
+from core import checks
+
 from .composite import select_stream
 from .helpers import lrp_gamma, split_lrp
 
@@ -34,7 +36,7 @@ def split_lrp_explainer(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    layer: str | None = None,
+    layer: str | nn.Module | None = None,
     stream: str = "pos",
     epsilon: float = 1e-6,
     maxpool: str = "wta",
@@ -49,16 +51,19 @@ def split_lrp_explainer(
     ----------
     model, inputs, targets:
         As in the explainer contract of :mod:`quantus_adapters.registry`.
-    layer: str, optional
-        Module name (``model.named_modules()``) whose output relevance is returned, summed
-        over channels, (B, 1, h, w); ``None`` or ``"input"``: the input relevance
-        (B, C, H, W).
+    layer: str or torch.nn.Module, optional
+        Module name (``model.named_modules()``), or the submodule itself, whose output
+        relevance is returned, summed over channels, (B, 1, h, w); ``None`` or ``"input"``:
+        the input relevance (B, C, H, W).
     stream: str, optional
         ``"pos"`` (``R(l,+)``), ``"neg"`` (``R(l,-)``) or ``"comb"`` (their difference).
     epsilon, maxpool, stabilizer, input_split, activation_rule, nonlinear:
         As in :class:`zennit_split.SplitLRP`.
     """
-    name = "input" if layer in (None, "", "input") else layer
+    if layer is None or isinstance(layer, str):  # a name is checked by the composite
+        name = "input" if layer in (None, "", "input") else layer
+    else:  # a submodule, by its name (one TypeError line for anything else)
+        name = checks.layer_name(model, layer, "SplitLRP")
     relevance = split_lrp(
         model,
         inputs,
@@ -82,7 +87,7 @@ def lrp_explainer(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    layer: str | None = None,
+    layer: str | nn.Module | None = None,
     gamma: float = 0.25,
 ) -> torch.Tensor:
     """LRP with the gamma rule (gamma = 0.25, Zennit), at the input or at a layer.
@@ -91,16 +96,17 @@ def lrp_explainer(
     ----------
     model, inputs, targets:
         As in the explainer contract of :mod:`quantus_adapters.registry`.
-    layer: str, optional
-        Module name whose output relevance is returned, summed over channels,
-        (B, 1, h, w); ``None`` or ``"input"``: the input relevance (B, C, H, W).
+    layer: str or torch.nn.Module, optional
+        Module name, or the submodule itself, whose output relevance is returned, summed
+        over channels, (B, 1, h, w); ``None`` or ``"input"``: the input relevance (B, C, H, W).
     gamma: float, optional
         Gamma of the rule, on every convolution and linear layer (BatchNorm merged).
     """
-    relevance = lrp_gamma(model, inputs, targets, gamma=gamma, layer=layer)
-    if layer in (None, "", "input"):
+    name = checks.layer_name(model, layer, "LRP", allow_input=True)
+    relevance = lrp_gamma(model, inputs, targets, gamma=gamma, layer=name)
+    if name == "input":
         return relevance
-    return _layer_map(relevance, "LRP", layer)
+    return _layer_map(relevance, "LRP", name)
 
 
 @hookimpl
