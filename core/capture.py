@@ -34,7 +34,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
-from core.graph import Submodules, TraceFailure, resolve_inplace, trace
+from core.graph import Submodules, TraceFailure, fold_stacked_sums, resolve_inplace, trace
 from core.record import RANDOM, InputDependent, argument_tensors, record
 from core.registry import TABLE, FunctionName
 
@@ -422,6 +422,7 @@ class Capture:
             )
         _eliminate_dead_code(rec.graph)
         resolve_inplace(rec.graph, Submodules(self.model))
+        fold_stacked_sums(rec.graph)
         captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
                             rec.module_inputs, not rec.value_dependent, rec.value_dependent)
         if captured.reusable:

@@ -253,6 +253,47 @@ def _is_scalar(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
     return memo[node]
 
 
+def _sum_dims(node: fx.Node) -> Any:
+    """The ``dim`` of a ``torch.sum`` / ``x.sum`` node, None where it also has ``keepdim``
+    or ``dtype`` (or no ``dim``)."""
+    names = ("input", "dim", "keepdim")
+    bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if bound.get("keepdim") or bound.get("dtype") is not None or set(bound) - {*names,
+                                                                               "dtype"}:
+        return None
+    dim = bound.get("dim")
+    if isinstance(dim, (tuple, list)):
+        dim = dim[0] if len(dim) == 1 else None
+    return dim if isinstance(dim, int) else None
+
+
+def fold_stacked_sums(graph: fx.Graph) -> None:
+    """Write ``torch.sum(torch.stack([a, b], dim), dim)`` as ``a + b``.
+
+    The same value bit for bit (a sum of two numbers rounds once); Zennit's canonizers
+    (``ResNetCanonizer``) write a residual add that way (a ``Sum`` module over a stack), and
+    SplitLRP's residual rule applies to an add, so that a canonizer does not change the
+    relevance. The node keeps its identity (a module output stays where it was); the
+    stack stays for its other users.
+    """
+    for node in graph.nodes:
+        if not ((node.op == "call_function" and node.target is torch.sum)
+                or (node.op == "call_method" and node.target == "sum")) or not node.args:
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_function"
+                and src.target is torch.stack):
+            continue
+        tensors = src.args[0] if src.args else src.kwargs.get("tensors")
+        stacked = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+        dim = _sum_dims(node)
+        if (dim is None or dim != stacked or not isinstance(tensors, (tuple, list))
+                or len(tensors) != 2):
+            continue
+        node.op, node.target = "call_function", operator.add
+        node.args, node.kwargs = (tensors[0], tensors[1]), {}
+
+
 def resolve_inplace(graph: fx.Graph, modules: Submodules) -> None:
     """Give in-place ops their eager semantics in the graph.
 
@@ -379,6 +420,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> Trac
         resolve_inplace(graph, Submodules(twin, leaves))
     except UnsupportedOperation as err:  # eager recording follows writes into slices
         raise TraceFailure(*err.args) from None
+    fold_stacked_sums(graph)
     nodes = list(graph.nodes)
     dependent = InputDependent(graph, 1)  # the nodes computed from the input
     outputs: dict[str, fx.Node] = {}

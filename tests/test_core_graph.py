@@ -1123,3 +1123,47 @@ def test_a_value_read_with_item_is_a_constant_of_each_call():
         xr = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(model.fc(F.relu(xr) * c)[:, 1].sum(), xr)
         torch.testing.assert_close(probe.grad, grad, rtol=1e-12, atol=1e-12)
+
+
+class StackedResidual(nn.Module):
+    """A residual block whose add is written as Zennit's canonizers write it:
+    ``torch.stack([identity, out], -1).sum(-1)`` (``how="stack"``), or as ``a + b``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 5 * 5, 4)
+        self.how = how
+
+    def forward(self, x, scale: float = 1.0):
+        out = F.relu(self.conv(x)) * scale
+        if self.how == "stack":
+            out = torch.stack([x, out], dim=-1).sum(dim=-1)
+        elif self.how == "stack3":  # three summands: left as a sum over the stack
+            out = torch.sum(torch.stack([x, out, out], dim=-1), dim=-1)
+        else:
+            out = x + out
+        return self.head(F.relu(out).flatten(1))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 1.0}], ids=["traced", "recorded"])
+def test_a_sum_over_a_stack_of_two_is_an_add(kwargs):
+    """``sum(stack([a, b], d), d)`` is planned as ``a + b`` (bit for bit the same value):
+    SplitLRP's residual rule applies (a canonizer does not change the relevance), g - h is
+    the model's output; three summands are left as they are."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    seed = torch.eye(4, dtype=torch.float64)[[1, 2]]
+    models = {how: StackedResidual(how).double().eval() for how in ("add", "stack", "stack3")}
+    models["stack"].load_state_dict(models["add"].state_dict())
+    models["stack3"].load_state_dict(models["add"].state_dict())
+    rel = {}
+    for how, model in models.items():
+        sm = core.split(model)
+        g, h = sm(x, **kwargs)
+        assert torch.allclose(g - h, model(x, **kwargs), rtol=0, atol=1e-12)
+        rel[how] = sm.relevance(x, seed, kwargs=kwargs)["input"].comb
+        graph = sm.prepare(x, (), kwargs).captured.graph
+        targets = {n.target for n in graph.nodes if n.op != "placeholder"}
+        assert (torch.sum in targets or "sum" in targets) == (how == "stack3")
+    assert torch.equal(rel["stack"], rel["add"])
