@@ -7,9 +7,12 @@ forward arguments) and runs before any forward or backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -18,9 +21,32 @@ from torch import Tensor, nn
 from core import checks
 from core.capture import unwrap, wrapped_module
 from core.errors import caller
+from core.explaining import eval_semantics
 
 STREAMS = ("g", "h")
 SIGNS = (None, "+", "-")
+
+
+def owner_module(forward_func: Callable[..., Any]) -> nn.Module | None:
+    """The ``nn.Module`` that ``forward_func`` is or is bound to (any bound method of a
+    module counts), else None: the model whose flags and buffers an explanation keeps."""
+    owner = getattr(forward_func, "__self__", forward_func)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def eval_context(forward_func: Callable[..., Any],
+                 stacklevel: int) -> AbstractContextManager[Any]:
+    """:func:`core.explaining.eval_semantics` for the module behind ``forward_func`` (a
+    do-nothing context for a plain function): a model in training mode is explained with
+    eval semantics (warned once per model) and keeps its flags and buffers bit for bit.
+
+    ``stacklevel`` is that of :func:`~core.explaining.eval_semantics`: 3 names the line of
+    the ``with`` statement, each further frame up to the user's call adds one.
+    """
+    owner = owner_module(forward_func)
+    if owner is None:
+        return contextlib.nullcontext()
+    return eval_semantics(owner, stacklevel=stacklevel)
 
 
 def model_of(forward_func: Callable[..., Any]) -> nn.Module | None:
@@ -172,14 +198,25 @@ def last_conv_name(model: nn.Module, method: str) -> str:
     return convs[-1]
 
 
-def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
+def input_tensors(inputs: Any, method: str, floating: bool = True) -> tuple[Tensor, ...]:
     """Captum's inputs (a tensor or a tuple of tensors) as a tuple, refusing anything else.
+
+    Parameters
+    ----------
+    inputs : :py:class:`torch.Tensor` or tuple of them
+        What the user passed.
+    method : str
+        The caller, prefixed to messages.
+    floating : bool
+        Refuse tensors that are not floating-point (the split methods, which split the input
+        itself); False for the methods on Captum's machinery (LayerCAM, Grad-CAM++), which
+        take what the model takes (token ids, uint8 images), as ``LayerGradCam``.
 
     Raises
     ------
     TypeError
-        For a NumPy array or any other non-tensor (with the conversion to use), and for
-        non-floating tensors.
+        For a NumPy array or any other non-tensor (with the conversion to use), and, with
+        ``floating``, for non-floating tensors.
     ValueError
         For an empty tuple, a tensor without a batch dimension or with an empty batch.
     """
@@ -194,8 +231,13 @@ def input_tensors(inputs: Any, method: str) -> tuple[Tensor, ...]:
                 f"{method}: inputs must be a torch.Tensor or a tuple of them, as in Captum; got "
                 f"{type(item).__module__}.{type(item).__name__}. Pass a torch.Tensor{hint}."
             )
-        if not item.is_floating_point():
-            raise TypeError(f"{method}: inputs must be floating-point tensors; got {item.dtype}.")
+        if floating and not item.is_floating_point():
+            raise TypeError(
+                f"{method}: inputs must be floating-point tensors, since the split divides "
+                f"the input into x+ - x-; got {item.dtype}. Pass x.float(), or pass integer "
+                "tensors (token ids, masks) through additional_forward_args; LayerCAM and "
+                "GradCAMPlusPlus explain models of integer inputs."
+            )
         if item.dim() < 2:
             raise ValueError(
                 f"{method}: inputs must have a batch dimension first, e.g. (B, C, H, W); got "
@@ -214,23 +256,63 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def check_dtype(items: tuple[Tensor, ...], model: nn.Module | None, method: str) -> None:
-    """Raise ``TypeError`` naming both dtypes if an input's dtype is not the model's.
-
-    PyTorch would fail later with "expected scalar type Double but found Float" deep in the
-    first layer; this says which tensor to convert.
-    """
+def _dtype_mismatch(items: tuple[Tensor, ...], model: nn.Module | None,
+                    method: str) -> TypeError | None:
+    """The one message for an input whose dtype is not the model's (None where all match):
+    which tensor, both dtypes and the conversion to pass."""
     dtype = None if model is None else model_dtype(model)
     if dtype is None:
-        return
+        return None
     for i, x in enumerate(items):
         if x.dtype != dtype:
             which = "inputs" if len(items) == 1 else f"inputs[{i}]"
-            raise TypeError(
+            copy = (f" or explain a copy of the model in {x.dtype} "
+                    f"(copy.deepcopy(model).to({x.dtype}))" if x.is_floating_point() else "")
+            return TypeError(
                 f"{method}: {which} is {x.dtype} but the model's parameters are {dtype}; pass "
-                f"x.to({dtype}) or explain a copy of the model in {x.dtype} "
-                f"(copy.deepcopy(model).to({x.dtype}))."
+                f"x.to({dtype}){copy}."
             )
+    return None
+
+
+def check_dtype(items: tuple[Tensor, ...], model: nn.Module | None, method: str) -> None:
+    """Raise ``TypeError`` naming both dtypes if an input's dtype is not the model's.
+
+    For the split methods, which split the input itself before any forward: PyTorch would
+    fail later with "expected scalar type Double but found Float" deep in the first layer;
+    this says which tensor to convert.
+    """
+    err = _dtype_mismatch(items, model, method)
+    if err is not None:
+        raise err
+
+
+#: the words of PyTorch's errors for operands of different dtypes ("Input type (double)
+#: and bias type (float) should be the same", "mat1 and mat2 must have the same dtype",
+#: "expected scalar type Double but found Float")
+_DTYPE_ERROR = re.compile(r"\btypes?\b.*\bsame\b|\bsame dtype\b|\bscalar type\b",
+                          re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def dtype_errors(items: tuple[Tensor, ...], model: nn.Module | None,
+                 method: str) -> Iterator[None]:
+    """Within it, PyTorch's ``RuntimeError`` for operands of different dtypes becomes the
+    ``TypeError`` of :func:`check_dtype` (chained to it) when an input's dtype is not the
+    model's.
+
+    For the methods on Captum's machinery, which accept any input the model accepts (a
+    model may cast its input itself, ``x.float() / 255``, or embed token ids): a mismatch is
+    only known when the forward fails on it.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        mismatch = _dtype_mismatch(items, model, method) \
+            if _DTYPE_ERROR.search(str(err)) else None
+        if mismatch is None:
+            raise
+        raise mismatch from err
 
 
 def single_input(
@@ -298,3 +380,4 @@ def checked_forward(
         return out
 
     return forward
+

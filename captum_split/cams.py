@@ -26,10 +26,12 @@ from torch import Tensor, nn
 from core import checks
 
 from ._utils import (
-    check_dtype,
     checked_forward,
+    dtype_errors,
     element_input_error,
+    eval_context,
     input_tensors,
+    owner_module,
     resolve_layer,
     split_element,
 )
@@ -91,19 +93,38 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         attribute_to_layer_input: bool,
         grad_kwargs: dict[str, Any] | None,
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Check the arguments, then collect the layer gradients and activations with the
+        model in eval semantics (a training-mode model keeps its flags and buffers,
+        :func:`core.explaining.eval_semantics`) and PyTorch's dtype errors named."""
         method = type(self).__name__
-        items = input_tensors(inputs, method)
-        owner = getattr(self.forward_func, "__self__", self.forward_func)
-        check_dtype(items, owner if isinstance(owner, nn.Module) else None, method)
+        # what the model takes, as LayerGradCam: token ids, uint8 images, float64 into a
+        # model that casts its input; a true dtype mismatch is named when the forward fails
+        items = input_tensors(inputs, method, floating=False)
         if target is not None and not isinstance(target, tuple) and not (
             isinstance(target, list) and any(isinstance(t, tuple) for t in target)
         ):  # class indices (not Captum's tuples for outputs with more dimensions): checked
             checks.targets(target, items[0].shape[0], method)
-        inputs = _format_tensor_into_tuples(items)
-        additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        if self._element is not None and attribute_to_layer_input:
+            raise element_input_error(str(self.layer_name), method)
+        # the warning's stacklevel: 3 is this line, then attribute, log_usage's wrapper
+        # and (6) the user's call
+        with eval_context(self.forward_func, stacklevel=6), \
+                dtype_errors(items, owner_module(self.forward_func), method):
+            return self._collect(_format_tensor_into_tuples(items), target,
+                                 _format_additional_forward_args(additional_forward_args),
+                                 attribute_to_layer_input, grad_kwargs)
+
+    def _collect(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Layer gradients and activations from Captum's machinery (or, for ``"NAME:i"``,
+        :meth:`_element_grads_and_acts`), inside :meth:`_grads_and_acts`' checks."""
         if self._element is not None:
-            if attribute_to_layer_input:
-                raise element_input_error(str(self.layer_name), method)
             return self._element_grads_and_acts(inputs, target, additional_forward_args,
                                                 grad_kwargs)
         # registered before Captum's own hook, so it runs first: a tuple output that Captum
@@ -255,10 +276,16 @@ class LayerCAM(_CAMBase):
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or tuple of tensors
-            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``, in the
-            model's dtype; several tensors for a model with several inputs.
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``; several
+            tensors for a model with several inputs. Any dtype the model takes, as for
+            ``LayerGradCam``: token ids (``int64``) into an embedding, ``uint8`` or
+            ``float64`` into a model that casts its input itself. An input the model cannot
+            take (``float64`` into a ``float32`` convolution) is a ``TypeError`` naming
+            both dtypes (PyTorch's ``RuntimeError`` is its cause). A model in training
+            mode is explained with eval semantics and keeps its flags and buffers.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
-            Captum's target: one class for all rows or one per row.
+            Captum's target: one class for all rows or one per row; None for a model with
+            one score per row (``(B,)`` or ``(B, 1)``), as Captum.
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool
@@ -352,10 +379,16 @@ class GradCAMPlusPlus(_CAMBase):
         Parameters
         ----------
         inputs : :py:class:`torch.Tensor` or tuple of tensors
-            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``, in the
-            model's dtype; several tensors for a model with several inputs.
+            Model inputs with the batch dimension first, e.g. ``(B, C, H, W)``; several
+            tensors for a model with several inputs. Any dtype the model takes, as for
+            ``LayerGradCam``: token ids (``int64``) into an embedding, ``uint8`` or
+            ``float64`` into a model that casts its input itself. An input the model cannot
+            take (``float64`` into a ``float32`` convolution) is a ``TypeError`` naming
+            both dtypes (PyTorch's ``RuntimeError`` is its cause). A model in training
+            mode is explained with eval semantics and keeps its flags and buffers.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
-            Captum's target: one class for all rows or one per row.
+            Captum's target: one class for all rows or one per row; None for a model with
+            one score per row (``(B,)`` or ``(B, 1)``), as Captum.
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool

@@ -19,7 +19,16 @@ from torch import Tensor, nn
 from core import checks
 from core.capture import wrapped_module
 
-from ._utils import checked_forward, last_conv_name, resolve_layer, split_element
+from ._utils import (
+    checked_forward,
+    dtype_errors,
+    eval_context,
+    input_tensors,
+    last_conv_name,
+    owner_module,
+    resolve_layer,
+    split_element,
+)
 
 hookimpl = pluggy.HookimplMarker("splitxai")
 
@@ -136,12 +145,18 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
                 "Captum's LayerGradCam cannot select; use LayerCAM, GradCAMPlusPlus or "
                 f"SplitCAM with layer={name!r}."
             )
-        target = checks.targets(targets, inputs.shape[0], cls_name)
+        items = input_tensors(inputs, cls_name, floating=False)
+        target = checks.targets(targets, items[0].shape[0], cls_name)
         # Captum's LayerGradCam reports a class index past the output as a gather error
         forward = checked_forward(model, target, cls_name) if cls_name == "LayerGradCam" else model
         # ours take the name (and so "NAME:i"), Captum's the module
         explainer: Any = cls(forward, inner.get_submodule(name) if element is None else name)
-        return explainer.attribute(inputs, target=target, relu_attributions=relu_attributions)
+        # eval semantics here too: Captum's LayerGradCam would run a training-mode model in
+        # training mode (stacklevel 4: the caller of this function)
+        with eval_context(model, stacklevel=4), dtype_errors(items, owner_module(model),
+                                                             cls_name):
+            return explainer.attribute(inputs, target=target,
+                                       relu_attributions=relu_attributions)
 
     return explain
 
