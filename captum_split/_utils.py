@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from core import checks
-from core.capture import unwrap, wrapped_module
+from core.capture import selector, unwrap, wrapped_module
 from core.errors import caller
 from core.explaining import eval_semantics
 
@@ -381,3 +381,58 @@ def checked_forward(
 
     return forward
 
+
+#: the options of :func:`core.split` that SplitCAM and SplitGrad take under the same name
+SPLIT_OPTIONS = ("output", "nonlinear", "reuse_capture", "maxpool", "stabilizer", "input_split")
+
+
+def reword(message: str, method: str, layer: str | None) -> str:
+    """``message`` with :mod:`core`'s advice in the words of the adapter ``method``.
+
+    ``core.split(model, nonlinear='freeze')`` becomes ``SplitCAM(model, 'conv',
+    nonlinear='freeze')`` (for an option in :data:`SPLIT_OPTIONS`, which the adapter takes
+    under the same name; ``layer`` None: ``SplitGrad(model, ...)``), and "to core.split"
+    / "core.split also takes" name the adapter.
+    """
+    head = f"{method}(model, " if layer is None else f"{method}(model, {layer!r}, "
+    options = "|".join(SPLIT_OPTIONS)
+    message = re.sub(rf"core\.split\(model, (?=(?:{options})=)", lambda _: head, message)
+    return re.sub(r"\bcore\.split(?= also takes|[ ,.]|$)(?!\()", method, message)
+
+
+@contextlib.contextmanager
+def adapter_words(method: str, layer: str | None) -> Iterator[None]:
+    """:func:`core.errors.caller` (``"method: "`` in front of every error message, type and
+    arguments kept) with core's advice reworded for the adapter (:func:`reword`)."""
+    try:
+        with caller(method):
+            yield
+    except Exception as err:
+        if err.args and isinstance(err.args[0], str):
+            err.args = (reword(err.args[0], method, layer), *err.args[1:])
+        raise
+
+
+def one_score(output: Any, method: str) -> Callable[[Any], Tensor]:
+    """An ``output=`` selector for ``target=None``: the model's score tensor (picked by the
+    user's ``output``) as ``(B, 1)``, refusing an output with several scores per row.
+
+    Captum's ``LayerGradCam`` accepts ``target=None`` for a model with one score per example,
+    a ``(B,)`` or ``(B, 1)`` output; the split explains column 0 of ``(B, 1)``.
+    """
+    pick = selector(output)
+
+    def score(value: Any) -> Tensor:
+        out = pick(value) if pick is not None else value
+        if isinstance(out, Tensor) and out.dim() == 1:
+            return out.unsqueeze(1)
+        if isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] == 1:
+            return out
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{method}: target=None explains a model with one score per row, a (B,) or "
+            f"(B, 1) output; this one is {shape}. Pass target= (the class index whose "
+            "score is explained: an int, or one per input row)."
+        )
+
+    return score

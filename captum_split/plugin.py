@@ -59,14 +59,18 @@ def split_cam(
     input_split: str = "relu",
     relu_attributions: bool = False,
     nonlinear: str = "error",
+    output: Any = None,
+    reuse_capture: bool = True,
 ) -> Tensor:
     """SplitCAM (paper eqs. 6-7): split-pair sensitivities times activations, summed over channels.
 
     Options: ``layer`` (module name; default the last convolution), ``alpha`` ("auto", or a float),
     ``stream`` ("g" | "h"), ``sign`` (None | "+" | "-"), ``maxpool`` ("convex" | "wta"),
     ``stabilizer`` ("scale" | "shift" | "none"), ``input_split`` ("relu" | "half"),
-    ``relu_attributions`` (False), ``nonlinear`` ("error" | "freeze"). Returns
-    ``(B, 1, h, w)`` at the layer's resolution.
+    ``relu_attributions`` (False), ``nonlinear`` ("error" | "freeze"), ``output`` (an index,
+    key or callable picking the logits of a structured output), ``reuse_capture`` (True; False
+    for a forward that branches on non-module Python state). Returns ``(B, 1, h, w)`` at the
+    layer's resolution.
     """
     from .splitcam import SplitCAM
 
@@ -80,6 +84,8 @@ def split_cam(
         stabilizer=stabilizer,
         input_split=input_split,
         nonlinear=nonlinear,
+        output=output,
+        reuse_capture=reuse_capture,
     )
     return explainer.attribute(inputs, target=targets, relu_attributions=relu_attributions)
 
@@ -97,12 +103,14 @@ def split_grad(
     stabilizer: str = "scale",
     input_split: str = "relu",
     nonlinear: str = "error",
+    output: Any = None,
+    reuse_capture: bool = True,
 ) -> Tensor:
     """SplitGrad (paper section 4.1): channel mean of a shifted split-pair sensitivity.
 
     Options: ``layer`` (module name; default None, the input), ``alpha`` ("auto", or a float),
-    ``stream``, ``sign``, ``maxpool``, ``stabilizer``, ``input_split``, ``nonlinear`` as for
-    SplitCAM. Returns
+    ``stream``, ``sign``, ``maxpool``, ``stabilizer``, ``input_split``, ``nonlinear``,
+    ``output``, ``reuse_capture`` as for SplitCAM. Returns
     ``(B, 1, h, w)``; at the input the channel mean ``(B, 1, H, W)`` (the paper's map).
     """
     from .splitcam import SplitGrad
@@ -117,6 +125,8 @@ def split_grad(
         stabilizer=stabilizer,
         input_split=input_split,
         nonlinear=nonlinear,
+        output=output,
+        reuse_capture=reuse_capture,
     )
     out = explainer.attribute(inputs, target=targets)
     return out.mean(dim=1, keepdim=True) if explainer.layer_name == "input" else out

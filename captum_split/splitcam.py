@@ -22,6 +22,7 @@ channels. Neither applies a ReLU unless asked to.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 import core
 from core import checks
+from core.capture import selector
 from core.errors import caller
 from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, NONLINEAR_MODES, STABILIZERS
@@ -39,9 +41,12 @@ from core.split import INPUT_SPLITS, MAXPOOL_MODES, NONLINEAR_MODES, STABILIZERS
 from ._utils import (
     SIGNS,
     STREAMS,
+    adapter_words,
     check_grad_kwargs,
     element_input_error,
+    eval_context,
     format_additional_args,
+    one_score,
     resolve_layer,
     single_input,
     split_element,
@@ -79,6 +84,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         stabilizer: str = "scale",
         input_split: str = "relu",
         nonlinear: str = "error",
+        output: Any = None,
+        reuse_capture: bool = True,
     ) -> None:
         method = type(self).__name__
         checks.option("stream", stream, who=method, allowed=STREAMS)
@@ -87,6 +94,9 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         checks.option("stabilizer", stabilizer, who=method, allowed=STABILIZERS)
         checks.option("input_split", input_split, who=method, allowed=INPUT_SPLITS)
         checks.option("nonlinear", nonlinear, who=method, allowed=NONLINEAR_MODES)
+        checks.flag("reuse_capture", reuse_capture, method)
+        with caller(method):  # an index, a key or a callable, else one TypeError line
+            selector(output)
         model = unwrap_model(forward_func, method)
         # a module is found by identity at every call, a name looked up at every call
         self._layer = layer
@@ -102,6 +112,8 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.stabilizer = stabilizer
         self.input_split = input_split
         self.nonlinear = nonlinear
+        self.output = output
+        self.reuse_capture = reuse_capture
         self.split_model = self._split()
         static = self.split_model.capture.symbolic is not None  # else names need an input
         base = split_element(model, self.layer_name)[0]
@@ -130,22 +142,36 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
             return None
         return model.get_submodule(split_element(model, self.layer_name)[0])
 
-    def _split(self) -> core.SplitModel:
-        """The split of the model as it is now (an unchanged model costs a fingerprint and
-        is not warned about again: :mod:`core.reuse`); its errors name the method."""
-        with caller(type(self).__name__):
+    def _words(self) -> AbstractContextManager[None]:
+        """Errors of the split in the adapter's words: the method's name in front, and
+        ``SplitCAM(model, 'layer', output=...)`` where core would advise ``core.split(model,
+        output=...)`` (:func:`captum_split._utils.adapter_words`)."""
+        name = getattr(self, "layer_name", None)
+        return adapter_words(type(self).__name__, None if name == "input" else name)
+
+    def _split(self, output: Any = None, single_score: bool = False) -> core.SplitModel:
+        """The split of the model as it is now (with ``reuse_capture``, an unchanged model
+        costs a fingerprint and is not warned about again: :mod:`core.reuse`); its errors
+        name the method. ``single_score``: split the one score per row of the output
+        (``target=None``, :func:`captum_split._utils.one_score`)."""
+        output = self.output if output is None else output
+        if single_score:
+            output = one_score(output, type(self).__name__)
+        with self._words():
             return core.split(
                 self.model, maxpool=self.maxpool, stabilizer=self.stabilizer,
-                input_split=self.input_split, nonlinear=self.nonlinear,
+                input_split=self.input_split, nonlinear=self.nonlinear, output=output,
+                reuse_capture=self.reuse_capture,
             )
 
-    def _refresh(self) -> None:
+    def _refresh(self, single_score: bool = False) -> None:
         """Follow changes of the model since the last call: the layer is looked up again
         (a module by identity, a name by name; Captum's ``layer`` attribute follows) and the
-        model split again, so that a replaced module or loaded weights are explained."""
+        model split again, so that a replaced module or loaded weights are explained
+        (``single_score``: for ``target=None``, see :meth:`_split`)."""
         self.layer_name = self._layer_name(self.forward_func)
         self.layer = self._module(self.model)
-        self.split_model = self._split()
+        self.split_model = self._split(single_score=single_score)
 
     def _probe(
         self,
@@ -160,9 +186,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         check_grad_kwargs(grad_kwargs, method)
         x, is_tuple = single_input(inputs, method, self.model)
         first = x[0] if isinstance(x, tuple) else x
-        t = checks.targets(target, first.shape[0], method)
+        # target=None: the one score per row of a (B,) or (B, 1) output, as LayerGradCam
+        t = 0 if target is None else checks.targets(target, first.shape[0], method)
         checks.flag("attribute_to_layer_input", attribute_to_layer_input, method)
-        self._refresh()
+        self._refresh(single_score=target is None)
         name = self.layer_name
         if attribute_to_layer_input:
             if name == "input":
@@ -174,7 +201,10 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
             name = f"{name}:input"
         extra = format_additional_args(additional_forward_args)
         try:  # every error of the split names the method, in the adapter's words (who=)
-            with caller(method), torch.enable_grad():
+            # a training-mode model: eval semantics, flags and buffers kept; the warning's
+            # stacklevel: 3 is this line, then attribute, log_usage's wrapper and (6) the
+            # user's call
+            with self._words(), torch.enable_grad(), eval_context(self.model, stacklevel=6):
                 probes = self.split_model.sensitivities(
                     tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach(), t,
                     layers=[name], alpha=self.alpha, extra_args=extra, who=method
@@ -252,13 +282,26 @@ class SplitCAM(_SplitAttribution):
         ``"freeze"`` explains models with smooth units, gates, attention and normalisations
         (:func:`core.split`); the frozen operations are listed by
         ``self.split_model.frozen_operations()``.
+    output : int, str or callable, optional
+        Keyword-only. For a model whose output is a tuple, dict or dataclass: the index,
+        key/attribute or function that picks the logits (``core.split``'s ``output=``).
+    reuse_capture : bool
+        Keyword-only, default True: reuse what an earlier split of the unchanged model
+        captured (``core.split``'s ``reuse_capture``, :mod:`core.reuse`). Its check of
+        "unchanged" covers the module tree, module attributes, parameter and buffer shapes
+        and hooks, not Python state outside modules that the forward branches on (a global
+        flag, a config object changed in place): pass False for such a model, so that every
+        call captures the forward afresh.
 
     Notes
     -----
-    ``attribute`` explains the model as it is at that call: the model is split again (cheap
-    for an unchanged model, whose warnings are not repeated) and ``split_model`` is that
-    split; the layer is looked up again (a module by identity, a name by name). A
-    ``torch.compile``d model is split through the module it wraps (its ``_orig_mod``).
+    ``attribute`` explains the model as it is at that call: the model is split again (with
+    ``reuse_capture``, cheap for an unchanged model, whose warnings are not repeated) and
+    ``split_model`` is that split; the layer is looked up again (a module by identity, a
+    name by name). A ``torch.compile``d model is split through the module it wraps (its
+    ``_orig_mod``). A model in training mode is explained with eval semantics and keeps its
+    training flags and buffers (:func:`core.explaining.eval_semantics`, warned once per
+    model).
 
     Every error of the split starts with the method's name (``"SplitCAM: ..."``) and asks for
     a ``layer`` to pass; it keeps its type and arguments (:func:`core.errors.caller`).
@@ -296,9 +339,12 @@ class SplitCAM(_SplitAttribution):
             NumPy array is refused: pass a :py:class:`torch.Tensor`. A tuple of several
             tensors is refused (the split engine has one attributed input; pass further model
             inputs through ``additional_forward_args``).
-        target : int, list of int or :py:class:`torch.Tensor`
+        target : int, list of int, :py:class:`torch.Tensor` or None
             The class explained: one for all rows, or one per row (``(B,)``); NaN is
-            refused (``ValueError``), as is an empty batch.
+            refused (``ValueError``), as is an empty batch. None, as in Captum, for a model
+            with one score per row (a ``(B,)`` or ``(B, 1)`` output, the score explained);
+            refused for any other output after the forward, before any backward
+            (``ValueError``). With None the model is captured afresh at every call.
         additional_forward_args : any, optional
             Further positional arguments of the model (not attributed), Captum's convention.
         attribute_to_layer_input : bool
@@ -365,6 +411,8 @@ class SplitGrad(_SplitAttribution):
     alpha, stream, sign, maxpool, stabilizer, input_split, device_ids, nonlinear
         As in :py:class:`SplitCAM`; ``sign`` picks ``pos_g``/``neg_g``/``g`` (or the ``h``
         ones), the activations are not used.
+    output, reuse_capture
+        Keyword-only, as in :py:class:`SplitCAM`.
     """
 
     _allow_input_layer = True
@@ -382,11 +430,13 @@ class SplitGrad(_SplitAttribution):
         stabilizer: str = "scale",
         input_split: str = "relu",
         nonlinear: str = "error",
+        output: Any = None,
+        reuse_capture: bool = True,
     ) -> None:
         super().__init__(
             forward_func, layer, alpha=alpha, stream=stream, sign=sign, maxpool=maxpool,
             stabilizer=stabilizer, input_split=input_split, device_ids=device_ids,
-            nonlinear=nonlinear,
+            nonlinear=nonlinear, output=output, reuse_capture=reuse_capture,
         )
 
     @property
@@ -416,8 +466,9 @@ class SplitGrad(_SplitAttribution):
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
             Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
             model's dtype (as for :py:meth:`SplitCAM.attribute`).
-        target : int, list of int or :py:class:`torch.Tensor`
-            The class explained: one for all rows, or one per row (``(B,)``).
+        target : int, list of int, :py:class:`torch.Tensor` or None
+            The class explained: one for all rows, or one per row (``(B,)``); None for a
+            model with one score per row (see :py:meth:`SplitCAM.attribute`).
         abs : bool
             Return the absolute value. Default False, unlike ``Saliency`` (True): the
             signed map is the one of the paper's exact links (half the gradient at

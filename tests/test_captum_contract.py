@@ -1,18 +1,20 @@
 """The Captum adapters keep Captum's contract: training-mode models explained with eval
-semantics and left unchanged, the inputs LayerGradCam takes."""
+semantics and left unchanged, the inputs LayerGradCam takes, errors in the adapter's words,
+``output=``, ``reuse_capture`` and ``target=None`` for single-score models."""
 
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from captum.attr import LayerGradCam
+from captum.attr import LayerGradCam, LayerGradientXActivation, Saliency
 from torch import nn
 
-from captum_split import GradCAMPlusPlus, LayerCAM, SplitCAM, plugin
+from captum_split import GradCAMPlusPlus, LayerCAM, SplitCAM, SplitGrad, plugin
 
 
 def _state(model: nn.Module) -> tuple[list[bool], list[torch.Tensor]]:
@@ -33,10 +35,12 @@ def _explain_resnet(method: str, model: nn.Module, x: torch.Tensor, y: torch.Ten
         return LayerCAM(model, model.layer3).attribute(x, target=y)
     if method == "GradCAMPlusPlus":
         return GradCAMPlusPlus(model, "layer3").attribute(x, target=y)
+    if method == "SplitCAM":
+        return SplitCAM(model, "layer3", alpha=0.5).attribute(x, target=y)
     return plugin.grad_cam(model, x, y, layer="layer3")
 
 
-@pytest.mark.parametrize("method", ["LayerCAM", "GradCAMPlusPlus", "grad_cam"])
+@pytest.mark.parametrize("method", ["LayerCAM", "GradCAMPlusPlus", "grad_cam", "SplitCAM"])
 def test_training_mode_model_is_explained_in_eval_semantics_and_left_unchanged(method):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).train()
@@ -139,3 +143,139 @@ def test_split_methods_still_refuse_integer_inputs_saying_what_to_do():
     with pytest.raises(TypeError, match=r"SplitCAM: inputs must be floating-point.*got "
                                         r"torch\.uint8\. Pass x\.float\(\)"):
         SplitCAM(model, "conv").attribute(x, target=0)
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.conv(x))
+        return {"logits": self.fc(h.mean((2, 3))), "features": h}
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["logits"]
+
+
+def test_output_picks_the_logits_of_a_dict_output():
+    torch.manual_seed(0)
+    model = _DictOut().eval()
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    wrapped = _Logits(model).eval()
+    got = SplitCAM(model, "conv", output="logits").attribute(x, target=y)
+    want = SplitCAM(wrapped, "model.conv").attribute(x, target=y)
+    torch.testing.assert_close(got, want)
+    pick = lambda out: out["logits"]  # noqa: E731
+    torch.testing.assert_close(SplitGrad(model, alpha=0.5, output=pick).attribute(x, target=y),
+                               SplitGrad(wrapped, alpha=0.5).attribute(x, target=y))
+    torch.testing.assert_close(
+        plugin.split_cam(model, x, y, layer="conv", output="logits"),
+        plugin.split_cam(wrapped, x, y, layer="model.conv"))
+    assert got.abs().sum() > 0
+
+
+def test_core_advice_reaches_the_user_in_the_adapters_words():
+    model, x = _DictOut().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"Pass output=.*e\.g\. SplitCAM\(model, 'conv', "
+                                        r"output=0\)\.$") as err:
+        SplitCAM(model, "conv").attribute(x, target=0)
+    assert "core.split" not in str(err.value)
+    with pytest.raises(TypeError, match=r"e\.g\. SplitGrad\(model, output=0\)\.$"):
+        SplitGrad(model).attribute(x, target=0)
+
+    class Gelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.gelu(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(TypeError, match=r"SplitCAM\(model, 'conv', nonlinear='freeze'\) "
+                                        r"splits it") as err:
+        SplitCAM(Gelu().eval(), "conv").attribute(x, target=0)
+    assert "core.split" not in str(err.value)
+    with pytest.raises(TypeError, match=r"^SplitCAM: output must be an int index"):
+        SplitCAM(model, "conv", output=1.5)
+
+
+class _Configured(nn.Module):
+    """A forward that branches on a config object, which no module fingerprint sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(flip=False)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        if self.cfg.flip:
+            z = -z
+        return self.fc(torch.relu(z).mean((2, 3)))
+
+
+def test_reuse_capture_false_follows_python_state_the_forward_reads():
+    torch.manual_seed(0)
+    model = _Configured().eval()
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    cam = SplitCAM(model, "conv", alpha=0.5, reuse_capture=False)
+    grad = SplitGrad(model, alpha=0.5, reuse_capture=False)
+    maps = []
+    for flip in (False, True):
+        model.cfg.flip = flip
+        got = cam.attribute(x, target=y)
+        want = LayerGradientXActivation(model, model.conv).attribute(x, target=y)
+        torch.testing.assert_close(got, want.sum(1, keepdim=True).detach() / 2)
+        torch.testing.assert_close(grad.attribute(x, target=y),
+                                   Saliency(model).attribute(x, target=y, abs=False) / 2)
+        maps.append(got)
+    assert not torch.allclose(maps[0], maps[1])  # the flip changes the map
+    assert cam.reuse_capture is False
+    with pytest.raises(TypeError, match="reuse_capture"):
+        SplitCAM(model, "conv", reuse_capture="no")
+
+
+class _OneScore(nn.Module):
+    def __init__(self, flat: bool = False, classes: int = 1) -> None:
+        super().__init__()
+        self.flat = flat
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return out[:, 0] if self.flat else out
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["B_1", "B"])
+def test_target_none_explains_the_one_score_of_each_row(flat):
+    torch.manual_seed(0)
+    model = _OneScore(flat).eval()
+    x = torch.randn(3, 3, 8, 8)
+    got = SplitCAM(model, "conv", alpha=0.5).attribute(x)
+    want = LayerGradientXActivation(model, model.conv).attribute(x)  # Captum, target=None
+    torch.testing.assert_close(got, want.sum(1, keepdim=True).detach() / 2)
+    torch.testing.assert_close(SplitGrad(model, alpha=0.5).attribute(x),
+                               Saliency(model).attribute(x, abs=False) / 2)
+    if not flat:
+        torch.testing.assert_close(got, SplitCAM(model, "conv", alpha=0.5).attribute(x, 0))
+    assert LayerCAM(model, "conv").attribute(x).shape == got.shape
+    assert got.abs().sum() > 0
+
+
+def test_target_none_is_refused_for_several_scores_per_row():
+    model, x = _OneScore(classes=3).eval(), torch.randn(2, 3, 8, 8)
+    for explainer in (SplitCAM(model, "conv"), SplitGrad(model)):
+        with pytest.raises(ValueError, match=r"target=None explains a model with one score "
+                                             r"per row.*this one is \(2, 3\)\. Pass target="):
+            explainer.attribute(x)

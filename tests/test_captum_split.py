@@ -373,7 +373,6 @@ def test_bad_target_fails_before_any_work(tiny, monkeypatch):
     real = sc.split_model
     monkeypatch.setattr(sc, "split_model", _NoSplit())
     for bad, err, msg in [
-        (None, ValueError, "needs target"),
         (-1, ValueError, "negative"),
         (torch.tensor([0, -2, 1]), ValueError, "negative"),
         ([1, 2], ValueError, "2 targets for a batch of 3"),
@@ -393,6 +392,10 @@ def test_bad_target_fails_before_any_work(tiny, monkeypatch):
     monkeypatch.setattr(sc, "split_model", real)
     with pytest.raises(ValueError, match="out of range"):
         sc.attribute(x, target=5)
+    # target=None, as in Captum, for one score per row only: known after the forward
+    with pytest.raises(ValueError, match=r"target=None explains a model with one score per "
+                                         r"row.*this one is \(3, 5\)\. Pass target="):
+        sc.attribute(x)
 
 
 # ---------------------------------------------------------------- the model as it is now
