@@ -1,9 +1,10 @@
 """The baseline methods of the paper's evaluation, as a splitxai plugin.
 
 Registered through the entry point ``baselines = "quantus_adapters.baselines"`` of group
-``"splitxai"``, like any third-party plugin. Captum methods use Captum's defaults; where
-Captum has no default (the baselines of Gradient SHAP, the window of Occlusion) the choice is
-stated in the method's docstring. ``perturbations_per_eval`` of the perturbation methods only
+``"splitxai"``, like any third-party plugin. Captum methods use Captum's defaults, except
+Integrated Gradients, which uses ``quantus.explain``'s (10 trapezoid steps); where Captum has
+no default (the baselines of Gradient SHAP, the window of Occlusion) the choice is stated in
+the method's docstring. ``perturbations_per_eval`` of the perturbation methods only
 batches the model calls: it does not change the result. Captum is imported when a Captum
 method runs, so this module imports without it.
 
@@ -117,16 +118,25 @@ def integrated_gradients(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    n_steps: int = 50,
+    n_steps: int = 10,
+    integration_method: str = "riemann_trapezoid",
     baselines: float | torch.Tensor | None = None,
     internal_batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Integrated Gradients from a zero baseline, 50 steps (Captum defaults).
+    """Integrated Gradients from a zero baseline, 10 trapezoid steps (``quantus.explain``).
+
+    The defaults are those of Quantus 0.6's ``quantus.explain(method="IntegratedGradients")``
+    (``n_steps=10``, ``method="riemann_trapezoid"``), not Captum's (50 Gauss-Legendre
+    steps), so that the method of this name gives Quantus's result.
 
     Parameters
     ----------
     n_steps: int, optional
-        Number of Gauss-Legendre steps (50).
+        Number of steps of the integral's approximation (10, as Quantus; Captum's is 50).
+    integration_method: str, optional
+        Captum's ``method`` of approximating the integral: ``"riemann_trapezoid"`` (default,
+        as Quantus), ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"`` or
+        ``"gausslegendre"`` (Captum's default).
     baselines: float or torch.Tensor, optional
         The baseline; zeros when None.
     internal_batch_size: int, optional
@@ -134,7 +144,8 @@ def integrated_gradients(
         result).
     """
     return _captum().IntegratedGradients(model).attribute(
-        _leaf(inputs, "IntegratedGradients"), target=targets, n_steps=n_steps, baselines=baselines,
+        _leaf(inputs, "IntegratedGradients"), target=targets, n_steps=n_steps,
+        method=integration_method, baselines=baselines,
         internal_batch_size=internal_batch_size,
     )
 

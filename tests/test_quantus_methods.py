@@ -74,3 +74,33 @@ def test_a_layer_without_spatial_axes_is_named(method):
         with pytest.raises(ValueError, match=r"layer='8'.*\(B, C, h, w\)") as info:
             explain(model, batch(), TARGETS, method=method, layer=layer)
         assert "\n" not in str(info.value)
+
+
+def _seeded(call):
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002 - Captum's GradientShap draws with the legacy NumPy RNG
+    return call()
+
+
+@pytest.mark.parametrize("method", ["IntegratedGradients", "Saliency", "Gradient",
+                                    "InputXGradient", "DeepLift", "GradientShap"])
+def test_a_method_with_a_quantus_name_gives_quantus_explain_s_result(method):
+    quantus = pytest.importorskip("quantus")
+    model, x = small_cnn(), batch(size=6)
+    expected = _seeded(lambda: quantus.explain(model, x, TARGETS, method=method))
+    got = _seeded(lambda: explain(model, x, TARGETS, method=method))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_integrated_gradients_takes_captum_s_steps_and_rule_when_asked():
+    captum_attr = pytest.importorskip("captum.attr")
+    model, x = small_cnn(), batch(size=6)
+    inputs = torch.from_numpy(x).requires_grad_(True)
+    captum_default = captum_attr.IntegratedGradients(model).attribute(
+        inputs, target=torch.from_numpy(TARGETS)).sum(1, keepdim=True).detach().numpy()
+    got = explain(model, x, TARGETS, method="IntegratedGradients", n_steps=50,
+                  integration_method="gausslegendre")
+    np.testing.assert_allclose(got, captum_default, rtol=1e-5,
+                               atol=1e-6 * np.abs(captum_default).max())
+    assert not np.allclose(explain(model, x, TARGETS, method="IntegratedGradients"), got)
