@@ -413,7 +413,7 @@ def adapter_words(method: str, layer: str | None) -> Iterator[None]:
         raise
 
 
-def one_score(output: Any, method: str) -> Callable[[Any], Tensor]:
+def one_score(output: Any, method: str) -> Callable[[Any], Any]:
     """An ``output=`` selector for ``target=None``: the model's score tensor (picked by the
     user's ``output``) as ``(B, 1)``, refusing an output with several scores per row.
 
@@ -424,15 +424,16 @@ def one_score(output: Any, method: str) -> Callable[[Any], Tensor]:
 
     def score(value: Any) -> Tensor:
         out = pick(value) if pick is not None else value
-        if isinstance(out, Tensor) and out.dim() == 1:
-            return out.unsqueeze(1)
-        if isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] == 1:
+        if not isinstance(out, Tensor):  # a dict or tuple: core asks for output= itself
             return out
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if out.dim() == 1:
+            return out.unsqueeze(1)
+        if out.dim() == 2 and out.shape[1] == 1:
+            return out
         raise ValueError(
             f"{method}: target=None explains a model with one score per row, a (B,) or "
-            f"(B, 1) output; this one is {shape}. Pass target= (the class index whose "
-            "score is explained: an int, or one per input row)."
+            f"(B, 1) output; this one is {tuple(out.shape)}. Pass target= (the class index "
+            "whose score is explained: an int, or one per input row)."
         )
 
     return score

@@ -279,3 +279,20 @@ def test_target_none_is_refused_for_several_scores_per_row():
         with pytest.raises(ValueError, match=r"target=None explains a model with one score "
                                              r"per row.*this one is \(2, 3\)\. Pass target="):
             explainer.attribute(x)
+
+
+def test_target_none_on_a_dict_output_asks_for_output_then_explains_its_one_score():
+    class Scored(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _OneScore(flat=True)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"score": self.inner(x)}
+
+    torch.manual_seed(0)
+    model, x = Scored().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"e\.g\. SplitCAM\(model, 'inner\.conv', output=0\)"):
+        SplitCAM(model, "inner.conv").attribute(x)
+    got = SplitCAM(model, "inner.conv", alpha=0.5, output="score").attribute(x)
+    torch.testing.assert_close(got, SplitCAM(model.inner, "conv", alpha=0.5).attribute(x))
