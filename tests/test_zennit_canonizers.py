@@ -51,3 +51,15 @@ def test_a_training_model_is_warned_once_at_the_users_line_and_left_as_it_was():
     assert all(m.training for m in model.modules())
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name]), name
+
+
+def test_resnet_canonizer_keeps_the_even_residual_rule():
+    # ResNetCanonizer writes `out += identity` as Sum(torch.stack([identity, out], -1)); the
+    # split folds that back into an add (core.graph), so residual="even" still applies
+    model = small_resnet()
+    even, _ = _explain(model)
+    canonized, _ = _explain(model, canonizers=[ResNetCanonizer()])
+    proportional, _ = _explain(model, residual="proportional")
+    scale = even.abs().max()
+    torch.testing.assert_close(canonized, even, rtol=0, atol=1e-5 * scale)
+    assert (proportional - even).abs().max() > 1e-2 * scale
