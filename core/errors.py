@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -149,3 +150,24 @@ class SplitPrecisionWarning(UserWarning):
     difference is not the output. Read the output from ``model(x)``, or, below float64,
     compute in float64 (the message says which, :func:`precision_advice`).
     """
+
+
+#: the packages whose frames lie between a user's call and a warning of the split
+LIBRARY_PACKAGES = frozenset({"torch", "core", "captum_split", "zennit_split",
+                              "quantus_adapters", "splitxai", "captum", "zennit", "quantus",
+                              "contextlib", "functools"})
+
+
+def frames_to_user() -> int:
+    """How many frames, counting the caller of this function, lie inside
+    :data:`LIBRARY_PACKAGES`: a warning raised by that caller with ``stacklevel=1 + this``
+    points at the user's line (``sm.sensitivities(...)``, ``SplitCAM(...).attribute(...)``,
+    a Zennit attributor's call), however many adapter frames lie between."""
+    frame = sys._getframe(1)
+    count = 0
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").partition(".")[0] in LIBRARY_PACKAGES
+    ):
+        frame = frame.f_back
+        count += 1
+    return count

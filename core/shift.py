@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from core import checks
-from core.errors import WarnedModels
+from core.errors import WarnedModels, frames_to_user
 from core.pair import Pair
 from core.stabilize import ScaleGrad, column
 
@@ -444,4 +444,4 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
             f"the Split map at layer {layer!r} does not depend on the target class: its shift "
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "
             f"{CLASS_BLIND_RATIO:g}) at this alpha.{lost} {CLASS_BLIND_ADVICE}", layer, ratio,
-        ), stacklevel=3)
+        ), stacklevel=1 + frames_to_user())  # the user's line, past adapter frames

@@ -194,3 +194,22 @@ def test_benchmark_alpha_auto_and_class_specificity(resnet):
     assert scores[0.4].shape == (4,)
     assert scores[0.4].mean() > 0.95
     assert scores["auto"].mean() < scores[0.4].mean() - 0.2
+
+
+def test_class_blind_warning_points_at_the_users_line(resnet):
+    """From core and through an adapter (SplitCAM's attribute, Captum's log_usage wrapper)
+    the warning names the caller's file, not the library's."""
+    pytest.importorskip("captum")
+    from captum_split import SplitCAM
+
+    model, x, y = resnet
+    for explain in (
+        lambda m: core.split(m).sensitivities(x, y, layers=["layer1.1"], alpha=0.4),
+        lambda m: SplitCAM(m, "layer1.1", alpha=0.4).attribute(x, target=y),
+    ):
+        fresh = core.zoo.resnet20().eval()  # not warned about before
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            explain(fresh)
+        (blind,) = [w for w in caught if issubclass(w.category, core.SplitClassBlindWarning)]
+        assert blind.filename == __file__

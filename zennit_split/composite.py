@@ -10,7 +10,6 @@ attributor's output gradient (the seed), returns the SplitLRP relevance of the i
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from zennit.core import Composite, RemovableHandle, RemovableHandleList
 
 import core
 from core import checks
+from core.errors import frames_to_user
 from core.explaining import eval_semantics
 from core.lrp import ACTIVATION_RULES, RESIDUAL_RULES, STREAMS
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
@@ -142,26 +142,6 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
 
 
 #: top-level packages whose frames lie between a user's call and the root's forward hook
-_LIBRARY_PACKAGES = frozenset({"torch", "zennit", "zennit_split", "core", "contextlib"})
-
-
-def _frames_to_user() -> int:
-    """How many frames, counting the caller of this function, lie inside the libraries.
-
-    The first frame outside :data:`_LIBRARY_PACKAGES` is the user's line that started the
-    forward (``attributor(x, seed)``, ``split_lrp(...)``); a warning raised by the caller
-    itself with ``stacklevel=1 + this`` points at it.
-    """
-    frame = sys._getframe(1)
-    count = 0
-    while frame is not None and (
-        frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARY_PACKAGES
-    ):
-        frame = frame.f_back
-        count += 1
-    return count
-
-
 class _SplitLRPFunction(torch.autograd.Function):
     """Identity on the root output in the forward pass; backwards, the SplitLRP relevance of
     the root input -- or, when the hook was switched off (``Composite.inactive()``) by the
@@ -229,7 +209,7 @@ class _RootHook:
             training = any(m.training for m in module.modules() if m not in self.added)
             # the warning points at the user's line: eval_semantics warns from its generator
             # (1) under contextlib's __enter__ (2), then come this hook and the library frames
-            semantics = eval_semantics(module, warn=training, stacklevel=3 + _frames_to_user())
+            semantics = eval_semantics(module, warn=training, stacklevel=3 + frames_to_user())
             semantics.__enter__()
             self.semantics[-1] = semantics
 
