@@ -168,6 +168,7 @@ def explain(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     method, options = _resolve_alias(method, options)
     info = method_info(method)
+    options = _quantus_baseline(method, info.function, options)
     _check_options(method, info.function, options)
     if device is not None:
         model.to(device)  # as quantus.explain does
@@ -209,6 +210,27 @@ def _resolve_alias(method: str, options: dict[str, Any]) -> tuple[str, dict[str,
             f"{clash} contradict it (use method={target!r} to choose them)"
         )
     return target, {**options, **fixed}
+
+
+def _quantus_baseline(method: str, fn: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Quantus's ``baseline`` (what ``quantus.explain`` reads for Integrated Gradients,
+    Gradient SHAP and DeepLift) as Captum's ``baselines`` for a method that takes that."""
+    if "baseline" not in options:
+        return options
+    try:
+        takes = "baselines" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return options
+    if not takes:
+        return options
+    if "baselines" in options:
+        raise TypeError(
+            f"method {method!r}: baseline (Quantus's name) and baselines (Captum's) are both "
+            "given; pass one"
+        )
+    options = dict(options)
+    options["baselines"] = options.pop("baseline")
+    return options
 
 
 def _check_reduce_axes(reduce_axes: Any) -> tuple[int, ...]:

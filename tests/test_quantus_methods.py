@@ -104,3 +104,21 @@ def test_integrated_gradients_takes_captum_s_steps_and_rule_when_asked():
     np.testing.assert_allclose(got, captum_default, rtol=1e-5,
                                atol=1e-6 * np.abs(captum_default).max())
     assert not np.allclose(explain(model, x, TARGETS, method="IntegratedGradients"), got)
+
+
+@pytest.mark.parametrize("method", ["IntegratedGradients", "DeepLift", "GradientShap"])
+def test_quantus_s_baseline_option_is_captum_s_baselines(method):
+    """``quantus.explain`` reads ``baseline`` (singular) for these methods: the same option
+    gives the same result here; given with ``baselines`` too it is one TypeError line."""
+    quantus = pytest.importorskip("quantus")
+    model, x = small_cnn(), batch(size=6)
+    base = torch.full((2, 3, 6, 6), 0.25)
+    expected = _seeded(lambda: quantus.explain(model, x, TARGETS, method=method,
+                                               baseline=base))
+    got = _seeded(lambda: explain(model, x, TARGETS, method=method, baseline=base))
+    zero = _seeded(lambda: explain(model, x, TARGETS, method=method))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    assert not np.allclose(got, zero)  # the baseline was used
+    with pytest.raises(TypeError, match="both") as info:
+        explain(model, x, TARGETS, method=method, baseline=base, baselines=base)
+    assert "\n" not in str(info.value)
