@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, fold_stacked_sums, resolve_inplace, trace
-from core.record import RANDOM, InputDependent, argument_tensors, record
+from core.record import RANDOM, InputDependent, argument_tensors, record, stop_gradient
 from core.registry import TABLE, FunctionName
 
 
@@ -59,6 +59,10 @@ class Captured:
     plans: dict
         The interpreter's plans of this graph without their modules, by option
         (:class:`core.interpreter.SplitInterpreter`'s ``plans``).
+    stop_gradient: str or None
+        What the forward computes from the input with gradients off (a ``torch.no_grad()``
+        block, a custom ``autograd.Function``) on a path to the output, if anything: the
+        backward passes refuse it (:func:`core.record.grad_off`); the streams do not.
     """
 
     graph: fx.Graph
@@ -69,6 +73,7 @@ class Captured:
     reusable: bool = True
     value_dependent: list[str] = field(default_factory=list)
     plans: dict[Hashable, Any] = field(default_factory=dict)
+    stop_gradient: str | None = None
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders of the split inputs."""
@@ -424,7 +429,8 @@ class Capture:
         resolve_inplace(rec.graph, Submodules(self.model))
         fold_stacked_sums(rec.graph)
         captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
-                            rec.module_inputs, not rec.value_dependent, rec.value_dependent)
+                            rec.module_inputs, not rec.value_dependent, rec.value_dependent,
+                            stop_gradient=stop_gradient(rec.graph, rec.grad_off))
         if captured.reusable:
             self.shareable()
             self.found.eager[key] = captured

@@ -192,6 +192,7 @@ class Recording:
     module_inputs: dict[str, fx.Node | tuple[fx.Node, ...]] = field(default_factory=dict)
     value_dependent: list[str] = field(default_factory=list)
     random: list[str] = field(default_factory=list)
+    grad_off: list[tuple[fx.Node, str]] = field(default_factory=list)
 
 
 class _Recorder(TorchFunctionMode):
@@ -221,6 +222,8 @@ class _Recorder(TorchFunctionMode):
         # id(view) -> (its base, the index): views taken by basic indexing
         self.views: dict[int, tuple[torch.Tensor, Any]] = {}
         self.refusal: UnsupportedOperation | None = None  # the first one raised
+        # nodes computed from the input with gradients off (the forward's own no_grad)
+        self.grad_off: list[tuple[fx.Node, str]] = []
 
     # ------------------------------------------------------------------ values and nodes
     def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
@@ -261,6 +264,18 @@ class _Recorder(TorchFunctionMode):
                 dependent = dependent or id(x) in self.dependent
         return found, dependent
 
+    def floating_dependent(self, v: Any) -> bool:
+        """Whether a floating-point tensor that depends on an input is among the leaves (a
+        gradient can flow from it; through a mask or indices none does)."""
+        return any(id(x) in self.dependent and x.is_floating_point() for x in _tensors(v))
+
+    def note_grad_off(self, off: bool, written: torch.Tensor, what: str) -> None:
+        """Note the node now bound to ``written`` (an item assignment, a write into a view)
+        as computed with gradients off."""
+        node = self.nodes.get(id(written))
+        if off and node is not None:
+            self.grad_off.append((node, what))
+
     def bind_result(self, out: Any, node: fx.Node, dependent: bool) -> None:
         if isinstance(out, torch.Tensor):
             self.bind(out, node, dependent)
@@ -287,8 +302,9 @@ class _Recorder(TorchFunctionMode):
         operation computes its value with gradients off (no autograd graph is built while
         recording), except the forward's own switches of the gradient mode
         (``torch.no_grad()`` and friends call ``torch._C._set_grad_enabled``), which take
-        effect: an input-dependent operation that then runs with gradients off is refused
-        (:func:`grad_off`).
+        effect: an operation on a floating-point tensor that depends on the input and that
+        then runs with gradients off is noted (``grad_off``; :func:`stop_gradient` tells
+        whether one reaches the output, and the backward passes refuse it: :func:`grad_off`).
         """
         grad = torch.is_grad_enabled()  # the forward's own gradient mode at this call
         if (not self.depth and getattr(func, "__name__", "") in _GRADIENT_HOOKS
@@ -316,15 +332,18 @@ class _Recorder(TorchFunctionMode):
         getter = name == "__get__" and hasattr(func, "__self__")
         if getter:
             name = getattr(func.__self__, "__name__", name)
-        if dependent and not grad and (name == "__setitem__" or _has_tensor(out)):
-            raise grad_off(f"{name}()")
+        # gradients off on a float that depends on the input: a stop-gradient, noted
+        off = not grad and dependent and self.floating_dependent((args, kwargs)) and (
+            name == "__setitem__" or any(t.is_floating_point() for t in _tensors(out)))
         if name == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor):
             self.item_assignment(*args, dependent)
+            self.note_grad_off(off, args[0], f"{name}()")
             return out
         view = self.views.get(id(args[0])) if args else None
         if (view is not None and name.endswith("_") and not name.endswith("__")
                 and getattr(torch.Tensor, name, None) is func):
             self.write_into_view(view, name, args, kwargs, dependent)
+            self.note_grad_off(off, view[0], f"{name}()")
             return out
         if not _has_tensor(out):
             if dependent and name not in _QUERIES:
@@ -343,6 +362,8 @@ class _Recorder(TorchFunctionMode):
         node = self.graph.create_node(op, target, self.node_of(tuple(fargs)),
                                       self.node_of(kwargs))
         self.bind_result(out, node, dependent)
+        if off:
+            self.grad_off.append((node, f"{name}()"))
         if name == "__getitem__" and _basic_index(args[1]):
             self.views[id(out)] = (args[0], args[1])
         return out
@@ -447,8 +468,8 @@ class _Recorder(TorchFunctionMode):
         found, dependent = self.tracked((args, kwargs))
         if found:
             self.check_aliases((args, kwargs), name)
-        if dependent and not torch.is_grad_enabled():
-            raise grad_off(f"the module {name!r}")
+        off = dependent and not torch.is_grad_enabled() and self.floating_dependent(
+            (args, kwargs))
         self.depth += 1
         try:
             out = module.forward(*args, **kwargs)
@@ -457,6 +478,8 @@ class _Recorder(TorchFunctionMode):
         if found:
             node = self.graph.call_module(name, self.node_of(tuple(args)), self.node_of(kwargs))
             self.bind_result(out, node, dependent)
+            if off:
+                self.grad_off.append((node, f"the module {name!r}"))
         for key, hook in list(module._forward_hooks.items()):
             if key in module._forward_hooks_with_kwargs:
                 result = hook(module, args, kwargs, out)
@@ -477,10 +500,29 @@ def _module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 _ORIGINAL_CALL = nn.Module.__call__
 
 
+def stop_gradient(graph: fx.Graph, grad_off: list[tuple[fx.Node, str]]) -> str | None:
+    """What the first of the ``grad_off`` nodes computes (their description) whose value
+    reaches the graph's output; None where none does (a statistic kept in a buffer, a
+    value read for monitoring: no gradient of the output passes them)."""
+    live = set(graph.nodes)
+    for node, what in grad_off:
+        if node not in live:
+            continue
+        seen, stack = {node}, [node]
+        while stack:
+            for user in stack.pop().users:
+                if user.op == "output":
+                    return what
+                if user not in seen:
+                    seen.add(user)
+                    stack.append(user)
+    return None
+
+
 def grad_off(what: str) -> UnsupportedOperation:
-    """The refusal of an input-dependent operation that the forward runs with gradients
-    off: the split follows the forward's operations, so a stop-gradient written that way or
-    a custom backward would be silently ignored by the sensitivities."""
+    """The refusal of a backward pass through an input-dependent operation that the forward
+    runs with gradients off: the split follows the forward's operations, so a stop-gradient
+    written that way or a custom backward would be silently ignored by the sensitivities."""
     return UnsupportedOperation(
         f"the forward computes {what} from the input with gradients off: under "
         "torch.no_grad() / torch.set_grad_enabled(False), or inside the forward of a custom "
@@ -568,4 +610,4 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
                      for name, arguments in recorder.module_arguments.items()}
     return Recording(recorder.graph, value, recorder.module_outputs, module_inputs,
                      list(dict.fromkeys(recorder.value_dependent)),
-                     list(dict.fromkeys(recorder.random)))
+                     list(dict.fromkeys(recorder.random)), recorder.grad_off)

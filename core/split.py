@@ -29,7 +29,7 @@ from core.explaining import eval_semantics, refuse_backward_hooks
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
-from core.record import argument_tensors
+from core.record import argument_tensors, grad_off
 from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_class_blind
 
 MAXPOOL_MODES = ("convex", "wta")
@@ -371,7 +371,9 @@ class SplitModel:
             Further positional and keyword arguments of the model's forward (not split).
         backward: bool
             For a backward pass (sensitivities, relevance): a model with backward hooks is
-            refused (:func:`core.explaining.refuse_backward_hooks`).
+            refused (:func:`core.explaining.refuse_backward_hooks`), and so is a forward
+            that computes a value on the path from the input to the output with gradients
+            off (:attr:`core.capture.Captured.stop_gradient`).
 
         Returns
         -------
@@ -383,6 +385,8 @@ class SplitModel:
         extra, kwargs = tuple(extra_args), dict(kwargs or {})
         with eval_semantics(self.model, warn=False, buffers=False):
             captured = self.capture.get(inputs, extra, kwargs)
+        if backward and captured.stop_gradient is not None:
+            raise grad_off(captured.stop_gradient)
         interp = self._interpreter(captured)
         if captured.mechanism == "symbolic":
             values = list(extra)

@@ -41,6 +41,7 @@ class Net(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(4 * 6 * 6, 3)
         self.mode = mode
+        self.register_buffer("seen", torch.zeros(4))
 
     def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         h = self.conv(x) * scale
@@ -61,6 +62,14 @@ class Net(nn.Module):
             h = checkpoint(self.relu, h, use_reentrant=True)
         elif self.mode == "checkpoint":
             h = checkpoint(self.relu, h, use_reentrant=False)
+        elif self.mode == "monitor":  # gradients off on the input, off the output's path
+            h = self.relu(h)
+            with torch.no_grad():
+                self.seen.mul_(0.9).add_(0.1 * h.mean((0, 2, 3)))
+        elif self.mode == "mask":  # gradients off on a comparison: no gradient anyway
+            with torch.no_grad():
+                mask = (h > 0.1).float()
+            h = self.relu(h) * mask
         elif self.mode == "constant_no_grad":  # gradients off, but not on the input
             with torch.no_grad():
                 weight_scale = self.fc.weight.abs().mean() + 1.0
@@ -98,11 +107,17 @@ CAPTURES = [{}, {"scale": 1.0}]
     ("reentrant", "use_reentrant=False"),
 ])
 def test_gradients_off_on_the_input_are_refused(mode, names, kwargs):
-    model = _model(mode)
+    """Refused for the backward passes; the streams split exactly (their values are the
+    forward's, whatever the gradient mode)."""
+    model, x = _model(mode), _x()
     sm = core.split(model)
+    g, h = sm(x, **kwargs)
+    assert torch.allclose(g - h, model(x, **kwargs), atol=1e-6)
     with pytest.raises(core.UnsupportedOperation, match="with gradients off") as info:
-        sm.sensitivities(_x(), 1, ["input"], alpha=0.5, kwargs=kwargs)
+        sm.sensitivities(x, 1, ["input"], alpha=0.5, kwargs=kwargs)
     assert names in str(info.value) and ".detach()" in str(info.value)
+    with pytest.raises(core.UnsupportedOperation, match="with gradients off"):
+        sm.relevance(x, torch.eye(3)[[1, 1]], kwargs=kwargs)
 
 
 @pytest.mark.parametrize("kwargs", CAPTURES, ids=["traced", "recorded"])
@@ -112,14 +127,21 @@ def test_a_gradient_hook_registered_in_the_forward_is_refused(kwargs):
         sm.sensitivities(_x(), 1, ["input"], alpha=0.5, kwargs=kwargs)
 
 
-@pytest.mark.parametrize("mode", ["checkpoint", "constant_no_grad", "plain"])
+@pytest.mark.parametrize("mode", ["checkpoint", "constant_no_grad", "plain", "monitor",
+                                  "mask"])
 @pytest.mark.parametrize("kwargs", CAPTURES, ids=["traced", "recorded"])
 def test_what_keeps_the_gradient_is_split_exactly(mode, kwargs):
-    """A non-reentrant checkpoint and gradients off on a computation that does not depend
-    on the input: the probes' grad is the model's gradient, and so is the g stream's
-    difference of local sensitivities Dg at alpha 1/2 (where the shift zeroes S)."""
+    """A non-reentrant checkpoint, gradients off on a computation that does not depend on
+    the input, on one whose value does not reach the output (a statistic kept in a buffer)
+    and on a comparison (a mask has no gradient anyway): the probes' grad is the model's
+    gradient, and so is the g stream's difference of local sensitivities Dg at alpha 1/2
+    (where the shift zeroes S)."""
     model, x = _model(mode), _x()
-    probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.5, kwargs=kwargs)["input"]
+    seen = model.seen.clone()
+    nonlinear = "freeze" if mode == "mask" else "error"  # a comparison of activations
+    sm = core.split(model, nonlinear=nonlinear)
+    probe = sm.sensitivities(x, 1, ["input"], alpha=0.5, kwargs=kwargs)["input"]
+    assert torch.equal(model.seen, seen)  # the statistic was updated on a copy
     reference = _grad(model, x, 1, **kwargs)
     assert torch.allclose(probe.grad, reference, atol=1e-6, rtol=1e-5)
     assert torch.allclose(probe.Dg, reference, atol=1e-6, rtol=1e-5)
