@@ -35,7 +35,14 @@ from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, fold_stacked_sums, resolve_inplace, trace
-from core.record import RANDOM, InputDependent, argument_tensors, record, stop_gradient
+from core.record import (
+    RANDOM,
+    InputDependent,
+    argument_tensors,
+    global_hooks,
+    record,
+    stop_gradient,
+)
 from core.registry import TABLE, FunctionName
 
 
@@ -198,7 +205,10 @@ def _has_unmaterialised(model: nn.Module) -> bool:
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """Forward hooks on a module or global ones (which eager recording refuses by name):
+    symbolic tracing bypasses them."""
+    return bool(global_hooks()) or any(m._forward_hooks or m._forward_pre_hooks
+                                       for m in model.modules())
 
 
 def _signature(model: nn.Module) -> tuple[int, dict[str, Any]] | None:

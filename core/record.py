@@ -533,7 +533,9 @@ def grad_off(what: str) -> UnsupportedOperation:
     )
 
 
-def _global_hooks() -> list[str]:
+def global_hooks() -> list[str]:
+    """The names of torch's registries of global module forward hooks that hold one
+    (``register_module_forward_hook`` / ``_pre_hook``)."""
     mod = nn.modules.module
     names = ["_global_forward_hooks", "_global_forward_pre_hooks"]
     return [n for n in names if getattr(mod, n, None)]
@@ -561,7 +563,7 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     -------
     Recording
     """
-    if _global_hooks():
+    if global_hooks():
         raise UnsupportedOperation(
             "global module hooks (torch.nn.modules.module.register_module_forward_hook / "
             "_pre_hook) are registered; the split cannot tell their effect on each module. "
@@ -572,6 +574,17 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     state.update({id(p): name for name, p in twin.named_parameters()})
     twins = {id(m): t for m, t in zip(model.modules(), twin.modules(), strict=True)}
     recorder = _Recorder(twin, state, twins)
+    # the forward may write into its inputs (x[:, 0] = ...): it runs on copies (one per
+    # tensor, also where it is passed again among the further arguments), so that the
+    # caller's tensors keep their values and the split starts from them
+    copies: dict[int, torch.Tensor] = {}
+    for t in inputs:
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().clone()
+    inputs = tuple(copies[id(t)] for t in inputs)
+    extra, kwargs = torch.utils._pytree.tree_map(
+        lambda v: copies.get(id(v), v) if isinstance(v, torch.Tensor) else v,
+        (tuple(extra), dict(kwargs or {})))
     # the same tensor passed as two inputs, (x, x): each gets its own placeholder (the
     # recorder tells tensors apart by identity), through a view of the same values
     inputs = tuple(t.view_as(t) if any(t is u for u in inputs[:i]) else t
