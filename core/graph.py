@@ -109,6 +109,8 @@ class _SplitTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
+        if "forward" in vars(m):  # a forward replaced on the instance: traced through it
+            return False
         leaf = self._leaf_types.get(type(m))
         if leaf is None:  # fx decides by the class (its module and Sequential)
             leaf = self._leaf_types[type(m)] = super().is_leaf_module(

@@ -176,7 +176,10 @@ COMPOSITE_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Trans
 def is_leaf_module(module: nn.Module) -> bool:
     """torch.fx's default: ``torch.nn``'s own modules except containers; and except the
     compositions of ``COMPOSITE_MODULES`` (``nn.Transformer``, its encoder, decoder and
-    their layers)."""
+    their layers), and a module whose ``forward`` is replaced on the instance (its rule
+    would be that of its class: the replacement is followed instead)."""
+    if "forward" in vars(module):  # a forward replaced on the instance: recorded inside
+        return False
     name = type(module).__module__
     return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, *COMPOSITE_MODULES))
