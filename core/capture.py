@@ -282,8 +282,31 @@ class Found:
     eager: dict[Hashable, Captured] = field(default_factory=dict)
 
 
+def _refuse_stale_weights(model: nn.Module) -> None:
+    """Refuse the deprecated ``torch.nn.utils.weight_norm`` / ``spectral_norm``: their
+    forward pre-hook recomputes ``weight`` as a plain attribute of the module at each
+    forward; the split reads the module's attribute, which is that of its last forward
+    (stale after loading weights, or before any forward)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+                raise UnsupportedOperation(
+                    f"module {name or type(model).__name__!r} uses the deprecated "
+                    f"torch.nn.utils.{kind}, whose forward pre-hook recomputes "
+                    f"{hook.name!r} as a plain attribute at each forward; the split would "
+                    "read the value of the module's last forward. Use "
+                    f"torch.nn.utils.parametrizations.{kind} (split exactly), or "
+                    f"torch.nn.utils.remove_{kind} on a copy of the model."
+                )
+
+
 def find(model: nn.Module) -> Found:
     """Trace the model symbolically where that applies (see the module docstring)."""
+    _refuse_stale_weights(model)
     signature = _signature(model)
     found = Found(positional=signature[0] if signature else 0)
     if "forward" in vars(model):  # torch.fx traces type(model).forward
