@@ -720,6 +720,10 @@ for _name in ("mean", "sum", "cumsum"):
 for _name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
     register(_name)(Rule(constant_like(
         lambda t, *a, _name=_name, **k: getattr(t, _name)(*a, **k)), lrp="none"))
+# x.zero_() / x.fill_(v) (on x or a slice of it): a constant of x's shape, on a copy of d
+for _name in ("zero_", "fill_"):
+    register(_name)(Rule(constant_like(
+        lambda t, *a, _name=_name, **k: getattr(t.clone(), _name)(*a, **k)), lrp="none"))
 
 
 def _query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:

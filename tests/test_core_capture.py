@@ -923,3 +923,36 @@ def test_the_deprecated_weight_reparametrizations_are_refused(deprecated):
     x = torch.randn(2, 4)
     g, h = core.split(model)(x)
     torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-5)
+
+
+class WritesConstants(nn.Module):
+    """``zero_()`` / ``fill_()`` on a slice of an activation or on all of it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin, self.fc = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.lin(x)) * 1.0  # a tensor of its own (autograd's reference)
+        if self.how == "zero slice":
+            y[:, 3:5].zero_()
+        elif self.how == "fill slice":
+            y[:, 1:2].fill_(0.7)
+        else:
+            y = y.zero_() + x
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["zero slice", "fill slice", "zero all"])
+def test_zero_and_fill_write_constants(how):
+    """They were refused as operations without a rule; they write a constant."""
+    torch.manual_seed(9)
+    model, x = WritesConstants(how).double().eval(), torch.randn(2, 6, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    probe = sm.sensitivities(x, 1, ["input"], alpha=0.5)["input"]
+    xr = x.clone().requires_grad_(True)
+    model(xr)[:, 1].sum().backward()
+    torch.testing.assert_close(probe.grad, xr.grad, rtol=1e-12, atol=1e-12)
