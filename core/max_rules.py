@@ -211,7 +211,15 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
     channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
     ``s' = max(d) + sum(s - d)`` over the reduced elements; winner-takes-all: ``s'`` is ``s``
-    at the arg-max of ``d``."""
+    at the arg-max of ``d``. At ties the gradient of ``max(d)`` is shared evenly among the
+    tied elements, as autograd's of ``amax`` and of ``max()`` over everything
+    (:func:`_reduce_max`)."""
+    return _reduce_max(ctx, args, kwargs, spread=True)
+
+
+def _reduce_max(ctx: Ctx, args: tuple, kwargs: dict, spread: bool) -> Pair:
+    """:func:`amax_rule`; ``spread=False``: a tie's gradient all at the arg-max, as
+    autograd's of ``max(dim)``, whose indices the model gets."""
     b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
     p, dim, keepdim = b["input"], b.get("dim", ()), bool(b.get("keepdim", False))
     n = p.d.dim()
@@ -224,11 +232,14 @@ def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
     d, s = rows(p.d), rows(p.s)
     idx = d.argmax(-1, keepdim=True)
-    winner = d.gather(-1, idx).squeeze(-1)
-    # s' gathers the winner again (as _max_pool does): built on ``winner`` itself, a probe of
+
+    def top() -> torch.Tensor:  # max(d), its gradient as autograd's of the model's op
+        return d.amax(-1) if spread else d.gather(-1, idx).squeeze(-1)
+
+    winner = top()
+    # s' takes the maximum again (as _max_pool does): built on ``winner`` itself, a probe of
     # d' would pick up the s path through autograd
-    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else (
-        d.gather(-1, idx).squeeze(-1) + (s - d).sum(-1))
+    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else top() + (s - d).sum(-1)
     shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
     return Pair(winner.reshape(shape), mass.reshape(shape))
 
@@ -276,10 +287,11 @@ def _extreme(ctx: Ctx, args: tuple, kwargs: dict, of_two: RuleFn, reduce: RuleFn
     dim = b.get("dim", b.get("other"))
     if isinstance(dim, (torch.Tensor, Pair)):
         return of_two(ctx, (b["input"], dim), {})
-    if dim is None:
-        return reduce(ctx, (b["input"],), {})
+    if dim is None:  # over everything: autograd spreads a tie's gradient
+        return reduce(ctx, (b["input"],), {}, True)
     keepdim = bool(b.get("keepdim", False))
-    values = reduce(ctx, (b["input"], dim, keepdim), {})
+    # with indices, autograd puts a tie's gradient at the index returned, not spread
+    values = reduce(ctx, (b["input"], dim, keepdim), {}, False)
     return result((values, arg(b["input"].d, dim, keepdim=keepdim)))
 
 
@@ -288,7 +300,7 @@ def max_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``x.max()`` and ``x.max(dim, keepdim)`` / ``torch.max``: :func:`amax_rule` for the
     values; the indices (the arg-max of ``d``) are the model's own. ``max(a, b)`` of two
     tensors is :func:`maximum`."""
-    return _extreme(ctx, args, kwargs, maximum, amax_rule, torch.argmax,
+    return _extreme(ctx, args, kwargs, maximum, _reduce_max, torch.argmax,
                     torch.return_types.max)
 
 
@@ -297,9 +309,15 @@ def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.amin(dim, keepdim) = -amax(-x)`` (see :func:`amax_rule`): ``d' = amin(d)``,
     convex: ``s' = sum(s + d) - amin(d)`` over the window; winner-takes-all: ``s`` at the
     arg-min of ``d``."""
+    return _reduce_min(ctx, args, kwargs, spread=True)
+
+
+def _reduce_min(ctx: Ctx, args: tuple, kwargs: dict, spread: bool) -> Pair:
+    """:func:`amin_rule` (``spread`` as for :func:`_reduce_max`)."""
     b = dict(zip(["input", "dim", "keepdim"], args, strict=False)) | kwargs
     p = b["input"]
-    out = amax_rule(ctx, (Pair(-p.d, p.s), b.get("dim", ()), bool(b.get("keepdim", False))), {})
+    out = _reduce_max(ctx, (Pair(-p.d, p.s), b.get("dim", ()), bool(b.get("keepdim", False))),
+                      {}, spread)
     return Pair(-out.d, out.s)
 
 
@@ -307,7 +325,7 @@ def amin_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def min_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``x.min()``, ``x.min(dim, keepdim)`` (:func:`amin_rule`, the indices are the arg-min
     of ``d``) and ``min(a, b)`` of two tensors (:func:`minimum`)."""
-    return _extreme(ctx, args, kwargs, minimum, amin_rule, torch.argmin,
+    return _extreme(ctx, args, kwargs, minimum, _reduce_min, torch.argmin,
                     torch.return_types.min)
 
 

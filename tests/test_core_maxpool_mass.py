@@ -119,3 +119,42 @@ def test_sensitivities_through_max_poolings_match_the_composed_rule(monkeypatch)
         for field in ("activation", "mass", "S", "Dg", "grad"):
             a, b = getattr(fused[layer], field), getattr(composed[layer], field)
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * b.abs().max()), (layer, field)
+
+
+REDUCTIONS = {
+    "amax": lambda y: y.amax(-1),
+    "amin": lambda y: y.amin(-1),
+    "max over all": lambda y: y.amax(-1) * y.max(),
+    "max(dim)": lambda y: y.max(-1).values,
+    "min(dim)": lambda y: y.min(-1).values,
+}
+
+
+class _Reduce(torch.nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.act, self.fc, self.how = torch.nn.ReLU(), torch.nn.Linear(4, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(REDUCTIONS[self.how](self.act(x)))
+
+
+@pytest.mark.parametrize("how", list(REDUCTIONS))
+def test_ties_share_the_gradient_as_autograd_does(how):
+    """Dead ReLU channels tie at 0: autograd shares the gradient of ``amax``, ``amin`` and
+    ``max()`` over everything evenly among tied elements and gives ``max(dim)``'s to the
+    index it returns; the probes' grad and Dg at alpha 1/2 follow (amax put it all on one
+    element: 0.34 off)."""
+    torch.manual_seed(10)
+    model = _Reduce(how).double().eval()
+    x = -torch.rand(2, 4, 6, dtype=torch.float64)
+    x[:, 0, 3] = 1.0
+    x[:, 1, :2] = 0.5  # a tie of positive values too
+    seen = {}
+    handle = model.act.register_forward_hook(lambda m, i, o: seen.setdefault("act", o))
+    xr = x.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(model(xr)[:, 0].sum(), seen["act"])
+    handle.remove()
+    probe = core.split(model).sensitivities(x, 0, layers=["act"], alpha=0.5)["act"]
+    torch.testing.assert_close(probe.grad, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probe.Dg, reference, rtol=1e-12, atol=1e-12)
