@@ -91,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
                  names: list[str], float16: bool) -> dict:
     """What the stored maps depend on (``--resume`` refuses an --out of another setup)."""
+    from quantus_adapters.benchmark.cells import code_digest
     from quantus_adapters.bulk import model_digest
 
     digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
     digest.update(json.dumps([names, labels.tolist()]).encode())
-    return {"model": spec.name, "weights": model_digest(model), "data": data_name,
+    return {"model": spec.name, "weights": model_digest(model), "code": code_digest(model),
+            "data": data_name,
             "images": digest.hexdigest(), "n_images": len(names),
             "dtype": "float16" if float16 else "float32"}
 

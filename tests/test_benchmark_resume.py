@@ -161,3 +161,51 @@ def test_resume_recomputes_what_changed_and_keeps_every_stored_cell(setup, capsy
     assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
     assert "computed 0" in capsys.readouterr().out
     assert (out / "table1_comparison.csv").read_text() == before
+
+
+SCALED_MODEL_PY = '''
+import torch
+from torch import nn
+
+SCALE = 1.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.features((x - 0.5) * SCALE))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval()
+'''
+
+
+def test_resume_recomputes_after_the_model_code_changed(setup, capsys, tmp_path):
+    """A module-level constant of the model's forward changed: the architecture's repr and
+    the weights are the same, the code is not (the stored cells were reused: a table of
+    the old model under the new one's name)."""
+    _, argv, root = setup
+    (tmp_path / "net.py").write_text(SCALED_MODEL_PY)
+    argv = list(argv)
+    argv[argv.index("--model") + 1] = f"{tmp_path / 'net.py'}:build"
+    i = argv.index("--methods")
+    argv = argv[:i] + ["--methods", "Saliency", "Random", "--metrics", "PF@20"] + argv[i + 5:]
+    out = tmp_path / "out"
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    before = (out / "table1_comparison.csv").read_text()
+    (tmp_path / "net.py").write_text(SCALED_MODEL_PY.replace("SCALE = 1.0", "SCALE = 50.0"))
+    capsys.readouterr()
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    assert "computed 0" not in capsys.readouterr().out
+    assert (out / "table1_comparison.csv").read_text() != before
+    (tmp_path / "net.py").write_text(SCALED_MODEL_PY)  # the first model's cells are kept
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    assert "computed 0" in capsys.readouterr().out
+    assert (out / "table1_comparison.csv").read_text() == before

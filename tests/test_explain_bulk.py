@@ -161,3 +161,32 @@ def test_failing_maps_are_named_others_kept_exit_1(weights, tmp_path, capsys):
     assert "failed: Picky on 1 image(s)" in printed.err and "out of memory" in printed.err
     rows = _index(out)
     assert len(rows) == 6 + 5  # SplitCAM everywhere, Picky on all but the class-3 image
+
+
+def test_resume_refuses_maps_of_another_model_code(tmp_path, capsys):
+    """The model's forward changed (a module-level constant): repr and weights are the
+    same, and --resume kept the old model's maps beside the new one's."""
+    source = (
+        "import torch\nfrom torch import nn\nSCALE = 1.0\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                                  nn.Linear(4, 10))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.conv(x * SCALE))\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net().eval()\n"
+    )
+    model_py = tmp_path / "net.py"
+    model_py.write_text(source)
+    out = tmp_path / "maps"
+    common = ["--model", f"{model_py}:build", "--methods", "SplitGrad", "--max-images", "2",
+              "--out", out]
+    rc, printed = _run(common, capsys)
+    assert rc == 0, printed.err
+    model_py.write_text(source.replace("SCALE = 1.0", "SCALE = 50.0"))
+    rc, printed = _run([*common, "--resume"], capsys)
+    assert rc == 2 and "code" in printed.err and "another setup" in printed.err

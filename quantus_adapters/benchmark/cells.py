@@ -16,12 +16,16 @@ weights), the data (:func:`data_digest`), the method options, the metric and its
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import io
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +78,48 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _source_of(obj: Any) -> Any:
+    """The function or class whose source defines ``obj`` (a partial's function, a bound
+    method's function), or None."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    obj = getattr(obj, "__func__", obj)
+    return obj if inspect.isclass(obj) or inspect.isfunction(obj) else None
+
+
+def code_digest(model: nn.Module) -> str:
+    """SHA-256 of the code the model's forward runs: the source files defining each class
+    in the module tree and each ``forward`` replaced on an instance.
+
+    A whole file takes part, so a change of the forward, of a helper function or of a
+    module-level constant in that file (``SCALE = 50.0``) gives another digest, while
+    ``repr`` and the weights stay the same. Files are hashed by content (not by path); a
+    class or function without a readable source file (defined in an interactive session)
+    takes part through its compiled code.
+    """
+    digests: set[str] = set()
+    for m in model.modules():
+        for obj in (type(m), vars(m).get("forward")):
+            obj = _source_of(obj)
+            if obj is None:
+                continue
+            try:
+                path = inspect.getsourcefile(obj)
+                data = Path(path).read_bytes() if path else None
+            except (TypeError, OSError):
+                data = None
+            if data is None:  # no file: the compiled code of its functions
+                funcs = [obj] if inspect.isfunction(obj) else [
+                    f for f in vars(obj).values() if inspect.isfunction(f)]
+                data = b"".join(f.__code__.co_code + repr(f.__code__.co_consts).encode()
+                                for f in funcs)
+            digests.add(hashlib.sha256(data).hexdigest())
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
 def model_digest(model: nn.Module) -> dict[str, str]:
-    """The model's architecture (its class and ``repr``) and a SHA-256 of its weights.
+    """The model's architecture (its class and ``repr``), a SHA-256 of its weights and of
+    its code (:func:`code_digest`).
 
     Every parameter and buffer takes part (name, dtype, shape and bytes), in
     ``state_dict`` order.
@@ -87,7 +131,7 @@ def model_digest(model: nn.Module) -> dict[str, str]:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     arch = f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}"
     return {"architecture": hashlib.sha256(arch.encode()).hexdigest(),
-            "weights": h.hexdigest()}
+            "weights": h.hexdigest(), "code": code_digest(model)}
 
 
 def data_digest(x: torch.Tensor | np.ndarray, y, masks=None, names: Sequence[str] = ()) -> str:
