@@ -268,7 +268,9 @@ class MapStore:
                 for row in csv.DictReader(fh):
                     if None in row.values() or set(row) != set(INDEX_COLUMNS):
                         continue  # the line cut by an interruption
-                    if (self.out / row["file"]).is_file():
+                    # a map indexed twice (two runs into one --out at once): one line
+                    if (self.out / row["file"]).is_file() and (
+                            (row["image"], row["file"]) not in self.done):
                         self._rows.append(row)
                         self.done.add((row["image"], row["file"]))
 

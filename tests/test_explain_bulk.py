@@ -190,3 +190,17 @@ def test_resume_refuses_maps_of_another_model_code(tmp_path, capsys):
     model_py.write_text(source.replace("SCALE = 1.0", "SCALE = 50.0"))
     rc, printed = _run([*common, "--resume"], capsys)
     assert rc == 2 and "code" in printed.err and "another setup" in printed.err
+
+
+def test_resume_keeps_one_index_line_per_map(weights, tmp_path, capsys):
+    """Two runs into one --out at once each index every map; --resume keeps one line each."""
+    out = tmp_path / "maps"
+    common = ["--weights", weights, "--methods", "SplitGrad", "--max-images", "3", "--out", out]
+    rc, printed = _run(common, capsys)
+    assert rc == 0, printed.err
+    lines = (out / "index.csv").read_text().splitlines()
+    (out / "index.csv").write_text("\n".join(lines + lines[1:]) + "\n")  # every map twice
+    rc, printed = _run([*common, "--resume"], capsys)
+    assert rc == 0, printed.err
+    rows = _index(out)
+    assert len(rows) == 3 and len({r["file"] for r in rows}) == 3
