@@ -179,3 +179,74 @@ def test_labels_bom_crlf_duplicates_and_orphans(tmp_path):
                                              "im3.png,0\nim9.png,1\n")
     with pytest.raises(DataError, match="match no image.*im9.png"):
         load_folder(tmp_path / "orphan")
+
+
+def _png16(path, arr):
+    """Write ``arr`` (uint16, (H, W, C) with C = 1..4) as a 16-bit PNG (no Pillow)."""
+    import struct
+    import zlib
+
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_sixteen_bit_colour_png_is_refused_gray_is_exact(tmp_path, channels):
+    arr = np.random.default_rng(0).integers(0, 65536, (5, 7, channels)).astype(np.uint16)
+    with pytest.raises(imio.ImageError, match=r"c\.png' has 16-bit colour or alpha channels, "
+                                              r"which Pillow reads at 8 bits.*convert it"):
+        imio.read_image(_png16(tmp_path / "c.png", arr), 3)
+    with pytest.raises(imio.ImageError, match="16-bit colour"):  # masks too
+        imio.read_mask(tmp_path / "c.png")
+    gray = arr[..., :1]
+    got = imio.read_image(_png16(tmp_path / "g.png", gray), 1)
+    np.testing.assert_allclose(got[0], gray[..., 0] / 65535.0, atol=1e-7)
+
+
+def test_sixteen_bit_colour_tiff_is_refused(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    arr = np.random.default_rng(0).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", arr, photometric="rgb")
+    with pytest.raises(imio.ImageError, match="16-bit colour"):
+        imio.read_image(tmp_path / "c.tif", 3)
+
+
+def test_nested_images_are_named_not_silently_ignored(tmp_path):
+    _folder(tmp_path / "a")
+    (tmp_path / "a" / "images" / "cat").mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8)).save(tmp_path / "a" / "images" / "cat" / f"x{i}.png")
+    d = load_folder(tmp_path / "a")
+    assert len(d.names) == 4
+    assert len(d.warnings) == 1 and "2 image file(s) in subfolders" in d.warnings[0]
+    assert d.warnings[0] in d.notes and d.limit(1, 1).warnings == d.warnings
+    only = tmp_path / "b" / "images" / "dog"
+    only.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(only / "y.png")
+    (tmp_path / "b" / "labels.csv").write_text("y.png,0\n")
+    with pytest.raises(DataError, match=r"no images .* directly in .*subfolders hold 1 image "
+                                        r"file\(s\) \(e\.g\. dog/y\.png\), but subfolders are "
+                                        r"not read: put the images directly in images/"):
+        load_folder(tmp_path / "b")
+
+
+def test_negative_label_and_one_image(tmp_path):
+    _folder(tmp_path / "neg", label_text="im0.png,-1\nim1.png,0\nim2.png,0\nim3.png,0\n")
+    with pytest.raises(DataError, match="label -1 of 'im0.png' is negative") as info:
+        load_folder(tmp_path / "neg")
+    assert "None" not in str(info.value)
+    _folder(tmp_path / "one", sizes=((8, 8),), label_text="im0.png,1\n")
+    with pytest.raises(DataError, match="holds one image; the benchmark needs at least two"):
+        load_folder(tmp_path / "one")
+    d = load_folder(tmp_path / "one", split=False)
+    assert d.test_idx.tolist() == [0] and d.val_idx.tolist() == [] and d.labels.tolist() == [1]

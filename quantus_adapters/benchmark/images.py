@@ -8,6 +8,8 @@ PIL mode        values
 ``1``           0 or 1
 ``L``, ``RGB``  8 bit: divided by 255
 ``I;16*``       16 bit: divided by 65535
+``RGB``, ...    16 bits per colour sample (48/64-bit PNG, 16-bit colour TIFF): refused,
+                as Pillow reads them at 8 bits (off by up to 1/255)
 ``I``           32-bit integers holding 16-bit data (how Pillow reads 16-bit TIFFs):
                 divided by 65535; values outside [0, 65535] are refused
 ``F``           floats, which must already lie in [0, 1]
@@ -62,7 +64,40 @@ def _open(path: Path):
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageError(f"cannot read {str(path)!r} as an image ({msg}); replace or remove "
                          "the file") from None
+    bits = _colour_bits(img, path)
+    if bits > 8:
+        img.close()
+        raise ImageError(f"{str(path)!r} has {bits}-bit colour or alpha channels, which "
+                         "Pillow reads at 8 bits (values off by up to 1/255); convert it to "
+                         "8 bits per channel, or to 16-bit grayscale without alpha for a "
+                         "1-channel model")
     return img
+
+
+#: PNG colour types with more than one sample per pixel: grey + alpha, RGB, RGB + alpha
+_PNG_MULTI_SAMPLE = (2, 4, 6)
+
+
+def _colour_bits(img, path: Path) -> int:
+    """Bits per sample of a multi-sample (colour or grey + alpha) PNG or TIFF; 8 otherwise.
+
+    Pillow reads only 16-bit grayscale exactly (modes ``I;16*``); 16-bit colour samples
+    come back as 8-bit RGB(A) without a word.
+    """
+    if img.format == "PNG":
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(26)  # signature (8), IHDR length and type (8), IHDR data
+        except OSError:
+            return 8
+        if len(head) == 26 and head[12:16] == b"IHDR" and head[25] in _PNG_MULTI_SAMPLE:
+            return int(head[24])
+        return 8
+    if img.format == "TIFF":
+        samples = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample
+        if isinstance(samples, tuple) and len(samples) > 1:
+            return int(max(samples))
+    return 8
 
 
 def _values(img, path: Path, notes: set[str]) -> np.ndarray:
