@@ -30,16 +30,20 @@ from torch import nn
 from quantus_adapters.cluster import RayOptions, add_ray_arguments
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "USER_ERRORS", "UsageError",
+    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SEED_MAX", "USER_ERRORS",
+    "UsageError",
     "add_method_arguments", "add_model_arguments", "add_run_arguments", "check_classifier",
-    "check_data_channels", "check_device", "check_methods", "check_options", "input_channels",
-    "one_line", "run", "split_names",
+    "check_data_channels", "check_device", "check_methods", "check_options", "check_seed",
+    "input_channels", "one_line", "print_warnings", "run", "split_names",
 ]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+#: the largest ``--seed``: NumPy's global seed (Quantus's Random Logit, Captum) is 32-bit
+SEED_MAX = 2**32 - 1
 
 
 class UsageError(ValueError):
@@ -109,8 +113,9 @@ def check_options(args: argparse.Namespace, positive: Sequence[str] = ()) -> Ray
     """Check the common options before any work; returns the Ray options (None: no Ray).
 
     ``positive`` names further integer options (``dest`` names) that must be >= 1 when given;
-    ``--batch-size`` and ``--image-size`` always are. ``args.alpha`` is replaced by the
-    checked value (a float or ``"auto"``; None stays None).
+    ``--batch-size`` and ``--image-size`` always are. ``--seed`` must lie in
+    ``[0, SEED_MAX]``. ``args.alpha`` is replaced by the checked value (a float or
+    ``"auto"``; None stays None).
 
     Raises
     ------
@@ -123,9 +128,29 @@ def check_options(args: argparse.Namespace, positive: Sequence[str] = ()) -> Ray
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_seed(args.seed)
     if args.alpha is not None:
         args.alpha = check_alpha(args.alpha, "--alpha")
     return RayOptions.from_args(args, args.device)
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a ``--seed`` outside ``[0, SEED_MAX]``.
+
+    Raises
+    ------
+    UsageError
+        One line naming ``--seed`` and the valid range.
+    """
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got "
+                         f"{seed}")
+
+
+def print_warnings(prog: str, warnings: Sequence[str]) -> None:
+    """Print each of ``warnings`` on stderr as ``PROG: note: ...``."""
+    for warning in warnings:
+        print(f"{prog}: note: {warning}", file=sys.stderr)
 
 
 def check_device(device: str) -> None:
@@ -208,6 +233,9 @@ def check_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     bad = (labels < 0) | (labels >= n_classes)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
+        if int(labels[i]) < 0:
+            raise UsageError(f"label {int(labels[i])} of {names[i]!r} is negative; labels are "
+                             "class indices of the model's output (0, 1, ...)")
         raise UsageError(f"label {int(labels[i])} of {names[i]!r} is out of the model's "
                          f"range [0, {n_classes})")
     return n_classes

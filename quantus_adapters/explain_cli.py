@@ -120,11 +120,17 @@ def _run(args) -> int:
         options["alpha"] = args.alpha
     configs = bulk.plan_configs(common.check_methods(common.split_names(args.methods)),
                                 args.layers, options)
-    # the data in the model's channels (1: grayscale, 3: RGB)
-    channels = common.input_channels(spec.architecture(), args.data)
+    progress = not args.no_progress
+    model = None
+    if spec.weights is not None:  # a local --weights file is checked before the data is read
+        model = spec.load(progress=progress, log=print if progress else None)
+    # the data in the model's channels (1: grayscale, 3: RGB); no validation / test split
+    channels = common.input_channels(spec.architecture() if model is None else model,
+                                     args.data)
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
-                              channels=channels)
+                              channels=channels, split=False)
     common.check_data_channels(channels, data.images, args.data)
+    common.print_warnings("splitxai explain", data.warnings)
     n = len(data.names) if args.max_images is None else min(args.max_images, len(data.names))
     names = list(data.names[:n])
     dupes = sorted({x for x in names if names.count(x) > 1})
@@ -133,10 +139,10 @@ def _run(args) -> int:
                          f"{', '.join(dupes[:5])}")
     images = np.ascontiguousarray(data.images[:n].numpy().astype(np.float32))
     labels = data.labels[:n].numpy().astype(np.int64)
-    progress = not args.no_progress
 
     # the model: on this process's device (CPU when the work runs on Ray workers)
-    model = spec.load(progress=progress, log=print if progress else None)
+    if model is None:
+        model = spec.load(progress=progress, log=print if progress else None)
     local_device = args.device if ray_options is None else "cpu"
     model = model.to(local_device).eval()
     if args.layers:

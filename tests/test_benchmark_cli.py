@@ -134,3 +134,46 @@ def test_grayscale_folder_runs_with_a_one_channel_model(tmp_path, capsys):
                    str(tmp_path / "out"), "--no-progress", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     assert "Saliency" in (tmp_path / "out" / "table1_comparison.md").read_text()
+
+
+def test_selectivity_patch_and_seed_are_checked_before_any_work(setup, capsys, monkeypatch):
+    tmp, factory, root = setup
+
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("heavy work started")
+
+    monkeypatch.setattr(runner.Benchmark, "run", no_heavy_work)
+    base = ["--data", f"folder:{root}", "--model", factory, "--no-progress", "--out",
+            str(tmp / "out")]
+    for patch in ("5", "100", "32"):
+        _fail(base + ["--selectivity-patch", patch], capsys,
+              f"--selectivity-patch {patch} does not divide the image size 16x16; use one "
+              "of 1, 2, 4, 8, 16")
+    _fail(base + ["--seed", "-1"], capsys,
+          "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got -1")
+    _fail(base + ["--seed", "99999999999999999999999"], capsys,
+          "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got 9999")
+
+
+def test_a_failing_metric_cell_is_named_on_stderr_and_exits_1(setup, capsys, monkeypatch):
+    from quantus_adapters.benchmark import cells
+
+    tmp, factory, root = setup
+    real = cells.evaluate_metric
+
+    def failing(metric, *args, **kwargs):
+        if metric == "PF@20":
+            raise RuntimeError("simulated metric failure")
+        return real(metric, *args, **kwargs)
+
+    monkeypatch.setattr(cells, "evaluate_metric", failing)
+    out = tmp / "fail"
+    rc = cli.main(["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency",
+                   "--metrics", "PF@5", "PF@20", "--out", str(out), "--no-progress",
+                   "--threads", "1", "--no-figures"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "splitxai benchmark: failed: Saliency input PF@20: RuntimeError: simulated metric " \
+           "failure" in err
+    assert "part(s) failed; their cells are missing from the tables" in err
+    assert "simulated metric failure" in (out / "report.md").read_text()

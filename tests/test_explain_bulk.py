@@ -204,3 +204,64 @@ def test_resume_keeps_one_index_line_per_map(weights, tmp_path, capsys):
     assert rc == 0, printed.err
     rows = _index(out)
     assert len(rows) == 3 and len({r["file"] for r in rows}) == 3
+
+
+def _one_image_folder(tmp_path):
+    """A ``folder:`` data set of one 16x16 RGB image (and a tiny 3-class model file)."""
+    from PIL import Image
+
+    from tests.benchmark_files import TINY_MODEL_PY
+
+    (tmp_path / "tiny.py").write_text(TINY_MODEL_PY)
+    root = tmp_path / "one"
+    (root / "images").mkdir(parents=True)
+    rgb = (np.random.default_rng(0).uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "images" / "a.png")
+    (root / "labels.csv").write_text("a.png,2\n")
+    return f"{tmp_path / 'tiny.py'}:build", root
+
+
+def test_one_image_folder_is_explained_and_bad_weights_come_first(tmp_path, capsys):
+    factory, root = _one_image_folder(tmp_path)
+    base = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency"]
+    rc, printed = _run([*base, "--out", tmp_path / "maps"], capsys)
+    assert rc == 0, printed.err
+    assert [(r["image"], r["label"]) for r in _index(tmp_path / "maps")] == [("a.png", "2")]
+    # weights are checked before the data: also with data the benchmark would refuse
+    (root / "images" / "b.png").write_bytes(b"not an image")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    rc, printed = _run([*base, "--weights", tmp_path / "junk.pt", "--out", tmp_path / "m2"],
+                       capsys)
+    assert rc == 2 and "junk.pt' is not a readable torch file" in printed.err, printed.err
+    from tests.benchmark_files import TINY_MODEL_PY
+
+    namespace: dict = {}
+    exec(TINY_MODEL_PY, namespace)
+    torch.save(namespace["build"](), tmp_path / "module.pt")
+    rc, printed = _run([*base, "--weights", tmp_path / "module.pt", "--out", tmp_path / "m2"],
+                       capsys)
+    assert rc == 2 and len(printed.err.splitlines()) == 1, printed.err
+    assert ("module.pt' holds a pickled model (torch.nn.modules.container.Sequential, "
+            "written by torch.save(model)), not a state_dict; save its weights with "
+            "torch.save(model.state_dict(), PATH)") in printed.err
+    assert "\x1b" not in printed.err and "weights_only" not in printed.err
+
+
+def test_seed_range_and_nested_images_note(tmp_path, capsys):
+    factory, root = _one_image_folder(tmp_path)
+    base = ["--data", f"folder:{root}", "--model", factory, "--methods", "Saliency"]
+    for seed in ("-1", str(2**32), "99999999999999999999999"):
+        rc, printed = _run([*base, "--seed", seed, "--out", tmp_path / "maps"], capsys)
+        assert rc == 2, printed.err
+        assert printed.err.strip() == ("splitxai explain: error: --seed must be an integer "
+                                       f"from 0 to 4294967295 (2**32 - 1), got {seed}")
+    (root / "images" / "cats").mkdir()
+    (root / "images" / "a.png").rename(root / "images" / "cats" / "a.png")
+    rc, printed = _run([*base, "--out", tmp_path / "maps"], capsys)
+    assert rc == 2 and "subfolders are not read" in printed.err, printed.err
+    (root / "images" / "cats" / "a.png").rename(root / "images" / "a.png")
+    (root / "images" / "cats" / "b.png").write_bytes(b"unused")
+    rc, printed = _run([*base, "--seed", str(2**32 - 1), "--out", tmp_path / "maps"], capsys)
+    assert rc == 0, printed.err
+    assert ("splitxai explain: note: 1 image file(s) in subfolders of" in printed.err
+            and "were not used (e.g. cats/b.png)" in printed.err)

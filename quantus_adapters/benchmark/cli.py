@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``splitxai benchmark``; returns the exit status.
 
     0: done; 2: bad input (one line on stderr); 130: interrupted (SIGINT or SIGTERM; the
-    finished cells are stored, ``--resume`` continues); 1: a job failed or an unexpected
-    error (one line; ``--debug`` shows the traceback of any error). See
+    finished cells are stored, ``--resume`` continues); 1: a job, a metric cell, the
+    randomisation check or a timing failed (each named on stderr and in the report) or an
+    unexpected error (one line; ``--debug`` shows the traceback of any error). See
     :mod:`quantus_adapters.cli_common`.
     """
     args = build_parser().parse_args(argv)
@@ -168,6 +169,9 @@ def _run(args) -> int:
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
                               channels=channels)
     common.check_data_channels(channels, data.images, args.data)
+    common.print_warnings("splitxai benchmark", data.warnings)
+    if args.selectivity_patch is not None:
+        protocol.check_selectivity_patch(args.selectivity_patch, data.images.shape)
     n_val = args.n_val or (5 if args.quick else None)
     n_test = args.n_test or (5 if args.quick else (40 if args.data == "digits" else None))
     data = data.limit(n_val, n_test)
@@ -245,14 +249,22 @@ def _run(args) -> int:
     blind = class_blind.summary(results.class_blind)
     if blind:  # collected during the run (not printed between the progress bars)
         print(f"splitxai benchmark: warning: {blind}", file=sys.stderr)
+    status = 0
     if failures:
         for failure in failures:
             print(f"splitxai benchmark: failed on Ray: {failure}", file=sys.stderr)
         print(f"splitxai benchmark: {len(failures)} job(s) failed; their cells are missing "
               "from the tables (every other cell is stored; --resume computes the missing "
               "ones)", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if results.errors:
+        for where, message in results.errors.items():
+            print(f"splitxai benchmark: failed: {where}: {common.one_line(message)}",
+                  file=sys.stderr)
+        print(f"splitxai benchmark: {len(results.errors)} part(s) failed; their cells are "
+              f"missing from the tables (shown as '–'; see {path})", file=sys.stderr)
+        status = 1
+    return status
 
 
 def _ray_jobs(stack: contextlib.ExitStack, options: RayOptions, spec: ModelSpec,

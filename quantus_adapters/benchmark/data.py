@@ -74,6 +74,8 @@ class BenchmarkData:
         Names of the classes, when known.
     notes: list of str
         Remarks for the report (e.g. skipped metrics).
+    warnings: list of str
+        Remarks the command line also prints on stderr (e.g. image files it did not read).
     """
 
     name: str
@@ -85,6 +87,7 @@ class BenchmarkData:
     names: list[str]
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def has_masks(self) -> bool:
@@ -138,7 +141,8 @@ class BenchmarkData:
         val = self.val_idx if n_val is None else self.val_idx[:n_val]
         test = self.test_idx if n_test is None else self.test_idx[:n_test]
         return BenchmarkData(self.name, self.images, self.labels, self.masks, val, test,
-                             self.names, self.class_names, list(self.notes))
+                             self.names, self.class_names, list(self.notes),
+                             list(self.warnings))
 
 
 # ----------------------------------------------------------------------------- digits
@@ -338,13 +342,24 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _nested_images(folder: Path) -> list[Path]:
+    """Image files in the subfolders of ``folder`` (which ``folder:PATH`` does not read)."""
+    return sorted(p for sub in folder.iterdir() if sub.is_dir() for p in sub.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def _shown(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
 def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int | None = None,
-                n_val: int | None = None, seed: int = 0, channels: int = 3) -> BenchmarkData:
+                n_val: int | None = None, seed: int = 0, channels: int = 3,
+                split: bool = True) -> BenchmarkData:
     """Read ``PATH/images/*``, optional ``PATH/masks/*`` and ``PATH/labels.csv``.
+
+    Only the files directly in ``PATH/images`` are read; image files in its subfolders are
+    named in ``warnings`` (an ImageFolder layout ``images/<class>/*`` is not read: its labels
+    come from ``labels.csv``).
 
     Parameters
     ----------
@@ -362,6 +377,10 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     channels: int
         1 (grayscale) or 3 (RGB): the model's input channels
         (:mod:`quantus_adapters.benchmark.images` reads every PIL mode).
+    split: bool
+        Whether the images are split into validation and test images (the benchmark: at
+        least two images are needed); False: one image suffices and every image is a test
+        image (``splitxai explain``).
 
     Returns
     -------
@@ -370,9 +389,10 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     Raises
     ------
     DataError
-        A missing folder or labels file; an image without a label or a label without an
-        image; a name listed twice; a label that is not an integer or out of range; an
-        unreadable image; images of different sizes (without ``size``); a missing mask.
+        A missing folder or labels file; no image directly in ``PATH/images``; an image
+        without a label or a label without an image; a name listed twice; a label that is
+        not an integer or out of range; an unreadable image; images of different sizes
+        (without ``size``); a missing mask; one image only with ``split``.
     """
     from quantus_adapters.benchmark import images as imio
 
@@ -384,8 +404,24 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     if not img_dir.is_dir():
         raise DataError(f"{str(img_dir)!r} does not exist; put the images there")
     files = _images_in(img_dir)
+    nested = _nested_images(img_dir)
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(img_dir)!r}")
+        hint = ""
+        if nested:
+            hint = (f"; its subfolders hold {len(nested)} image file(s) (e.g. "
+                    f"{nested[0].relative_to(img_dir)}), but subfolders are not read: put the "
+                    "images directly in images/ and each one's class index in labels.csv "
+                    "('name,label')")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) directly in "
+                        f"{str(img_dir)!r}{hint}")
+    if split and len(files) < 2:
+        raise DataError(f"{str(img_dir)!r} holds one image; the benchmark needs at least two "
+                        "(validation and test)")
+    warnings = []
+    if nested:
+        warnings.append(f"{len(nested)} image file(s) in subfolders of {str(img_dir)!r} were "
+                        f"not used (e.g. {nested[0].relative_to(img_dir)}); only the files "
+                        "directly in images/ are read")
     if not label_file.is_file():
         raise DataError(f"{str(label_file)!r} does not exist; write one line 'name,label' per "
                         "image (name = the image's file name)")
@@ -444,15 +480,16 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
         notes_set.add(f"images resized to {size}x{size} (bilinear, antialiased) by "
                       "--image-size")
     n = len(files)
-    if n < 2:
-        raise DataError(f"{str(img_dir)!r} holds one image; the benchmark needs at least two "
-                        "(validation and test)")
-    order = np.random.default_rng(seed).permutation(n)
-    k = max(1, n // 5) if n_val is None else min(max(1, n_val), n - 1)
+    if split:
+        order = np.random.default_rng(seed).permutation(n)
+        k = max(1, n // 5) if n_val is None else min(max(1, n_val), n - 1)
+        val_idx, test_idx = np.sort(order[:k]), np.sort(order[k:])
+    else:
+        val_idx, test_idx = np.arange(0), np.arange(n)
     return BenchmarkData(
         name=f"folder:{root.name}", images=x, labels=y, masks=masks,
-        val_idx=np.sort(order[:k]), test_idx=np.sort(order[k:]),
-        names=[p.name for p in files], notes=sorted(notes_set))
+        val_idx=val_idx, test_idx=test_idx, names=[p.name for p in files],
+        notes=sorted(notes_set | set(warnings)), warnings=warnings)
 
 
 def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -487,7 +524,10 @@ def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
         except ValueError:
             raise DataError(f"{label_file}:{lineno}: label {value!r} of {name!r} is not an "
                             "integer class index") from None
-        if label < 0 or (n_classes is not None and label >= n_classes):
+        if label < 0:
+            raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is negative; "
+                            "labels are class indices of the model's output (0, 1, ...)")
+        if n_classes is not None and label >= n_classes:
             raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is out of "
                             f"the model's range [0, {n_classes}); labels are class "
                             "indices of the model's output")
@@ -588,10 +628,12 @@ def _imagenet_wnid_index(root: Path) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- dispatch
 def load_data(spec: str, n_classes: int | None = None, seed: int = 0,
-              image_size: int | None = None, channels: int = 3) -> BenchmarkData:
+              image_size: int | None = None, channels: int = 3,
+              split: bool = True) -> BenchmarkData:
     """Load the data named by ``--data`` (see the module docstring).
 
-    ``channels`` (1 or 3, the model's input channels) applies to image files.
+    ``channels`` (1 or 3, the model's input channels) applies to image files; ``split``
+    False lets ``folder:PATH`` hold a single image (see :func:`load_folder`).
     """
     if spec == "digits":
         return cluttered_digits(seed=seed)
@@ -599,7 +641,7 @@ def load_data(spec: str, n_classes: int | None = None, seed: int = 0,
         return load_cifar10_samples()
     if spec.startswith("folder:"):
         return load_folder(spec[len("folder:"):], n_classes=n_classes, size=image_size,
-                           seed=seed, channels=channels)
+                           seed=seed, channels=channels, split=split)
     if spec.startswith("imagenet-s:"):
         return load_imagenet_s(spec[len("imagenet-s:"):], size=image_size or 224, seed=seed,
                                channels=channels)

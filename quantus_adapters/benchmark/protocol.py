@@ -37,6 +37,7 @@ __all__ = [
     "default_methods",
     "candidate_layers",
     "check_layers",
+    "check_selectivity_patch",
     "evaluate_metric",
     "pixel_flipping_curves",
     "pixel_flipping_auc",
@@ -392,6 +393,35 @@ def pixel_flipping_auc(curves: np.ndarray, fraction: float, total: int, step: in
     drop = curves[:, :1] - curves[:, :k + 1]
     xs = np.minimum(np.arange(k + 1) * step / total, fraction)
     return np.trapezoid(drop, xs, axis=1)
+
+
+def check_selectivity_patch(patch: int, shape: Sequence[int]) -> int:
+    """Refuse a ``--selectivity-patch`` side that does not divide the image size.
+
+    Parameters
+    ----------
+    patch: int
+        The patch side in pixels.
+    shape: sequence of int
+        The images' shape; the last two entries are height and width.
+
+    Returns
+    -------
+    int
+        ``patch``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the option, the image size and the valid sides.
+    """
+    h, w = int(shape[-2]), int(shape[-1])
+    if patch < 1 or h % patch or w % patch:
+        g = math.gcd(h, w)
+        valid = ", ".join(str(d) for d in range(1, g + 1) if g % d == 0)
+        raise ValueError(f"--selectivity-patch {patch} does not divide the image size {h}x{w}; "
+                         f"use one of {valid}")
+    return patch
 
 
 def selectivity_patch(shape: Sequence[int]) -> int:

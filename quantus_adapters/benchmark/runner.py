@@ -41,6 +41,12 @@ __all__ = ["Benchmark", "Results", "Row", "FIGURE_BASELINES", "map_in_order"]
 FIGURE_BASELINES = ("Saliency", "IntegratedGradients", "GuidedBackprop", "Occlusion")
 
 
+#: the errors of a configuration whose maps are constant (``quantus_adapters.explain``'s
+#: ConstantExplanationError, or cells.py's check of spatially constant maps): an outcome of
+#: the method at that layer, reported but no failure of the run
+CONSTANT_MAPS = ("ConstantExplanationError:", "every map is spatially constant")
+
+
 @dataclass
 class Row:
     """One row of the comparison: a selected configuration and its test cells.
@@ -58,7 +64,12 @@ class Row:
 
 @dataclass
 class Results:
-    """Everything the report needs."""
+    """Everything the report needs.
+
+    ``errors`` maps each failed part (a configuration's maps, a metric cell, the
+    randomisation check, a timing) to its error; configurations with spatially constant maps
+    are only noted (``notes``), as they are an outcome, not a failure.
+    """
 
     rows: list[Row]
     validation: dict[tuple[str, bool], dict[str, float]]
@@ -79,6 +90,7 @@ class Results:
     reused: int = 0
     computed: int = 0
     class_blind: list[ClassBlind] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
@@ -471,7 +483,9 @@ class Benchmark:
             saliency_masks=None if s is None else s[:n].numpy(), saliency_titles=titles,
             notes=notes, metrics=self.metric_names, layers=self.layers,
             elapsed=time.perf_counter() - start, reused=self.reused, computed=self.computed,
-            class_blind=list(self.class_blind))
+            class_blind=list(self.class_blind),
+            errors={where: msg for where, msg in self.errors.items()
+                    if not any(text in msg for text in CONSTANT_MAPS)})
 
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -303,6 +305,35 @@ def load_factory(spec: str) -> nn.Module:
     return model
 
 
+def _plain(exc: BaseException) -> str:
+    """``exc``'s message on one line without terminal escape codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__
+
+
+def _unpickling_message(path: Path, exc: BaseException) -> str:
+    """The line for a ``--weights`` file that holds pickled Python objects (not loaded).
+
+    ``torch.load(..., weights_only=True)`` names the first class it refuses; a class of
+    ``torch.nn.modules`` among the file's classes means a whole model saved with
+    ``torch.save(model)``.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    names = [found.group(1)] if found else []
+    try:  # every class the file names, read without unpickling (torch >= 2.5)
+        names += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # an older torch, or a file it cannot list: the error's class only
+        pass
+    module = next((n for n in names if n.startswith("torch.nn.modules.")), None)
+    fix = ("save its weights with torch.save(model.state_dict(), PATH) and pass that file "
+           "(pickled objects are not loaded: unpickling can run arbitrary code)")
+    if module is not None:
+        return (f"--weights {str(path)!r} holds a pickled model ({names[0]}, written by "
+                f"torch.save(model)), not a state_dict; {fix}")
+    what = f" ({names[0]})" if names else ""
+    return (f"--weights {str(path)!r} holds pickled Python objects{what}, not a state_dict "
+            f"of tensors; {fix}")
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a state_dict (or ``{"state_dict": ...}``) from ``path`` into ``model``."""
     p = Path(path).expanduser()
@@ -310,8 +341,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ModelError(f"--weights {str(p)!r} does not exist")
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(_unpickling_message(p, exc)) from exc
     except Exception as exc:
-        raise ModelError(f"--weights {str(p)!r} is not a readable torch file: {exc}") from exc
+        raise ModelError(f"--weights {str(p)!r} is not a readable torch file: "
+                         f"{_plain(exc)}") from exc
     if isinstance(blob, dict) and "state_dict" in blob and isinstance(blob["state_dict"], dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict):
