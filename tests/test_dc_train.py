@@ -166,7 +166,44 @@ def test_offline_mnist_is_a_clear_error(tmp_path, monkeypatch, capsys):
         dc_train.load_mnist(tmp_path)
     assert dc_train.main(["--data", "mnist", "--data-root", str(tmp_path),
                           "--out", str(tmp_path / "out")]) == 2
-    assert "--data digits" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--data digits" in err and err.count("\n") == 1, err
+
+    def offline_multiline(*args, **kwargs):  # torchvision's message spans several lines
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://x/, "
+                           "got:\n<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline_multiline)
+    assert dc_train.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(Error downloading train-images-idx3-ubyte.gz)" in err, err
+    assert "Pass --data digits (scikit-learn's digits, no download)" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--init-std", "0"], "--init-std must be a finite number > 0, got 0.0"),
+    (["--batch-size", "1"], "--batch-size must be >= 2 (batch norm needs two samples"),
+    (["--limit", "1"], "--limit must be >= 2"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--explain", "-2"], "--explain must be >= 0, got -2"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", str(2**32 - 1), "--seeds", "2"], "got 4294967295 .. 4294967296"),
+])
+def test_numeric_options_out_of_range_are_one_line(tmp_path, capsys, monkeypatch, args,
+                                                   message):
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr(dc_train, "load_data", no_data)
+    assert dc_train.main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitxai train-dc: error: ") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- training

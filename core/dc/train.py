@@ -261,9 +261,11 @@ def load_mnist(root: str | Path, download: bool = True) -> Dataset:
     try:
         parts = [MNIST(str(root), train=t, download=download) for t in (True, False)]
     except (RuntimeError, OSError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
         raise RuntimeError(
-            f"could not load MNIST into {root} ({error}); offline? Download the four "
-            "MNIST IDX files elsewhere and pass --data idx:FOLDER, or use --data digits"
+            f"--data mnist: could not download MNIST into {root} ({first}); offline? Pass "
+            "--data digits (scikit-learn's digits, no download), or download the four MNIST "
+            "IDX files elsewhere and pass --data idx:FOLDER"
         ) from error
     tensors = []
     for part in parts:
@@ -529,6 +531,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the largest --seed (seeds run from --seed to --seed + --seeds - 1; 32 bits as elsewhere)
+SEED_MAX = 2**32 - 1
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    """The first numeric option out of range, as one line (None: all fine)."""
+    import math
+
+    for name, least in (("seeds", 1), ("epochs", 1), ("batch_size", 2), ("limit", 2),
+                        ("explain", 0)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            why = " (batch norm needs two samples a batch)" if least == 2 else ""
+            return f"--{name.replace('_', '-')} must be >= {least}{why}, got {value}"
+    for name, positive in (("lr", True), ("weight_decay", False), ("init_std", True)):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < 0
+                                  or (positive and value == 0)):
+            bound = "> 0" if positive else ">= 0"
+            return f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}"
+    last = args.seed + (args.seeds or 1) - 1
+    if args.seed < 0 or last > SEED_MAX:
+        return (f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1) and so must "
+                f"the last seed --seed + --seeds - 1, got {args.seed} .. {last}")
+    return None
+
+
 def _modes(spec: str) -> list[str]:
     if spec.lower() == "all":
         return list(dc_models.MODES)
@@ -546,10 +575,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 2 on bad arguments or unavailable data.
+        Exit status: 0 on success, 2 on bad arguments (a numeric option out of range: one
+        line) or unavailable data.
     """
     parser = _parser()
     args = parser.parse_args(None if argv is None else list(argv))
+    problem = _check_numbers(args)
+    if problem is not None:
+        print(f"splitxai train-dc: error: {problem}", file=sys.stderr)
+        return 2
     quick = args.quick
     if quick and args.data not in (None, "digits"):
         parser.error("--quick trains on digits; leave out --data or pass --data digits")
@@ -559,8 +593,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if quick else 10)
     batch_size = args.batch_size or (32 if quick else 128)
     save = args.save or ("none" if quick else "first")
-    if seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {seeds}")
     try:
         modes = _modes(args.mode or "all")
     except ValueError as error:
@@ -571,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data = load_data(data_spec, args.data_root).limit(args.limit)
     except (OSError, RuntimeError, ValueError, ImportError) as error:
-        print(f"splitxai train-dc: {error}", file=sys.stderr)
+        print(f"splitxai train-dc: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
