@@ -63,6 +63,7 @@ def main(out_dir: str = ".", n_images: int = 4) -> int:
             ax.set_xticks([])
             ax.set_yticks([])
     path = Path(out_dir) / "split_resnet20.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
