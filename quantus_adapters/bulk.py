@@ -4,14 +4,17 @@ The job behind ``splitxai explain``: every (image, method configuration) pair gi
 written to ``<out>/maps/<configuration>/<image>.npz`` (``numpy.savez_compressed``; the array
 ``map`` of shape (H, W), float32 or float16, and the explained ``label``), listed in
 ``<out>/index.csv`` and described by ``<out>/explain.json`` (what produced the maps, checked
-by ``--resume``). Maps are computed by :class:`MapWorker` -- in this process, or as a Ray
-Data actor on each Ray worker (:func:`explain_on_ray`); only the calling process writes
-files, as results arrive, so an interrupted run keeps every finished map.
+by ``--resume``). Maps are computed by :class:`MapWorker` -- in this process, or on each
+Ray worker (:func:`explain_on_ray`); only the calling process writes files, as results
+arrive, so an interrupted run keeps every finished map. Random methods (``Random``,
+``GradientShap``) are seeded per batch and configuration from the seed, the configuration
+and the batch's images, so a batch gives the same maps in any process.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import inspect
 import json
@@ -25,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "explain_locally",
-           "explain_on_ray", "make_batches", "model_digest", "plan_configs", "todo_pairs"]
+__all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "batch_seed", "explain_locally",
+           "explain_on_ray", "failed_batch", "make_batches", "model_digest", "plan_configs",
+           "todo_pairs"]
 
 INDEX_COLUMNS = ("image", "label", "method", "layer", "options", "dtype", "file")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -121,7 +125,7 @@ def plan_configs(methods: Sequence[str], layers: Sequence[str] | None = None,
 
 
 class MapWorker:
-    """Computes maps; holds the model once (a Ray Data actor on each Ray worker).
+    """Computes maps; holds the model once (one in each Ray worker).
 
     Parameters
     ----------
@@ -138,16 +142,16 @@ class MapWorker:
         Torch device of the model.
     threads: int, optional
         Torch CPU threads of this worker.
-    batches: sequence of dict, optional
-        Batches addressed by index: a call with ``{"batch": [i]}`` explains ``batches[i]``
-        (so that Ray workers explain exactly the batches of a local run).
+    seed: int
+        Base seed: before each configuration's call on a batch, Python's, NumPy's and
+        torch's generators are seeded from it, the configuration and the batch's rows
+        (:func:`batch_seed`).
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module],
                  images: np.ndarray | Callable[[], np.ndarray],
                  labels: np.ndarray | Callable[[], np.ndarray], configs: Sequence[MapConfig],
-                 device: str = "cpu", threads: int | None = None,
-                 batches: Sequence[dict] | Callable[[], Sequence[dict]] | None = None):
+                 device: str = "cpu", threads: int | None = None, seed: int = 0):
         if threads is not None:
             torch.set_num_threads(threads)
         if not isinstance(model, nn.Module):
@@ -156,14 +160,12 @@ class MapWorker:
             images = images()
         if callable(labels):
             labels = labels()
-        if callable(batches):
-            batches = batches()
-        self.batches = batches
         self.model = model.to(device).eval()
         self.images = images
         self.labels = labels
         self.configs = list(configs)
         self.device = device
+        self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Maps of ``batch["row"]`` x ``batch["config"]`` pairs.
@@ -178,12 +180,9 @@ class MapWorker:
             instead of shown).
         """
         import quantus_adapters
+        from quantus_adapters.benchmark.protocol import seed_everything
         from quantus_adapters.class_blind import collect
 
-        if "batch" in batch:
-            if self.batches is None:
-                raise ValueError("batch indices need the worker's batches")
-            batch = self.batches[int(np.asarray(batch["batch"]).reshape(-1)[0])]
         rows = np.asarray(batch["row"], dtype=np.int64)
         cfgs = np.asarray(batch["config"], dtype=np.int64)
         h, w = self.images.shape[-2:]
@@ -195,6 +194,7 @@ class MapWorker:
             config = self.configs[int(c)]
             x = torch.from_numpy(np.ascontiguousarray(self.images[rows[sel]]))
             y = torch.from_numpy(np.ascontiguousarray(self.labels[rows[sel]]))
+            seed_everything(batch_seed(self.seed, config, rows[sel]))
             try:
                 with collect(config.options.get("alpha")) as found:
                     out = quantus_adapters.explain(self.model, x.to(self.device),
@@ -354,32 +354,51 @@ def explain_locally(worker: MapWorker, batches: Sequence[dict[str, np.ndarray]]
         yield worker(batch)
 
 
+def batch_seed(seed: int, config: MapConfig, rows: np.ndarray) -> int:
+    """The seed of one configuration's call on a batch: a 32-bit hash of the base seed, the
+    configuration and the rows (the same in any process and order)."""
+    text = f"{seed}|{config.key()}|{','.join(map(str, np.asarray(rows).tolist()))}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def failed_batch(batch: dict[str, np.ndarray], shape: tuple[int, int],
+                 error: str) -> dict[str, np.ndarray]:
+    """The result of a batch that could not be computed: every pair failed with ``error``."""
+    n = len(batch["row"])
+    return {"row": np.asarray(batch["row"]), "config": np.asarray(batch["config"]),
+            "map": np.zeros((n, *shape), dtype=np.float32),
+            "error": np.array([error] * n), "class_blind": np.array([""] * n)}
+
+
+def _explain_batch(worker: MapWorker, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return worker(batch)
+
+
 def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
                    labels: np.ndarray, configs: Sequence[MapConfig],
                    batches: Sequence[dict[str, np.ndarray]], device: str, workers: int,
-                   gpus_per_worker: float) -> Iterator[dict[str, np.ndarray]]:
-    """Results of :class:`MapWorker` actors on a Ray cluster (Ray Data ``map_batches``).
+                   gpus_per_worker: float, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Results of :class:`MapWorker` on Ray workers (a :class:`~quantus_adapters.cluster.
+    RayPool`), as they finish.
 
-    Images, labels and batches go to the object store once; each actor builds the model
-    once with ``make_model`` (picklable) and explains the batches whose indices it is given
-    -- the batches of a local run, so the maps are the same; results stream back to the
-    caller as they finish.
+    Images and labels go to the object store once; each worker builds the model once with
+    ``make_model`` (picklable) and explains the batches it is sent -- the batches of a
+    local run, with the same seeds, so the maps are the same. A batch whose worker is lost
+    (after Ray's restarts) comes back with every pair failed, naming the cause.
+
+    Raises
+    ------
+    WorkerSetupError
+        A worker cannot build the model (the same in every worker: the run stops).
     """
-    import ray.data
+    from quantus_adapters.cluster import ObjectStoreValue, RayPool
 
-    from quantus_adapters.cluster import ObjectStoreValue
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # items in memory: no read tasks competing with the actors for the CPUs
-    ds = ray.data.from_items([{"batch": i} for i in range(len(batches))],
-                             override_num_blocks=len(batches))
-    out = ds.map_batches(
-        MapWorker, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        fn_constructor_args=(make_model, ObjectStoreValue(ray.put(images)),
-                             ObjectStoreValue(ray.put(labels)), list(configs), device, 1),
-        fn_constructor_kwargs={"batches": ObjectStoreValue(ray.put(list(batches)))},
-        num_cpus=1, num_gpus=gpus_per_worker or None)
-    yield from out.iter_batches(batch_size=None, batch_format="numpy")
+    setup = functools.partial(MapWorker, make_model, ObjectStoreValue(ray.put(images)),
+                              ObjectStoreValue(ray.put(labels)), list(configs), device,
+                              seed=seed)
+    pool = RayPool(ray, setup, workers, gpus_per_worker)
+    try:
+        for batch, ok, value in pool.imap_unordered(_explain_batch, batches):
+            yield value if ok else failed_batch(batch, images.shape[-2:], f"Ray: {value}")
+    finally:
+        pool.close()

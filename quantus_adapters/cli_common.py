@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from quantus_adapters.cluster import RayOptions, add_ray_arguments
+from quantus_adapters.cluster import RayOptions, WorkerSetupError, add_ray_arguments
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SEED_MAX", "USER_ERRORS",
@@ -284,6 +284,12 @@ def run(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace]
             raise
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except WorkerSetupError as exc:  # found after work began: the finished work is kept
+        if args.debug:
+            raise
+        print(f"{prog}: error: {one_line(exc)}; {interrupted.split('; ', 1)[-1]}",
+              file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:
         if args.debug:
             raise

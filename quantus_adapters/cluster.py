@@ -11,8 +11,9 @@ is used as it is and left open.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,29 +26,31 @@ if TYPE_CHECKING:  # the benchmark package imports this module
     from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
 __all__ = ["INSTALL_HINT", "ObjectStoreValue", "RayOptions", "RayPool", "RayUnavailableError",
-           "RemoteModel", "add_ray_arguments", "require_ray"]
+           "RemoteModel", "WorkerSetupError", "add_ray_arguments", "require_ray"]
 
 INSTALL_HINT = 'pip install "splitxai[ray]"'
 LOCAL = "local"
 
 
 class RayUnavailableError(ImportError):
-    """``--ray`` was given but Ray (or Ray Data) is not installed."""
+    """``--ray`` was given but Ray is not installed."""
 
 
-def require_ray(data: bool = False) -> ModuleType:
-    """Import Ray (and Ray Data when ``data``), or raise with the install line.
+class WorkerSetupError(RuntimeError):
+    """A Ray worker cannot build its state (the model): every task would fail alike, so the
+    run stops (the work finished before is kept)."""
+
+
+def require_ray() -> ModuleType:
+    """Import Ray, or raise with the install line.
 
     Raises
     ------
     RayUnavailableError
-        Ray or one of the packages Ray Data needs is missing.
+        Ray is missing.
     """
     try:
         import ray
-
-        if data:
-            import ray.data  # noqa: F401  (needs pyarrow: the "data" extra of ray)
     except ImportError as exc:
         raise RayUnavailableError(f"--ray needs Ray, which is not installed ({exc}); install "
                                   f"it with: {INSTALL_HINT}") from None
@@ -125,10 +128,12 @@ class RayOptions:
         calling process already holds is used and left open.
         """
         ray = require_ray()
-        # Ray's own notes (Ray Data's progress and executor lines) would break the one
-        # progress bar of the command; errors still surface as exceptions
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
         started = False
+        # ray.init replaces the SIGTERM handler of the main thread with its own (which exits
+        # with status 15 and a crash report); the command's handler (exit 130, the
+        # "interrupted" line) is put back
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         if not ray.is_initialized():
             kwargs: dict = {"include_dashboard": False, "log_to_driver": False,
                             "logging_level": "ERROR"}
@@ -140,6 +145,8 @@ class RayOptions:
             else:
                 ray.init(address=self.address, **kwargs)
             started = True
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
         try:
             yield ray
         finally:
@@ -236,18 +243,35 @@ def _cause(exc: BaseException) -> str:
 
 
 class _Worker:
-    """A Ray actor: builds the state (model, data) once, then runs tasks on it."""
+    """A Ray actor: builds the state (model, data) on its first task, then runs tasks on it.
 
-    def __init__(self, setup: Callable[[], Any], threads: int):
+    The setup travels with each task (a small object-store value), not as a constructor
+    argument, so a restarted actor builds the state again from it. A state that cannot be
+    built is kept as its error line (Ray would restart the actor only to fail again), and
+    every task returns ``(None, error)``.
+    """
+
+    def __init__(self, threads: int):
         import torch
 
         from splitxai.allocator import keep_freed_memory
 
         keep_freed_memory()  # the actor's process is ours (splitxai.allocator)
         torch.set_num_threads(threads)
-        self.state = setup()
+        self.built = False
+        self.state: Any = None
+        self.setup_error: str | None = None
 
-    def run(self, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
+    def run(self, setup: Callable[[], Any], fn: Callable[[Any, Any], Any],
+            task: Any) -> tuple[bool | None, Any]:
+        if not self.built:
+            self.built = True
+            try:
+                self.state = setup()
+            except Exception as exc:
+                self.setup_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if self.setup_error is not None:
+            return None, self.setup_error
         return _run_task(self.state, fn, task)
 
 
@@ -272,16 +296,25 @@ class RayPool:
     def __init__(self, ray: ModuleType, setup: Callable[[], Any], workers: int,
                  gpus_per_worker: float = 0.0, retries: int = 2):
         self.ray = ray
-        self.setup = setup  # keeps its object-store values alive for restarted workers
+        self.setup = ray.put(setup)  # its object-store values stay alive with the pool
         cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=retries,
                          max_task_retries=retries)(_Worker)
-        self.actors = [cls.remote(setup, 1) for _ in range(workers)]
+        self.actors = [cls.remote(1) for _ in range(workers)]
 
     def imap_unordered(self, fn: Callable[[Any, Any], Any],
                        tasks: Sequence[Any]) -> Iterator[tuple[Any, bool, Any]]:
         """``(task, ok, result or error message)`` for each task, as they finish.
 
-        Each actor has at most two tasks in flight (one running, one queued).
+        Each actor has at most two tasks in flight (one running, one queued). A task whose
+        worker is lost for good (after ``retries`` restarts) is yielded with ``ok`` False
+        and that worker gets no more tasks; when no worker is left, the remaining tasks are
+        yielded as failed.
+
+        Raises
+        ------
+        WorkerSetupError
+            A worker could not build its state (e.g. the model): the first such error ends
+            the iteration (the workers are left to :meth:`close`).
         """
         ray = self.ray
         pending = list(tasks)[::-1]
@@ -290,7 +323,7 @@ class RayPool:
         def submit(actor) -> None:
             if pending:
                 task = pending.pop()
-                running[actor.run.remote(fn, task)] = (actor, task)
+                running[actor.run.remote(self.setup, fn, task)] = (actor, task)
 
         for actor in self.actors:
             submit(actor)
@@ -300,9 +333,12 @@ class RayPool:
             actor, task = running.pop(done[0])
             try:
                 ok, value = ray.get(done[0])
-                submit(actor)
             except Exception as exc:  # the worker died and Ray's restarts did not help
                 ok, value = False, f"worker lost ({type(exc).__name__}): {_cause(exc)}"
+            else:
+                if ok is None:
+                    raise WorkerSetupError(f"a Ray worker cannot build the model: {value}")
+                submit(actor)
             yield task, ok, value
         while pending:  # every worker is lost
             yield pending.pop(), False, "no Ray worker left (all were lost)"

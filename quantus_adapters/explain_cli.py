@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_run_arguments(
         p, out="splitxai-maps", batch_size=16,
         resume_help="add the missing maps to an --out of an earlier run of the same setup",
-        seed_help="seed of the built-in digits data",
+        seed_help="seed of the built-in digits data and of random methods (Random, "
+                  "GradientShap: seeded per batch, so a run gives the same maps with or "
+                  "without Ray)",
         threads_help="torch CPU threads of this process (Ray workers use one each)",
         progress_help="no progress bar")
     return p
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
-                 names: list[str], float16: bool) -> dict:
+                 names: list[str], float16: bool, seed: int) -> dict:
     """What the stored maps depend on (``--resume`` refuses an --out of another setup)."""
     from quantus_adapters.benchmark.cells import code_digest
     from quantus_adapters.bulk import model_digest
@@ -99,7 +101,7 @@ def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.nda
     return {"model": spec.name, "weights": model_digest(model), "code": code_digest(model),
             "data": data_name,
             "images": digest.hexdigest(), "n_images": len(names),
-            "dtype": "float16" if float16 else "float32"}
+            "dtype": "float16" if float16 else "float32", "seed": seed}
 
 
 def _run(args) -> int:
@@ -111,7 +113,7 @@ def _run(args) -> int:
     start = time.perf_counter()
     ray_options = common.check_options(args, ("max_images",))
     if ray_options is not None:
-        cluster.require_ray(data=True)
+        cluster.require_ray()
     else:  # with Ray, this process holds the model on the CPU; the workers use --device
         common.check_device(args.device)
     spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
@@ -153,7 +155,8 @@ def _run(args) -> int:
 
     # the whole data set, so that --resume may extend --max-images
     fingerprint = _fingerprint(spec, model, data.name, data.images.numpy(),
-                               data.labels.numpy(), list(data.names), args.float16)
+                               data.labels.numpy(), list(data.names), args.float16,
+                               args.seed)
     store = bulk.MapStore(args.out, fingerprint, resume=args.resume, float16=args.float16)
     pairs = bulk.todo_pairs(store, configs, names)
     total = len(configs) * n
@@ -164,7 +167,8 @@ def _run(args) -> int:
     batches = bulk.make_batches(pairs, args.batch_size)
     if pairs:
         if ray_options is None:
-            worker = bulk.MapWorker(model, images, labels, configs, local_device)
+            worker = bulk.MapWorker(model, images, labels, configs, local_device,
+                                    seed=args.seed)
             results = bulk.explain_locally(worker, batches)
             written = _write(results, store, configs, names, labels, failures, blind,
                              len(pairs), progress)
@@ -176,7 +180,7 @@ def _run(args) -> int:
                       f"CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs in the cluster")
                 results = bulk.explain_on_ray(ray, make_model, images, labels, configs,
                                               batches, args.device, n_workers,
-                                              ray_options.gpus_per_worker)
+                                              ray_options.gpus_per_worker, args.seed)
                 written = _write(results, store, configs, names, labels, failures, blind,
                                  len(pairs), progress)
     seconds = time.perf_counter() - start

@@ -265,3 +265,26 @@ def test_seed_range_and_nested_images_note(tmp_path, capsys):
     assert rc == 0, printed.err
     assert ("splitxai explain: note: 1 image file(s) in subfolders of" in printed.err
             and "were not used (e.g. cats/b.png)" in printed.err)
+
+
+def test_random_methods_are_seeded_per_batch(tmp_path, capsys):
+    """GradientShap and Random: the same command gives the same maps; --seed changes them
+    and is part of what --resume checks."""
+    from tests.benchmark_files import TINY_MODEL_PY, write_masked_folder
+
+    (tmp_path / "tiny.py").write_text(TINY_MODEL_PY)
+    root = write_masked_folder(tmp_path / "data", 3)
+    common = ["--model", f"{tmp_path / 'tiny.py'}:build", "--data", f"folder:{root}",
+              "--methods", "GradientShap", "Random", "--batch-size", "2"]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 7)):
+        rc, printed = _run([*common, "--seed", seed, "--out", tmp_path / name], capsys)
+        assert rc == 0, printed.err
+        runs[name] = {f.relative_to(tmp_path / name): np.load(f)["map"]
+                      for f in sorted((tmp_path / name).rglob("*.npz"))}
+    assert len(runs["a"]) == 2 * 3 and runs["a"].keys() == runs["c"].keys()
+    for rel, amap in runs["a"].items():
+        np.testing.assert_array_equal(amap, runs["b"][rel])
+    assert any(not np.array_equal(amap, runs["c"][rel]) for rel, amap in runs["a"].items())
+    rc, printed = _run([*common, "--seed", 7, "--out", tmp_path / "a", "--resume"], capsys)
+    assert rc == 2 and "different seed" in printed.err
