@@ -187,9 +187,15 @@ def element_input_error(name: str, method: str) -> ValueError:
     )
 
 
+#: the modules a CAM's default layer may be (their lazy and QAT variants subclass them)
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                 nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def last_conv_name(model: nn.Module, method: str) -> str:
-    """Name of the last ``Conv1d/2d/3d`` in ``model.named_modules()`` order (the CAM default)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    """Name of the last ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d`` in
+    ``model.named_modules()`` order (the CAM default)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, _CONVOLUTIONS)]
     if not convs:
         raise ValueError(
             f"{method}: the model has no convolution, so there is no default layer; pass "

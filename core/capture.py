@@ -185,21 +185,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _has_unmaterialised(model: nn.Module) -> bool:
     """Whether a parameter or buffer of the model is on the meta device or not initialised
-    (a lazy module before its first forward) -- a walk over the module dicts:
-    ``model.modules()`` builds every module's name."""
+    (a lazy module before its first forward) -- a walk over each module's own tensors
+    (``recurse=False``) and children: ``model.modules()`` builds every module's name."""
     stack, seen = [model], set()
     while stack:
         m = stack.pop()
         if id(m) in seen:
             continue
         seen.add(id(m))
-        for t in m._parameters.values():
-            if t is not None and (t.is_meta or is_lazy(t)):
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if t.is_meta or is_lazy(t):
                 return True
-        for t in m._buffers.values():
-            if t is not None and (t.is_meta or is_lazy(t)):
-                return True
-        stack.extend(c for c in m._modules.values() if c is not None)
+        stack.extend(m.children())
     return False
 
 

@@ -366,7 +366,7 @@ def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor,
     """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of a MultiheadAttention, detached (packed
     ``in_proj_weight``, or separate weights when ``kdim``/``vdim`` differ from
     ``embed_dim``)."""
-    if m._qkv_same_embed_dim:
+    if m.in_proj_weight is not None:  # packed (kdim == vdim == embed_dim)
         weights = m.in_proj_weight.detach().chunk(3)
     else:
         weights = (m.q_proj_weight.detach(), m.k_proj_weight.detach(),

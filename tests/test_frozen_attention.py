@@ -36,7 +36,7 @@ def frozen_attention(m: nn.MultiheadAttention, value: torch.Tensor,
         value, weights = value.unsqueeze(1), weights.unsqueeze(0)
     elif m.batch_first:
         value = value.transpose(0, 1)                         # (S, N, vdim)
-    if m._qkv_same_embed_dim:
+    if m.in_proj_weight is not None:  # packed (kdim == vdim == embed_dim)
         w_v = m.in_proj_weight[2 * m.embed_dim:]
     else:
         w_v = m.v_proj_weight
