@@ -91,12 +91,11 @@ def merge_batchnorm(model: nn.Module) -> nn.Module:
             merge(child)
         if not isinstance(seq, nn.Sequential):
             return
-        keys = list(seq._modules)
-        for prev, key in zip(keys, keys[1:], strict=False):
-            bn = seq._modules[key]
+        for i in range(1, len(seq)):
+            bn = seq[i]
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 continue
-            layer = seq._modules[prev]
+            layer = seq[i - 1]
             if not isinstance(layer, (nn.Linear, nn.Conv2d)):
                 raise NotImplementedError("reference: BatchNorm must follow Linear / Conv2d")
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -105,7 +104,7 @@ def merge_batchnorm(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 layer.weight = nn.Parameter(layer.weight * scale.reshape(shape))
                 layer.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
-            seq._modules[key] = nn.Identity()
+            seq[i] = nn.Identity()
 
     merge(model)
     return model
