@@ -409,6 +409,15 @@ def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
 def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Linear`` (eqs. 2-3): ``d' = W d + b``, ``s' = |W| s + |b|``."""
     m, p = ctx.module, args[0]
+    if ctx.skip_bias and p.d.dim() != 2:
+        # a BatchNorm normalises dim 1, a Linear's features are the last dim: they are one
+        # per-channel map only on (batch, features) tensors
+        raise unsupported(
+            ctx, f"a BatchNorm merged into a Linear on a {p.d.dim()}-D input "
+            "(merge_batchnorm=True, which SplitLRP always uses)",
+            "The BatchNorm normalises dim 1, the Linear maps the last dim, so the two are not "
+            "one affine layer. Use core.split(model) without merge_batchnorm "
+            "(core.split(model).relevance(...) for SplitLRP).")
     w, b, bias_abs = _module_params(ctx, m)
     if ctx.cached_abs:
         s = abs_linear(p.s, ctx.weight_abs(m.weight), bias_abs, ctx.mass, is_abs=True)

@@ -296,6 +296,25 @@ def test_merge_batchnorm_changes_mass_only():
         assert_rel_close(b.Dg, a.Dg, 1e-6, what=f"Dg at {layer}")
 
 
+
+def test_merge_batchnorm_refuses_a_linear_on_sequences():
+    """BatchNorm1d after a Linear on (batch, length, features) normalises dim 1, not the
+    Linear's features: merging them gave a pair with ``s < |d|`` (one stream negative) when
+    the sizes agreed and a raw shape error when they did not."""
+    torch.manual_seed(0)
+    for features in (4, 5):
+        model = randomise_batchnorm(nn.Sequential(
+            nn.Linear(6, features), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(features, 3)).eval())
+        with torch.no_grad():
+            model[0].bias.mul_(20)
+        x = torch.randn(2, 4, 6)
+        g, h = core.split(model)(x)
+        assert_rel_close(g - h, model(x), 1e-5, what="g - h")
+        with pytest.raises(core.UnsupportedOperation, match="merge_batchnorm"):
+            core.split(model, merge_batchnorm=True)(x)
+    flat = randomise_batchnorm(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).eval())
+    core.split(flat, merge_batchnorm=True)(torch.randn(2, 6))  # (batch, features): merged
+
 # --------------------------------------------------------------------------- pooling
 def _pool_net(pool: nn.Module, channels: int = 4, size: int = 9) -> nn.Sequential:
     with torch.no_grad():
