@@ -108,13 +108,6 @@ def check_alpha(alpha: Any) -> None:
             "model's gradient (alpha=0.5)."))
 
 
-def parse_alpha(text: str) -> float | str:
-    """An alpha from a command line: ``"auto"`` or a float in ``[0, 0.5]``."""
-    value: float | str = text if text == AUTO else float(text)
-    check_alpha(value)
-    return value
-
-
 def alpha_label(alpha: AlphaType) -> str:
     """Short text of an alpha for tables (``0.4``, ``auto``, ``{...}``)."""
     if isinstance(alpha, str):

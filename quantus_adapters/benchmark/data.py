@@ -89,11 +89,6 @@ class BenchmarkData:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def has_masks(self) -> bool:
-        """Whether ground-truth object masks exist (localisation metrics need them)."""
-        return self.masks is not None
-
     def usable_masks(self, split: str) -> np.ndarray:
         """Per image of ``split``: whether its mask has object and background pixels."""
         from quantus_adapters.benchmark.protocol import localisation_mask
