@@ -189,7 +189,10 @@ def _adaptive_max(ctx: Ctx, p: Pair, n: int, output_size, indices: bool = False)
 @register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
           lrp="maxpool", mass_linear=True)
 def adaptive_maxpool_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``nn.AdaptiveMaxPool1d/2d/3d``."""
+    """``nn.AdaptiveMaxPool1d/2d/3d``: :func:`maxpool_module` over the adaptive windows.
+    Convex: ``d' = maxpool(d)``, ``s' = maxpool(d) + sumpool(s - d)`` with
+    ``kernel = stride = input size / output size`` (even windows only); winner-takes-all:
+    ``s'`` is ``s`` at the window's arg-max of ``d`` (any windows)."""
     m = ctx.module
     return _adaptive_max(ctx, args[0], int(type(m).__name__[-2]), m.output_size,
                          bool(m.return_indices))

@@ -250,8 +250,9 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
           "__truediv__", "__itruediv__", freezes=frozen_rules.division_check, mass_linear=True)
 def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """Division by a constant; by an activation only with ``nonlinear="freeze"``: the divisor
-    is frozen, ``a / b = a * (1 / b)`` with ``1 / b`` a constant."""
+    """Division by a constant ``c``: ``d' = d / c``, ``s' = s / |c|``; by an activation only
+    with ``nonlinear="freeze"``: the divisor is frozen, ``a / b = a * (1 / b)`` with ``1 / b``
+    a constant."""
     a, b = args[0], args[1]
     if isinstance(b, Pair):
         value = torch.div(a.d if isinstance(a, Pair) else a, b.d, **kwargs)
@@ -344,13 +345,16 @@ def _added_product(ctx: Ctx, fn: Callable[..., torch.Tensor], names: tuple[str, 
 
 @register(torch.bmm, "bmm", lrp="product", mass_linear=True)
 def bmm(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``torch.bmm``: batched ``matmul``."""
+    """``torch.bmm``: batched :func:`matmul` (``d' = d_a @ d_b``, ``s' = s_a @ s_b``; a
+    constant ``W`` enters ``s`` as ``|W|``)."""
     return matmul(ctx, args, kwargs)
 
 
 @register(torch.einsum, lrp="product")
 def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``torch.einsum`` of two operands (a pair and a constant, or two pairs)."""
+    """``torch.einsum(eq, a, b)`` of two operands (a pair and a constant, or two pairs):
+    ``d' = einsum(eq, d_a, d_b)``, ``s' = einsum(eq, s_a, s_b)``; a constant ``c`` enters as
+    the pair ``(c, |c|)``."""
     equation, operands = args[0], args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
@@ -376,7 +380,7 @@ def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
 
 @register(torch.square, "square", lrp="product", exponent=lambda node: 2)
 def square(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``x.square()``: the product of a pair with itself."""
+    """``x.square()``: the product of a pair with itself: ``d' = d ** 2``, ``s' = s ** 2``."""
     return products.power(args[0], 2)
 
 

@@ -124,7 +124,9 @@ def _hardsigmoid_pair(p: Pair) -> Pair:
 
 @register(nn.Hardsigmoid, F.hardsigmoid, lrp="activation", activation=True, mass_linear=True)
 def hardsigmoid(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(z / 6 + 1/2, 0, 1)``, piecewise linear."""
+    """``F.hardsigmoid`` / ``nn.Hardsigmoid``: ``clamp(u, 0, 1)`` of ``u = z / 6 + 1/2``
+    (``d_u = d / 6 + 1/2``, ``s_u = s / 6 + 1/2``): ``d' = hardsigmoid(d)``,
+    ``s' = 2 s_u + 1 + relu(-d_u) + relu(1 - d_u)`` (:func:`clamp_pair`)."""
     p = args[0] if args else kwargs["input"]
     return _hardsigmoid_pair(p)
 
