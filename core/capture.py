@@ -234,12 +234,26 @@ def selector(output: Any) -> Callable[[Any], Any] | None:
         return output
     if isinstance(output, (int, str)):
         def pick(value: Any) -> Any:
-            if isinstance(value, (tuple, list)) or (isinstance(output, str)
-                                                    and isinstance(value, dict)):
-                return value[output]
+            kind = type(value).__name__
+            if isinstance(value, dict):
+                if output in value:
+                    return value[output]
+                raise KeyError(f"output={output!r}: the model's output ({kind}) has no such "
+                               f"key; its keys: {list(value)}")
+            if isinstance(value, (tuple, list)):
+                fields = getattr(value, "_fields", ())  # a namedtuple's
+                if isinstance(output, str) and output in fields:
+                    return getattr(value, output)
+                if isinstance(output, int) and -len(value) <= output < len(value):
+                    return value[output]
+                if isinstance(output, int):
+                    raise IndexError(f"output={output!r}: the model's output is a {kind} of "
+                                     f"{len(value)} elements")
+                raise TypeError(f"output={output!r} cannot select from {kind}: use an index"
+                                + (f" or one of its fields {list(fields)}" if fields else ""))
             if isinstance(output, str) and hasattr(value, output):
                 return getattr(value, output)
-            raise TypeError(f"output={output!r} cannot select from {type(value).__name__}")
+            raise TypeError(f"output={output!r} cannot select from {kind}")
 
         return pick
     raise TypeError(f"output must be an int index, a str key/attribute or a callable, got "

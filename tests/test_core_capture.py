@@ -4,6 +4,7 @@ outputs, module hooks, wrapped models -- and capture never changes the model."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 
@@ -152,6 +153,24 @@ def test_structured_outputs_need_and_take_a_selector(kind, output):
     probe = sm.sensitivities(x, 0, ["body"], alpha=0.5)["body"]
     assert probe.activation.shape == (3, 8)
 
+
+
+def test_a_namedtuple_output_is_selected_by_field_and_bad_selectors_are_named():
+    """``output="logits"`` on a namedtuple gave a raw 'tuple indices must be integers'
+    TypeError; an index out of range or a missing key a bare IndexError / KeyError."""
+    Out = collections.namedtuple("Out", "logits features")
+    model = Structured("tuple").eval()
+    model.forward = lambda x: Out(*Structured.forward(model, x))
+    x = torch.randn(3, 4)
+    g, h = core.split(model, output="logits", reuse_capture=False)(x)
+    with torch.no_grad():
+        assert_rel_close(g - h, model(x).logits, 1e-5, scale=max_abs(g))
+    with pytest.raises(TypeError, match=r"fields \['logits', 'features'\]"):
+        core.split(model, output="nope", reuse_capture=False)(x)
+    with pytest.raises(IndexError, match="Out of 2 elements"):
+        core.split(model, output=5, reuse_capture=False)(x)
+    with pytest.raises(KeyError, match="its keys: \\['logits', 'features'\\]"):
+        core.split(Structured("dict").eval(), output="nope")(x)
 
 class TupleLayer(nn.Module):
     def forward(self, a, b):
