@@ -138,7 +138,9 @@ def _affine_mass(s: torch.Tensor, weight, bias, shape) -> torch.Tensor:
 
 
 def layer_norm(p: Pair, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Pair:
-    """``F.layer_norm`` with ``1 / std`` frozen."""
+    """``F.layer_norm`` with ``r = 1 / std`` frozen: ``d' = layer_norm(d)``,
+    ``s' = |w| r ((1 - 2/n) s + mean(s)) + |b|`` over the ``n`` normalised entries
+    (``|I - 1/n| s``, :func:`_centred_mass`)."""
     d = p.d
     dims = _dims(d.dim(), len(tuple(normalized_shape)))
     value = F.layer_norm(d, normalized_shape, weight, bias, eps)
@@ -156,7 +158,8 @@ def layer_norm(p: Pair, normalized_shape, weight=None, bias=None, eps: float = 1
 
 
 def group_norm(p: Pair, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Pair:
-    """``F.group_norm`` with ``1 / std`` of every group frozen."""
+    """``F.group_norm`` with ``r = 1 / std`` of every group frozen: ``d' = group_norm(d)``,
+    ``s' = |w| r ((1 - 2/n) s + mean(s)) + |b|`` over the ``n`` entries of each group."""
     value = F.group_norm(p.d, num_groups, weight, bias, eps)
     return _grouped_norm(p, num_groups, weight, bias, eps, value)
 
@@ -189,7 +192,7 @@ def _grouped_norm(p: Pair, num_groups: int, weight, bias, eps: float,
 
 
 def rms_norm(p: Pair, normalized_shape, weight=None, eps: float | None = None) -> Pair:
-    """``F.rms_norm`` with ``1 / rms`` frozen."""
+    """``F.rms_norm`` with ``r = 1 / rms`` frozen: ``d' = rms_norm(d)``, ``s' = |w| r s``."""
     d = p.d
     dims = _dims(d.dim(), len(tuple(normalized_shape)))
     value = F.rms_norm(d, normalized_shape, weight, eps)
@@ -206,7 +209,8 @@ def rms_norm(p: Pair, normalized_shape, weight=None, eps: float | None = None) -
 
 
 def normalize(p: Pair, p_norm: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Pair:
-    """``F.normalize``: ``z / max(||z||, eps)`` with the norm frozen."""
+    """``F.normalize``: ``z / max(||z||, eps)`` with the norm frozen: ``d' = normalize(d)``,
+    ``s' = s / max(||d||, eps)``."""
     d = p.d
     value = F.normalize(d, p_norm, dim, eps)
     with torch.no_grad():
