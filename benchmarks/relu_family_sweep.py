@@ -150,9 +150,9 @@ def _has_constants(model: nn.Module) -> bool:
     for m in model.modules():
         if any(isinstance(v, torch.Tensor) for v in vars(m).values()):
             return True
-        if m._buffers and not isinstance(m, nn.modules.batchnorm._NormBase):
-            if any(b is not None for b in m._buffers.values()):
-                return True
+        if (not isinstance(m, nn.modules.batchnorm._NormBase)
+                and next(m.buffers(recurse=False), None) is not None):
+            return True
     return False
 
 
