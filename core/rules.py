@@ -252,8 +252,12 @@ def mul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """Division by a constant ``c``: ``d' = d / c``, ``s' = s / |c|``; by an activation only
     with ``nonlinear="freeze"``: the divisor is frozen, ``a / b = a * (1 / b)`` with ``1 / b``
-    a constant."""
+    a constant. A ``rounding_mode`` (floor, trunc) of an activation is refused."""
     a, b = args[0], args[1]
+    if isinstance(a, Pair) and kwargs.get("rounding_mode") is not None:
+        raise unsupported(ctx, f"division with rounding_mode={kwargs['rounding_mode']!r}",
+                          "Rounding is piecewise constant, not linear: divide without "
+                          "rounding_mode.")
     if isinstance(b, Pair):
         value = torch.div(a.d if isinstance(a, Pair) else a, b.d, **kwargs)
         if not isinstance(a, Pair):
@@ -455,10 +459,13 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
           fresh=True)
 def conv_transpose_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.ConvTranspose1d/2d/3d`` (zero padding mode): ``d' = convT(d, W) + b``,
-    ``s' = convT(s, |W|) + |b|``."""
+    ``s' = convT(s, |W|) + |b|``; an ``output_size`` given to the forward sets the output
+    padding, as in the module."""
     m, p = ctx.module, args[0]
     n = len(m.kernel_size)
-    out_pad = m._output_padding(p.d, None, m.stride, m.padding, m.kernel_size, n, m.dilation)
+    size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    static_args(ctx, size, "the output_size of a transposed convolution")
+    out_pad = m._output_padding(p.d, size, m.stride, m.padding, m.kernel_size, n, m.dilation)
     fn = _CONV_T[n]
     w, b, bias_abs = _module_params(ctx, m)
     opts = dict(stride=m.stride, padding=m.padding, output_padding=out_pad, groups=m.groups,

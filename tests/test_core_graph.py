@@ -567,6 +567,37 @@ def test_transposed_conv_upsampling_pixel_shuffle():
     _check(DecoderNet(), torch.randn(2, 3, 8, 8), ["enc", "up1", "up2", "shuffle", "input"])
 
 
+class OutputSizeNet(nn.Module):
+    """A transposed convolution told its output size (a U-Net's skip connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+        self.fc = nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.up(F.relu(self.down(x)), output_size=x.shape[-2:])  # 8x8, not 7x7
+        return self.fc(F.relu(u + x).flatten(1))
+
+
+def test_transposed_conv_output_size_is_kept():
+    """The forward's output_size was ignored: a 7x7 map where the model has 8x8."""
+    torch.manual_seed(18)
+    _check(OutputSizeNet(), torch.randn(2, 3, 8, 8), ["down", "up", "input"])
+
+
+class FloorDivNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.div(F.relu(x), 0.5, rounding_mode="floor").sum(1, keepdim=True)
+
+
+def test_division_with_rounding_is_refused():
+    """floor(x / c) is piecewise constant: its split would not be monotone and convex."""
+    with pytest.raises(core.UnsupportedOperation, match="rounding_mode='floor'"):
+        core.split(FloorDivNet().eval())(torch.randn(2, 3))
+
+
 class BicubicNet(nn.Module):
     """Bicubic interpolation (negative weights) by module and by function, with and without
     antialiasing and corner alignment."""
