@@ -227,6 +227,34 @@ class _Recorder(TorchFunctionMode):
         self.refusal: UnsupportedOperation | None = None  # the first one raised
         # nodes computed from the input with gradients off (the forward's own no_grad)
         self.grad_off: list[tuple[fx.Node, str]] = []
+        # the twin shares the user's parameters: one the forward writes into (an EMA kept
+        # in a frozen nn.Parameter) is kept here before the first write and put back after
+        # the recording (restore_parameters)
+        self.parameters = {id(p): p for p in model.parameters()}
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep_parameter(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Keep the value of a parameter that this call writes into (in place, by item
+        assignment, through a view taken by indexing, or as ``out=``)."""
+        if not (name.startswith(("__i", "__setitem__"))
+                or (name.endswith("_") and not name.endswith("__"))
+                or kwargs.get("inplace") is True or "out" in kwargs):
+            return
+        for target in (args[0] if args else None, kwargs.get("out")):
+            if not isinstance(target, torch.Tensor):
+                continue
+            view = self.views.get(id(target))
+            param = self.parameters.get(id(view[0] if view is not None else target))
+            if param is not None and id(param) not in self.kept:
+                self.kept[id(param)] = (param, param.detach().clone())
+
+    def restore_parameters(self) -> None:
+        with torch.no_grad():
+            for param, value in self.kept.values():
+                if param.shape != value.shape:
+                    param.resize_(value.shape)
+                param.copy_(value)
+        self.kept.clear()
 
     # ------------------------------------------------------------------ values and nodes
     def bind(self, t: torch.Tensor, node: fx.Node, dependent: bool) -> None:
@@ -310,6 +338,8 @@ class _Recorder(TorchFunctionMode):
         whether one reaches the output, and the backward passes refuse it: :func:`grad_off`).
         """
         grad = torch.is_grad_enabled()  # the forward's own gradient mode at this call
+        if self.parameters:
+            self.keep_parameter(getattr(func, "__name__", ""), args, kwargs or {})
         if (not self.depth and getattr(func, "__name__", "") in _GRADIENT_HOOKS
                 and self.tracked(args)[1]):
             raise UnsupportedOperation(
@@ -617,6 +647,7 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple = ()
     finally:
         nn.Module.__call__ = previous
         _STATE.recorder = None
+        recorder.restore_parameters()
     if recorder.refusal is not None:  # raised, and caught by the forward itself
         raise recorder.refusal
     value = recorder.node_of(out)

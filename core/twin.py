@@ -3,8 +3,9 @@
 Tracing (:mod:`core.graph`) and eager recording (:mod:`core.record`) run the model's forward;
 they run it on a twin so that nothing the forward does -- set ``training``, update a buffer
 (a call counter, an EMA), write a Python or tensor attribute, register a hook -- reaches the
-user's model. The twin shares the parameters (they are read, never written, while
-capturing) and owns copies of the buffers and of other tensor attributes.
+user's model. The twin shares the parameters (a forward that writes into one, an EMA in a
+frozen ``nn.Parameter``, has it put back after the recording: ``core.record``) and owns
+copies of the buffers and of other tensor attributes.
 """
 
 from __future__ import annotations

@@ -133,3 +133,45 @@ def test_quantus_explain_paths(method, options):
     # buffers bit for bit; the model ends in eval mode, as quantus.explain leaves it
     _assert_kept(model, before, flags=False)
     assert not any(m.training for m in model.modules())
+
+
+class FrozenEma(nn.Module):
+    """A forward that updates an EMA kept in a frozen nn.Parameter, in place under no_grad,
+    and writes into a slice of another parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.ema = nn.Parameter(torch.zeros(4), requires_grad=False)
+        self.seen = nn.Parameter(torch.zeros(2), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.conv(x))
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * z.mean((0, 2, 3)))
+            self.seen[0] += 1
+        return self.fc(z.mean((2, 3)))
+
+
+def test_a_parameter_written_by_the_forward_is_kept():
+    """The capture's twin shares the parameters: a forward writing into one (an EMA in a
+    frozen nn.Parameter) changed the user's model in every path that records it."""
+    from captum_split import SplitCAM, SplitGrad
+    from quantus_adapters import explain
+
+    calls = {
+        "split": lambda m: core.split(m)(X),
+        "sensitivities": lambda m: core.split(m).sensitivities(X, 1, ["conv"]),
+        "relevance": lambda m: core.split(m).relevance(X, torch.eye(3)[[0, 2]]),
+        "SplitGrad": lambda m: SplitGrad(m).attribute(X, target=1),
+        "SplitCAM": lambda m: SplitCAM(m, "conv").attribute(X, target=[0, 2]),
+        "quantus": lambda m: explain(m, X.numpy(), np.array([0, 2]), method="SplitGrad"),
+    }
+    for name, call in calls.items():
+        model = FrozenEma().eval()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        call(model)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), f"{name}: parameter {n} changed"
