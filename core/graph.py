@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from core import rules
@@ -39,6 +40,9 @@ class _InPlaceProxy(fx.Proxy):
 
 
 _ATOMS = frozenset({type(None), bool, int, float, str})
+_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_PAIR_FUNCTIONS = frozenset(getattr(F, f"{kind}max_pool{n}d_with_indices")
+                            for kind in ("", "adaptive_") for n in (1, 2, 3))
 
 
 class _SplitTracer(fx.Tracer):
@@ -86,6 +90,17 @@ class _SplitTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102 - fx's signature
         return _InPlaceProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):  # noqa: D102
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        if (target in _PAIR_FUNCTIONS if kind == "call_function" else
+                kind == "call_module" and isinstance(self.leaves.get(target), _POOLS)
+                and self.leaves[target].return_indices):
+            # max pooling with its indices: (values, indices) as a real tuple, so that the
+            # forward's Python sees one (``isinstance(out, tuple)`` and ``len(out)`` of a
+            # proxy would trace a graph that differs from the eager forward)
+            return proxy[0], proxy[1]
+        return proxy
 
     # fast paths: fx's own methods test every argument and attribute against
     # ``nn.Parameter`` (a Python ``__instancecheck__``) before anything else

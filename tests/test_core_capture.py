@@ -807,6 +807,39 @@ def _probe_a_row(model: nn.Module, x: torch.Tensor) -> None:
     core.split(RowOfHead(model).eval()).sensitivities(x, 0, ["net.head:0"])
 
 
+
+class _PoolsByType(nn.Module):
+    """Python that asks whether max pooling returned a tuple (module and functional)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.adaptive = nn.AdaptiveMaxPool2d(3, return_indices=True)
+        self.head = nn.Linear(4 * 9 * 3, 2)
+
+    def forward(self, x):
+        z = F.relu(self.conv(x))
+        outs = [self.pool(z), self.adaptive(z), F.max_pool2d(z, 2, return_indices=True)]
+        outs = [o[0] if isinstance(o, tuple) and len(o) == 2 else o for o in outs]
+        return self.head(torch.cat([o.flatten(1) for o in outs], 1))
+
+
+def test_max_pooling_with_indices_is_a_tuple_while_tracing():
+    """Symbolic tracing gave such pooling one proxy, for which ``isinstance(out, tuple)`` is
+    False: the traced graph flattened the (values, indices) pair and the split raised
+    "AttributeError: 'tuple' object has no attribute 'd'"."""
+    torch.manual_seed(0)
+    model = _PoolsByType().eval()
+    x = torch.randn(2, 3, 6, 6)
+    sm = core.split(model)
+    g, h = sm(x)
+    assert sm.prepare(x).captured.mechanism == "symbolic"
+    with torch.no_grad():
+        assert_rel_close(g - h, model(x), 1e-5, scale=max_abs(g))
+    probes = sm.sensitivities(x, 1, ["pool:0", "adaptive:0"], alpha=0.5)
+    assert probes["adaptive:0"].activation.shape == (2, 4, 3, 3)
+
 class PooledIndices(nn.Module):
     """A leaf module with a tuple output (values, pooling indices); ``branch`` adds control
     flow on a value (eager capture)."""
