@@ -34,8 +34,8 @@ from torch import Tensor, nn
 import core
 from core import checks
 from core.capture import selector
-from core.errors import caller
-from core.shift import DEFAULT_ALPHA, AlphaType, Shift, check_alpha
+from core.errors import SplitOverflowError, caller, precision_advice
+from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, check_alpha
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, NONLINEAR_MODES, STABILIZERS
 
 from ._utils import (
@@ -172,6 +172,22 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
         self.layer_name = self._layer_name(self.forward_func)
         self.layer = self._module(self.model)
         self.split_model = self._split(single_score=single_score)
+
+    def _finite(self, result: Tensor, sens: Tensor, act: Tensor | None = None) -> Tensor:
+        """``result`` (a map made from the finite probe), or :class:`core.SplitOverflowError`
+        naming the layer where it left the dtype's range: the product of a sensitivity and an
+        activation, or a sum over channels, can overflow where both factors are finite."""
+        if bool(torch.isfinite(result).all()):
+            return result
+        parts = f"sensitivities up to {float(sens.abs().amax()):.3g}"
+        if act is not None:
+            parts += f" times activations up to {float(act.abs().amax()):.3g}"
+        raise SplitOverflowError(
+            f"{type(self).__name__}: the map at layer {self.layer_name!r} overflowed "
+            f"{result.dtype} at alpha={alpha_label(self.alpha)} ({parts}). "
+            + precision_advice(result.dtype, "a larger alpha (closer to 0.5)", "alpha='auto'",
+                               otherwise="Rescale the input.")
+        )
 
     def _probe(
         self,
@@ -388,7 +404,7 @@ class SplitCAM(_SplitAttribution):
                 cam = cam.sum(dim=1, keepdim=True)
             if relu_attributions:
                 cam = torch.relu(cam)
-            cams.append(cam)
+            cams.append(self._finite(cam, s, a))
         return tuple(cams) if is_tuple else cams[0]
 
 
@@ -495,7 +511,6 @@ class SplitGrad(_SplitAttribution):
         )
         out = []
         for s in sens if isinstance(sens, tuple) else (sens,):
-            if self.layer_name != "input":
-                s = s.mean(dim=1, keepdim=True)
-            out.append(s.abs() if abs else s)
+            sens_map = s.mean(dim=1, keepdim=True) if self.layer_name != "input" else s
+            out.append(self._finite(sens_map.abs() if abs else sens_map, s))
         return tuple(out) if is_tuple else out[0]

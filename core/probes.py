@@ -16,6 +16,9 @@ class Probe:
     difference form (docs/math.md sections 1 and 4): ``activation = a+ - a-``,
     ``mass = a+ + a-``, ``S = d+ + d-`` (the same for g and h, Theorem 7) and
     ``Dg = d+g - d-g``; ``grad`` is the original model's gradient of the target logit.
+    The properties halve before they add (``S / 2 + Dg / 2``: the same numbers, halving is
+    exact), so that finite ``S`` and ``Dg`` give a finite ``pos_g`` also above half the
+    dtype's range.
 
     Attributes
     ----------
@@ -56,12 +59,12 @@ class Probe:
     @property
     def pos(self) -> torch.Tensor:
         """Split activation of the positive stream, ``a+ = (s + d) / 2``."""
-        return (self.mass + self.activation) / 2
+        return self.mass / 2 + self.activation / 2
 
     @property
     def neg(self) -> torch.Tensor:
         """Split activation of the negative stream, ``a- = (s - d) / 2``."""
-        return (self.mass - self.activation) / 2
+        return self.mass / 2 - self.activation / 2
 
     @property
     def Dh(self) -> torch.Tensor:  # noqa: N802 - the name of docs/math.md
@@ -71,22 +74,22 @@ class Probe:
     @property
     def pos_g(self) -> torch.Tensor:
         """Shifted local sensitivity of g with respect to ``a+``."""
-        return (self.S + self.Dg) / 2
+        return self.S / 2 + self.Dg / 2
 
     @property
     def neg_g(self) -> torch.Tensor:
         """Shifted local sensitivity of g with respect to ``a-``."""
-        return (self.S - self.Dg) / 2
+        return self.S / 2 - self.Dg / 2
 
     @property
     def pos_h(self) -> torch.Tensor:
         """Shifted local sensitivity of h with respect to ``a+``."""
-        return (self.S + self.Dh) / 2
+        return self.S / 2 + self.Dh / 2
 
     @property
     def neg_h(self) -> torch.Tensor:
         """Shifted local sensitivity of h with respect to ``a-``."""
-        return (self.S - self.Dh) / 2
+        return self.S / 2 - self.Dh / 2
 
     @property
     def g(self) -> torch.Tensor:

@@ -787,3 +787,35 @@ def test_a_flag_that_is_not_a_bool_is_one_type_error(tiny, method, flag):
         assert str(err.value) == (
             f"{method}: {flag} must be True or False; got {type(value).__name__}. Check the "
             "order of positional arguments, or pass it by keyword.")
+
+
+def _cancelling_model(a: float, k: float, units: int = 2) -> nn.Module:
+    """ReLU units of activation ``a`` (for an input of ones), then two layers of +-k weights
+    whose rows cancel (the output is 0): the S stream at the units is 2 k^2 at alpha=0,
+    finite, while the model's gradient there is 0."""
+    first = nn.Linear(1, units, bias=False)
+    mid, last = nn.Linear(units, 2, bias=False), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        first.weight.fill_(a)
+        mid.weight.copy_(torch.tensor([1.0, -1.0]).repeat(2, units // 2) * k)
+        last.weight.copy_(torch.tensor([[k, -k], [k, -k]]))
+    return nn.Sequential(first, nn.ReLU(), mid, nn.ReLU(), last).eval()
+
+
+def test_a_map_that_overflows_from_finite_factors_is_refused_naming_the_layer():
+    """SplitCAM returned NaN/inf (densenet121 with conv weights x3, alpha <= 0.3 at
+    features.denseblock3: sensitivities 2e35 times activations 1e19) where the probe was
+    finite; SplitGrad's channel mean of finite sensitivities can overflow the same way."""
+    model, x = _cancelling_model(1e19, 1e10), torch.ones(1, 1)
+    probe = core.split(model).sensitivities(x, 0, ["1"], alpha=0.0)["1"]
+    assert torch.isfinite(probe.S).all() and torch.isfinite(probe.activation).all()
+    with pytest.raises(core.SplitOverflowError,
+                       match=r"SplitCAM: the map at layer '1' overflowed torch\.float32 at "
+                             r"alpha=0 .*larger alpha.*float64"):
+        SplitCAM(model, "1", alpha=0.0).attribute(x, target=0)
+    assert torch.isfinite(SplitCAM(model, "1", alpha=0.5).attribute(x, target=0)).all()
+    model = _cancelling_model(1.0, 1e19, units=4)  # S = 2e38, pos_g = 0 or 2e38 per unit
+    probe = core.split(model).sensitivities(x, 0, ["1"], alpha=0.0)["1"]
+    assert torch.isfinite(probe.pos_g).all() and probe.pos_g.max() > 1e38
+    with pytest.raises(core.SplitOverflowError, match=r"SplitGrad: the map at layer '1'"):
+        SplitGrad(model, "1", alpha=0.0, sign="+").attribute(x, target=0)

@@ -561,3 +561,15 @@ def test_g_minus_h_that_misses_the_output_warns_once():
         g, h = core.split(wide, stabilizer="none")(x.double())  # float64 carries it
     f = wide(x.double())
     assert (g - h - f).abs().max() <= 1e-3 * f.abs().max()
+
+
+def test_probe_streams_stay_finite_above_half_the_range():
+    """pos_g = (S + Dg) / 2 was inf for S = Dg = 2e38 (float32, finite): a SplitGrad or
+    SplitCAM with sign '+' read inf from a finite probe. Halves are added now, the same
+    numbers below half the range."""
+    big = torch.tensor([2e38, 1.5, -3.0])
+    probe = core.Probe(activation=big, mass=big.abs(), S=big.abs(), Dg=big, grad=big * 0)
+    for name in ("pos", "neg", "pos_g", "neg_g", "pos_h", "neg_h"):
+        assert torch.isfinite(getattr(probe, name)).all(), name
+    assert probe.pos_g.tolist() == [big[0].item(), 1.5, 0.0]
+    assert probe.neg_g.tolist() == [0.0, 0.0, 3.0] and probe.pos.tolist()[1:] == [1.5, 0.0]
