@@ -229,18 +229,24 @@ def relevance(
     targets = {n for node in wanted.values()
                for n in (node if isinstance(node, tuple) else (node,))}
     targets |= {merged_into[n] for n in targets if n in merged_into}
+    def check_finite(node: fx.Node, r: Any) -> None:
+        if not isinstance(r, dict) and not (torch.isfinite(r[0]).all()
+                                            and torch.isfinite(r[1]).all()):
+            where = call.describe(node)
+            raise SplitOverflowError(
+                f"SplitLRP relevance overflowed {seed.dtype} at "
+                f"{f'the input ({where})' if node.op == 'placeholder' else where} (counting "
+                "from the output): the relevance ratios of eq. 9 grow past the float range "
+                f"(or divide 0 by 0 at epsilon={epsilon:g}). "
+                + precision_advice(seed.dtype, "a larger epsilon")
+            )
+
     for step in reversed(steps):
         node = step.node
         if node not in rel or node.op in ("output", "placeholder", "get_attr"):
             continue
         r = rel.pop(node)
-        if not isinstance(r, dict) and not (torch.isfinite(r[0]).all()
-                                            and torch.isfinite(r[1]).all()):
-            raise SplitOverflowError(
-                f"SplitLRP relevance overflowed {seed.dtype} at {call.describe(node)} (counting "
-                "from the output): the relevance ratios of eq. 9 grow past the float range. "
-                + precision_advice(seed.dtype, "a larger epsilon")
-            )
+        check_finite(node, r)
         if node in targets:
             found[node] = r
         if step.rule is None or not isinstance(records.get(node), (Pair, tuple, list)):
@@ -262,6 +268,7 @@ def relevance(
         if node in merged_into and merged_into[node] in found:
             found[node] = found[merged_into[node]]  # conv + BatchNorm is one layer here
         elif node not in found and node in rel:
+            check_finite(node, rel[node])  # the input's relevance: no step pops it
             found[node] = rel[node]
 
     def at(node: fx.Node) -> Relevance:

@@ -405,3 +405,18 @@ def test_even_residual_shares_among_the_branches_that_carry_the_stream(stabilize
         for stream, mask in both.items():
             assert torch.equal(getattr(rel["act2"], stream)[mask],
                                getattr(rel["join"], stream)[mask] / 2)
+
+
+def test_relevance_that_is_not_finite_at_the_input_is_refused():
+    """At epsilon=0 an all-zero input divides 0 by 0 in the first layer's step; the NaN
+    reached the input's relevance, which no step pops, and was returned (core and Zennit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.zeros(1, 3, 6, 6))
+    model.eval()
+    x, seed = torch.zeros(2, 3, 6, 6), torch.eye(5)[[1, 2]]
+    with pytest.raises(core.SplitOverflowError,
+                       match=r"overflowed torch\.float32 at the input .*epsilon=0\).*epsilon"):
+        core.split(model).relevance(x, seed, epsilon=0.0)
+    rel = core.split(model).relevance(x, seed)["input"]  # the default epsilon: finite
+    assert torch.isfinite(rel.pos).all() and torch.isfinite(rel.neg).all()
