@@ -311,6 +311,10 @@ def targets(target: Any, batch: int, who: str | None = None,
         isinstance(target, list) and any(isinstance(t, bool) for t in target)
     ):
         raise TypeError(f"{p}target must be an int class index, not a bool.")
+    for t in target if isinstance(target, list) else [target]:
+        if isinstance(t, numbers.Integral) and not -(1 << 63) <= int(t) < 1 << 63:
+            raise ValueError(f"{p}target {int(t)} is out of range: a class index is a small "
+                             "int (0 .. number of outputs - 1).")  # torch: "Overflow when ..."
     if isinstance(target, numbers.Integral):
         index = torch.tensor([int(target)], dtype=torch.long)
     elif isinstance(target, torch.Tensor):
