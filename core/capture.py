@@ -44,6 +44,7 @@ from core.record import (
     stop_gradient,
 )
 from core.registry import TABLE, FunctionName
+from core.twin import module_twin
 
 
 @dataclass
@@ -291,6 +292,7 @@ class Found:
     symbolic_error: Exception | None = None
     positional: int = 0
     eager: dict[Hashable, Captured] = field(default_factory=dict)
+    checked: bool = False  # the traced graph was checked against the forward (agrees_eagerly)
 
 
 def _refuse_stale_weights(model: nn.Module) -> None:
@@ -452,7 +454,17 @@ class Capture:
         """The graph for a call (symbolic, cached eager or freshly recorded)."""
         kwargs = kwargs or {}
         if self.usable_symbolic(len(inputs), extra, kwargs):
-            return self.symbolic
+            if not self.found.checked:
+                agrees = agrees_eagerly(self.model, self.symbolic.graph, inputs[0])
+                self.found.checked = agrees is not None
+                if agrees is False:
+                    self.found.symbolic_error = TraceFailure(
+                        "the traced graph computes another output than the forward (Python "
+                        "that tracing cannot follow: isinstance(x, torch.Tensor), type(x), "
+                        "torch.is_tensor(x) of a traced value)")
+                    self.found.symbolic = None
+            if self.symbolic is not None:
+                return self.symbolic
         leaves, spec = pytree.tree_flatten((extra, kwargs))
         ids = [id(t) for t in (*inputs, *argument_tensors(extra, kwargs))]
         key = (len(inputs), tuple(_key(t) for t in inputs), tuple(_key(v) for v in leaves),
@@ -479,6 +491,53 @@ class Capture:
             self.shareable()
             self.found.eager[key] = captured
         return captured
+
+
+def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool | None:
+    """Whether the traced graph gives the forward's output on ``x`` (checked once per model,
+    at its first call). A traced value is an ``fx.Proxy``, so Python that tests types
+    (``isinstance(y, torch.Tensor)``, ``type(y) is torch.Tensor``, ``torch.is_tensor``,
+    ``isinstance(y.shape, torch.Size)``) takes another branch while tracing than in the
+    eager forward, and the graph would be split silently. Both run on eval-mode twins
+    (:func:`core.twin.module_twin`); parameters that the graph writes into are copies.
+    None (undecided) when the forward itself raises on ``x``."""
+    writes = any(n.op == "get_attr" and any(_writes(u) and u.args[0] is n for u in n.users)
+                 for n in graph.nodes)
+    params: dict[int, nn.Parameter] = {}
+    outs = []
+    for run in ("forward", "graph"):
+        twin = module_twin(model, training=False)
+        if writes:  # the twins share the user's parameters
+            with torch.no_grad():
+                for m in twin.modules():
+                    for k, v in m._parameters.items():
+                        if v is not None:
+                            if id(v) not in params:
+                                params[id(v)] = nn.Parameter(v.detach().clone(),
+                                                             v.requires_grad)
+                            m._parameters[k] = params[id(v)]
+        x = x.detach().clone()  # a forward may write into its input
+        try:  # gradients on, as the capture runs the forward
+            with torch.enable_grad():
+                out = twin(x) if run == "forward" else fx.Interpreter(twin, graph=graph).run(x)
+        except Exception:  # undecided on an input the forward refuses; the split says why
+            return None if run == "forward" else False
+        outs.append(out.detach() if isinstance(out, torch.Tensor) else out)
+    want, got = outs
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
+            and want.shape == got.shape):
+        return False
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    if not finite.any():
+        return True  # a non-finite output is refused later, with its own message
+    scale = max(float(want[finite].abs().max()), torch.finfo(want.dtype).tiny)
+    return float((want[finite] - got[finite]).abs().max()) <= 1e-4 * scale
+
+
+def _writes(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return (node.op in ("call_method", "call_function") and isinstance(name, str)
+            and name.endswith("_") and not name.endswith("__")) and bool(node.args)
 
 
 def _eliminate_dead_code(graph: fx.Graph) -> None:
