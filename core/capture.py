@@ -163,7 +163,17 @@ def unwrap(model: nn.Module) -> nn.Module:
             "original nn.Module (before torch.jit.script / torch.jit.trace)."
         )
     while (step := _wrapped(model)) is not None:
-        inner, _, how = step
+        inner, attribute, how = step
+        hooks = [k.strip("_") for k in ("_forward_hooks", "_forward_pre_hooks",
+                                         "_backward_hooks", "_backward_pre_hooks")
+                 if any(not getattr(getattr(h, "__self__", None), "split_own", False)
+                        for h in (getattr(model, k, None) or {}).values())]
+        if hooks:  # they run around the wrapper, which the split goes past
+            raise UnsupportedOperation(
+                f"the {type(model).__name__} wrapper has {' and '.join(hooks)}: the split "
+                f"takes the wrapped module (.{attribute}), so they would be left out. Register "
+                f"them on model.{attribute} instead, or split model.{attribute} (without them)."
+            )
         warnings.warn(f"the model is wrapped by {how} is split (on the input's device)",
                       stacklevel=4)
         model = inner

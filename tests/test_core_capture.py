@@ -399,6 +399,32 @@ def test_wrapped_models_are_split_through_the_module_they_wrap():
         _check_exact(sm, model, x)
 
 
+
+def test_hooks_on_a_wrapper_are_refused_not_left_out():
+    """A hook on the DataParallel / torch.compile wrapper runs around it, and the split
+    took the wrapped module: g - h was model(x) without the hook (off by 0.5 of its size)."""
+    from zennit.attribution import Gradient
+
+    from zennit_split import SplitLRP
+
+    model = _small()
+    x = torch.randn(2, 4)
+    for wrap in (nn.DataParallel, torch.compile):
+        for kind in ("forward_hooks", "forward_pre_hooks"):
+            wrapper = wrap(model)
+            if kind == "forward_hooks":
+                wrapper.register_forward_hook(lambda m, i, o: o * 2)
+            else:
+                wrapper.register_forward_pre_hook(lambda m, i: (i[0] * 3,))
+            with pytest.raises(core.UnsupportedOperation, match=f"wrapper has {kind}: "):
+                core.split(wrapper)
+        # SplitLRP's own hooks on the wrapper are no user's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Gradient(wrap(model), SplitLRP()) as attributor:
+                _, relevance = attributor(x, torch.eye(3)[[0, 2]])
+        assert torch.isfinite(relevance).all()
+
 def test_unsupported_kinds_of_models_and_inputs_name_the_cause():
     model = _small()
     x = torch.randn(2, 4)

@@ -179,6 +179,8 @@ class _RootHook:
     gradients then flow).
     """
 
+    split_own = True  # the split's own hooks: core.capture.unwrap lets them sit on a wrapper
+
     def __init__(self, composite: SplitLRP, module: nn.Module,
                  added: Sequence[nn.Module] = ()) -> None:
         self.active = True
