@@ -533,6 +533,7 @@ def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool |
         except Exception:  # undecided on an input the forward refuses; the split says why
             return None if run == "forward" else False
         outs.append(out.detach() if isinstance(out, torch.Tensor) else out)
+        del out  # its autograd graph goes before the next run
     want, got = outs
     if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
             and want.shape == got.shape):
