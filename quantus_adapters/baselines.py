@@ -222,6 +222,9 @@ def occlusion(
 ) -> torch.Tensor:
     """Occlusion: the logit drop when a 4 x 4 patch (all channels) is zeroed (Captum).
 
+    Captum divides the summed drops by the window counts in float32, so the map is float32
+    (float32 precision) also for a float64 model.
+
     Parameters
     ----------
     window: int or tuple of int, optional
@@ -283,7 +286,8 @@ def random_map(
     *,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """Random: a map of independent uniform [0, 1) values (the model is not called).
+    """Random: a map of independent uniform [0, 1) values in the inputs' floating dtype
+    (the model is not called).
 
     Parameters
     ----------
@@ -294,7 +298,9 @@ def random_map(
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     batch, _, height, width = inputs.shape
-    return torch.rand((batch, 1, height, width), generator=generator).to(inputs.device)
+    dtype = inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype()
+    return torch.rand((batch, 1, height, width), generator=generator,
+                      dtype=dtype).to(inputs.device)
 
 
 _METHODS: dict[str, Callable[..., torch.Tensor]] = {

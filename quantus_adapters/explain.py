@@ -123,7 +123,8 @@ def explain(
     numpy.ndarray
         The map resized to the input and reduced over ``reduce_axes``: (B, 1, H, W) by
         default. float32, or float64 for a float64 model (resizing and reducing run in the
-        model's dtype, then the result is cast).
+        model's dtype, then the result is cast); Occlusion gives float32 (Captum divides
+        by its window counts in float32).
 
     Raises
     ------

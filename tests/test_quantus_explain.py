@@ -300,3 +300,15 @@ def test_occlusion_takes_quantus_style_window_tuples():
     # pixel (0, 0) lies in one window per channel; explain sums the channels
     np.testing.assert_allclose(per_channel[0, 0, 0, 0], (drop0 + drop1 + drop2).item(),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, dtype", [("Random", np.float64), ("FeatureAblation", np.float64),
+                                           ("Saliency", np.float64), ("Occlusion", np.float32)])
+def test_a_float64_model_gets_float64_maps_except_occlusion(method, dtype):
+    """Random drew float32 maps for a float64 model; Captum's Occlusion divides by its window
+    counts in float32 (documented)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).double().eval()
+    out = explain(model, torch.rand(2, 3, 8, 8, dtype=torch.float64), [0, 1], method=method)
+    assert out.dtype == dtype and out.shape == (2, 1, 8, 8)
