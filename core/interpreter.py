@@ -105,6 +105,14 @@ def _unsupported(step: Step) -> Exception:
     register = ("register a split-pair rule for it with core.registry.register (one function "
                 "that maps the input pairs to the output pair; docs/core.md, 'Rules and the "
                 "interpreter').")
+    if node.op == "call_module" and (
+            isinstance(step.module, nn.DataParallel | nn.parallel.DistributedDataParallel)
+            or type(step.module).__name__ == "OptimizedModule"):
+        return UnsupportedOperation(
+            f"{step.where}: a {type(step.module).__name__} inside the model is not split "
+            "through (only a wrapper around the whole model is). Wrap the whole model "
+            "instead, or use the module it wraps (.module, or ._orig_mod for torch.compile)."
+        )
     if node.op == "call_module":
         fix = ("Replace it by a supported piecewise-linear module (ReLU, ReLU6, LeakyReLU, "
                f"PReLU, Hardtanh, MaxPool, AvgPool, Conv, Linear, BatchNorm, ...), or {register}")

@@ -425,6 +425,25 @@ def test_hooks_on_a_wrapper_are_refused_not_left_out():
                 _, relevance = attributor(x, torch.eye(3)[[0, 2]])
         assert torch.isfinite(relevance).all()
 
+
+def test_a_wrapper_inside_the_model_is_named():
+    """A DataParallel inside the model was refused as 'not piecewise linear'."""
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.DataParallel(nn.Linear(4, 4))
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    with pytest.raises(core.UnsupportedOperation,
+                       match=r"'a' \(DataParallel\): a DataParallel inside the model .* "
+                             r"Wrap the whole model"):
+        core.split(Inner().eval())(torch.randn(2, 4))
+
+
 def test_unsupported_kinds_of_models_and_inputs_name_the_cause():
     model = _small()
     x = torch.randn(2, 4)
