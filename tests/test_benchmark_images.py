@@ -250,3 +250,28 @@ def test_negative_label_and_one_image(tmp_path):
         load_folder(tmp_path / "one")
     d = load_folder(tmp_path / "one", split=False)
     assert d.test_idx.tolist() == [0] and d.val_idx.tolist() == [] and d.labels.tolist() == [1]
+
+
+def test_exif_rotated_jpeg_loads_as_shown_and_its_mask_fits(tmp_path):
+    # a phone photo: pixels stored 8 high x 12 wide, EXIF orientation 6 (rotate 90 degrees
+    # clockwise to show): viewers and annotation tools show it 12 high x 8 wide
+    _folder(tmp_path, sizes=((12, 8),) * 3, masks=[np.zeros((12, 8), bool)] * 3,
+            label_text="im0.png,0\nim1.png,1\nim2.png,0\nphoto.jpg,1\n")
+    shown = np.zeros((12, 8, 3), np.uint8)
+    shown[:3] = 255  # a white band at the top of the shown image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))).save(
+        tmp_path / "images" / "photo.jpg", exif=exif, quality=100)
+    obj = np.zeros((12, 8), np.uint8)
+    obj[:3] = 255
+    Image.fromarray(obj).save(tmp_path / "masks" / "photo.png")
+    notes: set = set()
+    x = imio.read_image(tmp_path / "images" / "photo.jpg", 3, notes=notes)
+    assert x.shape == (3, 12, 8) and x[:, :3].min() > 0.9 and x[:, 4:].max() < 0.1
+    assert any("EXIF orientation" in n for n in notes)
+    d = load_folder(tmp_path)  # was: "different sizes 12x8, 8x12"
+    i = d.names.index("photo.jpg")
+    assert d.images.shape[-2:] == (12, 8) and not any("resized" in n for n in d.notes)
+    assert (d.masks[i, 0].numpy() == (obj > 0)).all()
+    assert d.images[i, :, d.masks[i, 0]].min() > 0.9

@@ -18,6 +18,9 @@ PIL mode        values
 ``CMYK``, ...   converted to RGB by Pillow
 ==============  ==========================================================================
 
+Images and masks with an EXIF orientation (a phone's JPEG) are rotated / flipped as image
+viewers show them (noted in the report), so that a mask drawn on the shown image fits.
+
 A 1-channel model gets grayscale (RGB converted with the ITU-R 601-2 luma weights
 0.299, 0.587, 0.114 -- those of Pillow's ``L`` mode), a 3-channel model gets RGB
 (grayscale repeated). Masks are non-zero = object; a mask with a varying alpha channel
@@ -54,8 +57,8 @@ def model_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _open(path: Path):
-    from PIL import Image
+def _open(path: Path, notes: set[str]):
+    from PIL import Image, ImageOps
 
     try:
         img = Image.open(path)
@@ -71,6 +74,12 @@ def _open(path: Path):
                          "Pillow reads at 8 bits (values off by up to 1/255); convert it to "
                          "8 bits per channel, or to 16-bit grayscale without alpha for a "
                          "1-channel model")
+    if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation: as viewers show it
+        notes.add("files with an EXIF orientation were rotated / flipped as image viewers "
+                  "show them")
+        turned = ImageOps.exif_transpose(img)
+        img.close()
+        return turned
     return img
 
 
@@ -170,7 +179,7 @@ def read_image(path: str | os.PathLike, channels: int, size: int | None = None,
     """
     path = Path(path)
     notes = set() if notes is None else notes
-    with _open(path) as img:
+    with _open(path, notes) as img:
         vals = _values(img, path, notes)
     if vals.ndim == 2:
         arr = vals[None]
@@ -199,7 +208,7 @@ def read_mask(path: str | os.PathLike, notes: set[str] | None = None) -> np.ndar
     """
     path = Path(path)
     notes = set() if notes is None else notes
-    with _open(path) as img:
+    with _open(path, notes) as img:
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         if img.mode in _ALPHA_MODES:
