@@ -275,3 +275,18 @@ def test_exif_rotated_jpeg_loads_as_shown_and_its_mask_fits(tmp_path):
     assert d.images.shape[-2:] == (12, 8) and not any("resized" in n for n in d.notes)
     assert (d.masks[i, 0].numpy() == (obj > 0)).all()
     assert d.images[i, :, d.masks[i, 0]].min() > 0.9
+
+
+def test_mask_of_the_same_file_name_wins_and_two_candidates_are_refused(tmp_path):
+    obj = np.zeros((8, 8), bool)
+    obj[2:5, 2:5] = True
+    _folder(tmp_path, masks=[obj] * 4)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "im0.bmp")
+    d = load_folder(tmp_path)  # was: the empty im0.bmp (sorted first) taken for im0.png
+    assert [int(m.sum()) for m in d.masks] == [9] * 4
+    (tmp_path / "images" / "im1.png").rename(tmp_path / "images" / "im1.tif")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "im1.bmp")
+    (tmp_path / "labels.csv").write_text("im0,0\nim1,1\nim2,0\nim3,1\n")
+    with pytest.raises(DataError, match=r"1 image\(s\) have several masks .*"
+                                        r"im1.tif \(im1.bmp, im1.png\)"):
+        load_folder(tmp_path)

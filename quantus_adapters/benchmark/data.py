@@ -445,19 +445,29 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     y = torch.tensor([labels.get(p.name, labels.get(p.stem)) for p in files], dtype=torch.long)
     masks = None
     if mask_dir.is_dir():
-        mask_files: dict[str, Path] = {}
+        by_stem: dict[str, list[Path]] = {}
         for p in _images_in(mask_dir):
-            mask_files.setdefault(p.stem, p)
-        lacking = [p.name for p in files if p.stem not in mask_files]
+            by_stem.setdefault(p.stem, []).append(p)
+        # the mask of the same file name, else the one of the same name without extension
+        candidates = {p.name: [m for m in by_stem.get(p.stem, []) if m.name == p.name]
+                      or by_stem.get(p.stem, []) for p in files}
+        lacking = [name for name, ms in candidates.items() if not ms]
         if lacking:
             raise DataError(f"{len(lacking)} image(s) have no mask in {str(mask_dir)!r}: "
                             f"{_shown(lacking)}; give every image a mask (same file name) or "
                             "remove masks/")
+        ambiguous = [f"{name} ({', '.join(m.name for m in ms)})"
+                     for name, ms in candidates.items() if len(ms) > 1]
+        if ambiguous:
+            raise DataError(f"{len(ambiguous)} image(s) have several masks in "
+                            f"{str(mask_dir)!r}: {_shown(ambiguous, 3)}; keep one mask per "
+                            "image, of the image's file name")
+        mask_files = {name: ms[0] for name, ms in candidates.items()}
         h, w = x.shape[-2:]
         ms, resized = [], []
         for p in files:
             try:
-                m = imio.read_mask(mask_files[p.stem], notes_set)
+                m = imio.read_mask(mask_files[p.name], notes_set)
             except imio.ImageError as exc:
                 raise DataError(str(exc)) from None
             if m.shape != (h, w):
