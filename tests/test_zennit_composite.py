@@ -414,3 +414,25 @@ def test_a_forward_that_raises_leaves_the_model_as_it_was(stand_in):
     assert all(m.training for m in model.modules())
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("split_outside", [False, True])
+def test_another_composite_on_the_model_is_refused_by_name(stand_in, split_outside):
+    # nested with a rule composite, Zennit's rules ran on no gradient (a TypeError inside
+    # zennit's hook: None / Tensor); SplitLRP goes past the model's graph, so it refuses
+    from zennit.composites import EpsilonPlus
+
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    before = _snapshot(model)
+    with torch.no_grad():
+        out = model(x)
+    outer, inner = (SplitLRP(), EpsilonPlus()) if split_outside else (EpsilonPlus(), SplitLRP())
+    with outer.context(model):
+        with pytest.raises(ValueError, match=r"'0' \(ZPlus\) has hooks of another Zennit"):
+            with Gradient(model, inner) as attributor:
+                attributor(x, torch.eye(5)[[0, 1]])
+    assert_unchanged(model, before, x, out)
+    with Gradient(model, SplitLRP()) as attributor:   # alone it works again
+        _, relevance = attributor(x, torch.eye(5)[[0, 1]])
+    assert relevance.shape == x.shape

@@ -141,7 +141,36 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     return getattr(relevance, stream)
 
 
-#: top-level packages whose frames lie between a user's call and the root's forward hook
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def other_composite(module: nn.Module) -> str | None:
+    """The first module (by name) inside ``module`` that carries hooks of a Zennit rule.
+
+    Another composite registered on the model (``EpsilonPlus``, ...) hooks its layers with
+    rules (:py:class:`zennit.core.Hook`) that modify the gradient through the model's own
+    graph, which SplitLRP's backward pass goes past: nested with SplitLRP, either the rules
+    would be ignored or they would run on no gradient at all (a ``TypeError`` inside Zennit).
+
+    Parameters
+    ----------
+    module: torch.nn.Module
+        The module SplitLRP is registered on.
+
+    Returns
+    -------
+    str or None
+        ``"'features.0' (ZPlus)"`` for the first such module, or None.
+    """
+    for name, child in module.named_modules():
+        for attr in _HOOK_DICTS:
+            for hook in getattr(child, attr, {}).values():
+                owner = getattr(hook, "__self__", hook)
+                if type(owner).__module__.split(".")[0] == "zennit":
+                    return f"{name or type(module).__name__!r} ({type(owner).__name__})"
+    return None
+
+
 class _SplitLRPFunction(torch.autograd.Function):
     """Identity on the root output in the forward pass; backwards, the SplitLRP relevance of
     the root input -- or, when the hook was switched off (``Composite.inactive()``) by the
@@ -229,6 +258,14 @@ class _RootHook:
             return None
         if len(inputs) > 1:
             raise several_inputs(f"the model was called with {len(inputs)} arguments")
+        other = other_composite(module)
+        if other is not None:
+            raise ValueError(
+                f"SplitLRP: module {other} has hooks of another Zennit composite, registered "
+                "on the same model; SplitLRP computes the relevance of the whole model "
+                "itself and cannot be combined with another composite's rules: remove the "
+                "other composite first (leave its `with` block or call its remove())."
+            )
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"SplitLRP: the model returned {type(output).__name__}, not one tensor of "
