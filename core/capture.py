@@ -37,6 +37,7 @@ from core.errors import UnsupportedOperation
 from core.graph import Submodules, TraceFailure, fold_stacked_sums, resolve_inplace, trace
 from core.record import (
     RANDOM,
+    AutocastWatch,
     InputDependent,
     argument_tensors,
     global_hooks,
@@ -528,10 +529,12 @@ def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool |
                             m._parameters[k] = params[id(v)]
         x = x.detach().clone()  # a forward may write into its input
         try:  # gradients on, as the capture runs the forward
-            with torch.enable_grad():
+            with torch.enable_grad(), AutocastWatch() as watch:
                 out = twin(x) if run == "forward" else fx.Interpreter(twin, graph=graph).run(x)
         except Exception:  # undecided on an input the forward refuses; the split says why
             return None if run == "forward" else False
+        if watch.seen:  # tracing left torch.autocast out: recorded (and refused) eagerly
+            return False
         outs.append(out.detach() if isinstance(out, torch.Tensor) else out)
         del out  # its autograd graph goes before the next run
     want, got = outs

@@ -198,11 +198,60 @@ class Recording:
     grad_off: list[tuple[fx.Node, str]] = field(default_factory=list)
 
 
+def autocast_devices() -> frozenset[str]:
+    """The device types on which ``torch.autocast`` is on at this moment."""
+    on = set()
+    for device in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                on.add(device)
+        except RuntimeError:  # a device type this build of torch does not know
+            pass
+    return frozenset(on)
+
+
+def autocast_on(values: Any, outside: frozenset[str] = frozenset()) -> bool:
+    """Whether ``torch.autocast`` is on for the device of a tensor among ``values``, other
+    than the devices in ``outside`` (those it was on for around the call)."""
+    return any(t.device.type not in outside and torch.is_autocast_enabled(t.device.type)
+               for t in _tensors(values))
+
+
+def autocast_refusal(what: str) -> UnsupportedOperation:
+    """The error for an operation on the input (``what``) under a ``torch.autocast`` that
+    the forward enters."""
+    return UnsupportedOperation(
+        f"{what} runs under a torch.autocast that the forward enters (mixed precision "
+        "inside the model): the split computes every operation in its tensors' own dtype, "
+        "so g - h would differ from model(x) by autocast's rounding. Explain without "
+        "autocast in the forward (cast the model instead, e.g. model.to(torch.bfloat16), "
+        "or call the split inside the autocast context)."
+    )
+
+
+class AutocastWatch(TorchFunctionMode):
+    """Notes (``seen``) whether an operation of a forward runs under a ``torch.autocast``
+    that the forward enters: symbolic tracing does not see the context manager, so its
+    graph would leave it out. An autocast around the call applies to the split alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+        self.outside = autocast_devices()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.seen and autocast_on((args, kwargs), self.outside):
+            self.seen = True
+        return func(*args, **kwargs)
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, model: nn.Module, state: dict[int, str],
                  twins: dict[int, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
+        self.autocast_outside = autocast_devices()  # an autocast around the call applies
         # id(a module of the user's model) -> its twin: a forward that reaches the user's
         # modules (a replaced forward closing over the model) calls the twins instead
         self.twins = twins or {}
@@ -365,6 +414,9 @@ class _Recorder(TorchFunctionMode):
         getter = name == "__get__" and hasattr(func, "__self__")
         if getter:
             name = getattr(func.__self__, "__name__", name)
+        if (dependent and any(t.is_floating_point() for t in _tensors(out))
+                and autocast_on((args, kwargs), self.autocast_outside)):
+            raise autocast_refusal(f"`{name}`")
         # gradients off on a float that depends on the input: a stop-gradient, noted
         off = not grad and dependent and self.floating_dependent((args, kwargs)) and (
             name == "__setitem__" or any(t.is_floating_point() for t in _tensors(out)))
@@ -501,6 +553,8 @@ class _Recorder(TorchFunctionMode):
         found, dependent = self.tracked((args, kwargs))
         if found:
             self.check_aliases((args, kwargs), name)
+        if dependent and autocast_on((args, kwargs), self.autocast_outside):
+            raise autocast_refusal(f"module {name!r}")
         off = dependent and not torch.is_grad_enabled() and self.floating_dependent(
             (args, kwargs))
         self.depth += 1

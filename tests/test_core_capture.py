@@ -1094,3 +1094,46 @@ def test_zero_and_fill_write_constants(how):
     xr = x.clone().requires_grad_(True)
     model(xr)[:, 1].sum().backward()
     torch.testing.assert_close(probe.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+class _AutocastInside(nn.Module):
+    """Mixed precision entered by the forward (fx tracing drops the context manager)."""
+
+    def __init__(self, module_call: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 3)
+        self.module_call = module_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = F.relu(self.a(x)) if self.module_call else F.relu(x @ self.a.weight.T)
+        return self.b(y.float())
+
+
+@pytest.mark.parametrize("module_call", [False, True])
+def test_autocast_inside_the_forward_is_refused(module_call):
+    """The split left the forward's torch.autocast out: g - h off by 4e-3 of model(x)."""
+    torch.manual_seed(0)
+    with pytest.raises(core.UnsupportedOperation, match="torch.autocast that the forward"):
+        core.split(_AutocastInside(module_call).eval())(torch.randn(4, 16))
+
+
+def test_autocast_around_the_call_applies_to_the_split():
+    """An autocast around the call runs the split's operations in its dtype too: g - h is
+    model(x) to bfloat16's rounding of the streams, traced or recorded."""
+
+    class Eager(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) if isinstance(x, torch.Tensor) else x
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    for cls in (nn.Sequential, Eager):
+        model = cls(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, h = core.split(model)(x)
+            f = model(x)
+        assert g.dtype == torch.bfloat16
+        scale = float(torch.maximum(g.abs(), h.abs()).max())
+        assert float((g - h - f).abs().max()) <= 2 * 2 ** -8 * scale
