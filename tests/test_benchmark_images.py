@@ -290,3 +290,20 @@ def test_mask_of_the_same_file_name_wins_and_two_candidates_are_refused(tmp_path
     with pytest.raises(DataError, match=r"1 image\(s\) have several masks .*"
                                         r"im1.tif \(im1.bmp, im1.png\)"):
         load_folder(tmp_path)
+
+
+def test_mask_resize_is_centred_and_mirror_symmetric(tmp_path):
+    # a 3x3 mask of a 2x2 image: output pixel centres map to source 0.75 and 2.25, so
+    # the corner objects land in the matching corners (PyTorch's legacy "nearest" took
+    # source rows/columns 0 and 1: the bottom-right object vanished, the mask shifted)
+    corners = []
+    for r, c in ((0, 0), (0, 2), (2, 0), (2, 2)):
+        m = np.zeros((3, 3), bool)
+        m[r, c] = True
+        corners.append(m)
+    _folder(tmp_path, sizes=((2, 2),) * 4, masks=corners)
+    d = load_folder(tmp_path)
+    for i, (r, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        want = np.zeros((2, 2), bool)
+        want[r, c] = True
+        assert (d.masks[i, 0].numpy() == want).all(), i

@@ -499,7 +499,7 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
 
 def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
     t = torch.from_numpy(m.astype(np.float32))[None, None]
-    return F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy()
+    return F.interpolate(t, size=(h, w), mode="nearest-exact")[0, 0].numpy()
 
 
 def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
