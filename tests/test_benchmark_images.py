@@ -307,3 +307,12 @@ def test_mask_resize_is_centred_and_mirror_symmetric(tmp_path):
         want = np.zeros((2, 2), bool)
         want[r, c] = True
         assert (d.masks[i, 0].numpy() == want).all(), i
+
+
+def test_hidden_files_like_macos_appledouble_are_not_read(tmp_path):
+    _folder(tmp_path, masks=[np.ones((8, 8), bool)] * 4)
+    for sub in ("images", "masks"):  # what macOS leaves on a FAT / exFAT drive
+        (tmp_path / sub / "._im0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+        (tmp_path / sub / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    d = load_folder(tmp_path)  # was: "1 image(s) ... have no label ...: ._im0.png"
+    assert d.names == ["im0.png", "im1.png", "im2.png", "im3.png"]

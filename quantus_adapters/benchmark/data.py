@@ -333,14 +333,20 @@ def load_cifar10_samples(n_val: int = 5) -> BenchmarkData:
 
 
 # ----------------------------------------------------------------------------- folders
+def _is_image_name(p: Path) -> bool:
+    """An image suffix, and not hidden: macOS writes ``._NAME.png`` (AppleDouble metadata,
+    not an image) next to each file on FAT / exFAT drives and network shares."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if _is_image_name(p))
 
 
 def _nested_images(folder: Path) -> list[Path]:
     """Image files in the subfolders of ``folder`` (which ``folder:PATH`` does not read)."""
     return sorted(p for sub in folder.iterdir() if sub.is_dir() for p in sub.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                  if _is_image_name(p) and p.is_file())
 
 
 def _shown(names: list[str], n: int = 5) -> str:
