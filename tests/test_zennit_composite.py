@@ -396,7 +396,8 @@ def test_composites_removed_in_any_order_keep_the_training_flags(stand_in):
     first.register(model)
     second.register(model)
     xr = x.clone().requires_grad_()
-    torch.autograd.grad(model(xr), xr, torch.eye(5)[[0, 1]])
+    with pytest.raises(ValueError, match="two SplitLRP composites"):
+        torch.autograd.grad(model(xr), xr, torch.eye(5)[[0, 1]])
     first.remove()
     second.remove()
     assert all(m.training for m in model.modules())
@@ -436,3 +437,18 @@ def test_another_composite_on_the_model_is_refused_by_name(stand_in, split_outsi
     with Gradient(model, SplitLRP()) as attributor:   # alone it works again
         _, relevance = attributor(x, torch.eye(5)[[0, 1]])
     assert relevance.shape == x.shape
+
+
+def test_two_split_lrps_on_one_model_are_refused(stand_in):
+    # the one registered last answered either attributor's backward pass: the outer
+    # attributor (stream "pos") silently returned the inner composite's "neg" relevance
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    with Gradient(model, SplitLRP(stream="pos")) as outer:
+        with SplitLRP(stream="neg").context(model):
+            with pytest.raises(ValueError, match="two SplitLRP composites"):
+                outer(x, torch.eye(5)[[0, 1]])
+        _, relevance = outer(x, torch.eye(5)[[0, 1]])   # alone again: its own stream
+    with Gradient(model, SplitLRP(stream="pos")) as alone:
+        _, expected = alone(x, torch.eye(5)[[0, 1]])
+    assert torch.equal(relevance, expected)

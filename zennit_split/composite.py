@@ -258,6 +258,14 @@ class _RootHook:
             return None
         if len(inputs) > 1:
             raise several_inputs(f"the model was called with {len(inputs)} arguments")
+        if any(isinstance(getattr(h, "__self__", None), _RootHook) and h.__self__ is not self
+               and h.__self__.active for h in module._forward_hooks.values()):
+            # the one registered last would answer the backward pass of either attributor
+            raise ValueError(
+                "SplitLRP: two SplitLRP composites are registered on this model at once, and "
+                "the backward pass would return the relevance of the one registered last, "
+                "whichever attributor asked; remove one first (leave its `with` block)."
+            )
         other = other_composite(module)
         if other is not None:
             raise ValueError(
