@@ -316,3 +316,14 @@ def test_hidden_files_like_macos_appledouble_are_not_read(tmp_path):
         (tmp_path / sub / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     d = load_folder(tmp_path)  # was: "1 image(s) ... have no label ...: ._im0.png"
     assert d.names == ["im0.png", "im1.png", "im2.png", "im3.png"]
+
+
+def test_labels_match_file_names_in_either_unicode_normal_form(tmp_path):
+    import unicodedata
+
+    _folder(tmp_path, label_text="name,label\ncaf\u00e9.png,1\nim1.png,0\nim2.png,1\n"
+                                 "im3.png,0\n")  # typed: 'é' composed (NFC)
+    decomposed = unicodedata.normalize("NFD", "caf\u00e9.png")  # as macOS's HFS+ stores it
+    (tmp_path / "images" / "im0.png").rename(tmp_path / "images" / decomposed)
+    d = load_folder(tmp_path)  # was: "1 image(s) ... have no label ...: café.png"
+    assert d.labels[d.names.index(decomposed)] == 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,6 +350,10 @@ def _nested_images(folder: Path) -> list[Path]:
                   if _is_image_name(p) and p.is_file())
 
 
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
 def _shown(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
@@ -427,11 +432,12 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
         raise DataError(f"{str(label_file)!r} does not exist; write one line 'name,label' per "
                         "image (name = the image's file name)")
     labels = _read_labels(label_file, n_classes)
-    missing = [p.name for p in files if p.name not in labels and p.stem not in labels]
+    # names compared in Unicode NFC: macOS (HFS+, its zip files) stores 'é' decomposed
+    missing = [p.name for p in files if _nfc(p.name) not in labels and _nfc(p.stem) not in labels]
     if missing:
         raise DataError(f"{len(missing)} image(s) in {str(img_dir)!r} have no label in "
                         f"{str(label_file)!r}: {_shown(missing)}")
-    used = {p.name if p.name in labels else p.stem for p in files}
+    used = {_nfc(p.name) if _nfc(p.name) in labels else _nfc(p.stem) for p in files}
     orphans = [name for name in labels if name not in used]
     if orphans:
         raise DataError(f"{len(orphans)} name(s) in {str(label_file)!r} match no image in "
@@ -448,7 +454,8 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
                         f"{', '.join(f'{h}x{w}' for h, w in shapes)}; pass --image-size N to "
                         "resize them all to N x N, or resize them yourself")
     x = torch.from_numpy(np.stack(arrays))
-    y = torch.tensor([labels.get(p.name, labels.get(p.stem)) for p in files], dtype=torch.long)
+    y = torch.tensor([labels.get(_nfc(p.name), labels.get(_nfc(p.stem))) for p in files],
+                     dtype=torch.long)
     masks = None
     if mask_dir.is_dir():
         by_stem: dict[str, list[Path]] = {}
@@ -527,7 +534,7 @@ def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
             continue
         if len(row) < 2:
             raise DataError(f"{label_file}:{lineno}: expected 'name,label', got {row!r}")
-        name, value = row[0].strip(), row[1].strip()
+        name, value = _nfc(row[0].strip()), row[1].strip()
         if lineno == 1 and name.lower() == "name" and value.lower() == "label":
             continue
         try:
