@@ -327,3 +327,11 @@ def test_labels_match_file_names_in_either_unicode_normal_form(tmp_path):
     (tmp_path / "images" / "im0.png").rename(tmp_path / "images" / decomposed)
     d = load_folder(tmp_path)  # was: "1 image(s) ... have no label ...: café.png"
     assert d.labels[d.names.index(decomposed)] == 1
+
+
+def test_first_frame_of_an_animated_gif_is_read_and_noted(tmp_path):
+    frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (255, 0)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    notes: set = set()
+    x = imio.read_image(tmp_path / "a.gif", 3, notes=notes)
+    assert x.min() == 1.0 and any("only the first frame" in n for n in notes)

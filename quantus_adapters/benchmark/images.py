@@ -18,6 +18,7 @@ PIL mode        values
 ``CMYK``, ...   converted to RGB by Pillow
 ==============  ==========================================================================
 
+Of a file with several frames (animated GIF, multi-page TIFF) the first is read (noted).
 Images and masks with an EXIF orientation (a phone's JPEG) are rotated / flipped as image
 viewers show them (noted in the report), so that a mask drawn on the shown image fits.
 
@@ -74,6 +75,9 @@ def _open(path: Path, notes: set[str]):
                          "Pillow reads at 8 bits (values off by up to 1/255); convert it to "
                          "8 bits per channel, or to 16-bit grayscale without alpha for a "
                          "1-channel model")
+    if getattr(img, "n_frames", 1) > 1:
+        notes.add("of files with several frames (animated GIF / WebP, multi-page TIFF) only "
+                  "the first frame was read")
     if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation: as viewers show it
         notes.add("files with an EXIF orientation were rotated / flipped as image viewers "
                   "show them")
