@@ -335,3 +335,17 @@ def test_first_frame_of_an_animated_gif_is_read_and_noted(tmp_path):
     notes: set = set()
     x = imio.read_image(tmp_path / "a.gif", 3, notes=notes)
     assert x.min() == 1.0 and any("only the first frame" in n for n in notes)
+
+
+def test_soft_or_jpeg_masks_are_noted(tmp_path):
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    notes: set = set()
+    assert imio.read_mask(_save(tmp_path, "hard.png", Image.fromarray(m)), notes).sum() == 64
+    assert not notes
+    imio.read_mask(_save(tmp_path, "m.jpg", Image.fromarray(m)), notes)  # JPEG ringing
+    assert any("several non-zero levels" in n for n in notes)
+    notes.clear()
+    soft = Image.fromarray(m).resize((8, 8), Image.BILINEAR)  # anti-aliased edges
+    imio.read_mask(_save(tmp_path, "soft.png", soft.convert("RGB")), notes)
+    assert any("several non-zero levels" in n for n in notes)

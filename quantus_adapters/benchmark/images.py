@@ -24,7 +24,8 @@ viewers show them (noted in the report), so that a mask drawn on the shown image
 
 A 1-channel model gets grayscale (RGB converted with the ITU-R 601-2 luma weights
 0.299, 0.587, 0.114 -- those of Pillow's ``L`` mode), a 3-channel model gets RGB
-(grayscale repeated). Masks are non-zero = object; a mask with a varying alpha channel
+(grayscale repeated). Masks are non-zero = object (several non-zero levels, e.g. soft
+edges or JPEG noise, are noted); a mask with a varying alpha channel
 takes its object from the alpha channel (opaque = object).
 """
 
@@ -221,9 +222,17 @@ def read_mask(path: str | os.PathLike, notes: set[str] | None = None) -> np.ndar
             if alpha.min() != alpha.max():
                 notes.add("masks with a transparent background: the opaque pixels are the "
                           "object")
-                return alpha > 0
-            return (arr[..., :3] > 0).any(-1)
+                return _non_zero(alpha, notes)
+            return _non_zero(arr[..., :3].max(-1), notes)
         vals = np.asarray(img)
-    if vals.ndim == 3:
-        return (vals > 0).any(-1)
-    return vals > 0
+    return _non_zero(vals.max(-1) if vals.ndim == 3 else vals, notes)
+
+
+def _non_zero(level: np.ndarray, notes: set[str]) -> np.ndarray:
+    """``level > 0``; several non-zero levels (soft edges, JPEG noise) are noted."""
+    obj = level > 0
+    if np.unique(level[obj]).size > 1:
+        notes.add("masks with several non-zero levels (anti-aliased edges, JPEG noise or "
+                  "class indices): every non-zero pixel counts as object, which widens a "
+                  "soft edge; save binary masks (0 / 255, PNG) for exact edges")
+    return obj
