@@ -349,3 +349,18 @@ def test_soft_or_jpeg_masks_are_noted(tmp_path):
     soft = Image.fromarray(m).resize((8, 8), Image.BILINEAR)  # anti-aliased edges
     imio.read_mask(_save(tmp_path, "soft.png", soft.convert("RGB")), notes)
     assert any("several non-zero levels" in n for n in notes)
+
+
+def test_with_image_size_masks_are_checked_against_their_own_image(tmp_path):
+    obj = np.zeros((10, 12), bool)
+    obj[2:6, 3:9] = True
+    small = np.zeros((6, 6), bool)  # drawn for another image size
+    small[1:4, 1:4] = True
+    _folder(tmp_path, sizes=((10, 12), (10, 12), (6, 6), (10, 12)),
+            masks=[obj, obj, obj, small])
+    d = load_folder(tmp_path, size=6)
+    note = " ".join(n for n in d.notes if "mask(s) of another size" in n)
+    # im2 (6x6 image, 10x12 mask) and im3 (10x12 image, 6x6 mask) do not fit their image;
+    # im0 and im1 fit (was: im0, im1, im3 named, im2 silently resized)
+    assert note.startswith("2 mask(s)") and "im2.png" in note and "im3.png" in note
+    assert "im0.png" not in note and d.masks.shape == (4, 1, 6, 6)

@@ -444,8 +444,13 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
                         f"{str(img_dir)!r}: {_shown(orphans)}; fix the names or remove the "
                         "lines")
     notes_set: set[str] = set()
+    arrays, own_sizes = [], []  # own_sizes: before --image-size, which the masks must fit
     try:
-        arrays = [imio.read_image(p, channels, size, notes_set) for p in files]
+        for p in files:
+            a = imio.read_image(p, channels, None, notes_set)
+            own_sizes.append(a.shape[1:])
+            arrays.append(a if size is None or a.shape[1:] == (size, size)
+                          else imio.resize(a, size))
     except imio.ImageError as exc:
         raise DataError(str(exc)) from None
     shapes = sorted({a.shape[1:] for a in arrays})
@@ -478,13 +483,14 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
         mask_files = {name: ms[0] for name, ms in candidates.items()}
         h, w = x.shape[-2:]
         ms, resized = [], []
-        for p in files:
+        for p, own in zip(files, own_sizes, strict=True):
             try:
                 m = imio.read_mask(mask_files[p.name], notes_set)
             except imio.ImageError as exc:
                 raise DataError(str(exc)) from None
-            if m.shape != (h, w):
+            if m.shape != own:
                 resized.append(p.name)
+            if m.shape != (h, w):
                 m = _resize_mask(m.astype(np.float32), h, w) > 0.5
             ms.append(m)
         masks = torch.from_numpy(np.stack(ms))[:, None]
