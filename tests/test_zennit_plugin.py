@@ -94,3 +94,69 @@ def test_lrp_gamma_differs_from_the_gradient():
     plain = zennit_split.lrp_gamma(model, x, 1, gamma=0.0)
     gamma = zennit_split.lrp_gamma(model, x, 1, gamma=0.25)
     assert not torch.allclose(plain, gamma)
+
+
+class _RevertsLikeZennit10:
+    """A canonizer that merges the first BatchNorm into the convolution before it and reverts
+    the way zennit 1.0 does: ``object.__setattr__`` leaves the restored weight and bias as
+    instance attributes over the parameter slots, the zero bias it created for a bias-free
+    convolution stays registered; a rule that modifies the weight (zennit's ParamMod) then
+    leaves the merged weight in the parameter slot."""
+
+    def apply(self, model):
+        conv, norm = model[0], model[1]
+        weight, bias = conv.weight, conv.bias
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+        scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+        merged = nn.Parameter((weight * scale[:, None, None, None]).detach())
+        object.__setattr__(conv, "weight", merged)
+        object.__setattr__(conv, "bias", nn.Parameter(
+            ((conv.bias - norm.running_mean) * scale + norm.bias).detach()))
+        norm_state = {k: getattr(norm, k) for k in ("weight", "bias", "running_mean",
+                                                     "running_var")}
+        object.__setattr__(norm, "weight", torch.ones_like(norm.weight))
+        object.__setattr__(norm, "bias", torch.zeros_like(norm.bias))
+        object.__setattr__(norm, "running_mean", torch.zeros_like(norm.running_mean))
+        object.__setattr__(norm, "running_var", torch.ones_like(norm.running_var) - norm.eps)
+
+        class Handle:
+            def remove(self):
+                object.__setattr__(conv, "weight", weight)
+                object.__setattr__(conv, "bias", bias)
+                for key, value in norm_state.items():
+                    object.__setattr__(norm, key, value)
+
+        return [Handle()]
+
+
+def _slots(model):
+    """Each module's slot entries (kept alive, so that their ids stay theirs) and attributes."""
+    return [(name, dict(m._parameters), dict(m._buffers), sorted(vars(m)))
+            for name, m in model.named_modules()]
+
+
+def _ids(slots, objects=True):
+    return [(name, {k: id(v) if objects else None for k, v in params.items()},
+             {k: id(v) for k, v in buffers.items()}, names)
+            for name, params, buffers, names in slots]
+
+
+def test_canonizer_reverts_leave_no_shadow_no_extra_bias_no_merged_weight(monkeypatch):
+    # zennit 1.0: after lrp_gamma (SequentialMergeBatchNorm) a ResNet-18 had 82 parameters
+    # instead of 62 (zero biases), and state_dict() held the BN-merged conv weights
+    model = small_cnn(bias=False)
+    x = torch.rand(2, 3, 8, 8)
+    before, state = _slots(model), {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(zennit_split.helpers, "_default_canonizers",
+                        lambda model: [_RevertsLikeZennit10()])
+    zennit_split.lrp_gamma(model, x, torch.tensor([0, 1]))
+    after = _slots(model)
+    assert _ids(after) == _ids(before)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with Gradient(model, SplitLRP(canonizers=[_RevertsLikeZennit10()])) as attributor:
+        attributor(x, torch.eye(5)[[0, 1]])
+    assert _ids(_slots(model)) == _ids(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model[0].bias is None and "weight" not in vars(model[0])

@@ -141,6 +141,64 @@ def select_stream(relevance: Any, stream: str) -> torch.Tensor:
     return getattr(relevance, stream)
 
 
+def module_slots(model: nn.Module) -> dict[nn.Module, tuple[dict, dict, frozenset]]:
+    """Each module's parameter and buffer entries (the objects) and its attribute names.
+
+    Parameters
+    ----------
+    model: torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    dict
+        Module to ``(dict(_parameters), dict(_buffers), names in __dict__)``, for
+        :func:`restore_slots`.
+    """
+    return {m: (dict(m._parameters), dict(m._buffers), frozenset(vars(m)))
+            for m in model.modules()}
+
+
+def restore_slots(before: dict, applied: dict | None = None) -> None:
+    """Undo what Zennit left in the modules after its canonizers and rules were removed.
+
+    zennit 1.0 reverts a merged BatchNorm with ``object.__setattr__``, which leaves the
+    restored ``weight`` / ``bias`` as instance attributes that shadow the module's parameter
+    slots, and a ``bias`` it had to create (``Conv2d(bias=False)``) as a zero parameter (a
+    torchvision ResNet-18 came back with 82 parameters instead of 62); its rules modify
+    parameters with ``load_state_dict(assign=True)``, so that after a canonizer the merged
+    weights end up in the parameter slots (``state_dict()`` no longer the model's) and every
+    parameter object is replaced. zennit 0.5.1 leaves nothing of this.
+
+    Parameters
+    ----------
+    before: dict
+        :func:`module_slots` before the canonizers were applied.
+    applied: dict, optional
+        :func:`module_slots` right after they were applied: only the entries the canonizers
+        set, and left as they were since, are reverted (what the user replaced in between
+        is theirs). None: every entry goes back to ``before``.
+    """
+    for module, (params, buffers, names) in before.items():
+        for name in [n for n in vars(module) if n not in names]:
+            if name in module._parameters or name in module._buffers or name in module._modules:
+                del module.__dict__[name]  # a shadow of a slot: never set by nn.Module
+        for index, (slot, saved) in enumerate(((module._parameters, params),
+                                               (module._buffers, buffers))):
+            for name in list(slot):
+                if name in saved and slot[name] is saved[name]:
+                    continue
+                if applied is not None:
+                    set_then = applied.get(module, ({}, {}))[index]
+                    if (name not in set_then or slot[name] is not set_then[name]
+                            or (name in saved and saved[name] is set_then[name])):
+                        continue
+                if name in saved:
+                    slot[name] = saved[name]
+                else:
+                    del slot[name]
+
+
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
@@ -438,9 +496,11 @@ class SplitLRP(Composite):
                 raise several_inputs(f"layer {name!r} names an input of several")
             checks.layer_name(module, name, "SplitLRP", allow_input=True, allow_elements=True)
         before = set(module.modules())
+        self._slots = (module_slots(module), None)
         try:
             for canonizer in self.canonizers:
                 self.handles += canonizer.apply(module)
+            self._slots = (self._slots[0], module_slots(module))
             added = [m for m in module.modules() if m not in before]
             hook = _RootHook(self, module, added)
             self.hook_refs.add(hook)
@@ -450,8 +510,12 @@ class SplitLRP(Composite):
             raise
 
     def remove(self) -> None:
-        """Remove the hooks and revert the canonizers (:py:attr:`relevance` is kept)."""
+        """Remove the hooks and revert the canonizers (:py:attr:`relevance` is kept); what
+        zennit 1.0's reverts leave behind is undone (:func:`restore_slots`)."""
         super().remove()
+        slots, self._slots = getattr(self, "_slots", None), None
+        if slots is not None and self.canonizers:
+            restore_slots(slots[0], slots[1] or {})
 
     def compute(
         self, module: nn.Module, input: torch.Tensor, seed: torch.Tensor  # noqa: A002

@@ -19,7 +19,9 @@ from .composite import (
     SplitLRP,
     layer_list,
     layer_names,
+    module_slots,
     refuse_inference_mode,
+    restore_slots,
     several_inputs,
 )
 
@@ -243,10 +245,12 @@ def lrp_gamma(
         handle = model.get_submodule(name).register_forward_hook(
             lambda module, args, output: _OutputGradient.apply(output, store)
         )
+    slots = module_slots(model)
     try:
         with torch.enable_grad(), Gradient(model, composite) as attributor:  # as split_lrp
             _, relevance = attributor(inputs, output_seed(targets, inputs.shape[0]))
     finally:
+        restore_slots(slots)  # zennit 1.0's rules and reverts leave them changed
         if handle is not None:
             handle.remove()
     if handle is not None:
