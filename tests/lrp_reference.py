@@ -84,7 +84,12 @@ def _neg(t: torch.Tensor) -> torch.Tensor:
 
 def merge_batchnorm(model: nn.Module) -> nn.Module:
     """Return a float64 copy of ``model`` with every BatchNorm merged into the layer before it."""
-    model = copy.deepcopy(model).double().eval()
+    # tensors computed into module attributes (zennit 1.0's canonizers set the merged
+    # weights so) cannot be deep-copied and .double() skips them: copied here, in float64
+    memo = {id(v): v.detach().to(torch.float64, copy=True) for m in model.modules()
+            for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf and v.is_floating_point()}
+    model = copy.deepcopy(model, memo).double().eval()
 
     def merge(seq: nn.Module) -> None:
         for child in seq.children():
