@@ -34,9 +34,12 @@ def test_grayscale_modes_scale_to_unit_range(tmp_path, mode):
     path = _save(tmp_path, "g.tif" if mode in ("I", "F") else "g.png", img)
     with Image.open(path) as check:
         assert check.mode == mode
-    gray = imio.read_image(path, 1)
+    notes: set = set()
+    gray = imio.read_image(path, 1, notes=notes)
     assert gray.shape == (1, 2, 2) and gray.dtype == np.float32
     np.testing.assert_allclose(gray[0], frac, atol=1e-6)  # 16 bit: not all white
+    # 32-bit integers are read as 16-bit data: said, as 8-bit values would come out dark
+    assert any("32-bit integer images were read as 16-bit" in n for n in notes) == (mode == "I")
     rgb = imio.read_image(path, 3)
     assert rgb.shape == (3, 2, 2) and np.array_equal(rgb[0], rgb[2])
 

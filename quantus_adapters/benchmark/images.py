@@ -11,7 +11,8 @@ PIL mode        values
 ``RGB``, ...    16 bits per colour sample (48/64-bit PNG, 16-bit colour TIFF): refused,
                 as Pillow reads them at 8 bits (off by up to 1/255)
 ``I``           32-bit integers holding 16-bit data (how Pillow reads 16-bit TIFFs):
-                divided by 65535; values outside [0, 65535] are refused
+                divided by 65535 (noted: 8-bit values in such a file come out nearly
+                black); values outside [0, 65535] are refused
 ``F``           floats, which must already lie in [0, 1]
 ``P``           the palette expanded (to RGB, or RGBA when it has transparency)
 ``LA``, ``RGBA``  the alpha channel is dropped (noted in the report)
@@ -137,6 +138,8 @@ def _values(img, path: Path, notes: set[str]) -> np.ndarray:
             raise ImageError(f"{str(path)!r}: 32-bit integer image with values in "
                              f"[{arr.min():g}, {arr.max():g}]; only 16-bit data (0..65535) "
                              "has a known scale -- convert it to 8 or 16 bit")
+        notes.add("32-bit integer images were read as 16-bit data (divided by 65535); if "
+                  "they hold 8-bit values they look nearly black -- save them as 8-bit PNGs")
         return arr / 65535.0
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
