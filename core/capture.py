@@ -34,7 +34,14 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from core.errors import UnsupportedOperation
-from core.graph import Submodules, TraceFailure, fold_stacked_sums, resolve_inplace, trace
+from core.graph import (
+    Submodules,
+    TraceFailure,
+    fold_stacked_sums,
+    resolve_inplace,
+    trace,
+    written_in_place,
+)
 from core.record import (
     RANDOM,
     AutocastWatch,
@@ -512,8 +519,7 @@ def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool |
     eager forward, and the graph would be split silently. Both run on eval-mode twins
     (:func:`core.twin.module_twin`); parameters that the graph writes into are copies.
     None (undecided) when the forward itself raises on ``x``."""
-    writes = any(n.op == "get_attr" and any(_writes(u) and u.args[0] is n for u in n.users)
-                 for n in graph.nodes)
+    writes = any(n.op == "get_attr" and written_in_place(n) for n in graph.nodes)
     params: dict[int, nn.Parameter] = {}
     outs = []
     for run in ("forward", "graph"):
@@ -521,12 +527,10 @@ def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool |
         if writes:  # the twins share the user's parameters
             with torch.no_grad():
                 for m in twin.modules():
-                    for k, v in m._parameters.items():
-                        if v is not None:
-                            if id(v) not in params:
-                                params[id(v)] = nn.Parameter(v.detach().clone(),
-                                                             v.requires_grad)
-                            m._parameters[k] = params[id(v)]
+                    for k, v in list(m.named_parameters(recurse=False, remove_duplicate=False)):
+                        if id(v) not in params:
+                            params[id(v)] = nn.Parameter(v.detach().clone(), v.requires_grad)
+                        setattr(m, k, params[id(v)])
         x = x.detach().clone()  # a forward may write into its input
         try:  # gradients on, as the capture runs the forward
             with torch.enable_grad(), AutocastWatch() as watch:
@@ -546,12 +550,6 @@ def agrees_eagerly(model: nn.Module, graph: fx.Graph, x: torch.Tensor) -> bool |
         return True  # a non-finite output is refused later, with its own message
     scale = max(float(want[finite].abs().max()), torch.finfo(want.dtype).tiny)
     return float((want[finite] - got[finite]).abs().max()) <= 1e-4 * scale
-
-
-def _writes(node: fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return (node.op in ("call_method", "call_function") and isinstance(name, str)
-            and name.endswith("_") and not name.endswith("__")) and bool(node.args)
 
 
 def _eliminate_dead_code(graph: fx.Graph) -> None:

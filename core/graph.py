@@ -181,6 +181,23 @@ class Submodules:
         return self.model.get_submodule(path) if module is None else module
 
 
+def _writes_into(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (
+        (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+        or node.kwargs.get("inplace") is True
+    )
+
+
+def written_in_place(node: fx.Node) -> bool:
+    """Whether a user of ``node`` writes into its value in place (``x.add_(y)``, ``x += y``,
+    ``F.relu(x, inplace=True)`` with ``x`` the value of ``node``): of a ``get_attr`` node,
+    a forward that writes into a parameter or buffer."""
+    return any(_writes_into(u) and u.args and u.args[0] is node for u in node.users)
+
+
 def _mutates(node: fx.Node, modules: Submodules, signatures: dict[Any, Any]) -> bool:
     """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``,
     ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``); ``signatures`` caches the

@@ -26,7 +26,7 @@ from torch import nn
 from core import rules
 from core.absops import AbsScratch
 from core.errors import SplitOverflowError, UnsupportedOperation
-from core.graph import Submodules
+from core.graph import Submodules, written_in_place
 from core.pair import Pair, contains_pair
 from core.shift import Shift
 from core.stabilize import stabilise
@@ -125,16 +125,6 @@ def _unsupported(step: Step) -> Exception:
     )
 
 
-def _writes_into(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    name = getattr(node.target, "__name__", "")
-    return node.op == "call_function" and (
-        (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
-        or node.kwargs.get("inplace") is True
-    )
-
-
 def plan(model: nn.Module, graph: fx.Graph, inputs: int,
          merge_batchnorm: bool = False, nonlinear: str = "error",
          modules: dict[str, nn.Module] | None = None) -> dict[fx.Node, Step]:
@@ -198,8 +188,7 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
             step.shift_name = node.target if op == "call_module" else node.name
     for node, step in steps.items():
         if node.op == "get_attr":
-            step.copy = any(_writes_into(u) and u.args and u.args[0] is node
-                            for u in node.users)
+            step.copy = written_in_place(node)
     _plan_donations(steps)
     if merge_batchnorm:
         _plan_merges(steps)
