@@ -182,6 +182,7 @@ class MapWorker:
         import quantus_adapters
         from quantus_adapters.benchmark.protocol import seed_everything
         from quantus_adapters.class_blind import collect
+        from quantus_adapters.cluster import error_line
 
         rows = np.asarray(batch["row"], dtype=np.int64)
         cfgs = np.asarray(batch["config"], dtype=np.int64)
@@ -202,7 +203,7 @@ class MapWorker:
                                                    **config.options)
                 maps[sel] = out[:, 0]
             except Exception as exc:  # reported per map by the caller; other maps go on
-                errors[sel] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                errors[sel] = error_line(exc)
             if found:
                 blind[sel[0]] = json.dumps([[f.layer, f.ratio] for f in found])
         return {"row": rows, "config": cfgs, "map": maps, "error": errors.astype(str),
@@ -370,10 +371,6 @@ def failed_batch(batch: dict[str, np.ndarray], shape: tuple[int, int],
             "error": np.array([error] * n), "class_blind": np.array([""] * n)}
 
 
-def _explain_batch(worker: MapWorker, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return worker(batch)
-
-
 def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
                    labels: np.ndarray, configs: Sequence[MapConfig],
                    batches: Sequence[dict[str, np.ndarray]], device: str, workers: int,
@@ -398,7 +395,7 @@ def explain_on_ray(ray, make_model: Callable[[], nn.Module], images: np.ndarray,
                               seed=seed)
     pool = RayPool(ray, setup, workers, gpus_per_worker)
     try:
-        for batch, ok, value in pool.imap_unordered(_explain_batch, batches):
+        for batch, ok, value in pool.imap_unordered(MapWorker.__call__, batches):
             yield value if ok else failed_batch(batch, images.shape[-2:], f"Ray: {value}")
     finally:
         pool.close()

@@ -247,7 +247,7 @@ def _interrupt(signum, frame):
 
 
 def run(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace], int], *,
-        interrupted: str, threads: int | None = None) -> int:
+        kept: str, threads: int | None = None) -> int:
     """Run ``body(args)`` with the exit codes of the module docstring.
 
     Parameters
@@ -258,8 +258,9 @@ def run(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace]
         The parsed options (``--threads`` and ``--debug`` are read here).
     body: callable
         The command; returns its exit status (0 or 1).
-    interrupted: str
-        The line printed on SIGINT / SIGTERM (where the finished work is, how to resume).
+    kept: str
+        Where the finished work is and how to continue, printed after "interrupted; " on
+        SIGINT / SIGTERM and after a Ray worker's setup error.
     threads: int, optional
         Torch CPU threads when ``--threads`` is not given (None: torch's choice).
 
@@ -277,7 +278,7 @@ def run(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace]
             torch.set_num_threads(n_threads)
         return body(args)
     except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
+        print(f"\ninterrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as exc:
         if args.debug:
@@ -287,8 +288,7 @@ def run(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace]
     except WorkerSetupError as exc:  # found after work began: the finished work is kept
         if args.debug:
             raise
-        print(f"{prog}: error: {one_line(exc)}; {interrupted.split('; ', 1)[-1]}",
-              file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}; {kept}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
         if args.debug:

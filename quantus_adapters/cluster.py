@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the benchmark package imports this module
     from quantus_adapters.benchmark.zoo.spec import ModelSpec
 
 __all__ = ["INSTALL_HINT", "ObjectStoreValue", "RayOptions", "RayPool", "RayUnavailableError",
-           "RemoteModel", "WorkerSetupError", "add_ray_arguments", "require_ray"]
+           "RemoteModel", "WorkerSetupError", "add_ray_arguments", "error_line", "require_ray"]
 
 INSTALL_HINT = 'pip install "splitxai[ray]"'
 LOCAL = "local"
@@ -226,12 +226,18 @@ class RemoteModel:
         return model.eval()
 
 
+def error_line(exc: BaseException) -> str:
+    """``"Type: message"`` of an error, its first line, at most 300 characters: how a task
+    that failed in a worker (or a cell, or a map) is reported."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 def _run_task(state: Any, fn: Callable[[Any, Any], Any], task: Any) -> tuple[bool, Any]:
     """``(True, fn(state, task))``, or ``(False, "Type: message")`` when it raises."""
     try:
         return True, fn(state, task)
     except Exception as exc:  # the caller names the task; other tasks go on
-        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return False, error_line(exc)
 
 
 def _cause(exc: BaseException) -> str:
@@ -269,7 +275,7 @@ class _Worker:
             try:
                 self.state = setup()
             except Exception as exc:
-                self.setup_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.setup_error = error_line(exc)
         if self.setup_error is not None:
             return None, self.setup_error
         return _run_task(self.state, fn, task)

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     return common.run("splitxai explain", args, _run,
-                      interrupted=f"interrupted; the finished maps are in {args.out} -- run "
-                                  "again with --resume to add the rest")
+                      kept=f"the finished maps are in {args.out} -- run again with "
+                           "--resume to add the rest")
 
 
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,

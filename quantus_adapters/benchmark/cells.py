@@ -43,6 +43,7 @@ from quantus_adapters.benchmark.protocol import (
 )
 from quantus_adapters.benchmark.store import fingerprint
 from quantus_adapters.class_blind import ClassBlind, collect
+from quantus_adapters.cluster import error_line
 
 __all__ = [
     "CellJob",
@@ -226,10 +227,6 @@ def _resolving(explain: Callable) -> Callable:
     return fn
 
 
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
 # ----------------------------------------------------------------------------- the unit
 @dataclass
 class CellJob:
@@ -315,7 +312,7 @@ def _run_cells(job: CellJob) -> CellResult:
                          settings.batch_size, settings.device, settings.seed)
         _check_maps(a)
     except Exception as exc:  # one failing method must not stop the benchmark
-        res.errors[""] = _first_line(exc)
+        res.errors[""] = error_line(exc)
         return res
     if job.keep:
         res.maps = a[:job.keep]
@@ -345,7 +342,7 @@ def _run_cells(job: CellJob) -> CellResult:
                                          explain_kwargs=job.explain_kwargs,
                                          explain_func=_resolving(explain), cache=cache)
         except Exception as exc:
-            res.errors[metric] = _first_line(exc)
+            res.errors[metric] = error_line(exc)
             continue
         finite = scores[np.isfinite(scores)]
         record = {"scores": [float(v) for v in scores],

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     builtin = args.data == "digits" and args.model in (None, "digits-cnn")
     return common.run("splitxai benchmark", args, _run,
-                      interrupted=f"interrupted; finished cells are in {args.out}/cells.jsonl "
-                                  "-- run again with --resume to continue",
+                      kept=f"finished cells are in {args.out}/cells.jsonl -- run again "
+                           "with --resume to continue",
                       threads=1 if builtin else None)
 
 
