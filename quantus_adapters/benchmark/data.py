@@ -432,12 +432,15 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
         raise DataError(f"{str(label_file)!r} does not exist; write one line 'name,label' per "
                         "image (name = the image's file name)")
     labels = _read_labels(label_file, n_classes)
-    # names compared in Unicode NFC: macOS (HFS+, its zip files) stores 'é' decomposed
-    missing = [p.name for p in files if _nfc(p.name) not in labels and _nfc(p.stem) not in labels]
+    # each image's line in labels.csv: its file name, else its name without extension,
+    # compared in Unicode NFC (macOS -- HFS+, its zip files -- stores 'é' decomposed)
+    keys = {p: next((k for k in (_nfc(p.name), _nfc(p.stem)) if k in labels), None)
+            for p in files}
+    missing = [p.name for p, key in keys.items() if key is None]
     if missing:
         raise DataError(f"{len(missing)} image(s) in {str(img_dir)!r} have no label in "
                         f"{str(label_file)!r}: {_shown(missing)}")
-    used = {_nfc(p.name) if _nfc(p.name) in labels else _nfc(p.stem) for p in files}
+    used = set(keys.values())
     orphans = [name for name in labels if name not in used]
     if orphans:
         raise DataError(f"{len(orphans)} name(s) in {str(label_file)!r} match no image in "
@@ -459,8 +462,7 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
                         f"{', '.join(f'{h}x{w}' for h, w in shapes)}; pass --image-size N to "
                         "resize them all to N x N, or resize them yourself")
     x = torch.from_numpy(np.stack(arrays))
-    y = torch.tensor([labels.get(_nfc(p.name), labels.get(_nfc(p.stem))) for p in files],
-                     dtype=torch.long)
+    y = torch.tensor([labels[keys[p]] for p in files], dtype=torch.long)
     masks = None
     if mask_dir.is_dir():
         by_stem: dict[str, list[Path]] = {}
