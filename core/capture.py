@@ -43,6 +43,7 @@ from core.graph import (
     written_in_place,
 )
 from core.record import (
+    MODULE_HOOK_DICTS,
     RANDOM,
     AutocastWatch,
     InputDependent,
@@ -172,8 +173,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         )
     while (step := _wrapped(model)) is not None:
         inner, attribute, how = step
-        hooks = [k.strip("_") for k in ("_forward_hooks", "_forward_pre_hooks",
-                                         "_backward_hooks", "_backward_pre_hooks")
+        hooks = [k.strip("_") for k in MODULE_HOOK_DICTS
                  if any(not getattr(getattr(h, "__self__", None), "split_own", False)
                         for h in (getattr(model, k, None) or {}).values())]
         if hooks:  # they run around the wrapper, which the split goes past

@@ -620,6 +620,11 @@ def grad_off(what: str) -> UnsupportedOperation:
     )
 
 
+#: the hook registries of a module (torch keeps them in these attributes)
+MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks")
+
+
 def global_hooks() -> list[str]:
     """The names of torch's registries of global module forward hooks that hold one
     (``register_module_forward_hook`` / ``_pre_hook``)."""

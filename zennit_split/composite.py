@@ -23,6 +23,7 @@ from core import checks
 from core.errors import frames_to_user
 from core.explaining import eval_semantics
 from core.lrp import ACTIVATION_RULES, RESIDUAL_RULES, STREAMS
+from core.record import MODULE_HOOK_DICTS
 from core.split import INPUT_SPLITS, MAXPOOL_MODES, STABILIZERS
 
 
@@ -199,9 +200,6 @@ def restore_slots(before: dict, applied: dict | None = None) -> None:
                     del slot[name]
 
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
 def other_composite(module: nn.Module) -> str | None:
     """The first module (by name) inside ``module`` that carries hooks of a Zennit rule.
 
@@ -221,7 +219,7 @@ def other_composite(module: nn.Module) -> str | None:
         ``"'features.0' (ZPlus)"`` for the first such module, or None.
     """
     for name, child in module.named_modules():
-        for attr in _HOOK_DICTS:
+        for attr in MODULE_HOOK_DICTS:
             for hook in getattr(child, attr, {}).values():
                 owner = getattr(hook, "__self__", hook)
                 if type(owner).__module__.split(".")[0] == "zennit":
