@@ -228,9 +228,9 @@ def eval_batch_norm_(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
 
 
 def _batch_norm_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
-                       inplace: bool = False) -> torch.Tensor:
+                       inplace: bool = False, moments: tuple | None = None) -> torch.Tensor:
     # a batch norm with mean 0, variance 1 and eps 0 multiplies by k exactly
-    mean, var = torch.zeros_like(k), torch.ones_like(k)
+    mean, var = moments if moments is not None else (torch.zeros_like(k), torch.ones_like(k))
     out = eval_batch_norm_(s, mean, var, k, t, 0.0) if inplace else None
     return out if out is not None else F.batch_norm(s, mean, var, k, t, False, 0.0, 0.0)
 
@@ -251,7 +251,8 @@ class _ChannelAffine(torch.autograd.Function):
 
 
 def channel_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
-                   value: bool = True, inplace: bool = False) -> torch.Tensor:
+                   value: bool = True, inplace: bool = False,
+                   moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``k s + t`` with per-channel vectors ``k`` and ``t`` (along dim 1, no gradient), for
     the ``s`` stream of a BatchNorm.
 
@@ -259,7 +260,8 @@ def channel_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
     1.5-2.5x faster on CPU than the broadcasting ``addcmul``; the backward is ``grad * k``.
     ``value=False``: a :func:`placeholder` with that backward (where the inputs allow).
     ``inplace``: written into ``s`` where :func:`eval_batch_norm_` can (no autograd; the
-    caller owns ``s``).
+    caller owns ``s``). ``moments``: the zeros and ones (like ``k``) that the kernel is
+    called with, where the caller keeps them (default: made anew).
     """
     if not value:
         out = placeholder(lambda g: (g * _channel_column(k, g),), s)
@@ -267,7 +269,7 @@ def channel_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
             return out
     if torch.is_grad_enabled() and s.requires_grad:
         return _ChannelAffine.apply(s, k, t)
-    return _batch_norm_affine(s, k, t, inplace)
+    return _batch_norm_affine(s, k, t, inplace, moments)
 
 
 class _Placeholder(torch.autograd.Function):

@@ -30,6 +30,7 @@ from torch import nn
 # importing max_rules and unit_rules registers their rules
 from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: F401
 from core.absops import abs_conv, abs_linear, channel_affine, eval_batch_norm_, placeholder
+from core.derived import DERIVED
 from core.pair import Pair, detached, lift
 from core.record import assign
 from core.registry import (
@@ -199,7 +200,11 @@ def add(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a + b`` has the shape and dtype of ``a`` (it can be written into ``a``)."""
-    return (isinstance(b, torch.Tensor) and torch.broadcast_shapes(a.shape, b.shape) == a.shape
+    if not isinstance(b, torch.Tensor):
+        return False
+    if b.dtype == a.dtype and b.shape == a.shape:  # the common case, without torch's checks
+        return True
+    return (torch.broadcast_shapes(a.shape, b.shape) == a.shape
             and torch.result_type(a, b) == a.dtype)
 
 
@@ -490,26 +495,43 @@ def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
     return rule
 
 
-def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
-    if mean is None or var is None:
-        raise unsupported(
-            ctx, "batch normalisation without running statistics",
-            "Batch statistics couple the rows of a batch; use track_running_stats=True.",
-        )
-    mean, var, weight, bias = (detached(t) for t in (mean, var, weight, bias))
-    d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
-    if d is None:
-        d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
+def _mass_map(mean, var, weight, bias, merged_bias, eps: float) -> tuple[torch.Tensor, ...]:
+    """``|k|`` and ``|t|`` of a BatchNorm's ``s'`` (see :func:`batchnorm_module`; ``t`` holds
+    the merged bias ``k b``), with the mean 0 and variance 1 of :func:`channel_affine`."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    if ctx.merged_bias is not None:
-        shift = shift + scale * ctx.merged_bias.detach()
-    return Pair(d, channel_affine(p.s.expand_as(d), scale.abs(), shift.abs(), ctx.mass,
-                                  inplace=ctx.donated))
+    if merged_bias is not None:
+        shift = shift + scale * merged_bias
+    k = scale.abs()
+    return k, shift.abs(), torch.zeros_like(k), torch.ones_like(k)
+
+
+def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
+    """A BatchNorm with these statistics and parameters on a pair; with ``ctx.module`` they
+    are the module's own, and the mass map is kept with it between calls
+    (:data:`core.derived.DERIVED`)."""
+    if mean is None or var is None:
+        raise unsupported(
+            ctx, "batch normalisation without running statistics",
+            "Batch statistics couple the rows of a batch; use track_running_stats=True.",
+        )
+    sources = (mean, var, weight, bias, ctx.merged_bias)
+    mean, var, weight, bias, merged = (detached(t) for t in sources)
+    d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
+    if d is None:
+        d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
+    if ctx.module is None:
+        k, t, zero, one = _mass_map(mean, var, weight, bias, merged, eps)
+    else:
+        k, t, zero, one = DERIVED.get(
+            ctx.module, ("batchnorm", eps, merged is not None), sources,
+            lambda: _mass_map(mean, var, weight, bias, merged, eps))
+    return Pair(d, channel_affine(p.s.expand_as(d), k, t, ctx.mass, inplace=ctx.donated,
+                                  moments=(zero, one)))
 
 
 def _without_running_statistics(node: Any, module: nn.Module | None) -> str | None:
