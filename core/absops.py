@@ -69,7 +69,10 @@ class AbsScratch:
         n = weight.numel()
         if n > BLOCK or weight.requires_grad or not _dense(weight):
             return weight.abs()
-        buffers = self._local.__dict__.setdefault("buffers", {})
+        try:
+            buffers = self._local.buffers
+        except AttributeError:
+            buffers = self._local.buffers = {}
         key = (weight.device, weight.dtype)
         buffer = buffers.get(key)
         if buffer is None or buffer.numel() < n:
@@ -219,9 +222,11 @@ def eval_batch_norm_(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     batch norm reads each element once, before it writes it. None where that kernel does
     not apply (another device, a non-contiguous ``x``, statistics of another dtype): then
     compute it out of place."""
-    if (x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 2
-            or any(v is not None and v.dtype != x.dtype for v in (mean, var, weight, bias))):
+    if x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 2:
         return None
+    for v in (mean, var, weight, bias):
+        if v is not None and v.dtype != x.dtype:
+            return None
     torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, eps, out=x,
                                          save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
     return x

@@ -569,7 +569,8 @@ class SplitInterpreter(fx.Interpreter):
                 inplace = (step.rule.fresh and not torch.is_grad_enabled()
                            and _separate(value))
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
-                                                self.threshold, inplace=inplace))
+                                                self.threshold, inplace=inplace,
+                                                d_nonnegative=step.rule.relu))
         return value
 
     def _keep(self, node: fx.Node, value: Any) -> None:

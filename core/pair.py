@@ -52,9 +52,14 @@ def contains_pair(value: Any) -> bool:
     if isinstance(value, Pair):
         return True
     if isinstance(value, (list, tuple)):
-        return any(contains_pair(v) for v in value)
+        for v in value:  # a loop, not any() over a generator: this runs for every node
+            if contains_pair(v):
+                return True
+        return False
     if isinstance(value, dict):
-        return any(contains_pair(v) for v in value.values())
+        for v in value.values():
+            if contains_pair(v):
+                return True
     return False
 
 

@@ -44,7 +44,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 _LONG_ROW = 1 << 17
 
 
-def _extremes(d: torch.Tensor, s: torch.Tensor) -> list[tuple[float, float, float, float]]:
+def _extremes(d: torch.Tensor, s: torch.Tensor,
+              d_nonnegative: bool = False) -> list[tuple[float, float, float, float]]:
     """Per sample ``(max s, min s, max d, min d)`` as Python numbers, in one transfer.
 
     The decisions of the stabiliser are taken on these few numbers on the host: a dozen
@@ -52,21 +53,29 @@ def _extremes(d: torch.Tensor, s: torch.Tensor) -> list[tuple[float, float, floa
     rows (few large samples) are reduced one by one with ``torch.aminmax`` (one pass for
     both); otherwise ``amax`` and ``amin`` along the rows, not ``aminmax(dim=1)``, which on
     CPU is 15-30x slower than both together (torch 2.x). No ``abs``, which would write a
-    temporary of the size of ``s``.
+    temporary of the size of ``s``. ``d_nonnegative`` (a ReLU's output): ``min d`` is not
+    computed but given as 0, which changes no decision (``max |d| = max d``; a NaN shows in
+    ``max d``).
     """
     rows_s, rows_d = _rows(s), _rows(d)
     if rows_s.shape[1] >= _LONG_ROW and rows_s.shape[0] <= 16:
-        both = torch.stack([torch.stack(torch.aminmax(t[row])[::-1])
-                            for row in range(rows_s.shape[0]) for t in (rows_s, rows_d)])
-        both = both.reshape(rows_s.shape[0], 4)
+        parts = []
+        for row in range(rows_s.shape[0]):
+            parts.extend(torch.aminmax(rows_s[row])[::-1])
+            if d_nonnegative:
+                parts.extend((rows_d[row].amax(), rows_d.new_zeros(())))
+            else:
+                parts.extend(torch.aminmax(rows_d[row])[::-1])
+        both = torch.stack(parts).reshape(rows_s.shape[0], 4)
     else:
-        both = torch.stack((rows_s.amax(dim=1), rows_s.amin(dim=1), rows_d.amax(dim=1),
-                            rows_d.amin(dim=1)), dim=1)
+        low_d = rows_d.new_zeros(rows_d.shape[0]) if d_nonnegative else rows_d.amin(dim=1)
+        both = torch.stack((rows_s.amax(dim=1), rows_s.amin(dim=1), rows_d.amax(dim=1), low_d),
+                           dim=1)
     return [tuple(r) for r in both.tolist()]
 
 
-def _exceeds(d: torch.Tensor, s: torch.Tensor, threshold: float) -> tuple[list[bool],
-                                                                          list[float]]:
+def _exceeds(d: torch.Tensor, s: torch.Tensor, threshold: float,
+             d_nonnegative: bool = False) -> tuple[list[bool], list[float]]:
     """Per sample whether ``max |a+-| = max (|s| + |d|) / 2 > threshold``, checked cheaply,
     and ``max |s|``.
 
@@ -75,7 +84,7 @@ def _exceeds(d: torch.Tensor, s: torch.Tensor, threshold: float) -> tuple[list[b
     left alone (the overflow check reports it).
     """
     exceed, mass, unsure = [], [], []
-    for row, (hi_s, lo_s, hi_d, lo_d) in enumerate(_extremes(d, s)):
+    for row, (hi_s, lo_s, hi_d, lo_d) in enumerate(_extremes(d, s, d_nonnegative)):
         ms, md = max(hi_s, -lo_s), max(hi_d, -lo_d)
         if math.isnan(ms) or math.isnan(md):
             exceed.append(False)
@@ -99,12 +108,12 @@ def column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (like.dim() - 1)) if like.dim() > 0 else v.reshape(())
 
 
-def _scale_factors(d: torch.Tensor, s: torch.Tensor, theta: float,
-                   threshold: float) -> list[float]:
+def _scale_factors(d: torch.Tensor, s: torch.Tensor, theta: float, threshold: float,
+                   d_nonnegative: bool = False) -> list[float]:
     """Per sample ``theta ** k``: ``k = 0`` unless ``max |a+-|`` exceeds the threshold, else
     the least ``k >= 1`` after which the mass ``max |s| / 2`` is at most the threshold (an
     infinite mass gets the factor 0, which the overflow check then reports)."""
-    exceeds, masses = _exceeds(d, s, threshold)
+    exceeds, masses = _exceeds(d, s, threshold, d_nonnegative)
     if theta == 1.0:  # theta ** k == 1 for every k
         return [1.0] * len(exceeds)
     factors = []
@@ -126,7 +135,8 @@ def _per_row(values: list, like: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
-              threshold: float, inplace: bool = False) -> torch.Tensor:
+              threshold: float, inplace: bool = False,
+              d_nonnegative: bool = False) -> torch.Tensor:
     """The stabilised mass ``s`` of one ReLU-type unit's output.
 
     Parameters
@@ -142,6 +152,8 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         The factor and the threshold of ``"scale"`` (the threshold also of ``"shift"``).
     inplace: bool
         Write the new values into ``s`` (the caller owns it, no autograd); the same bits.
+    d_nonnegative: bool
+        ``d >= 0`` everywhere (a ReLU's output): one reduction fewer, the same result.
 
     Returns
     -------
@@ -152,13 +164,13 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         return s
     with torch.no_grad():
         if mode == "scale":
-            factors = _scale_factors(d, s, theta, threshold)
+            factors = _scale_factors(d, s, theta, threshold, d_nonnegative)
             if all(f == 1.0 for f in factors):
                 return s
             factors = _per_row(factors, s, s.dtype)
             new = s.mul_(factors) if inplace else s * factors
         else:
-            exceed = _exceeds(d, s, threshold)[0]
+            exceed = _exceeds(d, s, threshold, d_nonnegative)[0]
             if not any(exceed):
                 return s
             mask = _per_row(exceed, s, torch.bool)

@@ -112,3 +112,16 @@ def test_zero_dim_and_one_dim_streams():
     s1 = torch.tensor([1.0, 500.0])  # one sample per element
     torch.testing.assert_close(stabilize.stabilise(torch.zeros(2), s1, "scale", THETA,
                                                    THRESHOLD), torch.tensor([1.0, 5.0]))
+
+
+@pytest.mark.parametrize("mode", ["scale", "shift"])
+@pytest.mark.parametrize("batch,width", [(5, 64), (4, stabilize._LONG_ROW)])
+def test_a_nonnegative_d_skips_its_minimum_and_takes_the_same_decisions(mode, batch, width):
+    d, s = _rows_case(batch, width)
+    d = d.abs()  # a ReLU's output
+    d[-1, 3] = float("nan")  # a NaN in d shows in its maximum as well
+    given = stabilize.stabilise(d, s, mode, THETA, THRESHOLD, d_nonnegative=True)
+    full = stabilize.stabilise(d, s, mode, THETA, THRESHOLD)
+    assert torch.equal(given, full) and not torch.equal(given, s)
+    torch.testing.assert_close(given, _expected(d, s, mode), rtol=1e-6, atol=0,
+                               equal_nan=True)
