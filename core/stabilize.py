@@ -40,7 +40,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
 
 
-# rows of at least this many entries are reduced one by one with aminmax
+# rows of at least this many entries (of 2 to 16 samples) are reduced one by one with aminmax
 _LONG_ROW = 1 << 17
 
 
@@ -50,15 +50,15 @@ def _extremes(d: torch.Tensor, s: torch.Tensor,
 
     The decisions of the stabiliser are taken on these few numbers on the host: a dozen
     tensor operations on one value per sample would cost more than the reductions. Long
-    rows (few large samples) are reduced one by one with ``torch.aminmax`` (one pass for
-    both); otherwise ``amax`` and ``amin`` along the rows, not ``aminmax(dim=1)``, which on
-    CPU is 15-30x slower than both together (torch 2.x). No ``abs``, which would write a
-    temporary of the size of ``s``. ``d_nonnegative`` (a ReLU's output): ``min d`` is not
-    computed but given as 0, which changes no decision (``max |d| = max d``; a NaN shows in
-    ``max d``).
+    rows of 2 to 16 samples are reduced one by one with ``torch.aminmax`` (one pass for
+    both); otherwise (one sample, where they are faster, included) ``amax`` and ``amin``
+    along the rows, not ``aminmax(dim=1)``, which on CPU is 15-30x slower than both
+    together (torch 2.x). No ``abs``, which would write a temporary of the size of ``s``.
+    ``d_nonnegative`` (a ReLU's output): ``min d`` is not computed but given as 0, which
+    changes no decision (``max |d| = max d``; a NaN shows in ``max d``).
     """
     rows_s, rows_d = _rows(s), _rows(d)
-    if rows_s.shape[1] >= _LONG_ROW and rows_s.shape[0] <= 16:
+    if rows_s.shape[1] >= _LONG_ROW and 1 < rows_s.shape[0] <= 16:
         parts = []
         for row in range(rows_s.shape[0]):
             parts.extend(torch.aminmax(rows_s[row])[::-1])
@@ -66,12 +66,12 @@ def _extremes(d: torch.Tensor, s: torch.Tensor,
                 parts.extend((rows_d[row].amax(), rows_d.new_zeros(())))
             else:
                 parts.extend(torch.aminmax(rows_d[row])[::-1])
-        both = torch.stack(parts).reshape(rows_s.shape[0], 4)
-    else:
-        low_d = rows_d.new_zeros(rows_d.shape[0]) if d_nonnegative else rows_d.amin(dim=1)
-        both = torch.stack((rows_s.amax(dim=1), rows_s.amin(dim=1), rows_d.amax(dim=1), low_d),
-                           dim=1)
-    return [tuple(r) for r in both.tolist()]
+        return [tuple(r) for r in torch.stack(parts).reshape(rows_s.shape[0], 4).tolist()]
+    stats = [rows_s.amax(dim=1), rows_s.amin(dim=1), rows_d.amax(dim=1)]
+    if not d_nonnegative:
+        stats.append(rows_d.amin(dim=1))
+    return [(*r, 0.0) if d_nonnegative else tuple(r)
+            for r in torch.stack(stats, dim=1).tolist()]
 
 
 def _exceeds(d: torch.Tensor, s: torch.Tensor, threshold: float,
@@ -130,6 +130,11 @@ def _scale_factors(d: torch.Tensor, s: torch.Tensor, theta: float, threshold: fl
     return factors
 
 
+# dtypes whose product with a Python number is bit for bit that with the number as a tensor
+# of the dtype (float16/bfloat16 multiply in float32: a tensor factor is rounded first)
+_EXACT_SCALAR = (torch.float32, torch.float64)
+
+
 def _per_row(values: list, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return column(torch.tensor(values, dtype=dtype, device=like.device), like)
 
@@ -167,7 +172,10 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
             factors = _scale_factors(d, s, theta, threshold, d_nonnegative)
             if all(f == 1.0 for f in factors):
                 return s
-            factors = _per_row(factors, s, s.dtype)
+            if len(set(factors)) == 1 and s.dtype in _EXACT_SCALAR:  # one sample, mostly
+                factors = factors[0]
+            else:
+                factors = _per_row(factors, s, s.dtype)
             new = s.mul_(factors) if inplace else s * factors
         else:
             exceed = _exceeds(d, s, threshold, d_nonnegative)[0]

@@ -59,7 +59,8 @@ def _rows_case(batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["scale", "shift"])
-@pytest.mark.parametrize("batch,width", [(5, 64), (5, 3), (2, stabilize._LONG_ROW)])
+@pytest.mark.parametrize("batch,width", [(5, 64), (5, 3), (2, stabilize._LONG_ROW), (1, 64),
+                                         (1, stabilize._LONG_ROW)])
 def test_stabilise_matches_its_definition(mode, batch, width):
     d, s = _rows_case(batch, width)
     out = stabilize.stabilise(d, s, mode, THETA, THRESHOLD)
@@ -125,3 +126,15 @@ def test_a_nonnegative_d_skips_its_minimum_and_takes_the_same_decisions(mode, ba
     assert torch.equal(given, full) and not torch.equal(given, s)
     torch.testing.assert_close(given, _expected(d, s, mode), rtol=1e-6, atol=0,
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_one_sample_is_scaled_by_the_factor_in_its_dtype(dtype):
+    """One sample is scaled by a Python number where that gives the bits of a tensor factor
+    of the dtype (float32, float64), else by such a tensor: the same bits either way."""
+    d, s = _rows_case(1, 64)
+    d, s = d.to(dtype), (s * 3.0).to(dtype)
+    (factor,) = stabilize._scale_factors(d, s, THETA, THRESHOLD)
+    assert factor < 1.0
+    out = stabilize.stabilise(d, s.clone(), "scale", THETA, THRESHOLD, inplace=True)
+    assert torch.equal(out, s * torch.tensor(factor, dtype=dtype))
