@@ -1,16 +1,18 @@
-"""Constants that a rule derives from a module's own tensors, kept between calls.
+"""Constants that a rule derives from a module's own small tensors, kept between calls.
 
 A BatchNorm's rule needs ``k = gamma / sqrt(var + eps)``, ``t = beta - k mu`` and their
 absolute values: about ten operations on vectors of one value per channel, which at batch 1
 cost more in dispatch than in arithmetic (ResNet50 has 53 BatchNorms). :data:`DERIVED` keeps
-them per module, recomputed when one of the tensors they came from is another object or was
-written since (its version counter and storage). The entries hold no copy of a weight: a few
-vectors per module, weakly keyed by the module (an entry goes with its module).
+them per module with a copy of the tensors they came from, and serves them again only while
+those tensors hold the same values: compared by value, because torch does not count every
+write in a tensor's version counter (a BatchNorm's forward in training mode updates its
+running statistics without it, and so does a write through ``.data``). For small tensors
+only (a comparison reads them): a few vectors per module, weakly keyed by the module (an
+entry goes with its module).
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -19,16 +21,18 @@ import torch
 from torch import nn
 
 
-def _stamp(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+def _same(kept: torch.Tensor | None, now: torch.Tensor | None) -> bool:
+    if kept is None or now is None:
+        return kept is now
+    return (kept.dtype == now.dtype and kept.device == now.device
+            and kept.shape == now.shape and torch.equal(kept, now))
 
 
 class Derived:
-    """Values computed from a module's tensors, kept while those tensors are unchanged."""
+    """Values computed from a module's small tensors, kept while those hold the same values."""
 
     def __init__(self) -> None:
         self._kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
 
     def __contains__(self, module: nn.Module) -> bool:
         return module in self._kept
@@ -38,20 +42,18 @@ class Derived:
 
     def get(self, module: nn.Module, tag: Hashable,
             sources: Sequence[torch.Tensor | None], compute: Callable[[], Any]) -> Any:
-        """``compute()``, or its value from an earlier call with the same ``module``, ``tag``
-        and source tensors (the same objects, unchanged since: version counter, storage,
-        dtype and device). ``compute`` runs without autograd; it must read nothing but the
-        sources (and constants that ``tag`` names)."""
-        stamp = tuple(_stamp(t) for t in sources)
-        with self._lock:
-            hit = self._kept.get(module, {}).get(tag)
-        if (hit is not None and hit[1] == stamp
-                and all(a is b for a, b in zip(hit[0], sources, strict=True))):
-            return hit[2]
+        """``compute()``, or its value from an earlier call with the same ``module`` and
+        ``tag`` whose source tensors held the values that ``sources`` hold now (a NaN
+        never compares equal: then it is computed again). ``compute`` runs without
+        autograd; it must read nothing but the sources (and constants that ``tag`` names).
+        """
+        hit = self._kept.get(module, {}).get(tag)
+        if hit is not None and all(_same(a, b) for a, b in zip(hit[0], sources, strict=True)):
+            return hit[1]
         with torch.no_grad():
             value = compute()
-        with self._lock:
-            self._kept.setdefault(module, {})[tag] = (tuple(sources), stamp, value)
+            copies = tuple(None if t is None else t.detach().clone() for t in sources)
+        self._kept.setdefault(module, {})[tag] = (copies, value)
         return value
 
 

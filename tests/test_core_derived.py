@@ -1,7 +1,9 @@
 """Constants derived from a module's tensors (a BatchNorm's ``|k|`` and ``|t|``) are kept
 between calls (:data:`core.derived.DERIVED`) and never used stale: a statistic written in
-place, a parameter replaced by another object, new values through ``.data``, a merged bias
-changed, a model moved to another dtype all give the values of a split made afresh."""
+place, a parameter replaced by another object, new values through ``.data`` (torch's version
+counter does not see them), a forward in training mode (which updates the running
+statistics without the version counter either), a merged bias changed, a model moved to
+another dtype all give the values of a split made afresh."""
 
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def _fresh_s(model: nn.Module, x: torch.Tensor, **options) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("merge", [False, True])
-@pytest.mark.parametrize("change", ["in_place", "new_object", "data", "merged_bias"])
+@pytest.mark.parametrize("change", ["in_place", "new_object", "data", "data_in_place",
+                                    "training_forward", "merged_bias"])
 def test_a_changed_batchnorm_is_never_served_stale(change, merge):
     model, x = _model(), torch.rand(2, 3, 9, 9)
     before = _s(model, x, merge_batchnorm=merge)
@@ -50,6 +53,12 @@ def test_a_changed_batchnorm_is_never_served_stale(change, merge):
             bn.weight = nn.Parameter(bn.weight.detach() * -3.0)
         elif change == "data":
             bn.bias.data = bn.bias.data + 2.0
+        elif change == "data_in_place":
+            bn.running_mean.data.add_(0.5)
+        elif change == "training_forward":
+            model.train()
+            model(torch.rand(4, 3, 9, 9) * 5.0)
+            model.eval()
         else:
             model[0].bias.add_(1.5)
     after = _s(model, x, merge_batchnorm=merge)
@@ -83,6 +92,12 @@ def test_an_entry_goes_with_its_module():
         module.running_var.add_(1.0)
     assert torch.equal(use(module), torch.full((3,), 2.0))
     assert len(calls) == 2 and module in store
+    module.running_var.data.mul_(2.0)  # not seen by the version counter
+    assert torch.equal(use(module), torch.full((3,), 4.0))
+    module.running_var.data[0] = float("nan")  # never equal to itself: computed each time
+    use(module)
+    use(module)
+    assert len(calls) == 5
     del module
     gc.collect()
     assert len(store) == 0
