@@ -67,7 +67,7 @@ class AbsScratch:
     def abs(self, weight: torch.Tensor) -> torch.Tensor:
         """``|weight|``, in the buffer where it fits (valid until the next call)."""
         n = weight.numel()
-        if n > BLOCK or weight.requires_grad or not _dense(weight):
+        if n > BLOCK or (weight.requires_grad and torch.is_grad_enabled()) or not _dense(weight):
             return weight.abs()
         try:
             buffers = self._local.buffers
@@ -227,9 +227,16 @@ def eval_batch_norm_(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     for v in (mean, var, weight, bias):
         if v is not None and v.dtype != x.dtype:
             return None
+    none = _NO_STATISTICS.get((x.dtype, x.device))
+    if none is None:  # the kernel leaves them empty in eval mode: one pair serves every call
+        none = _NO_STATISTICS[(x.dtype, x.device)] = (x.new_empty(0), x.new_empty(0))
     torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, eps, out=x,
-                                         save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+                                         save_mean=none[0], save_invstd=none[1])
     return x
+
+
+# the (empty) batch statistics outputs of eval_batch_norm_, by dtype and device
+_NO_STATISTICS: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _batch_norm_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,

@@ -21,11 +21,31 @@ import torch
 from torch import nn
 
 
-def _same(kept: torch.Tensor | None, now: torch.Tensor | None) -> bool:
-    if kept is None or now is None:
-        return kept is now
-    return (kept.dtype == now.dtype and kept.device == now.device
-            and kept.shape == now.shape and torch.equal(kept, now))
+def _layout(sources: Sequence[torch.Tensor | None]) -> tuple:
+    return tuple(None if t is None else (t.dtype, t.device, t.shape) for t in sources)
+
+
+def _values(sources: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [t.reshape(-1) if t.dim() != 1 else t for t in sources if t is not None]
+
+
+def _same(kept: tuple, sources: Sequence[torch.Tensor | None]) -> bool:
+    """Whether ``sources`` hold the values kept (one comparison of all of them where they
+    share a dtype and device, the usual case: a BatchNorm's four vectors)."""
+    layout, copies = kept
+    if layout != _layout(sources):
+        return False
+    now = _values(sources)
+    if isinstance(copies, torch.Tensor):
+        return torch.equal(copies, torch.cat(now))
+    return all(torch.equal(a, b) for a, b in zip(copies, now, strict=True))
+
+
+def _copies(sources: Sequence[torch.Tensor | None]) -> tuple:
+    now = [t.detach() for t in _values(sources)]
+    if len({(t.dtype, t.device) for t in now}) == 1:
+        return _layout(sources), torch.cat(now)
+    return _layout(sources), [t.clone() for t in now]
 
 
 class Derived:
@@ -48,12 +68,12 @@ class Derived:
         autograd; it must read nothing but the sources (and constants that ``tag`` names).
         """
         hit = self._kept.get(module, {}).get(tag)
-        if hit is not None and all(_same(a, b) for a, b in zip(hit[0], sources, strict=True)):
+        if hit is not None and _same(hit[0], sources):
             return hit[1]
         with torch.no_grad():
             value = compute()
-            copies = tuple(None if t is None else t.detach().clone() for t in sources)
-        self._kept.setdefault(module, {})[tag] = (copies, value)
+            kept = _copies(sources)
+        self._kept.setdefault(module, {})[tag] = (kept, value)
         return value
 
 

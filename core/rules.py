@@ -414,7 +414,7 @@ def addcmul(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 def _module_params(ctx: Ctx, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
                                                      torch.Tensor | None]:
     """Detached ``W``, ``b`` and the ``|b|`` of the ``s`` stream (none when merged away)."""
-    w, b = m.weight.detach(), detached(m.bias)
+    w, b = detached(m.weight), detached(m.bias)
     return w, b, None if (b is None or ctx.skip_bias) else b.abs()
 
 
