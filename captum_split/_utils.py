@@ -222,7 +222,7 @@ def input_tensors(inputs: Any, method: str, floating: bool = True) -> tuple[Tens
     ------
     TypeError
         For a NumPy array or any other non-tensor (with the conversion to use), and, with
-        ``floating``, for non-floating tensors.
+        ``floating``, for non-floating tensors and sparse or MKL-DNN ones (not strided).
     ValueError
         For an empty tuple, a tensor without a batch dimension or with an empty batch.
     """
@@ -243,6 +243,11 @@ def input_tensors(inputs: Any, method: str, floating: bool = True) -> tuple[Tens
                 f"the input into x+ - x-; got {item.dtype}. Pass x.float(), or pass integer "
                 "tensors (token ids, masks) through additional_forward_args; LayerCAM and "
                 "GradCAMPlusPlus explain models of integer inputs."
+            )
+        if floating and item.layout != torch.strided:  # else a page-long NotImplementedError
+            raise TypeError(
+                f"{method}: inputs must be dense tensors, since the split divides the input "
+                f"into x+ - x- elementwise; got layout {item.layout}. Pass x.to_dense()."
             )
         if item.dim() < 2:
             raise ValueError(

@@ -350,7 +350,8 @@ class SplitCAM(_SplitAttribution):
         ----------
         inputs : :py:class:`torch.Tensor` or 1-tuple of it
             Floating-point model input with the batch first, e.g. ``(B, C, H, W)``, in the
-            model's dtype (a float64 input on a float32 model is refused, naming both). It may
+            model's dtype (a float64 input on a float32 model is refused, naming both), dense
+            (a sparse input is refused: pass ``x.to_dense()``). It may
             or may not require grad; the call also works under :py:func:`torch.no_grad`. A
             NumPy array is refused: pass a :py:class:`torch.Tensor`. A tuple of several
             tensors is refused (the split engine has one attributed input; pass further model
