@@ -102,8 +102,10 @@ class _CAMBase(LayerAttribution, GradientAttribution):
         items = input_tensors(inputs, method, floating=False)
         if target is not None and not isinstance(target, tuple) and not (
             isinstance(target, list) and any(isinstance(t, tuple) for t in target)
-        ):  # class indices (not Captum's tuples for outputs with more dimensions): checked
-            checks.targets(target, items[0].shape[0], method)
+        ):  # class indices (not Captum's tuples for outputs with more dimensions): checked,
+            # and handed to Captum as the plain ints its target selection takes (it rejects
+            # NumPy ints and arrays, 0-d tensors in a list, an (N, 1) tensor: AssertionError)
+            target = checks.targets(target, items[0].shape[0], method).tolist()
         if self._element is not None and attribute_to_layer_input:
             raise element_input_error(str(self.layer_name), method)
         # the warning's stacklevel: 3 is this line, then attribute, log_usage's wrapper
@@ -285,7 +287,9 @@ class LayerCAM(_CAMBase):
             mode is explained with eval semantics and keeps its flags and buffers.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
             Captum's target: one class for all rows or one per row; None for a model with
-            one score per row (``(B,)`` or ``(B, 1)``), as Captum.
+            one score per row (``(B,)`` or ``(B, 1)``), as Captum. Class indices take the
+            forms SplitCAM takes (NumPy ints and arrays, a list of 0-d tensors, a ``(B, 1)``
+            tensor); tuples (outputs with more dimensions) go to Captum as given.
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool
@@ -388,7 +392,9 @@ class GradCAMPlusPlus(_CAMBase):
             mode is explained with eval semantics and keeps its flags and buffers.
         target : int, list, tuple or :py:class:`torch.Tensor`, optional
             Captum's target: one class for all rows or one per row; None for a model with
-            one score per row (``(B,)`` or ``(B, 1)``), as Captum.
+            one score per row (``(B,)`` or ``(B, 1)``), as Captum. Class indices take the
+            forms SplitCAM takes (NumPy ints and arrays, a list of 0-d tensors, a ``(B, 1)``
+            tensor); tuples (outputs with more dimensions) go to Captum as given.
         additional_forward_args : any, optional
             Further arguments of ``forward_func`` (not attributed).
         attribute_to_layer_input : bool
