@@ -327,6 +327,8 @@ def targets(target: Any, batch: int, who: str | None = None,
                 f"{p}target must be an int, a list of ints or an integer tensor; got "
                 f"{type(target).__name__}."
             ) from None
+    if index.numel() == 0:  # an empty list is float32 to torch: say what is wrong first
+        raise _count_error(p, 0, batch)
     if index.dtype == torch.bool or index.is_complex():
         raise TypeError(f"{p}targets must be class indices (integers), got dtype {index.dtype}.")
     if index.is_floating_point() and bool(index.isnan().any()):
@@ -343,14 +345,16 @@ def targets(target: Any, batch: int, who: str | None = None,
     if index.numel() == 1:
         index = index.expand(batch)
     if index.numel() != batch:
-        raise ValueError(
-            f"{p}got {index.numel()} targets for a batch of {batch} inputs; pass one int for "
-            "all rows or one index per row."
-        )
+        raise _count_error(p, index.numel(), batch)
     if bool((index < 0).any()):
         raise ValueError(f"{p}target has negative entries {index.tolist()[:8]}; use class "
                          "indices >= 0.")
     return index
+
+
+def _count_error(p: str, count: int, batch: int) -> ValueError:
+    return ValueError(f"{p}got {count} targets for a batch of {batch} inputs; pass one int for "
+                      "all rows or one index per row.")
 
 
 def target_range(index: torch.Tensor | int, n_outputs: int, who: str | None = None) -> None:

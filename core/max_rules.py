@@ -118,7 +118,7 @@ def _has_minus_infinity(t: torch.Tensor) -> bool:
     than ``isneginf(t).any()`` on CPU), elementwise only where that minimum is NaN."""
     if t.numel() == 0:
         return False
-    low = float(t.amin())
+    low = float(t.detach().amin())
     return low == -math.inf or (math.isnan(low) and bool(torch.isneginf(t).any()))
 
 

@@ -99,6 +99,8 @@ def test_targets_accepted_forms(target) -> None:
     (torch.tensor([1.0, 1.0, 2.0]), TypeError, "integer class indices"),
     (1.0, TypeError, "integer class indices"),
     ([0, 1], ValueError, "got 2 targets for a batch of 3"),
+    ([], ValueError, "got 0 targets for a batch of 3"),  # torch reads [] as float32
+    (np.array([], dtype=np.float64), ValueError, "got 0 targets for a batch of 3"),
     (-1, ValueError, "negative"),
     (10**20, ValueError, "target 100000000000000000000 is out of range"),  # was "Overflow
     ([0, -(10**20), 1], ValueError, "target -1000.* is out of range"),  # when unpacking"

@@ -158,3 +158,19 @@ def test_ties_share_the_gradient_as_autograd_does(how):
     probe = core.split(model).sensitivities(x, 0, layers=["act"], alpha=0.5)["act"]
     torch.testing.assert_close(probe.grad, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(probe.Dg, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_sensitivities_through_a_max_pooling_raise_no_warning():
+    """The pooling's -inf check reads a value of a tensor that requires grad: detached, or
+    torch warns (an error under ``-W error``)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.LazyLinear(3)).eval()
+    x = torch.rand(2, 3, 10, 10)
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe = core.split(model).sensitivities(x, 1, ["input"], alpha=0.5)["input"]
+    assert torch.isfinite(probe.pos_g).all()
