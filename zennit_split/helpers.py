@@ -184,11 +184,16 @@ def gamma_composite(gamma: float = 0.25, canonizers: list | None = None) -> Laye
 
 
 def _default_canonizers(model: nn.Module) -> list:
+    """Zennit's ``ResNetCanonizer`` for a model holding torchvision ResNet blocks anywhere
+    (a ResNet itself, or one wrapped: ``nn.Sequential(normalize, resnet)``), whose residual
+    adds then get Zennit's ``Norm`` rule; ``SequentialMergeBatchNorm`` otherwise. (Deciding by
+    the root's type sent a wrapped ResNet's adds through the plain gradient, which copies
+    the relevance into both branches: a ResNet-18 returned 190 times the relevance.)"""
     try:
-        from torchvision.models import ResNet
+        from torchvision.models.resnet import BasicBlock, Bottleneck
     except ImportError:  # pragma: no cover - torchvision is optional
-        ResNet = ()  # noqa: N806
-    if isinstance(model, ResNet):
+        return [SequentialMergeBatchNorm()]
+    if any(isinstance(module, (BasicBlock, Bottleneck)) for module in model.modules()):
         from zennit.torchvision import ResNetCanonizer
 
         return [ResNetCanonizer()]
