@@ -43,6 +43,7 @@ def split_lrp_explainer(
     stabilizer: str = "scale",
     input_split: str = "relu",
     activation_rule: str = "pass",
+    residual: str = "even",
     nonlinear: str = "error",
 ) -> torch.Tensor:
     """SplitLRP: epsilon-LRP on the split pair f = g - h (Zennit composite "split_lrp").
@@ -57,8 +58,9 @@ def split_lrp_explainer(
         the input relevance (B, C, H, W).
     stream: str, optional
         ``"pos"`` (``R(l,+)``), ``"neg"`` (``R(l,-)``) or ``"comb"`` (their difference).
-    epsilon, maxpool, stabilizer, input_split, activation_rule, nonlinear:
-        As in :class:`zennit_split.SplitLRP`.
+    epsilon, maxpool, stabilizer, input_split, activation_rule, residual, nonlinear:
+        As in :class:`zennit_split.SplitLRP` (every option of the composite but ``layer``'s
+        lists and ``canonizers``).
     """
     if layer is None or isinstance(layer, str):  # a name is checked by the composite
         name = "input" if layer in (None, "", "input") else layer
@@ -74,6 +76,7 @@ def split_lrp_explainer(
         stabilizer=stabilizer,
         input_split=input_split,
         activation_rule=activation_rule,
+        residual=residual,
         nonlinear=nonlinear,
     )
     result = select_stream(relevance[name], stream)
