@@ -15,6 +15,7 @@ from zennit.types import Convolution, Linear
 
 from core import checks
 
+from .canonizers import CifarBasicBlockCanonizer, CifarResNetCanonizer, holds_cifar_blocks
 from .composite import (
     SplitLRP,
     layer_list,
@@ -184,19 +185,32 @@ def gamma_composite(gamma: float = 0.25, canonizers: list | None = None) -> Laye
 
 
 def _default_canonizers(model: nn.Module) -> list:
-    """Zennit's ``ResNetCanonizer`` for a model holding torchvision ResNet blocks anywhere
-    (a ResNet itself, or one wrapped: ``nn.Sequential(normalize, resnet)``), whose residual
-    adds then get Zennit's ``Norm`` rule; ``SequentialMergeBatchNorm`` otherwise. (Deciding by
-    the root's type sent a wrapped ResNet's adds through the plain gradient, which copies
-    the relevance into both branches: a ResNet-18 returned 190 times the relevance.)"""
+    """The canonizers of the LRP baseline for ``model``.
+
+    Zennit's ``ResNetCanonizer`` for a model holding torchvision ResNet blocks anywhere
+    (a ResNet itself, or one wrapped: ``nn.Sequential(normalize, resnet)``), and
+    :class:`~zennit_split.canonizers.CifarResNetCanonizer` for one holding the bundled
+    ResNet-20's :py:class:`core.zoo.BasicBlock` (with both, ``ResNetCanonizer`` and the
+    block part :class:`~zennit_split.canonizers.CifarBasicBlockCanonizer`); their residual
+    adds then get Zennit's ``Norm`` rule. ``SequentialMergeBatchNorm`` otherwise. (Deciding
+    by the root's type sent a wrapped ResNet's adds through the plain gradient, which copies
+    the relevance into both branches: a ResNet-18 returned 190 times the relevance; the
+    ResNet-20's in-place adds, which no Zennit canonizer rewrites, 8 - 13 times.)
+    """
     try:
         from torchvision.models.resnet import BasicBlock, Bottleneck
     except ImportError:  # pragma: no cover - torchvision is optional
-        return [SequentialMergeBatchNorm()]
-    if any(isinstance(module, (BasicBlock, Bottleneck)) for module in model.modules()):
+        torchvision_blocks = False
+    else:
+        torchvision_blocks = any(isinstance(module, (BasicBlock, Bottleneck))
+                                 for module in model.modules())
+    cifar_blocks = holds_cifar_blocks(model)
+    if torchvision_blocks:
         from zennit.torchvision import ResNetCanonizer
 
-        return [ResNetCanonizer()]
+        return [ResNetCanonizer()] + ([CifarBasicBlockCanonizer()] if cifar_blocks else [])
+    if cifar_blocks:
+        return [CifarResNetCanonizer()]
     return [SequentialMergeBatchNorm()]
 
 
