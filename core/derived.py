@@ -8,7 +8,8 @@ those tensors hold the same values: compared by value, because torch does not co
 write in a tensor's version counter (a BatchNorm's forward in training mode updates its
 running statistics without it, and so does a write through ``.data``). For small tensors
 only (a comparison reads them): a few vectors per module, weakly keyed by the module (an
-entry goes with its module).
+entry goes with its module). On the CPU only: on a GPU the comparison's answer waits for the
+device, which the recomputation does not.
 """
 
 from __future__ import annotations

@@ -512,8 +512,9 @@ def _mass_map(mean, var, weight, bias, merged_bias, eps: float) -> tuple[torch.T
 
 def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     """A BatchNorm with these statistics and parameters on a pair; with ``ctx.module`` they
-    are the module's own, and the mass map is kept with it between calls
-    (:data:`core.derived.DERIVED`)."""
+    are the module's own, and on the CPU the mass map is kept with it between calls
+    (:data:`core.derived.DERIVED`; on a GPU the comparison that serves it would wait for
+    the device at every BatchNorm, so it is computed anew)."""
     if mean is None or var is None:
         raise unsupported(
             ctx, "batch normalisation without running statistics",
@@ -524,7 +525,7 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
     d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
     if d is None:
         d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
-    if ctx.module is None:
+    if ctx.module is None or mean.device.type != "cpu":  # comparing syncs a GPU: recompute
         k, t, zero, one = _mass_map(mean, var, weight, bias, merged, eps)
     else:
         k, t, zero, one = DERIVED.get(
