@@ -385,6 +385,34 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / max(1, len(y))
 
 
+_STREAM_CLASSES = {"mlp_maxout": dc_models.MaxoutMLP, "cnn_maxout": dc_models.MaxoutCNN}
+
+
+def _checkpoint_config(model: nn.Module, architecture: str, config: dict) -> dict:
+    """``config`` completed with what ``model`` itself says (positivity, num_classes).
+
+    The raw parameters mean nothing without the positivity transform that maps them to the
+    weights, so rebuilding with another transform would load silently wrong numbers.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    streams = [model.g, model.h] if dc_models.is_difference_model(model) else [model]
+    kind = _STREAM_CLASSES[architecture]
+    if not all(isinstance(s, kind) for s in streams) or not isinstance(
+            getattr(model, "mode", None), str):
+        raise TypeError(f"architecture={architecture!r} needs a model built by "
+                        f"core.dc.models.{architecture}; got {type(model).__name__} with "
+                        f"streams {', '.join(type(s).__name__ for s in streams)}")
+    head = streams[0].layers[-1]
+    found = {"positivity": streams[0].positivity, "num_classes": head.out_features}
+    for name, value in found.items():
+        if name in config and config[name] != value:
+            raise ValueError(f"{name}={config[name]!r} given, but the model was built with "
+                             f"{name}={value!r}")
+    return {**config, **found}
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, architecture: str, **config) -> Path:
     """Save ``model``'s state dict with what ``load_checkpoint`` needs to rebuild it.
 
@@ -397,13 +425,22 @@ def save_checkpoint(model: nn.Module, path: str | Path, architecture: str, **con
     architecture: str
         ``"mlp_maxout"`` or ``"cnn_maxout"``.
     **config
-        Further arguments of the architecture function (``positivity``, ``num_classes``).
+        Further arguments of the architecture function. ``positivity`` and ``num_classes``
+        are read from the model (a value given here must agree with it).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``architecture`` or a ``config`` value the model contradicts.
+    TypeError
+        For a model that ``architecture`` does not build.
 
     Returns
     -------
     pathlib.Path
         The written file.
     """
+    config = _checkpoint_config(model, architecture, config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"architecture": architecture, "mode": model.mode, "config": config,
