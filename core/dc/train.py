@@ -317,13 +317,16 @@ def train_model(
     model: torch.nn.Module
         Trained in place (left in evaluation mode).
     data: Dataset
-        Training images and labels (moved to the model's device batch by batch).
+        Training images and labels (moved to the model's device and floating point type
+        batch by batch). At least two samples, as many labels as images, each in
+        ``0 .. num_classes - 1``; checked before the first step (``ValueError``).
     epochs: int
         Passes over the training set.
     seed: int
         Seeds the batch order.
     batch_size: int
-        Mini-batch size.
+        Mini-batch size, >= 2 (batch norm needs two samples; a last batch of one sample is
+        skipped).
     lr: float
         Adam's learning rate.
     weight_decay: float
@@ -342,10 +345,15 @@ def train_model(
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    device = next(model.parameters()).device
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an int >= 2 (batch norm needs two samples a "
+                         f"batch), got {batch_size!r}")
+    n = _check_split(model, data.train_x, data.train_y, "training")
+    if n < 2:
+        raise ValueError(f"the training set holds {n} sample(s); batch norm needs at least two")
+    device, dtype = _device_dtype(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    n = len(data.train_y)
     steps = epochs * ((n + batch_size - 1) // batch_size)
     model.train()
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="batch") as bar:
@@ -355,7 +363,7 @@ def train_model(
                 index = order[start: start + batch_size]
                 if len(index) < 2:  # batch norm needs two samples
                     continue
-                x = data.train_x[index].to(device)
+                x = _to_model(data.train_x[index], device, dtype)
                 y = data.train_y[index].to(device)
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -366,23 +374,69 @@ def train_model(
     return model.eval()
 
 
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` on ``device``; floating point images also in the model's ``dtype`` (integer
+    images are left for the model to refuse: casting 0-255 bytes would scale them wrong)."""
+    return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
+
+def _check_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, part: str) -> int:
+    """The size of one part (images ``x``, labels ``y``) after checking it fits ``model``.
+
+    ``ValueError`` for an empty part, labels that are not one integer per image, or labels
+    outside the model's classes (read from one evaluation-mode forward of one image, with
+    the training flags restored).
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype == torch.bool or (
+            y.is_floating_point() or y.is_complex()):
+        raise ValueError(f"{part} labels must be a 1-D integer tensor (one class per image), "
+                         f"got {getattr(y, 'dtype', type(y).__name__)} of shape "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    if len(x) != len(y):
+        raise ValueError(f"{part} set: {len(x)} images but {len(y)} labels")
+    if len(y) == 0:
+        raise ValueError(f"the {part} set is empty (0 samples)")
+    device, dtype = _device_dtype(model)
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            n_classes = model(_to_model(x[:1], device, dtype)).shape[1]
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(f"{part} labels must lie in 0..{n_classes - 1} (the model has "
+                         f"{n_classes} outputs), got values from {low} to {high}")
+    return len(y)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     """Accuracy of ``model`` (in evaluation mode) on ``(x, y)``, in percent.
 
-    The model's training flag is restored afterwards.
+    The model's training flag is restored afterwards. ``x`` is moved to the model's device
+    and floating point type. An empty set, labels that are not a 1-D integer tensor as long
+    as ``x``, or labels outside the model's classes raise ``ValueError``.
     """
+    _check_split(model, x, y, "test")
     was_training = model.training
-    device = next(model.parameters()).device
+    device, dtype = _device_dtype(model)
     model.eval()
     try:
         correct = 0
         for start in range(0, len(y), batch_size):
-            logits = model(x[start: start + batch_size].to(device))
+            logits = model(_to_model(x[start: start + batch_size], device, dtype))
             correct += int((logits.argmax(1).cpu() == y[start: start + batch_size]).sum())
     finally:
         model.train(was_training)
-    return 100.0 * correct / max(1, len(y))
+    return 100.0 * correct / len(y)
 
 
 _STREAM_CLASSES = {"mlp_maxout": dc_models.MaxoutMLP, "cnn_maxout": dc_models.MaxoutCNN}
