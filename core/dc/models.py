@@ -274,8 +274,11 @@ class _ConstrainedBatchNormMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as torch.nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
         return F.batch_norm(
             x,
@@ -284,7 +287,7 @@ class _ConstrainedBatchNormMixin:
             self.effective_weight(),
             self.effective_bias(),
             use_batch_stats,
-            0.1 if self.momentum is None else self.momentum,
+            factor,
             self.eps,
         )
 
