@@ -67,8 +67,13 @@ def _check_stream(model: nn.Module, stream: str) -> None:
 
 
 def _on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the model's device, and in its floating point type if ``x`` is floating."""
     parameter = next(model.parameters(), None)
-    return x if parameter is None else x.to(parameter.device)
+    if parameter is None:
+        return x
+    if x.is_floating_point() and parameter.is_floating_point():
+        return x.to(parameter.device, parameter.dtype)
+    return x.to(parameter.device)
 
 
 def _stream_logits(model: nn.Module, x: torch.Tensor, stream: str) -> tuple:
@@ -99,7 +104,8 @@ def input_gradients(
         ``"g"`` (d g_k / d x), ``"h"`` (d h_k / d u with u the input of h: ``1 - x`` if
         the model is inverted, else ``x``) or ``"diff"`` (d f_k / d x of the model).
     classes: sequence of int, optional
-        The logits to differentiate; all when None.
+        The logits to differentiate; all when None. Empty, or outside the model's classes:
+        ``ValueError``.
 
     Returns
     -------
@@ -107,12 +113,22 @@ def input_gradients(
         ``(B, K) + x.shape[1:]``, one gradient per sample and class.
     """
     _check_stream(model, stream)
+    x = _on_model_device(model, x)
+    with eval_mode(model), torch.no_grad():
+        n_classes = _stream_logits(model, x[:1], stream)[0].shape[1]
     if classes is None:
-        with eval_mode(model), torch.no_grad():
-            n_classes = _stream_logits(model, x[:1], stream)[0].shape[1]
         classes = range(n_classes)
+    elif isinstance(classes, int) or (isinstance(classes, torch.Tensor) and classes.dim() == 0):
+        raise TypeError("classes must be a sequence of class indices (e.g. [3]), not a "
+                        "single index")
     classes = torch.as_tensor(list(classes), dtype=torch.long, device=x.device)
     k = len(classes)
+    if k == 0:
+        raise ValueError("classes is empty; pass at least one class index (or None for all)")
+    if int(classes.min()) < 0 or int(classes.max()) >= n_classes:
+        raise ValueError(f"classes must lie in [0, {n_classes}), got {classes.tolist()}")
+    if x.shape[0] == 0:
+        return x.new_zeros((0, k) + tuple(x.shape[1:]))
     # one backward pass: every sample repeated once per class (rows are independent in
     # eval mode), each copy differentiating its own class logit
     chunk = max(1, _ROWS_PER_PASS // k)
@@ -137,25 +153,22 @@ def target_gradients(
     x: torch.Tensor
         Model input.
     targets: torch.Tensor or int
-        One class per row (``(B,)`` long) or one class for all rows.
+        One class per row (``(B,)`` long) or one class for all rows. Floats with a
+        fractional part, bools and negative values raise.
     stream: str
         ``"g"``, ``"h"`` or ``"diff"``, as in ``input_gradients``.
 
     Returns
     -------
     torch.Tensor
-        Same shape as ``x``, on the model's device.
+        Same shape as ``x``, on the model's device and in its floating point type.
     """
     _check_stream(model, stream)
     x = _on_model_device(model, x)
-    targets = torch.as_tensor(targets, dtype=torch.long).to(x.device).reshape(-1)
-    if targets.numel() == 1:
-        targets = targets.expand(x.shape[0])
-    if targets.shape[0] != x.shape[0]:
-        raise ValueError(f"{targets.shape[0]} targets for a batch of {x.shape[0]} inputs")
+    targets = checks.targets(targets, x.shape[0], whole_floats=True).to(x.device)
     with eval_mode(model), torch.enable_grad():
         logits, leaf = _stream_logits(model, x, stream)
-        if int(targets.max()) >= logits.shape[1] or int(targets.min()) < 0:
+        if targets.numel() and int(targets.max()) >= logits.shape[1]:
             raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got {targets.tolist()}")
         selected = logits.gather(1, targets.to(logits.device)[:, None]).sum()
         return torch.autograd.grad(selected, leaf)[0]
