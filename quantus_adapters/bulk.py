@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "batch_seed", "explain_locally",
-           "explain_on_ray", "failed_batch", "make_batches", "model_digest", "plan_configs",
-           "todo_pairs"]
+__all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "batch_seed", "clashing_names",
+           "explain_locally", "explain_on_ray", "failed_batch", "make_batches", "map_stem",
+           "model_digest", "plan_configs", "todo_pairs"]
 
 INDEX_COLUMNS = ("image", "label", "method", "layer", "options", "dtype", "file")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -284,8 +284,7 @@ class MapStore:
 
     def relpath(self, config: MapConfig, name: str) -> str:
         """The map's file, relative to the folder (image sub-folders kept)."""
-        stem = re.sub(r"[^A-Za-z0-9._/@=+-]", "_", name).lstrip("/")
-        return f"maps/{config.folder}/{stem}.npz"
+        return f"maps/{config.folder}/{map_stem(name)}.npz"
 
     def has(self, config: MapConfig, name: str) -> bool:
         """Whether the map of ``name`` under ``config`` is stored."""
@@ -319,6 +318,25 @@ class MapStore:
                                      json.dumps(config.options, sort_keys=True),
                                      str(arr.dtype), rel])
         self.done.add((name, rel))
+
+
+def map_stem(name: str) -> str:
+    """The file name of an image's maps, without ``.npz``: ``name`` with every character
+    but ``A-Z a-z 0-9 . _ / @ = + -`` replaced by ``_`` (image sub-folders kept)."""
+    return re.sub(r"[^A-Za-z0-9._/@=+-]", "_", name).lstrip("/")
+
+
+def clashing_names(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs of image names whose maps would share one file: the same :func:`map_stem`, also
+    on a case-insensitive file system (macOS, Windows, FAT / exFAT drives)."""
+    first: dict[str, str] = {}
+    pairs = []
+    for name in names:
+        key = map_stem(name).casefold()
+        if key in first and first[key] != name:
+            pairs.append((first[key], name))
+        first.setdefault(key, name)
+    return pairs
 
 
 def model_digest(model: nn.Module) -> str:

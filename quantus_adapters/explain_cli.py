@@ -139,6 +139,14 @@ def _run(args) -> int:
     if dupes:
         raise common.UsageError(f"image names must be unique (they name the map files): "
                          f"{', '.join(dupes[:5])}")
+    # all images (--resume may extend --max-images); one file per map, or one is lost
+    clashes = bulk.clashing_names(list(data.names))
+    if clashes:
+        shown = "; ".join(f"{a!r} and {b!r}" for a, b in clashes[:3])
+        raise common.UsageError(
+            f"{len(clashes)} pair(s) of image names would share one map file: {shown} (map "
+            "files keep only A-Z a-z 0-9 . _ - + = @ of the image name, other characters "
+            "become '_', and case is ignored on some file systems); rename the images")
     images = np.ascontiguousarray(data.images[:n].numpy().astype(np.float32))
     labels = data.labels[:n].numpy().astype(np.int64)
 

@@ -1,0 +1,64 @@
+"""``splitxai explain``: map file names, duplicate configurations, empty --methods, models
+whose output is not a tensor."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from quantus_adapters import cli
+from tests.benchmark_files import TINY_MODEL_PY
+
+
+def _folder(tmp_path, names):
+    """A ``folder:`` data set of 16x16 RGB images named ``names`` (labels ``i % 3``) and the
+    tiny 3-class model file; returns the common arguments."""
+    from PIL import Image
+
+    (tmp_path / "tiny.py").write_text(TINY_MODEL_PY)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / "images" / name)
+    (root / "labels.csv").write_text(
+        "".join(f"{name},{i % 3}\n" for i, name in enumerate(names)), encoding="utf-8")
+    return ["--model", f"{tmp_path / 'tiny.py'}:build", "--data", f"folder:{root}"]
+
+
+def _run(args, capsys):
+    rc = cli.main(["explain", *map(str, args), "--no-progress"])
+    return rc, capsys.readouterr()
+
+
+def _index(out):
+    with open(out / "index.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("names", [["a b.png", "a_b.png", "c.png"],
+                                   ["猫.png", "犬.png"],
+                                   ["Cat.png", "cat.png"]])
+def test_names_sharing_a_map_file_are_refused(tmp_path, capsys, names):
+    """Two images whose names give one map file: the second map overwrote the first and the
+    run said it wrote both (exit 0)."""
+    base = _folder(tmp_path, names)
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "Saliency", "--out", out], capsys)
+    assert rc == 2, printed.err
+    assert len(printed.err.strip().splitlines()) == 1
+    assert "would share one map file" in printed.err and "rename" in printed.err
+    assert repr(names[0]) in printed.err and repr(names[1]) in printed.err
+    assert not out.exists()
+
+
+def test_distinct_names_get_one_file_each(tmp_path, capsys):
+    names = ["a b.png", "a-b.png", "café.png", "x.png"]
+    base = _folder(tmp_path, names)
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "Saliency", "--out", out], capsys)
+    assert rc == 0, printed.err
+    rows = _index(out)
+    assert sorted(r["image"] for r in rows) == sorted(names)
+    assert len({r["file"] for r in rows}) == len(names) == len(list(out.rglob("*.npz")))
