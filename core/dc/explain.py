@@ -270,7 +270,8 @@ def figure_classes(
     x: torch.Tensor
         ``(B, 1, 28, 28)`` or ``(B, 784)`` samples, one row of the figure each.
     path: str or pathlib.Path
-        The PNG to write.
+        The PNG to write (``.png`` is appended to a name without a suffix; missing folders
+        are created).
     labels: torch.Tensor, optional
         True classes, marked in the column titles.
     threshold, decay: float
@@ -281,6 +282,8 @@ def figure_classes(
     pathlib.Path
     """
     x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
+    if labels is not None:
+        labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
     with eval_mode(model), torch.no_grad():
         predicted = model(x).argmax(1).tolist()
@@ -310,13 +313,15 @@ def figure_samples(
 ) -> Path:
     """Figure 8: top row the maps for each sample's true class, bottom row the samples.
 
-    Parameters are those of ``figure_classes``; ``labels`` selects the class per sample.
+    Parameters are those of ``figure_classes``; ``labels`` selects the class per sample
+    (one per sample, each in ``0 .. num_classes - 1``, else ``ValueError``).
 
     Returns
     -------
     pathlib.Path
     """
     x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
+    labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
     figure, axes = _canvas(2, x.shape[0])
     for i in range(x.shape[0]):
@@ -327,8 +332,20 @@ def figure_samples(
     return _save(figure, path)
 
 
+def _figure_labels(model: nn.Module, x: torch.Tensor, labels) -> torch.Tensor:
+    """One class index per row of ``x``, each below the model's class count (checked with
+    one cheap forward, before any gradient); a negative label used to pick a class from
+    the end silently."""
+    labels = checks.targets(labels, x.shape[0], whole_floats=True)
+    with eval_mode(model), torch.no_grad():
+        checks.target_range(labels, model(x[:1]).shape[1])
+    return labels
+
+
 def _save(figure, path: str | Path) -> Path:
     path = Path(path)
+    if not path.suffix:  # matplotlib appends .png: return the file actually written
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     return path
