@@ -112,7 +112,8 @@ def plan_configs(methods: Sequence[str], layers: Sequence[str] | None = None,
         used |= set(fixed)
         if layers and takes("layer"):
             used.add("layer")
-            configs += [MapConfig(method, {**fixed, "layer": layer}) for layer in layers]
+            configs += [MapConfig(method, {**fixed, "layer": layer})
+                        for layer in dict.fromkeys(layers)]
         else:
             configs.append(MapConfig(method, fixed))
     unused = sorted(set(options) - used)
@@ -121,6 +122,14 @@ def plan_configs(methods: Sequence[str], layers: Sequence[str] | None = None,
                          f"{', '.join(methods)}")
     if layers and "layer" not in used:
         raise ValueError(f"--layers: none of the methods {', '.join(methods)} takes a layer")
+    folders: dict[str, MapConfig] = {}
+    for config in configs:  # one folder per configuration, or maps overwrite each other
+        other = folders.setdefault(config.folder.casefold(), config)
+        if other is not config:
+            raise ValueError(f"{other.method} with {other.options} and with {config.options} "
+                             f"would share the map folder {config.folder!r}; give layers "
+                             "and options whose names differ in more than case or "
+                             "punctuation")
     return configs
 
 

@@ -62,3 +62,27 @@ def test_distinct_names_get_one_file_each(tmp_path, capsys):
     rows = _index(out)
     assert sorted(r["image"] for r in rows) == sorted(names)
     assert len({r["file"] for r in rows}) == len(names) == len(list(out.rglob("*.npz")))
+
+
+def test_a_layer_given_twice_is_one_configuration(tmp_path, capsys):
+    """``--layers 3 3``: two configurations in one folder -- each map computed and indexed
+    twice, and "wrote 6 maps" for 3 files."""
+    base = _folder(tmp_path, ["a.png", "b.png", "c.png"])
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "SplitCAM", "--layers", "3", "3", "0",
+                        "--out", out], capsys)
+    assert rc == 0, printed.err
+    rows = _index(out)
+    assert len(rows) == 6 == len({r["file"] for r in rows}) == len(list(out.rglob("*.npz")))
+    assert "wrote 6 maps (2 configuration(s) x 3 images" in printed.out
+
+
+def test_configurations_sharing_a_folder_are_refused():
+    from quantus_adapters.bulk import plan_configs
+
+    # module names of an nn.ModuleDict may hold any character
+    with pytest.raises(ValueError, match="would share the map folder 'SplitCAM@conv_1'"):
+        plan_configs(["SplitCAM"], ["conv 1", "conv_1"])
+    with pytest.raises(ValueError, match="would share the map folder"):
+        plan_configs(["SplitCAM"], ["head.Conv", "head.conv"])
+    assert len(plan_configs(["SplitCAM", "Saliency"], ["conv_1", "conv_2"])) == 3
