@@ -71,10 +71,9 @@ def dc_grad(
     device = reference.device if reference is not None else x.device
     if reference is not None:
         x = x.to(device=device, dtype=reference.dtype)
-    targets = torch.as_tensor(
-        np.asarray(targets) if not torch.is_tensor(targets) else targets
-    ).long()
-    grad = target_gradients(model, x, targets.to(device), stream=stream)
+    # the targets as given: target_gradients checks them (whole floats, as Quantus may pass
+    # labels, are accepted; a fractional or negative one is refused, not truncated)
+    grad = target_gradients(model, x, targets, stream=stream)
     return grad.detach().to(inputs.device if torch.is_tensor(inputs) else "cpu")
 
 

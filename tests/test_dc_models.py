@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import numpy as np
 import pluggy
 import pytest
 import torch
@@ -269,6 +270,16 @@ def test_dcgrad_leaves_the_model_unchanged():
     with pytest.raises(ValueError, match="targets must lie"):
         dc_grad(model, torch.rand(2, 1, 28, 28), torch.tensor([1, 10]))
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_dcgrad_takes_whole_float_labels_and_refuses_fractional_ones(dicin):
+    x = torch.rand(2, 1, 28, 28)
+    ints = dc_grad(dicin, x, torch.tensor([1, 2]))
+    assert torch.equal(dc_grad(dicin, x, np.array([1.0, 2.0])), ints)  # Quantus's y_batch
+    with pytest.raises(ValueError, match="fractional"):
+        dc_grad(dicin, x, np.array([0.7, 2.0]))  # was read as class 0
+    with pytest.raises(ValueError, match="negative"):
+        dc_grad(dicin, x, [1, -1])
 
 
 def test_dcgrad_clear_errors(dicin):
