@@ -60,8 +60,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def split_names(values: Sequence[str] | None) -> list[str]:
-    """Names given as ``a b`` or ``a,b`` (or both) on the command line."""
-    return [name for item in values or () for name in item.split(",") if name]
+    """Names given as ``a b``, ``a,b`` or ``"a, b"`` (or all) on the command line."""
+    return [name.strip() for item in values or () for name in item.split(",") if name.strip()]
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -169,11 +169,16 @@ def check_methods(names: Sequence[str]) -> list[str]:
     Raises
     ------
     UsageError
-        An unknown name (the message lists the available methods) or one that two plugins
-        offer.
+        No name (``--methods ''``), an unknown name (the message lists the available
+        methods) or one that two plugins offer.
     """
     from quantus_adapters.registry import PluginError, UnknownMethodError, method_info
 
+    if not names:
+        from quantus_adapters.registry import available_methods
+
+        raise UsageError("--methods names no method; give one or more of "
+                         f"{', '.join(sorted(available_methods()))}")
     for name in names:
         try:
             method_info(name)
@@ -226,6 +231,10 @@ def check_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             raise UsageError(f"the model cannot process the data ({data}, images of shape "
                              f"{tuple(images.shape[1:])}): {type(exc).__name__}: "
                              f"{exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"the model returns a {type(out).__name__}, not a tensor; a "
+                         "classifier returning (batch, classes) logits is needed (wrap the "
+                         "model so that its forward returns the logits alone)")
     if out.ndim != 2:
         raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
                          "returning (batch, classes) logits is needed")

@@ -86,3 +86,53 @@ def test_configurations_sharing_a_folder_are_refused():
     with pytest.raises(ValueError, match="would share the map folder"):
         plan_configs(["SplitCAM"], ["head.Conv", "head.conv"])
     assert len(plan_configs(["SplitCAM", "Saliency"], ["conv_1", "conv_2"])) == 3
+
+
+@pytest.mark.parametrize("methods", [[""], [","], [" , "]])
+def test_no_method_named_is_refused(tmp_path, capsys, methods):
+    """``--methods ''`` (an empty shell variable): 0 configurations, an empty --out, exit 0."""
+    base = _folder(tmp_path, ["a.png"])
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", *methods, "--out", out], capsys)
+    assert rc == 2, printed
+    assert printed.err.startswith("splitxai explain: error: --methods names no method; give "
+                                  "one or more of ")
+    assert "SplitCAM" in printed.err and len(printed.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("returns, kind", [("(logits, x)", "tuple"),
+                                           ("{'logits': logits}", "dict")])
+def test_a_model_returning_no_tensor_is_a_usage_error(tmp_path, capsys, returns, kind):
+    """A model returning a tuple or dict: 'internal error: AttributeError: ... no attribute
+    'ndim'', exit 1."""
+    base = _folder(tmp_path, ["a.png"])
+    (tmp_path / "wrapped.py").write_text(
+        TINY_MODEL_PY + "\n\n"
+        "class Wrapped(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.net = build()\n\n"
+        "    def forward(self, x):\n"
+        "        logits = self.net(x)\n"
+        f"        return {returns}\n\n"
+        "def wrapped():\n"
+        "    return Wrapped().eval()\n")
+    base[1] = f"{tmp_path / 'wrapped.py'}:wrapped"
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "Saliency", "--out", out], capsys)
+    assert rc == 2, printed.err
+    assert printed.err.strip() == (
+        f"splitxai explain: error: the model returns a {kind}, not a tensor; a classifier "
+        "returning (batch, classes) logits is needed (wrap the model so that its forward "
+        "returns the logits alone)")
+    assert not out.exists()
+
+
+def test_methods_quoted_with_spaces_after_commas(tmp_path, capsys):
+    """``--methods "Saliency, SplitCAM"``: "unknown method ' SplitCAM'"."""
+    base = _folder(tmp_path, ["a.png"])
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "Saliency, SplitCAM", "--out", out], capsys)
+    assert rc == 0, printed.err
+    assert {r["method"] for r in _index(out)} == {"Saliency", "SplitCAM"}
