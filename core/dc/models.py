@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import checks
+
 __all__ = [
     "MODES",
     "SINGLE_MODES",
@@ -83,12 +85,31 @@ POSITIVITY_TRANSFORMS: dict[
 
 
 def _check_positivity(positivity: str) -> str:
-    if positivity not in POSITIVITY_TRANSFORMS:
+    if not isinstance(positivity, str) or positivity not in POSITIVITY_TRANSFORMS:
         raise ValueError(
             f"unknown positivity transform {positivity!r}; "
             f"choose one of {sorted(POSITIVITY_TRANSFORMS)}"
         )
     return positivity
+
+
+def _count(name: str, value: int) -> int:
+    """A size option (``num_classes``, ``hidden``, ``rank``): a positive int, else one clear
+    error naming it (torch's own errors came later, or a model with no outputs was built)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def _check_init_std(init_std: float | None) -> float | None:
+    """None, or a finite positive number (a NaN or inf gave NaN or inf weights silently, a
+    negative one was taken by its absolute value)."""
+    if init_std is None:
+        return None
+    v = checks.number("init_std", init_std, 0.0, low_open=True)
+    if math.isinf(v):
+        raise ValueError(f"init_std must be finite; got {init_std!r}")
+    return v
 
 
 def normalize_mode(mode: str) -> str:
@@ -322,7 +343,7 @@ class Maxout(nn.Module):
 
     def __init__(self, rank: int = 2) -> None:
         super().__init__()
-        self.rank = rank
+        self.rank = _count("rank", rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(1, (x.shape[1] // self.rank, self.rank)).amax(dim=2)
@@ -368,7 +389,7 @@ class _MaxoutNet(nn.Module):
             )
         self.mode = restriction
         self.positivity = _check_positivity(positivity)
-        self._init_std = init_std
+        self._init_std = _check_init_std(init_std)
 
     def _std(self, before_bn: bool) -> float | None:
         if self._init_std is not None:
@@ -408,6 +429,8 @@ class MaxoutMLP(_MaxoutNet):
         init_std: float | None = None, hidden: int = 800, rank: int = 2,
     ) -> None:
         super().__init__(mode, positivity, init_std)
+        num_classes, hidden, rank = (_count(k, v) for k, v in (
+            ("num_classes", num_classes), ("hidden", hidden), ("rank", rank)))
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         n_in = 784
         for i in range(1, 4):
@@ -436,6 +459,7 @@ class MaxoutCNN(_MaxoutNet):
         init_std: float | None = None, rank: int = 2,
     ) -> None:
         super().__init__(mode, positivity, init_std)
+        num_classes, rank = _count("num_classes", num_classes), _count("rank", rank)
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         n_in = 1
         for i, width in enumerate((32, 64, 128, 128), start=1):
@@ -476,9 +500,11 @@ class DifferenceModel(nn.Module):
 
     def __init__(self, g: nn.Module, h: nn.Module, inverted: bool, mode: str) -> None:
         super().__init__()
+        if not isinstance(inverted, bool):  # bool("False") is True
+            raise TypeError(f"inverted must be True or False; got {inverted!r}")
         self.g = g
         self.h = h
-        self.inverted = bool(inverted)
+        self.inverted = inverted
         self.mode = mode
 
     def h_input(self, x: torch.Tensor) -> torch.Tensor:
