@@ -288,3 +288,17 @@ def test_random_methods_are_seeded_per_batch(tmp_path, capsys):
     assert any(not np.array_equal(amap, runs["c"][rel]) for rel, amap in runs["a"].items())
     rc, printed = _run([*common, "--seed", 7, "--out", tmp_path / "a", "--resume"], capsys)
     assert rc == 2 and "different seed" in printed.err
+
+
+@pytest.mark.parametrize("data", ["digits", "cifar10-resnet20"])
+def test_image_size_with_fixed_size_data_is_refused(weights, tmp_path, capsys, data):
+    """``--image-size 32 --data digits`` wrote 64x64 maps, exit 0 (the option was ignored)."""
+    out = tmp_path / "maps"
+    args = ["--data", data, "--methods", "Saliency", "--image-size", "32", "--max-images",
+            "1", "--out", out]
+    rc, printed = _run(["--weights", weights, *args] if data == "digits" else args, capsys)
+    assert rc == 2, printed.err
+    assert printed.err.strip() == (
+        "splitxai explain: error: --image-size resizes the images of --data folder:PATH or "
+        f"imagenet-s:PATH; those of --data {data} keep their size (drop --image-size)")
+    assert not out.exists()
