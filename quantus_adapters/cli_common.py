@@ -83,9 +83,11 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, methods_help: str,
                          methods_required: bool, layers_help: str, alpha_default: str | None,
                          alpha_help: str) -> None:
     """``--methods``, ``--layers`` and ``--alpha`` (checked by :func:`check_options`)."""
-    parser.add_argument("--methods", nargs="+", default=None, required=methods_required,
-                        help=methods_help)
-    parser.add_argument("--layers", nargs="+", default=None, help=layers_help)
+    # repeated (--layers a --layers b): all are kept, not the last only
+    parser.add_argument("--methods", nargs="+", action="extend", default=None,
+                        required=methods_required, help=methods_help)
+    parser.add_argument("--layers", nargs="+", action="extend", default=None,
+                        help=layers_help)
     parser.add_argument("--alpha", default=alpha_default, help=alpha_help)
 
 

@@ -136,3 +136,15 @@ def test_methods_quoted_with_spaces_after_commas(tmp_path, capsys):
     rc, printed = _run([*base, "--methods", "Saliency, SplitCAM", "--out", out], capsys)
     assert rc == 0, printed.err
     assert {r["method"] for r in _index(out)} == {"Saliency", "SplitCAM"}
+
+
+def test_repeated_methods_and_layers_add_up(tmp_path, capsys):
+    """``--methods A --methods B --layers 0 --layers 3``: only B at layer 3 (the last of
+    each), silently."""
+    base = _folder(tmp_path, ["a.png"])
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "Saliency", "--methods", "SplitCAM",
+                        "--layers", "0", "--layers", "3", "--out", out], capsys)
+    assert rc == 0, printed.err
+    assert {(r["method"], r["layer"]) for r in _index(out)} == {
+        ("Saliency", ""), ("SplitCAM", "0"), ("SplitCAM", "3")}
