@@ -250,6 +250,7 @@ class MapStore:
         if self.out.exists() and not self.out.is_dir():
             raise StoreError(f"--out {str(self.out)!r} is a file; give a folder")
         self.done: set[tuple[str, str]] = set()
+        self._made_by: dict[str, tuple[str, str]] = {}  # map folder: (method, options JSON)
         if self.meta.is_file() or self.index.is_file():
             if not resume:
                 raise StoreError(f"--out {str(self.out)!r} already holds maps; pass --resume "
@@ -283,6 +284,8 @@ class MapStore:
                             (row["image"], row["file"]) not in self.done):
                         self._rows.append(row)
                         self.done.add((row["image"], row["file"]))
+                        self._made_by.setdefault(str(Path(row["file"]).parent),
+                                                 (row["method"], row["options"]))
 
     def _rewrite_index(self) -> None:
         rows = getattr(self, "_rows", [])
@@ -296,8 +299,22 @@ class MapStore:
         return f"maps/{config.folder}/{map_stem(name)}.npz"
 
     def has(self, config: MapConfig, name: str) -> bool:
-        """Whether the map of ``name`` under ``config`` is stored."""
-        return (name, self.relpath(config, name)) in self.done
+        """Whether the map of ``name`` under ``config`` is stored.
+
+        Raises
+        ------
+        StoreError
+            ``config``'s map folder holds maps of another method or options (names that
+            differ only in characters a folder name does not keep).
+        """
+        rel = self.relpath(config, name)
+        made_by = self._made_by.get(str(Path(rel).parent))
+        mine = (config.method, json.dumps(config.options, sort_keys=True))
+        if made_by is not None and made_by != mine:  # one folder name, other options
+            raise StoreError(f"--resume: {str(self.out / Path(rel).parent)!r} holds maps of "
+                             f"{made_by[0]} with options {made_by[1]}, not {mine[1]}; choose "
+                             "another --out")
+        return (name, rel) in self.done
 
     def put(self, config: MapConfig, name: str, label: int, amap: np.ndarray) -> None:
         """Write one map (atomically) and its index line.

@@ -148,3 +148,38 @@ def test_repeated_methods_and_layers_add_up(tmp_path, capsys):
     assert rc == 0, printed.err
     assert {(r["method"], r["layer"]) for r in _index(out)} == {
         ("Saliency", ""), ("SplitCAM", "0"), ("SplitCAM", "3")}
+
+
+def test_resume_refuses_a_folder_of_other_options(tmp_path, capsys):
+    """``--option tag="a b"`` then ``--resume --option tag=a_b``: one folder name
+    (``Tagged_tag=a_b``), and --resume took the maps of "a b" for those of "a_b"."""
+    from quantus_adapters import registry
+
+    class Plugin:
+        @registry.hookimpl
+        def splitxai_explainers(self):
+            def tagged(model, inputs, targets, *, tag=""):
+                """The input times the tag's length (maps that depend on the option)."""
+                return inputs.sum(1, keepdim=True) * (1 + len(tag))
+
+            return {"Tagged": tagged}
+
+    base = _folder(tmp_path, ["a.png", "b.png"])
+    out = tmp_path / "maps"
+    name = registry.register(Plugin(), name="tagged-test")
+    try:
+        rc, printed = _run([*base, "--methods", "Tagged", "--option", "tag=a b",
+                            "--max-images", "1", "--out", out], capsys)
+        assert rc == 0, printed.err
+        rc, printed = _run([*base, "--methods", "Tagged", "--option", "tag=a_b", "--resume",
+                            "--out", out], capsys)
+        assert rc == 2, printed
+        assert "holds maps of Tagged with options {\"tag\": \"a b\"}, not {\"tag\": \"a_b\"}" \
+            in printed.err and "choose another --out" in printed.err
+        rc, printed = _run([*base, "--methods", "Tagged", "--option", "tag=a b", "--resume",
+                            "--out", out], capsys)  # the same options: the missing map
+        assert rc == 0, printed.err
+        assert "--resume: 1 of 2 maps already in" in printed.out
+    finally:
+        registry.get_plugin_manager().unregister(name=name)
+        registry.refresh()
