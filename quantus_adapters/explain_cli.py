@@ -122,6 +122,10 @@ def _run(args) -> int:
                                 "size (drop --image-size)")
     spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
     options = _parse_options(args.option)
+    for key, flag in (("alpha", args.alpha), ("layer", args.layers)):
+        if key in options and flag is not None:
+            raise common.UsageError(f"--option {key}=... and --{key}{'s' * (key == 'layer')} "
+                                    "both give the same option; give one of them")
     if args.alpha is not None:
         options["alpha"] = args.alpha
     configs = bulk.plan_configs(common.check_methods(common.split_names(args.methods)),

@@ -183,3 +183,17 @@ def test_resume_refuses_a_folder_of_other_options(tmp_path, capsys):
     finally:
         registry.get_plugin_manager().unregister(name=name)
         registry.refresh()
+
+
+@pytest.mark.parametrize("args, flag", [(["--alpha", "0.3", "--option", "alpha=0.4"], "--alpha"),
+                                        (["--layers", "3", "--option", "layer=0"], "--layers")])
+def test_an_option_given_twice_is_refused(tmp_path, capsys, args, flag):
+    """``--alpha 0.3 --option alpha=0.4``: alpha 0.3, the --option silently dropped."""
+    base = _folder(tmp_path, ["a.png"])
+    out = tmp_path / "maps"
+    rc, printed = _run([*base, "--methods", "SplitCAM", *args, "--out", out], capsys)
+    assert rc == 2, printed
+    key = flag.lstrip("-").rstrip("s")
+    assert printed.err.strip() == (f"splitxai explain: error: --option {key}=... and {flag} "
+                                   "both give the same option; give one of them")
+    assert not out.exists()
