@@ -116,7 +116,8 @@ def check_options(args: argparse.Namespace, positive: Sequence[str] = ()) -> Ray
 
     ``positive`` names further integer options (``dest`` names) that must be >= 1 when given;
     ``--batch-size`` and ``--image-size`` always are. ``--seed`` must lie in
-    ``[0, SEED_MAX]``. ``args.alpha`` is replaced by the checked value (a float or
+    ``[0, SEED_MAX]``; ``--image-size`` only with ``folder:``/``imagenet-s:`` data (the
+    built-in data keep their sizes). ``args.alpha`` is replaced by the checked value (a float or
     ``"auto"``; None stays None).
 
     Raises
@@ -130,6 +131,11 @@ def check_options(args: argparse.Namespace, positive: Sequence[str] = ()) -> Ray
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.image_size is not None and not args.data.startswith(("folder:", "imagenet-s:")):
+        # the built-in data have fixed sizes: the option would be ignored without a word
+        raise UsageError(f"--image-size resizes the images of --data folder:PATH or "
+                         f"imagenet-s:PATH; those of --data {args.data} keep their size (drop "
+                         "--image-size)")
     check_seed(args.seed)
     if args.alpha is not None:
         args.alpha = check_alpha(args.alpha, "--alpha")

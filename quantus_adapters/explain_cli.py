@@ -116,10 +116,6 @@ def _run(args) -> int:
         cluster.require_ray()
     else:  # with Ray, this process holds the model on the CPU; the workers use --device
         common.check_device(args.device)
-    if args.image_size is not None and not args.data.startswith(("folder:", "imagenet-s:")):
-        raise common.UsageError(f"--image-size resizes the images of --data folder:PATH or "
-                                f"imagenet-s:PATH; those of --data {args.data} keep their "
-                                "size (drop --image-size)")
     spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
     options = _parse_options(args.option)
     for key, flag in (("alpha", args.alpha), ("layer", args.layers)):

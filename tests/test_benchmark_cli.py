@@ -64,6 +64,10 @@ def test_bad_input_is_reported_before_any_work(setup, capsys, monkeypatch):
           "'99' is not a module of the model")
     _fail(["--layers", "features.99"] + out + ["--cache-dir", str(tmp / "cache")], capsys,
           "'features.99' is not a module")
+    # the built-in data keep their sizes: --image-size was ignored without a word
+    for data in ("digits", "cifar10-resnet20"):
+        _fail(["--data", data, "--image-size", "32"] + out, capsys,
+              f"those of --data {data} keep their size (drop --image-size)")
     _fail(["--data", f"folder:{root}", "--model", factory, "--methods", "NoSuchMethod"] + out,
           capsys, "--methods: unknown method 'NoSuchMethod'")
     (root / "labels.csv").write_text("name,label\n" + "\n".join(
