@@ -181,3 +181,26 @@ def test_a_failing_metric_cell_is_named_on_stderr_and_exits_1(setup, capsys, mon
            "failure" in err
     assert "part(s) failed; their cells are missing from the tables" in err
     assert "simulated metric failure" in (out / "report.md").read_text()
+
+
+def test_a_model_file_imports_a_module_next_to_it(tmp_path):
+    """``--model FILE.py:FACTORY`` puts FILE's folder on the import path, as ``python FILE.py``
+    does (``from blocks import Net`` failed with "No module named 'blocks'")."""
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    (folder / "splitxai_test_blocks_7f3a.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Net(nn.Sequential):
+            def __init__(self):
+                super().__init__(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(4, 3))
+    """))
+    (folder / "model.py").write_text(textwrap.dedent("""
+        from splitxai_test_blocks_7f3a import Net
+
+        def build():
+            return Net()
+    """))
+    model = models.load_factory(f"{folder / 'model.py'}:build")
+    assert type(model).__name__ == "Net" and len(list(model.parameters())) == 4

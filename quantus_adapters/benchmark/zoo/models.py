@@ -268,6 +268,9 @@ def torchvision_imagenet(name: str, weights_path: str | None = None) -> nn.Modul
 def load_factory(spec: str) -> nn.Module:
     """Build the user's model from ``FILE.py:FACTORY`` (FACTORY() must return an nn.Module).
 
+    FILE's folder is put on the import path first, as ``python FILE.py`` does, so that the
+    file can import the modules next to it.
+
     Raises
     ------
     ModelError
@@ -286,6 +289,12 @@ def load_factory(spec: str) -> nn.Module:
         raise ModelError(f"--model {spec!r}: cannot import {str(path)!r} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
+    # the file's folder on the import path, as `python FILE.py` puts it there: a model file
+    # that imports a module next to it ("from layers import Block") works (kept for imports
+    # the forward makes later; this is the command's own process)
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
