@@ -31,3 +31,15 @@ def test_checkpoint_refuses_a_wrong_architecture_or_config(tmp_path):
     with pytest.raises(ValueError, match="positivity='exp' given.*'relu'"):
         dc_train.save_checkpoint(model, tmp_path / "c.pt", "mlp_maxout", positivity="exp")
     assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_a_float64_checkpoint_reloads_in_float64(tmp_path):
+    """It came back as float32 (loading a state dict casts into the new parameters)."""
+    torch.manual_seed(0)
+    model = dc.mlp_maxout("DMIN").double().eval()
+    path = dc_train.save_checkpoint(model, tmp_path / "m64.pt", "mlp_maxout")
+    restored = dc_train.load_checkpoint(path)
+    assert all(p.dtype == torch.float64 for p in restored.parameters())
+    x = torch.rand(2, 784, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))

@@ -504,10 +504,16 @@ def save_checkpoint(model: nn.Module, path: str | Path, architecture: str, **con
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by ``save_checkpoint`` (returned in evaluation mode)."""
+    """Rebuild a model saved by ``save_checkpoint`` (returned in evaluation mode), in the
+    floating-point dtype it was saved in (a float64 model came back as float32: loading a
+    state dict casts into the new model's parameters)."""
     state = torch.load(path, map_location=map_location, weights_only=True)
     build = ARCHITECTURES[state["architecture"]]
     model = build(state["mode"], **state["config"])
+    dtype = next((t.dtype for t in state["state_dict"].values() if t.is_floating_point()),
+                 None)
+    if dtype is not None:
+        model.to(dtype)
     model.load_state_dict(state["state_dict"])
     return model.eval()
 
