@@ -40,3 +40,24 @@ def test_bad_labels_are_refused_before_drawing(model, tmp_path, labels, error, m
     with pytest.raises(error, match=message):
         explain.figure_classes(model, X, tmp_path / "c.png", labels)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 100), (2, 1, 14, 14)])
+def test_inputs_that_are_not_digits_are_refused(model, tmp_path, shape):
+    """A (2, 3, 28, 28) batch was drawn as six grey digits; other sizes gave torch's
+    reshape error."""
+    for call in (lambda x: explain.figure_classes(model, x, tmp_path / "a.png"),
+                 lambda x: explain.figure_samples(model, x, torch.tensor([0, 1]),
+                                                  tmp_path / "b.png"),
+                 lambda x: explain.colour_maps(model, x)):
+        with pytest.raises(ValueError, match=r"x must be \(B, 1, 28, 28\)"):
+            call(torch.rand(shape))
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_digit_layouts_give_the_same_maps(model):
+    x = torch.rand(2, 1, 28, 28)
+    red, blue = explain.colour_maps(model, x)
+    for layout in (x.reshape(2, 784), x.reshape(2, 28, 28)):
+        r, b = explain.colour_maps(model, layout)
+        assert (r == red).all() and (b == blue).all()

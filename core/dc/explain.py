@@ -206,6 +206,17 @@ def split_colour_map(
     return image
 
 
+def _digits(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(B, 1, 28, 28)``: accepted are ``(B, 1, 28, 28)``, ``(B, 28, 28)`` and
+    ``(B, 784)``; anything else is one ``ValueError`` (a reshape alone read a
+    ``(2, 3, 28, 28)`` batch as six grey digits, and gave torch's error for other sizes)."""
+    shape = tuple(x.shape)
+    if not (shape[1:] in ((1, 28, 28), (28, 28), (784,)) and len(shape) >= 2):
+        raise ValueError(f"x must be (B, 1, 28, 28), (B, 28, 28) or (B, 784) digits; got "
+                         f"shape {shape}")
+    return x.reshape(-1, 1, 28, 28)
+
+
 def colour_maps(
     model: nn.Module, x: torch.Tensor, classes: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +232,7 @@ def colour_maps(
     tuple of numpy.ndarray
         ``(red, blue)``, each ``(B, K, 28, 28)``.
     """
-    x = x.reshape(-1, 1, 28, 28)
+    x = _digits(x)
     if is_difference_model(model):
         g = input_gradients(model, x, "g", classes).clamp(min=0)
         h = input_gradients(model, x, "h", classes).clamp(min=0)
@@ -268,7 +279,8 @@ def figure_classes(
     model: torch.nn.Module
         A difference model (or a single network: positive / negative gradient).
     x: torch.Tensor
-        ``(B, 1, 28, 28)`` or ``(B, 784)`` samples, one row of the figure each.
+        ``(B, 1, 28, 28)``, ``(B, 28, 28)`` or ``(B, 784)`` samples, one row of the figure
+        each (another shape is a ``ValueError``).
     path: str or pathlib.Path
         The PNG to write (``.png`` is appended to a name without a suffix; missing folders
         are created).
@@ -281,7 +293,7 @@ def figure_classes(
     -------
     pathlib.Path
     """
-    x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
+    x = _on_model_device(model, _digits(x))
     if labels is not None:
         labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
@@ -320,7 +332,7 @@ def figure_samples(
     -------
     pathlib.Path
     """
-    x = _on_model_device(model, x.reshape(-1, 1, 28, 28))
+    x = _on_model_device(model, _digits(x))
     labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
     figure, axes = _canvas(2, x.shape[0])
