@@ -17,8 +17,7 @@ statistics, so each row's gradient is its own); the model's training flags are r
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from core import checks
-from core.dc.models import is_difference_model
+from core.dc.models import eval_mode, is_difference_model, on_model_device
 
 __all__ = [
     "STREAMS",
@@ -44,18 +43,6 @@ STREAMS = ("g", "h", "diff")
 _ROWS_PER_PASS = 256
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in evaluation mode, restoring every module's training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
 def _check_stream(model: nn.Module, stream: str) -> None:
     checks.option("stream", stream, STREAMS)
     if stream != "diff" and not is_difference_model(model):
@@ -64,16 +51,6 @@ def _check_stream(model: nn.Module, stream: str) -> None:
             f".inverted (core.dc.models modes DIC, DM, DiffNone, DICIN, DMIN); "
             f"{type(model).__name__} has none. Use stream='diff' for the model's own gradient."
         )
-
-
-def _on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` on the model's device, and in its floating point type if ``x`` is floating."""
-    parameter = next(model.parameters(), None)
-    if parameter is None:
-        return x
-    if x.is_floating_point() and parameter.is_floating_point():
-        return x.to(parameter.device, parameter.dtype)
-    return x.to(parameter.device)
 
 
 def _stream_logits(model: nn.Module, x: torch.Tensor, stream: str) -> tuple:
@@ -113,7 +90,7 @@ def input_gradients(
         ``(B, K) + x.shape[1:]``, one gradient per sample and class.
     """
     _check_stream(model, stream)
-    x = _on_model_device(model, x)
+    x = on_model_device(model, x)
     with eval_mode(model), torch.no_grad():
         n_classes = _stream_logits(model, x[:1], stream)[0].shape[1]
     if classes is None:
@@ -164,7 +141,7 @@ def target_gradients(
         Same shape as ``x``, on the model's device and in its floating point type.
     """
     _check_stream(model, stream)
-    x = _on_model_device(model, x)
+    x = on_model_device(model, x)
     targets = checks.targets(targets, x.shape[0], whole_floats=True).to(x.device)
     with eval_mode(model), torch.enable_grad():
         logits, leaf = _stream_logits(model, x, stream)
@@ -293,7 +270,7 @@ def figure_classes(
     -------
     pathlib.Path
     """
-    x = _on_model_device(model, _digits(x))
+    x = on_model_device(model, _digits(x))
     if labels is not None:
         labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
@@ -332,7 +309,7 @@ def figure_samples(
     -------
     pathlib.Path
     """
-    x = _on_model_device(model, _digits(x))
+    x = on_model_device(model, _digits(x))
     labels = _figure_labels(model, x, labels)
     red, blue = colour_maps(model, x)
     figure, axes = _canvas(2, x.shape[0])

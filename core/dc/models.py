@@ -20,9 +20,10 @@ non-negative scale).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ __all__ = [
     "cnn_maxout",
     "is_difference_model",
     "normalize_mode",
+    "eval_mode",
+    "on_model_device",
 ]
 
 SINGLE_MODES = ("IC", "Mon", "None")
@@ -594,3 +597,26 @@ def cnn_maxout(
         MaxoutCNN, mode, num_classes=num_classes, positivity=positivity, init_std=init_std
     )
 
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in evaluation mode, restoring every module's training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the model's device, and in its floating point type if ``x`` is floating
+    (integer images are left for the model to refuse: casting 0-255 bytes would scale them
+    wrong)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return x
+    if x.is_floating_point() and parameter.is_floating_point():
+        return x.to(parameter.device, parameter.dtype)
+    return x.to(parameter.device)

@@ -351,7 +351,7 @@ def train_model(
     n = _check_split(model, data.train_x, data.train_y, "training")
     if n < 2:
         raise ValueError(f"the training set holds {n} sample(s); batch norm needs at least two")
-    device, dtype = _device_dtype(model)
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * ((n + batch_size - 1) // batch_size)
@@ -363,7 +363,7 @@ def train_model(
                 index = order[start: start + batch_size]
                 if len(index) < 2:  # batch norm needs two samples
                     continue
-                x = _to_model(data.train_x[index], device, dtype)
+                x = dc_models.on_model_device(model, data.train_x[index])
                 y = data.train_y[index].to(device)
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -372,17 +372,6 @@ def train_model(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     return model.eval()
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.parameters())
-    return parameter.device, parameter.dtype
-
-
-def _to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` on ``device``; floating point images also in the model's ``dtype`` (integer
-    images are left for the model to refuse: casting 0-255 bytes would scale them wrong)."""
-    return x.to(device, dtype) if x.is_floating_point() else x.to(device)
 
 
 def _check_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, part: str) -> int:
@@ -401,15 +390,8 @@ def _check_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, part: str) 
         raise ValueError(f"{part} set: {len(x)} images but {len(y)} labels")
     if len(y) == 0:
         raise ValueError(f"the {part} set is empty (0 samples)")
-    device, dtype = _device_dtype(model)
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            n_classes = model(_to_model(x[:1], device, dtype)).shape[1]
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    with dc_models.eval_mode(model), torch.no_grad():
+        n_classes = model(dc_models.on_model_device(model, x[:1])).shape[1]
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= n_classes:
         raise ValueError(f"{part} labels must lie in 0..{n_classes - 1} (the model has "
@@ -426,16 +408,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     as ``x``, or labels outside the model's classes raise ``ValueError``.
     """
     _check_split(model, x, y, "test")
-    was_training = model.training
-    device, dtype = _device_dtype(model)
-    model.eval()
-    try:
-        correct = 0
+    correct = 0
+    with dc_models.eval_mode(model):
         for start in range(0, len(y), batch_size):
-            logits = model(_to_model(x[start: start + batch_size], device, dtype))
+            logits = model(dc_models.on_model_device(model, x[start: start + batch_size]))
             correct += int((logits.argmax(1).cpu() == y[start: start + batch_size]).sum())
-    finally:
-        model.train(was_training)
     return 100.0 * correct / len(y)
 
 
