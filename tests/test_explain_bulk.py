@@ -1,6 +1,5 @@
 """``splitxai explain`` in this process: files, index, float16, resume, errors."""
 
-import csv
 import json
 import sys
 
@@ -12,6 +11,8 @@ import quantus_adapters
 from quantus_adapters import cli, registry
 from quantus_adapters.benchmark.data import cluttered_digits
 from quantus_adapters.benchmark.zoo import models
+from tests.explain_runs import read_index as _index
+from tests.explain_runs import run_explain as _run
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +22,6 @@ def weights(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(models.DigitsVGG().state_dict(), path)
     return path
-
-
-def _run(args, capsys):
-    rc = cli.main(["explain", *map(str, args), "--no-progress"])
-    return rc, capsys.readouterr()
-
-
-def _index(out):
-    with open(out / "index.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_maps_index_and_float16(weights, tmp_path, capsys, monkeypatch):

@@ -1,13 +1,13 @@
 """``splitxai explain``: map file names, duplicate configurations, empty --methods, models
 whose output is not a tensor."""
 
-import csv
 
 import numpy as np
 import pytest
 
-from quantus_adapters import cli
 from tests.benchmark_files import TINY_MODEL_PY
+from tests.explain_runs import read_index as _index
+from tests.explain_runs import run_explain as _run
 
 
 def _folder(tmp_path, names):
@@ -25,16 +25,6 @@ def _folder(tmp_path, names):
     (root / "labels.csv").write_text(
         "".join(f"{name},{i % 3}\n" for i, name in enumerate(names)), encoding="utf-8")
     return ["--model", f"{tmp_path / 'tiny.py'}:build", "--data", f"folder:{root}"]
-
-
-def _run(args, capsys):
-    rc = cli.main(["explain", *map(str, args), "--no-progress"])
-    return rc, capsys.readouterr()
-
-
-def _index(out):
-    with open(out / "index.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.parametrize("names", [["a b.png", "a_b.png", "c.png"],
