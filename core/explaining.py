@@ -6,9 +6,11 @@ Zennit, Quantus) run their work in.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +29,9 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
     The training flags are set back module by module, and a buffer that the body changed (a
     BatchNorm's running statistics in training mode, a call counter or an EMA updated by the
     forward) is copied back bit for bit; an unchanged buffer is not touched (its version
-    counter stays). This holds when the body raises, too.
+    counter stays). This holds when the body raises, too, and when several threads explain
+    the model at once: the first call in saves the flags and buffers, the last call out
+    restores them (in between the model stays in eval mode).
 
     Parameters
     ----------
@@ -45,31 +49,68 @@ def eval_semantics(model: nn.Module, warn: bool = True, stacklevel: int = 3,
     torch.nn.Module
         The model, in eval mode.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    if warn and any(t for _, t in modes) and model not in _WARNED_TRAINING:
-        _WARNED_TRAINING.add(model)
-        warnings.warn(
-            f"{type(model).__name__} is in training mode: it is explained with eval semantics "
-            "(BatchNorm running statistics, dropout off) and left in training mode with its "
-            "buffers unchanged; call model.eval() to compare with model(x).",
-            stacklevel=stacklevel,
-        )
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
-    try:  # nn.Module.__setattr__ is slow: only flags that differ are written
-        for m, training in modes:
-            if training:
+    modules = list(model.modules())
+    saved = list(model.buffers()) if buffers else []
+    with _LOCK:  # the flags as the user set them, also while another thread explains
+        training = any(_FLAGS[id(m)][2] if id(m) in _FLAGS else m.training for m in modules)
+        for m in modules:
+            _enter(_FLAGS, m, m.training)
+            if m.training:  # nn.Module.__setattr__ is slow: only flags that differ are written
                 m.training = False
+        for b in saved:
+            _enter(_BUFFERS, b, None)
+    try:  # a warning turned into an error restores the model too
+        if warn and training and model not in _WARNED_TRAINING:
+            _WARNED_TRAINING.add(model)
+            warnings.warn(
+                f"{type(model).__name__} is in training mode: it is explained with eval semantics "
+                "(BatchNorm running statistics, dropout off) and left in training mode with its "
+                "buffers unchanged; call model.eval() to compare with model(x).",
+                stacklevel=stacklevel,
+            )
         yield model
     finally:
-        for m, training in modes:
-            if m.training != training:
-                m.training = training
-        with torch.no_grad():
-            for b, value in saved:
-                if b.shape != value.shape or not torch.equal(b, value):
+        with _LOCK, torch.no_grad():
+            for m in modules:
+                last, flag = _leave(_FLAGS, m)
+                if last and m.training != flag:
+                    m.training = flag
+                elif not last and m.training:  # another call still runs in eval mode
+                    m.training = False
+            for b in saved:
+                last, value = _leave(_BUFFERS, b)
+                if last and (b.shape != value.shape or not torch.equal(b, value)):
                     if b.shape != value.shape:
                         b.resize_(value.shape)
                     b.copy_(value)
+
+
+# Calls of eval_semantics that run at the same time (threads explaining one model, or calls
+# nested in one thread) share one record per module and per buffer: the first call in saves
+# the user's training flag and buffer value, the last call out restores them. (Each call
+# saving its own view let a second thread save the eval mode the first had set, and restore
+# it last.) id -> [object, number of calls inside, saved flag or value]
+_LOCK = threading.Lock()
+_FLAGS: dict[int, list[Any]] = {}
+_BUFFERS: dict[int, list[Any]] = {}
+
+
+def _enter(record: dict[int, list[Any]], obj: Any, flag: bool | None) -> None:
+    entry = record.get(id(obj))
+    if entry is None:
+        value = flag if flag is not None else obj.detach().clone()
+        record[id(obj)] = [obj, 1, value]
+    else:
+        entry[1] += 1
+
+
+def _leave(record: dict[int, list[Any]], obj: Any) -> tuple[bool, Any]:
+    entry = record[id(obj)]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del record[id(obj)]
+        return True, entry[2]
+    return False, entry[2]
 
 
 def refuse_backward_hooks(model: nn.Module) -> None:
