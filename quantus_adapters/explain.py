@@ -175,6 +175,7 @@ def explain(
         model.to(device)  # as quantus.explain does
     model_device, dtype = _model_device_dtype(model, device)
     x = _as_input_tensor(inputs, channel_first, model_device, dtype)
+    checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
     y = _as_targets(targets, x.shape[0], model_device)
 
     try:

@@ -110,3 +110,17 @@ def test_eval_semantics_nested_across_threads_restores_the_first_flags():
         w.join()
     assert seen["b"] == [False] * len(seen["b"])  # B kept eval semantics after A left
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "SplitGrad", "SplitLRP", "Saliency"])
+@pytest.mark.parametrize("targets", [0, [], torch.zeros(0, dtype=torch.long)],
+                         ids=["int", "list", "tensor"])
+def test_quantus_explain_refuses_an_empty_batch_as_empty(method, targets):
+    # an empty batch was refused as "got 0 targets for a batch of 0 inputs" (which reads
+    # as consistent) or, for Saliency with an int target, with torch's IndexError
+    import quantus_adapters
+
+    x = torch.zeros(0, 3, 16, 16)
+    with pytest.raises(ValueError, match=rf"^{method}: inputs has an empty batch "
+                                         r"\(shape \(0, 3, 16, 16\)\); pass at least one"):
+        quantus_adapters.explain(_model(), x, targets, method=method)
