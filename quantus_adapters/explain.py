@@ -299,7 +299,10 @@ def _as_input_tensor(
         x = x.permute(0, 3, 1, 2)
     if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int32, torch.int64)):
         raise TypeError(f"inputs must be real numbers, got dtype {x.dtype}")
-    return x.to(device=device, dtype=dtype).contiguous()
+    x = x.to(device=device, dtype=dtype).contiguous()
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        x = x.clone()  # made under inference_mode: a copy that autograd can use
+    return x
 
 
 def _as_targets(targets: Any, batch: int, device: torch.device) -> torch.Tensor:

@@ -124,3 +124,19 @@ def test_quantus_explain_refuses_an_empty_batch_as_empty(method, targets):
     with pytest.raises(ValueError, match=rf"^{method}: inputs has an empty batch "
                                          r"\(shape \(0, 3, 16, 16\)\); pass at least one"):
         quantus_adapters.explain(_model(), x, targets, method=method)
+
+
+@pytest.mark.parametrize("method", ["SplitLRP", "SplitCAM", "SplitGrad", "Saliency"])
+def test_quantus_explain_takes_an_input_made_under_inference_mode(method):
+    # explain copies its inputs to the model's device and dtype (a NumPy batch always), but
+    # a torch tensor made under inference_mode went through as it was: SplitLRP and
+    # Saliency failed with torch's "Setting requires_grad=True on inference tensor outside
+    # InferenceMode is not allowed", SplitCAM/SplitGrad asked for x.clone()
+    import quantus_adapters
+
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    with torch.inference_mode():
+        frozen = x.clone()
+    expected = quantus_adapters.explain(_model(), x, y, method=method)
+    got = quantus_adapters.explain(_model(), frozen, y, method=method)
+    assert (got == expected).all()
