@@ -140,3 +140,29 @@ def test_quantus_explain_takes_an_input_made_under_inference_mode(method):
     expected = quantus_adapters.explain(_model(), x, y, method=method)
     got = quantus_adapters.explain(_model(), frozen, y, method=method)
     assert (got == expected).all()
+
+
+@pytest.mark.parametrize("method", ["LRP", "SplitLRP"])
+def test_zennit_methods_from_two_threads_on_one_model(method):
+    # each call registers a composite (and, for LRP, canonizers that merge BatchNorm into
+    # the convolution's weight in place and put it back) on the user's model: two threads
+    # at once left the convolution's weight and bias changed for good (LRP: max |change|
+    # 7e-3 of the maps, the model modified) or refused half the calls with "two SplitLRP
+    # composites are registered on this model at once" (SplitLRP)
+    from zennit_split.helpers import lrp_gamma, split_lrp
+
+    def explain(model, x, y):
+        if method == "LRP":
+            return lrp_gamma(model, x, y)
+        return split_lrp(model, x, y, ["input"])["input"].pos
+
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    model = _model()
+    reference = explain(model, x, y).detach()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results, errors = _in_threads(explain, model, x, y, calls=5)
+    assert not errors, errors[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for r in results:
+        torch.testing.assert_close(r, reference, rtol=0, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,21 @@ from .composite import (
     restore_slots,
     several_inputs,
 )
+
+#: one lock per model: split_lrp and lrp_gamma register a composite (and canonizers that
+#: rewrite weights in place and put them back) on the model, so two threads explaining one
+#: model at once run one after the other (at the same time they refused each other's
+#: SplitLRP composite, and LRP's canonizers left the model's weights merged for good)
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> Any:
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
@@ -137,7 +154,7 @@ def split_lrp(
     )
     # gradients on for the attributor's own backward pass, also under torch.no_grad()
     # (Quantus calls explain functions inside it)
-    with torch.enable_grad(), Gradient(model, composite) as attributor:
+    with _model_lock(model), torch.enable_grad(), Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))
         relevance = composite.relevance
     return {name: relevance[name] for name in names}
@@ -264,14 +281,15 @@ def lrp_gamma(
         handle = model.get_submodule(name).register_forward_hook(
             lambda module, args, output: _OutputGradient.apply(output, store)
         )
-    slots = module_slots(model)
-    try:
-        with torch.enable_grad(), Gradient(model, composite) as attributor:  # as split_lrp
-            _, relevance = attributor(inputs, output_seed(targets, inputs.shape[0]))
-    finally:
-        restore_slots(slots)  # zennit 1.0's rules and reverts leave them changed
-        if handle is not None:
-            handle.remove()
+    with _model_lock(model):
+        slots = module_slots(model)
+        try:
+            with torch.enable_grad(), Gradient(model, composite) as attributor:  # as split_lrp
+                _, relevance = attributor(inputs, output_seed(targets, inputs.shape[0]))
+        finally:
+            restore_slots(slots)  # zennit 1.0's rules and reverts leave them changed
+            if handle is not None:
+                handle.remove()
     if handle is not None:
         if not store:
             raise RuntimeError(f"LRP: no relevance reached layer {name!r}.")
