@@ -557,11 +557,20 @@ def batchnorm_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 
 @register(F.batch_norm, mass_linear=True, fresh=True, inplace=True)
 def batchnorm_function(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``F.batch_norm`` with eval semantics (see :func:`batchnorm_module`)."""
+    """``F.batch_norm`` with ``training=False`` (``training=self.training`` under eval
+    semantics), the affine map of :func:`batchnorm_module`: ``d' = k d + t``,
+    ``s' = |k| s + |t|``. ``training=True`` normalises with the statistics of the batch
+    (whatever running statistics are passed) and is refused."""
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
              "eps"]
     bound = dict(zip(names, args, strict=False)) | kwargs
     static_args(ctx, [bound.get(k) for k in names[1:5]], "batch_norm")
+    if bound.get("training", False):
+        raise unsupported(
+            ctx, "F.batch_norm with training=True",
+            "It normalises with the batch statistics, which couple the rows of a batch and "
+            "are not piecewise linear; pass training=self.training (eval semantics use the "
+            "running statistics).")
     return _bn_affine(ctx, bound["input"], bound["running_mean"], bound["running_var"],
                       bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5))
 
