@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import operator
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +62,25 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+#: one lock per model: the interpreter keeps the state of a run on itself (torch.fx's
+#: ``env``, the records, the nodes free of mass that SplitLRP's rules read afterwards), and
+#: the model's kept capture, with its interpreter, is shared by every split of the model; so
+#: runs from several threads (on one SplitModel, or one per call as the adapters make) take
+#: turns. Before, they failed with torch.fx's "KeyError: input_1" or, for SplitLRP, returned
+#: another thread's relevance ratios.
+_RUN_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_RUN_LOCKS_LOCK = threading.Lock()
+
+
+def model_runs(model: nn.Module) -> Any:
+    """The (reentrant) lock that runs of the split of ``model`` hold."""
+    with _RUN_LOCKS_LOCK:
+        lock = _RUN_LOCKS.get(model)
+        if lock is None:
+            lock = _RUN_LOCKS[model] = threading.RLock()
+        return lock
 
 
 @dataclass
@@ -486,7 +507,7 @@ class SplitModel:
         ValueError
             When the model's own output is not finite.
         """
-        with eval_semantics(self.model, stacklevel=5, buffers=False):
+        with model_runs(self.model), eval_semantics(self.model, stacklevel=5, buffers=False):
             out, records = call.interpreter.run_pairs(pairs, call.extra, **options)
         if isinstance(out, torch.Tensor) and call.interpreter.frozen_operations():
             raise UnsupportedOperation(
@@ -521,7 +542,8 @@ class SplitModel:
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
-        with torch.no_grad(), eval_semantics(self.model, warn=False, buffers=False):
+        with model_runs(self.model), torch.no_grad(), eval_semantics(self.model, warn=False,
+                                                                     buffers=False):
             _, records = call.interpreter.run_pairs(self.input_pairs(call.inputs), call.extra,
                                                     record_all=True)
         for node, pair in records.items():
@@ -533,7 +555,8 @@ class SplitModel:
                                  factors: Shift) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
-        with torch.enable_grad(), eval_semantics(self.model, warn=False, buffers=False):
+        with model_runs(self.model), torch.enable_grad(), eval_semantics(
+                self.model, warn=False, buffers=False):
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
                      for p in self.input_pairs(call.inputs)]
             out, records = call.interpreter.run_pairs(pairs, call.extra, factors=factors,
@@ -786,9 +809,10 @@ class SplitModel:
         """
         from core.lrp import relevance
 
-        return relevance(self, x, seed, layers=layers, epsilon=epsilon,
-                         activation_rule=activation_rule, residual=residual,
-                         extra_args=extra_args, kwargs=kwargs)
+        with model_runs(self.model):  # its rules read the interpreter's state of the run
+            return relevance(self, x, seed, layers=layers, epsilon=epsilon,
+                             activation_rule=activation_rule, residual=residual,
+                             extra_args=extra_args, kwargs=kwargs)
 
 
 def _ask(who: str | None, what: str, adapter: str | None = None) -> str:

@@ -166,3 +166,29 @@ def test_zennit_methods_from_two_threads_on_one_model(method):
         assert torch.equal(v, state[k]), k
     for r in results:
         torch.testing.assert_close(r, reference, rtol=0, atol=0)
+
+
+def test_one_split_model_from_two_threads():
+    # the kept capture's interpreter (shared by every split of the model: one SplitModel,
+    # and new ones made per call such as SplitCAM's) keeps its run's state on itself
+    # (torch.fx's env): two threads running it at once failed with "KeyError: input_1"
+    # (core sensitivities: 1 to 4 calls in 12; SplitCAM with alpha="auto" too)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    model = _model()
+    sm = core.split(model)
+    reference = sm.sensitivities(x, y, layers=["3"], alpha=0.3)["3"].g
+    relevance = sm.relevance(x, seed=torch.eye(3)[y], layers=["3"])["3"].pos
+
+    def explain(model, x, y):
+        sens = sm.sensitivities(x, y, layers=["3"], alpha=0.3)["3"].g
+        torch.testing.assert_close(sm.relevance(x, seed=torch.eye(3)[y], layers=["3"])["3"].pos,
+                                   relevance, rtol=0, atol=0)
+        return sens
+
+    results, errors = _in_threads(explain, model, x, y, calls=8)
+    assert not errors, repr(errors[0])
+    for r in results:
+        torch.testing.assert_close(r, reference, rtol=0, atol=0)
+    cams, errors = _in_threads(lambda m, x, y: SplitCAM(m, "3").attribute(x, target=y),
+                               model, x, y, calls=8)
+    assert not errors, repr(errors[0])
