@@ -25,7 +25,9 @@ Work runs with eval semantics: a model's buffers are left bit for bit as they we
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -171,18 +173,19 @@ def explain(
     info = method_info(method)
     options = _quantus_baseline(method, info.function, options)
     _check_options(method, info.function, options)
-    if device is not None:
-        model.to(device)  # as quantus.explain does
-    model_device, dtype = _model_device_dtype(model, device)
-    x = _as_input_tensor(inputs, channel_first, model_device, dtype)
-    checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
-    y = _as_targets(targets, x.shape[0], model_device)
+    with _model_lock(model):  # one call on a model at a time: methods put hooks on it
+        if device is not None:
+            model.to(device)  # as quantus.explain does
+        model_device, dtype = _model_device_dtype(model, device)
+        x = _as_input_tensor(inputs, channel_first, model_device, dtype)
+        checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
+        y = _as_targets(targets, x.shape[0], model_device)
 
-    try:
-        with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
-            result = info.function(model, x, y, **options)
-    finally:
-        model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it
+        try:
+            with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
+                result = info.function(model, x, y, **options)
+        finally:
+            model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it
     maps = _to_maps(result, method, x.shape, upsample, _layer_label(model, options))
     if reduce_axes:
         if channel_first is False and given_axes is not None:  # axes of (B, H, W, C)
@@ -194,6 +197,22 @@ def explain(
     if channel_first is False and maps.ndim == 4:
         out = np.moveaxis(out, 1, -1)
     return np.ascontiguousarray(out)
+
+
+#: one lock per model: the methods register hooks on the model for a call (Captum's layer
+#: hooks, backward hooks on ReLUs, Zennit's composites) and explain restores the hooks it saw,
+#: so calls from several threads on one model run one after the other (at the same time
+#: they failed or returned another thread's map)
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> Any:
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 #: axis of a channel-last (B, H, W, C) map -> the same axis of the channel-first map
