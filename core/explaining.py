@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -111,6 +111,31 @@ def _leave(record: dict[int, list[Any]], obj: Any) -> tuple[bool, Any]:
         del record[id(obj)]
         return True, entry[2]
     return False, entry[2]
+
+
+#: device types whose autocast state :func:`autocast_off` reads
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+@contextmanager
+def autocast_off() -> Iterator[None]:
+    """Run the body with ``torch.autocast`` off on every device type where it is on.
+
+    The sensitivities and SplitLRP explain the model in its own dtype: under a caller's
+    ``torch.autocast`` their forward and backward ran in bfloat16 / float16 (maps in that
+    dtype, relevance off by 1e-2 of its size, or a backward that failed on mixed dtypes).
+    The streams (``sm(x)``) follow the caller's autocast, as ``model(x)`` does.
+    """
+    with ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            try:
+                on = torch.is_autocast_enabled(device)
+            except (TypeError, RuntimeError, ValueError):  # torch < 2.4, an unknown type
+                on = (torch.is_autocast_cpu_enabled() if device == "cpu" else
+                      torch.is_autocast_enabled() if device == "cuda" else False)
+            if on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def refuse_backward_hooks(model: nn.Module) -> None:

@@ -27,7 +27,7 @@ from core.errors import (
     WarnedModels,
     precision_advice,
 )
-from core.explaining import eval_semantics, refuse_backward_hooks
+from core.explaining import autocast_off, eval_semantics, refuse_backward_hooks
 from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
@@ -662,6 +662,7 @@ class SplitModel:
         return {layer: _pick(node, records) for layer, node in nodes.items()}
 
     # ------------------------------------------------------------------ sensitivities
+    @autocast_off()  # explained in the model's dtype (the streams follow an autocast)
     def sensitivities(
         self,
         x: torch.Tensor,
@@ -778,6 +779,7 @@ class SplitModel:
                 warn_if_class_blind(self, layer, probe, factors)
         return result
 
+    @autocast_off()  # explained in the model's dtype (the streams follow an autocast)
     def relevance(
         self,
         x: Inputs,

@@ -215,3 +215,41 @@ def test_quantus_explain_from_two_threads_on_one_model(method):
     for r in results:
         torch.testing.assert_close(r, reference, rtol=0, atol=0)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def _explainers():
+    from zennit.attribution import Gradient
+
+    import quantus_adapters
+    from zennit_split import SplitLRP
+
+    def zennit(model, x, y):
+        with Gradient(model, SplitLRP()) as attributor:
+            return attributor(x, torch.eye(3)[y])[1]
+
+    return {
+        "sensitivities": _sens,
+        "relevance": lambda m, x, y: core.split(m).relevance(x, torch.eye(3)[y], ["3"])["3"].pos,
+        "SplitCAM": _cam,
+        "SplitGrad": _grad,
+        "zennit SplitLRP": zennit,
+        "explain SplitGrad": lambda m, x, y: torch.as_tensor(
+            quantus_adapters.explain(m, x, y, method="SplitGrad")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_explainers()))
+def test_autocast_is_off_for_the_explanation(name):
+    # inside torch.autocast (inference under mixed precision) the split ran its convolutions
+    # in bfloat16: the maps came back in bfloat16 (sensitivities, relevance, SplitCAM), off
+    # by up to 5e-5 of 7e-3 (SplitLRP), or failed with torch's "expected dtype
+    # c10::BFloat16 for `gradOutput` but got dtype float" (SplitGrad); the explanation is of
+    # the model in its own dtype, as the same call outside autocast (the streams, sm(x),
+    # follow the autocast as model(x) does: tests/test_core_capture.py)
+    explain = _explainers()[name]
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    expected = explain(_model(), x, y).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = explain(_model(), x, y).detach()
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
