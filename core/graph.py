@@ -273,7 +273,7 @@ def _is_scalar(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
             stack.pop()
             continue
         inputs = n.all_input_nodes
-        if rules.is_query(n.op, n.target, n.args):
+        if rules.is_query(n.op, n.target, n.args, n.kwargs):
             memo[n] = True
         elif n.op != "call_function" or not inputs:
             memo[n] = False

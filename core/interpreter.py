@@ -158,7 +158,7 @@ def plan(model: nn.Module, graph: fx.Graph, inputs: int,
         if op == "output":
             step.carries = True
             continue
-        if rules.is_query(op, node.target, node.args):
+        if rules.is_query(op, node.target, node.args, node.kwargs):
             continue
         rule = step.rule = rules.lookup(op, node.target, module)
         if rule is None:

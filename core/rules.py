@@ -784,9 +784,12 @@ def _query(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
 
 
 _QUERY = Rule(_query, lrp="none", query=True)
-for _name in ("size", "dim", "numel", "nelement", "ndimension", "type", "get_device",
+for _name in ("size", "dim", "numel", "nelement", "ndimension", "get_device",
               "is_contiguous", "element_size", "stride"):
     register(_name)(_QUERY)
+# x.type(dtype) is a cast, (d', s') = (d.type(dtype), s.type(dtype)); x.type() without a
+# dtype names the tensor type: a query (see is_query)
+register("type")(Rule(method("type"), lrp="structural", mass_linear=True))
 # tensor attributes read with getattr(x, name) that are static values
 QUERY_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad",
                               "layout"})
@@ -813,9 +816,12 @@ def lookup(op: str, target: Any, module: nn.Module | None = None) -> Rule | None
     return TABLE.lookup(op, target, module)
 
 
-def is_query(op: str, target: Any, args: tuple) -> bool:
-    """Whether an fx node computes a static value from an activation's metadata."""
+def is_query(op: str, target: Any, args: tuple, kwargs: Any = None) -> bool:
+    """Whether an fx node computes a static value from an activation's metadata
+    (``x.type()`` without a dtype is one, the cast ``x.type(dtype)`` is not)."""
     if op == "call_function" and target is getattr:
         return len(args) > 1 and args[1] in QUERY_ATTRIBUTES
+    if op == "call_method" and target == "type":
+        return len(args) < 2 and (kwargs or {}).get("dtype") is None
     rule = TABLE.lookup(op, target) if op != "call_module" else None
     return rule is not None and rule.query
