@@ -6,7 +6,6 @@ import gc
 import operator
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,25 +61,6 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-#: one lock per model: the interpreter keeps the state of a run on itself (torch.fx's
-#: ``env``, the records, the nodes free of mass that SplitLRP's rules read afterwards), and
-#: the model's kept capture, with its interpreter, is shared by every split of the model; so
-#: runs from several threads (on one SplitModel, or one per call as the adapters make) take
-#: turns. Before, they failed with torch.fx's "KeyError: input_1" or, for SplitLRP, returned
-#: another thread's relevance ratios.
-_RUN_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-_RUN_LOCKS_LOCK = threading.Lock()
-
-
-def model_runs(model: nn.Module) -> Any:
-    """The (reentrant) lock that runs of the split of ``model`` hold."""
-    with _RUN_LOCKS_LOCK:
-        lock = _RUN_LOCKS.get(model)
-        if lock is None:
-            lock = _RUN_LOCKS[model] = threading.RLock()
-        return lock
 
 
 @dataclass
@@ -325,7 +305,11 @@ class SplitModel:
             {} if cache_abs_weights else None
         )
         self.model = unwrap(model)
-        self._interpreters: dict[int, tuple[Captured, SplitInterpreter]] = {}
+        # by (captured graph, thread): an interpreter holds the state of its run (torch.fx's
+        # env, the records, the nodes free of mass that SplitLRP's rules read afterwards), so
+        # each thread runs its own (shared, two threads failed with torch.fx's
+        # "KeyError: input_1" or mixed their relevance); a thread's first call plans anew
+        self._interpreters: dict[tuple[int, int], tuple[Captured, SplitInterpreter]] = {}
         with _collector_paused():
             self.capture = self._capture(output, bool(reuse_capture))
             if self.capture.symbolic is not None:  # unsupported operations fail here
@@ -353,7 +337,8 @@ class SplitModel:
     def _interpreter(self, captured: Captured, shared: bool = False) -> SplitInterpreter:
         """The interpreter of a captured graph (``shared``: the model is known to be
         unchanged since the capture was kept, so a new plan may be kept with it)."""
-        hit = self._interpreters.get(id(captured))
+        key = (id(captured), threading.get_ident())
+        hit = self._interpreters.get(key)
         if hit is not None and hit[0] is captured:
             return hit[1]
         keep = captured.reusable and (shared or self.nonlinear in captured.plans
@@ -377,7 +362,7 @@ class SplitModel:
                 stacklevel=4,
             )
         if captured.reusable:
-            self._interpreters[id(captured)] = (captured, interp)
+            self._interpreters[key] = (captured, interp)
         return interp
 
     def prepare(self, x: Inputs, extra_args: Sequence[Any] = (),
@@ -507,7 +492,7 @@ class SplitModel:
         ValueError
             When the model's own output is not finite.
         """
-        with model_runs(self.model), eval_semantics(self.model, stacklevel=5, buffers=False):
+        with eval_semantics(self.model, stacklevel=5, buffers=False):
             out, records = call.interpreter.run_pairs(pairs, call.extra, **options)
         if isinstance(out, torch.Tensor) and call.interpreter.frozen_operations():
             raise UnsupportedOperation(
@@ -542,8 +527,7 @@ class SplitModel:
             )
 
     def _first_overflow(self, call: SplitCall) -> str:
-        with model_runs(self.model), torch.no_grad(), eval_semantics(self.model, warn=False,
-                                                                     buffers=False):
+        with torch.no_grad(), eval_semantics(self.model, warn=False, buffers=False):
             _, records = call.interpreter.run_pairs(self.input_pairs(call.inputs), call.extra,
                                                     record_all=True)
         for node, pair in records.items():
@@ -555,8 +539,7 @@ class SplitModel:
                                  factors: Shift) -> str:
         """Rerun the backward and name the node nearest the output where S is not finite."""
         first: list[fx.Node] = []
-        with model_runs(self.model), torch.enable_grad(), eval_semantics(
-                self.model, warn=False, buffers=False):
+        with torch.enable_grad(), eval_semantics(self.model, warn=False, buffers=False):
             pairs = [Pair(p.d.requires_grad_(True), p.s.clone().requires_grad_(True))
                      for p in self.input_pairs(call.inputs)]
             out, records = call.interpreter.run_pairs(pairs, call.extra, factors=factors,
@@ -811,10 +794,9 @@ class SplitModel:
         """
         from core.lrp import relevance
 
-        with model_runs(self.model):  # its rules read the interpreter's state of the run
-            return relevance(self, x, seed, layers=layers, epsilon=epsilon,
-                             activation_rule=activation_rule, residual=residual,
-                             extra_args=extra_args, kwargs=kwargs)
+        return relevance(self, x, seed, layers=layers, epsilon=epsilon,
+                         activation_rule=activation_rule, residual=residual,
+                         extra_args=extra_args, kwargs=kwargs)
 
 
 def _ask(who: str | None, what: str, adapter: str | None = None) -> str:
