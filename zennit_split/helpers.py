@@ -277,11 +277,11 @@ def lrp_gamma(
     handle = None
     store: list[torch.Tensor] = []
     name = checks.layer_name(model, layer, "LRP", allow_input=True)
-    if name != "input":
-        handle = model.get_submodule(name).register_forward_hook(
-            lambda module, args, output: _OutputGradient.apply(output, store)
-        )
-    with _model_lock(model):
+    with _model_lock(model):  # the layer's hook, too: another call's forward would feed it
+        if name != "input":
+            handle = model.get_submodule(name).register_forward_hook(
+                lambda module, args, output: _OutputGradient.apply(output, store)
+            )
         slots = module_slots(model)
         try:
             with torch.enable_grad(), Gradient(model, composite) as attributor:  # as split_lrp
