@@ -223,7 +223,8 @@ def adaptive_maxpool_function(n: int, indices: bool = False) -> RuleFn:
 def amax_rule(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``x.amax(dim, keepdim)`` / ``torch.amax``: max pooling over whole dimensions (a
     channel max, as in CBAM-style spatial attention). Convex (eq. 17): ``d' = max(d)``,
-    ``s' = max(d) + sum(s - d)`` over the reduced elements; winner-takes-all: ``s'`` is ``s``
+    ``s' = max(d) + sum(s - d)`` over the reduced elements (a ``-inf`` element, the pad of
+    a "same" max, adds nothing); winner-takes-all: ``s'`` is ``s``
     at the arg-max of ``d``. At ties the gradient of ``max(d)`` is shared evenly among the
     tied elements, as autograd's of ``amax`` and of ``max()`` over everything
     (:func:`_reduce_max`)."""
@@ -252,7 +253,11 @@ def _reduce_max(ctx: Ctx, args: tuple, kwargs: dict, spread: bool) -> Pair:
     winner = top()
     # s' takes the maximum again (as _max_pool does): built on ``winner`` itself, a probe of
     # d' would pick up the s path through autograd
-    mass = s.gather(-1, idx).squeeze(-1) if ctx.maxpool == "wta" else top() + (s - d).sum(-1)
+    if ctx.maxpool == "wta":
+        mass = s.gather(-1, idx).squeeze(-1)
+    else:  # -inf pads (F.pad before a "same" max) carry no mass, as in _max_pool
+        diff = torch.where(torch.isneginf(d), 0.0, s - d) if _has_minus_infinity(d) else s - d
+        mass = top() + diff.sum(-1)
     shape = [1 if i in dims else p.d.shape[i] for i in range(n)] if keepdim else lead
     return Pair(winner.reshape(shape), mass.reshape(shape))
 
@@ -271,25 +276,42 @@ def maximum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """The elementwise ``max(a, b)``: a max pooling over the window ``{a, b}`` (eq. 17),
     ``d' = max(d_a, d_b)``, convex: ``s' = max(d_a, d_b) + (s_a - d_a) + (s_b - d_b)``
     (g and h stay convex and monotone); winner-takes-all: ``s' = s`` of the larger ``d``.
-    A constant ``c`` enters as ``(c, |c|)``."""
+    A constant ``c`` enters as ``(c, |c|)``; where it is ``-inf`` (``max(a, -inf) = a``),
+    ``s' = s_a``."""
     a, b = _two(ctx, args, kwargs, "maximum")
     d = torch.maximum(a.d, b.d)
     if ctx.maxpool == "wta":
         return Pair(d, torch.where(a.d >= b.d, a.s, b.s))
     # s' from its own maximum: built on ``d`` itself, a probe of d' would pick up the s path
-    return Pair(d, torch.maximum(a.d, b.d) + (a.s - a.d) + (b.s - b.d))
+    s = torch.maximum(a.d, b.d) + (a.s - a.d) + (b.s - b.d)
+    return Pair(d, _neutral_bounds(args, kwargs, a, b, s, torch.isneginf))
+
+
+def _neutral_bounds(args: tuple, kwargs: dict, a: Pair, b: Pair, s: torch.Tensor,
+                    neutral: Any) -> torch.Tensor:
+    """``s`` with the mass of the other operand where a constant operand is the neutral
+    element of the max or min (``-inf``, ``inf``: ``neutral`` tells where), whose ``(c, |c|)``
+    would add ``inf - inf``."""
+    raw = dict(zip(["input", "other"], args, strict=False)) | kwargs
+    for value, own, other in ((raw["input"], a, b), (raw["other"], b, a)):
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and bool(neutral(value).any())):
+            s = torch.where(neutral(own.d), other.s, s)
+    return s
 
 
 @register(torch.minimum, "minimum", lrp="maxpool", mass_linear=True)
 def minimum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """The elementwise ``min(a, b) = -max(-a, -b)`` (see :func:`maximum`): ``d' = min(d_a,
     d_b)``, convex: ``s' = (s_a + d_a) + (s_b + d_b) - min(d_a, d_b)``; winner-takes-all:
-    ``s' = s`` of the smaller ``d``."""
+    ``s' = s`` of the smaller ``d``. Where a constant is ``inf`` (``min(a, inf) = a``),
+    ``s' = s_a``."""
     a, b = _two(ctx, args, kwargs, "minimum")
     d = torch.minimum(a.d, b.d)
     if ctx.maxpool == "wta":
         return Pair(d, torch.where(a.d <= b.d, a.s, b.s))
-    return Pair(d, (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d))
+    s = (a.s + a.d) + (b.s + b.d) - torch.minimum(a.d, b.d)
+    return Pair(d, _neutral_bounds(args, kwargs, a, b, s, torch.isposinf))
 
 
 def _extreme(ctx: Ctx, args: tuple, kwargs: dict, of_two: RuleFn, reduce: RuleFn,

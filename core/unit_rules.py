@@ -10,6 +10,7 @@ relevance (``lrp="activation"``).
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -27,8 +28,11 @@ from core.registry import Ctx, register, static_args, unsupported
 def clamp_pair(p: Pair, lo: float | None, hi: float | None, d: torch.Tensor) -> Pair:
     """``clamp(z, lo, hi)`` split through ``lo + relu(z - lo) - relu(z - hi)``.
 
-    ``d`` is the model's own result; ``s`` is the mass of that ReLU form.
+    ``d`` is the model's own result; ``s`` is the mass of that ReLU form. An infinite bound
+    (``lo = -inf``, ``hi = inf``) clamps nothing and is left out, as None.
     """
+    lo = None if lo == -math.inf else lo
+    hi = None if hi == math.inf else hi
     if lo is None and hi is None:
         return Pair(d, p.s)
     if hi is None:  # lo + relu(z - lo)
@@ -78,9 +82,10 @@ def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         q = q if high is None else minimum(ctx, (q, high), {})
         return Pair(torch.clamp(p.d, low, high), q.s)
     lo, hi = _number(low), _number(high)
+    lo, hi = (None if lo == -math.inf else lo), (None if hi == math.inf else hi)
     if lo is not None and hi is not None and lo > hi:
         raise unsupported(ctx, f"clamp with min {lo} > max {hi}", "Use min <= max.")
-    return clamp_pair(p, lo, hi, torch.clamp(p.d, lo, hi))
+    return clamp_pair(p, lo, hi, torch.clamp(p.d, low, high))
 
 
 @register(torch.clamp_min, "clamp_min", "clamp_min_", lrp="activation", activation=True,

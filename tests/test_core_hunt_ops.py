@@ -100,3 +100,51 @@ def test_type_cast_is_a_structural_operation(residual: bool, how: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     got, want = (s.sensitivities(x, 0, ["input"])["input"] for s in (sm, ref))
     torch.testing.assert_close(got.g, want.g, rtol=1e-12, atol=1e-12)
+
+
+class _Bounded(nn.Module):
+    """A Linear, then ``bound(z)`` (a clamp with an infinite bound), then a Linear."""
+
+    def __init__(self, bound) -> None:
+        super().__init__()
+        self.lin, self.out, self.bound = nn.Linear(4, 3), nn.Linear(3, 2), bound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bound(self.lin(x)))
+
+
+_INF = float("inf")
+_CHANNELS = torch.tensor([-_INF, 0.1, -0.5], dtype=torch.float64)
+_TOPS = torch.tensor([0.5, _INF, 0.2], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+@pytest.mark.parametrize("bound", [
+    lambda z: z.clamp(-_INF, 0.5),
+    lambda z: z.clamp(min=-0.3, max=_INF),
+    lambda z: torch.clamp(z, max=_INF),
+    lambda z: F.hardtanh(z, -_INF, 0.4),
+    lambda z: z.clamp(_CHANNELS, _TOPS),
+    lambda z: torch.maximum(z, _CHANNELS),
+    lambda z: torch.minimum(_TOPS, z),
+], ids=["clamp-min-inf", "clamp-max-inf", "clamp-only-max-inf", "hardtanh-inf",
+        "clamp-tensor-inf", "maximum-inf", "minimum-inf"])
+def test_infinite_bounds_split_exactly(bound, maxpool: str) -> None:
+    # max(z, -inf) = z and min(z, inf) = z; the rules added the bound's mass |c| = inf, so the
+    # split raised SplitOverflowError ('the weights or the input are too large') for a model
+    # whose output is finite
+    torch.manual_seed(0)
+    model = _Bounded(bound).double().eval()
+    sm = _split_matches(model, torch.randn(5, 4, dtype=torch.float64) * 2, maxpool=maxpool)
+    assert sm is not None
+
+
+@pytest.mark.parametrize("maxpool", ["convex", "wta"])
+def test_minus_infinity_padding_before_amax_splits_exactly(maxpool: str) -> None:
+    # -inf pads (a "same" max) reduced by amax: the convex rule summed s - d = -inf - (-inf)
+    # = nan over the pads and raised SplitOverflowError; pads now carry no mass, as in max
+    # pooling
+    torch.manual_seed(0)
+    model = _Bounded(lambda z: F.pad(z, (1, 1), value=-_INF).unfold(1, 3, 1).amax(-1))
+    _split_matches(model.double().eval(), torch.randn(5, 4, dtype=torch.float64),
+                   maxpool=maxpool)
