@@ -275,11 +275,34 @@ def div(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     return Pair(torch.div(a.d, b, **kwargs), a.s / _abs(b))
 
 
-@register(operator.neg, torch.neg, torch.negative, "neg", "__neg__", lrp="structural",
-          mass_linear=True)
+@register(operator.neg, torch.neg, torch.negative, torch.neg_, "neg", "neg_", "negative",
+          "negative_", "__neg__", lrp="structural", mass_linear=True)
 def neg(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
-    """``-x`` swaps the streams: ``d -> -d``, ``s -> s``."""
+    """``-x`` swaps the streams: ``d -> -d``, ``s -> s`` (``x.neg_()`` alike: the graph
+    gives in-place operations their eager aliasing, core.graph.resolve_inplace)."""
     return Pair(torch.neg(args[0].d), args[0].s)
+
+
+@register(torch.diff, "diff", mass_linear=True)
+def diff(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
+    """``torch.diff(x, n, dim, prepend, append)``, the ``n``-th forward difference along
+    ``dim`` of ``x`` joined with ``prepend`` / ``append`` (pairs, or constants ``c`` as the
+    pair ``(c, |c|)``): ``d' = diff(d)``; one difference ``a_{i+1} - a_i`` has the
+    coefficients ``+1, -1``, so ``s' = s_{i+1} + s_i``, applied ``n`` times."""
+    names = ("input", "n", "dim", "prepend", "append")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    n, dim = bound.get("n", 1), bound.get("dim", -1)
+    static_args(ctx, (n, dim), "diff")
+    ends = [None if bound.get(k) is None else lift(bound[k]) for k in ("prepend", "append")]
+    p = bound["input"]
+    d = torch.diff(p.d, n, dim, *(None if e is None else e.d for e in ends))
+    head = [] if ends[0] is None else [ends[0].s]
+    tail = [] if ends[1] is None else [ends[1].s]
+    s = torch.cat([*head, p.s, *tail], dim)
+    for _ in range(n):
+        length = s.shape[dim] - 1
+        s = s.narrow(dim, 1, length) + s.narrow(dim, 0, length)
+    return Pair(d, s)
 
 
 @register(operator.matmul, torch.matmul, torch.mm, "matmul", "__matmul__", lrp="product",
@@ -740,7 +763,8 @@ _STRUCTURAL_FUNCTIONS = [
     torch.t, torch.channel_shuffle, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
     torch.swapaxes, torch.swapdims, torch.repeat_interleave, torch.tile, F.unfold,
     F.max_unpool1d, F.max_unpool2d, F.max_unpool3d, torch.index_select, torch.gather,
-    torch.take_along_dim,
+    torch.take_along_dim, torch.select, torch.broadcast_to, torch.fliplr, torch.flipud,
+    torch.rot90,
 ]
 _AVERAGING_FUNCTIONS = [
     torch.mean, torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
@@ -763,7 +787,8 @@ _STRUCTURAL_METHODS = [
     "chunk", "split", "unbind", "narrow", "flip", "roll", "t", "unflatten", "movedim", "expand",
     "repeat", "view_as", "reshape_as", "expand_as", "float", "double", "half", "to", "type_as",
     "clone", "detach", "squeeze_", "unsqueeze_", "swapaxes", "swapdims", "tensor_split", "unfold",
-    "repeat_interleave", "tile", "index_select", "gather", "take_along_dim",
+    "repeat_interleave", "tile", "index_select", "gather", "take_along_dim", "select",
+    "broadcast_to", "fliplr", "flipud", "rot90",
 ]
 for _name in _STRUCTURAL_METHODS:
     register(_name)(Rule(method(_name.rstrip("_")), lrp="structural", mass_linear=True))

@@ -151,7 +151,8 @@ def hardswish(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return Pair(value, p.s * gate.s)
 
 
-@register(torch.abs, torch.absolute, operator.abs, "abs", "__abs__", lrp="activation",
+@register(torch.abs, torch.absolute, torch.abs_, operator.abs, "abs", "abs_", "absolute",
+          "absolute_", "__abs__", lrp="activation",
           activation=True, mass_linear=True, fresh=True)
 def absolute(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``|z| = relu(z) + relu(-z)``: ``d' = |d|``, ``s' = (s + relu(-d)) + (s + relu(d))

@@ -148,3 +148,63 @@ def test_minus_infinity_padding_before_amax_splits_exactly(maxpool: str) -> None
     model = _Bounded(lambda z: F.pad(z, (1, 1), value=-_INF).unfold(1, 3, 1).amax(-1))
     _split_matches(model.double().eval(), torch.randn(5, 4, dtype=torch.float64),
                    maxpool=maxpool)
+
+
+class _Ops(nn.Module):
+    """A ReLU network with one of the piecewise-linear operations that had no rule."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.out = nn.LazyLinear(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.op(F.relu(self.conv(x)) - 0.1)
+        return self.out(F.relu(z).flatten(1))
+
+
+_MORE_OPS = {
+    "torch.select": lambda z: torch.select(z, 1, 2),
+    "select": lambda z: z.select(-1, 1),
+    "broadcast_to": lambda z: z[:, :1].broadcast_to(z.shape) + z,
+    "torch.broadcast_to": lambda z: torch.broadcast_to(z.sum(1, keepdim=True), z.shape) - z,
+    "fliplr": lambda z: torch.fliplr(z[:, 0]),
+    "flipud": lambda z: z.flipud(),
+    "rot90": lambda z: torch.rot90(z, 1, (2, 3)) + z.rot90(2, [2, 3]),
+    "neg_": lambda z: z.clone().neg_() * 2 + z,
+    "negative": lambda z: z.negative(),
+    "abs_": lambda z: (z - 0.3).abs_(),
+    "torch.abs_": lambda z: torch.abs_(z - 0.2) + z,
+    "diff": lambda z: torch.diff(z, dim=2),
+    "diff n=2 prepend": lambda z: z.diff(n=2, dim=-1, prepend=torch.full_like(z[..., :2], -0.5)),
+    "diff append pair": lambda z: torch.diff(z, dim=1, append=z[:, :1] * 2),
+}
+
+
+@pytest.mark.parametrize("name", list(_MORE_OPS))
+def test_more_piecewise_linear_operations_split_exactly(name: str) -> None:
+    # torch.select, broadcast_to, fliplr/flipud, rot90, neg_, abs_ and diff were refused as
+    # having no rule ("not supported"); each is linear or a ReLU-type unit
+    torch.manual_seed(0)
+    model = _Ops(_MORE_OPS[name]).double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    model(x)  # the lazy Linear takes its size
+    model.eval()
+    _split_matches(model, x)
+    assert "not supported" not in " ".join(core.split(model).frozen_operations())
+
+
+def test_diff_mass_is_convex_and_monotone() -> None:
+    # s' = s_{i+1} + s_i for every difference: g, h of a diff chain are convex along lines
+    torch.manual_seed(1)
+    model = _Ops(lambda z: torch.diff(z, n=2, dim=3)).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    model(x)
+    model.eval()
+    sm = core.split(model, stabilizer="none")
+    a, b = torch.randn_like(x), torch.randn_like(x)
+    g0, h0 = sm(a)
+    g1, h1 = sm(b)
+    gm, hm = sm((a + b) / 2)
+    assert (gm <= (g0 + g1) / 2 + 1e-12).all() and (hm <= (h0 + h1) / 2 + 1e-12).all()
