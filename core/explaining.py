@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -111,6 +112,26 @@ def _leave(record: dict[int, list[Any]], obj: Any) -> tuple[bool, Any]:
         del record[id(obj)]
         return True, entry[2]
     return False, entry[2]
+
+
+#: one reentrant lock per model, see :func:`model_lock`
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> Any:
+    """The model's reentrant lock, held by calls that put something on the model for their
+    duration: hooks (Captum's layer methods, backward hooks on ReLUs), a Zennit composite,
+    canonizers that merge BatchNorm into the weights in place. Such calls from several
+    threads on one model run one after the other (at the same time they refused each
+    other's composite, left merged weights behind, or returned another thread's map).
+    Never taken on autograd's device threads, where a SplitLRP backward runs on CUDA.
+    """
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 #: device types whose autocast state :func:`autocast_off` reads

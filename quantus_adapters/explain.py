@@ -25,9 +25,7 @@ Work runs with eval semantics: a model's buffers are left bit for bit as they we
 from __future__ import annotations
 
 import inspect
-import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,7 +37,7 @@ from torch import nn
 
 from core import checks
 from core.errors import precision_advice
-from core.explaining import eval_semantics
+from core.explaining import eval_semantics, model_lock
 from quantus_adapters.registry import available_methods, method_info
 
 __all__ = [
@@ -173,7 +171,7 @@ def explain(
     info = method_info(method)
     options = _quantus_baseline(method, info.function, options)
     _check_options(method, info.function, options)
-    with _model_lock(model):  # one call on a model at a time: methods put hooks on it
+    with model_lock(model):  # one call on a model at a time: methods put hooks on it
         if device is not None:
             model.to(device)  # as quantus.explain does
         model_device, dtype = _model_device_dtype(model, device)
@@ -197,22 +195,6 @@ def explain(
     if channel_first is False and maps.ndim == 4:
         out = np.moveaxis(out, 1, -1)
     return np.ascontiguousarray(out)
-
-
-#: one lock per model: the methods register hooks on the model for a call (Captum's layer
-#: hooks, backward hooks on ReLUs, Zennit's composites) and explain restores the hooks it saw,
-#: so calls from several threads on one model run one after the other (at the same time
-#: they failed or returned another thread's map)
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> Any:
-    with _LOCKS_LOCK:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
 
 
 #: axis of a channel-last (B, H, W, C) map -> the same axis of the channel-first map

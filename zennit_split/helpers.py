@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +14,7 @@ from zennit.rules import Gamma
 from zennit.types import Convolution, Linear
 
 from core import checks
+from core.explaining import model_lock
 
 from .canonizers import CifarBasicBlockCanonizer, CifarResNetCanonizer, holds_cifar_blocks
 from .composite import (
@@ -27,21 +26,6 @@ from .composite import (
     restore_slots,
     several_inputs,
 )
-
-#: one lock per model: split_lrp and lrp_gamma register a composite (and canonizers that
-#: rewrite weights in place and put them back) on the model, so two threads explaining one
-#: model at once run one after the other (at the same time they refused each other's
-#: SplitLRP composite, and LRP's canonizers left the model's weights merged for good)
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> Any:
-    with _LOCKS_LOCK:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
 
 
 def output_seed(targets: int | torch.Tensor, batch_size: int) -> Any:
@@ -154,7 +138,7 @@ def split_lrp(
     )
     # gradients on for the attributor's own backward pass, also under torch.no_grad()
     # (Quantus calls explain functions inside it)
-    with _model_lock(model), torch.enable_grad(), Gradient(model, composite) as attributor:
+    with model_lock(model), torch.enable_grad(), Gradient(model, composite) as attributor:
         attributor(inputs, output_seed(targets, inputs.shape[0]))
         relevance = composite.relevance
     return {name: relevance[name] for name in names}
@@ -277,7 +261,7 @@ def lrp_gamma(
     handle = None
     store: list[torch.Tensor] = []
     name = checks.layer_name(model, layer, "LRP", allow_input=True)
-    with _model_lock(model):  # the layer's hook, too: another call's forward would feed it
+    with model_lock(model):  # the layer's hook, too: another call's forward would feed it
         if name != "input":
             handle = model.get_submodule(name).register_forward_hook(
                 lambda module, args, output: _OutputGradient.apply(output, store)
