@@ -76,12 +76,16 @@ class SplitClassBlindWarning(UserWarning):
     ratio: float
         Its shift part over its gradient part (:func:`shift_ratio`, median over the batch);
         NaN when not given.
+    alpha: str or None
+        The alpha of the map, as :func:`alpha_label` writes it (``"0.4"``, ``"{...}"``).
     """
 
-    def __init__(self, message: str, layer: str | None = None, ratio: float = math.nan):
+    def __init__(self, message: str, layer: str | None = None, ratio: float = math.nan,
+                 alpha: str | None = None):
         super().__init__(message)
         self.layer = layer
         self.ratio = float(ratio)
+        self.alpha = alpha
 
 
 def check_alpha(alpha: Any) -> None:
@@ -192,6 +196,7 @@ class Shift:
         if not (isinstance(ratio, numbers.Real) and ratio > 0 and math.isfinite(ratio)):
             raise ValueError(f"auto ratio={ratio!r} must be a positive finite number")
         self.auto = alpha == AUTO
+        self.label = alpha_label(alpha)
         self.ratio = float(ratio)
         self.gradient_size: dict[tuple[str, str], torch.Tensor] = {}
         self._names: dict[tuple[str, str], str] = {}
@@ -264,8 +269,8 @@ class Shift:
         return name
 
     def describe(self) -> str:
-        """``"auto"`` or the alpha as given (for messages)."""
-        return AUTO if self.auto else str(self.alphas.get("output"))
+        """``"auto"`` or the alpha as given (for messages: :func:`alpha_label`)."""
+        return self.label
 
 
 # ---------------------------------------------------------------------------- diagnostics
@@ -436,5 +441,6 @@ def warn_if_class_blind(sm: SplitModel, layer: str, probe: Any, shift: Shift) ->
         warnings.warn(SplitClassBlindWarning(
             f"the Split map at layer {layer!r} does not depend on the target class: its shift "
             f"part is {ratio:.3g} times its gradient part (median over the batch, threshold "
-            f"{CLASS_BLIND_RATIO:g}) at this alpha.{lost} {CLASS_BLIND_ADVICE}", layer, ratio,
+            f"{CLASS_BLIND_RATIO:g}) at alpha={shift.describe()}.{lost} {CLASS_BLIND_ADVICE}",
+            layer, ratio, shift.describe(),
         ), stacklevel=1 + frames_to_user())  # the user's line, past adapter frames

@@ -1,0 +1,40 @@
+"""Alpha shift: the class-blind warning's text, the checks of alpha, rows of alpha="auto"."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import core
+from core.shift import SplitClassBlindWarning
+
+
+def _deep_mlp(width: int = 16, depth: int = 6, classes: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(8, width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)  # a large |W| product: the shift part dominates at alpha 0
+    return model
+
+
+@pytest.mark.parametrize("alpha, label", [(0.0, "alpha=0"), ({"default": 0.0}, "alpha={")])
+def test_class_blind_warning_names_the_alpha(alpha, label):
+    model = _deep_mlp()
+    sm = core.split(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sm.sensitivities(torch.randn(3, 8), 1, ["1"], alpha=alpha)
+    blind = [w.message for w in caught if isinstance(w.message, SplitClassBlindWarning)]
+    assert len(blind) == 1
+    text = str(blind[0])
+    assert "'1'" in text and label in text, text
+    assert blind[0].alpha == core.shift.alpha_label(alpha)
