@@ -100,14 +100,23 @@ def check_alpha(alpha: Any) -> None:
         if alpha != AUTO:
             raise ValueError(f"alpha={alpha!r} is not valid; use a float in [0, 0.5] or 'auto'.")
         return
-    values = alpha.values() if isinstance(alpha, Mapping) else [alpha]
-    for v in values:
+    if isinstance(alpha, Mapping):
+        keys = [k for k in alpha if not isinstance(k, str)]
+        if keys:
+            raise TypeError(
+                f"alpha: a dict's keys are shift-point names (str) or 'default'; got {keys[0]!r} "
+                f"({type(keys[0]).__name__})."
+            )
+        items = [(f"alpha[{k!r}]", v) for k, v in alpha.items()]
+    else:
+        items = [("alpha", alpha)]
+    for name, v in items:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(
                 f"alpha must be a float in [0, 0.5], 'auto' or a dict {{shift point: float}}; "
                 f"got {alpha!r}."
             )
-        checks.number("alpha", v, 0.0, 0.5, note=(
+        checks.number(name, v, 0.0, 0.5, note=(
             " The shift interpolates between the split-pair gradients (alpha=0) and half the "
             "model's gradient (alpha=0.5)."))
 

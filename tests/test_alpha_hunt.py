@@ -38,3 +38,28 @@ def test_class_blind_warning_names_the_alpha(alpha, label):
     text = str(blind[0])
     assert "'1'" in text and label in text, text
     assert blind[0].alpha == core.shift.alpha_label(alpha)
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+@pytest.mark.parametrize("alpha, words", [
+    ({1: 0.3, "zz": 0.4}, "names"),                # was: '<' not supported between str and int
+    ({"1": 0.7}, "alpha['1']=0.7"),                # was: alpha=0.7 (which point?)
+    ({"default": float("nan")}, "alpha['default']"),
+])
+def test_a_bad_mapping_is_one_line_naming_its_point(alpha, words):
+    from captum_split import SplitCAM
+
+    model = _small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    for call in (lambda: core.split(model).sensitivities(x, 0, ["1"], alpha=alpha),
+                 lambda: SplitCAM(model, "1", alpha=alpha).attribute(x, target=0)):
+        with pytest.raises((TypeError, ValueError)) as err:
+            call()
+        text = str(err.value)
+        assert "\n" not in text and words in text and "not supported between" not in text, text
