@@ -136,10 +136,11 @@ def alpha_label(alpha: AlphaType) -> str:
 NU_BLOCK = 1 << 20
 
 
-def _nu(t: torch.Tensor) -> torch.Tensor:
-    """Per-row mean absolute value, shape ``(n,)``; a large ``t`` in blocks of its second
-    dimension (about :data:`NU_BLOCK` entries each)."""
-    t = t.detach()
+def _nu(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Per-row mean absolute value over dimension ``dim`` (the batch's), shape
+    ``(t.shape[dim],)``; a large ``t`` in blocks of its next dimension (about
+    :data:`NU_BLOCK` entries each)."""
+    t = t.detach().movedim(dim, 0) if dim else t.detach()
     if t.dim() < 2 or t.numel() <= NU_BLOCK:
         return t.reshape(t.shape[0], -1).abs().mean(dim=1)
     dims = tuple(range(1, t.dim()))
@@ -160,7 +161,7 @@ class _Capture(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         sizes = ctx.shift.gradient_size
         if ctx.key not in sizes:  # not setdefault: the later passes need not compute it
-            sizes[ctx.key] = _nu(grad)
+            sizes[ctx.key] = _nu(grad, ctx.shift.batch_dim(ctx.key))
         return grad, None, None
 
 
@@ -174,8 +175,12 @@ class _AutoScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        factor = ctx.shift.auto_factor(ctx.key, grad)
-        return grad * column(factor.to(grad.dtype), grad), None, None
+        factor = ctx.shift.auto_factor(ctx.key, grad).to(grad.dtype)
+        dim = ctx.shift.batch_dim(ctx.key)
+        if dim:  # one factor per row of the batch, along the batch's dimension
+            return grad * factor.view([-1 if i == dim else 1 for i in range(grad.dim())]), \
+                None, None
+        return grad * column(factor, grad), None, None
 
 
 class Shift:
@@ -208,6 +213,9 @@ class Shift:
         self.label = alpha_label(alpha)
         self.ratio = float(ratio)
         self.gradient_size: dict[tuple[str, str], torch.Tensor] = {}
+        # the batch size (the first split input's rows) and each auto point's batch dimension
+        self._batch: int | None = None
+        self._dims: dict[tuple[str, str], int] = {}
         self._names: dict[tuple[str, str], str] = {}
         self.alphas: dict[str, float | torch.Tensor] = {}
         if self.auto:
@@ -242,6 +250,7 @@ class Shift:
         """
         if self.auto and point != "output":
             key = (point, node or point)
+            self._dims[key] = self._find_batch_dim(point, pair.d)
             d = _Capture.apply(pair.d, self, key) if pair.d.requires_grad else pair.d
             s = _AutoScale.apply(pair.s, self, key) if pair.s.requires_grad else pair.s
             return Pair(d, s)
@@ -249,6 +258,30 @@ class Shift:
         if f == 1.0:
             return pair
         return Pair(pair.d, ScaleGrad.apply(pair.s, f))
+
+    def _find_batch_dim(self, point: str, d: torch.Tensor) -> int:
+        """The dimension of ``d`` that holds the batch's rows (a layout guess from shapes).
+
+        0 for the inputs (the first one sets the batch size ``B``) and for a tensor of ``B``
+        rows; else the one inner dimension (neither the first nor the last) of size ``B``: a
+        ``(T, B, D)`` layout (``batch_first=False``), where sizes per index of the first
+        dimension would mix the rows of the batch; else 0: a tensor of ``B * T`` rows
+        (``(B * T, D)``), each from one row of the batch, keeps the rows apart as it is.
+        Not told apart: ``(T, B, D)`` with ``T == B`` (read as rows) and a ``(B * T, C, ...)``
+        tensor with ``C == B`` (read as ``(T, B, ...)``).
+        """
+        if d.dim() == 0:
+            return 0
+        if point == "input" and self._batch is None:
+            self._batch = d.shape[0]
+        if self._batch is None or d.shape[0] == self._batch:
+            return 0
+        dims = [i for i in range(1, d.dim() - 1) if d.shape[i] == self._batch]
+        return dims[0] if len(dims) == 1 else 0
+
+    def batch_dim(self, key: tuple[str, str]) -> int:
+        """The batch's dimension at an auto point (see :meth:`apply`)."""
+        return self._dims.get(key, 0)
 
     def auto_factor(self, key: tuple[str, str], s_grad: torch.Tensor) -> torch.Tensor:
         """``f_p = min(1, r nu(delta_p) / nu(S_in))`` per row; records ``alpha_p``.
@@ -262,7 +295,7 @@ class Shift:
                 f"alpha='auto': the model's gradient at shift point {key[0]!r} was not "
                 "recorded; the gradient pass must run before the S pass"
             )
-        s_size = 2 * _nu(s_grad)
+        s_size = 2 * _nu(s_grad, self.batch_dim(key))
         ratio = self.ratio * size.to(s_size.dtype) / s_size
         factor = torch.where(s_size > 0, ratio.clamp(max=1.0), torch.ones_like(s_size))
         factor = torch.nan_to_num(factor, nan=1.0)

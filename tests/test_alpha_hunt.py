@@ -63,3 +63,35 @@ def test_a_bad_mapping_is_one_line_naming_its_point(alpha, words):
             call()
         text = str(err.value)
         assert "\n" not in text and words in text and "not supported between" not in text, text
+
+
+class _SequenceFirst(nn.Module):
+    """Tokens laid out (T, B, D) between two ReLUs, as in a ``batch_first=False`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 6)
+        h = torch.relu(self.a(x).transpose(0, 1))
+        h = torch.relu(self.b(h))
+        return self.c(h.mean(0))
+
+
+def test_auto_rows_are_independent_when_the_batch_is_not_the_first_dimension():
+    model = _SequenceFirst().eval()
+    sm = core.split(model)
+    x, y = torch.randn(3, 5, 6), torch.tensor([0, 1, 2])
+    batch = sm.sensitivities(x, y, ["input", "a"], alpha="auto")
+    for layer in ("input", "a"):
+        for i in range(3):
+            alone = sm.sensitivities(x[i:i + 1], y[i:i + 1], [layer], alpha="auto")[layer]
+            torch.testing.assert_close(batch[layer].g[i], alone.g[0], rtol=1e-5, atol=1e-8)
+    # the other rows do not move row 0 (they moved it by 1.1e-4 of 1.1e-2)
+    x2 = x.clone()
+    x2[1:] *= 50
+    other = sm.sensitivities(x2, y, ["input"], alpha="auto")["input"]
+    torch.testing.assert_close(other.g[0], batch["input"].g[0], rtol=1e-5, atol=1e-8)
+    # one alpha per row of the batch (they were one per token: shape (5,))
+    assert all(v.shape == (3,) for k, v in batch["input"].alphas.items() if k != "output")
