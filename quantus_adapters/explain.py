@@ -49,7 +49,7 @@ __all__ = [
 #: ``quantus.explain``) passes and that are not method options; see :func:`explain`.
 QUANTUS_KEYWORDS = frozenset(
     {"device", "softmax", "channel_first", "xai_lib", "xai_lib_kwargs", "reduce_axes",
-     "keepdims"}
+     "keepdims", "interpolate", "interpolate_mode"}
 )
 
 #: Quantus 0.6 method names (``quantus.explain``) -> (plugin method, options) of the same
@@ -75,7 +75,7 @@ def explain(
     targets: np.ndarray | torch.Tensor | int,
     method: str = "SplitCAM",
     *,
-    upsample: str = "bilinear",
+    upsample: str | None = None,
     **kwargs: Any,
 ) -> np.ndarray:
     """Explain a batch with a method from any installed plugin; a Quantus ``explain_func``.
@@ -97,7 +97,8 @@ def explain(
     upsample: str, optional
         How a map at another resolution (a layer map) is resized to the input's: a mode of
         ``torch.nn.functional.interpolate`` out of :data:`UPSAMPLE_MODES`. Default
-        ``"bilinear"`` (``align_corners=False``).
+        ``"bilinear"`` (``align_corners=False``), or ``"nearest"`` when Quantus's
+        ``interpolate`` is given (below).
     **kwargs:
         Method options (e.g. ``layer``, ``alpha``, ``stream``, ``sign``; see the method's
         docstring), plus the keywords Quantus injects or a Quantus ``explain_func_kwargs``
@@ -113,6 +114,11 @@ def explain(
           summed, as in ``quantus.explain``, counted in the inputs' layout (channel-last with
           ``channel_first=False``); ``()`` keeps every channel the method returns; axis 0
           (the batch) is refused;
+        - ``interpolate`` and ``interpolate_mode``: Quantus's resizing of a layer map
+          (``quantus.explain`` resizes with Captum's ``LayerAttribution.interpolate``,
+          ``"nearest"`` unless ``interpolate_mode`` names another mode): ``interpolate`` must
+          be the inputs' (H, W), as the map is always resized to the input; with it the mode
+          defaults to ``"nearest"``; ``interpolate_mode`` is ``upsample`` (give one of them);
         - ``gc_layer``: Quantus's layer keyword (``"model.layer3"`` or ``"layer3"``), taken as
           ``layer``;
         - ``xai_lib_kwargs``: a dict merged into the method options;
@@ -145,6 +151,8 @@ def explain(
     reduce_axes = (1,) if given_axes is None else _check_reduce_axes(given_axes)
     keepdims = bool(kwargs.pop("keepdims", True))
     kwargs.pop("xai_lib", None)
+    interpolate = kwargs.pop("interpolate", None)
+    upsample = _upsample_mode(upsample, interpolate, kwargs.pop("interpolate_mode", None))
     if "gc_layer" in kwargs:
         if "layer" in kwargs:
             raise TypeError("give the layer once: 'layer' or Quantus's 'gc_layer', not both")
@@ -161,7 +169,6 @@ def explain(
     if both:
         raise TypeError(f"option(s) {both} given both directly and in xai_lib_kwargs")
     options = {**lib_kwargs, **kwargs}
-    checks.option("upsample", upsample, UPSAMPLE_MODES)
 
     if not isinstance(model, nn.Module) and callable(getattr(model, "get_model", None)):
         model = model.get_model()  # a Quantus ModelInterface wrapper
@@ -177,6 +184,7 @@ def explain(
         model_device, dtype = _model_device_dtype(model, device)
         x = _as_input_tensor(inputs, channel_first, model_device, dtype)
         checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
+        _check_interpolate(interpolate, x.shape, channel_first)
         y = _as_targets(targets, x.shape[0], model_device)
 
         try:
@@ -199,6 +207,43 @@ def explain(
 
 #: axis of a channel-last (B, H, W, C) map -> the same axis of the channel-first map
 _CHANNEL_LAST_AXES = {1: 2, 2: 3, 3: 1}
+
+
+def _upsample_mode(upsample: str | None, interpolate: Any, interpolate_mode: Any) -> str:
+    """The resizing mode: ``upsample``, or Quantus's ``interpolate_mode``; by default
+    ``"bilinear"``, or ``"nearest"`` (Captum's, what ``quantus.explain`` resizes with) when
+    Quantus's ``interpolate`` is given."""
+    if interpolate_mode is not None:
+        if upsample is not None and upsample != interpolate_mode:
+            raise TypeError(
+                f"give the resizing mode once: upsample={upsample!r} or Quantus's "
+                f"interpolate_mode={interpolate_mode!r}, not both"
+            )
+        upsample = interpolate_mode
+    if upsample is None:
+        upsample = "bilinear" if interpolate is None else "nearest"
+    checks.option("upsample", upsample, UPSAMPLE_MODES)
+    return upsample
+
+
+def _check_interpolate(interpolate: Any, shape: torch.Size, channel_first: bool | None) -> None:
+    """Quantus's ``interpolate`` (the size a layer map is resized to) must be the inputs'
+    (H, W): every map is resized to the input, as Quantus's metrics need."""
+    if interpolate is None:
+        return
+    size = tuple(shape[-2:])
+    given = (interpolate, interpolate) if isinstance(interpolate, int) else interpolate
+    try:
+        given = tuple(int(s) for s in given)
+    except (TypeError, ValueError):
+        given = None
+    if given != size:
+        layout = "(H, W) of channel-last inputs" if channel_first is False else "(H, W)"
+        raise ValueError(
+            f"interpolate={interpolate!r} is not the inputs' size {layout} = {size}; the map "
+            f"is always resized to the inputs (Quantus's metrics need that): pass "
+            f"interpolate={size} or leave it out"
+        )
 
 
 def _resolve_alias(method: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
