@@ -415,8 +415,8 @@ def shift_diagnostics(
     Parameters
     ----------
     sm: core.SplitModel
-    x: torch.Tensor
-        The input batch.
+    x: torch.Tensor or tuple of torch.Tensor
+        The input batch (a tuple: several inputs, as for :meth:`core.SplitModel.sensitivities`).
     targets: int or torch.Tensor
         The explained class (one per row or one for all).
     layers: sequence of str
@@ -429,7 +429,9 @@ def shift_diagnostics(
     Returns
     -------
     list of ShiftReport
-        One per (alpha, layer), in that order.
+        One per (alpha, layer), in that order; a layer with a tuple of probes (``"input"``
+        with several inputs, a tuple output) gives one per element, named ``"input"``,
+        ``"input:1"``... or ``"NAME:0"``, ``"NAME:1"``...
     """
     rows: list[ShiftReport] = []
     for alpha in alphas:
@@ -440,22 +442,34 @@ def shift_diagnostics(
             if other is None:
                 with torch.no_grad():
                     k = sm.forward_pairs(x, *extra_args).d.shape[1]
-                t = torch.as_tensor(targets).reshape(-1).expand(x.shape[0])
+                rows_in = (x[0] if isinstance(x, (tuple, list)) else x).shape[0]
+                t = torch.as_tensor(targets).reshape(-1).expand(rows_in)
                 second = (t + 1) % k
             else:
                 second = other
             probes2 = sm.sensitivities(x, second, layers=list(layers), alpha=alpha,
                                        extra_args=extra_args)
         for layer in layers:
-            p, q = probes[layer], probes2[layer]
-            rows.append(ShiftReport(
-                layer=layer, alpha=alpha_label(alpha), ratio=shift_ratio(p),
-                cam_ratio=shift_ratio(p, cam=True),
-                class_corr=float(_corr(cam_map(p), cam_map(q)).median()),
-                grad_class_corr=float(_corr(grad_map(p), grad_map(q)).median()),
-                alphas=_median_alphas(p.alphas),
-            ))
+            for name, p, q in _elements(layer, probes[layer], probes2[layer]):
+                rows.append(ShiftReport(
+                    layer=name, alpha=alpha_label(alpha), ratio=shift_ratio(p),
+                    cam_ratio=shift_ratio(p, cam=True),
+                    class_corr=float(_corr(cam_map(p), cam_map(q)).median()),
+                    grad_class_corr=float(_corr(grad_map(p), grad_map(q)).median()),
+                    alphas=_median_alphas(p.alphas),
+                ))
     return rows
+
+
+def _elements(layer: str, p: Any, q: Any) -> list[tuple[str, Any, Any]]:
+    """``(name, probe, probe of the second class)`` of a layer: one, or one per element of a
+    tuple of probes (several inputs: ``"input"``, ``"input:1"``...; a tuple output:
+    ``"NAME:0"``, ``"NAME:1"``...)."""
+    if not isinstance(p, tuple):
+        return [(layer, p, q)]
+    inputs = layer in ("input", "")
+    return [("input" if inputs and i == 0 else f"{'input' if inputs else layer}:{i}", a, b)
+            for i, (a, b) in enumerate(zip(p, q, strict=True))]
 
 
 # ---------------------------------------------------------------------------- warning

@@ -95,3 +95,28 @@ def test_auto_rows_are_independent_when_the_batch_is_not_the_first_dimension():
     torch.testing.assert_close(other.g[0], batch["input"].g[0], rtol=1e-5, atol=1e-8)
     # one alpha per row of the batch (they were one per token: shape (5,))
     assert all(v.shape == (3,) for k, v in batch["input"].alphas.items() if k != "output")
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(5, 6)
+        self.c, self.d = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.c(torch.relu(self.a(x) + self.b(y)))))
+
+
+def test_shift_diagnostics_takes_several_inputs_as_sensitivities_does():
+    sm = core.split(_TwoInputs().eval())
+    x = (torch.randn(3, 4), torch.randn(3, 5))
+    y = torch.tensor([0, 1, 2])
+    # was: AttributeError: 'tuple' object has no attribute 'shape'
+    rows = core.shift_diagnostics(sm, x, y, ["a", "input"], alphas=(0.4, "auto"))
+    assert [(r.layer, r.alpha) for r in rows] == [
+        ("a", "0.4"), ("input", "0.4"), ("input:1", "0.4"),
+        ("a", "auto"), ("input", "auto"), ("input:1", "auto")]
+    probe = sm.sensitivities(x, y, ["a"], alpha=0.4)["a"]
+    assert rows[0].ratio == core.shift.shift_ratio(probe)
+    assert all(r.ratio >= 0 for r in rows)
