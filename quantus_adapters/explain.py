@@ -38,11 +38,11 @@ from torch import nn
 from core import checks
 from core.errors import precision_advice
 from core.explaining import eval_semantics, model_lock
-from quantus_adapters.registry import available_methods, method_info
+from quantus_adapters.registry import UnknownMethodError, available_methods, method_info
 
 __all__ = [
-    "QUANTUS_ALIASES", "QUANTUS_KEYWORDS", "UPSAMPLE_MODES", "ConstantExplanationError",
-    "explain",
+    "QUANTUS_ALIASES", "QUANTUS_KEYWORDS", "QUANTUS_ONLY_METHODS", "UPSAMPLE_MODES",
+    "ConstantExplanationError", "explain",
 ]
 
 #: keywords that Quantus (or a Quantus ``explain_func_kwargs`` written for
@@ -60,6 +60,15 @@ QUANTUS_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "GradCam": ("GradCAM", {}),
     "LayerGradCam": ("GradCAM", {}),
 }
+
+#: ``quantus.explain``'s (Quantus 0.6, Captum path) method names that no splitxai method
+#: stands for; asking for one is one ``UnknownMethodError`` line that points to
+#: ``quantus.explain``
+QUANTUS_ONLY_METHODS = frozenset(
+    {"DeepLiftShap", "FeaturePermutation", "Lime", "KernelShap", "GuidedGradCam",
+     "LayerConductance", "LayerActivation", "InternalInfluence", "LayerGradientXActivation",
+     "Control Var. Sobel Filter", "Control Var. Constant", "Control Var. Random Uniform"}
+)
 
 #: the modes of ``torch.nn.functional.interpolate`` accepted for ``upsample``
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
@@ -175,7 +184,7 @@ def explain(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     method, options = _resolve_alias(method, options)
-    info = method_info(method)
+    info = _method_info(method)
     options = _quantus_baseline(method, info.function, options)
     _check_options(method, info.function, options)
     with model_lock(model):  # one call on a model at a time: methods put hooks on it
@@ -244,6 +253,20 @@ def _check_interpolate(interpolate: Any, shape: torch.Size, channel_first: bool 
             f"is always resized to the inputs (Quantus's metrics need that): pass "
             f"interpolate={size} or leave it out"
         )
+
+
+def _method_info(method: str) -> Any:
+    """:func:`method_info`, with a Quantus-only method name refused in Quantus's words."""
+    try:
+        return method_info(method)
+    except UnknownMethodError as exc:
+        if method not in QUANTUS_ONLY_METHODS:
+            raise
+        raise UnknownMethodError(
+            f"method {method!r} is a method of quantus.explain that splitxai does not offer; "
+            f"for it pass explain_func=quantus.explain (with method={method!r}), or choose one "
+            f"of splitxai's: {', '.join(sorted(available_methods()))}"
+        ) from exc
 
 
 def _resolve_alias(method: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -98,3 +98,17 @@ def test_interpolate_of_another_size_and_two_modes_are_one_line_each():
     np.testing.assert_array_equal(
         explain(model, x, Y, method="SplitCAM", layer="conv_2", interpolate_mode="bicubic"),
         explain(model, x, Y, method="SplitCAM", layer="conv_2", upsample="bicubic"))
+
+
+@pytest.mark.parametrize("method", ["Control Var. Sobel Filter", "Control Var. Random Uniform",
+                                    "Lime", "KernelShap", "DeepLiftShap", "GuidedGradCam"])
+def test_a_quantus_method_splitxai_lacks_is_one_line_pointing_to_quantus_explain(method):
+    from quantus_adapters.registry import UnknownMethodError
+
+    with pytest.raises(UnknownMethodError) as info:
+        explain(LeNet().eval(), mnist_like(), Y, method=method)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"method {method!r} is a method of quantus.explain" in message
+    assert "explain_func=quantus.explain" in message
+    assert "SplitCAM" in message  # and what splitxai offers instead
