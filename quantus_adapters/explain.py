@@ -24,6 +24,7 @@ Work runs with eval semantics: a model's buffers are left bit for bit as they we
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -118,7 +119,9 @@ def explain(
         - ``channel_first``: ``False`` means (B, H, W, C) inputs, the result is then
           channel-last too; ``None`` or ``True`` mean channel first;
         - ``softmax``: only ``False`` (or ``None``); the methods explain the model's output
-          (the logits);
+          (the logits); with ``False``, as in ``quantus.explain``, a model whose last module
+          (of ``model.modules()``) is an ``nn.Softmax`` is explained without it (a copy with
+          ``nn.Identity`` in its place);
         - ``reduce_axes`` (default: the channels) and ``keepdims`` (default True): the axes
           summed, as in ``quantus.explain``, counted in the inputs' layout (channel-last with
           ``channel_first=False``); ``()`` keeps every channel the method returns; axis 0
@@ -195,13 +198,16 @@ def explain(
         checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
         _check_interpolate(interpolate, x.shape, channel_first)
         y = _as_targets(targets, x.shape[0], model_device)
+        target = model
+        if softmax is False:  # quantus.explain's softmax=False: explain without a last Softmax
+            target, options = _without_last_softmax(model, options)
 
         try:
-            with _model_left_unchanged(model, method), eval_semantics(model, stacklevel=4):
-                result = info.function(model, x, y, **options)
+            with _model_left_unchanged(target, method), eval_semantics(target, stacklevel=4):
+                result = info.function(target, x, y, **options)
         finally:
             model.eval()  # quantus.explain leaves the model in eval mode; Quantus checks it
-    maps = _to_maps(result, method, x.shape, upsample, _layer_label(model, options))
+    maps = _to_maps(result, method, x.shape, upsample, _layer_label(target, options))
     if reduce_axes:
         if channel_first is False and given_axes is not None:  # axes of (B, H, W, C)
             reduce_axes = tuple(_CHANNEL_LAST_AXES[a % 4] for a in reduce_axes)
@@ -253,6 +259,29 @@ def _check_interpolate(interpolate: Any, shape: torch.Size, channel_first: bool 
             f"is always resized to the inputs (Quantus's metrics need that): pass "
             f"interpolate={size} or leave it out"
         )
+
+
+def _without_last_softmax(
+    model: nn.Module, options: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``quantus.explain(softmax=False)``: when the last of ``model.modules()`` is an
+    ``nn.Softmax``, Quantus explains a copy of the model with that module replaced by
+    ``nn.Identity`` (the logits); the same here. A ``layer`` given as a module is taken as the
+    copy's module of the same name. Otherwise the model itself, unchanged."""
+    named = list(model.named_modules())
+    name, last = named[-1]
+    if not name or not isinstance(last, nn.Softmax):
+        return model, options
+    layer = options.get("layer")
+    layer_name = None
+    if isinstance(layer, nn.Module):
+        layer_name = next((n for n, m in named if m is layer), None)
+    logits_model = copy.deepcopy(model)
+    parent_name, _, child = name.rpartition(".")
+    setattr(logits_model.get_submodule(parent_name), child, nn.Identity())
+    if layer_name is not None:
+        options = {**options, "layer": logits_model.get_submodule(layer_name)}
+    return logits_model, options
 
 
 def _method_info(method: str) -> Any:

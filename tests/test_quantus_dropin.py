@@ -112,3 +112,39 @@ def test_a_quantus_method_splitxai_lacks_is_one_line_pointing_to_quantus_explain
     assert f"method {method!r} is a method of quantus.explain" in message
     assert "explain_func=quantus.explain" in message
     assert "SplitCAM" in message  # and what splitxai offers instead
+
+
+def softmax_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(24, 5), nn.Softmax(dim=-1),
+    ).eval()
+
+
+def cifar_like(n: int = 3, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(2).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["Saliency", "Gradient", "IntegratedGradients"])
+def test_softmax_false_explains_a_last_softmax_s_input_as_quantus_does(method):
+    """quantus.explain(softmax=False) replaces a model's last nn.Softmax by nn.Identity."""
+    model, x, y = softmax_cnn(), cifar_like(), np.array([0, 1, 4])
+    expected, got = both(model, x, y, method=method, softmax=False)
+    assert_same(expected, got)
+    logits = nn.Sequential(*list(model)[:-1])
+    assert_same(explain(logits, x, y, method=method), got)
+    assert not np.allclose(explain(model, x, y, method=method), got)  # softmax=None keeps it
+    assert isinstance(model[8], nn.Softmax)  # the caller's model is left as it was
+
+
+def test_softmax_false_lets_the_split_methods_explain_a_softmax_model():
+    model, x, y = softmax_cnn(), cifar_like(), np.array([0, 1, 4])
+    logits = nn.Sequential(*list(model)[:-1])
+    for method in ("SplitCAM", "SplitGrad", "SplitLRP"):
+        expected = explain(logits, x, y, method=method, layer="3")
+        np.testing.assert_array_equal(
+            explain(model, x, y, method=method, layer="3", softmax=False), expected)
+        np.testing.assert_array_equal(  # a layer given as the module itself
+            explain(model, x, y, method=method, layer=model[3], softmax=False), expected)
