@@ -361,10 +361,31 @@ def _check_options(method: str, fn: Any, options: dict[str, Any]) -> None:
     ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        hints = sorted({_QUANTUS_HINTS[k] for k in unknown if k in _QUANTUS_HINTS})
         raise TypeError(
             f"method {method!r} does not accept the option(s) {unknown}; "
             f"it accepts: {', '.join(accepted) or '(no options)'}"
+            + "".join(f"; {hint}" for hint in hints)
         )
+
+
+_METRIC_OPTION = (
+    "normalise, abs, pos_only and neg_only are no options of quantus.explain (Quantus 0.6 "
+    "ignores them there): normalising and taking the absolute value are the metric's options "
+    "(e.g. quantus.PixelFlipping(normalise=True, abs=True)); remove them from "
+    "explain_func_kwargs"
+)
+_ZENNIT_PATH = (
+    "attributor, composite, canonizer and their _kwargs belong to quantus.explain's Zennit "
+    "path (xai_lib='zennit'), which splitxai does not run: pass explain_func=quantus.explain "
+    "for it, or use method='LRP' (Zennit, gamma rule) or 'SplitLRP'"
+)
+#: Quantus keywords that are no method option -> what to do instead (in the TypeError)
+_QUANTUS_HINTS = {
+    **dict.fromkeys(("normalise", "normalize", "abs", "pos_only", "neg_only"), _METRIC_OPTION),
+    **dict.fromkeys(("attributor", "composite", "canonizer", "attributor_kwargs",
+                     "composite_kwargs", "canonizer_kwargs"), _ZENNIT_PATH),
+}
 
 
 def _model_device_dtype(

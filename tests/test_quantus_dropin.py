@@ -148,3 +148,22 @@ def test_softmax_false_lets_the_split_methods_explain_a_softmax_model():
             explain(model, x, y, method=method, layer="3", softmax=False), expected)
         np.testing.assert_array_equal(  # a layer given as the module itself
             explain(model, x, y, method=method, layer=model[3], softmax=False), expected)
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"method": "Saliency", "normalise": True}, "metric's options"),
+    ({"method": "SplitCAM", "layer": "conv_2", "abs": True}, "metric's options"),
+    ({"method": "IntegratedGradients", "pos_only": True}, "metric's options"),
+    ({"method": "Saliency", "neg_only": True}, "metric's options"),
+    ({"xai_lib": "zennit", "attributor": object, "composite": "epsilon_plus"},
+     "explain_func=quantus.explain"),
+])
+def test_quantus_keywords_that_are_no_method_option_say_what_to_do(kwargs, says):
+    """quantus.explain (0.6) ignores these keywords or runs Zennit with them; here each is
+    one TypeError line naming the option and what to do instead."""
+    with pytest.raises(TypeError) as info:
+        explain(LeNet().eval(), mnist_like(), Y, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert says in message
+    assert "does not accept the option(s)" in message
