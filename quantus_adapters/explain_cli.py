@@ -64,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_option_alpha(value: object) -> object:
+    """``--option alpha=VALUE`` checked as ``--alpha`` (``auto`` in any case, a number in
+    [0, 0.5]); a JSON object ``{shift point: alpha}`` by :func:`core.shift.check_alpha`."""
+    from quantus_adapters.benchmark.protocol import check_alpha
+
+    if isinstance(value, dict):
+        from core.shift import check_alpha as check_mapping
+
+        try:
+            check_mapping(value)
+        except (TypeError, ValueError) as exc:
+            raise common.UsageError(f"--option alpha=...: {exc}") from None
+        return value
+    return check_alpha(value, "--option alpha")
+
+
 def _parse_options(items: list[str]) -> dict:
     options = {}
     for item in items:
@@ -116,12 +132,14 @@ def _run(args) -> int:
         cluster.require_ray()
     else:  # with Ray, this process holds the model on the CPU; the workers use --device
         common.check_device(args.device)
-    spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
     options = _parse_options(args.option)
     for key, flag in (("alpha", args.alpha), ("layer", args.layers)):
         if key in options and flag is not None:
             raise common.UsageError(f"--option {key}=... and --{key}{'s' * (key == 'layer')} "
                                     "both give the same option; give one of them")
+    if "alpha" in options:  # before the model and the data, as --alpha
+        options["alpha"] = _check_option_alpha(options["alpha"])
+    spec = ModelSpec.from_options(args.model, args.weights, args.data, args.cache_dir)
     if args.alpha is not None:
         options["alpha"] = args.alpha
     configs = bulk.plan_configs(common.check_methods(common.split_names(args.methods)),

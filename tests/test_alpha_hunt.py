@@ -120,3 +120,28 @@ def test_shift_diagnostics_takes_several_inputs_as_sensitivities_does():
     probe = sm.sensitivities(x, y, ["a"], alpha=0.4)["a"]
     assert rows[0].ratio == core.shift.shift_ratio(probe)
     assert all(r.ratio >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("option, words", [
+    ("alpha=0.7", "[0, 0.5]"),
+    ('alpha={"default": 0.9}', "alpha['default']=0.9"),
+    ("alpha=Auto", None),  # accepted as --alpha Auto is
+])
+def test_explain_option_alpha_is_checked_before_the_model_and_data(option, words, monkeypatch,
+                                                                     capsys, tmp_path):
+    from quantus_adapters import cli
+    from quantus_adapters.benchmark.zoo.spec import ModelSpec
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the bad alpha was refused")
+
+    # was: the digits CNN was trained (32 s) and the error came at the first image
+    monkeypatch.setattr(ModelSpec, "from_options", no_model)
+    code = cli.main(["explain", "--data", "digits", "--methods", "SplitCAM", "--option", option,
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    if words is None:
+        assert "the model was built" in err  # got past the check of alpha
+        return
+    assert code == 2 and words in err and "the model was built" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
