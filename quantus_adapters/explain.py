@@ -24,6 +24,7 @@ Work runs with eval semantics: a model's buffers are left bit for bit as they we
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import warnings
@@ -132,7 +133,11 @@ def explain(
           be the inputs' (H, W), as the map is always resized to the input; with it the mode
           defaults to ``"nearest"``; ``interpolate_mode`` is ``upsample`` (give one of them);
         - ``gc_layer``: Quantus's layer keyword (``"model.layer3"`` or ``"layer3"``), taken as
-          ``layer``;
+          ``layer``; a ``layer`` string that is no module name may be the expression
+          ``quantus.explain`` evaluates (``"model._modules.get('conv_2')"``,
+          ``"model.features[3]"``, ``"list(model.named_modules())[3][1]"``): attributes,
+          constant indices, ``.get(name)`` and ``list(model.named_modules())`` of ``model``
+          are followed (nothing else is evaluated) to a submodule of the model;
         - ``xai_lib_kwargs``: a dict merged into the method options;
         - ``xai_lib``: ignored.
 
@@ -168,8 +173,7 @@ def explain(
     if "gc_layer" in kwargs:
         if "layer" in kwargs:
             raise TypeError("give the layer once: 'layer' or Quantus's 'gc_layer', not both")
-        layer = kwargs.pop("gc_layer")
-        kwargs["layer"] = layer.removeprefix("model.") if isinstance(layer, str) else layer
+        kwargs["layer"] = kwargs.pop("gc_layer")
     if softmax:
         raise ValueError(
             "softmax=True is not supported: splitxai methods explain the model's output "
@@ -186,6 +190,8 @@ def explain(
         model = model.get_model()  # a Quantus ModelInterface wrapper
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(options.get("layer"), str):
+        options["layer"] = _quantus_layer(model, options["layer"])
     method, options = _resolve_alias(method, options)
     info = _method_info(method)
     options = _quantus_baseline(method, info.function, options)
@@ -259,6 +265,52 @@ def _check_interpolate(interpolate: Any, shape: torch.Size, channel_first: bool 
             f"is always resized to the inputs (Quantus's metrics need that): pass "
             f"interpolate={size} or leave it out"
         )
+
+
+_MODULE_LISTS = ("modules", "named_modules", "children", "named_children")
+
+
+def _quantus_layer(model: nn.Module, layer: str) -> str | nn.Module:
+    """A ``layer`` string as ``quantus.explain`` means it: a module name (``"model."`` may
+    prefix it), or the Python expression that Quantus evaluates with ``model`` bound, e.g.
+    ``"model._modules.get('conv_2')"`` or ``"model.features[3]"``. The expression is followed
+    step by step (attributes, constant indices, ``.get(constant)``, ``list(...)`` of
+    ``model.named_modules()`` and similar), never evaluated; a result that is no submodule of
+    ``model`` leaves the string to the method (which names the module names)."""
+    names = {name for name, _ in model.named_modules()}
+    if layer in names:
+        return layer
+    stripped = layer.removeprefix("model.")
+    if stripped in names:
+        return stripped
+    try:
+        found = _follow(ast.parse(layer, mode="eval").body, model)
+    except Exception:  # noqa: BLE001 - anything not followable is not Quantus's expression
+        return stripped
+    if isinstance(found, nn.Module) and any(found is m for m in model.modules()):
+        return found
+    return stripped
+
+
+def _follow(node: ast.AST, model: nn.Module) -> Any:
+    """The value of a Quantus layer expression over ``model`` (see :func:`_quantus_layer`)."""
+    if isinstance(node, ast.Name) and node.id == "model":
+        return model
+    if isinstance(node, ast.Attribute) and not node.attr.startswith("__"):
+        return getattr(_follow(node.value, model), node.attr)
+    if isinstance(node, ast.Subscript):
+        return _follow(node.value, model)[ast.literal_eval(node.slice)]
+    if isinstance(node, ast.Call) and not node.keywords:
+        func = node.func
+        if isinstance(func, ast.Name) and func.id == "list" and len(node.args) == 1:
+            return list(_follow(node.args[0], model))
+        if isinstance(func, ast.Attribute) and func.attr == "get" and len(node.args) == 1:
+            return _follow(func.value, model).get(ast.literal_eval(node.args[0]))
+        if isinstance(func, ast.Attribute) and func.attr in _MODULE_LISTS and not node.args:
+            owner = _follow(func.value, model)
+            if isinstance(owner, nn.Module):
+                return getattr(owner, func.attr)()
+    raise ValueError(f"not a Quantus layer expression: {ast.dump(node)}")
 
 
 def _without_last_softmax(

@@ -167,3 +167,36 @@ def test_quantus_keywords_that_are_no_method_option_say_what_to_do(kwargs, says)
     assert "\n" not in message
     assert says in message
     assert "does not accept the option(s)" in message
+
+
+@pytest.mark.parametrize("layer", [
+    {"gc_layer": "model._modules.get('conv_2')"},
+    {"gc_layer": "model._modules['conv_2']"},
+    {"gc_layer": "list(model.named_modules())[4][1]"},
+    {"gc_layer": "model.conv_2"},
+    {"xai_lib_kwargs": {"layer": "model.conv_2"}},
+])
+def test_quantus_s_layer_expressions_name_the_same_layer(layer):
+    """quantus.explain evaluates a layer string with ``model`` bound; the same strings name
+    the same layer here (followed, not evaluated)."""
+    model, x = LeNet().eval(), mnist_like()
+    kwargs = {"method": "LayerGradCam", "interpolate": (28, 28), **layer}
+    expected = quantus.explain(model, x, Y, **kwargs)
+    got = explain(model, x, Y, relu_attributions=False, **kwargs)
+    assert_same(expected, got)
+    np.testing.assert_array_equal(
+        explain(model, x, Y, method="SplitCAM", **layer),
+        explain(model, x, Y, method="SplitCAM", layer="conv_2"))
+
+
+def test_an_indexed_sequential_layer_and_an_unfollowable_expression():
+    model, x, y = softmax_cnn(), cifar_like(), np.array([0, 1, 4])
+    np.testing.assert_array_equal(
+        explain(model, x, y, method="GradCam", gc_layer="model[3]"),
+        explain(model, x, y, method="GradCAM", layer="3"))
+    np.testing.assert_array_equal(
+        explain(model, x, y, method="GradCam", gc_layer="model[-6]"),
+        explain(model, x, y, method="GradCAM", layer="3"))
+    with pytest.raises(ValueError, match="named_modules") as info:  # never evaluated
+        explain(model, x, y, method="GradCam", gc_layer="__import__('os').getcwd()")
+    assert "\n" not in str(info.value)
