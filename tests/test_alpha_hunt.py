@@ -145,3 +145,25 @@ def test_explain_option_alpha_is_checked_before_the_model_and_data(option, words
         return
     assert code == 2 and words in err and "the model was built" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_auto_overflow_above_the_input_is_a_split_overflow_error():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, 6), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(6, 6), nn.ReLU()]
+    layers.append(nn.Linear(6, 3))
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        for i, m in enumerate(model):
+            if isinstance(m, nn.Linear):  # a finite output, a float32 gradient overflow at '5'
+                m.weight.mul_(1e-10 if i < 6 else 1e14)
+                m.bias.zero_()
+    sm = core.split(model)
+    x = torch.rand(2, 4) * 1e10
+    # was: RuntimeError "alpha='auto': the model's gradient at shift point '3' was not
+    # recorded; the gradient pass must run before the S pass" (from the rerun that names
+    # where the overflow began)
+    for alpha in (0.4, "auto"):
+        with pytest.raises(core.SplitOverflowError, match="first at '5'"):
+            sm.sensitivities(x, 0, ["5"], alpha=alpha)
