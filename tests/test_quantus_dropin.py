@@ -200,3 +200,99 @@ def test_an_indexed_sequential_layer_and_an_unfollowable_expression():
     with pytest.raises(ValueError, match="named_modules") as info:  # never evaluated
         explain(model, x, y, method="GradCam", gc_layer="__import__('os').getcwd()")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["Saliency", "Gradient", "IntegratedGradients",
+                                    "InputXGradient", "GradientShap", "Occlusion",
+                                    "FeatureAblation", "Deconvolution", "DeepLift"])
+def test_the_same_algorithm_gives_quantus_s_array(method):
+    """Type, shape, dtype and values as quantus.explain's (Occlusion: one channel, where
+    splitxai's all-channel window is Quantus's (1, 4, 4))."""
+    expected, got = both(LeNet().eval(), mnist_like(), Y, method=method)
+    assert_same(expected, got)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"reduce_axes": ()}, {"reduce_axes": (1, 2, 3)}, {"reduce_axes": (-1,)},
+    {"reduce_axes": [1], "keepdims": False}, {"reduce_axes": (2,), "keepdims": False},
+    {"device": "cpu"}, {"softmax": False}, {"channel_first": True}, {"xai_lib": "captum"},
+    {"xai_lib_kwargs": {}},
+])
+def test_quantus_keywords_give_quantus_s_array(kwargs):
+    model, x, y = softmax_cnn()[:-1], cifar_like(), np.array([0, 1, 4])
+    for method in ("Saliency", "Gradient", "InputXGradient"):
+        expected, got = both(model, x, y, method=method, **kwargs)
+        assert_same(expected, got)
+
+
+@pytest.mark.parametrize("targets", [3, np.int64(3), np.array(3), torch.tensor(3), [3, 3, 3],
+                                     np.array([3, 3, 3]), torch.tensor([3, 3, 3])])
+def test_targets_as_quantus_takes_them(targets):
+    model, x = softmax_cnn()[:-1], cifar_like()
+    expected, got = both(model, x, targets, method="Saliency")
+    assert_same(expected, got)
+    expected, got = both(model, torch.from_numpy(x), targets, method="Gradient")  # torch inputs
+    assert_same(expected, got)
+
+
+def test_float64_and_integer_numpy_inputs_are_cast_as_quantus_does():
+    model, x, y = softmax_cnn()[:-1], cifar_like(), np.array([0, 1, 4])
+    assert_same(*both(model, x.astype(np.float64), y, method="Saliency"))
+    assert_same(*both(model, (x * 10).astype(np.int64), y, method="Gradient"))
+
+
+@pytest.mark.parametrize(("x", "y", "error", "says"), [
+    (cifar_like()[:0], np.array([], dtype=int), ValueError, "empty batch"),
+    (cifar_like(), np.array([0, 1]), ValueError, "2 targets for a batch of 3"),
+    (cifar_like(), np.array([0.5, 1.0, 2.0]), ValueError, "fractional"),
+    (cifar_like()[0], np.array([0, 1, 2]), ValueError, r"\(B, C, H, W\)"),
+    (cifar_like().reshape(3, -1), np.array([0, 1, 2]), ValueError, r"\(B, C, H, W\)"),
+])
+def test_bad_inputs_are_one_line_where_quantus_raises_deep_inside_captum(x, y, error, says):
+    """quantus.explain fails on each (an AssertionError or RuntimeError from Captum or
+    torch); splitxai raises one line that names the problem."""
+    model = softmax_cnn()[:-1]
+    with pytest.raises(Exception):  # noqa: B017,PT011 - quantus's own failure, any type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantus.explain(model, x, y, method="Saliency")
+    with pytest.raises(error, match=says) as info:
+        explain(model, x, y, method="Saliency")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "SplitGrad", "SplitLRP"])
+def test_split_methods_return_what_quantus_explain_returns(method):
+    """A float32 NumPy array (B, 1, H, W) at the input's resolution; reduce_axes, keepdims
+    and channel-last inputs as for quantus.explain's maps."""
+    model, x = LeNet().eval(), mnist_like()
+    out = explain(model, x, Y, method=method, layer="conv_2", device="cpu", softmax=False)
+    assert type(out) is np.ndarray
+    assert out.shape == (4, 1, 28, 28)
+    assert out.dtype == np.float32
+    assert out.flags.c_contiguous
+    flat = explain(model, x, Y, method=method, layer="conv_2", keepdims=False)
+    np.testing.assert_array_equal(flat, out[:, 0])
+    last = explain(model, np.moveaxis(x, 1, -1), Y, method=method, layer="conv_2",
+                   channel_first=False)
+    np.testing.assert_array_equal(last, np.moveaxis(out, 1, -1))
+    by_int = explain(model, x, 3, method=method, layer="conv_2")
+    np.testing.assert_array_equal(by_int[1], out[1])  # row 1's target is 3
+
+
+def test_a_quantus_metric_runs_with_quantus_s_gradcam_recipe():
+    """Quantus's metric with its GradCam explain_func_kwargs, through splitxai: the scores
+    equal those with quantus.explain (relu_attributions=False, Captum's default)."""
+    model, x = LeNet().eval(), mnist_like()
+    recipe = {"method": "LayerGradCam", "gc_layer": "model._modules.get('conv_2')",
+              "interpolate": (28, 28)}
+    scores = []
+    for fn, extra in ((quantus.explain, {}), (explain, {"relu_attributions": False})):
+        metric = quantus.PixelFlipping(features_in_step=196, perturb_baseline="black",
+                                       disable_warnings=True, display_progressbar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores.append(metric(model=model, x_batch=x, y_batch=Y, device="cpu",
+                                 explain_func=fn, explain_func_kwargs={**recipe, **extra}))
+    np.testing.assert_allclose(np.asarray(scores[1]), np.asarray(scores[0]), rtol=1e-5,
+                               atol=1e-6)
