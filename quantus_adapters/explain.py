@@ -56,11 +56,13 @@ QUANTUS_KEYWORDS = frozenset(
 
 #: Quantus 0.6 method names (``quantus.explain``) -> (plugin method, options) of the same
 #: meaning; used only when no plugin offers the Quantus name itself. Quantus's "Gradient" is
-#: Captum's Saliency with ``abs=False``; "GradCam"/"LayerGradCam" are Captum's LayerGradCam.
+#: Captum's Saliency with ``abs=False``; "GradCam"/"LayerGradCam" are Captum's LayerGradCam
+#: with its default ``relu_attributions=False`` (signed maps; splitxai's "GradCAM" keeps
+#: Grad-CAM's ReLU by default).
 QUANTUS_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "Gradient": ("Saliency", {"abs": False}),
-    "GradCam": ("GradCAM", {}),
-    "LayerGradCam": ("GradCAM", {}),
+    "GradCam": ("GradCAM", {"relu_attributions": False}),
+    "LayerGradCam": ("GradCAM", {"relu_attributions": False}),
 }
 
 #: ``quantus.explain``'s (Quantus 0.6, Captum path) method names that no splitxai method

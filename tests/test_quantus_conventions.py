@@ -116,8 +116,11 @@ def test_quantus_method_names_are_aliases():
         gradient, explain(model, x, [0, 1], method="Saliency", abs=False, reduce_axes=()))
     assert (gradient < 0).any()  # signed, as Quantus's "Gradient"
     grad_cam = explain(model, x, [0, 1], method="GradCam", gc_layer="model.features.2")
-    np.testing.assert_array_equal(
-        grad_cam, explain(model, x, [0, 1], method="GradCAM", layer="features.2"))
+    np.testing.assert_array_equal(  # Captum's LayerGradCam default, as quantus.explain
+        grad_cam, explain(model, x, [0, 1], method="GradCAM", layer="features.2",
+                          relu_attributions=False))
+    assert (grad_cam < 0).any()  # signed: "GradCAM" alone applies Grad-CAM's ReLU
+    assert (explain(model, x, [0, 1], method="GradCAM", layer="features.2") >= 0).all()
     with pytest.raises(TypeError, match="contradict"):
         explain(model, x, [0, 1], method="Gradient", abs=True)
 

@@ -81,7 +81,7 @@ def test_gradcam_with_quantus_s_interpolate_keywords_gives_quantus_s_map(method,
         kwargs["interpolate_mode"] = mode
     torch.manual_seed(0)
     expected = quantus.explain(model, x, Y, **kwargs)
-    got = explain(model, x, Y, relu_attributions=False, **kwargs)
+    got = explain(model, x, Y, **kwargs)  # the alias is LayerGradCam as Captum defaults it
     assert_same(expected, got)
 
 
@@ -182,7 +182,7 @@ def test_quantus_s_layer_expressions_name_the_same_layer(layer):
     model, x = LeNet().eval(), mnist_like()
     kwargs = {"method": "LayerGradCam", "interpolate": (28, 28), **layer}
     expected = quantus.explain(model, x, Y, **kwargs)
-    got = explain(model, x, Y, relu_attributions=False, **kwargs)
+    got = explain(model, x, Y, **kwargs)  # the alias is LayerGradCam as Captum defaults it
     assert_same(expected, got)
     np.testing.assert_array_equal(
         explain(model, x, Y, method="SplitCAM", **layer),
@@ -193,10 +193,10 @@ def test_an_indexed_sequential_layer_and_an_unfollowable_expression():
     model, x, y = softmax_cnn(), cifar_like(), np.array([0, 1, 4])
     np.testing.assert_array_equal(
         explain(model, x, y, method="GradCam", gc_layer="model[3]"),
-        explain(model, x, y, method="GradCAM", layer="3"))
+        explain(model, x, y, method="GradCAM", layer="3", relu_attributions=False))
     np.testing.assert_array_equal(
         explain(model, x, y, method="GradCam", gc_layer="model[-6]"),
-        explain(model, x, y, method="GradCAM", layer="3"))
+        explain(model, x, y, method="GradCAM", layer="3", relu_attributions=False))
     with pytest.raises(ValueError, match="named_modules") as info:  # never evaluated
         explain(model, x, y, method="GradCam", gc_layer="__import__('os').getcwd()")
     assert "\n" not in str(info.value)
@@ -287,7 +287,7 @@ def test_a_quantus_metric_runs_with_quantus_s_gradcam_recipe():
     recipe = {"method": "LayerGradCam", "gc_layer": "model._modules.get('conv_2')",
               "interpolate": (28, 28)}
     scores = []
-    for fn, extra in ((quantus.explain, {}), (explain, {"relu_attributions": False})):
+    for fn, extra in ((quantus.explain, {}), (explain, {})):
         metric = quantus.PixelFlipping(features_in_step=196, perturb_baseline="black",
                                        disable_warnings=True, display_progressbar=False)
         with warnings.catch_warnings():
