@@ -412,8 +412,8 @@ def shift_diagnostics(
     sm: SplitModel,
     x: torch.Tensor,
     targets: int | torch.Tensor,
-    layers: Sequence[str],
-    alphas: Sequence[AlphaType] = (0.5, 0.45, 0.4, 0.3, AUTO),
+    layers: str | Sequence[str],
+    alphas: AlphaType | Sequence[AlphaType] = (0.5, 0.45, 0.4, 0.3, AUTO),
     other: int | torch.Tensor | None = None,
     extra_args: tuple = (),
 ) -> list[ShiftReport]:
@@ -426,10 +426,10 @@ def shift_diagnostics(
         The input batch (a tuple: several inputs, as for :meth:`core.SplitModel.sensitivities`).
     targets: int or torch.Tensor
         The explained class (one per row or one for all).
-    layers: sequence of str
-        Layer names as for :meth:`core.SplitModel.sensitivities`.
+    layers: str or sequence of str
+        Layer names as for :meth:`core.SplitModel.sensitivities` (one name: that layer).
     alphas: sequence
-        Floats in ``[0, 0.5]``, mappings or ``"auto"``.
+        Floats in ``[0, 0.5]``, mappings or ``"auto"`` (one of them alone: that alpha).
     other: int or torch.Tensor, optional
         The second class of the class-dependence check; default ``(target + 1) mod K``.
 
@@ -440,6 +440,10 @@ def shift_diagnostics(
         with several inputs, a tuple output) gives one per element, named ``"input"``,
         ``"input:1"``... or ``"NAME:0"``, ``"NAME:1"``...
     """
+    if isinstance(layers, str):  # one layer, as sensitivities takes it
+        layers = [layers]
+    if isinstance(alphas, (str, numbers.Real, Mapping, torch.Tensor)):  # one alpha
+        alphas = [alphas]
     rows: list[ShiftReport] = []
     for alpha in alphas:
         with warnings.catch_warnings():

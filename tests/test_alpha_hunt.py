@@ -167,3 +167,18 @@ def test_auto_overflow_above_the_input_is_a_split_overflow_error():
     for alpha in (0.4, "auto"):
         with pytest.raises(core.SplitOverflowError, match="first at '5'"):
             sm.sensitivities(x, 0, ["5"], alpha=alpha)
+
+
+def test_shift_diagnostics_takes_one_layer_and_one_alpha_as_sensitivities_does():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).eval()
+    sm = core.split(model)
+    x = torch.randn(3, 4)
+    # was: layers="input" read as ['i', 'n', ...] ("layer 'i' is not a module"), alphas="auto"
+    # as 'a', 'u', ... ("alpha='a' is not valid") and alphas=0.4 "'float' object is not
+    # iterable"
+    for layers, alphas, expect in (("input", "auto", [("input", "auto")]),
+                                   (["1"], 0.4, [("1", "0.4")]),
+                                   ("3", {"default": 0.45}, [("3", "{default: 0.45}")])):
+        rows = core.shift_diagnostics(sm, x, 0, layers, alphas=alphas)
+        assert [(r.layer, r.alpha) for r in rows] == expect
