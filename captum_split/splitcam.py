@@ -199,6 +199,7 @@ class _SplitAttribution(LayerAttribution, GradientAttribution):
     ) -> tuple[Tensor, Tensor, bool]:
         """Sensitivity and activation at the layer for the chosen stream and sign."""
         method = type(self).__name__
+        self.last_alphas = {}  # this call's, once it succeeds (not an earlier call's)
         check_grad_kwargs(grad_kwargs, method)
         x, is_tuple = single_input(inputs, method, self.model)
         first = x[0] if isinstance(x, tuple) else x
@@ -276,7 +277,7 @@ class SplitCAM(_SplitAttribution):
         name); ``"auto"`` chooses it per shift point and row so that the shift part stays
         near the gradient part's size (docs/alpha.md). After :meth:`attribute`,
         ``last_alphas`` holds the alphas used (with ``"auto"``: one value per row for each
-        shift point the backward passed).
+        shift point the backward passed); after a call that raised, it is empty.
     stream : {"g", "h"}
         Which network of the split pair ``f = g - h`` to read.
     sign : {None, "+", "-"}

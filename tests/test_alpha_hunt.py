@@ -182,3 +182,17 @@ def test_shift_diagnostics_takes_one_layer_and_one_alpha_as_sensitivities_does()
                                    ("3", {"default": 0.45}, [("3", "{default: 0.45}")])):
         rows = core.shift_diagnostics(sm, x, 0, layers, alphas=alphas)
         assert [(r.layer, r.alpha) for r in rows] == expect
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "SplitGrad"])
+def test_last_alphas_are_not_those_of_an_earlier_call_after_a_failed_one(method):
+    import captum_split
+
+    model = _small_cnn()
+    explainer = getattr(captum_split, method)(model, "1")
+    explainer.attribute(torch.randn(2, 3, 8, 8), target=[0, 1])
+    assert explainer.last_alphas["1"].shape == (2,)
+    with pytest.raises(ValueError, match="out of range"):
+        explainer.attribute(torch.randn(3, 3, 8, 8), target=7)
+    # was: the 2-row alphas of the call before, read as this call's
+    assert explainer.last_alphas == {}
