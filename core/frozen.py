@@ -70,6 +70,17 @@ def frozen_value(value: torch.Tensor, d: torch.Tensor,
     return value.detach() + (lin - lin.detach())
 
 
+# --------------------------------------------------------------------------- frozen shifts
+def frozen_shift(p: Pair, value: torch.Tensor) -> Pair:
+    """``value = z - c`` (``log_softmax``: ``c = logsumexp(z)``) with ``c`` frozen, a constant
+    shift as a bias: ``d' = value`` (the model's own), ``s' = s + |c|``; the gradient passes
+    to ``z`` unchanged."""
+    d = p.d.to(value.dtype)
+    c = (d - value).detach()
+    return Pair(frozen_value(value, p.d, lambda t: t.to(value.dtype)),
+                p.s.to(value.dtype) + c.abs())
+
+
 # --------------------------------------------------------------------------- secant units
 def secant_slope(z: torch.Tensor, value: torch.Tensor, phi0: float,
                  slope0: float) -> torch.Tensor:

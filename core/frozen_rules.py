@@ -73,7 +73,7 @@ def gate(fn: Callable[..., Any]) -> Rule:
 
 
 def gate_module(ctx: Any, args: tuple, kwargs: dict) -> Any:
-    """``nn.Sigmoid`` / ``nn.Softmax`` / ``nn.Softmin``: a constant."""
+    """``nn.Sigmoid`` / ``nn.Softmax`` / ``nn.Softmin`` / ``nn.Softmax2d``: a constant."""
     return ctx.module.forward(*(_plain(a) for a in args)).detach()
 
 
@@ -83,6 +83,26 @@ def _method(name: str) -> Callable[..., Any]:
 
     call.__name__ = name
     return call
+
+
+# --------------------------------------------------------------------------- frozen shifts
+def log_softmax_function(fn: Callable[..., torch.Tensor]) -> Rule:
+    """``F.log_softmax`` / ``torch.log_softmax`` / ``x.log_softmax``: ``z - logsumexp(z)``
+    with the normaliser frozen (:func:`core.frozen.frozen_shift`): ``d' = log_softmax(d)``,
+    ``s' = s + |logsumexp(d)|``; its gradient and relevance are those of the logits."""
+
+    def rule(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+        kwargs = dict(kwargs)
+        p = args[0] if args else kwargs.pop("input")
+        return frozen.frozen_shift(p, fn(p.d, *args[1:], **kwargs))
+
+    rule.__name__ = "frozen_log_softmax"
+    return rule
+
+
+def log_softmax_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``nn.LogSoftmax`` (see :func:`log_softmax_function`)."""
+    return frozen.frozen_shift(args[0], ctx.module.forward(args[0].d))
 
 
 # --------------------------------------------------------------------------- normalisations
@@ -274,10 +294,10 @@ _SECANT_FUNCTIONS = {
     F.tanh: ("tanh", torch.tanh, []),
 }
 _GATE_FUNCTIONS = [torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.softmin,
-                   torch.log_softmax, F.log_softmax, torch.rsqrt, torch.sqrt, torch.reciprocal,
+                   torch.rsqrt, torch.sqrt, torch.reciprocal,
                    torch.exp, torch.var, torch.std, torch.var_mean, torch.std_mean,
                    torch.linalg.vector_norm, torch.norm, torch.erf]
-_GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "log_softmax", "rsqrt", "rsqrt_", "sqrt",
+_GATE_METHODS = ["sigmoid", "sigmoid_", "softmax", "rsqrt", "rsqrt_", "sqrt",
                  "sqrt_", "reciprocal", "reciprocal_", "exp", "exp_", "var", "std", "norm",
                  "erf"]
 # comparisons and signs: step functions of an activation, frozen to their value (a mask); the
@@ -293,7 +313,8 @@ STEP = always("step function (comparison, sign) frozen to its mask")
 # (rule, freeze check, shift point, constant result). Shift point (stabiliser and alpha shift
 # after it): "unit" for elementwise units (SplitLRP passes relevance through them, as through
 # ReLU), "mixing" for normalisations and attention (SplitLRP's epsilon rule), "" for none
-# (SplitLRP's epsilon rule where the result holds a pair). Frozen operations whose result is
+# (SplitLRP's epsilon rule where the result holds a pair), "pass" for none where SplitLRP
+# passes the relevance unchanged (a frozen shift: log_softmax). Frozen operations whose result is
 # a split pair are shift points, GLU excepted; nn.MultiheadAttention returns a tuple
 # (output, weights), which the stabiliser and the alpha shift do not act on: not one.
 FUNCTION_RULES: dict[Any, tuple[Rule, Check, str, bool]] = {
@@ -312,8 +333,12 @@ FUNCTION_RULES.update({
     F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
                                      "mixing", False),
 })
+SHIFT = always("normaliser logsumexp frozen")
+FUNCTION_RULES.update({fn: (log_softmax_function(fn), SHIFT, "pass", False)
+                       for fn in (F.log_softmax, torch.log_softmax)})
 METHOD_RULES: dict[str, tuple[Rule, Check, str, bool]] = {
     "tanh": (secant_function("tanh", torch.tanh, []), SECANT, "unit", False),
+    "log_softmax": (log_softmax_function(torch.Tensor.log_softmax), SHIFT, "pass", False),
 }
 METHOD_RULES.update({n: (gate(_method(n.rstrip("_"))), GATE, "", True)
                      for n in _GATE_METHODS})
@@ -322,7 +347,8 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Tanh,
       nn.LogSigmoid, nn.Softsign, nn.Tanhshrink), (secant_module, SECANT, "unit", False)),
     ((nn.GLU,), (glu, always("sigmoid gate of the second half frozen"), "", False)),
-    ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.LogSoftmax), (gate_module, GATE, "", True)),
+    ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.Softmax2d), (gate_module, GATE, "", True)),
+    ((nn.LogSoftmax,), (log_softmax_module, SHIFT, "pass", False)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
     (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),
     ((nn.MultiheadAttention,), (multihead_attention_module, attention_module_check, "",

@@ -824,8 +824,10 @@ QUERY_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "re
 # relevance), "mixing" (norms, attention: SplitLRP's epsilon rule); gates are constants
 def _register_frozen(targets: tuple, entry: tuple) -> None:
     fn, check, shift, constant = entry
-    lrp = "none" if constant else ("activation" if shift == "unit" else "epsilon")
-    register(*targets, lrp=lrp, activation=bool(shift), freezes=check, constant=constant)(fn)
+    lrp = ("none" if constant else "activation" if shift == "unit"
+           else "structural" if shift == "pass" else "epsilon")
+    register(*targets, lrp=lrp, activation=shift in ("unit", "mixing"), freezes=check,
+             constant=constant)(fn)
 
 
 for _types, _entry in frozen_rules.MODULE_RULES:
