@@ -31,7 +31,14 @@ from core.interpreter import SplitInterpreter
 from core.pair import Pair
 from core.probes import Probe
 from core.record import argument_tensors, grad_off
-from core.shift import DEFAULT_ALPHA, AlphaType, Shift, alpha_label, warn_if_class_blind
+from core.shift import (
+    DEFAULT_ALPHA,
+    AlphaType,
+    Shift,
+    alpha_label,
+    check_alpha,
+    warn_if_class_blind,
+)
 
 MAXPOOL_MODES = ("convex", "wta")
 STABILIZERS = ("scale", "shift", "none")
@@ -702,6 +709,7 @@ class SplitModel:
             the batch, ``x.view(1, -1)`` or ``out.mean(0)``, is refused) or a target out of
             range.
         """
+        check_alpha(alpha)  # before the capture, which a first call of a model runs
         call = self.prepare(x, extra_args, kwargs, backward=True)
         if isinstance(layers, str):
             layers = [layers]
@@ -749,11 +757,17 @@ class SplitModel:
             )
             if not (torch.isfinite(probe.S).all() and torch.isfinite(probe.Dg).all()):
                 where = self._first_backward_overflow(call, index, factors)
+                why = ("the S stream grows like the product of |W| over the layers above. "
+                       if not torch.isfinite(probe.S).all() else "")
+                # alpha='auto' keeps S at a tenth of the gradient: a smaller shift is no remedy
+                remedies = () if factors.auto else ("a larger alpha (closer to 0.5)",
+                                                    "alpha='auto'")
                 raise SplitOverflowError(
                     f"the sensitivities at {call.describe(node)} overflowed {d.dtype} at "
                     f"alpha={alpha_label(alpha)} (first at {where}, counting from the output): "
-                    "the S stream grows like the product of |W| over the layers above. "
-                    + precision_advice(d.dtype, "a larger alpha (closer to 0.5)", "alpha='auto'")
+                    + why + precision_advice(
+                        d.dtype, *remedies, otherwise="Even float64 does not hold it: the "
+                        "weights or the input are too large; rescale the input.")
                 )
             probes[node] = probe
         result = {layer: _pick(node, probes) for layer, node in nodes.items()}

@@ -196,3 +196,49 @@ def test_last_alphas_are_not_those_of_an_earlier_call_after_a_failed_one(method)
         explainer.attribute(torch.randn(3, 3, 8, 8), target=7)
     # was: the 2-row alphas of the call before, read as this call's
     assert explainer.last_alphas == {}
+
+
+def test_auto_overflow_advises_no_alpha_and_names_the_stream():
+    # the gradient stream overflows here, at alpha='auto' too: the message said "the S stream
+    # grows ..." and "Use a larger alpha (closer to 0.5), alpha='auto' or float64" although
+    # alpha was 'auto' already
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, 6), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(6, 6), nn.ReLU()]
+    layers.append(nn.Linear(6, 3))
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        for i, m in enumerate(model):
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(1e-10 if i < 6 else 1e14)
+                m.bias.zero_()
+    x = torch.rand(2, 4) * 1e10
+    with pytest.raises(core.SplitOverflowError) as info:
+        core.split(model).sensitivities(x, 0, ["5"], alpha="auto")
+    message = str(info.value)
+    assert "alpha=auto" in message or "alpha='auto'" in message
+    assert "larger alpha" not in message and "Use float64" in message
+    with pytest.raises(core.SplitOverflowError, match="larger alpha"):
+        core.split(model).sensitivities(x, 0, ["5"], alpha=0.4)
+
+
+def test_a_bad_alpha_is_refused_before_the_model_runs():
+    # a model captured by running it (control flow on values) ran its forward at the first
+    # sensitivities call before alpha=0.7 was refused
+    calls: list[int] = []
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return torch.relu(self.a(x)) if x.sum() > 0 else self.b(x)
+
+    sm = core.split(Branchy().eval())
+    before = len(calls)
+    with pytest.raises(ValueError, match="alpha"):
+        sm.sensitivities(torch.rand(2, 4), 0, ["input"], alpha=0.7)
+    assert len(calls) == before
