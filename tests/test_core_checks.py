@@ -267,7 +267,7 @@ def test_nan_options_are_refused_by_name(net) -> None:
         core.split(net, threshold=NAN)
     with pytest.raises(ValueError, match=r"^alpha is NaN; pass a number in \[0, 0.5\]"):
         sm.sensitivities(x, 0, alpha=NAN)
-    with pytest.raises(ValueError, match=r"^alpha is NaN"):
+    with pytest.raises(ValueError, match=r"^alpha\['input'\] is NaN"):  # names the entry
         sm.sensitivities(x, 0, alpha={"default": 0.4, "input": NAN})
     with pytest.raises(ValueError, match=r"^epsilon is NaN"):
         sm.relevance(x, torch.ones(2, 5), epsilon=NAN)
