@@ -168,6 +168,22 @@ def layer_norm(p: Pair, normalized_shape, weight=None, bias=None, eps: float = 1
     return Pair(frozen_value(value, d, linear), s)
 
 
+def local_response_norm(p: Pair, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> Pair:
+    """``F.local_response_norm`` with the divisor frozen: ``z / q`` with
+    ``q = (k + alpha mean_window(z^2))^beta`` over ``size`` neighbouring channels (zero
+    padded); ``r = 1 / q > 0`` frozen, ``d' = local_response_norm(d)``, ``s' = r s``."""
+    d = p.d
+    value = F.local_response_norm(d, size, alpha, beta, k)
+    with torch.no_grad():
+        square = (d * d).unsqueeze(1)  # (B, 1, C, ...): the window runs along the channels
+        square = F.pad(square.flatten(3) if d.dim() > 3 else square,
+                       (0, 0, size // 2, (size - 1) // 2))
+        mean = F.avg_pool2d(square, (size, 1), stride=1).squeeze(1).view(d.shape)
+        r = (mean * alpha + k).pow(-beta)
+    return Pair(frozen_value(value, d, lambda t: t * r), p.s * r)
+
+
 def group_norm(p: Pair, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Pair:
     """``F.group_norm`` with ``r = 1 / std`` of every group frozen: ``d' = group_norm(d)``,
     ``s' = |w| r ((1 - 2/n) s + mean(s)) + |b|`` over the ``n`` entries of each group."""

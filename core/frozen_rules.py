@@ -142,6 +142,16 @@ def norm_module(ctx: Any, args: tuple, kwargs: dict) -> Pair:
     return frozen.rms_norm(p, m.normalized_shape, m.weight, m.eps)
 
 
+def local_response_norm(ctx: Any, args: tuple, kwargs: dict) -> Pair:
+    """``F.local_response_norm`` / ``nn.LocalResponseNorm`` (the divisor frozen)."""
+    if ctx.module is not None:
+        m = ctx.module
+        return frozen.local_response_norm(args[0], m.size, m.alpha, m.beta, m.k)
+    b = _bind(["input", "size", "alpha", "beta", "k"], args, kwargs)
+    return frozen.local_response_norm(b["input"], b["size"], b.get("alpha", 1e-4),
+                                      b.get("beta", 0.75), b.get("k", 1.0))
+
+
 _INSTANCE_NORM_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 _INSTANCE_NORM_NAMES = ["input", "running_mean", "running_var", "weight", "bias",
                         "use_input_stats", "momentum", "eps"]
@@ -329,6 +339,7 @@ FUNCTION_RULES.update({
     F.instance_norm: (instance_norm, instance_norm_check, "mixing", False),
     F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
     F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
+    F.local_response_norm: (local_response_norm, always("1 / divisor frozen"), "mixing", False),
     F.glu: (glu, always("sigmoid gate of the second half frozen"), "", False),
     F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
                                      "mixing", False),
@@ -350,6 +361,8 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.Softmax2d), (gate_module, GATE, "", True)),
     ((nn.LogSoftmax,), (log_softmax_module, SHIFT, "pass", False)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
+    ((nn.LocalResponseNorm,), (local_response_norm, always("1 / divisor frozen"), "mixing",
+                               False)),
     (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),
     ((nn.MultiheadAttention,), (multihead_attention_module, attention_module_check, "",
                                 False)),
