@@ -192,16 +192,38 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def last_conv_name(model: nn.Module, method: str) -> str:
+def last_conv_name(model: nn.Module, method: str,
+                   run: Callable[[], Any] | None = None) -> str:
     """Name of the last ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d`` in
-    ``model.named_modules()`` order (the CAM default)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, _CONVOLUTIONS)]
+    ``model.named_modules()`` order (the CAM default).
+
+    With ``run`` (a forward of the model on the inputs to explain, which this calls under
+    ``torch.no_grad()`` with eval semantics), the last of those that the forward calls: a
+    convolution that never runs in eval mode (GoogLeNet's ``aux2``, Inception-v3's
+    ``AuxLogits``: defined after the main path, called only in training) has no activation
+    to explain. A forward that raises leaves the choice to ``named_modules()`` order (the
+    explainer then reports the error).
+    """
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVOLUTIONS)]
     if not convs:
         raise ValueError(
             f"{method}: the model has no convolution, so there is no default layer; pass "
             "layer=<module name>."
         )
-    return convs[-1]
+    if run is None or len(convs) == 1:
+        return convs[-1][0]
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, name=n: called.add(name)) for n, m in convs]
+    try:
+        with torch.no_grad(), eval_semantics(model, warn=False):
+            run()
+    except Exception:  # noqa: BLE001 - the explainer's own forward reports it
+        return convs[-1][0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = [n for n, _ in convs if n in called]
+    return ran[-1] if ran else convs[-1][0]
 
 
 def input_tensors(inputs: Any, method: str, floating: bool = True) -> tuple[Tensor, ...]:

@@ -4,7 +4,8 @@ Registers ``SplitCAM``, ``SplitGrad``, ``LayerCAM``, ``GradCAM`` (Captum's ``Lay
 ``GradCAMPlusPlus``. Each explainer is called as ``fn(model, inputs, targets, **options)`` with
 ``inputs`` a float tensor ``(B, C, H, W)`` and ``targets`` a long tensor ``(B,)`` and returns a
 layer map ``(B, 1, h, w)`` (SplitGrad without a layer: ``(B, 1, H, W)``). ``layer`` is a module
-name as in ``model.named_modules()``; the CAM methods default to the model's last convolution.
+name as in ``model.named_modules()``; the CAM methods default to the model's last convolution
+(in ``named_modules()`` order) that the forward on the inputs calls.
 Nothing is cached between calls (each call builds the split view of the model as it is now).
 """
 
@@ -35,11 +36,17 @@ hookimpl = pluggy.HookimplMarker("splitxai")
 __all__ = ["hookimpl", "splitxai_explainers"]
 
 
-def _cam_layer(model: nn.Module, layer: str | None, method: str) -> tuple[nn.Module, str]:
+def _cam_layer(model: nn.Module, layer: str | None, method: str,
+               inputs: Any = None) -> tuple[nn.Module, str]:
     """The model inside any wrappers and the layer's name in it (default: the last
-    convolution; ``"NAME:i"`` admitted), resolved as by the explainers themselves."""
+    convolution that the forward on ``inputs`` calls; ``"NAME:i"`` admitted), resolved as by
+    the explainers themselves."""
     if layer is None:
-        layer = last_conv_name(wrapped_module(model)[0], method)
+        def run() -> Any:
+            return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+        layer = last_conv_name(wrapped_module(model)[0], method,
+                               None if inputs is None else run)
     inner, name = resolve_layer(model, layer, method, allow_elements=True)
     assert inner is not None and name is not None  # model is a module
     return inner, name
@@ -64,7 +71,8 @@ def split_cam(
 ) -> Tensor:
     """SplitCAM (paper eqs. 6-7): split-pair sensitivities times activations, summed over channels.
 
-    Options: ``layer`` (module name; default the last convolution), ``alpha`` ("auto", or a float),
+    Options: ``layer`` (module name; default the last convolution that runs), ``alpha`` ("auto",
+    or a float),
     ``stream`` ("g" | "h"), ``sign`` (None | "+" | "-"), ``maxpool`` ("convex" | "wta"),
     ``stabilizer`` ("scale" | "shift" | "none"), ``input_split`` ("relu" | "half"),
     ``relu_attributions`` (False), ``nonlinear`` ("error" | "freeze"), ``output`` (an index,
@@ -76,7 +84,7 @@ def split_cam(
 
     explainer = SplitCAM(
         model,
-        _cam_layer(model, layer, "SplitCAM")[1],
+        _cam_layer(model, layer, "SplitCAM", inputs)[1],
         alpha=alpha,
         stream=stream,
         sign=sign,
@@ -147,7 +155,7 @@ def _captum_cam(cls_name: str) -> Callable[..., Tensor]:
             from . import cams
 
             cls = getattr(cams, cls_name)
-        inner, name = _cam_layer(model, layer, cls_name)
+        inner, name = _cam_layer(model, layer, cls_name, inputs)
         base, element = split_element(inner, name)
         if element is not None and cls_name == "LayerGradCam":
             raise ValueError(
@@ -175,7 +183,7 @@ layer_cam = _captum_cam("LayerCAM")
 layer_cam.__name__ = layer_cam.__qualname__ = "layer_cam"
 layer_cam.__doc__ = """LayerCAM (Jiang et al. 2021): ReLU(sum_c ReLU(gradient) * activation).
 
-    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    Options: ``layer`` (module name; default the last convolution that runs), ``relu_attributions``
     (True, the original method). Returns ``(B, 1, h, w)`` at the layer's resolution.
     """
 
@@ -183,7 +191,7 @@ grad_cam = _captum_cam("LayerGradCam")
 grad_cam.__name__ = grad_cam.__qualname__ = "grad_cam"
 grad_cam.__doc__ = """Grad-CAM (Selvaraju et al. 2017), Captum's LayerGradCam.
 
-    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    Options: ``layer`` (module name; default the last convolution that runs), ``relu_attributions``
     (True, the original method; Captum's own default is False). Returns ``(B, 1, h, w)``.
     """
 
@@ -191,7 +199,7 @@ grad_cam_pp = _captum_cam("GradCAMPlusPlus")
 grad_cam_pp.__name__ = grad_cam_pp.__qualname__ = "grad_cam_pp"
 grad_cam_pp.__doc__ = """Grad-CAM++ (Chattopadhay et al. 2018): pixel-weighted positive gradients.
 
-    Options: ``layer`` (module name; default the last convolution), ``relu_attributions``
+    Options: ``layer`` (module name; default the last convolution that runs), ``relu_attributions``
     (True, the original method). Returns ``(B, 1, h, w)`` at the layer's resolution.
     """
 

@@ -1,0 +1,65 @@
+"""The adapters (captum_split, zennit_split, quantus_adapters.explain) on real architectures.
+
+Found by running SplitCAM, SplitGrad and SplitLRP over torchvision and timm models with
+random weights; each test is one bug, on a small representative model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantus_adapters
+
+torchvision = pytest.importorskip("torchvision")
+
+
+class AuxHead(nn.Module):
+    """A classifier whose last convolution (in ``named_modules()`` order) belongs to an
+    auxiliary head that only runs in training mode, as GoogLeNet's ``aux2`` and Inception-v3's
+    ``AuxLogits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.aux = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        out = self.fc(torch.relu(self.conv2(a)).mean((2, 3)))
+        if self.training:
+            return out + self.aux(a).mean((2, 3))
+        return out
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "GradCAM", "LayerCAM", "GradCAMPlusPlus"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.filterwarnings("ignore:AuxHead is in training mode")
+def test_default_cam_layer_is_a_convolution_that_runs(method: str, train: bool) -> None:
+    # the default layer was the last convolution in named_modules() order, 'aux', which
+    # the eval forward never calls: SplitCAM raised "layer 'aux' ... never calls it", the
+    # Captum CAMs failed inside Captum. It is now the last convolution that the forward runs.
+    torch.manual_seed(0)
+    model = AuxHead().train(train)
+    x, y = torch.randn(2, 3, 8, 8), np.array([1, 3])
+    got = quantus_adapters.explain(model, x, y, method=method)
+    want = quantus_adapters.explain(model, x, y, method=method, layer="conv2")
+    assert got.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_default_cam_layer_googlenet() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("googlenet", weights=None, init_weights=False).eval()
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1] == "aux2.conv.conv"
+    x, y = torch.randn(2, 3, 64, 64), np.array([1, 2])
+    for method in ("SplitCAM", "GradCAM"):
+        got = quantus_adapters.explain(model, x, y, method=method)
+        want = quantus_adapters.explain(model, x, y, method=method,
+                                        layer="inception5b.branch4.1.conv")
+        assert got.shape == (2, 1, 64, 64) and np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
