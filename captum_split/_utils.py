@@ -201,8 +201,11 @@ def last_conv_name(model: nn.Module, method: str,
     ``torch.no_grad()`` with eval semantics), the last of those that the forward calls: a
     convolution that never runs in eval mode (GoogLeNet's ``aux2``, Inception-v3's
     ``AuxLogits``: defined after the main path, called only in training) has no activation
-    to explain. A forward that raises leaves the choice to ``named_modules()`` order (the
-    explainer then reports the error).
+    to explain. Of those, the last one with more than one spatial position in its output,
+    when there is one: a classifier written as a 1x1 convolution on the pooled features
+    (timm's DLA ``fc``, DPN ``classifier``) outputs ``(B, C, 1, 1)`` and gives a map
+    constant over each image. A forward that raises leaves the choice to
+    ``named_modules()`` order (the explainer then reports the error).
     """
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONVOLUTIONS)]
     if not convs:
@@ -212,8 +215,14 @@ def last_conv_name(model: nn.Module, method: str,
         )
     if run is None or len(convs) == 1:
         return convs[-1][0]
-    called: set[str] = set()
-    handles = [m.register_forward_hook(lambda *_, name=n: called.add(name)) for n, m in convs]
+    called: dict[str, int] = {}  # name: the most spatial positions of an output
+
+    def hook(name: str, output: Any) -> None:
+        size = output.shape[2:].numel() if isinstance(output, Tensor) else 0
+        called[name] = max(called.get(name, 0), size)
+
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=n: hook(name, out))
+               for n, m in convs]
     try:
         with torch.no_grad(), eval_semantics(model, warn=False):
             run()
@@ -223,7 +232,8 @@ def last_conv_name(model: nn.Module, method: str,
         for handle in handles:
             handle.remove()
     ran = [n for n, _ in convs if n in called]
-    return ran[-1] if ran else convs[-1][0]
+    spatial = [n for n in ran if called[n] > 1]
+    return spatial[-1] if spatial else ran[-1] if ran else convs[-1][0]
 
 
 def input_tensors(inputs: Any, method: str, floating: bool = True) -> tuple[Tensor, ...]:

@@ -63,3 +63,44 @@ def test_default_cam_layer_googlenet() -> None:
                                         layer="inception5b.branch4.1.conv")
         assert got.shape == (2, 1, 64, 64) and np.isfinite(got).all()
         np.testing.assert_array_equal(got, want)
+
+
+class PooledConvHead(nn.Module):
+    """Features, global pooling, then a 1x1 convolution as the classifier (timm's DLA ``fc``,
+    DPN ``classifier``): the last convolution outputs ``(B, C, 1, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(a.mean((2, 3), keepdim=True)).flatten(1)
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "GradCAM", "LayerCAM", "GradCAMPlusPlus"])
+def test_default_cam_layer_is_not_a_classifier_on_pooled_features(method: str) -> None:
+    # the default was the classifier 'fc' on the pooled (B, 6, 1, 1) features: the map was
+    # one value per image, upsampled to a constant over every image. It is now the last
+    # convolution with more than one spatial position, 'conv2'.
+    torch.manual_seed(0)
+    model = PooledConvHead().eval()
+    x, y = torch.randn(2, 3, 8, 8), np.array([1, 3])
+    got = quantus_adapters.explain(model, x, y, method=method)
+    want = quantus_adapters.explain(model, x, y, method=method, layer="conv2")
+    np.testing.assert_array_equal(got, want)
+    assert (got.reshape(2, -1).std(1) > 0).all()
+
+
+def test_default_cam_layer_timm_dla() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("dla46_c", pretrained=False).eval()
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1] == "fc"
+    x, y = torch.randn(2, 3, 64, 64), np.array([1, 2])
+    got = quantus_adapters.explain(model, x, y, method="SplitCAM")
+    want = quantus_adapters.explain(model, x, y, method="SplitCAM", layer="level5.root.conv")
+    np.testing.assert_array_equal(got, want)
+    assert (got.reshape(2, -1).std(1) > 1e-3 * np.abs(got).max()).all()
