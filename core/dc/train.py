@@ -590,7 +590,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="use only the first N training and N test samples")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: every mode on digits, 1 seed, 3 epochs, batch 32 (about "
-                        "2 minutes on 2 CPU cores with mlp_maxout); explicit options win")
+                        "2 minutes on 2 CPU cores with mlp_maxout); explicit options win, except "
+                        "--data (refused)")
     parser.add_argument("--save", default=None, choices=["none", "first", "all"],
                         help="checkpoints to keep: none, the first seed of each mode, or all "
                         "(default first; none with --quick)")
