@@ -76,6 +76,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str,
                         help="resize folder / ImageNet-S images to this side")
     parser.add_argument("--cache-dir", default=None,
                         help="where the built-in digits CNN is cached (default "
+                             "$SPLITXAI_CACHE, else $XDG_CACHE_HOME/splitxai, else "
                              "~/.cache/splitxai)")
 
 
