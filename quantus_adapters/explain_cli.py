@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitxai explain",
         description="Explain every image of a data set with one or more methods and write "
-                    "one compressed array per image and method (OUT/maps/<method>/<image>.npz, "
-                    "array 'map' of shape (H, W)) and OUT/index.csv. Resumable; runs on a "
+                    "one compressed array per image and method configuration "
+                    "(OUT/maps/<configuration>/<image file name>.npz, e.g. "
+                    "OUT/maps/SplitCAM@layer3_alpha=0.4/cat.png.npz, array 'map' of shape "
+                    "(H, W)) and OUT/index.csv. Resumable; runs on a "
                     "Ray cluster with --ray.")
     common.add_model_arguments(
         p, model_help="digits-cnn (default with --data digits), cifar10-resnet20, vgg16, "
