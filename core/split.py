@@ -708,6 +708,10 @@ class SplitModel:
             with one row per input row (:func:`core.checks.logits`; a forward that mixes
             the batch, ``x.view(1, -1)`` or ``out.mean(0)``, is refused) or a target out of
             range.
+        UnsupportedOperation
+            For a layer that reaches the output only through operations frozen to constants
+            (``nonlinear="freeze"``: a squeeze-excitation gate's ``fc``), whose sensitivities
+            in the frozen model are zero.
         """
         check_alpha(alpha)  # before the capture, which a first call of a model runs
         call = self.prepare(x, extra_args, kwargs, backward=True)
@@ -738,12 +742,16 @@ class SplitModel:
             sel_s = out.s.gather(1, index).sum()
             ds = [records[n].d for n in unique]
             ss = [records[n].s for n in unique]
-            grads = torch.autograd.grad(sel_d, ds, retain_graph=True, allow_unused=True)
-            half = torch.tensor(0.5, dtype=out.d.dtype, device=out.d.device)
-            both = torch.autograd.grad(
-                [sel_d, sel_s], ds + ss, grad_outputs=[half, half * factors.factor("output")],
-                allow_unused=True,
-            )
+            if not sel_d.requires_grad:  # no probe reaches the output: all are refused below
+                grads = both = (None,) * (2 * len(unique))
+            else:
+                grads = torch.autograd.grad(sel_d, ds, retain_graph=True, allow_unused=True)
+                half = torch.tensor(0.5, dtype=out.d.dtype, device=out.d.device)
+                both = torch.autograd.grad(
+                    [sel_d, sel_s], ds + ss,
+                    grad_outputs=[half, half * factors.factor("output")], allow_unused=True,
+                )
+        self._refuse_unreached(call, unique, grads, both)
         probes: dict[fx.Node, Probe] = {}
         after = call.interpreter.frozen_after()
         for i, node in enumerate(unique):
@@ -775,6 +783,25 @@ class SplitModel:
             for probe in picked if isinstance(picked, tuple) else (picked,):
                 warn_if_class_blind(self, layer, probe, factors)
         return result
+
+    @staticmethod
+    def _refuse_unreached(call: SplitCall, unique: list[fx.Node], grads: Sequence[Any],
+                          both: Sequence[Any]) -> None:
+        """Refuse a probe from which no split operation leads to the output (its only paths
+        pass operations frozen to constants, such as a squeeze-excitation gate's ``fc``):
+        the frozen model's sensitivities there are zero by construction, not a map."""
+        n = len(unique)
+        for i, node in enumerate(unique):
+            if grads[i] is None and both[i] is None and both[n + i] is None:
+                frozen = call.interpreter.frozen_after().get(node, ())
+                via = f" ({'; '.join(frozen[:3])})" if frozen else ""
+                raise UnsupportedOperation(
+                    f"{call.describe(node)} reaches the model's output only through "
+                    f"operations frozen to constants at the input{via}, so its sensitivities "
+                    "in the frozen model are zero, not an explanation; explain a layer on a "
+                    "path that is split (the block's output, or the activation the gate "
+                    "scales)."
+                )
 
     @autocast_off()  # explained in the model's dtype (the streams follow an autocast)
     def relevance(

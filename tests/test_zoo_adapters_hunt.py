@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+import core
 import quantus_adapters
+from captum_split import SplitCAM
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -104,3 +106,33 @@ def test_default_cam_layer_timm_dla() -> None:
     want = quantus_adapters.explain(model, x, y, method="SplitCAM", layer="level5.root.conv")
     np.testing.assert_array_equal(got, want)
     assert (got.reshape(2, -1).std(1) > 1e-3 * np.abs(got).max()).all()
+
+
+class _SqueezeExcite(nn.Module):
+    """A ReLU convolution scaled by a sigmoid gate whose ``fc`` sees only pooled values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.c(x))
+        a = a * torch.sigmoid(self.fc(a.mean((2, 3), keepdim=True)))
+        return self.head(a.mean((2, 3)))
+
+
+def test_a_layer_that_reaches_the_output_only_through_a_frozen_gate_is_refused():
+    # the SE block's fc under nonlinear="freeze" (regnet_y, rexnet, tresnet): was torch's
+    # "element 0 of tensors does not require grad and does not have a grad_fn", also as
+    # "SplitCAM: element 0 ..." / "SplitGrad: ..."
+    torch.manual_seed(0)
+    model, x = _SqueezeExcite().eval(), torch.randn(2, 3, 8, 8)
+    sm = core.split(model, nonlinear="freeze")
+    for layers in (["fc"], ["c", "fc"]):
+        with pytest.raises(core.UnsupportedOperation, match="'fc' reaches the model's output "
+                           "only through operations frozen"):
+            sm.sensitivities(x, torch.tensor([0, 1]), layers)
+    with pytest.raises(core.UnsupportedOperation, match="^SplitCAM: 'fc' reaches"):
+        SplitCAM(model, model.fc, nonlinear="freeze").attribute(x, target=0)
+    probe = sm.sensitivities(x, torch.tensor([0, 1]), ["c"])["c"]  # the scaled path is split
+    assert torch.isfinite(probe.g).all() and probe.g.abs().sum() > 0
