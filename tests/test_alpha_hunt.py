@@ -147,7 +147,9 @@ def test_explain_option_alpha_is_checked_before_the_model_and_data(option, words
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_auto_overflow_above_the_input_is_a_split_overflow_error():
+def _overflowing_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """A 6-layer ReLU MLP and an input with a finite output whose float32 gradient streams
+    overflow at layer '5' (weights 1e-10 below it, 1e14 above)."""
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(4, 6), nn.ReLU()]
     for _ in range(4):
@@ -156,11 +158,15 @@ def test_auto_overflow_above_the_input_is_a_split_overflow_error():
     model = nn.Sequential(*layers).eval()
     with torch.no_grad():
         for i, m in enumerate(model):
-            if isinstance(m, nn.Linear):  # a finite output, a float32 gradient overflow at '5'
+            if isinstance(m, nn.Linear):
                 m.weight.mul_(1e-10 if i < 6 else 1e14)
                 m.bias.zero_()
+    return model, torch.rand(2, 4) * 1e10
+
+
+def test_auto_overflow_above_the_input_is_a_split_overflow_error():
+    model, x = _overflowing_mlp()
     sm = core.split(model)
-    x = torch.rand(2, 4) * 1e10
     # was: RuntimeError "alpha='auto': the model's gradient at shift point '3' was not
     # recorded; the gradient pass must run before the S pass" (from the rerun that names
     # where the overflow began)
@@ -202,18 +208,7 @@ def test_auto_overflow_advises_no_alpha_and_names_the_stream():
     # the gradient stream overflows here, at alpha='auto' too: the message said "the S stream
     # grows ..." and "Use a larger alpha (closer to 0.5), alpha='auto' or float64" although
     # alpha was 'auto' already
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(4, 6), nn.ReLU()]
-    for _ in range(4):
-        layers += [nn.Linear(6, 6), nn.ReLU()]
-    layers.append(nn.Linear(6, 3))
-    model = nn.Sequential(*layers).eval()
-    with torch.no_grad():
-        for i, m in enumerate(model):
-            if isinstance(m, nn.Linear):
-                m.weight.mul_(1e-10 if i < 6 else 1e14)
-                m.bias.zero_()
-    x = torch.rand(2, 4) * 1e10
+    model, x = _overflowing_mlp()
     with pytest.raises(core.SplitOverflowError) as info:
         core.split(model).sensitivities(x, 0, ["5"], alpha="auto")
     message = str(info.value)
