@@ -216,9 +216,6 @@ class Shift:
         # the batch size (the first split input's rows) and each auto point's batch dimension
         self._batch: int | None = None
         self._dims: dict[tuple[str, str], int] = {}
-        # a second forward with this shift (the rerun that names where an overflow began):
-        # it reaches the points below the probes, whose gradient the call did not record
-        self._rerun = False
         self._names: dict[tuple[str, str], str] = {}
         self.alphas: dict[str, float | torch.Tensor] = {}
         if self.auto:
@@ -253,7 +250,6 @@ class Shift:
         """
         if self.auto and point != "output":
             key = (point, node or point)
-            self._rerun = self._rerun or key in self._dims
             self._dims[key] = self._find_batch_dim(point, pair.d)
             d = _Capture.apply(pair.d, self, key) if pair.d.requires_grad else pair.d
             s = _AutoScale.apply(pair.s, self, key) if pair.s.requires_grad else pair.s
@@ -294,9 +290,6 @@ class Shift:
         stream (``S_in / 2``).
         """
         size = self.gradient_size.get(key)
-        if size is None and self._rerun:  # below the call's probes: S passes unshifted there
-            return torch.ones(s_grad.shape[self.batch_dim(key)] if s_grad.dim() else 1,
-                              dtype=s_grad.dtype, device=s_grad.device)
         if size is None:
             raise RuntimeError(
                 f"alpha='auto': the model's gradient at shift point {key[0]!r} was not "

@@ -557,8 +557,11 @@ class SplitModel:
                         if not first and grad is not None and not torch.isfinite(grad).all():
                             first.append(node)
                     pair.s.register_hook(hook)
-            seed = out.s.gather(1, index).sum() * 0.5 * factors.factor("output")
             wrt = [t for p in pairs for t in (p.d, p.s)]
+            if factors.auto:  # its factors need the gradient's sizes first, at every point
+                torch.autograd.grad(out.d.gather(1, index).sum(), wrt, retain_graph=True,
+                                    allow_unused=True)
+            seed = out.s.gather(1, index).sum() * 0.5 * factors.factor("output")
             torch.autograd.grad(seed + 0.5 * out.d.gather(1, index).sum(), wrt,
                                 allow_unused=True)
         return call.describe(first[0]) if first else "the output"
