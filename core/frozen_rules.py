@@ -287,6 +287,7 @@ def attention_module_check(node: fx.Node, carried: set,
 NORM_EACH = "1 / std of every channel of every sample frozen"
 SECANT = always("secant slope c of phi(z) = phi(0) + c z frozen")
 NORM = always("1 / std frozen")
+DIVISOR = always("1 / divisor frozen")
 GATE = always("result frozen to a constant")
 
 _SECANT_FUNCTIONS = {
@@ -339,7 +340,7 @@ FUNCTION_RULES.update({
     F.instance_norm: (instance_norm, instance_norm_check, "mixing", False),
     F.rms_norm: (rms_norm, always("1 / rms frozen"), "mixing", False),
     F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
-    F.local_response_norm: (local_response_norm, always("1 / divisor frozen"), "mixing", False),
+    F.local_response_norm: (local_response_norm, DIVISOR, "mixing", False),
     F.glu: (glu, always("sigmoid gate of the second half frozen"), "", False),
     F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
                                      "mixing", False),
@@ -361,8 +362,7 @@ MODULE_RULES: list[tuple[Any, tuple[Rule, Check, str, bool]]] = [
     ((nn.Sigmoid, nn.Softmax, nn.Softmin, nn.Softmax2d), (gate_module, GATE, "", True)),
     ((nn.LogSoftmax,), (log_softmax_module, SHIFT, "pass", False)),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), (norm_module, NORM, "mixing", False)),
-    ((nn.LocalResponseNorm,), (local_response_norm, always("1 / divisor frozen"), "mixing",
-                               False)),
+    ((nn.LocalResponseNorm,), (local_response_norm, DIVISOR, "mixing", False)),
     (tuple(_INSTANCE_NORM_DIMS), (instance_norm_module, instance_norm_check, "mixing", False)),
     ((nn.MultiheadAttention,), (multihead_attention_module, attention_module_check, "",
                                 False)),

@@ -82,7 +82,6 @@ def clamp(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
         q = q if high is None else minimum(ctx, (q, high), {})
         return Pair(torch.clamp(p.d, low, high), q.s)
     lo, hi = _number(low), _number(high)
-    lo, hi = (None if lo == -math.inf else lo), (None if hi == math.inf else hi)
     if lo is not None and hi is not None and lo > hi:
         raise unsupported(ctx, f"clamp with min {lo} > max {hi}", "Use min <= max.")
     return clamp_pair(p, lo, hi, torch.clamp(p.d, low, high))
