@@ -25,7 +25,7 @@ def _tuple(v, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _conv_input(n: int, shape, weight, grad, stride, padding, dilation, groups):
+def conv_input(n: int, shape, weight, grad, stride, padding, dilation, groups):
     """The gradient of ``conv{n}d`` at its input (``torch.nn.grad.conv{n}d_input``, the same
     kernel), with an uninitialised input of ``shape`` instead of torch's expanded one, which
     the non-mkldnn kernels (1x1 convolutions on one thread) copy to a full tensor first."""
@@ -167,7 +167,7 @@ class _AbsConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         n, shape, stride, padding, dilation, groups, is_abs, scratch = ctx.meta
         scratch = _backward_scratch(scratch)
-        grad_in = _conv_input(n, shape, _absolute(weight, is_abs, scratch), grad, stride,
+        grad_in = conv_input(n, shape, _absolute(weight, is_abs, scratch), grad, stride,
                               padding, dilation, groups)
         return (grad_in,) + (None,) * 11
 

@@ -32,6 +32,7 @@ from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: 
 from core.absops import abs_conv, abs_linear, channel_affine, eval_batch_norm_, placeholder
 from core.derived import DERIVED
 from core.pair import Pair, detached, lift
+from core.pointwise import pointwise_conv, subsample, subsampling
 from core.record import assign
 from core.registry import (
     TABLE,
@@ -465,18 +466,24 @@ def linear_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, mass_linear=True, merge="affine", fresh=True)
 def conv_module(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     """``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups):
-    ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|``."""
+    ``d' = conv(d, W) + b``, ``s' = conv(s, |W|) + |b|`` (a strided ``1x1`` one through
+    the strided slice of its input, :mod:`core.pointwise`)."""
     m, p = ctx.module, args[0]
     w, b, bias_abs = _module_params(ctx, m)
-    d = m._conv_forward(p.d, w, b)
-    source, padding = p.s, m.padding
-    if m.padding_mode != "zeros":
-        source = F.pad(source, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-        padding = 0
+    n = len(m.kernel_size)
+    index = subsampling(m.kernel_size, m.stride, m.padding, p.d)
+    if index is not None:  # a strided 1x1 convolution: its backward through the slice
+        d = pointwise_conv(p.d, w, b, m.stride, m.dilation, m.groups, index)
+        source, stride, padding = subsample(p.s, index), 1, 0
+    else:
+        d = m._conv_forward(p.d, w, b)
+        source, stride, padding = p.s, m.stride, m.padding
+        if m.padding_mode != "zeros":
+            source = F.pad(source, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            padding = 0
     weight = ctx.weight_abs(m.weight) if ctx.cached_abs else w
-    s = abs_conv(source, weight, bias_abs, len(m.kernel_size), m.stride, padding, m.dilation,
-                 m.groups, value=ctx.mass, is_abs=ctx.cached_abs, out_shape=d.shape,
-                 scratch=ctx.scratch)
+    s = abs_conv(source, weight, bias_abs, n, stride, padding, m.dilation, m.groups,
+                 value=ctx.mass, is_abs=ctx.cached_abs, out_shape=d.shape, scratch=ctx.scratch)
     return Pair(d, s)
 
 
