@@ -284,6 +284,37 @@ def channel_affine(s: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
     return _batch_norm_affine(s, k, t, inplace, moments)
 
 
+class _BatchNormEval(torch.autograd.Function):
+    """``F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)`` (torch's own
+    forward, bit for bit) whose backward in ``x`` is ``grad * k`` with ``k = weight /
+    sqrt(var + eps)``: 2.3x faster on CPU than torch's batch norm backward (256 channels at
+    56x56, batch 8: 0.93 ms against 2.16 ms), which the ``d`` stream runs in both backward
+    passes of the sensitivities."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, k):  # noqa: D102
+        ctx.save_for_backward(k)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (k,) = ctx.saved_tensors
+        return (grad * _channel_column(k, grad),) + (None,) * 6
+
+
+def batch_norm_eval(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    k: torch.Tensor) -> torch.Tensor:
+    """An eval-mode batch norm of ``x`` whose backward is ``grad * k`` (``k`` the per-channel
+    ``weight / sqrt(var + eps)``), where only ``x`` requires grad; otherwise torch's
+    ``F.batch_norm`` as it is."""
+    params = [t for t in (mean, var, weight, bias) if t is not None]
+    if (torch.is_grad_enabled() and x.requires_grad and x.dim() >= 2
+            and not any(t.requires_grad for t in params)):
+        return _BatchNormEval.apply(x, mean, var, weight, bias, eps, k)
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
 class _Placeholder(torch.autograd.Function):
     """A placeholder value whose backward is ``vjp(grad)``."""
 

@@ -29,7 +29,14 @@ from torch import nn
 
 # importing max_rules and unit_rules registers their rules
 from core import frozen, frozen_rules, max_rules, products, unit_rules  # noqa: F401
-from core.absops import abs_conv, abs_linear, channel_affine, eval_batch_norm_, placeholder
+from core.absops import (
+    abs_conv,
+    abs_linear,
+    batch_norm_eval,
+    channel_affine,
+    eval_batch_norm_,
+    placeholder,
+)
 from core.derived import DERIVED
 from core.pair import Pair, detached, lift
 from core.pointwise import pointwise_conv, subsample, subsampling
@@ -527,7 +534,8 @@ def functional_affine(fn: Callable[..., torch.Tensor]) -> RuleFn:
 
 def _mass_map(mean, var, weight, bias, merged_bias, eps: float) -> tuple[torch.Tensor, ...]:
     """``|k|`` and ``|t|`` of a BatchNorm's ``s'`` (see :func:`batchnorm_module`; ``t`` holds
-    the merged bias ``k b``), with the mean 0 and variance 1 of :func:`channel_affine`."""
+    the merged bias ``k b``), the mean 0 and variance 1 of :func:`channel_affine`, and ``k``
+    (the backward of ``d'``)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
@@ -537,7 +545,7 @@ def _mass_map(mean, var, weight, bias, merged_bias, eps: float) -> tuple[torch.T
     if merged_bias is not None:
         shift = shift + scale * merged_bias
     k = scale.abs()
-    return k, shift.abs(), torch.zeros_like(k), torch.ones_like(k)
+    return k, shift.abs(), torch.zeros_like(k), torch.ones_like(k), scale
 
 
 def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
@@ -552,15 +560,15 @@ def _bn_affine(ctx: Ctx, p: Pair, mean, var, weight, bias, eps: float) -> Pair:
         )
     sources = (mean, var, weight, bias, ctx.merged_bias)
     mean, var, weight, bias, merged = (detached(t) for t in sources)
-    d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
-    if d is None:
-        d = F.batch_norm(p.d, mean, var, weight, bias, False, 0.0, eps)
     if ctx.module is None or mean.device.type != "cpu":  # comparing syncs a GPU: recompute
-        k, t, zero, one = _mass_map(mean, var, weight, bias, merged, eps)
+        k, t, zero, one, scale = _mass_map(mean, var, weight, bias, merged, eps)
     else:
-        k, t, zero, one = DERIVED.get(
+        k, t, zero, one, scale = DERIVED.get(
             ctx.module, ("batchnorm", eps, merged is not None), sources,
             lambda: _mass_map(mean, var, weight, bias, merged, eps))
+    d = eval_batch_norm_(p.d, mean, var, weight, bias, eps) if ctx.donated else None
+    if d is None:
+        d = batch_norm_eval(p.d, mean, var, weight, bias, eps, scale)
     return Pair(d, channel_affine(p.s.expand_as(d), k, t, ctx.mass, inplace=ctx.donated,
                                   moments=(zero, one)))
 
