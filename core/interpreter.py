@@ -336,6 +336,7 @@ class SplitInterpreter(fx.Interpreter):
         self._factors: Shift | None = None
         self._record: set[fx.Node] = set()
         self._record_all = False
+        self._keep_parts = False
         self._records: dict[fx.Node, Any] = {}
         self._placeholder_index = 0
 
@@ -419,7 +420,8 @@ class SplitInterpreter(fx.Interpreter):
     def run_pairs(self, inputs: Sequence[Pair], extra: Sequence[Any] = (), *,
                   factors: Shift | None = None, record: Iterable[fx.Node] = (),
                   record_all: bool = False, mass_free: Iterable[fx.Node] = (),
-                  leaves: Iterable[fx.Node] = ()) -> tuple[Any, dict[fx.Node, Any]]:
+                  leaves: Iterable[fx.Node] = (), keep_parts: bool = False,
+                  ) -> tuple[Any, dict[fx.Node, Any]]:
         """One forward pass on split pairs.
 
         Parameters
@@ -448,12 +450,18 @@ class SplitInterpreter(fx.Interpreter):
             identity rule, an element of a tuple), where the gradient at that tensor sums
             over the users of both nodes; such a call runs again without ``leaves``.
 
+        keep_parts: bool
+            The ``"scale"`` stabiliser keeps the parts ``a+- = (s +- d) / 2`` non-negative: a
+            mass it lowers stays at least ``|d|`` (``s <- max(theta^k s, |d|)``; SplitLRP,
+            whose rules share relevance in proportion to the parts).
+
         Returns
         -------
         tuple
             The output value and the recorded values by node (before the alpha shift).
         """
         self._factors = factors
+        self._keep_parts = keep_parts
         self._record = set(record)
         self._record_all = record_all
         self._free = set(mass_free)
@@ -469,6 +477,7 @@ class SplitInterpreter(fx.Interpreter):
             self.env = {}
             self._records = {}
             self._factors = None
+            self._keep_parts = False
             self._free = set()
             self._leaves, self._detached = set(), set()
 
@@ -570,7 +579,8 @@ class SplitInterpreter(fx.Interpreter):
                            and _separate(value))
                 value = Pair(value.d, stabilise(value.d, value.s, self.stabilizer, self.theta,
                                                 self.threshold, inplace=inplace,
-                                                d_nonnegative=step.rule.relu))
+                                                d_nonnegative=step.rule.relu,
+                                                keep_parts=self._keep_parts))
         return value
 
     def _keep(self, node: fx.Node, value: Any) -> None:

@@ -17,7 +17,9 @@ epsilon rule to the sum, sharing relevance in proportion to the branches' contri
 winner-takes-all max pooling) move relevance without changing it. ReLU-type units pass it on
 unchanged (``"pass"``, the paper: LRP ignores the activation functions) or, for ReLU, hand the
 g stream's relevance to the winning pre-activation (``"wta"``). The forward stabiliser's
-shifts pass relevance unchanged; the shifted split activations are the ``a_j`` of the rule.
+shifts pass relevance unchanged; the shifted split activations are the ``a_j`` of the rule
+(``"scale"`` floors a lowered mass at the activation here, ``s <- max(theta^k s, |d|)``, so
+that no part turns negative: docs/math.md section 3).
 docs/math.md section 5 states the rules.
 
 The rule of each node is applied through autograd on the node's own split rule: with the
@@ -208,7 +210,8 @@ def relevance(
             raise checks.tuple_output(name, [f"{name}:{i}" for i in range(len(node))],
                                       len(node))
     with torch.no_grad():
-        out, records = split.run(call, split.input_pairs(call.inputs), record_all=True)
+        out, records = split.run(call, split.input_pairs(call.inputs), record_all=True,
+                                 keep_parts=True)
     checks.output_rows(out.d, rows)
     call.check_values({k: v for k, v in wanted.items() if k not in checks.INPUT_NAMES},
                       records)

@@ -141,7 +141,7 @@ def _per_row(values: list, like: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
               threshold: float, inplace: bool = False,
-              d_nonnegative: bool = False) -> torch.Tensor:
+              d_nonnegative: bool = False, keep_parts: bool = False) -> torch.Tensor:
     """The stabilised mass ``s`` of one ReLU-type unit's output.
 
     Parameters
@@ -159,6 +159,13 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         Write the new values into ``s`` (the caller owns it, no autograd); the same bits.
     d_nonnegative: bool
         ``d >= 0`` everywhere (a ReLU's output): one reduction fewer, the same result.
+    keep_parts: bool
+        ``"scale"`` keeps the parts ``a+- = (s +- d) / 2`` of a scaled sample non-negative:
+        its new mass is ``max(theta^k s, |d|)``, still the same amount added to both
+        streams, elementwise. The forward and the sensitivities use the plain rule; SplitLRP,
+        whose rules share relevance in proportion to the parts, uses this one (a mass
+        scaled below ``|d|`` gave negative parts, and relevance that grew by 1e4 per
+        Inception block). ``"shift"`` stays the paper's baseline pair ``(d/2, -d/2)``.
 
     Returns
     -------
@@ -172,12 +179,20 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
             factors = _scale_factors(d, s, theta, threshold, d_nonnegative)
             if all(f == 1.0 for f in factors):
                 return s
+            changed = [f != 1.0 for f in factors]
             if len(set(factors)) == 1 and s.dtype in _EXACT_SCALAR:  # one sample, mostly
                 factors = factors[0]
             else:
                 factors = _per_row(factors, s, s.dtype)
             new = s.mul_(factors) if inplace else s * factors
-        else:
+            if keep_parts:  # only the rows scaled here (an input split may have s < |d|)
+                floor = d.abs()
+                if not all(changed):
+                    floor = torch.where(_per_row(changed, s, torch.bool), floor,
+                                        torch.zeros_like(floor))
+                new = (torch.maximum(new, floor, out=new) if inplace
+                       else torch.maximum(new, floor))
+        else:  # "shift" keeps the paper's baseline pair (d/2, -d/2), keep_parts or not
             exceed = _exceeds(d, s, threshold, d_nonnegative)[0]
             if not any(exceed):
                 return s

@@ -68,6 +68,7 @@ class Options:
     theta: float = 0.1
     threshold: float = 10.0
     bias_in_denominator: bool = True
+    keep_parts: bool = False  # "scale" keeps s >= |d| (SplitLRP's forward)
 
 
 def _stab(z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -196,7 +197,8 @@ class _Reference:
         """core's stabilisers, per sample whose ``max(|a+|, |a-|)`` exceeds the threshold.
 
         "scale": ``s <- theta**k s`` with the least ``k >= 1`` after which ``max |s| / 2`` is
-        at most the threshold; "shift": ``s <- 0``, i.e. the pair ``(d / 2, -d / 2)``.
+        at most the threshold, then ``max(s, |d|)`` with ``keep_parts`` (SplitLRP's forward:
+        the parts stay non-negative); "shift": ``s <- 0``, i.e. the pair ``(d / 2, -d / 2)``.
         """
         mode = self.o.stabilizer
         if mode == "none":
@@ -213,6 +215,8 @@ class _Reference:
                     while (s[row] * self.o.theta ** k[row]).abs().max() / 2 > self.o.threshold:
                         k[row] += 1
             s = s * (self.o.theta ** k).reshape(view)
+            if self.o.keep_parts:  # SplitLRP keeps the parts of a scaled sample >= 0
+                s = torch.where(hit, torch.maximum(s, d.abs()), s)
         elif mode == "shift":
             s = torch.where(hit, torch.zeros_like(s), s)
         else:
@@ -381,7 +385,7 @@ def reference_split_lrp(
     ``seed`` (B, n_outputs) is the relevance of the positive output stream ``a(L,+)``; the
     negative output stream starts with zero relevance.
     """
-    (out, backward), ref = _run(model, x, Options(**options))
+    (out, backward), ref = _run(model, x, Options(**{"keep_parts": True, **options}))
     seed = seed.detach().double().reshape(out[0].shape)
     rp, rn = backward(seed, torch.zeros_like(seed))
     result = dict(ref.recorded)

@@ -546,9 +546,15 @@ def test_splitlrp_overflow_names_the_layer_instead_of_returning_nan():
 
     torch.manual_seed(0)
     model = tvm.resnet152(weights=None).eval()
-    sm = core.split(model, merge_batchnorm=True)
+    x, seed = torch.randn(1, 3, 64, 64), torch.eye(1000)[[3]]
+    # the "shift" stabiliser's pairs (d/2, -d/2) make eq. 9's ratios overflow float32 here
+    sm = core.split(model, merge_batchnorm=True, stabilizer="shift")
     with pytest.raises(core.SplitOverflowError, match=r"SplitLRP relevance overflowed.*'layer"):
-        sm.relevance(torch.randn(1, 3, 64, 64), torch.eye(1000)[[3]])
+        sm.relevance(x, seed)
+    # "scale" (the default) keeps the parts non-negative in SplitLRP: the relevance is
+    # finite and conserved (it overflowed too while a lowered mass could fall below |d|)
+    r = core.split(model, merge_batchnorm=True).relevance(x, seed)["input"]
+    assert abs(float((r.pos + r.neg).sum()) - 1.0) < 1e-3
 
 
 class ItemAssignment(nn.Module):

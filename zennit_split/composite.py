@@ -371,7 +371,8 @@ class SplitLRP(Composite):
     residual adds split relevance evenly across their branches (the paper; all of a stream's
     relevance to one branch where the other's value in that stream is 0; ``residual=
     "proportional"`` uses the epsilon rule of the add instead), and the forward pass is
-    stabilised as in SplitCAM.
+    stabilised as in SplitCAM, a lowered mass floored at the activation (the parts stay
+    non-negative; docs/math.md section 3).
 
     Parameters
     ----------
