@@ -93,3 +93,18 @@ def test_one_hot_relevance_stays_non_negative_where_activations_exceed_the_thres
     # conserved, less what epsilon absorbs
     torch.testing.assert_close((r.pos + r.neg).sum(1), torch.ones(4, dtype=torch.float64),
                                rtol=0, atol=1e-4)
+
+
+def test_a_torchvision_squeezenet_gets_non_negative_relevance():
+    # with the plain rule: relevance down to -1.3e-2 and absolute sums 1.07 / 1.57 (signed 1)
+    torchvision = pytest.importorskip("torchvision")
+    from tests.core_checks import randomise_batchnorm
+
+    torch.manual_seed(0)
+    model = randomise_batchnorm(torchvision.models.squeezenet1_1(weights=None).eval())
+    x = torch.randn(2, 3, 64, 64) * 3
+    seed = torch.eye(1000)[model(x).argmax(1)]
+    r = core.split(model, merge_batchnorm=True).relevance(x, seed)["input"]
+    assert float(r.pos.min()) >= 0 and float(r.neg.min()) >= 0
+    torch.testing.assert_close((r.pos + r.neg).flatten(1).sum(1), torch.ones(2),
+                               rtol=0, atol=1e-3)
