@@ -80,6 +80,8 @@ class _PointwiseConv(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
         n, shape, sub_shape, groups, index = ctx.meta
+        if weight.dtype != grad.dtype:  # under torch.autocast the forward ran in grad's dtype:
+            weight = weight.to(grad.dtype)  # a double backward convolves with this weight
         sub = conv_input(n, sub_shape, weight, grad, 1, 0, 1, groups)
         return _scatter(sub, shape, index), None, None, None, None, None, None
 
