@@ -18,7 +18,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: ``F.conv{n}d`` by the number of spatial dimensions
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _tuple(v, n: int) -> tuple:
@@ -159,7 +160,7 @@ class _AbsConv(torch.autograd.Function):
         ctx.meta = (n, s.shape, stride, padding, dilation, groups, is_abs, scratch)
         if not value:
             return _placeholder(s, out_shape)
-        return _CONV[n](s, _absolute(weight, is_abs, scratch), bias_abs, stride, padding,
+        return CONV[n](s, _absolute(weight, is_abs, scratch), bias_abs, stride, padding,
                         dilation, groups)
 
     @staticmethod
@@ -174,6 +175,12 @@ class _AbsConv(torch.autograd.Function):
 
 def _needs_graph(s: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and s.requires_grad
+
+
+def input_only_grad(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether autograd records ``x`` and none of ``params`` (None entries skipped) needs a
+    gradient: a custom backward in ``x`` alone is then the whole gradient."""
+    return _needs_graph(x) and not any(t is not None and t.requires_grad for t in params)
 
 
 def abs_linear(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | None,
@@ -206,7 +213,7 @@ def abs_conv(s: torch.Tensor, weight: torch.Tensor, bias_abs: torch.Tensor | Non
             return _AbsConv.apply(s, weight, bias_abs, n, stride, padding, dilation, groups,
                                   value, is_abs, out_shape, scratch)
         scratch = None  # "same"/"valid" padding under autograd: the product keeps |W|
-    return _CONV[n](s, _absolute(weight, is_abs, scratch), bias_abs, stride, padding, dilation,
+    return CONV[n](s, _absolute(weight, is_abs, scratch), bias_abs, stride, padding, dilation,
                     groups)
 
 
@@ -308,9 +315,7 @@ def batch_norm_eval(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     """An eval-mode batch norm of ``x`` whose backward is ``grad * k`` (``k`` the per-channel
     ``weight / sqrt(var + eps)``), where only ``x`` requires grad; otherwise torch's
     ``F.batch_norm`` as it is."""
-    params = [t for t in (mean, var, weight, bias) if t is not None]
-    if (torch.is_grad_enabled() and x.requires_grad and x.dim() >= 2
-            and not any(t.requires_grad for t in params)):
+    if x.dim() >= 2 and input_only_grad(x, mean, var, weight, bias):
         return _BatchNormEval.apply(x, mean, var, weight, bias, eps, k)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 

@@ -18,11 +18,8 @@ Only on CPU, where it was measured; elsewhere :func:`subsampling` says no.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from core.absops import conv_input
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from core.absops import CONV, conv_input, input_only_grad
 
 
 def subsampling(kernel_size: tuple[int, ...], stride: tuple[int, ...], padding,
@@ -60,7 +57,7 @@ class _Subsample(torch.autograd.Function):
 
 def subsample(x: torch.Tensor, index: tuple[slice, ...]) -> torch.Tensor:
     """``x[index]`` (a view); under autograd its backward is one scatter into zeros."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if input_only_grad(x):
         return _Subsample.apply(x, index)
     return x[index]
 
@@ -74,7 +71,7 @@ class _PointwiseConv(torch.autograd.Function):
         n = weight.dim() - 2
         ctx.save_for_backward(weight)
         ctx.meta = (n, x.shape, x[index].shape, groups, index)
-        return _CONV[n](x, weight, bias, stride, 0, dilation, groups)
+        return CONV[n](x, weight, bias, stride, 0, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -93,8 +90,6 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (``index`` from :func:`subsampling`), torch's own in the forward; under autograd its
     backward in ``x`` goes through the slice (where ``W`` and ``b`` need no gradient:
     otherwise torch's convolution as it is)."""
-    params = [t for t in (weight, bias) if t is not None]
-    if (torch.is_grad_enabled() and x.requires_grad
-            and not any(t.requires_grad for t in params)):
+    if input_only_grad(x, weight, bias):
         return _PointwiseConv.apply(x, weight, bias, stride, dilation, groups, index)
-    return _CONV[weight.dim() - 2](x, weight, bias, stride, 0, dilation, groups)
+    return CONV[weight.dim() - 2](x, weight, bias, stride, 0, dilation, groups)
