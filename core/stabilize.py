@@ -51,14 +51,20 @@ def _extremes(d: torch.Tensor, s: torch.Tensor,
     The decisions of the stabiliser are taken on these few numbers on the host: a dozen
     tensor operations on one value per sample would cost more than the reductions. Long
     rows of 2 to 16 samples are reduced one by one with ``torch.aminmax`` (one pass for
-    both); otherwise (one sample, where they are faster, included) ``amax`` and ``amin``
-    along the rows, not ``aminmax(dim=1)``, which on CPU is 15-30x slower than both
+    both); otherwise ``amax`` and ``amin`` along the rows (one sample: over the whole
+    tensor, no reshape), not ``aminmax(dim=1)``, which on CPU is 15-30x slower than both
     together (torch 2.x). No ``abs``, which would write a temporary of the size of ``s``.
     ``d_nonnegative`` (a ReLU's output): ``min d`` is not computed but given as 0, which
     changes no decision (``max |d| = max d``; a NaN shows in ``max d``).
     """
+    if s.dim() == 0 or s.shape[0] == 1:  # one sample
+        stats = [s.amax(), s.amin(), d.amax()]
+        if not d_nonnegative:
+            stats.append(d.amin())
+        values = torch.stack(stats).tolist()
+        return [(*values, 0.0) if d_nonnegative else tuple(values)]
     rows_s, rows_d = _rows(s), _rows(d)
-    if rows_s.shape[1] >= _LONG_ROW and 1 < rows_s.shape[0] <= 16:
+    if rows_s.shape[1] >= _LONG_ROW and rows_s.shape[0] <= 16:
         parts = []
         for row in range(rows_s.shape[0]):
             parts.extend(torch.aminmax(rows_s[row])[::-1])
@@ -74,17 +80,31 @@ def _extremes(d: torch.Tensor, s: torch.Tensor,
             for r in torch.stack(stats, dim=1).tolist()]
 
 
+def _all_below(stats: list[tuple[float, float, float, float]], threshold: float) -> bool:
+    """Whether no sample can exceed: ``max |s| + max |d| <= 2 threshold`` bounds
+    ``max (|s| + |d|)``; the common case, decided without further work (a NaN compares
+    false and is left alone, as in :func:`_exceeds`)."""
+    limit = 2 * threshold
+    for hi_s, lo_s, hi_d, lo_d in stats:
+        if max(hi_s, -lo_s) + max(hi_d, -lo_d) > limit:
+            return False
+    return True
+
+
 def _exceeds(d: torch.Tensor, s: torch.Tensor, threshold: float,
-             d_nonnegative: bool = False) -> tuple[list[bool], list[float]]:
+             d_nonnegative: bool = False, stats: list | None = None,
+             ) -> tuple[list[bool], list[float]]:
     """Per sample whether ``max |a+-| = max (|s| + |d|) / 2 > threshold``, checked cheaply,
-    and ``max |s|``.
+    and ``max |s|`` (``stats``: the :func:`_extremes` of ``d, s`` where taken already).
 
     The bounds ``max(max|s|, max|d|) <= max(|s| + |d|) <= max|s| + max|d|`` decide almost
     every sample; the exact maximum is computed only for the others. A sample with a NaN is
     left alone (the overflow check reports it).
     """
     exceed, mass, unsure = [], [], []
-    for row, (hi_s, lo_s, hi_d, lo_d) in enumerate(_extremes(d, s, d_nonnegative)):
+    if stats is None:
+        stats = _extremes(d, s, d_nonnegative)
+    for row, (hi_s, lo_s, hi_d, lo_d) in enumerate(stats):
         ms, md = max(hi_s, -lo_s), max(hi_d, -lo_d)
         if math.isnan(ms) or math.isnan(md):
             exceed.append(False)
@@ -109,11 +129,12 @@ def column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_factors(d: torch.Tensor, s: torch.Tensor, theta: float, threshold: float,
-                   d_nonnegative: bool = False) -> list[float]:
+                   d_nonnegative: bool = False, stats: list | None = None) -> list[float]:
     """Per sample ``theta ** k``: ``k = 0`` unless ``max |a+-|`` exceeds the threshold, else
     the least ``k >= 1`` after which the mass ``max |s| / 2`` is at most the threshold (an
-    infinite mass gets the factor 0, which the overflow check then reports)."""
-    exceeds, masses = _exceeds(d, s, threshold, d_nonnegative)
+    infinite mass gets the factor 0, which the overflow check then reports). ``stats``: as
+    for :func:`_exceeds`."""
+    exceeds, masses = _exceeds(d, s, threshold, d_nonnegative, stats)
     if theta == 1.0:  # theta ** k == 1 for every k
         return [1.0] * len(exceeds)
     factors = []
@@ -172,11 +193,14 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
     torch.Tensor
         The new ``s``; its gradient is passed to the old one unchanged.
     """
-    if mode == "none":
+    if mode == "none" or (mode == "scale" and theta == 1.0):  # theta ** k == 1 for every k
         return s
     with torch.no_grad():
+        stats = _extremes(d, s, d_nonnegative)
+        if _all_below(stats, threshold):  # the common case: no sample exceeds
+            return s
         if mode == "scale":
-            factors = _scale_factors(d, s, theta, threshold, d_nonnegative)
+            factors = _scale_factors(d, s, theta, threshold, d_nonnegative, stats)
             if all(f == 1.0 for f in factors):
                 return s
             changed = [f != 1.0 for f in factors]
@@ -193,7 +217,7 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
                 new = (torch.maximum(new, floor, out=new) if inplace
                        else torch.maximum(new, floor))
         else:  # "shift" keeps the paper's baseline pair (d/2, -d/2), keep_parts or not
-            exceed = _exceeds(d, s, threshold, d_nonnegative)[0]
+            exceed = _exceeds(d, s, threshold, d_nonnegative, stats)[0]
             if not any(exceed):
                 return s
             mask = _per_row(exceed, s, torch.bool)

@@ -77,6 +77,20 @@ def test_long_rows_and_short_rows_take_the_same_decisions(monkeypatch):
     assert torch.equal(long, short) and not torch.equal(long, s)
 
 
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_one_sample_is_reduced_whole_as_its_row_among_others(nonnegative):
+    """One sample is reduced over the whole tensor (no reshape): the extremes of its row."""
+    d, s = _rows_case(5, 64)
+    s[1, 7] = float("nan")
+    if nonnegative:
+        d = d.abs()
+    rows = stabilize._extremes(d, s, nonnegative)
+    for row in range(5):
+        alone = stabilize._extremes(d[row:row + 1].view(1, 4, 16), s[row:row + 1].view(1, 4, 16),
+                                    nonnegative)
+        assert str(alone) == str(rows[row:row + 1])  # NaN == NaN by its text
+
+
 def test_unchanged_stream_is_returned_as_is():
     d, s = torch.rand(3, 10), torch.rand(3, 10)
     assert stabilize.stabilise(d, s, "scale", THETA, THRESHOLD) is s
