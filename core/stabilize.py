@@ -82,7 +82,7 @@ def _extremes(d: torch.Tensor, s: torch.Tensor,
 
 def _all_below(stats: list[tuple[float, float, float, float]], threshold: float) -> bool:
     """Whether no sample can exceed: ``max |s| + max |d| <= 2 threshold`` bounds
-    ``max (|s| + |d|)``; the common case, decided without further work (a NaN compares
+    ``max (|s| + |d|)``; decided without further work (a NaN compares
     false and is left alone, as in :func:`_exceeds`)."""
     limit = 2 * threshold
     for hi_s, lo_s, hi_d, lo_d in stats:
@@ -197,7 +197,7 @@ def stabilise(d: torch.Tensor, s: torch.Tensor, mode: str, theta: float,
         return s
     with torch.no_grad():
         stats = _extremes(d, s, d_nonnegative)
-        if _all_below(stats, threshold):  # the common case: no sample exceeds
+        if _all_below(stats, threshold):  # no sample can exceed: nothing more to do
             return s
         if mode == "scale":
             factors = _scale_factors(d, s, theta, threshold, d_nonnegative, stats)
