@@ -13,6 +13,7 @@ product as its backward.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -175,11 +176,12 @@ def _channel_product(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor |
                      ) -> torch.Tensor:
     """``conv(x, W, b)`` of a ``1x1`` kernel (:func:`pointwise`) as ``W x`` over the channels:
     ``(O, C) @ (B, C, L)``; ``W`` of shape ``(O, C, 1, ..)``."""
-    w = weight.reshape(weight.shape[0], -1)
+    w = weight.reshape(weight.shape[0], weight.shape[1])
+    length = math.prod(x.shape[2:])  # not -1: an empty batch is no shape to infer it from
     if x.shape[0] == 1:  # one sample: one matrix product, no batch of them
-        out = torch.mm(w, x.reshape(x.shape[1], -1))
+        out = torch.mm(w, x.reshape(x.shape[1], length))
     else:
-        out = torch.matmul(w, x.reshape(x.shape[0], x.shape[1], -1))
+        out = torch.matmul(w, x.reshape(x.shape[0], x.shape[1], length))
     if bias is not None:
         out += bias.view(-1, 1)
     return out.view((x.shape[0], weight.shape[0]) + x.shape[2:])

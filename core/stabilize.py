@@ -84,9 +84,10 @@ def _all_below(stats: list[tuple[float, float, float, float]], threshold: float)
     """Whether no sample can exceed: ``max |s| + max |d| <= 2 threshold`` bounds
     ``max (|s| + |d|)``; decided without further work (a NaN compares
     false and is left alone, as in :func:`_exceeds`)."""
-    limit = 2 * threshold
+    # halved as in _exceeds, not 2 * threshold: that is inf for a threshold above half the
+    # largest float, and an inf max |s| (or a sum that overflows) would pass
     for hi_s, lo_s, hi_d, lo_d in stats:
-        if max(hi_s, -lo_s) + max(hi_d, -lo_d) > limit:
+        if (max(hi_s, -lo_s) + max(hi_d, -lo_d)) / 2 > threshold:
             return False
     return True
 
