@@ -211,7 +211,9 @@ class _AbsConv(torch.autograd.Function):
         n, shape, stride, padding, dilation, groups, is_abs, scratch, product = ctx.meta
         scratch = _backward_scratch(scratch)
         weight = _absolute(weight, is_abs, scratch)
-        if product and grad.dtype == weight.dtype:
+        if weight.dtype != grad.dtype:  # under torch.autocast the forward ran in grad's dtype:
+            weight = weight.to(grad.dtype)  # a double backward convolves with this weight
+        if product:
             grad_in = _channel_product(weight.reshape(weight.shape[:2]).t(), grad)
         else:
             grad_in = conv_input(n, shape, weight, grad, stride, padding, dilation, groups)

@@ -58,3 +58,25 @@ def test_pointwise_conv_double_backward_under_autocast():
     for a, b in zip(*out, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
+
+
+def test_autocast_double_backward_through_a_convolution_after_max_pooling():
+    """Hunted (helper-53): the s stream's convolution with |W| under autocast ran in
+    bfloat16; its backward convolved a bfloat16 gradient with the float32 |W|, which a
+    double backward behind a max pooling refused ("Input type (CPUBFloat16Type) and weight
+    type (torch.FloatTensor) should be the same"). The same gradients as the float32 model
+    within bfloat16's precision."""
+    torch.manual_seed(0)
+    for last in (nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 3, padding=1)):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.MaxPool2d(2), last,
+                              nn.Flatten(), nn.Linear(2 * 4 * 4, 5)).eval()
+        xp, xn = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+        found = _grads(model, xp, xn)
+        sm = core.split(model, reuse_capture=False)
+        xp, xn = xp.clone().requires_grad_(True), xn.clone().requires_grad_(True)
+        g, h = sm.streams(xp, xn)
+        first = torch.autograd.grad((g[:, 1] + h[:, 2]).sum(), (xp, xn), create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in first), (xp, xn))
+        for a, b in zip(found, [g, h, *first, *second], strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.05 * float(b.abs().max()))
