@@ -1,6 +1,6 @@
 """The ``s`` stream of a 1x1 convolution at stride 1 without padding is the matrix product
-``|W| s`` over the channels on CPU (core.absops.pointwise): torch's convolution of it is
-1.1-5x slower there, forward and backward. The values are those of the convolution with
+``|W| s`` over the channels on CPU (core.absops.is_channel_product), faster there than torch's
+convolution, forward and backward. The values are those of the convolution with
 ``|W|`` (to rounding), ``d`` stays the model's own convolution bit for bit, and where the
 product does not apply (channels-last, groups, half precision, padding) the convolution runs
 as before."""
@@ -41,7 +41,7 @@ def test_product_equals_the_convolution_with_abs_weight(n, batch, bias, dtype):
     s = torch.rand((batch, 5) + (4,) * n, dtype=dtype, requires_grad=True)
     w = torch.randn((7, 5) + (1,) * n, dtype=dtype)
     b = torch.rand(7, dtype=dtype) if bias else None
-    assert absops.pointwise(s, w, 1, 0, 1)
+    assert absops.is_channel_product(s, w, 1, 0, 1)
     expected = CONV[n](s, w.abs(), b)
     grad = torch.randn_like(expected)
     (want,) = torch.autograd.grad(expected, s, grad)
@@ -75,7 +75,7 @@ def test_where_the_product_does_not_apply_the_convolution_runs(case):
         padding = 1
     else:
         stride = 2
-    assert not absops.pointwise(s, w, stride, padding, groups)
+    assert not absops.is_channel_product(s, w, stride, padding, groups)
     with _Ops() as ops:
         out = absops.abs_conv(s, w, None, 2, stride, padding, 1, groups)
     assert "convolution" in ops.names
@@ -133,7 +133,7 @@ def test_sensitivities_through_a_1x1_layer_equal_those_of_the_convolution(monkey
     with _AbsBackward():
         product = core.split(model).sensitivities(x, target, ["input", "1"], alpha=0.4)
     assert _AbsBackward.found == 0
-    monkeypatch.setattr(absops, "pointwise", lambda *args: False)
+    monkeypatch.setattr(absops, "is_channel_product", lambda *args: False)
     with _AbsBackward():
         convolution = core.split(model).sensitivities(x, target, ["input", "1"], alpha=0.4)
     assert _AbsBackward.found > 0  # the counter sees the convolution path

@@ -38,7 +38,7 @@ def stabilise_copy(d, s, mode, threshold, inplace):
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_channel_product_of_an_empty_batch_is_that_of_the_convolution(n):
-    # the 1x1 product (core.absops.pointwise) reshaped with -1, which an empty batch cannot
+    # the 1x1 product (absops.is_channel_product) reshaped with -1, which an empty batch cannot
     # infer ("cannot reshape tensor of 0 elements"); torch's convolution gives an empty
     # result, and gradient
     import torch.nn.functional as F
@@ -48,7 +48,7 @@ def test_the_channel_product_of_an_empty_batch_is_that_of_the_convolution(n):
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
     s = torch.rand((0, 3) + (4,) * n)
     w, b = torch.randn((5, 3) + (1,) * n), torch.rand(5)
-    assert absops.pointwise(s, w, 1, 0, 1)
+    assert absops.is_channel_product(s, w, 1, 0, 1)
     expected = conv(s, w.abs(), b)
     with torch.no_grad():
         out = absops.abs_conv(s, w, b, n, 1, 0, 1, 1, scratch=absops.SCRATCH)
