@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
                  names: list[str], float16: bool, seed: int) -> dict:
     """What the stored maps depend on (``--resume`` refuses an --out of another setup)."""
-    from quantus_adapters.benchmark.cells import code_digest
+    from quantus_adapters.benchmark.cells import architecture_digest, code_digest
     from quantus_adapters.bulk import model_digest
 
     digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
     digest.update(json.dumps([names, labels.tolist()]).encode())
-    return {"model": spec.name, "weights": model_digest(model), "code": code_digest(model),
+    # the architecture (repr) too: options built in the factory that are neither weights
+    # nor code (transforms.Normalize's mean in an nn.Sequential) change the maps
+    return {"model": spec.name, "architecture": architecture_digest(model),
+            "weights": model_digest(model), "code": code_digest(model),
             "data": data_name,
             "images": digest.hexdigest(), "n_images": len(names),
             "dtype": "float16" if float16 else "float32", "seed": seed}

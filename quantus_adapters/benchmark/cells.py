@@ -53,6 +53,7 @@ __all__ = [
     "seed_everything",
     "cell_key",
     "context",
+    "architecture_digest",
     "model_digest",
     "data_digest",
     "metric_options",
@@ -130,9 +131,16 @@ def model_digest(model: nn.Module) -> dict[str, str]:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    arch = f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}"
-    return {"architecture": hashlib.sha256(arch.encode()).hexdigest(),
+    return {"architecture": architecture_digest(model),
             "weights": h.hexdigest(), "code": code_digest(model)}
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's class and ``repr``: the options of its modules that are
+    neither weights nor code (``transforms.Normalize``'s mean, a LeakyReLU's slope, a
+    convolution's stride)."""
+    arch = f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}"
+    return hashlib.sha256(arch.encode()).hexdigest()
 
 
 def data_digest(x: torch.Tensor | np.ndarray, y, masks=None, names: Sequence[str] = ()) -> str:

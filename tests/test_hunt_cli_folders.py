@@ -1,0 +1,58 @@
+"""A user's folder and model file with ``splitxai explain``: what ``--resume`` refuses."""
+
+import numpy as np
+
+from tests.explain_runs import read_index as _index
+from tests.explain_runs import run_explain as _run
+
+# every class comes from torch: the model file defines none, so its source is not part of
+# the code digest; the slope is no weight either -- only the architecture (repr) shows it
+MODEL_PY = (
+    "import torch\nfrom torch import nn\nSLOPE = 0.01\n\n"
+    "def build():\n"
+    "    torch.manual_seed(0)\n"
+    "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.LeakyReLU(SLOPE),\n"
+    "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
+)
+
+
+def _folder(tmp_path, n=3):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        rgb = (rng.uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "images" / f"im{i}.png")
+    (root / "labels.csv").write_text("".join(f"im{i}.png,{i % 3}\n" for i in range(n)))
+    return root
+
+
+def test_resume_refuses_maps_of_another_module_option_set_in_the_factory(tmp_path, capsys):
+    """The factory's nn.Sequential got another LeakyReLU slope (the same holds for
+    transforms.Normalize's mean): weights and code were the same, and --resume added the new
+    model's maps to the old one's (slope 0.01 -> 0.5: the first image's Saliency map
+    sums to 0.30 -> 0.51)."""
+    model_py = tmp_path / "net.py"
+    model_py.write_text(MODEL_PY)
+    root = _folder(tmp_path)
+    out = tmp_path / "maps"
+    common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
+              "Saliency", "--out", out]
+    rc, printed = _run([*common, "--max-images", "1"], capsys)
+    assert rc == 0, printed.err
+    rc, printed = _run([*common, "--max-images", "2", "--resume"], capsys)  # same setup
+    assert rc == 0, printed.err
+    assert len(_index(out)) == 2
+    model_py.write_text(MODEL_PY.replace("SLOPE = 0.01", "SLOPE = 0.5"))
+    rc, printed = _run([*common, "--resume"], capsys)
+    assert rc == 2 and len(printed.err.splitlines()) == 1, printed.err
+    assert "another setup (different architecture)" in printed.err
+    assert len(_index(out)) == 2  # nothing added
+    # the new slope gives other maps: mixing them would have been wrong
+    rc, printed = _run([*common, "--out", tmp_path / "new"], capsys)
+    assert rc == 0, printed.err
+    old = np.load(out / "maps" / "Saliency" / "im0.png.npz")["map"]
+    new = np.load(tmp_path / "new" / "maps" / "Saliency" / "im0.png.npz")["map"]
+    assert not np.allclose(old, new)
