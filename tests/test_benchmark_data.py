@@ -83,6 +83,25 @@ def test_folder_errors(tmp_path):
         load_folder(tmp_path / "e")
 
 
+@pytest.mark.parametrize("value,message", [
+    ("1_0", "not an integer class index"),      # int() reads it as 10
+    ("\u0663", "not an integer class index"),   # an Arabic-Indic three: int() reads 3
+    ("99999999999999999999999", "too large"),   # was numpy's 'Overflow when unpacking'
+])
+def test_folder_label_that_int_would_misread_is_refused_by_line(tmp_path, value, message):
+    _write_folder(tmp_path)
+    (tmp_path / "labels.csv").write_text(
+        f"name,label\nim0.png,0\nim1.png,{value}\nim2.png,1\nim3.png,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"labels.csv:3: .*{message}"):
+        load_folder(tmp_path)
+
+
+def test_folder_label_with_sign_and_spaces_is_read(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "labels.csv").write_text("im0.png, +2\nim1.png,0\nim2.png,1 \nim3.png,02\n")
+    assert load_folder(tmp_path, n_classes=3).labels.tolist() == [2, 0, 1, 2]
+
+
 def test_imagenet_s_layout_one_validation_image_per_class(tmp_path):
     from quantus_adapters.benchmark.data import load_imagenet_s
 

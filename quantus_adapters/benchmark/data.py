@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,6 +524,10 @@ def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
     return F.interpolate(t, size=(h, w), mode="nearest-exact")[0, 0].numpy()
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_LARGEST = 2 ** 63  # labels are int64 tensors
+
+
 def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
     """``name,label`` lines (a header line, a UTF-8 BOM and CRLF line ends are accepted)."""
     labels: dict[str, int] = {}
@@ -545,14 +550,16 @@ def _read_labels(label_file: Path, n_classes: int | None) -> dict[str, int]:
         name, value = _nfc(row[0].strip()), row[1].strip()
         if lineno == 1 and name.lower() == "name" and value.lower() == "label":
             continue
-        try:
-            label = int(value)
-        except ValueError:
+        if not _INTEGER.fullmatch(value):  # int() also reads '1_0' as 10, and other digits
             raise DataError(f"{label_file}:{lineno}: label {value!r} of {name!r} is not an "
-                            "integer class index") from None
+                            "integer class index (digits 0-9 only)")
+        label = int(value)
         if label < 0:
             raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is negative; "
                             "labels are class indices of the model's output (0, 1, ...)")
+        if label >= _LARGEST:
+            raise DataError(f"{label_file}:{lineno}: label {value} of {name!r} is too large for "
+                            "a class index")
         if n_classes is not None and label >= n_classes:
             raise DataError(f"{label_file}:{lineno}: label {label} of {name!r} is out of "
                             f"the model's range [0, {n_classes}); labels are class "
