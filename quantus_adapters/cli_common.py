@@ -230,8 +230,9 @@ def check_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     Raises
     ------
     UsageError
-        The model fails on the images, does not return (batch, classes) logits, or a label
-        lies outside its classes (the message names the image).
+        The model fails on the images, does not return (batch, classes) logits, returns a
+        non-finite output on the first image (naming the tensors that hold NaN or inf), or a
+        label lies outside its classes (the message names the image).
     """
     with torch.no_grad():
         try:
@@ -247,6 +248,13 @@ def check_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if out.ndim != 2:
         raise UsageError(f"the model's output has shape {tuple(out.shape)}; a classifier "
                          "returning (batch, classes) logits is needed")
+    if not bool(torch.isfinite(out).all()):
+        broken = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        where = (f"its tensors {broken[:3]} hold NaN or inf; load other weights" if broken
+                 else "check the model and the data")
+        raise UsageError(f"the model's output on {names[0]!r} is not finite (NaN or inf), "
+                         f"so no map of it could be: {where}")
     n_classes = out.shape[1]
     bad = (labels < 0) | (labels >= n_classes)
     if bool(bad.any()):

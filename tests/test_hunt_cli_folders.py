@@ -56,3 +56,24 @@ def test_resume_refuses_maps_of_another_module_option_set_in_the_factory(tmp_pat
     old = np.load(out / "maps" / "Saliency" / "im0.png.npz")["map"]
     new = np.load(tmp_path / "new" / "maps" / "Saliency" / "im0.png.npz")["map"]
     assert not np.allclose(old, new)
+
+
+def test_weights_with_nan_are_refused_before_the_run(tmp_path, capsys):
+    """A model whose weights hold NaN passed the check on the first image, and every map
+    then failed in the run (exit 1); it is refused up front, naming the tensor."""
+    import torch
+
+    model_py = tmp_path / "net.py"
+    model_py.write_text(MODEL_PY)
+    namespace: dict = {}
+    exec(MODEL_PY, namespace)  # noqa: S102 - the test's own model file
+    weights = namespace["build"]().state_dict()
+    weights["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(weights, tmp_path / "w.pt")
+    root = _folder(tmp_path)
+    rc, printed = _run(["--model", f"{model_py}:build", "--weights", tmp_path / "w.pt",
+                        "--data", f"folder:{root}", "--methods", "Saliency",
+                        "--out", tmp_path / "maps"], capsys)
+    assert rc == 2 and len(printed.err.splitlines()) == 1, printed.err
+    assert "not finite" in printed.err and "'0.weight'" in printed.err
+    assert not (tmp_path / "maps" / "maps").exists()
