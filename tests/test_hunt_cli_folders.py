@@ -48,7 +48,7 @@ def test_resume_refuses_maps_of_another_module_option_set_in_the_factory(tmp_pat
     model_py.write_text(MODEL_PY.replace("SLOPE = 0.01", "SLOPE = 0.5"))
     rc, printed = _run([*common, "--resume"], capsys)
     assert rc == 2 and len(printed.err.splitlines()) == 1, printed.err
-    assert "another setup (different architecture)" in printed.err
+    assert "another setup (different architecture" in printed.err  # and code: the file
     assert len(_index(out)) == 2  # nothing added
     # the new slope gives other maps: mixing them would have been wrong
     rc, printed = _run([*common, "--out", tmp_path / "new"], capsys)
@@ -77,3 +77,27 @@ def test_weights_with_nan_are_refused_before_the_run(tmp_path, capsys):
     assert rc == 2 and len(printed.err.splitlines()) == 1, printed.err
     assert "not finite" in printed.err and "'0.weight'" in printed.err
     assert not (tmp_path / "maps" / "maps").exists()
+
+
+def test_resume_refuses_maps_of_a_factory_file_changed_where_nothing_else_shows_it(
+        tmp_path, capsys):
+    """A factory file whose change shows neither in the weights, nor in repr, nor in the
+    source of a class (a pre-hook function that scales the input, defined in the file): the
+    file itself is part of the code digest."""
+    model_py = tmp_path / "net.py"
+    hooked = MODEL_PY.replace(
+        "    torch.manual_seed(0)\n    return nn.Sequential(",
+        "    torch.manual_seed(0)\n    model = nn.Sequential(") + (
+        "    model.register_forward_pre_hook(lambda m, args: (args[0] * SCALE,))\n"
+        "    return model\n")
+    model_py.write_text(hooked.replace("SLOPE = 0.01", "SLOPE = 0.01\nSCALE = 1.0"))
+    root = _folder(tmp_path)
+    out = tmp_path / "maps"
+    common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
+              "Saliency", "--out", out]
+    rc, printed = _run([*common, "--max-images", "1"], capsys)
+    assert rc == 0, printed.err
+    model_py.write_text(hooked.replace("SLOPE = 0.01", "SLOPE = 0.01\nSCALE = 3.0"))
+    rc, printed = _run([*common, "--resume"], capsys)
+    assert rc == 2 and "another setup (different code)" in printed.err, printed.err
+    assert len(_index(out)) == 1  # nothing added

@@ -42,6 +42,7 @@ from quantus_adapters.benchmark.protocol import (
     selectivity_patch,
 )
 from quantus_adapters.benchmark.store import fingerprint
+from quantus_adapters.benchmark.zoo.models import factory_digest
 from quantus_adapters.class_blind import ClassBlind, collect
 from quantus_adapters.cluster import error_line
 
@@ -91,7 +92,9 @@ def _source_of(obj: Any) -> Any:
 
 def code_digest(model: nn.Module) -> str:
     """SHA-256 of the code the model's forward runs: the source files defining each class
-    in the module tree and each ``forward`` replaced on an instance.
+    in the module tree and each ``forward`` replaced on an instance, and the ``FILE.py`` of
+    ``--model FILE.py:FACTORY`` (whose factory may set what neither ``repr`` nor the weights
+    show, such as ``inception_v3(transform_input=...)``).
 
     A whole file takes part, so a change of the forward, of a helper function or of a
     module-level constant in that file (``SCALE = 50.0``) gives another digest, while
@@ -101,6 +104,9 @@ def code_digest(model: nn.Module) -> str:
     """
     digests: set[str] = set()
     for m in model.modules():
+        factory = factory_digest(m)  # a model built by FILE.py:FACTORY, maybe wrapped
+        if factory is not None:
+            digests.add(factory)
         for obj in (type(m), vars(m).get("forward")):
             obj = _source_of(obj)
             if obj is None:

@@ -18,6 +18,7 @@ import pickle
 import re
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -265,6 +266,17 @@ def torchvision_imagenet(name: str, weights_path: str | None = None) -> nn.Modul
     return Normalised(model, IMAGENET_MEAN, IMAGENET_STD).eval()
 
 
+#: SHA-256 of the file each model that :func:`load_factory` built came from, as it was run
+#: (weakly keyed: an entry goes with its model)
+_FACTORY_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def factory_digest(model: nn.Module) -> str | None:
+    """SHA-256 of the ``FILE.py`` that :func:`load_factory` built ``model`` from (its content
+    when it was imported), else None."""
+    return _FACTORY_FILES.get(model)
+
+
 def load_factory(spec: str) -> nn.Module:
     """Build the user's model from ``FILE.py:FACTORY`` (FACTORY() must return an nn.Module).
 
@@ -287,6 +299,10 @@ def load_factory(spec: str) -> nn.Module:
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise ModelError(f"--model {spec!r}: cannot import {str(path)!r} as a Python file")
+    try:
+        source = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ModelError(f"--model {spec!r}: cannot read {str(path)!r}: {exc.strerror}") from None
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     # the file's folder on the import path, as `python FILE.py` puts it there: a model file
@@ -311,6 +327,7 @@ def load_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {spec!r}: {factory}() returned {type(model).__name__}, not a "
                          "torch.nn.Module; return the model (with its normalisation inside)")
+    _FACTORY_FILES[model] = source
     return model
 
 
