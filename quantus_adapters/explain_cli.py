@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.ndarray,
                  names: list[str], float16: bool, seed: int) -> dict:
     """What the stored maps depend on (``--resume`` refuses an --out of another setup)."""
-    from quantus_adapters.benchmark.cells import architecture_digest, code_digest
+    from quantus_adapters.benchmark.cells import architecture_digest, code_digest, library_versions
     from quantus_adapters.bulk import model_digest
 
     digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
@@ -122,7 +122,9 @@ def _fingerprint(spec, model, data_name: str, images: np.ndarray, labels: np.nda
             "weights": model_digest(model), "code": code_digest(model),
             "data": data_name,
             "images": digest.hexdigest(), "n_images": len(names),
-            "dtype": "float16" if float16 else "float32", "seed": seed}
+            "dtype": "float16" if float16 else "float32", "seed": seed,
+            # as the benchmark's: another splitxai, Captum, Zennit or torch may give other maps
+            "versions": library_versions()}
 
 
 def _run(args) -> int:

@@ -101,3 +101,25 @@ def test_resume_refuses_maps_of_a_factory_file_changed_where_nothing_else_shows_
     rc, printed = _run([*common, "--resume"], capsys)
     assert rc == 2 and "another setup (different code)" in printed.err, printed.err
     assert len(_index(out)) == 1  # nothing added
+
+
+def test_resume_refuses_maps_made_with_other_library_versions(tmp_path, capsys, monkeypatch):
+    """Another splitxai (or Captum, Zennit, torch) may give other maps (SplitLRP's changed
+    in 800e4a5): --resume refuses an --out made with other versions, as the benchmark's
+    cells do."""
+    from quantus_adapters.benchmark import cells
+
+    model_py = tmp_path / "net.py"
+    model_py.write_text(MODEL_PY)
+    root = _folder(tmp_path)
+    out = tmp_path / "maps"
+    common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
+              "Saliency", "--out", out]
+    rc, printed = _run([*common, "--max-images", "1"], capsys)
+    assert rc == 0, printed.err
+    versions = cells.library_versions()
+    monkeypatch.setattr(cells, "library_versions",
+                        lambda: {**versions, "captum": versions["captum"] + ".post1"})
+    rc, printed = _run([*common, "--resume"], capsys)
+    assert rc == 2 and "another setup (different versions)" in printed.err, printed.err
+    assert len(_index(out)) == 1
