@@ -102,6 +102,18 @@ def test_folder_label_with_sign_and_spaces_is_read(tmp_path):
     assert load_folder(tmp_path, n_classes=3).labels.tolist() == [2, 0, 1, 2]
 
 
+def test_folder_subfolder_named_like_an_image_is_a_subfolder(tmp_path):
+    """images/old.png/ (a folder) was taken for an image: 'has no label', or with a label
+    an unreadable image; it is a subfolder, whose images are noted as not read."""
+    _write_folder(tmp_path, labels=[0, 1, 2, 1])
+    (tmp_path / "images" / "old.png").mkdir()
+    (tmp_path / "images" / "im0.png").rename(tmp_path / "images" / "old.png" / "im9.png")
+    (tmp_path / "labels.csv").write_text("im1.png,1\nim2.png,2\nim3.png,1\n")
+    d = load_folder(tmp_path, n_classes=3)
+    assert d.labels.tolist() == [1, 2, 1]
+    assert any("subfolders" in n for n in d.notes)
+
+
 def test_imagenet_s_layout_one_validation_image_per_class(tmp_path):
     from quantus_adapters.benchmark.data import load_imagenet_s
 

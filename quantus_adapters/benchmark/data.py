@@ -342,7 +342,9 @@ def _is_image_name(p: Path) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image_name(p))
+    """The image files directly in ``folder`` (a subfolder named like one, ``old.png/``, is
+    a subfolder)."""
+    return sorted(p for p in folder.iterdir() if _is_image_name(p) and p.is_file())
 
 
 def _nested_images(folder: Path) -> list[Path]:
