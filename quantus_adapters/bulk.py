@@ -34,6 +34,7 @@ __all__ = ["MapConfig", "MapStore", "MapWorker", "StoreError", "batch_seed", "cl
 
 INDEX_COLUMNS = ("image", "label", "method", "layer", "options", "dtype", "file")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # the smallest normal float16, 6.1e-5
 
 
 class StoreError(ValueError):
@@ -322,15 +323,20 @@ class MapStore:
         Raises
         ------
         StoreError
-            With float16, a map whose values exceed float16's range.
+            With float16, a map whose values exceed float16's range, or whose largest
+            magnitude is below its normal range (every value would be subnormal).
         """
         rel = self.relpath(config, name)
         arr = np.asarray(amap, dtype=np.float32)
         if self.float16:
-            if np.abs(arr).max(initial=0.0) > FLOAT16_MAX:
-                raise StoreError(f"{config.folder} {name}: values up to "
-                                 f"{np.abs(arr).max():.3g} exceed float16's range; run "
-                                 "without --float16")
+            peak = float(np.abs(arr).max(initial=0.0))
+            if peak > FLOAT16_MAX:
+                raise StoreError(f"{config.folder} {name}: values up to {peak:.3g} exceed "
+                                 "float16's range; run without --float16")
+            if 0.0 < peak < FLOAT16_TINY:  # all of it subnormal: a digit or none (<6e-8: 0)
+                raise StoreError(f"{config.folder} {name}: values at most {peak:.3g}, below "
+                                 f"float16's normal range ({FLOAT16_TINY:.2g}), would keep "
+                                 "fewer than three digits; run without --float16")
             arr = arr.astype(np.float16)
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,3 +123,25 @@ def test_resume_refuses_maps_made_with_other_library_versions(tmp_path, capsys, 
     rc, printed = _run([*common, "--resume"], capsys)
     assert rc == 2 and "another setup (different versions)" in printed.err, printed.err
     assert len(_index(out)) == 1
+
+
+def test_float16_refuses_a_map_that_would_be_all_subnormal(tmp_path):
+    """A map whose values are all below float16's normal range (6.1e-5) kept a digit or none
+    (below 6e-8: zero), silently; it is refused as a map beyond 65504 is."""
+    import pytest
+
+    from quantus_adapters.bulk import MapConfig, MapStore, StoreError
+
+    store = MapStore(tmp_path / "out", {"test": 1}, float16=True)
+    config = MapConfig("Saliency", {})
+    small = np.full((4, 4), 3e-6, np.float32)
+    small[0, 0] = 2e-8
+    assert np.float16(2e-8) == 0 and abs(float(np.float16(3e-6)) - 3e-6) > 1e-8
+    with pytest.raises(StoreError, match="below float16's normal range"):
+        store.put(config, "a.png", 0, small)
+    normal = np.full((4, 4), 3e-4, np.float32)
+    store.put(config, "b.png", 0, normal)  # normal: kept to about three digits
+    store.put(config, "c.png", 0, np.zeros((4, 4), np.float32))  # all zero: exact
+    kept = np.load(tmp_path / "out" / store.relpath(config, "b.png"))["map"]
+    assert kept.dtype == np.float16
+    np.testing.assert_allclose(kept.astype(np.float32), normal, rtol=1e-3, atol=0)
