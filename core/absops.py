@@ -211,14 +211,19 @@ class _AbsConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         n, shape, stride, padding, dilation, groups, is_abs, scratch, product = ctx.meta
         scratch = _backward_scratch(scratch)
-        weight = _absolute(weight, is_abs, scratch)
-        if weight.dtype != grad.dtype:  # under torch.autocast the forward ran in grad's dtype:
-            weight = weight.to(grad.dtype)  # a double backward convolves with this weight
+        weight = in_dtype_of(grad, _absolute(weight, is_abs, scratch))
         if product:
             grad_in = _channel_product(weight.reshape(weight.shape[:2]).t(), grad)
         else:
             grad_in = conv_input(n, shape, weight, grad, stride, padding, dilation, groups)
         return (grad_in,) + (None,) * 11
+
+
+def in_dtype_of(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in ``grad``'s dtype, for a convolution backward: under ``torch.autocast``
+    the forward ran in that dtype, and a double backward (``create_graph=True``) convolves
+    with this weight ("Input type ... and weight type ... should be the same" otherwise)."""
+    return weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
 
 
 def _needs_graph(s: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from core.absops import CONV, conv_input, input_only_grad
+from core.absops import CONV, conv_input, in_dtype_of, input_only_grad
 
 
 def subsampling(kernel_size: tuple[int, ...], stride: tuple[int, ...], padding,
@@ -77,9 +77,7 @@ class _PointwiseConv(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         (weight,) = ctx.saved_tensors
         n, shape, sub_shape, groups, index = ctx.meta
-        if weight.dtype != grad.dtype:  # under torch.autocast the forward ran in grad's dtype:
-            weight = weight.to(grad.dtype)  # a double backward convolves with this weight
-        sub = conv_input(n, sub_shape, weight, grad, 1, 0, 1, groups)
+        sub = conv_input(n, sub_shape, in_dtype_of(grad, weight), grad, 1, 0, 1, groups)
         return _scatter(sub, shape, index), None, None, None, None, None, None
 
 
