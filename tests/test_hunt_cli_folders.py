@@ -29,19 +29,26 @@ def _folder(tmp_path, n=3):
     return root
 
 
-def test_resume_refuses_maps_of_another_module_option_set_in_the_factory(tmp_path, capsys):
-    """The factory's nn.Sequential got another LeakyReLU slope (the same holds for
-    transforms.Normalize's mean): weights and code were the same, and --resume added the new
-    model's maps to the old one's (slope 0.01 -> 0.5: the first image's Saliency map
-    sums to 0.30 -> 0.51)."""
+def _first_run(tmp_path, capsys, source: str) -> tuple:
+    """Write the model file, explain the first image of a folder with Saliency; returns the
+    model file, the --out folder and the arguments common to the runs."""
     model_py = tmp_path / "net.py"
-    model_py.write_text(MODEL_PY)
+    model_py.write_text(source)
     root = _folder(tmp_path)
     out = tmp_path / "maps"
     common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
               "Saliency", "--out", out]
     rc, printed = _run([*common, "--max-images", "1"], capsys)
     assert rc == 0, printed.err
+    return model_py, out, common
+
+
+def test_resume_refuses_maps_of_another_module_option_set_in_the_factory(tmp_path, capsys):
+    """The factory's nn.Sequential got another LeakyReLU slope (the same holds for
+    transforms.Normalize's mean): weights and code were the same, and --resume added the new
+    model's maps to the old one's (slope 0.01 -> 0.5: the first image's Saliency map
+    sums to 0.30 -> 0.51)."""
+    model_py, out, common = _first_run(tmp_path, capsys, MODEL_PY)
     rc, printed = _run([*common, "--max-images", "2", "--resume"], capsys)  # same setup
     assert rc == 0, printed.err
     assert len(_index(out)) == 2
@@ -84,19 +91,13 @@ def test_resume_refuses_maps_of_a_factory_file_changed_where_nothing_else_shows_
     """A factory file whose change shows neither in the weights, nor in repr, nor in the
     source of a class (a pre-hook function that scales the input, defined in the file): the
     file itself is part of the code digest."""
-    model_py = tmp_path / "net.py"
     hooked = MODEL_PY.replace(
         "    torch.manual_seed(0)\n    return nn.Sequential(",
         "    torch.manual_seed(0)\n    model = nn.Sequential(") + (
         "    model.register_forward_pre_hook(lambda m, args: (args[0] * SCALE,))\n"
         "    return model\n")
-    model_py.write_text(hooked.replace("SLOPE = 0.01", "SLOPE = 0.01\nSCALE = 1.0"))
-    root = _folder(tmp_path)
-    out = tmp_path / "maps"
-    common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
-              "Saliency", "--out", out]
-    rc, printed = _run([*common, "--max-images", "1"], capsys)
-    assert rc == 0, printed.err
+    model_py, out, common = _first_run(
+        tmp_path, capsys, hooked.replace("SLOPE = 0.01", "SLOPE = 0.01\nSCALE = 1.0"))
     model_py.write_text(hooked.replace("SLOPE = 0.01", "SLOPE = 0.01\nSCALE = 3.0"))
     rc, printed = _run([*common, "--resume"], capsys)
     assert rc == 2 and "another setup (different code)" in printed.err, printed.err
@@ -109,14 +110,7 @@ def test_resume_refuses_maps_made_with_other_library_versions(tmp_path, capsys, 
     cells do."""
     from quantus_adapters.benchmark import cells
 
-    model_py = tmp_path / "net.py"
-    model_py.write_text(MODEL_PY)
-    root = _folder(tmp_path)
-    out = tmp_path / "maps"
-    common = ["--model", f"{model_py}:build", "--data", f"folder:{root}", "--methods",
-              "Saliency", "--out", out]
-    rc, printed = _run([*common, "--max-images", "1"], capsys)
-    assert rc == 0, printed.err
+    _, out, common = _first_run(tmp_path, capsys, MODEL_PY)
     versions = cells.library_versions()
     monkeypatch.setattr(cells, "library_versions",
                         lambda: {**versions, "captum": versions["captum"] + ".post1"})
