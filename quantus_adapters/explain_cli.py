@@ -161,7 +161,8 @@ def _run(args) -> int:
     data = data_mod.load_data(args.data, seed=args.seed, image_size=args.image_size,
                               channels=channels, split=False)
     common.check_data_channels(channels, data.images, args.data)
-    common.print_warnings("splitxai explain", data.warnings)
+    # how the images were read (no report here): the first frame, a rotation, a resize
+    common.print_warnings("splitxai explain", data.warnings + data.image_notes)
     n = len(data.names) if args.max_images is None else min(args.max_images, len(data.names))
     names = list(data.names[:n])
     dupes = sorted({x for x in names if names.count(x) > 1})

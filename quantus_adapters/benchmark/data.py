@@ -78,6 +78,10 @@ class BenchmarkData:
         Remarks for the report (e.g. skipped metrics).
     warnings: list of str
         Remarks the command line also prints on stderr (e.g. image files it did not read).
+    image_notes: list of str
+        How the images were read where that changes what the model sees (first frame of
+        an animation, EXIF rotation, alpha dropped, colour converted, resized); also in
+        ``notes``. ``splitxai explain``, which writes no report, prints them on stderr.
     """
 
     name: str
@@ -90,6 +94,7 @@ class BenchmarkData:
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    image_notes: list[str] = field(default_factory=list)
 
     def usable_masks(self, split: str) -> np.ndarray:
         """Per image of ``split``: whether its mask has object and background pixels."""
@@ -139,7 +144,7 @@ class BenchmarkData:
         test = self.test_idx if n_test is None else self.test_idx[:n_test]
         return BenchmarkData(self.name, self.images, self.labels, self.masks, val, test,
                              self.names, self.class_names, list(self.notes),
-                             list(self.warnings))
+                             list(self.warnings), list(self.image_notes))
 
 
 # ----------------------------------------------------------------------------- digits
@@ -450,10 +455,11 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
                         f"{str(img_dir)!r}: {_shown(orphans)}; fix the names or remove the "
                         "lines")
     notes_set: set[str] = set()
+    image_notes: set[str] = set()
     arrays, own_sizes = [], []  # own_sizes: before --image-size, which the masks must fit
     try:
         for p in files:
-            a = imio.read_image(p, channels, None, notes_set)
+            a = imio.read_image(p, channels, None, image_notes)
             own_sizes.append(a.shape[1:])
             arrays.append(a if size is None or a.shape[1:] == (size, size)
                           else imio.resize(a, size))
@@ -470,10 +476,12 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     if mask_dir.is_dir():
         by_stem: dict[str, list[Path]] = {}
         for p in _images_in(mask_dir):
-            by_stem.setdefault(p.stem, []).append(p)
-        # the mask of the same file name, else the one of the same name without extension
-        candidates = {p.name: [m for m in by_stem.get(p.stem, []) if m.name == p.name]
-                      or by_stem.get(p.stem, []) for p in files}
+            by_stem.setdefault(_nfc(p.stem), []).append(p)
+        # the mask of the same file name, else the one of the same name without extension;
+        # in Unicode NFC, as labels.csv (an image and its mask may come from other systems)
+        candidates = {p.name: [m for m in by_stem.get(_nfc(p.stem), [])
+                               if _nfc(m.name) == _nfc(p.name)]
+                      or by_stem.get(_nfc(p.stem), []) for p in files}
         lacking = [name for name, ms in candidates.items() if not ms]
         if lacking:
             raise DataError(f"{len(lacking)} image(s) have no mask in {str(mask_dir)!r}: "
@@ -506,8 +514,8 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
         notes_set.add(f"no masks/ in {str(root)!r}: Attribution Localisation and Pointing "
                       "Game are skipped; layers are selected on Pixel Flipping only.")
     if size is not None:
-        notes_set.add(f"images resized to {size}x{size} (bilinear, antialiased) by "
-                      "--image-size")
+        image_notes.add(f"images resized to {size}x{size} (bilinear, antialiased) by "
+                        "--image-size")
     n = len(files)
     if split:
         order = np.random.default_rng(seed).permutation(n)
@@ -518,7 +526,8 @@ def load_folder(path: str | os.PathLike, n_classes: int | None = None, size: int
     return BenchmarkData(
         name=f"folder:{root.name}", images=x, labels=y, masks=masks,
         val_idx=val_idx, test_idx=test_idx, names=[p.name for p in files],
-        notes=sorted(notes_set | set(warnings)), warnings=warnings)
+        notes=sorted(notes_set | image_notes | set(warnings)), warnings=warnings,
+        image_notes=sorted(image_notes))
 
 
 def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -615,6 +624,7 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
 
     rng = np.random.default_rng(seed)
     xs, ms, ys, names, val = [], [], [], [], []
+    image_notes: set[str] = set()
     for c in classes:
         files = _images_in(img_root / c)
         pairs = [(p, seg_root / c / (p.stem + ".png")) for p in files]
@@ -624,7 +634,7 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
         pick = int(rng.integers(len(pairs)))
         for j, (p, s) in enumerate(pairs):
             try:
-                xs.append(imio.read_image(p, channels, size))
+                xs.append(imio.read_image(p, channels, size, image_notes))
                 with Image.open(s) as seg:
                     rgb = np.asarray(seg.convert("RGB"), dtype=np.float64)
             except imio.ImageError as exc:
@@ -645,10 +655,13 @@ def load_imagenet_s(path: str | os.PathLike, size: int = 224, max_images: int | 
     test_idx = np.flatnonzero(~np.asarray(val))
     if max_images is not None:
         test_idx = test_idx[:max_images]
+    image_notes.add(f"images of another size resized to {size}x{size} (bilinear, "
+                    "antialiased; no crop)")
     return BenchmarkData(
         name="imagenet-s", images=torch.from_numpy(np.stack(xs)),
         labels=torch.tensor(ys), masks=torch.from_numpy(np.stack(ms))[:, None],
-        val_idx=val_idx, test_idx=test_idx, names=names)
+        val_idx=val_idx, test_idx=test_idx, names=names, notes=sorted(image_notes),
+        image_notes=sorted(image_notes))
 
 
 def _imagenet_wnid_index(root: Path) -> dict[str, int]:
