@@ -71,3 +71,16 @@ def test_table1_shows_errors_and_bolds_only_significant_bests():
     assert "**" not in md
     text = report.statistics_md(_results([base, base + 0.3]))
     assert "Wilcoxon signed-rank" in text and "| 30 |" in text
+
+
+def test_table1_shows_tiny_scores_and_p_values_instead_of_zero():
+    rng = np.random.default_rng(3)
+    tiny = 2e-5 + 1e-6 * rng.normal(size=30)  # mean 2.0e-05, standard error about 2e-07
+    md = report.markdown_table1(_results([tiny, np.ones(30)]))
+    se = np.std(tiny, ddof=1) / math.sqrt(30)
+    assert f"{np.mean(tiny):.1e} ± {se:.1e}" in md and "0.000 ±" not in md
+    assert "1.000 ± 0.000" in md  # a standard error that is 0 stays 0.000
+    base = rng.normal(1.0, 0.1, 30)
+    text = report.statistics_md(_results([base, base + 0.3]))
+    p = stats.best_entry([base, base + 0.3], higher_is_better=True).p
+    assert p < 5e-4 and f"| {p:.1e} |" in text

@@ -35,8 +35,12 @@ GROUP_TITLES = {"split": "Split methods", "layer": "Baselines (with layer optimi
 
 
 def _fmt(v: float, digits: int = 3) -> str:
+    """``v`` with ``digits`` decimals; a value that would show as 0 but is not (a score or
+    a standard error below 0.0005) with two significant digits (``2.3e-05``)."""
     if v is None or not np.isfinite(v):
         return "–"
+    if v != 0 and abs(v) < 0.5 * 10.0 ** -digits:
+        return f"{v:.1e}"
     return f"{v:.{digits}f}"
 
 
