@@ -207,11 +207,13 @@ def glu(ctx: Any, args: tuple, kwargs: dict) -> Pair:
     return frozen.glu(b["input"], b.get("dim", -1))
 
 
+_SDPA_NAMES = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+               "enable_gqa"]
+
+
 def attention(ctx: Any, args: tuple, kwargs: dict) -> Any:
     """``F.scaled_dot_product_attention`` with the attention weights frozen."""
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-             "enable_gqa"]
-    b = _bind(names, args, kwargs)
+    b = _bind(_SDPA_NAMES, args, kwargs)
     return frozen.attention(b["query"], b["key"], b["value"], _plain(b.get("attn_mask")),
                             0.0, b.get("is_causal", False), b.get("scale"),
                             b.get("enable_gqa", False))
@@ -284,6 +286,18 @@ def attention_module_check(node: fx.Node, carried: set,
     return None
 
 
+def attention_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:
+    """``F.scaled_dot_product_attention`` freezes its weights
+    ``A = softmax(q k^T * scale + mask)`` when the query, the key or the mask is an
+    activation; with all of them constant ``A`` is a constant and ``A v`` an exact linear
+    map of the value's pair (``d' = A d``, ``s' = A s``)."""
+    b = _bind(_SDPA_NAMES, node.args, node.kwargs)
+    sources = [b.get(n) for n in ("query", "key", "attn_mask")]
+    if any(isinstance(s, fx.Node) and s in carried for s in sources):
+        return "attention weights frozen"
+    return None
+
+
 NORM_EACH = "1 / std of every channel of every sample frozen"
 SECANT = always("secant slope c of phi(z) = phi(0) + c z frozen")
 NORM = always("1 / std frozen")
@@ -342,8 +356,7 @@ FUNCTION_RULES.update({
     F.normalize: (normalize, always("1 / norm frozen"), "mixing", False),
     F.local_response_norm: (local_response_norm, DIVISOR, "mixing", False),
     F.glu: (glu, always("sigmoid gate of the second half frozen"), "", False),
-    F.scaled_dot_product_attention: (attention, always("attention weights frozen"),
-                                     "mixing", False),
+    F.scaled_dot_product_attention: (attention, attention_check, "mixing", False),
 })
 SHIFT = always("normaliser logsumexp frozen")
 FUNCTION_RULES.update({fn: (log_softmax_function(fn), SHIFT, "pass", False)

@@ -1,0 +1,56 @@
+"""Bugs found hunting the beyond-ReLU split (products, ``nonlinear="freeze"``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import core
+
+
+class _LearnedAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with learned (constant) queries and keys: the
+    weights ``A = softmax(q k^T / sqrt(e))`` are constants, ``A v`` an exact linear map."""
+
+    def __init__(self, mask: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+        self.q = nn.Parameter(torch.randn(1, 1, 3, 8))
+        self.k = nn.Parameter(torch.randn(1, 1, 5, 8))
+        self.out = nn.Linear(24, 2)
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.lin(x)[:, None]
+        n = v.shape[0]
+        # an additive mask computed from the input (an activation, not a constant)
+        m = v.sum(-1, keepdim=True).transpose(-1, -2) if self.mask else None
+        y = F.scaled_dot_product_attention(self.q.expand(n, -1, -1, -1),
+                                           self.k.expand(n, -1, -1, -1), v, attn_mask=m)
+        return self.out(y.flatten(1))
+
+
+def test_attention_with_constant_query_and_key_is_exact_not_frozen():
+    # was: refused without nonlinear="freeze" and listed as frozen (p.exact False), as
+    # nn.MultiheadAttention with constant query and key is not
+    torch.manual_seed(0)
+    model = _LearnedAttention().double().eval()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    sm = core.split(model)
+    assert sm.frozen_operations() == []
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    assert p.exact
+    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+    # an additive mask computed from the input still freezes the weights
+    masked = _LearnedAttention(mask=True).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = core.split(masked, nonlinear="freeze")
+    assert [f for f in sm.frozen_operations() if "attention weights frozen" in f]
