@@ -251,10 +251,18 @@ def division_check(node: fx.Node, carried: set, module: nn.Module | None) -> str
     return None
 
 
+def whole_exponent(n: Any) -> int | None:
+    """``n`` as an integer when it is a whole number >= 1 (``2`` or ``2.0``: ``a ** n`` is the
+    repeated product), else None."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return None
+    return int(n) if n >= 1 and float(n).is_integer() else None
+
+
 def integer_exponent(node: fx.Node) -> int | None:
-    """The exponent of a power node when it is an integer >= 1 (a repeated product)."""
+    """The exponent of a power node when it is a whole number >= 1 (a repeated product)."""
     n = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+    return whole_exponent(n)
 
 
 def power_check(node: fx.Node, carried: set, module: nn.Module | None) -> str | None:

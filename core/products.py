@@ -62,9 +62,9 @@ def product(a: Pair, b: Pair, op: Bilinear = torch.mul) -> Pair:
     return Pair(op(a.d, b.d), op(a.s, b.s))
 
 
-def power(a: Pair, n: int) -> Pair:
-    """``a ** n`` for an integer ``n >= 1``: ``d' = d ** n``, ``s' = s ** n`` (binomial
-    expansion, eq. 19)."""
+def power(a: Pair, n: int | float) -> Pair:
+    """``a ** n`` for a whole ``n >= 1`` (``2`` or ``2.0``, kept as the model wrote it):
+    ``d' = d ** n``, ``s' = s ** n`` (binomial expansion, eq. 19)."""
     return Pair(torch.pow(a.d, n), torch.pow(a.s, n))
 
 

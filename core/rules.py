@@ -407,13 +407,13 @@ def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
 @register(operator.pow, torch.pow, "pow", "__pow__", lrp="product",
           freezes=frozen_rules.power_check, exponent=frozen_rules.integer_exponent)
 def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
-    """``a ** n``: an integer ``n >= 1`` is a repeated product (``d' = d ** n``,
-    ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the result is a
-    constant)."""
+    """``a ** n``: a whole ``n >= 1`` (``2`` or ``2.0``) is a repeated product
+    (``d' = d ** n``, ``s' = s ** n``); other exponents only with ``nonlinear="freeze"`` (the
+    result is a constant)."""
     b = dict(zip(["input", "exponent"], args, strict=False)) | kwargs
     p, n = b["input"], b["exponent"]
     static_args(ctx, n, "power")
-    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+    if frozen_rules.whole_exponent(n) is not None:
         return products.power(p, n)
     return torch.pow(p.d, n).detach()
 

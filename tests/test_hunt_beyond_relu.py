@@ -54,3 +54,38 @@ def test_attention_with_constant_query_and_key_is_exact_not_frozen():
         warnings.simplefilter("ignore")
         sm = core.split(masked, nonlinear="freeze")
     assert [f for f in sm.frozen_operations() if "attention weights frozen" in f]
+
+
+class _FloatPower(nn.Module):
+    def __init__(self, exponent: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+        self.exponent = exponent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        return self.out(a + a ** self.exponent)
+
+
+def test_power_with_a_whole_float_exponent_is_the_exact_product():
+    # was: x ** 2.0 frozen to a constant (nonlinear="error" refused it; with "freeze" its
+    # gradient was dropped: p.grad missed the model's by 100 % on that path), x ** 2 exact
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for exponent in (2.0, 3.0):
+        model = _FloatPower(exponent).double().eval()
+        sm = core.split(model)
+        assert sm.frozen_operations() == []
+        g, h = sm(x)
+        torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+        p = sm.sensitivities(x, 0, ["input"], alpha=0.0)["input"]
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
+        torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+        rel = sm.relevance(x, torch.ones(3, 2, dtype=torch.float64))["input"]
+        assert torch.isfinite(rel.pos).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = core.split(_FloatPower(0.5).double().eval(), nonlinear="freeze")
+    assert len(sm.frozen_operations()) == 1  # a fractional power is still a constant
