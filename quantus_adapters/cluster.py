@@ -314,7 +314,10 @@ class RayPool:
         Each actor has at most two tasks in flight (one running, one queued). A task whose
         worker is lost for good (after ``retries`` restarts) is yielded with ``ok`` False
         and that worker gets no more tasks; when no worker is left, the remaining tasks are
-        yielded as failed.
+        yielded as failed. Once no task is left to send, a worker that answered takes over
+        the tasks queued on a worker that has not answered yet (one that never starts when
+        the cluster has no room for it, e.g. a CPU held by another actor); the first result
+        of a task is yielded.
 
         Raises
         ------
@@ -323,20 +326,25 @@ class RayPool:
             the iteration (the workers are left to :meth:`close`).
         """
         ray = self.ray
-        pending = list(tasks)[::-1]
-        running: dict[Any, tuple[Any, Any]] = {}
+        tasks = list(tasks)
+        pending = list(range(len(tasks)))[::-1]
+        running: dict[Any, tuple[Any, int]] = {}
+        answered: set[int] = set()  # id() of the actors that returned a result
+        taken: set[int] = set()  # tasks of such actors sent again to an actor that answered
+        finished: set[int] = set()
 
-        def submit(actor) -> None:
-            if pending:
-                task = pending.pop()
-                running[actor.run.remote(self.setup, fn, task)] = (actor, task)
+        def submit(actor, i: int | None = None) -> None:
+            if i is None and pending:
+                i = pending.pop()
+            if i is not None:
+                running[actor.run.remote(self.setup, fn, tasks[i])] = (actor, i)
 
         for actor in self.actors:
             submit(actor)
             submit(actor)
-        while running:
+        while running and len(finished) < len(tasks):
             done, _ = ray.wait(list(running), num_returns=1)
-            actor, task = running.pop(done[0])
+            actor, i = running.pop(done[0])
             try:
                 ok, value = ray.get(done[0])
             except Exception as exc:  # the worker died and Ray's restarts did not help
@@ -344,10 +352,21 @@ class RayPool:
             else:
                 if ok is None:
                     raise WorkerSetupError(f"a Ray worker cannot build the model: {value}")
+                answered.add(id(actor))
                 submit(actor)
-            yield task, ok, value
+                if not pending:  # take over a task queued on a worker that never started
+                    # (the cluster has no room for it, e.g. a CPU held by another actor)
+                    stuck = [j for a, j in running.values() if id(a) not in answered and
+                             j not in taken and j not in finished]
+                    if stuck:
+                        taken.add(stuck[0])
+                        submit(actor, stuck[0])
+            if i in finished:  # the other copy of a task taken over came first
+                continue
+            finished.add(i)
+            yield tasks[i], ok, value
         while pending:  # every worker is lost
-            yield pending.pop(), False, "no Ray worker left (all were lost)"
+            yield tasks[pending.pop()], False, "no Ray worker left (all were lost)"
 
     def close(self) -> None:
         """End the actors."""

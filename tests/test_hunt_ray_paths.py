@@ -1,0 +1,52 @@
+"""Hunted bugs of the ``--ray`` paths (``quantus_adapters.cluster``, ``splitxai explain --ray``)
+on a 2-CPU local Ray instance, started once for the module."""
+
+import signal
+
+import pytest
+
+ray = pytest.importorskip("ray", reason='the Ray tests need pip install "splitxai[ray]"')
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance with 2 CPUs for the module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("the Ray pool did not finish")
+
+
+def _square(state, task):
+    return task * task
+
+
+def test_a_worker_that_never_starts_does_not_hang_the_pool(local_ray):
+    """The user's own actor holds one of the 2 CPUs: the pool's second worker can never be
+    placed. Its queued tasks were waited for forever (a hang after the other worker had
+    done the rest); the worker that runs takes them over."""
+    from quantus_adapters.cluster import RayPool
+
+    @local_ray.remote(num_cpus=1)
+    class Busy:
+        def ping(self) -> int:
+            return 1
+
+    busy = Busy.remote()
+    local_ray.get(busy.ping.remote())
+    pool = RayPool(local_ray, lambda: None, workers=2)
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(60)
+    try:
+        got = sorted((task, ok, value) for task, ok, value in
+                     pool.imap_unordered(_square, list(range(6))))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        pool.close()
+        local_ray.kill(busy)
+    assert got == [(i, True, i * i) for i in range(6)]
+
