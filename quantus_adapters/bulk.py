@@ -253,16 +253,27 @@ class MapStore:
         self.done: set[tuple[str, str]] = set()
         self._made_by: dict[str, tuple[str, str]] = {}  # map folder: (method, options JSON)
         if self.meta.is_file() or self.index.is_file():
-            if not resume:
+            if resume:
+                self._load()
+            elif self._holds_maps():  # not a run stopped before its first map (no cluster)
                 raise StoreError(f"--out {str(self.out)!r} already holds maps; pass --resume "
                                  "to add the missing ones, or choose another --out")
-            self._load()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
             self._rewrite_index()
         except OSError as exc:
             raise StoreError(f"--out {str(self.out)!r} is not writable: {exc}") from None
+
+    def _holds_maps(self) -> bool:
+        """Whether the folder holds a map file or an index line of one."""
+        if any(p.is_file() for p in (self.out / "maps").rglob("*")):
+            return True
+        try:
+            with open(self.index, newline="") as fh:
+                return any(True for _ in csv.DictReader(fh))
+        except OSError:
+            return False
 
     def _load(self) -> None:
         try:

@@ -50,3 +50,15 @@ def test_a_worker_that_never_starts_does_not_hang_the_pool(local_ray):
         local_ray.kill(busy)
     assert got == [(i, True, i * i) for i in range(6)]
 
+
+def test_an_out_left_without_maps_is_not_taken_for_one_holding_maps(tmp_path):
+    """``--ray auto`` without a cluster (or any stop before the first map) left
+    explain.json and an empty index.csv: the same command run again was refused with
+    "already holds maps" although the folder held 0 maps."""
+    from quantus_adapters.bulk import MapConfig, MapStore, StoreError
+
+    MapStore(tmp_path / "out", {"model": "a"})  # the run stopped here (0 maps)
+    store = MapStore(tmp_path / "out", {"model": "b"})  # another setup: nothing to mix with
+    store.put(MapConfig("Saliency"), "im0.png", 1, [[0.5, 1.0]])
+    with pytest.raises(StoreError, match="already holds maps"):
+        MapStore(tmp_path / "out", {"model": "b"})
