@@ -143,7 +143,13 @@ class RayOptions:
                     kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
                 ray.init(**kwargs)
             else:
-                ray.init(address=self.address, **kwargs)
+                try:
+                    ray.init(address=self.address, **kwargs)
+                except ConnectionError as exc:  # Ray's line names its own --address flag
+                    raise ConnectionError(
+                        f"--ray {self.address}: cannot join a Ray cluster ({exc}); start one "
+                        "with 'ray start --head' on this machine, or give --ray alone for "
+                        "a local Ray instance") from None
             started = True
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)

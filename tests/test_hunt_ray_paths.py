@@ -62,3 +62,26 @@ def test_an_out_left_without_maps_is_not_taken_for_one_holding_maps(tmp_path):
     store.put(MapConfig("Saliency"), "im0.png", 1, [[0.5, 1.0]])
     with pytest.raises(StoreError, match="already holds maps"):
         MapStore(tmp_path / "out", {"model": "b"})
+
+
+def test_ray_auto_without_a_cluster_names_the_option(monkeypatch):
+    """``--ray auto`` with no running cluster printed Ray's own line, which tells the user
+    to set an ``--address`` flag that splitxai does not have; the line names ``--ray auto``
+    and how to start a cluster (exit 2)."""
+    import types
+
+    from quantus_adapters import cluster
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False)
+
+    def init(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the "
+                              "one to connect to by setting `--address` flag or "
+                              "`RAY_ADDRESS` environment variable.")
+
+    fake.init = init
+    monkeypatch.setattr(cluster, "require_ray", lambda: fake)
+    with pytest.raises(ConnectionError, match=r"^--ray auto: cannot join a Ray cluster .*"
+                                              r"ray start --head"):
+        with cluster.RayOptions("auto").session():
+            pass
