@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import copy
 import inspect
+import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -388,8 +389,17 @@ def _quantus_baseline(method: str, fn: Any, options: dict[str, Any]) -> dict[str
 
 
 def _check_reduce_axes(reduce_axes: Any) -> tuple[int, ...]:
-    """Quantus's ``reduce_axes``: a tuple of axes of the (B, C, H, W) map, never the batch."""
-    axes = tuple(int(a) for a in (reduce_axes or ()))
+    """Quantus's ``reduce_axes``: a sequence of int axes of the (B, C, H, W) map (a tuple,
+    list or NumPy array, as Quantus takes), never the batch."""
+    try:
+        if isinstance(reduce_axes, (str, bytes)):
+            raise TypeError
+        axes = tuple(operator.index(a) for a in reduce_axes)
+    except TypeError:
+        raise TypeError(
+            f"reduce_axes={reduce_axes!r} must be a tuple of int axes of the (B, C, H, W) map, "
+            "e.g. (1,) for the channels (the default) or () for none"
+        ) from None
     if any(a % 4 == 0 for a in axes):
         raise ValueError(
             f"reduce_axes={reduce_axes!r} includes axis 0, the batch; Quantus forbids reducing "

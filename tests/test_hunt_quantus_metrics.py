@@ -1,0 +1,39 @@
+"""Hunt: quantus_adapters.explain as a Quantus explain_func, edge cases found by use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantus_adapters
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+_X = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+_Y = np.array([0, 2])
+
+
+@pytest.mark.parametrize("axes", [np.array([2, 3]), [np.int64(1)], (-3,)])
+def test_reduce_axes_as_any_sequence_of_ints(axes):
+    """Quantus takes reduce_axes as any sequence (it calls tuple() on it); a NumPy array
+    of two axes raised NumPy's 'truth value of an array ... is ambiguous'."""
+    out = quantus_adapters.explain(_model(), _X, _Y, method="Saliency", reduce_axes=axes)
+    full = quantus_adapters.explain(_model(), _X, _Y, method="Saliency", reduce_axes=())
+    assert np.allclose(out, full.sum(axis=tuple(int(a) for a in axes), keepdims=True))
+
+
+@pytest.mark.parametrize("axes", [0, 1, np.int64(1), 1.0, (1.5,), "1"])
+def test_reduce_axes_not_a_tuple_of_ints_is_one_clear_error(axes):
+    """reduce_axes=0 (the batch) returned the unreduced (B, 3, H, W) map silently; 1 raised
+    "'int' object is not iterable"; (1.5,) and "1" were taken as (1,)."""
+    with pytest.raises(TypeError, match=r"reduce_axes=.* must be a tuple of int axes"):
+        quantus_adapters.explain(_model(), _X, _Y, method="Saliency", reduce_axes=axes)
