@@ -219,13 +219,19 @@ def _grouped_norm(p: Pair, num_groups: int, weight, bias, eps: float,
 
 
 def rms_norm(p: Pair, normalized_shape, weight=None, eps: float | None = None) -> Pair:
-    """``F.rms_norm`` with ``r = 1 / rms`` frozen: ``d' = rms_norm(d)``, ``s' = |w| r s``."""
+    """``F.rms_norm`` with ``r = 1 / rms`` frozen: ``d' = rms_norm(d)``, ``s' = |w| r s``.
+
+    ``r = 1 / sqrt(mean(d^2) + eps)`` is computed as torch computes it: in float32 for
+    float16 and bfloat16, and with ``eps=None`` that computation dtype's epsilon (float32's
+    for the half dtypes, not their own).
+    """
     d = p.d
     dims = _dims(d.dim(), len(tuple(normalized_shape)))
     value = F.rms_norm(d, normalized_shape, weight, eps)
-    e = torch.finfo(d.dtype).eps if eps is None else eps
+    wide = torch.promote_types(d.dtype, torch.float32)
+    e = torch.finfo(wide).eps if eps is None else eps
     with torch.no_grad():
-        r = torch.rsqrt(d.pow(2).mean(dim=dims, keepdim=True) + e)
+        r = torch.rsqrt(d.to(wide).pow(2).mean(dim=dims, keepdim=True) + e).to(d.dtype)
     w = None if weight is None else weight.detach()
 
     def linear(t: torch.Tensor) -> torch.Tensor:

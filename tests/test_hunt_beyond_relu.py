@@ -89,3 +89,32 @@ def test_power_with_a_whole_float_exponent_is_the_exact_product():
         warnings.simplefilter("ignore")
         sm = core.split(_FloatPower(0.5).double().eval(), nonlinear="freeze")
     assert len(sm.frozen_operations()) == 1  # a fractional power is still a constant
+
+
+def test_rms_norm_without_eps_in_half_precision_uses_torchs_epsilon():
+    # torch's rms_norm with eps=None adds float32's epsilon for float16 and bfloat16 inputs
+    # (it computes in float32); the frozen 1 / rms added the half dtype's own (1e-3, 8e-3):
+    # on activations of 0.01 the streams went negative (-0.66 against activations of 1.9)
+    # and the frozen gradient was 0.11 instead of 0.51
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = nn.Sequential(nn.Linear(4, 8), nn.RMSNorm(8), nn.Linear(8, 3)).eval()
+        with torch.no_grad():
+            model[0].weight.mul_(0.02)
+            model[0].bias.zero_()
+        x = torch.randn(2, 4)
+        # the frozen model in float32, 1 / rms at the model's activation
+        xr = x.clone().requires_grad_(True)
+        a = model[0](xr)
+        r = torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+        y = model[2](a * r.detach() * model[1].weight)
+        (grad,) = torch.autograd.grad(y[:, 1].sum(), xr)
+        model = model.to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sm = core.split(model, nonlinear="freeze", stabilizer="none")
+            probes = sm.sensitivities(x.to(dtype), 1, ["1", "input"], alpha=0.0)
+        rms = probes["1"]
+        scale = (rms.pos - rms.neg).abs().max()
+        assert min(rms.pos.min(), rms.neg.min()) >= -0.02 * scale  # to the dtype's rounding
+        torch.testing.assert_close(probes["input"].grad.float(), grad, rtol=0.05, atol=0.01)
