@@ -202,6 +202,7 @@ def explain(
     with model_lock(model):  # one call on a model at a time: methods put hooks on it
         if device is not None:
             model.to(device)  # as quantus.explain does
+        model.eval()  # before explaining, as quantus.explain does
         model_device, dtype = _model_device_dtype(model, device)
         x = _as_input_tensor(inputs, channel_first, model_device, dtype)
         checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows

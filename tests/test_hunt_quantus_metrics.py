@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -37,3 +39,17 @@ def test_reduce_axes_not_a_tuple_of_ints_is_one_clear_error(axes):
     "'int' object is not iterable"; (1.5,) and "1" were taken as (1,)."""
     with pytest.raises(TypeError, match=r"reduce_axes=.* must be a tuple of int axes"):
         quantus_adapters.explain(_model(), _X, _Y, method="Saliency", reduce_axes=axes)
+
+
+@pytest.mark.parametrize("method", ["SplitCAM", "LayerCAM"])
+def test_a_training_model_gets_no_warning_that_it_stays_in_training_mode(method):
+    """explain puts the model in eval mode, as quantus.explain does; the methods warned
+    'Sequential is in training mode ... and left in training mode', and then explain left it
+    in eval mode: the warning said the opposite of what happened."""
+    model = _model().train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training mode")
+        out = quantus_adapters.explain(model, _X, _Y, method=method, layer="1")
+    assert not any(m.training for m in model.modules())
+    assert np.array_equal(out, quantus_adapters.explain(_model(), _X, _Y, method=method,
+                                                        layer="1"))
