@@ -404,7 +404,7 @@ def einsum(ctx: Ctx, args: tuple, kwargs: dict) -> Pair:
     return products.product(a, b, products.einsum_op(equation))
 
 
-@register(operator.pow, torch.pow, "pow", "__pow__", lrp="product",
+@register(operator.pow, torch.pow, torch.Tensor.__pow__, "pow", "__pow__", lrp="product",
           freezes=frozen_rules.power_check, exponent=frozen_rules.integer_exponent)
 def power(ctx: Ctx, args: tuple, kwargs: dict) -> Any:
     """``a ** n``: a whole ``n >= 1`` (``2`` or ``2.0``) is a repeated product

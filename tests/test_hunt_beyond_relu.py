@@ -118,3 +118,34 @@ def test_rms_norm_without_eps_in_half_precision_uses_torchs_epsilon():
         scale = (rms.pos - rms.neg).abs().max()
         assert min(rms.pos.min(), rms.neg.min()) >= -0.02 * scale  # to the dtype's rounding
         torch.testing.assert_close(probes["input"].grad.float(), grad, rtol=0.05, atol=0.01)
+
+
+class _EagerSquare(nn.Module):
+    """``a ** 2`` in a forward that symbolic tracing cannot follow (captured by running it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        if float(a.detach().sum()) > -1e9:  # data-dependent control flow
+            a = a ** 2
+        return self.out(a)
+
+
+def test_power_operator_in_a_model_captured_by_running_it():
+    # was: UnsupportedOperation "pow is not piecewise linear" (the recorder sees
+    # torch.Tensor.__pow__, which had no rule), while the traced a ** 2 is exact
+    torch.manual_seed(0)
+    model = _EagerSquare().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sm = core.split(model)
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    assert sm.frozen_operations(x) == []
+    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
