@@ -206,6 +206,7 @@ def explain(
         model_device, dtype = _model_device_dtype(model, device)
         x = _as_input_tensor(inputs, channel_first, model_device, dtype)
         checks.batch_size(x, "inputs", who=method)  # before the targets: 0 of them fit 0 rows
+        checks.finite("inputs", x, who=method)  # every method: a baseline's map of NaN is no map
         _check_interpolate(interpolate, x.shape, channel_first)
         y = _as_targets(targets, x.shape[0], model_device)
         target = model

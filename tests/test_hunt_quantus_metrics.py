@@ -53,3 +53,14 @@ def test_a_training_model_gets_no_warning_that_it_stays_in_training_mode(method)
     assert not any(m.training for m in model.modules())
     assert np.array_equal(out, quantus_adapters.explain(_model(), _X, _Y, method=method,
                                                         layer="1"))
+
+
+@pytest.mark.parametrize("method", ["Saliency", "InputXGradient", "SplitGrad", "LayerCAM"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_inputs_with_nan_or_inf_are_refused_by_every_method(method, bad):
+    """Captum's Saliency returned a finite map of an input with NaN (the split methods
+    refused it): one check in explain for every method."""
+    x = _X.copy()
+    x[1, 0, 3, 3] = bad
+    with pytest.raises(ValueError, match=rf"^{method}: inputs contains NaN or Inf values"):
+        quantus_adapters.explain(_model(), x, _Y, method=method)
