@@ -33,6 +33,18 @@ class _LearnedAttention(nn.Module):
         return self.out(y.flatten(1))
 
 
+def _assert_exact(sm: core.SplitModel, model: nn.Module, x: torch.Tensor, target: int) -> None:
+    """``g - h`` is the model's output and the local sensitivity at the input (alpha 0) its
+    gradient, in float64."""
+    g, h = sm(x)
+    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    p = sm.sensitivities(x, target, ["input"], alpha=0.0)["input"]
+    assert p.exact
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, target].sum(), xr)
+    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+
+
 def test_attention_with_constant_query_and_key_is_exact_not_frozen():
     # was: refused without nonlinear="freeze" and listed as frozen (p.exact False), as
     # nn.MultiheadAttention with constant query and key is not
@@ -41,13 +53,7 @@ def test_attention_with_constant_query_and_key_is_exact_not_frozen():
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     sm = core.split(model)
     assert sm.frozen_operations() == []
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    assert p.exact
-    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+    _assert_exact(sm, model, x, 1)
     # an additive mask computed from the input still freezes the weights
     masked = _LearnedAttention(mask=True).double().eval()
     with warnings.catch_warnings():
@@ -77,12 +83,7 @@ def test_power_with_a_whole_float_exponent_is_the_exact_product():
         model = _FloatPower(exponent).double().eval()
         sm = core.split(model)
         assert sm.frozen_operations() == []
-        g, h = sm(x)
-        torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
-        p = sm.sensitivities(x, 0, ["input"], alpha=0.0)["input"]
-        xr = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
-        torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+        _assert_exact(sm, model, x, 0)
         rel = sm.relevance(x, torch.ones(3, 2, dtype=torch.float64))["input"]
         assert torch.isfinite(rel.pos).all()
     with warnings.catch_warnings():
@@ -142,10 +143,5 @@ def test_power_operator_in_a_model_captured_by_running_it():
     model = _EagerSquare().double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     sm = core.split(model)
-    g, h = sm(x)
-    torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+    _assert_exact(sm, model, x, 1)
     assert sm.frozen_operations(x) == []
-    p = sm.sensitivities(x, 1, ["input"], alpha=0.0)["input"]
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
-    torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
