@@ -358,6 +358,53 @@ class _RootHook:
         return select_stream(relevance["input"], composite.stream).to(input.dtype)
 
 
+class _RefuseMixing:
+    """What SplitLRP's ``module_map`` gives a composite that mixes it with others
+    (:py:class:`zennit.composites.MixedComposite`): a hook template whose copies refuse the
+    model's forward with one ``ValueError``. SplitLRP computes the relevance of the whole
+    model at its root (:meth:`SplitLRP.register`) and has no per-module rules to lend;
+    without this a mix silently dropped it (the other composites' rules, or the plain
+    gradient, came back). The error comes at the forward, inside the attributor's ``with``
+    block, so that the mixed composite's hooks and canonizers are removed again.
+    """
+
+    active = True  # read by zennit.core.Composite.inactive
+
+    def copy(self) -> _RefuseMixing:
+        return _RefuseMixing()
+
+    def register(self, module: nn.Module) -> RemovableHandle:
+        return module.register_forward_pre_hook(self.refuse)
+
+    @staticmethod
+    def refuse(module: nn.Module, args: tuple) -> None:
+        raise ValueError(
+            "SplitLRP cannot be mixed with other composites (zennit's MixedComposite): it "
+            "computes the relevance of the whole model itself and has no rules per module; "
+            "pass SplitLRP() alone as the attributor's composite."
+        )
+
+
+def refuse_mixing(ctx: dict, name: str, module: nn.Module) -> _RefuseMixing:
+    """SplitLRP's ``module_map``: every module gets a :class:`_RefuseMixing` hook.
+
+    Parameters
+    ----------
+    ctx: dict
+        Zennit's context of the registration (unused).
+    name: str
+        The module's name (unused).
+    module: torch.nn.Module
+        The module (unused).
+
+    Returns
+    -------
+    _RefuseMixing
+        The template of a hook that refuses the forward with one clear error.
+    """
+    return _RefuseMixing()
+
+
 class SplitLRP(Composite):
     """SplitLRP: epsilon-LRP on the split pair ``f = g - h`` of a ReLU network.
 
@@ -455,7 +502,8 @@ class SplitLRP(Composite):
         checks.option("nonlinear", nonlinear, core.NONLINEAR_MODES, "SplitLRP")
         checks.number("epsilon", epsilon, 0.0, who="SplitLRP")
         layers = layer_list(layer, "SplitLRP")
-        super().__init__(module_map=None, canonizers=canonizers)
+        # only a composite that mixes SplitLRP with others reads module_map (register does not)
+        super().__init__(module_map=refuse_mixing, canonizers=canonizers)
         self.stream = stream
         self.epsilon = float(epsilon)
         self.maxpool = maxpool
