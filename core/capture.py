@@ -314,15 +314,27 @@ class Found:
 
 
 def _refuse_stale_weights(model: nn.Module) -> None:
-    """Refuse the deprecated ``torch.nn.utils.weight_norm`` / ``spectral_norm``: their
-    forward pre-hook recomputes ``weight`` as a plain attribute of the module at each
-    forward; the split reads the module's attribute, which is that of its last forward
-    (stale after loading weights, or before any forward)."""
+    """Refuse the deprecated ``torch.nn.utils.weight_norm`` / ``spectral_norm`` and
+    ``torch.nn.utils.prune``: their forward pre-hook recomputes ``weight`` as a plain
+    attribute of the module at each forward; the split reads the module's attribute, which
+    is that of its last forward (stale after loading weights or an optimizer step, or before
+    any forward)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for name, m in model.named_modules():
         for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod):
+                raise UnsupportedOperation(
+                    f"module {name or type(model).__name__!r} is pruned by "
+                    "torch.nn.utils.prune, whose forward pre-hook recomputes "
+                    f"{hook._tensor_name!r} ({hook._tensor_name}_orig * mask) as a plain "
+                    "attribute at each forward; the split would read the value of the "
+                    "module's last forward. Make the pruning permanent with "
+                    f"torch.nn.utils.prune.remove(module, {hook._tensor_name!r}) (on a copy "
+                    "of the model) before splitting it."
+                )
             if isinstance(hook, (WeightNorm, SpectralNorm)):
                 kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
                 raise UnsupportedOperation(
