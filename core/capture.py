@@ -279,13 +279,22 @@ def selector(output: Any) -> Callable[[Any], Any] | None:
                     f"{type(output).__name__}")
 
 
-def _key(value: Any) -> Hashable:
+_IMMUTABLE = (type, types.FunctionType, types.BuiltinFunctionType, torch.dtype, torch.layout,
+              torch.memory_format, torch.device)
+
+
+def _key(value: Any) -> Hashable | None:
+    """The cache key of one argument of the forward; None for an object that is compared by
+    identity only (a config object, a numpy array, a module): its contents may change in
+    place between calls, so a graph recorded for it is not kept."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.device.index)
     try:
         hash(value)
     except TypeError:
-        return ("object", id(value))
+        return None
+    if type(value).__hash__ is object.__hash__ and not isinstance(value, _IMMUTABLE):
+        return None
     return (type(value), value)
 
 
@@ -499,7 +508,8 @@ class Capture:
         ids = [id(t) for t in (*inputs, *argument_tensors(extra, kwargs))]
         key = (len(inputs), tuple(_key(t) for t in inputs), tuple(_key(v) for v in leaves),
                str(spec), tuple(map(ids.index, ids)))  # which argument is an input
-        hit = self.found.eager.get(key)
+        kept = None not in key[2]  # no argument compared by identity only (_key)
+        hit = self.found.eager.get(key) if kept else None
         if hit is not None:
             return hit
         rec = record(self.model, inputs, extra, kwargs, self.output)
@@ -517,6 +527,7 @@ class Capture:
         captured = Captured(rec.graph, len(inputs), "eager", rec.module_outputs,
                             rec.module_inputs, not rec.value_dependent, rec.value_dependent,
                             stop_gradient=stop_gradient(rec.graph, rec.grad_off))
+        captured.reusable = captured.reusable and kept
         if captured.reusable:
             self.shareable()
             self.found.eager[key] = captured

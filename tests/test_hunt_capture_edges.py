@@ -39,3 +39,30 @@ def test_a_pruned_module_splits_after_prune_remove() -> None:
     with torch.no_grad():
         g, h = core.split(model)(x)
         torch.testing.assert_close(g - h, model(x), rtol=0, atol=1e-12)
+
+
+class _Config:
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, config: _Config) -> torch.Tensor:
+        return torch.relu(self.fc(x)) * config.scale
+
+
+def test_an_argument_changed_in_place_is_not_served_a_stale_graph() -> None:
+    """An argument compared by identity (a config object) was a cache key by its id: after
+    ``config.scale = 7.0`` the same object got the graph recorded at scale 2, 1.43 off."""
+    torch.manual_seed(0)
+    model, x = _Scaled().double().eval(), torch.randn(2, 4, dtype=torch.float64)
+    sm, config = core.split(model), _Config(2.0)
+    with torch.no_grad():
+        sm(x, config)
+        config.scale = 7.0
+        g, h = sm(x, config)
+        torch.testing.assert_close(g - h, model(x, config), rtol=0, atol=1e-12)
