@@ -249,7 +249,12 @@ def _pair_tensors(value: Any, found: set[int]) -> None:
 
 
 def _leaf_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_leaf and t.requires_grad else t.detach().requires_grad_(True)
+    """``t`` itself where it is a leaf that requires grad and no view (a view's gradient
+    goes to its base: a probe at ``Flatten`` of the input got none), else a detached copy
+    of it that requires grad."""
+    if t.is_leaf and t.requires_grad and t._base is None:
+        return t
+    return t.detach().requires_grad_(True)
 
 
 def _leaf(value: Any, inputs: Any) -> Pair:
