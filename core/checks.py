@@ -289,7 +289,8 @@ def targets(target: Any, batch: int, who: str | None = None,
     ------
     ValueError
         For ``None``, tuples (Captum's index into outputs with more dimensions), NaN,
-        fractional or negative values, or a count that is neither 1 nor ``batch``.
+        fractional or negative values, a count that is neither 1 nor ``batch``, or a
+        tensor / array with more than one axis longer than 1 (``(2, 3)`` for 6 rows).
     TypeError
         For bools, floats (unless ``whole_floats``) and anything that is not a number, a
         list or a tensor / array of numbers.
@@ -318,15 +319,19 @@ def targets(target: Any, batch: int, who: str | None = None,
     if isinstance(target, numbers.Integral):
         index = torch.tensor([int(target)], dtype=torch.long)
     elif isinstance(target, torch.Tensor):
-        index = target.detach().reshape(-1)
+        index = target.detach()
     else:
         try:
-            index = torch.as_tensor(target).reshape(-1)
+            index = torch.as_tensor(target)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(
                 f"{p}target must be an int, a list of ints or an integer tensor; got "
                 f"{type(target).__name__}."
             ) from None
+    if sum(n > 1 for n in index.shape) > 1:  # (B,), (B, 1) and (1, B) say one index per row
+        raise ValueError(f"{p}target of shape {tuple(index.shape)} holds more than one index "
+                         "per row; pass one class index per row (shape (B,)) or one for all.")
+    index = index.reshape(-1)
     if index.numel() == 0:  # an empty list is float32 to torch: say what is wrong first
         raise _count_error(p, 0, batch)
     if index.dtype == torch.bool or index.is_complex():

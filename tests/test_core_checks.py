@@ -110,6 +110,16 @@ def test_targets_refused(target, error, pattern) -> None:
         checks.targets(target, 3, "SplitCAM")
 
 
+def test_targets_of_more_than_one_index_per_row_are_refused() -> None:
+    # a (2, 3) tensor for 6 rows was flattened and taken as one index per row
+    for target in (torch.zeros(2, 3, dtype=torch.long), np.zeros((3, 2), dtype=np.int64),
+                   [[0, 1, 2], [0, 1, 2]]):
+        with pytest.raises(ValueError, match=r"target of shape \(\d, \d\) holds more than one"):
+            checks.targets(target, 6, "SplitCAM")
+    for target in (torch.arange(6)[:, None], torch.arange(6)[None], [[i] for i in range(6)]):
+        assert checks.targets(target, 6).tolist() == list(range(6))
+
+
 def test_targets_whole_floats_only_where_asked() -> None:
     assert checks.targets(np.array([1.0, 2.0]), 2, whole_floats=True).tolist() == [1, 2]
     with pytest.raises(ValueError, match="fractional"):
