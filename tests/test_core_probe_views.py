@@ -53,3 +53,36 @@ def test_split_cam_at_the_input_of_a_layer_fed_a_view_of_the_input():
     gxa = LayerGradientXActivation(model, model.conv).attribute(
         x, target=y, attribute_to_layer_input=True)
     torch.testing.assert_close(cam, gxa.sum(1, keepdim=True) / 2, rtol=1e-10, atol=1e-12)
+
+
+class _ListInput(nn.Module):
+    """A module called with a list of tensors (``torch.cat(ab, 1)`` inside)."""
+
+    def forward(self, ab: list) -> torch.Tensor:
+        return torch.cat(ab, 1)
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 3, padding=1)
+        self.cat = _ListInput()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = self.cat([torch.relu(self.a(x)), torch.relu(self.b(x))])
+        return self.fc(joined.mean((2, 3)))
+
+
+def test_the_input_of_a_layer_called_with_a_list_is_refused_for_what_it_is():
+    # was: "layer 'cat:input' is a module of the model, but its forward never calls it", which
+    # is false and names an internal 'cat:input' the user never wrote
+    from captum_split import SplitCAM
+
+    model = _TwoBranches().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^SplitCAM: the input of layer 'cat' is not one "
+                                         r"tensor .*list or tuple"):
+        SplitCAM(model, model.cat).attribute(x, target=0, attribute_to_layer_input=True)
+    assert SplitCAM(model, model.cat).attribute(x, target=0).shape == (2, 1, 8, 8)
