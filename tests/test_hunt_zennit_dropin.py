@@ -8,18 +8,11 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlus, MixedComposite
 
+from tests.test_zennit_composite import small_cnn
 from zennit_split import SplitLRP
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(6, 5),
-    ).eval()
 
 
 def hook_count(model: nn.Module) -> int:
