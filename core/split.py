@@ -159,14 +159,14 @@ class SplitCall:
             return element
         known = [n for n, _ in self.model.named_modules()]
         name = base if suffix == "input" or suffix.isdigit() else layer
-        if name in known and suffix == "input":  # called with no tensor, or with several
-            raise ValueError(
-                f"{checks.prefix(who)}the input of layer {name!r} is not one tensor that "
-                "depends on the model's input (it may be a list or tuple of tensors, or "
-                "never be called); explain the output of the modules that make that input, "
-                "or the layer's output"
-            )
         if name in known:
+            if suffix == "input":  # called with no tensor, or with several
+                raise ValueError(
+                    f"{checks.prefix(who)}the input of layer {name!r} is not one tensor that "
+                    "depends on the model's input (it may be a list or tuple of tensors, or "
+                    "never be called); explain the output of the modules that make that "
+                    "input, or the layer's output"
+                )
             raise ValueError(
                 f"{checks.prefix(who)}layer {layer!r} is a module of the model, but its "
                 "forward never calls it with a tensor that depends on the input"
