@@ -6,19 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import quantus_adapters
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(4, 3),
-    ).eval()
-
+from tests.test_plugins import tiny_model as _model
 
 _X = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
 _Y = np.array([0, 2])
